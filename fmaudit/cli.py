@@ -1,0 +1,218 @@
+"""The `fmaudit` command line. Heavy libraries load only inside `run`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="fmaudit",
+    help="Privacy and robustness audits for foundation models, driven by a YAML recipe.\n\n"
+         "Start with:  fmaudit run recipes/quickstart.yaml\n\n"
+         "Exit codes: 0 all gates pass, 1 a gate failed, 2 invalid recipe or usage, 3 a module errored.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def _print_problems(exc) -> None:
+    err.print(f"[bold red]Invalid recipe[/] {exc.source or ''} — {len(exc.problems)} problem(s):")
+    for p in exc.problems:
+        where = p.path or "<recipe>"
+        line = f" (line {p.line})" if p.line is not None else ""
+        err.print(f"  [yellow]{where}[/]{line}: {p.message}", highlight=False, markup=True)
+    err.print("Fix these and run `fmaudit validate` again; `fmaudit schema recipe` prints the full recipe schema.")
+
+
+@app.command()
+def validate(recipe: Path = typer.Argument(..., help="Recipe YAML file.")) -> None:
+    """Check a recipe without loading any model: lists every problem with its path and line (exit 2)."""
+    from fmaudit.recipe import RecipeError, load_recipe
+
+    try:
+        loaded = load_recipe(recipe)
+    except RecipeError as exc:
+        _print_problems(exc)
+        raise typer.Exit(2)
+    r = loaded.recipe
+    n_units = sum(len(a.target) for a in r.audits)
+    out.print(f"[green]OK[/] {recipe}: {len(r.data)} dataset(s), {len(r.targets)} target(s), "
+              f"{len(r.audits)} audit(s) ({n_units} unit(s)); recipe sha256 {r.sha256[:12]}")
+
+
+class _RichProgress:
+    def __init__(self, progress) -> None:
+        self.progress = progress
+
+    def __call__(self, description: str, total: int):
+        task = self.progress.add_task(description, total=total)
+        progress = self.progress
+
+        class Handle:
+            def advance(self, n: int = 1) -> None:
+                progress.advance(task, n)
+
+            def close(self) -> None:
+                progress.update(task, completed=progress.tasks[task].total, visible=False)
+
+        return Handle()
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Where run folders go "
+                                              "(default: the recipe's output_dir, else ./reports)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the latest run of this recipe in the output "
+                                "folder, skipping modules already complete."),
+    resume_from: Optional[Path] = typer.Option(None, "--resume-from", help="Continue this run folder."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Run a recipe: fine-tune targets (cached), run each audit, write reports/<run-id>/report.json."""
+    from fmaudit.recipe import RecipeError, load_recipe
+
+    try:
+        loaded = load_recipe(recipe)
+    except RecipeError as exc:
+        _print_problems(exc)
+        raise typer.Exit(2)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fmaudit.runner import EXIT_INTERRUPTED, PreparationError, Runner, latest_run
+
+    out_dir = output_dir or (Path(loaded.recipe.output_dir) if loaded.recipe.output_dir else Path("reports"))
+    resume_dir = resume_from
+    if resume and resume_dir is None:
+        resume_dir = latest_run(out_dir, loaded.recipe.sha256)
+        if resume_dir is None:
+            err.print(f"[yellow]No earlier run of this recipe in {out_dir}; starting a new one.[/]")
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=err, disable=quiet, transient=False)
+    runner = Runner(loaded, output_dir=out_dir, resume=resume_dir, progress=_RichProgress(progress),
+                    log=lambda m: None)
+    try:
+        with progress:
+            report = runner.run()
+    except RecipeError as exc:
+        _print_problems(exc)
+        raise typer.Exit(2)
+    except PreparationError as exc:
+        err.print(f"[bold red]Cannot prepare the run:[/] {exc}")
+        raise typer.Exit(2)
+    except KeyboardInterrupt:
+        err.print("[yellow]Interrupted.[/] Partial results are in the run folder; continue with "
+                  f"`fmaudit run {recipe} --resume`.")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    _print_summary(report)
+    out.print(f"Report: [bold]{runner.run_dir / 'report.json'}[/]")
+    raise typer.Exit(report.exit_code or 0)
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "—"
+    return f"{v:.4g}"
+
+
+def _print_summary(report) -> None:
+    table = Table(title=f"{report.name} — run {report.run_id}", show_lines=False)
+    for col in ("module", "target", "status", "key metrics", "findings"):
+        table.add_column(col)
+    for r in report.audits:
+        metrics = ", ".join(f"{k}={_fmt(m.value)}" for k, m in list(r.metrics.items())[:4])
+        if r.status == "error" and r.error:
+            metrics = f"[red]{r.error.type}: {r.error.message[:80]}[/]"
+        sev = {}
+        for f in r.findings:
+            sev[f.severity] = sev.get(f.severity, 0) + 1
+        status = {"ok": "[green]ok[/]", "error": "[red]error[/]", "skipped": "[yellow]skipped[/]"}[r.status]
+        table.add_row(r.module, r.target, status, metrics, ", ".join(f"{v} {k}" for k, v in sev.items()) or "—")
+    out.print(table)
+    failed = [g for r in report.audits for g in r.gates if not g.passed]
+    if failed:
+        out.print(f"[bold red]{len(failed)} gate(s) failed:[/]")
+        for g in failed:
+            out.print(f"  - {g.message}")
+    elif any(r.gates for r in report.audits):
+        out.print("[green]All gates passed.[/]")
+
+
+@app.command("list")
+def list_modules(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show each module's params.")) -> None:
+    """List the audit modules (built-in and plugins), their category and what they need."""
+    from fmaudit.registry import RegistryError, registry
+
+    table = Table(title="fmaudit audit modules")
+    for col in ("name", "category", "needs", "from", "description"):
+        table.add_column(col, overflow="fold")
+    for name in registry.names():
+        try:
+            cls = registry.get(name)
+        except RegistryError as exc:
+            table.add_row(name, "?", "?", registry.origin(name), f"[red]{exc}[/]")
+            continue
+        needs = ", ".join(sorted(cls.requires)) + (f" ({'/'.join(cls.tasks)})" if cls.tasks else "")
+        table.add_row(name, cls.category, needs or "—", registry.origin(name), cls.description)
+    out.print(table)
+    if verbose:
+        for name in registry.names():
+            try:
+                cls = registry.get(name)
+            except RegistryError:
+                continue
+            out.print(f"\n[bold]{name}[/] params:")
+            for fname, field in cls.Params.model_fields.items():
+                default = field.default if field.default_factory is None else field.default_factory()
+                out.print(f"  {fname} (default {default!r}): {field.description or ''}", highlight=False)
+
+
+@app.command()
+def schema(which: str = typer.Argument("recipe", help="recipe | report")) -> None:
+    """Print the JSON Schema of recipes (for editor completion) or of reports."""
+    if which == "recipe":
+        from fmaudit.recipe import recipe_json_schema
+
+        print(json.dumps(recipe_json_schema(), indent=2))
+    elif which == "report":
+        from fmaudit.report import report_json_schema
+
+        print(json.dumps(report_json_schema(), indent=2))
+    else:
+        err.print(f"[red]unknown schema {which!r}[/]: use `fmaudit schema recipe` or `fmaudit schema report`")
+        raise typer.Exit(2)
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run folder (or its report.json).")) -> None:
+    """Summarize a finished run's report in the terminal."""
+    from fmaudit.report import ReportError, load_report
+
+    try:
+        rep = load_report(run_dir)
+    except FileNotFoundError:
+        err.print(f"[red]no report.json in {run_dir}[/] (an interrupted run has only events.jsonl; resume it)")
+        raise typer.Exit(2)
+    except ReportError as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(2)
+    _print_summary(rep)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:  # pragma: no cover
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

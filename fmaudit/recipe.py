@@ -1,0 +1,520 @@
+"""Recipes: YAML (safe_load only) validated in two passes.
+
+Pass 1 checks the recipe's own shape with pydantic. Pass 2 checks each audit's params against that
+module's own `Params` schema, names against the registry, cross-references (targets, data, produced
+targets) and capabilities. Every problem is collected with its path (`audits[2].params.eps`) and YAML
+line, and nothing heavy (no model, no dataset) is loaded.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fmaudit.tasks import BUNDLED_DATA, BUNDLED_MODELS, CAPABILITIES, MODALITY, TASKS
+
+RECIPE_VERSION = 1
+GateOp = Literal["gt", "ge", "lt", "le", "eq", "ne"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSpec(_Strict):
+    """A named dataset."""
+
+    source: str = Field(description="bundled:tweets | bundled:digits | path/to.csv | path/to.jsonl | "
+                                    "imagefolder:DIR | hf_disk:DIR (a Hugging Face dataset saved with save_to_disk)")
+    limit: int | None = Field(default=None, gt=0, description="Keep a seeded random sample of at most this many.")
+    text_column: str = "text"
+    label_column: str | None = "label"
+    id_column: str | None = Field(default=None, description="Column with stable example ids (default: row number).")
+    labels: list[str] | None = Field(default=None, description="bundled:tweets only: which classes, in order.")
+    split: str | None = Field(default=None, description="hf_disk only: which split of a DatasetDict.")
+    image_size: int | None = Field(default=None, gt=0, description="imagefolder only: resize to this square size.")
+    grayscale: bool = Field(default=False, description="imagefolder only: load as 1 channel.")
+
+
+class FinetuneSpec(_Strict):
+    """Fine-tune the target before auditing. Members = the examples it trains on (recorded)."""
+
+    data: str = Field(description="Name of a dataset in `data`.")
+    member_fraction: float = Field(default=0.5, gt=0, lt=1,
+                                   description="Fraction of the dataset used for training (members).")
+    epochs: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    lr: float = Field(default=5e-5, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    trainable: Literal["all", "last_n_layers", "head"] = "all"
+    n_layers: int = Field(default=2, ge=1, description="With trainable: last_n_layers, how many blocks train.")
+
+
+class TargetSpec(_Strict):
+    """A model to audit."""
+
+    model: str = Field(description="bundled:minilm | bundled:smollm2 | bundled:digits-cnn | bundled:digits-vit | "
+                                   "a local Hugging Face checkpoint folder | python:package.module:factory")
+    task: Literal["text-classification", "causal-lm", "image-classification"] | None = Field(
+        default=None, description="What the model does; optional for bundled models.")
+    num_labels: int | None = Field(default=None, ge=2, description="Classifier head size (default: from the data).")
+    gguf_file: str | None = Field(default=None, description="Causal LMs: a GGUF file inside the model folder.")
+    weights: str | None = Field(default=None, description="python: models only: a .safetensors (or .pt, loaded "
+                                                          "with weights_only=True) state dict.")
+    normalize_mean: list[float] | None = Field(default=None, description="Image models: per-channel mean applied "
+                                                                         "inside the wrapper (inputs stay in [0, 1]).")
+    normalize_std: list[float] | None = None
+    trust_remote_code: bool = Field(default=False, description="Run code shipped with the checkpoint. Off unless "
+                                                               "you trust its author.")
+    max_length: int = Field(default=128, ge=4, description="Text: tokens per example at inference.")
+    finetune: FinetuneSpec | None = None
+
+
+class ExecutorSpec(_Strict):
+    kind: Literal["local"] = "local"
+
+
+class AuditSpec(_Strict):
+    use: str = Field(description="Registered audit module name (`fmaudit list`).")
+    target: list[str] = Field(description="Target name, or a list of names: the module runs on each.")
+    data: str | None = Field(default=None, description="Dataset name; default: the target's fine-tune data.")
+    params: dict[str, Any] = Field(default_factory=dict, description="The module's parameters (`fmaudit list -v`).")
+    fail_if: dict[str, dict[GateOp, float]] = Field(
+        default_factory=dict, description="Gates: metric -> {gt|ge|lt|le|eq|ne: threshold}; a hit fails the run.")
+    produces: str | None = Field(default=None, description="Name for the new target this module produces.")
+
+    @field_validator("target", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("target")
+    @classmethod
+    def _non_empty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("name at least one target")
+        return v
+
+
+class Recipe(_Strict):
+    """An audit recipe: datasets, targets (models) and the audits to run on them."""
+
+    version: Literal[1] = Field(description="Recipe format version (1).")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name; used in report folder names.")
+    description: str | None = None
+    seed: int = Field(default=0, ge=0)
+    device: str = Field(default="cpu", pattern=r"^(cpu|auto|cuda(:\d+)?|mps)$",
+                        description="cpu | auto (cuda when available) | cuda | cuda:N | mps")
+    store_examples: bool = Field(default=False, description="Put raw examples (text, images) in the report. Off by "
+                                                            "default: a privacy report must not itself leak.")
+    output_dir: str | None = Field(default=None, description="Where run folders go (default: ./reports).")
+    cache_dir: str | None = Field(default=None, description="Fine-tune cache (default: $FMAUDIT_CACHE_DIR or "
+                                                            "~/.cache/fmaudit).")
+    executor: ExecutorSpec = Field(default_factory=ExecutorSpec)
+    data: dict[str, DataSpec] = Field(default_factory=dict)
+    targets: dict[str, TargetSpec] = Field(min_length=1)
+    audits: list[AuditSpec] = Field(min_length=1)
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Problems, paths, YAML lines
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.path or '<recipe>'}"
+        if self.line is not None:
+            where += f" (line {self.line})"
+        return f"{where}: {self.message}"
+
+
+class RecipeError(ValueError):
+    """A recipe with problems. `problems` lists every one of them."""
+
+    def __init__(self, problems: list[Problem], source: str | None = None):
+        self.problems = problems
+        self.source = source
+        head = f"{source}: " if source else ""
+        super().__init__(head + f"{len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def format_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _line_map(node: yaml.Node, prefix: tuple[Any, ...] = (), out: dict | None = None) -> dict[tuple, int]:
+    """YAML node tree -> {path tuple: 1-based line}. Built with the safe composer: no objects made."""
+    out = {} if out is None else out
+    out.setdefault(prefix, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value
+            out[prefix + (key,)] = key_node.start_mark.line + 1
+            _line_map(value_node, prefix + (key,), out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[prefix + (i,)] = item.start_mark.line + 1
+            _line_map(item, prefix + (i,), out)
+    return out
+
+
+def _line_for(lines: dict[tuple, int], loc: tuple[Any, ...]) -> int | None:
+    loc = tuple(loc)
+    while loc:
+        if loc in lines:
+            return lines[loc]
+        loc = loc[:-1]
+    return lines.get(())
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> set[str] | None:
+    """Field names of the pydantic model that sits at `loc` inside `model` (for near-miss hints)."""
+    current: Any = model
+    for part in loc:
+        while True:
+            origin = typing.get_origin(current)
+            if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+                args = [a for a in typing.get_args(current) if a is not type(None)]
+                current = args[0] if len(args) == 1 else None
+            elif origin in (list, dict):
+                current = typing.get_args(current)[-1]
+                break
+            else:
+                break
+        if isinstance(part, int) or current is None:
+            continue
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            if part in current.model_fields:
+                current = current.model_fields[part].annotation
+            # else: a dict key (e.g. a dataset name) -> stay with the dict's value type
+        else:
+            return None
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return set(current.model_fields)
+    return None
+
+
+def _pydantic_problems(exc: ValidationError, model: type[BaseModel], prefix: tuple[Any, ...],
+                       lines: dict[tuple, int]) -> list[Problem]:
+    from fmaudit.registry import suggest
+
+    out = []
+    for err in exc.errors(include_url=False):
+        loc = prefix + tuple(err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            fields = _fields_at(model, tuple(err["loc"])[:-1]) or set()
+            close = suggest(str(err["loc"][-1]), fields)
+            msg = "unknown key" + (f"; did you mean {close[0]!r}?" if close else "")
+            if fields:
+                msg += f" (allowed: {', '.join(sorted(fields))})"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        elif err["type"] == "literal_error":
+            close = suggest(str(err.get("input")), [str(x) for x in (err.get("ctx") or {}).get("expected", "").replace("'", "").split(" or ")])
+            msg = msg + (f"; did you mean {close[0]!r}?" if close else "")
+        if "input" in err and err["type"] not in ("missing", "extra_forbidden") and not isinstance(err["input"], (dict, list)):
+            msg += f" (got {err['input']!r})"
+        out.append(Problem(format_path(loc), msg, _line_for(lines, loc)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+def parse_yaml(text: str, source: str = "<recipe>") -> tuple[Any, dict[tuple, int]]:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError([Problem("", f"malformed YAML: {problem}", line)], source) from None
+    lines = _line_map(node) if node is not None else {}
+    return raw, lines
+
+
+def load_recipe(source: str | Path | dict[str, Any], *, base_dir: Path | None = None) -> "LoadedRecipe":
+    """Read and fully validate a recipe (a YAML path, YAML text via a dict, or a dict).
+
+    Raises RecipeError listing every problem. Loads no model and no dataset.
+    """
+    lines: dict[tuple, int] = {}
+    path: Path | None = None
+    if isinstance(source, dict):
+        raw, label = source, "<dict>"
+    else:
+        path = Path(source)
+        label = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise RecipeError([Problem("", f"recipe file {path} does not exist")], label) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RecipeError([Problem("", f"cannot read recipe: {exc}")], label) from None
+        raw, lines = parse_yaml(text, label)
+    if base_dir is None:
+        base_dir = path.parent.resolve() if path is not None else Path.cwd()
+    if not isinstance(raw, dict):
+        raise RecipeError([Problem("", "a recipe is a YAML mapping with version, name, targets and audits "
+                                       f"(got {type(raw).__name__}); see recipes/quickstart.yaml")], label)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        problems = _pydantic_problems(exc, Recipe, (), lines)
+        # Still check the audits we can, so one pass reports everything.
+        problems += _check_audits_loose(raw, lines)
+        raise RecipeError(_dedupe(problems), label) from None
+    problems = check_recipe(recipe, lines=lines, base_dir=base_dir)
+    if problems:
+        raise RecipeError(problems, label)
+    return LoadedRecipe(recipe=recipe, raw=raw, path=path, base_dir=base_dir)
+
+
+@dataclass
+class LoadedRecipe:
+    recipe: Recipe
+    raw: dict[str, Any]
+    path: Path | None
+    base_dir: Path
+
+
+def _dedupe(problems: list[Problem]) -> list[Problem]:
+    seen, out = set(), []
+    for p in problems:
+        if (p.path, p.message) not in seen:
+            seen.add((p.path, p.message))
+            out.append(p)
+    return out
+
+
+def _check_audits_loose(raw: dict[str, Any], lines: dict[tuple, int]) -> list[Problem]:
+    """Module names and params of audits in a recipe that failed pass 1 elsewhere."""
+    audits = raw.get("audits")
+    if not isinstance(audits, list):
+        return []
+    problems = []
+    for i, a in enumerate(audits):
+        if isinstance(a, dict) and isinstance(a.get("use"), str):
+            problems += _check_module_params(i, a["use"], a.get("params") or {}, a.get("fail_if") or {}, lines)
+    return problems
+
+
+def _check_module_params(i: int, use: str, params: Any, fail_if: Any, lines: dict[tuple, int]) -> list[Problem]:
+    from fmaudit.registry import RegistryError, registry
+
+    try:
+        cls = registry.get(use)
+    except RegistryError as exc:
+        return [Problem(f"audits[{i}].use", str(exc), _line_for(lines, ("audits", i, "use")))]
+    if not isinstance(params, dict):
+        return []  # reported by pass 1
+    problems = []
+    try:
+        cls.Params.model_validate(params)
+    except ValidationError as exc:
+        problems += _pydantic_problems(exc, cls.Params, ("audits", i, "params"), lines)
+    if isinstance(fail_if, dict) and cls.metric_names:
+        for metric in fail_if:
+            if not any(fnmatch.fnmatchcase(str(metric), pat) for pat in cls.metric_names):
+                from fmaudit.registry import suggest
+
+                close = suggest(str(metric), [m for m in cls.metric_names if "*" not in m])
+                loc = ("audits", i, "fail_if", metric)
+                problems.append(Problem(
+                    format_path(loc),
+                    f"module {use!r} reports no metric {metric!r}"
+                    + (f"; did you mean {close[0]!r}?" if close else "")
+                    + f" (metrics: {', '.join(cls.metric_names)})",
+                    _line_for(lines, loc)))
+    return problems
+
+
+def check_recipe(recipe: Recipe, *, lines: dict[tuple, int] | None = None, base_dir: Path | None = None
+                 ) -> list[Problem]:
+    """Pass 2: module params, names, cross-references, files and capabilities."""
+    from fmaudit.registry import RegistryError, registry, suggest
+
+    lines = lines or {}
+    base_dir = base_dir or Path.cwd()
+    problems: list[Problem] = []
+
+    def add(loc: tuple[Any, ...], msg: str) -> None:
+        problems.append(Problem(format_path(loc), msg, _line_for(lines, loc)))
+
+    def resolve(p: str) -> Path:
+        q = Path(p).expanduser()
+        return q if q.is_absolute() else base_dir / q
+
+    data_names = set(recipe.data)
+    # -- data -------------------------------------------------------------------------------------------
+    for name, spec in recipe.data.items():
+        src = spec.source
+        loc = ("data", name, "source")
+        if src.startswith("bundled:"):
+            if src not in BUNDLED_DATA:
+                close = suggest(src, BUNDLED_DATA)
+                add(loc, f"unknown bundled dataset {src!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                    + f" (bundled: {', '.join(BUNDLED_DATA)})")
+        elif src.startswith(("imagefolder:", "hf_disk:")):
+            if not resolve(src.split(":", 1)[1]).exists():
+                add(loc, f"{resolve(src.split(':', 1)[1])} does not exist")
+        else:
+            p = resolve(src)
+            if p.suffix.lower() not in (".csv", ".jsonl", ".ndjson"):
+                add(loc, "unknown data source; use bundled:tweets, bundled:digits, a .csv/.jsonl file, "
+                         "imagefolder:DIR or hf_disk:DIR")
+            elif not p.exists():
+                add(loc, f"data file {p} does not exist")
+
+    # -- targets ----------------------------------------------------------------------------------------
+    target_task: dict[str, str | None] = {}
+    for name, spec in recipe.targets.items():
+        task = spec.task
+        m = spec.model
+        if m.startswith("bundled:"):
+            if m not in BUNDLED_MODELS:
+                close = suggest(m, BUNDLED_MODELS)
+                add(("targets", name, "model"), f"unknown bundled model {m!r}"
+                    + (f"; did you mean {close[0]!r}?" if close else "") + f" (bundled: {', '.join(BUNDLED_MODELS)})")
+            else:
+                if task is not None and task != BUNDLED_MODELS[m]:
+                    add(("targets", name, "task"), f"{m} is a {BUNDLED_MODELS[m]} model, not {task}")
+                task = BUNDLED_MODELS[m]
+        elif m.startswith("python:"):
+            ref = m.split(":", 1)[1]
+            if ref.count(":") != 1:
+                add(("targets", name, "model"), "write python models as python:package.module:factory_function")
+            if task is None:
+                add(("targets", name, "task"), "python: models need `task:` (image-classification)")
+            if spec.weights and not resolve(spec.weights).exists():
+                add(("targets", name, "weights"), f"weights file {resolve(spec.weights)} does not exist")
+        else:
+            p = resolve(m)
+            if not p.exists():
+                add(("targets", name, "model"), f"model folder {p} does not exist (give a local Hugging Face "
+                                                f"checkpoint folder or one of {', '.join(BUNDLED_MODELS)})")
+            elif not p.is_dir() or not (p / "config.json").exists():
+                add(("targets", name, "model"), f"{p} is not a Hugging Face model folder (no config.json); "
+                                                "save models with `save_pretrained`")
+            if task is None:
+                add(("targets", name, "task"), f"say what the model does: task: one of {', '.join(TASKS)}")
+            if spec.gguf_file and p.is_dir() and not (p / spec.gguf_file).exists():
+                add(("targets", name, "gguf_file"), f"{p / spec.gguf_file} does not exist")
+        target_task[name] = task
+        if spec.finetune is not None:
+            ft = spec.finetune
+            if ft.data not in data_names:
+                close = suggest(ft.data, data_names)
+                add(("targets", name, "finetune", "data"), f"no dataset named {ft.data!r} in `data`"
+                    + (f"; did you mean {close[0]!r}?" if close else ""))
+            elif task is not None:
+                want = MODALITY[task]
+                have = "image" if recipe.data[ft.data].source in ("bundled:digits",) or \
+                    recipe.data[ft.data].source.startswith("imagefolder:") else "text"
+                if want != have:
+                    add(("targets", name, "finetune", "data"), f"a {task} target needs {want} data; {ft.data!r} is {have}")
+        if (spec.normalize_mean is None) != (spec.normalize_std is None):
+            add(("targets", name, "normalize_std" if spec.normalize_std is None else "normalize_mean"),
+                "give both normalize_mean and normalize_std, or neither")
+
+    # -- audits -----------------------------------------------------------------------------------------
+    known_targets = dict(target_task)
+    for i, audit in enumerate(recipe.audits):
+        problems += _check_module_params(i, audit.use, audit.params, audit.fail_if, lines)
+        try:
+            cls = registry.get(audit.use)
+        except RegistryError:
+            cls = None
+        for j, t in enumerate(audit.target):
+            loc = ("audits", i, "target") + ((j,) if len(audit.target) > 1 else ())
+            if t not in known_targets:
+                later = [k for k, a in enumerate(recipe.audits) if a.produces == t and k >= i]
+                close = suggest(t, known_targets)
+                if later:
+                    add(loc, f"target {t!r} is produced by audits[{later[0]}], which runs after this one; "
+                             "move this audit below it")
+                else:
+                    add(loc, f"unknown target {t!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                        + f" (targets: {', '.join(known_targets) or 'none'})")
+                continue
+            task = known_targets[t]
+            if cls is not None and task is not None:
+                missing = set(cls.requires) - CAPABILITIES[task]
+                if missing:
+                    add(loc, f"module {audit.use!r} needs {', '.join(sorted(missing))}, which a {task} target "
+                             f"({t!r}) does not have")
+                elif cls.tasks and task not in cls.tasks:
+                    add(loc, f"module {audit.use!r} works on {', '.join(cls.tasks)} targets, not {task} ({t!r})")
+            if audit.data is None and task is not None and t in recipe.targets and \
+                    recipe.targets[t].finetune is None and cls is not None and cls.needs_data:
+                add(("audits", i, "data"), f"target {t!r} has no fine-tune data; name a dataset with `data:`")
+        if audit.data is not None and audit.data not in data_names:
+            close = suggest(audit.data, data_names)
+            add(("audits", i, "data"), f"no dataset named {audit.data!r} in `data`"
+                + (f"; did you mean {close[0]!r}?" if close else ""))
+        if audit.produces is not None:
+            if cls is not None and not cls.produces_target:
+                add(("audits", i, "produces"), f"module {audit.use!r} does not produce a target")
+            elif audit.produces in known_targets:
+                add(("audits", i, "produces"), f"a target named {audit.produces!r} already exists; pick a new name")
+            elif len(audit.target) != 1:
+                add(("audits", i, "produces"), "an audit that produces a target must run on exactly one target")
+            else:
+                known_targets[audit.produces] = known_targets.get(audit.target[0])
+    return _dedupe(problems)
+
+
+# ---------------------------------------------------------------------------------------------------
+# JSON Schema
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    """JSON Schema of recipes, with each registered module's params (for editor completion)."""
+    from fmaudit.registry import registry
+
+    schema = Recipe.model_json_schema()
+    variants = []
+    for name, cls in registry.all().items():
+        params = cls.Params.model_json_schema()
+        defs = params.pop("$defs", {})
+        schema.setdefault("$defs", {}).update(defs)
+        variants.append({
+            "type": "object",
+            "properties": {"use": {"const": name, "description": cls.description}, "params": params},
+            "required": ["use"],
+        })
+    audit_def = schema["$defs"]["AuditSpec"]
+    audit_def["properties"]["target"] = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+    if variants:
+        schema["$defs"]["AuditSpec"] = {"allOf": [audit_def, {"anyOf": variants}]}
+    schema["title"] = "fmaudit recipe"
+    return schema

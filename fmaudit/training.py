@@ -1,0 +1,167 @@
+"""The one fine-tuning loop (targets, reference models and DP fine-tuning all use it), and the
+fine-tune cache keyed by base weights + data + settings."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from fmaudit.data import Dataset, Split
+
+TRAINING_VERSION = "1"  # bump when the loop changes in a way that changes weights: invalidates caches
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    batch_size: int = 16
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    trainable: str = "all"
+    n_layers: int = 2
+    seed: int = 0
+
+    @classmethod
+    def from_spec(cls, spec: Any, seed: int) -> "TrainConfig":
+        return cls(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, weight_decay=spec.weight_decay,
+                   trainable=spec.trainable, n_layers=spec.n_layers, seed=seed)
+
+
+@dataclass
+class TrainStats:
+    steps: int = 0
+    examples_seen: int = 0
+    epoch_losses: list[float] = field(default_factory=list)
+    duration_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# A hook that wraps (model, optimizer, loader) before training, e.g. Opacus' make_private.
+Wrap = Callable[[Any, Any, Any], tuple[Any, Any, Any]]
+
+
+def train(target: Any, data: Dataset, config: TrainConfig, *, progress: Callable[[str, int], Any] | None = None,
+          wrap: Wrap | None = None, on_step: Callable[[int, float], None] | None = None,
+          label: str = "fine-tuning") -> TrainStats:
+    """Train `target.model` in place on `data` with AdamW. Deterministic for a given seed.
+
+    `wrap` may replace the model, optimizer and data loader (DP-SGD does); the loop stays the same.
+    """
+    import torch
+
+    if len(data) == 0:
+        raise ValueError(f"cannot fine-tune on an empty dataset ({data.name!r})")
+    torch.manual_seed(config.seed)
+    target.set_trainable(config.trainable, config.n_layers)
+    model = target.model
+    gen = torch.Generator().manual_seed(config.seed)
+    loader = torch.utils.data.DataLoader(target.torch_dataset(data), batch_size=config.batch_size, shuffle=True,
+                                         generator=gen, collate_fn=target.collate)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if wrap is not None:
+        model, optimizer, loader = wrap(model, optimizer, loader)
+    stats = TrainStats()
+    start = time.perf_counter()
+    total = config.epochs * max(len(loader), 1)
+    bar = progress(label, total) if progress else None
+    model.train()
+    try:
+        for _epoch in range(config.epochs):
+            losses, weights = [], []
+            for batch in loader:
+                if not batch or batch.get("labels", None) is not None and len(batch["labels"]) == 0:
+                    continue  # Poisson sampling can draw an empty batch
+                batch = target.to_device(batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss = target.loss(model, batch)
+                loss.backward()
+                optimizer.step()
+                n = int(next(iter(batch.values())).shape[0])
+                losses.append(float(loss.detach()) * n)
+                weights.append(n)
+                stats.steps += 1
+                stats.examples_seen += n
+                if on_step is not None:
+                    on_step(stats.steps, float(loss.detach()))
+                if bar is not None:
+                    bar.advance()
+            stats.epoch_losses.append(sum(losses) / max(sum(weights), 1))
+    finally:
+        if bar is not None:
+            bar.close()
+        target.model.eval()
+        for p in target.model.parameters():
+            p.requires_grad_(True)
+        target.weights_changed()
+    stats.duration_s = time.perf_counter() - start
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cache
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("FMAUDIT_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fmaudit"
+
+
+def cache_key(*, base_sha: str, split: Split, config: TrainConfig, task: str, kind: str = "finetune") -> str:
+    ids = hashlib.sha256("\n".join(split.dataset.ids[i] for i in split.member_idx).encode()).hexdigest()
+    payload = {"v": TRAINING_VERSION, "kind": kind, "base": base_sha, "data": split.dataset.fingerprint,
+               "members": ids, "config": asdict(config), "task": task}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def finetune_cached(target: Any, split: Split, config: TrainConfig, *, cache_dir: Path,
+                    progress: Callable[[str, int], Any] | None = None, label: str = "fine-tuning",
+                    kind: str = "finetune") -> tuple[TrainStats, bool, str]:
+    """Fine-tune `target` in place on `split.members`, or load the cached result. Returns
+    (stats, cache_hit, key). Cached weights are safetensors; metadata is JSON."""
+    from safetensors.torch import load_model, save_model
+
+    key = cache_key(base_sha=target.weights_sha256(), split=split, config=config, task=target.task, kind=kind)
+    folder = Path(cache_dir) / kind / key[:32]
+    weights, meta_path = folder / "weights.safetensors", folder / "meta.json"
+    if weights.exists() and meta_path.exists():
+        base_state = {k: v.detach().clone() for k, v in target.model.state_dict().items()}
+        try:
+            meta = json.loads(meta_path.read_text())
+            if meta.get("key") == key:
+                load_model(target.model, str(weights), device=str(target.device))
+                target.weights_changed()
+                if target.weights_sha256() == meta.get("weights_sha256"):
+                    return TrainStats(**meta["stats"]), True, key
+        except Exception:  # a damaged cache entry is retrained, never trusted
+            pass
+        target.model.load_state_dict(base_state)  # back to the base weights, then train
+        target.weights_changed()
+    stats = train(target, split.members, config, progress=progress, label=label)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key[:12]}.", dir=folder.parent))
+    try:
+        save_model(target.model, str(tmp / "weights.safetensors"))
+        meta = {"key": key, "weights_sha256": target.weights_sha256(), "stats": asdict(stats),
+                "config": asdict(config), "member_count": int(len(split.member_idx))}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return stats, False, key
+
+
+def member_ids_sha256(split: Split) -> str:
+    return hashlib.sha256("\n".join(np.asarray(split.dataset.ids)[split.member_idx]).encode()).hexdigest()
