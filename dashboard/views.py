@@ -1,0 +1,757 @@
+"""The views, written once against a `Sink` so the dashboard and the HTML export show the same thing.
+
+Generic renderers show any module's metrics, curves, tables, evidence and findings. Module-specific
+renderers (keyed by module name) add the plots an auditor expects for privacy.*, robustness.* and
+explain.* results; they render only from results that exist in the report (no placeholder data), and a
+view whose modules are absent says so in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from dashboard import figures as F
+from dashboard.runs import SEVERITIES, SEVERITY_RANK, RunEntry, gate_verdict, run_rows, safe_child
+from dashboard.sinks import Card, Sink
+from fmaudit.report import AuditResult, Curve, Metric, RunReport
+
+VIEWS = ("Runs", "Run overview", "Privacy", "Robustness", "Explainability", "Compare")
+CATEGORY_OF_VIEW = {"Privacy": "privacy", "Robustness": "robustness", "Explainability": "explain"}
+
+METRIC_HELP = {
+    "metric": "Name the module gives this number (usable in a recipe's fail_if).",
+    "value": "The measured value, in the unit of the next column.",
+    "unit": "Unit of the value.",
+    "CI": "Confidence interval reported by the module (level in the next column).",
+    "level": "Confidence level of the interval.",
+    "better": "Which direction is good for this metric.",
+    "description": "What the number means, as the module describes it.",
+}
+RUN_HELP = {
+    "run": "Run folder inside the reports folder.",
+    "date": "When the run started (UTC).",
+    "recipe": "Recipe name.",
+    "targets": "Models audited in this run (including ones a module produced, e.g. a DP fine-tune).",
+    "gates": "Overall verdict of the recipe's fail_if gates: FAIL if any gate failed.",
+    "state": "complete / interrupted; 'old schema', 'corrupt' or 'partial' when the report could not be fully read.",
+    "modules ok": "Audit units that finished.",
+    "modules errored": "Audit units that raised an error (their message is in the run overview).",
+    "critical/high findings": "Findings of severity critical or high.",
+    "module statuses": "Every unit as module@target: status.",
+    "notice": "Why a run could not be read fully.",
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def result_title(r: AuditResult) -> str:
+    return f"{r.module} @ {r.target}"
+
+
+def metric_value(m: Metric | None) -> float | None:
+    return None if m is None else m.value
+
+
+def metric_card(name: str, m: Metric) -> Card:
+    help_parts = [m.description or ""]
+    if m.ci_low is not None and m.ci_high is not None:
+        lvl = f"{m.ci_level:.0%} " if m.ci_level else ""
+        help_parts.append(f"{lvl}CI [{F.fmt(m.ci_low)}, {F.fmt(m.ci_high)}]")
+    if m.higher_is_better is not None:
+        help_parts.append("higher is better" if m.higher_is_better else "lower is better")
+    if m.unit:
+        help_parts.append(f"unit: {m.unit}")
+    return Card(name, F.fmt(m.value, m.unit), " · ".join(p for p in help_parts if p) or None)
+
+
+def metrics_frame(metrics: dict[str, Metric], prefix: dict[str, Any] | None = None) -> pd.DataFrame:
+    rows, tips = [], {}
+    for i, (name, m) in enumerate(metrics.items()):
+        row = dict(prefix or {})
+        row.update({
+            "metric": name, "value": m.value, "unit": m.unit or "",
+            "CI": (f"[{m.ci_low:.4g}, {m.ci_high:.4g}]" if m.ci_low is not None and m.ci_high is not None else ""),
+            "level": m.ci_level, "better": {True: "higher", False: "lower", None: "—"}[m.higher_is_better],
+            "description": m.description or "",
+        })
+        rows.append(row)
+        if m.description:
+            tips[(i, "value")] = f"{m.description}" + (f" ({m.unit})" if m.unit else "")
+            tips[(i, "metric")] = m.description
+    df = pd.DataFrame(rows)
+    df.attrs["tooltips"] = tips
+    return df
+
+
+def _jsonable(v: Any) -> str:
+    if isinstance(v, (dict, list)):
+        s = json.dumps(v, ensure_ascii=False)
+        return s if len(s) <= 300 else s[:299] + "…"
+    return str(v)
+
+
+def table_frame(value: Any) -> pd.DataFrame | None:
+    """A module's table as a DataFrame when it has a tabular shape, else None."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        rows = [{k: (v if isinstance(v, (int, float, str, bool)) or v is None else _jsonable(v))
+                 for k, v in row.items()} for row in value[:500]]
+        return pd.DataFrame(rows)
+    if isinstance(value, dict) and value and all(not isinstance(v, (dict, list)) for v in value.values()):
+        return pd.DataFrame({"key": list(value), "value": [str(v) for v in value.values()]})
+    if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()) and \
+            all(all(not isinstance(x, (dict, list)) for x in v.values()) for v in value.values()):
+        rows = [{"name": k, **v} for k, v in value.items()]
+        return pd.DataFrame(rows)
+    return None
+
+
+def is_roc(name: str, c: Curve) -> bool:
+    label = f"{name} {c.x_label}".lower()
+    return "roc" in name.lower() or "false positive" in label or re.search(r"\bfpr\b", label) is not None
+
+
+def roc_attack_name(name: str) -> str:
+    s = re.sub(r"(^|[_\-/.:\s])roc($|[_\-/.:\s])", r"\1\2", name, flags=re.I).strip("_-/.: ")
+    return s or name
+
+
+def find_metric(metrics: dict[str, Metric], *needles: str, attack: str | None = None) -> tuple[str, Metric] | None:
+    """First metric whose lowercase name contains every needle (and the attack name, when given)."""
+    for n, m in metrics.items():
+        low = n.lower()
+        if attack and attack.lower() not in low:
+            continue
+        if all(nd in low for nd in needles):
+            return n, m
+    return None
+
+
+def private_targets(report: RunReport | None) -> dict[str, str]:
+    """target name -> the DP unit that produced it (targets fine-tuned with differential privacy)."""
+    if report is None:
+        return {}
+    out = {}
+    for r in report.audits:
+        if r.produces and (r.module.startswith("privacy.dp") or "dp" in r.module.split(".")[-1]):
+            out[r.produces] = r.unit_id
+    for name, t in report.targets.items():
+        if t.produced_by and "dp" in t.produced_by.split("@")[0].split(":")[-1]:
+            out.setdefault(name, t.produced_by)
+    return out
+
+
+def target_label(entry: RunEntry, target: str) -> str:
+    priv = private_targets(entry.report)
+    if target in priv:
+        eps = None
+        for r in entry.results:
+            if r.unit_id == priv[target]:
+                hit = find_metric(r.metrics, "epsilon")
+                eps = hit[1].value if hit else None
+        return f"{target} (private, DP" + (f" ε={eps:.3g}" if eps is not None else "") + ")"
+    return f"{target} (non-private)" if priv else target
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generic rendering of one result
+
+
+def render_status(sink: Sink, r: AuditResult) -> bool:
+    """Notice for an errored / skipped unit. Returns True when there is nothing else to show."""
+    if r.status == "error":
+        e = r.error
+        msg = f"{result_title(r)} errored" + (f": {e.type}: {e.message}" if e else "")
+        if e and e.hint:
+            msg += f" — hint: {e.hint}"
+        sink.notice("error", msg)
+        if e and e.traceback:
+            sink.section("Traceback", expanded=False).code(e.traceback)
+        return True
+    if r.status == "skipped":
+        sink.notice("info", f"{result_title(r)} was skipped.")
+        return True
+    return False
+
+
+def render_findings(sink: Sink, findings: list[tuple[AuditResult, Any]], *, empty: str | None = None) -> None:
+    if not findings:
+        if empty:
+            sink.caption(empty)
+        return
+    ordered = sorted(findings, key=lambda rf: (0 if rf[1].gate is not None and not rf[1].gate.passed else 1,
+                                               SEVERITY_RANK.get(rf[1].severity, 9)))
+    rows = [{"severity": f.severity, "failed gate": "yes" if f.gate is not None and not f.gate.passed else "",
+             "module": r.module, "target": r.target, "title": f.title, "detail": f.detail, "metric": f.metric or ""}
+            for r, f in ordered]
+    sink.table(pd.DataFrame(rows), help={"severity": "critical > high > medium > low > info",
+                                         "failed gate": "This finding is a recipe fail_if gate that failed.",
+                                         "detail": "What was seen and why it matters."})
+
+
+def render_curve_block(sink: Sink, name: str, c: Curve, key: str) -> None:
+    roc = is_roc(name, c)
+    fig = F.roc_figure([(roc_attack_name(name), c, {})], title=name) if roc else \
+        F.curves_figure([(name, c)], title=name)
+    sink.figure(fig, key=key)
+    if c.description:
+        sink.caption(c.description)
+
+
+def render_table_block(sink: Sink, name: str, value: Any, key: str) -> None:
+    if isinstance(value, dict) and "matrix" in value and isinstance(value.get("matrix"), list):
+        labels = value.get("labels") or list(range(len(value["matrix"])))
+        try:
+            fig = F.matrix_figure(value["matrix"], labels, labels, name, str(value.get("columns", "predicted")),
+                                  str(value.get("rows", "true")))
+            sink.figure(fig, key=key)
+            return
+        except Exception:
+            pass
+    df = table_frame(value)
+    if df is not None:
+        sink.caption(name)
+        sink.table(df, key=key)
+    else:
+        sink.caption(name)
+        sink.code(json.dumps(value, indent=2, ensure_ascii=False)[:20000])
+
+
+def render_generic(sink: Sink, r: AuditResult, entry: RunEntry, *, key: str, show_status: bool = True) -> None:
+    """Everything one result holds, for any module."""
+    if show_status and render_status(sink, r):
+        return
+    if r.metrics:
+        sink.table(metrics_frame(r.metrics), help=METRIC_HELP, key=f"{key}-metrics")
+    for i, (name, c) in enumerate(r.curves.items()):
+        render_curve_block(sink, name, c, key=f"{key}-curve-{i}")
+    for i, (name, value) in enumerate(r.tables.items()):
+        render_table_block(sink, name, value, key=f"{key}-table-{i}")
+    if r.evidence:
+        sink.caption(f"evidence ({len(r.evidence)} item(s))")
+        df = table_frame(r.evidence)
+        if df is not None:
+            sink.table(df, key=f"{key}-evidence")
+    render_images(sink, entry, r.artifacts)
+    if r.findings:
+        render_findings(sink, [(r, f) for f in r.findings])
+    if r.params:
+        sink.section("Parameters", expanded=False).code(json.dumps(r.params, indent=2, ensure_ascii=False))
+
+
+def render_images(sink: Sink, entry: RunEntry, artifacts: list[str], limit: int = 24, per_row: int = 3,
+                  match: Callable[[str], bool] | None = None) -> int:
+    """PNG artifacts of a result, read only from inside the run folder (which lies inside the reports folder)."""
+    paths = [a for a in artifacts if a.lower().endswith(".png") and (match is None or match(a))]
+    shown = 0
+    for start in range(0, min(len(paths), limit), per_row):
+        cols = sink.columns(per_row)
+        for col, rel in zip(cols, paths[start: start + per_row]):
+            p = safe_child(entry.path, rel)
+            if p is None:
+                col.caption(f"{rel}: not found inside the run folder")
+                continue
+            col.image(p.read_bytes(), caption=Path(rel).name)
+            shown += 1
+    if len(paths) > limit:
+        sink.caption(f"{len(paths) - limit} more image(s) in the run folder")
+    return shown
+
+
+def notice_for_entry(sink: Sink, entry: RunEntry) -> bool:
+    """The run-level notice. Returns True when there is no report and no partial result to show."""
+    if entry.state == "ok":
+        if entry.report is not None and entry.report.status == "interrupted":
+            sink.notice("warning", "This run was interrupted: the report holds the units that finished.")
+        return False
+    kind = "warning" if entry.state == "partial" else "error"
+    sink.notice(kind, f"{entry.label}: {entry.notice}")
+    return not entry.partial_results
+
+
+# ---------------------------------------------------------------------------------------------------
+# Runs
+
+
+def view_runs(sink: Sink, entries: list[RunEntry]) -> pd.DataFrame:
+    df = pd.DataFrame(run_rows(entries))
+    if df.empty:
+        sink.notice("info", "No runs in this folder: `fmaudit run RECIPE -o FOLDER` writes one run folder per run.")
+        return df
+    sink.table(df, help=RUN_HELP, key="runs-table")
+    return df
+
+
+# ---------------------------------------------------------------------------------------------------
+# Run overview
+
+
+UTILITY_KEYS = ("accuracy", "macro_f1", "perplexity", "ece", "nll")
+
+
+def view_overview(sink: Sink, entry: RunEntry) -> None:
+    sink.header(f"Run {entry.label}", level=1)
+    if notice_for_entry(sink, entry):
+        return
+    rep = entry.report
+    results = entry.results
+    if rep is not None:
+        verdict = gate_verdict(entry)
+        sink.caption(f"recipe {rep.name} · started {rep.created_at} · fmaudit {rep.fmaudit_version} · seed "
+                     f"{rep.seed} · {rep.host.device} on {rep.host.hostname} · recipe sha256 {rep.recipe_sha256[:12]}")
+        sink.cards([
+            Card("gates", verdict, "Overall verdict of the recipe's fail_if gates."),
+            Card("exit code", str(rep.exit_code), "0 all gates pass, 1 a gate failed, 3 a module errored, "
+                                                   "130 interrupted."),
+            Card("units", f"{sum(r.status == 'ok' for r in results)} ok / {len(results)}",
+                 "Audit units (module x target) that finished."),
+            Card("total time", F.fmt(rep.timings.get("total_s"), "s"), "Wall time of the whole run, seconds."),
+        ])
+    # Failed gates first.
+    gates = [(r, g) for r in results for g in r.gates]
+    failed = [(r, g) for r, g in gates if not g.passed]
+    if failed:
+        sink.header("Failed gates", level=2)
+        for r, g in failed:
+            sink.notice("error", f"{result_title(r)}: {g.message}")
+    # Scorecard by severity.
+    sink.header("Findings scorecard", level=2)
+    counts = {s: 0 for s in SEVERITIES}
+    findings = [(r, f) for r in results for f in r.findings]
+    for _, f in findings:
+        counts[f.severity] += 1
+    sink.cards([Card(s, str(counts[s]), f"Findings of severity {s} across all modules.") for s in SEVERITIES])
+    render_findings(sink, findings, empty="No findings.")
+    # Targets with utility.
+    sink.header("Targets", level=2)
+    rows = []
+    util = {r.target: r for r in results if r.module == "utility" and r.status == "ok"}
+    priv = private_targets(rep)
+    targets = list(rep.targets.values()) if rep is not None else []
+    for t in targets:
+        row = {"target": t.name, "kind": t.kind, "architecture": t.architecture,
+               "parameters": t.num_parameters, "trainable": t.num_trainable_parameters,
+               "source": t.source, "private (DP)": "yes" if t.name in priv else "no",
+               "fine-tuned on": (t.finetune or {}).get("data", "—") if t.finetune else "—"}
+        u = util.get(t.name)
+        for k in UTILITY_KEYS:
+            if u is not None and k in u.metrics:
+                row[k] = u.metrics[k].value
+        rows.append(row)
+    if rows:
+        help = {"parameters": "Number of parameters of the model.",
+                "private (DP)": "Produced by differentially private fine-tuning in this run."}
+        if util:
+            any_u = next(iter(util.values()))
+            for k in UTILITY_KEYS:
+                if k in any_u.metrics:
+                    m = any_u.metrics[k]
+                    help[k] = f"{m.description or k} ({m.unit or 'no unit'}; from the utility module)"
+        sink.table(pd.DataFrame(rows), help=help, key="targets-table")
+        if not util:
+            sink.caption("No utility module in this run: add `- use: utility` to the recipe to see each target's "
+                         "clean performance here.")
+    elif not targets:
+        sink.caption("Targets are listed in report.json, which this run does not have.")
+    # Module statuses.
+    sink.header("Audit units", level=2)
+    srows = [{"unit": r.unit_id, "module": r.module, "category": r.category, "target": r.target,
+              "status": r.status, "duration (s)": r.duration_s, "findings": len(r.findings),
+              "gates": ("FAIL" if any(not g.passed for g in r.gates) else "pass") if r.gates else "—",
+              "error": f"{r.error.type}: {r.error.message}" if r.error else ""} for r in results]
+    if srows:
+        sink.table(pd.DataFrame(srows), help={"duration (s)": "Wall time of the unit, seconds."}, key="units-table")
+    for r in results:
+        if r.status == "error":
+            render_status(sink, r)
+    # Utility details, and modules no category view covers.
+    for i, r in enumerate(results):
+        covered = r.category in CATEGORY_OF_VIEW.values() or r.module.split(".")[0] in CATEGORY_OF_VIEW.values()
+        if r.status == "ok" and not covered:
+            render_generic(sink.section(f"{result_title(r)} — details", expanded=True), r, entry, key=f"ov-{i}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Category views
+
+
+def _category_results(entry: RunEntry, category: str) -> list[AuditResult]:
+    return [r for r in entry.results if r.category == category or r.module.split(".")[0] == category]
+
+
+def view_category(sink: Sink, entry: RunEntry, view: str) -> None:
+    category = CATEGORY_OF_VIEW[view]
+    sink.header(f"{view} — {entry.label}", level=1)
+    if notice_for_entry(sink, entry):
+        return
+    results = _category_results(entry, category)
+    if not results:
+        sink.notice("info", f"This run has no {view.lower()} results (no {category}.* module in its recipe).")
+        return
+    for r in results:
+        if r.status != "ok":
+            render_status(sink, r)
+    ok = [r for r in results if r.status == "ok"]
+    done: set[str] = set()
+    for module, renderer in SPECIFIC.get(category, []):
+        mine = [r for r in ok if r.module == module]
+        if mine:
+            renderer(sink, entry, mine)
+            done.add(module)
+    for i, r in enumerate(ok):
+        expanded = r.module not in done
+        section = sink.section(f"{result_title(r)} — all metrics, curves and tables", expanded=expanded)
+        render_generic(section, r, entry, key=f"{category}-{i}", show_status=False)
+
+
+# -- privacy ------------------------------------------------------------------------------------------
+
+
+def render_dp(sink: Sink, entry: RunEntry, results: list[AuditResult]) -> None:
+    sink.header("Differentially private fine-tuning", level=2)
+    ledger = []
+    for r in results:
+        for name, c in r.curves.items():
+            if "epsilon" in f"{name} {c.y_label}".lower():
+                ledger.append((f"{r.produces or r.target} ({name})", c))
+    if ledger:
+        sink.figure(F.curves_figure(ledger, title="Privacy ledger: epsilon spent vs training step", mode="lines"),
+                    key="dp-ledger")
+        sink.caption("The accountant's epsilon (an upper bound on privacy loss at the recorded delta) as training "
+                     "progresses.")
+    for r in results:
+        sink.header(f"{r.target} → {r.produces or '(no produced target)'}", level=3)
+        sink.cards([metric_card(n, m) for n, m in r.metrics.items()][:12])
+    # Utility of the DP model beside the non-private baseline.
+    util = {r.target: r for r in entry.results if r.module == "utility" and r.status == "ok"}
+    rows = []
+    for r in results:
+        for tname, kind in ((r.target, "non-private"), (r.produces, "private (DP)")):
+            u = util.get(tname) if tname else None
+            if u is None:
+                continue
+            for k in ("accuracy", "macro_f1", "perplexity"):
+                if k in u.metrics and u.metrics[k].value is not None:
+                    m = u.metrics[k]
+                    rows.append({"x": k, "y": m.value, "group": f"{tname} ({kind})", "unit": m.unit,
+                                 "help": m.description})
+    if rows:
+        sink.figure(F.bar_figure(rows, "Utility: private vs non-private", "value"), key="dp-utility")
+    elif results:
+        sink.caption("Add a `utility` audit on both the base and the produced target to compare their utility here.")
+
+
+def render_membership(sink: Sink, entry: RunEntry, results: list[AuditResult]) -> None:
+    sink.header("Membership inference", level=2)
+    by_target: dict[str, list[AuditResult]] = {}
+    for r in results:
+        by_target.setdefault(r.target, []).append(r)
+    # ROC side by side: one column per target (private next to non-private).
+    targets = sorted(by_target, key=lambda t: (t in private_targets(entry.report), t))
+    cols = sink.columns(len(targets)) if len(targets) > 1 else [sink]
+    auc_rows = []
+    for col, t in zip(cols, targets):
+        series = []
+        for r in by_target[t]:
+            rocs = [(n, c) for n, c in r.curves.items() if is_roc(n, c)]
+            for n, c in rocs:
+                attack = roc_attack_name(n) if len(rocs) > 1 else roc_attack_name(n)
+                stats = membership_stats(r.metrics, attack if len(rocs) > 1 else None)
+                series.append((attack, c, stats))
+                if stats.get("auc") is not None:
+                    auc_rows.append({"label": f"{t} · {attack}", "value": stats["auc"], "lo": stats.get("auc_lo"),
+                                     "hi": stats.get("auc_hi"), "unit": "", "help": stats.get("auc_help")})
+            if not rocs:
+                stats = membership_stats(r.metrics, None)
+                if stats.get("auc") is not None:
+                    auc_rows.append({"label": t, "value": stats["auc"], "lo": stats.get("auc_lo"),
+                                     "hi": stats.get("auc_hi"), "unit": "", "help": stats.get("auc_help")})
+        label = target_label(entry, t)
+        if series:
+            col.figure(F.roc_figure(series, title=f"ROC — {label}"), key=f"mia-roc-{t}")
+        else:
+            col.caption(f"{label}: no ROC curve in this result")
+    if auc_rows:
+        sink.figure(F.interval_figure(auc_rows, "Attack AUC with confidence intervals", "AUC", reference=0.5,
+                                      reference_label="chance 0.5"), key="mia-auc")
+        sink.caption("AUC 0.5 = the attacker cannot tell members from non-members; intervals as reported by the "
+                     "module.")
+
+
+def membership_stats(metrics: dict[str, Metric], attack: str | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    auc = find_metric(metrics, "auc", attack=attack) or (find_metric(metrics, "auc") if attack is None else None)
+    if auc:
+        out.update(auc=auc[1].value, auc_lo=auc[1].ci_low, auc_hi=auc[1].ci_high, auc_help=auc[1].description)
+    for key, pats in (("tpr@1%", ("1pct", "0.01", "1%")), ("tpr@0.1%", ("0.1pct", "0.001", "0.1%"))):
+        for n, m in metrics.items():
+            low = n.lower()
+            if "tpr" not in low or (attack and attack.lower() not in low):
+                continue
+            if key == "tpr@1%" and any(p in low for p in ("0.1pct", "0.001", "0.1%", "01pct")):
+                continue
+            if any(p in low for p in pats):
+                out[key] = m.value
+                break
+    return out
+
+
+def render_canary(sink: Sink, entry: RunEntry, results: list[AuditResult]) -> None:
+    sink.header("Canary audit: empirical epsilon lower bound vs the accountant's epsilon", level=2)
+    rows = []
+    dp_eps = {}
+    for r in entry.results:
+        if r.status == "ok" and r.produces and r.module.startswith("privacy.dp"):
+            hit = find_metric(r.metrics, "epsilon")
+            if hit:
+                dp_eps[r.produces] = hit[1]
+    for r in results:
+        lb = find_metric(r.metrics, "epsilon_lb") or find_metric(r.metrics, "epsilon", "lower") or \
+            find_metric(r.metrics, "eps_lb")
+        acc = find_metric(r.metrics, "accountant") or (("accountant epsilon", dp_eps[r.target])
+                                                        if r.target in dp_eps else None)
+        label = target_label(entry, r.target)
+        if lb:
+            rows.append({"x": label, "y": lb[1].value, "group": "audit lower bound (ε ≥)", "unit": lb[1].unit,
+                         "help": lb[1].description})
+        if acc and acc[1].value is not None:
+            rows.append({"x": label, "y": acc[1].value, "group": "accountant upper bound (ε ≤)", "unit": acc[1].unit,
+                         "help": acc[1].description})
+        parts = []
+        if acc and acc[1].value is not None:
+            parts.append(f"accountant says ε ≤ {F.fmt(acc[1].value)}")
+        if lb:
+            parts.append(f"audit shows ε ≥ {F.fmt(lb[1].value)}")
+        if parts:
+            kind = "error" if (lb and acc and acc[1].value is not None and lb[1].value is not None
+                               and lb[1].value > acc[1].value) else "info"
+            sink.notice(kind, f"{label}: " + "; ".join(parts))
+    if rows:
+        sink.figure(F.bar_figure(rows, "Epsilon: audit lower bound vs accountant", "epsilon"), key="canary-eps")
+
+
+# -- robustness --------------------------------------------------------------------------------------
+
+
+def render_image_attack(sink: Sink, entry: RunEntry, results: list[AuditResult]) -> None:
+    sink.header("Adversarial images", level=2)
+    for r in results:
+        series = [(n, c) for n, c in r.curves.items() if "epsilon" in f"{n} {c.x_label}".lower()
+                  or "eps" in c.x_label.lower()]
+        if series:
+            sink.figure(F.curves_figure(series, title=f"Accuracy vs epsilon — {target_label(entry, r.target)}",
+                                        mode="lines+markers"), key=f"img-acc-{r.unit_id}")
+        render_image_evidence(sink, r)
+        render_images(sink, entry, r.artifacts)
+
+
+def render_image_evidence(sink: Sink, r: AuditResult) -> None:
+    keys = ("clean", "adversarial", "perturbation")
+    shown = 0
+    for i, ev in enumerate(r.evidence[:6]):
+        arrays = [(k, ev[k]) for k in keys if isinstance(ev.get(k), list)]
+        if not arrays:
+            continue
+        cols = sink.columns(len(arrays))
+        for col, (k, arr) in zip(cols, arrays):
+            try:
+                col.figure(F.image_figure(arr, title=k, diverging=(k == "perturbation")), key=f"img-ev-{r.unit_id}-{i}-{k}")
+            except Exception:
+                col.caption(f"{k}: not an image array")
+        shown += 1
+    return None
+
+
+def render_text_attack(sink: Sink, entry: RunEntry, results: list[AuditResult]) -> None:
+    sink.header("Adversarial text", level=2)
+    rows = []
+    for r in results:
+        attack = str(r.params.get("attack") or r.params.get("recipe") or "attack")
+        label = f"{r.target} · {attack}"
+        for needle in (("success",), ("quer",), ("perturbed",), ("accuracy",)):
+            hit = find_metric(r.metrics, *needle)
+            if hit and hit[1].value is not None:
+                rows.append({"x": hit[0], "y": hit[1].value, "group": label, "unit": hit[1].unit,
+                             "help": hit[1].description})
+        sink.cards([metric_card(n, m) for n, m in r.metrics.items()][:8])
+    rate = [x for x in rows if "quer" not in x["x"]]
+    cost = [x for x in rows if "quer" in x["x"]]
+    if rate or cost:
+        cols = sink.columns(2)
+        if rate:
+            cols[0].figure(F.bar_figure(rate, "Success rate and accuracy", "fraction"), key="txt-rate")
+        if cost:
+            cols[1].figure(F.bar_figure(cost, "Query cost", "queries"), key="txt-cost")
+    for r in results:
+        texts = [ev for ev in r.evidence if _text_pair(ev) is not None]
+        if texts:
+            sink.header(f"Adversarial examples — {r.target}", level=3)
+        for ev in texts[:20]:
+            orig, adv = _text_pair(ev)
+            a, b, changed = F.word_diff_html(orig, adv)
+            meta = ", ".join(f"{k}: {ev[k]}" for k in ev if k not in _TEXT_KEYS and not isinstance(ev[k], (dict, list)))
+            import html as _h
+            sink.html(f'<div class="advpair" style="border-left:3px solid #fbd38d; padding:4px 8px; margin:6px 0">'
+                      f"<div><b>original</b>: {a}</div><div><b>adversarial</b>: {b}</div>"
+                      f'<div class="caption" style="color:#666; font-size:0.85em">{changed} word(s) changed'
+                      f"{'; ' + _h.escape(meta) if meta else ''}</div></div>")
+        if r.evidence and not texts:
+            sink.caption(f"{r.target}: evidence holds example ids only (set store_examples: true in the recipe "
+                         "to keep the texts).")
+
+
+_TEXT_KEYS = {"original", "adversarial", "original_text", "perturbed_text", "adversarial_text", "text", "adv_text"}
+
+
+def _text_pair(ev: dict[str, Any]) -> tuple[str, str] | None:
+    for a, b in (("original_text", "perturbed_text"), ("original_text", "adversarial_text"),
+                 ("original", "adversarial"), ("text", "adv_text")):
+        if isinstance(ev.get(a), str) and isinstance(ev.get(b), str):
+            return ev[a], ev[b]
+    return None
+
+
+# -- explain -----------------------------------------------------------------------------------------
+
+
+def render_attribution(sink: Sink, entry: RunEntry, results: list[AuditResult]) -> None:
+    sink.header("Attributions", level=2)
+    for r in results:
+        sink.header(f"{target_label(entry, r.target)}", level=3)
+        quality = {n: m for n, m in r.metrics.items()}
+        if quality:
+            sink.cards([metric_card(n, m) for n, m in quality.items()][:12])
+        rand = [(n, m) for n, m in r.metrics.items() if "random" in n.lower()]
+        for n, m in rand:
+            sink.caption(f"Randomization sanity check — {n} = {F.fmt(m.value, m.unit)}: {m.description or ''}")
+        shown = 0
+        for i, ev in enumerate(r.evidence[:30]):
+            toks, scores = _tokens(ev)
+            if toks is not None:
+                title = ", ".join(f"{k}: {ev[k]}" for k in ("id", "label", "true_label", "predicted", "pred", "method")
+                                  if k in ev)
+                sink.html(F.token_heatmap_html(toks, scores, title))
+                shown += 1
+            heat = ev.get("attribution") if isinstance(ev.get("attribution"), list) else None
+            if heat is not None and toks is None:
+                try:
+                    sink.figure(F.image_figure(heat, title=str(ev.get("id", i)), diverging=True),
+                                key=f"expl-img-{r.unit_id}-{i}")
+                except Exception:
+                    pass
+        render_images(sink, entry, r.artifacts)
+
+
+def _tokens(ev: dict[str, Any]):
+    toks = ev.get("tokens")
+    for k in ("attributions", "scores", "attribution"):
+        s = ev.get(k)
+        if isinstance(toks, list) and isinstance(s, list) and len(s) == len(toks) and \
+                all(isinstance(v, (int, float)) or v is None for v in s):
+            return toks, [0.0 if v is None else v for v in s]
+    return None, None
+
+
+SPECIFIC: dict[str, list[tuple[str, Callable[[Sink, RunEntry, list[AuditResult]], None]]]] = {
+    "privacy": [("privacy.dp_finetune", render_dp), ("privacy.membership", render_membership),
+                ("privacy.canary_audit", render_canary)],
+    "robustness": [("robustness.image_attack", render_image_attack), ("robustness.text_attack", render_text_attack)],
+    "explain": [("explain.attribution", render_attribution)],
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Compare
+
+
+def compare_frame(a: RunEntry, b: RunEntry) -> pd.DataFrame:
+    """Every metric of both runs, matched on (module, target, metric)."""
+    def index(e: RunEntry) -> dict[tuple[str, str, str], Metric]:
+        out = {}
+        for r in e.results:
+            if r.status != "ok":
+                continue
+            for n, m in r.metrics.items():
+                out.setdefault((r.module, r.target, n), m)
+        return out
+
+    ia, ib = index(a), index(b)
+    rows = []
+    for k in sorted(set(ia) | set(ib)):
+        ma, mb = ia.get(k), ib.get(k)
+        va, vb = metric_value(ma), metric_value(mb)
+        m = ma or mb
+        delta = vb - va if va is not None and vb is not None else None
+        verdict = "only in A" if mb is None else "only in B" if ma is None else "same"
+        if delta is not None:
+            scale = max(abs(va), abs(vb), 1e-12)
+            if abs(delta) > 1e-9 * scale:
+                if m.higher_is_better is None:
+                    verdict = "changed"
+                else:
+                    verdict = "better in B" if (delta > 0) == m.higher_is_better else "worse in B"
+        elif ma is not None and mb is not None:
+            verdict = "same" if va == vb else "changed"
+        rows.append({"module": k[0], "target": k[1], "metric": k[2], "A": va, "B": vb, "B − A": delta,
+                     "relative": (delta / abs(va)) if delta is not None and va not in (None, 0) else None,
+                     "verdict": verdict, "unit": m.unit or "", "description": m.description or ""})
+    return pd.DataFrame(rows)
+
+
+def view_compare(sink: Sink, a: RunEntry, b: RunEntry) -> pd.DataFrame:
+    sink.header(f"Compare: A = {a.label}  ·  B = {b.label}", level=1)
+    for e in (a, b):
+        if e.state != "ok":
+            sink.notice("warning" if e.state == "partial" else "error", f"{e.label}: {e.notice}")
+    df = compare_frame(a, b)
+    if df.empty:
+        sink.notice("info", "Neither run has metrics to compare.")
+        return df
+    changed = df[df["verdict"].isin(["better in B", "worse in B", "changed", "only in A", "only in B"])]
+    sink.cards([
+        Card("metrics compared", str(len(df)), "Metrics matched by module, target and name."),
+        Card("better in B", str(int((df["verdict"] == "better in B").sum())), "Moved in the metric's good direction."),
+        Card("worse in B", str(int((df["verdict"] == "worse in B").sum())), "Moved in the metric's bad direction."),
+        Card("only in one run", str(int(df["verdict"].str.startswith("only").sum())), "Metric present in one run only."),
+    ])
+    cols = sink.columns(2)
+    for col, e, tag in ((cols[0], a, "A"), (cols[1], b, "B")):
+        col.header(f"{tag}: {e.label}", level=3)
+        rep = e.report
+        col.caption(f"recipe {e.recipe_name or '—'} · {e.created_at or '—'} · gates {gate_verdict(e)}"
+                    + (f" · recipe sha256 {rep.recipe_sha256[:12]}" if rep else ""))
+    help = {"B − A": "Difference B minus A, in the metric's unit.", "relative": "(B − A) / |A|.",
+            "verdict": "better / worse uses the metric's higher_is_better; 'changed' when it has no direction."}
+    sink.header("Differences", level=2)
+    if changed.empty:
+        sink.caption("Every metric is the same in both runs.")
+    else:
+        sink.html(_diff_html(changed))
+    sink.header("All metrics", level=2)
+    sink.table(df, help=help, key="compare-table")
+    return df
+
+
+def _diff_html(df: pd.DataFrame) -> str:
+    import html as _h
+
+    colour = {"better in B": "#e6f4ea", "worse in B": "#fde7e9", "changed": "#fff4d6", "only in A": "#eef",
+              "only in B": "#eef"}
+    rows = []
+    for _, r in df.iterrows():
+        def f(v: Any) -> str:
+            return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4g}"
+        rows.append(f'<tr style="background:{colour.get(r["verdict"], "#fff")}" title="{_h.escape(r["description"])}">'
+                    f"<td>{_h.escape(r['module'])}</td><td>{_h.escape(r['target'])}</td>"
+                    f"<td>{_h.escape(r['metric'])}</td><td>{f(r['A'])}</td><td>{f(r['B'])}</td>"
+                    f"<td>{f(r['B − A'])}</td><td>{_h.escape(r['unit'])}</td><td><b>{_h.escape(r['verdict'])}</b></td></tr>")
+    return ('<table class="diff" style="border-collapse:collapse; width:100%"><thead><tr><th>module</th><th>target'
+            "</th><th>metric</th><th>A</th><th>B</th><th>B − A</th><th>unit</th><th>verdict</th></tr></thead><tbody>"
+            + "".join(rows) + "</tbody></table>")
