@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -29,7 +30,7 @@ def _print_problems(exc) -> None:
     for p in exc.problems:
         where = p.path or "<recipe>"
         line = f" (line {p.line})" if p.line is not None else ""
-        err.print(f"  [yellow]{where}[/]{line}: {p.message}", highlight=False, markup=True)
+        err.print(f"  [yellow]{escape(where)}[/]{line}: {escape(p.message)}", highlight=False)
     err.print("Fix these and run `fmaudit validate` again; `fmaudit schema recipe` prints the full recipe schema.")
 
 
@@ -192,8 +193,12 @@ def schema(which: str = typer.Argument("recipe", help="recipe | report")) -> Non
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="A run folder (or its report.json).")) -> None:
-    """Summarize a finished run's report in the terminal."""
+def report(
+    run_dir: Path = typer.Argument(..., help="A run folder (or its report.json)."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Also write the dashboard's views of this run as one "
+                                        "self-contained HTML file (plots, images and scripts inlined)."),
+) -> None:
+    """Summarize a finished run's report in the terminal (and export it as HTML with --html)."""
     from fmaudit.report import ReportError, load_report
 
     try:
@@ -205,6 +210,62 @@ def report(run_dir: Path = typer.Argument(..., help="A run folder (or its report
         err.print(f"[red]{exc}[/]")
         raise typer.Exit(2)
     _print_summary(rep)
+    if html is not None:
+        _dashboard_package()
+        from dashboard.export import ExportError, export_html
+
+        try:
+            path = export_html(run_dir, html)
+        except (ExportError, FileNotFoundError) as exc:
+            err.print(f"[red]{exc}[/]")
+            raise typer.Exit(2)
+        except OSError as exc:
+            err.print(f"[red]cannot write {html}: {exc}[/]")
+            raise typer.Exit(2)
+        out.print(f"HTML report: [bold]{path}[/] ({path.stat().st_size / 2**20:.1f} MiB, self-contained)")
+
+
+def _dashboard_package() -> Path:
+    """The folder of the `dashboard` package (it lives beside `fmaudit/` in the source tree), importable."""
+    here = Path(__file__).resolve().parent.parent / "dashboard"
+    if (here / "app.py").is_file() and (here / "export.py").is_file():
+        if str(here.parent) not in sys.path:
+            sys.path.insert(0, str(here.parent))
+        return here
+    try:
+        import dashboard.export  # noqa: F401  (installed as a package)
+
+        return Path(dashboard.export.__file__).resolve().parent
+    except ImportError:
+        err.print("[red]The dashboard is not installed:[/] it ships in fmaudit's source tree (dashboard/); "
+                  "install fmaudit from a checkout with `pip install -e .`.")
+        raise typer.Exit(2)
+
+
+@app.command()
+def dashboard(
+    reports_dir: Path = typer.Argument(Path("reports"), help="Folder of run folders (default ./reports)."),
+    port: int = typer.Option(8501, "--port", help="Port on localhost."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
+    open_browser: bool = typer.Option(False, "--open/--no-open", help="Open a browser tab."),
+) -> None:
+    """Start the review dashboard (Streamlit) on localhost for the runs in REPORTS_DIR."""
+    import os
+    import subprocess
+
+    if not reports_dir.is_dir():
+        err.print(f"[red]{reports_dir} is not a folder[/]; `fmaudit run RECIPE -o {reports_dir}` creates runs there")
+        raise typer.Exit(2)
+    app_py = _dashboard_package() / "app.py"
+    env = dict(os.environ, FMAUDIT_REPORTS_DIR=str(reports_dir.resolve()))
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app_py), "--server.address", host, "--server.port", str(port),
+           "--server.headless", "false" if open_browser else "true", "--browser.gatherUsageStats", "false",
+           "--", str(reports_dir.resolve())]
+    out.print(f"fmaudit dashboard on http://{host}:{port} for {reports_dir.resolve()} (Ctrl+C stops it)")
+    try:
+        raise typer.Exit(subprocess.call(cmd, env=env))
+    except KeyboardInterrupt:
+        raise typer.Exit(0)
 
 
 def main() -> None:
