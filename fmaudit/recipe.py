@@ -193,28 +193,30 @@ def _line_for(lines: dict[tuple, int], loc: tuple[Any, ...]) -> int | None:
     return lines.get(())
 
 
+def _unwrap_optional(t: Any) -> Any:
+    import types
+
+    while typing.get_origin(t) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        if len(args) != 1:
+            return None
+        t = args[0]
+    return t
+
+
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> set[str] | None:
     """Field names of the pydantic model that sits at `loc` inside `model` (for near-miss hints)."""
     current: Any = model
     for part in loc:
-        while True:
-            origin = typing.get_origin(current)
-            if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-                args = [a for a in typing.get_args(current) if a is not type(None)]
-                current = args[0] if len(args) == 1 else None
-            elif origin in (list, dict):
-                current = typing.get_args(current)[-1]
-                break
-            else:
-                break
-        if isinstance(part, int) or current is None:
+        current = _unwrap_optional(current)
+        if typing.get_origin(current) in (list, dict):
+            current = typing.get_args(current)[-1]  # `part` is a key or an index
             continue
-        if isinstance(current, type) and issubclass(current, BaseModel):
-            if part in current.model_fields:
-                current = current.model_fields[part].annotation
-            # else: a dict key (e.g. a dataset name) -> stay with the dict's value type
+        if isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
+            current = current.model_fields[part].annotation
         else:
             return None
+    current = _unwrap_optional(current)
     if isinstance(current, type) and issubclass(current, BaseModel):
         return set(current.model_fields)
     return None

@@ -141,3 +141,40 @@ def tiny_text_recipe(model_dir: Path, csv_path: Path, tmp_path: Path, **override
     }
     recipe.update(overrides)
     return recipe
+
+
+PLUGIN_DIR = Path(__file__).parent / "plugin_pkg"
+
+
+def make_plugin_dist(root: Path) -> Path:
+    """A real installed-distribution layout (dist-info with entry_points.txt) that importlib.metadata
+    discovers when `root` is on sys.path: the same mechanism pip-installed plugins use."""
+    import shutil
+
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(PLUGIN_DIR / "fmaudit_testplugin.py", root / "fmaudit_testplugin.py")
+    info = root / "fmaudit_testplugin-0.1.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fmaudit-testplugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[fmaudit.audits]\nthirdparty.label_balance = fmaudit_testplugin:LabelBalance\n")
+    return root
+
+
+@pytest.fixture()
+def test_modules():
+    """Register the always-failing and image-only test modules on the global registry."""
+    import sys
+
+    sys.path.insert(0, str(PLUGIN_DIR))
+    import fmaudit_testplugin as tp
+
+    from fmaudit.registry import registry
+
+    for cls in (tp.AlwaysFails, tp.NeedsImage, tp.ProduceCopy):
+        registry.unregister(cls.name)
+        registry.register(cls)
+    yield tp
+    for cls in (tp.AlwaysFails, tp.NeedsImage, tp.ProduceCopy):
+        registry.unregister(cls.name)
+    sys.path.remove(str(PLUGIN_DIR))

