@@ -24,6 +24,7 @@ ENTRY_POINT_GROUP = "fmaudit.audits"
 # name -> "module:Class". Every built-in audit is listed here and nowhere else.
 BUILTIN_AUDITS: dict[str, str] = {
     "utility": "fmaudit.audits.utility:UtilityAudit",
+    "privacy.membership": "fmaudit.audits.privacy.membership:MembershipAudit",
 }
 
 

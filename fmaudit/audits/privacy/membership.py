@@ -1,0 +1,552 @@
+"""`privacy.membership`: membership-inference attacks on classifiers and causal LMs.
+
+Given a target and known members (trained on) and non-members (never seen), measures how well attacks
+tell them apart: loss / confidence / entropy baselines, LiRA (online, offline; fixed or per-example
+variance) and RMIA with reference models fine-tuned by the same loop as the target, and the causal-LM
+scores (zlib ratio, Min-K% Prob, Min-K%++). Positive class = member, always.
+
+Reference models start from the target's base (pre-fine-tune) weights and each trains on a random half of
+the population (the target's whole fine-tune dataset), in complementary pairs, with recorded seeds, and
+are cached by hash. They are cheap by default: only the last block(s) and the head train.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from fmaudit.audits.base import AuditContext, AuditModule, AuditParams, Outcome
+
+AttackName = Literal["loss", "confidence", "entropy", "zlib", "min_k", "min_k_pp", "calibrated_loss",
+                     "lira_online", "lira_offline", "rmia", "rmia_offline"]
+
+CLASSIFIER_ONLY = {"confidence", "entropy"}
+LM_ONLY = {"zlib", "min_k", "min_k_pp"}
+REFERENCE_ATTACKS = {"lira_online", "lira_offline", "rmia", "rmia_offline"}
+
+ATTACK_DESCRIPTIONS = {
+    "loss": "loss threshold (Yeom et al. 2018): lower loss = member",
+    "confidence": "highest softmax probability (label-free)",
+    "entropy": "prediction entropy (label-free): lower = member",
+    "zlib": "sequence loss divided by zlib-compressed length (Carlini et al. 2021)",
+    "min_k": "mean of the lowest k% token log-probs (Min-K% Prob, Shi et al. 2023)",
+    "min_k_pp": "Min-K%++ (Zhang et al. 2024): lowest k% of token log-probs standardized by the "
+                "model's own next-token distribution",
+    "calibrated_loss": "target loss minus a calibration model's loss (the base weights by default; "
+                       "difficulty calibration / reference-model attack)",
+    "lira_online": "LiRA online (Carlini et al. 2022): Gaussian likelihood ratio, IN vs OUT reference models",
+    "lira_offline": "LiRA offline: one-sided test against OUT reference models only",
+    "rmia": "RMIA (Zarifzadeh et al. 2024), Pr(x) from all reference models",
+    "rmia_offline": "RMIA offline: Pr(x) from OUT reference models with the linear approximation a",
+}
+
+_PER_ATTACK = ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "tpr_at_0pct_fpr", "balanced_accuracy", "advantage",
+               "ppv_at_1pct_fpr")
+
+
+class MembershipAudit(AuditModule):
+    name = "privacy.membership"
+    category = "privacy"
+    description = ("Membership inference: loss / confidence / entropy baselines, LiRA and RMIA with cheap reference "
+                   "models fine-tuned by the same loop, zlib / Min-K% / Min-K%++ for causal LMs; AUC with a "
+                   "bootstrap interval, TPR at 1%, 0.1% and 0% FPR, ROC curves, and a blind-baseline shift check.")
+    requires = frozenset({"per_example_loss"})
+    metric_names = _PER_ATTACK + tuple(f"*.{m}" for m in _PER_ATTACK) + (
+        "blind_baseline_auc", "num_members", "num_nonmembers", "reference_cost_ratio")
+
+    class Params(AuditParams):
+        attacks: list[AttackName] = Field(
+            default_factory=lambda: ["loss", "rmia"], min_length=1,
+            description="Attacks to run. Classifiers: loss, confidence, entropy; causal LMs: loss, zlib, min_k, "
+                        "min_k_pp; both: calibrated_loss, lira_online, lira_offline, rmia, rmia_offline.")
+        reference_models: int = Field(default=2, ge=1, le=256,
+                                      description="Reference models for LiRA / RMIA (trained in complementary pairs).")
+        reference_trainable: Literal["head", "last_n_layers", "all"] = Field(
+            default="last_n_layers", description="What trains in a reference model (cheap by default).")
+        reference_n_layers: int = Field(default=1, ge=1, description="With last_n_layers: how many final blocks train.")
+        reference_epochs: int | None = Field(default=None, ge=1, description="Default: the target's fine-tune epochs.")
+        reference_lr: float | None = Field(default=None, gt=0, description="Default: the target's fine-tune lr.")
+        reference_batch_size: int | None = Field(default=None, ge=1, description="Default: the target's batch size.")
+        reference_seed: int = Field(default=0, ge=0, description="Seed of the reference models' halves and training "
+                                                                 "(recorded; the same seed reuses cached models).")
+        fixed_variance: bool | None = Field(default=None, description="LiRA with one global variance; default: "
+                                                                      "when fewer than 64 reference models.")
+        rmia_gamma: float = Field(default=1.0, gt=0, description="RMIA's likelihood-ratio threshold gamma.")
+        rmia_offline_a: float = Field(default=0.3, ge=0, le=1, description="RMIA offline approximation parameter a.")
+        min_k: float = Field(default=0.2, gt=0, le=1, description="Fraction of lowest-probability tokens for Min-K%.")
+        calibration_model: str = Field(default="base", description="calibrated_loss: 'base' (the target's "
+                                                                   "pre-fine-tune weights) or another target's name.")
+        members: list[str] | None = Field(default=None, description="Member example ids (default: the target's "
+                                                                    "fine-tune split).")
+        nonmembers: list[str] | None = Field(default=None, description="Non-member ids (default with members: every "
+                                                                       "other example of the data).")
+        max_examples: int | None = Field(default=None, ge=2, description="Score a seeded sample of at most this many "
+                                                                         "members and as many non-members.")
+        batch_size: int = Field(default=32, ge=1)
+        bootstrap: int = Field(default=1000, ge=0, le=100_000, description="Bootstrap rounds (0: no intervals).")
+        confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
+        per_example_scores: bool = Field(default=True, description="Scores by example id in the report's tables.")
+        evidence: int = Field(default=10, ge=0, description="Most exposed members listed as evidence (ids; text "
+                                                            "only when the recipe sets store_examples).")
+
+    # -- pre-flight ----------------------------------------------------------------------------------
+    def check(self, target, data) -> list[str]:
+        p = self.params
+        caps = target.capabilities
+        problems = []
+        is_clf = "classifier" in caps
+        wrong = sorted(set(p.attacks) & (LM_ONLY if is_clf else CLASSIFIER_ONLY))
+        if wrong:
+            problems.append(f"attack(s) {', '.join(wrong)} do not apply to a {target.task} target")
+        if "causal_lm" not in caps and not is_clf:
+            problems.append(f"privacy.membership supports classifiers and causal LMs, not {target.task}")
+        if set(p.attacks) & REFERENCE_ATTACKS and "trainable" not in caps:
+            problems.append(f"reference-model attacks ({', '.join(sorted(set(p.attacks) & REFERENCE_ATTACKS))}) "
+                            f"fine-tune reference models, but target {target.name!r} cannot be fine-tuned; use "
+                            "loss / confidence / entropy / zlib / min_k instead")
+        if p.members is None and p.nonmembers is not None:
+            problems.append("nonmembers given without members; give members too (or neither, to use the split)")
+        if p.members is None and getattr(target, "split", None) is None:
+            problems.append(f"target {target.name!r} has no member / non-member split: fine-tune it in the recipe "
+                            "(targets.<name>.finetune) or give params members / nonmembers (example ids)")
+        if data is None or len(data) == 0:
+            problems.append("no data to attack")
+        elif is_clf and data.labels is None:
+            problems.append(f"dataset {data.name!r} has no labels; classifier attacks need them")
+        return problems
+
+    # -- run -----------------------------------------------------------------------------------------
+    def run(self, target, ctx: AuditContext) -> Outcome:
+        p = self.params
+        out = Outcome()
+        t0 = time.perf_counter()
+        population, audit_idx, is_member, source = self._sets(target, ctx, out)
+        audit = population.subset(audit_idx, name=f"{population.name}[audit]")
+        is_clf = "classifier" in target.capabilities
+        attacks = list(dict.fromkeys(p.attacks))
+        with ctx.task("membership: scoring the target", 1) as bar:
+            sig = self._signals(target, audit, is_clf, need_dist="min_k_pp" in attacks)
+            bar.advance()
+        scores: dict[str, np.ndarray] = {}
+        for a in attacks:
+            if a == "loss":
+                scores[a] = -sig["loss"]
+            elif a == "confidence":
+                scores[a] = sig["confidence"]
+            elif a == "entropy":
+                scores[a] = -sig["entropy"]
+            elif a in ("zlib", "min_k_pp"):
+                scores[a] = -sig[a] if a == "zlib" else sig[a]
+            elif a == "min_k":
+                scores[a] = sig["min_k"]
+        timings = {"score_target_s": time.perf_counter() - t0}
+
+        if "calibrated_loss" in attacks:
+            t = time.perf_counter()
+            cal, cal_name = self._calibration_target(target, ctx)
+            cal_sig = self._signals(cal, audit, is_clf, need_dist=False)
+            scores["calibrated_loss"] = cal_sig["loss"] - sig["loss"]
+            out.tables["calibration_model"] = {"name": cal_name, "weights_sha256": cal.weights_sha256()}
+            timings["calibration_s"] = time.perf_counter() - t
+
+        if set(attacks) & REFERENCE_ATTACKS:
+            t = time.perf_counter()
+            ref_phi, ref_logp, in_mask, ref_info = self._reference_signals(target, ctx, population, audit_idx, is_clf,
+                                                                           out)
+            timings["reference_models_s"] = time.perf_counter() - t
+            self._reference_scores(attacks, sig, ref_phi, ref_logp, in_mask, scores, out)
+
+        self._report(out, ctx, attacks, scores, is_member, audit, is_clf, sig)
+        out.tables["sets"] = {**source, "num_members": int(is_member.sum()), "num_nonmembers": int((~is_member).sum()),
+                              "population": len(population), "population_dataset": population.name}
+        out.tables["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+        return out
+
+    # -- members / non-members -----------------------------------------------------------------------
+    def _sets(self, target, ctx: AuditContext, out: Outcome):
+        """(population dataset, audit indices into it, is_member per audit index, provenance)."""
+        p = self.params
+        if p.members is not None:
+            data = ctx.data
+            if data is None:
+                raise ValueError("members were given but the audit has no data to find them in")
+            mem_ids = list(p.members)
+            non_ids = list(p.nonmembers) if p.nonmembers is not None else None
+            _validate_ids(mem_ids, non_ids, data.ids)
+            pos = {x: i for i, x in enumerate(data.ids)}
+            mem = np.array([pos[x] for x in mem_ids], dtype=np.int64)
+            if non_ids is None:
+                mask = np.ones(len(data), bool)
+                mask[mem] = False
+                non = np.nonzero(mask)[0]
+            else:
+                non = np.array([pos[x] for x in non_ids], dtype=np.int64)
+            population, source = data, {"source": "params"}
+        else:
+            split = ctx.split if ctx.split is not None else getattr(target, "split", None)
+            if split is None:
+                raise ValueError(f"target {target.name!r} has no member / non-member split; fine-tune it in the recipe "
+                                 "or give params members / nonmembers")
+            if ctx.data is not None and ctx.data.fingerprint != split.dataset.fingerprint:
+                raise ValueError(f"the audit's data {ctx.data.name!r} is not the data target {target.name!r} was "
+                                 f"fine-tuned on ({split.dataset.name!r}), so membership is unknown; drop `data:` "
+                                 "or give params members / nonmembers")
+            population = split.dataset
+            mem, non = np.asarray(split.member_idx), np.asarray(split.nonmember_idx)
+            _validate_ids([population.ids[i] for i in mem], [population.ids[i] for i in non], population.ids)
+            source = {"source": "split", "split_seed": split.seed, "member_fraction": split.member_fraction}
+        if len(mem) == 0 or len(non) == 0:
+            raise ValueError(f"membership inference needs members and non-members; got {len(mem)} member(s) and "
+                             f"{len(non)} non-member(s)")
+        if p.max_examples is not None:
+            rng = np.random.default_rng(ctx.seed)
+            if len(mem) > p.max_examples:
+                mem = np.sort(rng.choice(mem, p.max_examples, replace=False))
+            if len(non) > p.max_examples:
+                non = np.sort(rng.choice(non, p.max_examples, replace=False))
+        audit_idx = np.r_[mem, non].astype(np.int64)
+        is_member = np.r_[np.ones(len(mem), bool), np.zeros(len(non), bool)]
+        if population.texts is not None:
+            dup = set(population.texts[i] for i in mem) & set(population.texts[i] for i in non)
+            if dup:
+                out.finding("low", f"{len(dup)} text(s) appear among both members and non-members",
+                            "identical texts under different ids: such a 'non-member' was in effect trained on, "
+                            "which lowers the measured leakage")
+        return population, audit_idx, is_member, source
+
+    # -- model outputs -------------------------------------------------------------------------------
+    def _signals(self, target, data, is_clf: bool, need_dist: bool) -> dict[str, np.ndarray]:
+        from fmaudit.audits.privacy.membership_attacks import classifier_signals, sequence_signals
+
+        p = self.params
+        if is_clf:
+            return classifier_signals(target.logits(data, batch_size=p.batch_size), data.labels)
+        lp, mu, sd = _lm_token_stats(target, data, batch_size=max(1, p.batch_size // 4), need_dist=need_dist)
+        return sequence_signals(lp, data.texts, k=p.min_k, token_mu=mu, token_sigma=sd)
+
+    def _calibration_target(self, target, ctx: AuditContext):
+        name = self.params.calibration_model
+        if name == "base":
+            return _base_target(target, ctx), "base"
+        session = ctx.extras.get("session")
+        if session is None or (name not in session.targets and name not in session.recipe.targets):
+            raise ValueError(f"calibration_model {name!r} is not a target of this run")
+        cal = session.targets[name] if name in session.targets else session.target(name)
+        if cal.task != target.task:
+            raise ValueError(f"calibration_model {name!r} is a {cal.task} model; the target is {target.task}")
+        return cal, name
+
+    # -- reference models ----------------------------------------------------------------------------
+    def _train_config(self, target, seed: int, out: Outcome):
+        from fmaudit.training import TrainConfig
+
+        p = self.params
+        cfg = dict((target.finetune_info or {}).get("config") or {})
+        if not cfg:
+            out.finding("low", "Reference models use default training settings",
+                        f"target {target.name!r} records no fine-tune settings; reference models train with "
+                        "epochs / lr / batch size from params or the defaults (1 epoch, lr 5e-5, batch 16)")
+        return TrainConfig(epochs=p.reference_epochs or int(cfg.get("epochs", 1)),
+                           batch_size=p.reference_batch_size or int(cfg.get("batch_size", 16)),
+                           lr=p.reference_lr or float(cfg.get("lr", 5e-5)),
+                           weight_decay=float(cfg.get("weight_decay", 0.0)), trainable=p.reference_trainable,
+                           n_layers=p.reference_n_layers, seed=seed)
+
+    def _reference_signals(self, target, ctx: AuditContext, population, audit_idx: np.ndarray, is_clf: bool,
+                           out: Outcome):
+        from fmaudit.audits.privacy.membership_attacks import paired_halves
+        from fmaudit.data import Split
+        from fmaudit.executor import LocalExecutor
+        from fmaudit.training import finetune_cached
+
+        p = self.params
+        base = _base_target(target, ctx)
+        R = p.reference_models
+        masks = paired_halves(len(population), R, p.reference_seed)
+        seeds = [int(np.random.SeedSequence([p.reference_seed, r]).generate_state(1)[0]) for r in range(R)]
+        configs = [self._train_config(target, seeds[r], out) for r in range(R)]
+        out.findings = _dedupe_findings(out.findings)
+        audit = population.subset(audit_idx, name=f"{population.name}[audit]")
+        executor = ctx.extras.get("executor") or LocalExecutor()
+        module = self
+
+        def train_one(r: int) -> dict[str, Any]:
+            try:
+                ref = base.copy(name=f"{target.name}-ref{r}")
+                member_idx = np.nonzero(masks[r])[0]
+                split = Split(population, member_idx, np.nonzero(~masks[r])[0], seeds[r], 0.5)
+                t = time.perf_counter()
+                stats, hit, key = finetune_cached(ref, split, configs[r], cache_dir=ctx.cache_dir, progress=ctx.progress,
+                                                  label=f"reference model {r + 1}/{R}", kind="reference")
+                load_s = time.perf_counter() - t
+                t = time.perf_counter()
+                s = module._signals(ref, audit, is_clf, need_dist=False)
+                infer_s = time.perf_counter() - t
+                del ref
+                return {"index": r, "phi": s["phi"], "logp": s["logp_true"], "seed": seeds[r], "cache_key": key,
+                        "cache_hit": hit, "train_seconds": stats.duration_s, "steps": stats.steps,
+                        "members": int(len(member_idx)), "wall_seconds": load_s, "score_seconds": infer_s}
+            except Exception as exc:  # isolated per the executor contract; raised below with context
+                return {"index": r, "error": f"{type(exc).__name__}: {exc}"}
+
+        results = executor.map(train_one, list(range(R)))
+        errors = [r for r in results if "error" in r]
+        if errors:
+            raise RuntimeError("reference model training failed: " + "; ".join(f"#{e['index']}: {e['error']}"
+                                                                              for e in errors))
+        results.sort(key=lambda r: r["index"])
+        ref_phi = np.stack([r["phi"] for r in results])
+        ref_logp = np.stack([r["logp"] for r in results])
+        in_mask = masks[:, audit_idx]
+        target_train = (target.finetune_info or {}).get("train_seconds")
+        rows = []
+        for r in results:
+            ratio = r["train_seconds"] / target_train if target_train else None
+            rows.append({k: v for k, v in r.items() if k not in ("phi", "logp")} | {"cost_ratio": ratio})
+        out.tables["reference_models"] = {
+            "count": R, "base_weights_sha256": base.weights_sha256(),
+            "config": {k: getattr(configs[0], k) for k in ("epochs", "batch_size", "lr", "weight_decay", "trainable",
+                                                           "n_layers")},
+            "halves": "complementary pairs of random halves of the population", "reference_seed": p.reference_seed,
+            "target_train_seconds": target_train, "models": rows}
+        ratios = [r["cost_ratio"] for r in rows if r["cost_ratio"] is not None]
+        if ratios:
+            out.metric("reference_cost_ratio", float(np.median(ratios)), higher_is_better=False, unit="ratio",
+                       description="Median training time of one reference model / the target's fine-tune time "
+                                   "(as recorded when each was trained).")
+        return ref_phi, ref_logp, in_mask, rows
+
+    def _reference_scores(self, attacks, sig, ref_phi, ref_logp, in_mask, scores, out: Outcome) -> None:
+        from fmaudit.audits.privacy.membership_attacks import lira_scores, rmia_scores
+
+        p = self.params
+        R = ref_phi.shape[0]
+        fixed = p.fixed_variance if p.fixed_variance is not None else R < 64
+        info: dict[str, Any] = {"fixed_variance": fixed}
+        if "lira_online" in attacks or "lira_offline" in attacks:
+            online, offline, linfo = lira_scores(sig["phi"], ref_phi, in_mask, fixed_variance=fixed)
+            info["lira"] = linfo
+            if "lira_online" in attacks:
+                scores["lira_online"] = online
+            if "lira_offline" in attacks:
+                scores["lira_offline"] = offline
+        if "rmia" in attacks:
+            scores["rmia"] = rmia_scores(sig["logp_true"], ref_logp, in_mask, gamma=p.rmia_gamma)
+        if "rmia_offline" in attacks:
+            scores["rmia_offline"] = rmia_scores(sig["logp_true"], ref_logp, in_mask, offline=True, a=p.rmia_offline_a,
+                                                 gamma=p.rmia_gamma)
+        n_imp = int((in_mask.sum(0) == 0).sum() + (in_mask.sum(0) == R).sum())
+        if n_imp:
+            out.finding("info", f"{n_imp} example(s) lack an IN or an OUT reference model",
+                        "with a single reference model each example is only IN or only OUT; the missing mean is "
+                        "the other one shifted by the global IN - OUT gap. Use an even reference_models >= 2.")
+        out.tables["reference_attack_settings"] = info | {"rmia_gamma": p.rmia_gamma, "rmia_offline_a": p.rmia_offline_a}
+
+    # -- statistics and report -----------------------------------------------------------------------
+    def _report(self, out: Outcome, ctx: AuditContext, attacks, scores, is_member, audit, is_clf, sig) -> None:
+        from fmaudit.audits.privacy.membership_stats import (FPR_LEVELS, attack_metrics, blind_baseline,
+                                                             curve_points, summarize_levels)
+
+        p = self.params
+        level = p.confidence
+        n_mem, n_non = int(is_member.sum()), int((~is_member).sum())
+        results = {}
+        for a in attacks:
+            s = np.nan_to_num(np.asarray(scores[a], dtype=np.float64), nan=-np.inf)
+            finite = np.isfinite(s)
+            if not finite.all():  # +-inf from saturated outputs: keep their order, make them finite
+                lo, hi = (s[finite].min(), s[finite].max()) if finite.any() else (0.0, 0.0)
+                s = np.where(s == np.inf, hi + 1.0, np.where(s == -np.inf, lo - 1.0, s))
+                scores[a] = s
+            results[a] = attack_metrics(s, is_member, bootstrap=p.bootstrap, level=level, seed=ctx.seed)
+        for a, m in results.items():
+            desc = ATTACK_DESCRIPTIONS[a]
+            out.metric(f"{a}.auc", m.auc, higher_is_better=False, ci=m.ci.get("auc"), ci_level=level, unit="fraction",
+                       description=f"ROC AUC, members positive; {desc}")
+            for suffix, lvl in FPR_LEVELS:
+                out.metric(f"{a}.tpr_at_{suffix}_fpr", m.tpr[suffix], higher_is_better=False,
+                           ci=m.ci.get(f"tpr_at_{suffix}_fpr"), ci_level=level, unit="fraction",
+                           description=f"Members found at {lvl:.1%} false-positive rate; {a}")
+            out.metric(f"{a}.balanced_accuracy", m.balanced_accuracy, higher_is_better=False, unit="fraction",
+                       description=f"Best balanced accuracy over thresholds; {a}")
+            out.metric(f"{a}.advantage", m.advantage, higher_is_better=False, ci=m.ci.get("advantage"),
+                       ci_level=level, unit="fraction", description=f"Attacker advantage max(TPR - FPR); {a}")
+            out.metric(f"{a}.ppv_at_1pct_fpr", m.ppv_at_1pct_fpr, higher_is_better=False, unit="fraction",
+                       description=f"Precision of member guesses at 1% FPR with this audit set's member share "
+                                   f"({n_mem}/{n_mem + n_non}); {a}")
+            fx, fy = curve_points(m.fpr, m.tpr_curve)
+            out.curve(f"roc.{a}", fx, fy, x_label="false positive rate", y_label="true positive rate", log_x=True,
+                      log_y=True, description=f"ROC of {a} (members positive); plot log-log for the low-FPR regime")
+        # headline: the strongest attack, metric by metric
+        best_by = {}
+        for name in _PER_ATTACK:
+            vals = {a: out.metrics[f"{a}.{name}"] for a in attacks}
+            finite = {a: v for a, v in vals.items() if v.value is not None}
+            if not finite:
+                out.metric(name, None, higher_is_better=False)
+                continue
+            a_best = max(finite, key=lambda a: finite[a].value)
+            best_by[name] = a_best
+            src = finite[a_best]
+            out.metric(name, src.value, higher_is_better=False,
+                       ci=(src.ci_low, src.ci_high) if src.ci_low is not None else None, ci_level=src.ci_level,
+                       unit=src.unit, description=f"Strongest attack ({a_best}): {src.description}")
+        out.metric("num_members", n_mem, unit="examples", description="Members attacked.")
+        out.metric("num_nonmembers", n_non, unit="examples", description="Non-members attacked.")
+        out.tables["attacks"] = {a: {"auc": m.auc, "auc_ci": m.ci.get("auc"), "tpr": m.tpr,
+                                     "advantage": m.advantage, "balanced_accuracy": m.balanced_accuracy,
+                                     "ppv_at_1pct_fpr": m.ppv_at_1pct_fpr, "best_threshold": m.best_threshold,
+                                     "description": ATTACK_DESCRIPTIONS[a]} for a, m in results.items()}
+        out.tables["strongest_attack"] = best_by
+
+        for suffix, lvl, needed in summarize_levels(FPR_LEVELS, n_non):
+            out.finding("low", f"Too few non-members to measure TPR at {lvl:.1%} FPR",
+                        f"{n_non} non-members: the lowest non-zero FPR is {1 / n_non:.2%}, so tpr_at_{suffix}_fpr "
+                        f"equals the TPR at 0% FPR; at least {needed} non-members are needed",
+                        metric=f"tpr_at_{suffix}_fpr")
+
+        # blind baseline: is there a shift a model-free attacker could exploit?
+        if audit.texts is not None:
+            lengths = np.array([len(t) for t in audit.texts], dtype=np.float64)
+        else:
+            lengths = None
+        checks = blind_baseline(is_member, lengths=lengths, labels=audit.labels, bootstrap=min(p.bootstrap, 500),
+                                level=level, seed=ctx.seed)
+        if checks:
+            blind = max(max(c.auc, 1 - c.auc) for c in checks)
+            out.metric("blind_baseline_auc", blind, higher_is_better=False, unit="fraction",
+                       description="Best model-free attack (length or label alone), oriented so 0.5 = no shift.")
+            out.tables["blind_baseline"] = [{"feature": c.feature, "auc": c.auc, "ci": list(c.ci), "detail": c.detail,
+                                             "flagged": c.flagged} for c in checks]
+            for c in checks:
+                if c.flagged:
+                    out.finding("medium", f"Members and non-members differ in {c.feature}",
+                                f"{c.detail}; {c.feature} alone separates them with AUC {c.auc:.3f} "
+                                f"[{c.ci[0]:.3f}, {c.ci[1]:.3f}]. A distribution shift inflates every attack's AUC "
+                                "without any leak: compare against blind_baseline_auc", metric="blind_baseline_auc")
+
+        head = out.metrics["auc"]
+        ci_txt = f" [{head.ci_low:.3f}, {head.ci_high:.3f}]" if head.ci_low is not None else ""
+        out.finding("info", f"Strongest attack: {best_by.get('auc')} with AUC {head.value:.3f}{ci_txt}",
+                    f"TPR at 1% FPR {out.metrics['tpr_at_1pct_fpr'].value:.3f}, at 0.1% FPR "
+                    f"{out.metrics['tpr_at_0.1pct_fpr'].value:.3f}; {n_mem} members vs {n_non} non-members",
+                    metric="auc")
+
+        ids = list(audit.ids)
+        if p.per_example_scores:
+            table: dict[str, Any] = {"ids": ids, "is_member": [bool(x) for x in is_member],
+                                     "scores": {a: [float(v) for v in scores[a]] for a in attacks}}
+            if ctx.store_examples and audit.texts is not None:
+                table["texts"] = list(audit.texts)
+            out.tables["per_example"] = table
+        if p.evidence:
+            a = best_by.get("tpr_at_1pct_fpr") or attacks[0]
+            s = np.asarray(scores[a])
+            order = [i for i in np.argsort(-s, kind="stable") if is_member[i]][: p.evidence]
+            nonmember_top = float(np.max(s[~is_member]))
+            for rank, i in enumerate(order, 1):
+                ev: dict[str, Any] = {"id": ids[i], "attack": a, "score": float(s[i]), "rank": rank,
+                                      "above_every_nonmember": bool(s[i] > nonmember_top)}
+                if ctx.store_examples and audit.texts is not None:
+                    ev["text"] = audit.texts[i]
+                out.evidence.append(ev)
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _validate_ids(members: list[str], nonmembers: list[str] | None, known: list[str]) -> None:
+    if not members:
+        raise ValueError("the member set is empty; membership inference needs at least one member")
+    if nonmembers is not None and not nonmembers:
+        raise ValueError("the non-member set is empty; membership inference needs at least one non-member")
+    known_set = set(known)
+    for label, ids in (("members", members), ("nonmembers", nonmembers or [])):
+        missing = [x for x in ids if x not in known_set]
+        if missing:
+            raise ValueError(f"{label}: {len(missing)} id(s) not in the data, e.g. {missing[:3]}")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{label}: duplicate ids")
+    if nonmembers is not None:
+        both = sorted(set(members) & set(nonmembers))
+        if both:
+            raise ValueError(f"members and non-members overlap in {len(both)} example(s), e.g. {both[:3]}; "
+                             "an example cannot be both")
+
+
+def _dedupe_findings(findings):
+    seen, out = set(), []
+    for f in findings:
+        if (f.severity, f.title) not in seen:
+            seen.add((f.severity, f.title))
+            out.append(f)
+    return out
+
+
+def _base_target(target, ctx: AuditContext):
+    """The target's base (pre-fine-tune) weights: from ctx.extras['base_target'], or reloaded through the
+    run's Session (for a produced target: its source target's base). Checked against the recorded hash."""
+    base = ctx.extras.get("base_target")
+    session = ctx.extras.get("session")
+    name = ctx.extras.get("target_name", target.name)
+    if base is None and session is not None:
+        recipe_targets = session.recipe.targets
+        source = name if name in recipe_targets else None
+        produced_by = getattr(target, "produced_by", None)
+        if source is None and produced_by and "@" in produced_by:
+            src = produced_by.rsplit("@", 1)[1]
+            # follow a chain of produced targets back to a recipe target
+            seen = set()
+            while src not in recipe_targets and src in session.targets and src not in seen:
+                seen.add(src)
+                pb = getattr(session.targets[src], "produced_by", None) or ""
+                src = pb.rsplit("@", 1)[1] if "@" in pb else src
+            source = src if src in recipe_targets else None
+        if source is not None and hasattr(session, "base_target"):
+            base = session.base_target(source)
+    if base is None:
+        raise ValueError(f"reference-model attacks need the base (pre-fine-tune) weights of target {target.name!r}, "
+                         "and none are known: run it from a recipe that fine-tunes it, or pass "
+                         "ctx.extras['base_target']")
+    recorded = (target.finetune_info or {}).get("base_weights_sha256")
+    if recorded and base.weights_sha256() != recorded:
+        raise ValueError(f"the base weights found for {target.name!r} (sha256 {base.weights_sha256()[:12]}) are not "
+                         f"the ones it was fine-tuned from ({recorded[:12]}); reference models would not match it")
+    if "trainable" not in base.capabilities:
+        raise ValueError(f"target {target.name!r} cannot be fine-tuned, so reference models cannot be trained")
+    return base
+
+
+def _lm_token_stats(target, data, *, batch_size: int, need_dist: bool):
+    """Next-token log-probs per sequence and, for Min-K%++, the mean and standard deviation of log p
+    under the model's own next-token distribution at each position."""
+    import torch
+
+    if not need_dist:
+        return target.token_logprobs(data, batch_size=batch_size), None, None
+    n = len(data)
+    lps: list[Any] = [None] * n
+    mus: list[Any] = [None] * n
+    sds: list[Any] = [None] * n
+    model = target.model
+    model.eval()
+    with torch.no_grad():
+        for idx, batch in target.batches(data, batch_size):
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            logp = torch.log_softmax(model(**inputs).logits[:, :-1, :].float(), dim=-1)
+            tgt = batch["labels"][:, 1:]
+            mask = tgt != -100
+            lp = logp.gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+            prob = logp.exp()
+            mu = (prob * logp).sum(-1)
+            sd = ((prob * logp * logp).sum(-1) - mu * mu).clamp_min(0).sqrt()
+            for row, i in enumerate(idx):
+                m = mask[row]
+                lps[int(i)] = lp[row][m].double().cpu().numpy()
+                mus[int(i)] = mu[row][m].double().cpu().numpy()
+                sds[int(i)] = sd[row][m].double().cpu().numpy()
+    return lps, mus, sds

@@ -1,0 +1,186 @@
+"""Membership-inference attack scores from model outputs (numpy only; no torch).
+
+Every function returns one score per example, higher = more likely a member.
+
+- Baselines: loss threshold (Yeom et al. 2018), max-confidence and prediction entropy (Salem et al. 2019).
+- LiRA (Carlini et al. 2022): Gaussian likelihood ratio of the target's logit-scaled confidence under
+  reference models that trained on the example (IN) or not (OUT); online (IN and OUT) and offline (OUT
+  only, one-sided), with per-example or fixed (global) variance.
+- RMIA (Zarifzadeh et al. 2024): likelihood ratio of Pr(x | target) / Pr(x) against population samples z.
+- Causal LMs: sequence loss, zlib ratio (Carlini et al. 2021), Min-K% Prob (Shi et al. 2023) and
+  Min-K%++ (Zhang et al. 2024).
+
+Reference signals are arrays (R, n) with an IN mask (R, n): `in_mask[r, i]` is true when reference model r
+trained on example i.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Sequence
+
+import numpy as np
+
+_TINY = 1e-30
+
+
+def _logsumexp(z: np.ndarray, axis: int = -1) -> np.ndarray:
+    m = np.max(z, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    return (m + np.log(np.sum(np.exp(z - m), axis=axis, keepdims=True))).squeeze(axis)
+
+
+def classifier_signals(logits: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-example signals of a classifier: loss, log p(true label), logit-scaled confidence, max
+    confidence and entropy."""
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
+    n = len(y)
+    lse = _logsumexp(z)
+    logp = z - lse[:, None]
+    logp_true = logp[np.arange(n), y]
+    others = z.copy()
+    others[np.arange(n), y] = -np.inf
+    # log(p / (1 - p)) computed from logits: stable even when p rounds to 1.0
+    phi = z[np.arange(n), y] - _logsumexp(others)
+    p = np.exp(logp)
+    return {"loss": -logp_true, "logp_true": logp_true, "phi": phi, "confidence": p.max(axis=1),
+            "entropy": -(p * logp).sum(axis=1)}
+
+
+def logit_scale(logp: np.ndarray) -> np.ndarray:
+    """log(p / (1 - p)) from log p (p <= 1)."""
+    logp = np.minimum(np.asarray(logp, dtype=np.float64), -1e-12)
+    return logp - np.log(-np.expm1(logp))
+
+
+def sequence_signals(token_logprobs: Sequence[np.ndarray], texts: Sequence[str] | None, *, k: float = 0.2,
+                     token_mu: Sequence[np.ndarray] | None = None,
+                     token_sigma: Sequence[np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Per-sequence scores of a causal LM from next-token log-probs (first token excluded).
+
+    loss = mean token NLL; zlib = loss / zlib-compressed length in bytes; min_k = mean of the lowest k
+    fraction of token log-probs; min_k_pp = the same over (log p - mu) / sigma, where mu and sigma are the
+    mean and standard deviation of log p(z) under the model's own next-token distribution."""
+    n = len(token_logprobs)
+    loss = np.zeros(n)
+    min_k = np.zeros(n)
+    min_k_pp = np.full(n, np.nan)
+    for i, lp in enumerate(token_logprobs):
+        lp = np.asarray(lp, dtype=np.float64)
+        if len(lp) == 0:
+            raise ValueError("a sequence shorter than 2 tokens has no next-token log-probs to score")
+        loss[i] = -lp.mean()
+        m = max(1, int(np.ceil(k * len(lp))))
+        min_k[i] = np.sort(lp)[:m].mean()
+        if token_mu is not None and token_sigma is not None:
+            zs = (lp - token_mu[i]) / np.maximum(token_sigma[i], 1e-8)
+            min_k_pp[i] = np.sort(zs)[:m].mean()
+    out = {"loss": loss, "logp_true": -loss, "phi": logit_scale(-loss), "min_k": min_k}
+    if token_mu is not None:
+        out["min_k_pp"] = min_k_pp
+    if texts is not None:
+        zl = np.array([max(len(zlib.compress(t.encode("utf-8"))), 1) for t in texts], dtype=np.float64)
+        out["zlib"] = loss / zl
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reference-model attacks
+
+
+def _masked_mean(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    cnt = mask.sum(axis=0)
+    s = np.where(mask, x, 0.0).sum(axis=0)
+    return np.divide(s, cnt, out=np.full(x.shape[1], np.nan), where=cnt > 0), cnt
+
+
+def in_out_means(ref: np.ndarray, in_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """Per-example mean of the IN and OUT reference signals.
+
+    An example with no IN (or no OUT) reference model (possible with a single reference model) gets the
+    other mean shifted by the global IN - OUT gap, measured over every (model, example) pair."""
+    ref = np.asarray(ref, dtype=np.float64)
+    in_mask = np.asarray(in_mask, dtype=bool)
+    mu_in, n_in = _masked_mean(ref, in_mask)
+    mu_out, n_out = _masked_mean(ref, ~in_mask)
+    info = {"imputed_in": int((n_in == 0).sum()), "imputed_out": int((n_out == 0).sum())}
+    if (n_in == 0).any() or (n_out == 0).any():
+        if not in_mask.any() or in_mask.all():
+            raise ValueError("reference models need both IN and OUT observations to calibrate")
+        gap = ref[in_mask].mean() - ref[~in_mask].mean()
+        info["global_in_out_gap"] = float(gap)
+        mu_in = np.where(n_in == 0, mu_out + gap, mu_in)
+        mu_out = np.where(n_out == 0, mu_in - gap, mu_out)
+    return mu_in, mu_out, info
+
+
+def lira_scores(target: np.ndarray, ref: np.ndarray, in_mask: np.ndarray, *, fixed_variance: bool = True
+                ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """LiRA (online, offline) scores from logit-scaled confidences.
+
+    online: log N(target; mu_in, sd_in) - log N(target; mu_out, sd_out)
+    offline: (target - mu_out) / sd_out (one-sided test against OUT; monotone in -log P[OUT > target])
+    fixed_variance: sd_in / sd_out are the global standard deviations of all IN / OUT signals (the
+    reference implementation's choice for small reference budgets); else per-example over models."""
+    from scipy.stats import norm
+
+    ref = np.asarray(ref, dtype=np.float64)
+    in_mask = np.asarray(in_mask, dtype=bool)
+    t = np.asarray(target, dtype=np.float64)
+    mu_in, mu_out, info = in_out_means(ref, in_mask)
+    if fixed_variance:
+        sd_in = np.full(len(t), np.std(ref[in_mask]) + _TINY)
+        sd_out = np.full(len(t), np.std(ref[~in_mask]) + _TINY)
+    else:
+        def sd(mask: np.ndarray, mu: np.ndarray, fallback: float) -> np.ndarray:
+            cnt = mask.sum(0)
+            var = np.where(mask, (ref - mu) ** 2, 0.0).sum(0)
+            return np.where(cnt >= 2, np.sqrt(np.divide(var, np.maximum(cnt - 1, 1))), fallback) + _TINY
+
+        sd_in = sd(in_mask, mu_in, float(np.std(ref[in_mask])))
+        sd_out = sd(~in_mask, mu_out, float(np.std(ref[~in_mask])))
+    online = norm.logpdf(t, mu_in, sd_in) - norm.logpdf(t, mu_out, sd_out)
+    offline = (t - mu_out) / sd_out
+    info.update({"sd_in": float(np.median(sd_in)), "sd_out": float(np.median(sd_out))})
+    return online, offline, info
+
+
+def rmia_scores(target_logp: np.ndarray, ref_logp: np.ndarray, in_mask: np.ndarray, *, offline: bool = False,
+                a: float = 0.3, gamma: float = 1.0, population: np.ndarray | None = None) -> np.ndarray:
+    """RMIA scores: the fraction of population samples z with LR(x, z) > gamma, where
+    LR(x, z) = [Pr(x|target) / Pr(x)] / [Pr(z|target) / Pr(z)] and Pr(x) averages the reference models.
+
+    online: Pr(x) = mean over all reference models (IN and OUT for x).
+    offline: Pr(x) = ((1 + a) * mean over OUT models + (1 - a)) / 2 (the paper's linear approximation
+    of the IN/OUT mixture from OUT models only).
+    `population` indexes the examples used as z (default: all).
+    Probabilities are given as log-probabilities: Pr(true label) for classifiers, exp(-mean token NLL)
+    for causal LMs."""
+    t = np.exp(np.asarray(target_logp, dtype=np.float64))
+    refp = np.exp(np.asarray(ref_logp, dtype=np.float64))
+    in_mask = np.asarray(in_mask, dtype=bool)
+    if offline:
+        _mu_in, p_out, _info = in_out_means(refp, in_mask)
+        p_x = 0.5 * ((1.0 + a) * p_out + (1.0 - a))
+    else:
+        p_x = refp.mean(axis=0)
+    ratio = t / np.maximum(p_x, _TINY)
+    z = ratio if population is None else ratio[population]
+    z_sorted = np.sort(z)
+    # #{z : ratio_x / ratio_z > gamma} = #{z : ratio_z < ratio_x / gamma}
+    return np.searchsorted(z_sorted, ratio / gamma, side="left") / len(z_sorted)
+
+
+def paired_halves(n: int, num_models: int, seed: int) -> np.ndarray:
+    """IN masks (num_models, n) for reference models trained on random halves, in complementary pairs:
+    models 2j and 2j+1 split one random permutation, so with an even count every example is IN for exactly
+    half of the models."""
+    masks = np.zeros((num_models, n), dtype=bool)
+    for j in range((num_models + 1) // 2):
+        perm = np.random.default_rng([seed, j]).permutation(n)
+        half = perm[: n // 2]
+        masks[2 * j, half] = True
+        if 2 * j + 1 < num_models:
+            masks[2 * j + 1] = ~masks[2 * j]
+    return masks
