@@ -1,0 +1,188 @@
+"""Membership-inference statistics and attack math, checked against scikit-learn and by construction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import balanced_accuracy_score, precision_score, roc_auc_score, roc_curve
+
+from fmaudit.audits.privacy.membership_attacks import (classifier_signals, in_out_means, lira_scores, logit_scale,
+                                                       paired_halves, rmia_scores, sequence_signals)
+from fmaudit.audits.privacy.membership_stats import (attack_metrics, auc_score, blind_baseline, curve_points, roc,
+                                                     summarize_levels, tpr_at_fpr)
+
+
+def _scores(seed: int, n_mem: int = 300, n_non: int = 700, shift: float = 0.8, ties: bool = True):
+    rng = np.random.default_rng(seed)
+    s = np.r_[rng.normal(shift, 1, n_mem), rng.normal(0, 1, n_non)]
+    if ties:
+        s = np.round(s, 1)  # many ties: the hard case for ROC code
+    y = np.r_[np.ones(n_mem, bool), np.zeros(n_non, bool)]
+    perm = rng.permutation(len(s))
+    return s[perm], y[perm]
+
+
+@pytest.mark.parametrize("seed,ties", [(0, True), (1, False), (2, True)])
+def test_roc_and_auc_match_sklearn(seed, ties):
+    s, y = _scores(seed, ties=ties)
+    fpr, tpr, thr = roc(s, y)
+    sk_fpr, sk_tpr, sk_thr = roc_curve(y, s, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr)
+    np.testing.assert_allclose(tpr, sk_tpr)
+    np.testing.assert_allclose(thr[1:], sk_thr[1:])
+    assert auc_score(s, y) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    m = attack_metrics(s, y, bootstrap=0)
+    assert m.auc == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    for suffix, level in (("1pct", 0.01), ("0.1pct", 0.001), ("0pct", 0.0)):
+        assert m.tpr[suffix] == pytest.approx(sk_tpr[sk_fpr <= level].max())
+
+
+def test_threshold_metrics_match_sklearn():
+    s, y = _scores(3, ties=True)
+    m = attack_metrics(s, y, bootstrap=0)
+    pred = s >= m.best_threshold
+    assert m.balanced_accuracy == pytest.approx(balanced_accuracy_score(y, pred))
+    fpr, tpr, thr = roc(s, y)
+    assert m.advantage == pytest.approx(np.max(tpr - fpr))
+    assert m.balanced_accuracy == pytest.approx((1 + m.advantage) / 2)
+    _, i = tpr_at_fpr(fpr, tpr, 0.01)
+    assert m.ppv_at_1pct_fpr == pytest.approx(precision_score(y, s >= thr[i], zero_division=0))
+
+
+def test_zero_fpr_is_above_every_nonmember():
+    y = np.array([1, 1, 1, 0, 0, 0, 0], bool)
+    s = np.array([9.0, 5.0, 3.0, 5.0, 1.0, 0.0, -1.0])  # member 9 beats all; member 5 ties the top non-member
+    m = attack_metrics(s, y, bootstrap=0)
+    assert m.tpr["0pct"] == pytest.approx(1 / 3)
+    assert m.auc == pytest.approx(roc_auc_score(y, s))
+
+
+def test_bootstrap_interval_contains_estimate_and_shrinks():
+    s, y = _scores(4, n_mem=100, n_non=100, ties=False)
+    small = attack_metrics(s, y, bootstrap=300, seed=0)
+    lo, hi = small.ci["auc"]
+    assert lo < small.auc < hi
+    s2, y2 = _scores(4, n_mem=1000, n_non=1000, ties=False)
+    big = attack_metrics(s2, y2, bootstrap=300, seed=0)
+    assert big.ci["auc"][1] - big.ci["auc"][0] < (hi - lo) * 0.6
+    for k in ("tpr_at_1pct_fpr", "advantage"):
+        assert small.ci[k][0] <= small.ci[k][1]
+
+
+def test_invalid_inputs_raise():
+    with pytest.raises(ValueError, match="at least one member and one non-member"):
+        auc_score(np.array([0.1, 0.2]), np.array([1, 1]))
+    with pytest.raises(ValueError, match="finite"):
+        roc(np.array([np.nan, 0.2]), np.array([1, 0]))
+
+
+def test_curve_points_are_roc_points():
+    s, y = _scores(5, n_mem=3000, n_non=3000, ties=False)
+    fpr, tpr, _ = roc(s, y)
+    fx, fy = curve_points(fpr, tpr, max_points=200)
+    assert len(fx) <= 420 and fx[0] == 0 and fy[0] == 0 and fx[-1] == 1 and fy[-1] == 1
+    pts = set(zip(fpr.tolist(), tpr.tolist()))
+    assert all((a, b) in pts for a, b in zip(fx.tolist(), fy.tolist()))
+    assert np.all(np.diff(fx) >= 0) and np.all(np.diff(fy) >= 0)
+    assert (fx[(fx > 0) & (fx < 0.01)]).size >= 10  # the low-FPR end stays dense for log-log plots
+
+
+def test_blind_baseline_flags_shift_only_when_there_is_one():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(400, bool), np.zeros(400, bool)]
+    same = blind_baseline(y, lengths=rng.poisson(50, 800), labels=rng.integers(0, 2, 800), bootstrap=200)
+    assert not any(c.flagged for c in same)
+    shifted_len = np.r_[rng.poisson(60, 400), rng.poisson(50, 400)]
+    shifted_lab = np.r_[rng.random(400) < 0.7, rng.random(400) < 0.4].astype(int)
+    flags = {c.feature: c for c in blind_baseline(y, lengths=shifted_len, labels=shifted_lab, bootstrap=200)}
+    assert flags["length"].flagged and flags["length"].auc > 0.7
+    assert flags["label"].flagged and flags["label"].auc > 0.6
+
+
+def test_too_few_nonmembers_levels():
+    assert [s for s, _, _ in summarize_levels((("1pct", 0.01), ("0.1pct", 0.001), ("0pct", 0.0)), 500)] == ["0.1pct"]
+    assert summarize_levels((("1pct", 0.01), ("0.1pct", 0.001)), 1000) == []
+    assert [s for s, _, _ in summarize_levels((("1pct", 0.01), ("0.1pct", 0.001)), 99)] == ["1pct", "0.1pct"]
+
+
+# -- attack math ----------------------------------------------------------------------------------------
+
+
+def test_classifier_signals_are_stable_and_consistent():
+    logits = np.array([[50.0, 0.0, -3.0], [0.0, 0.0, 0.0], [1.0, 2.0, 3.0]])
+    y = np.array([0, 1, 2])
+    s = classifier_signals(logits, y)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    np.testing.assert_allclose(s["loss"], -np.log(p[np.arange(3), y]), rtol=1e-9, atol=1e-12)
+    assert np.isfinite(s["phi"]).all() and s["phi"][0] > 45  # p ~ 1 - 2e-22: no inf
+    np.testing.assert_allclose(s["phi"][1:], np.log(p[[1, 2], [1, 2]] / (1 - p[[1, 2], [1, 2]])))
+    np.testing.assert_allclose(logit_scale(np.log([0.25, 0.5])), [np.log(1 / 3), 0.0], atol=1e-12)
+    np.testing.assert_allclose(s["entropy"][1], np.log(3))
+
+
+def test_sequence_signals():
+    lps = [np.log([0.5, 0.25, 0.125, 0.5, 0.5]), np.log([0.9, 0.9])]
+    s = sequence_signals(lps, ["abc abc abc", "xyz"], k=0.4, token_mu=[np.zeros(5), np.zeros(2)],
+                         token_sigma=[np.ones(5), np.ones(2)])
+    np.testing.assert_allclose(s["loss"], [-np.mean(lps[0]), -np.log(0.9)])
+    np.testing.assert_allclose(s["min_k"][0], np.mean(np.log([0.125, 0.25])))  # ceil(0.4 * 5) = 2 lowest
+    np.testing.assert_allclose(s["min_k_pp"], s["min_k"])  # mu 0, sigma 1
+    import zlib
+
+    assert s["zlib"][1] == pytest.approx(-np.log(0.9) / len(zlib.compress(b"xyz")))
+    with pytest.raises(ValueError, match="shorter than 2 tokens"):
+        sequence_signals([np.zeros(0)], None)
+
+
+def test_paired_halves_are_complementary():
+    m = paired_halves(101, 4, seed=3)
+    assert m.shape == (4, 101)
+    assert (m[0] ^ m[1]).all() and (m[2] ^ m[3]).all()
+    assert (m.sum(0) == 2).all()
+    assert abs(m[0].sum() - 50) <= 1
+    np.testing.assert_array_equal(paired_halves(101, 2, seed=3), m[:2])  # bigger budgets extend smaller ones
+
+
+def test_lira_recovers_gaussian_membership():
+    rng = np.random.default_rng(0)
+    n, R = 2000, 8
+    difficulty = rng.normal(0, 2, n)  # per-example offsets: what reference models calibrate away
+    in_mask = paired_halves(n, R, seed=1)
+    ref = difficulty + 1.0 * in_mask + rng.normal(0, 0.5, (R, n))
+    member = rng.random(n) < 0.5
+    target = difficulty + 1.0 * member + rng.normal(0, 0.5, n)
+    online, offline, info = lira_scores(target, ref, in_mask, fixed_variance=True)
+    assert info["sd_in"] == pytest.approx(np.std(ref[in_mask]))
+    assert auc_score(online, member) > 0.85 and auc_score(offline, member) > 0.8
+    assert auc_score(target, member) < 0.7  # the uncalibrated signal is much weaker
+    on_var, _, _ = lira_scores(target, ref, in_mask, fixed_variance=False)
+    assert auc_score(on_var, member) > 0.8
+
+
+def test_single_reference_model_imputes_missing_side():
+    ref = np.array([[1.0, 5.0, 2.0, 6.0]])
+    in_mask = np.array([[False, True, False, True]])
+    mu_in, mu_out, info = in_out_means(ref, in_mask)
+    gap = 5.5 - 1.5
+    np.testing.assert_allclose(mu_in, [1 + gap, 5, 2 + gap, 6])
+    np.testing.assert_allclose(mu_out, [1, 5 - gap, 2, 6 - gap])
+    assert info["imputed_in"] == 2 and info["imputed_out"] == 2
+
+
+def test_rmia_is_the_rank_of_the_likelihood_ratio():
+    rng = np.random.default_rng(0)
+    n = 500
+    t = np.log(rng.uniform(0.05, 1, n))
+    refs = np.log(rng.uniform(0.05, 1, (2, n)))
+    mask = paired_halves(n, 2, seed=0)
+    member = rng.random(n) < 0.5
+    score = rmia_scores(t, refs, mask, gamma=1.0)
+    ratio = np.exp(t) / np.exp(refs).mean(0)
+    # fraction of population z with ratio_z < ratio_x: a monotone map of the ratio, so the same AUC
+    assert auc_score(score, member) == pytest.approx(auc_score(ratio, member))
+    z = ratio
+    expected = np.array([(ratio[i] / z > 1.0).mean() for i in range(n)])
+    np.testing.assert_allclose(score, expected)
+    off = rmia_scores(t, refs, mask, offline=True, a=0.5, gamma=2.0)
+    assert off.min() >= 0 and off.max() <= 1
