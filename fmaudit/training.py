@@ -47,21 +47,27 @@ class TrainStats:
 
 # A hook that wraps (model, optimizer, loader) before training, e.g. Opacus' make_private.
 Wrap = Callable[[Any, Any, Any], tuple[Any, Any, Any]]
+# A replacement for `target.loss(model, batch)`; returns something with `.backward()` and `.detach()`.
+LossFn = Callable[[Any, dict], Any]
 
 
 def train(target: Any, data: Dataset, config: TrainConfig, *, progress: Callable[[str, int], Any] | None = None,
           wrap: Wrap | None = None, on_step: Callable[[int, float], None] | None = None,
-          label: str = "fine-tuning") -> TrainStats:
+          label: str = "fine-tuning", loss_fn: LossFn | None = None) -> TrainStats:
     """Train `target.model` in place on `data` with AdamW. Deterministic for a given seed.
 
     `wrap` may replace the model, optimizer and data loader (DP-SGD does); the loop stays the same.
+    `loss_fn(model, batch)` replaces `target.loss` (DP-SGD needs a per-example mean, or Opacus' ghost-clipping
+    loss object, whose `backward()` runs two passes). `config.trainable == "keep"` leaves `requires_grad` as
+    the caller set it (LoRA adapters).
     """
     import torch
 
     if len(data) == 0:
         raise ValueError(f"cannot fine-tune on an empty dataset ({data.name!r})")
     torch.manual_seed(config.seed)
-    target.set_trainable(config.trainable, config.n_layers)
+    if config.trainable != "keep":
+        target.set_trainable(config.trainable, config.n_layers)
     model = target.model
     gen = torch.Generator().manual_seed(config.seed)
     loader = torch.utils.data.DataLoader(target.torch_dataset(data), batch_size=config.batch_size, shuffle=True,
@@ -83,7 +89,7 @@ def train(target: Any, data: Dataset, config: TrainConfig, *, progress: Callable
                     continue  # Poisson sampling can draw an empty batch
                 batch = target.to_device(batch)
                 optimizer.zero_grad(set_to_none=True)
-                loss = target.loss(model, batch)
+                loss = loss_fn(model, batch) if loss_fn is not None else target.loss(model, batch)
                 loss.backward()
                 optimizer.step()
                 n = int(next(iter(batch.values())).shape[0])
@@ -116,21 +122,31 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "fmaudit"
 
 
-def cache_key(*, base_sha: str, split: Split, config: TrainConfig, task: str, kind: str = "finetune") -> str:
+def cache_key(*, base_sha: str, split: Split, config: TrainConfig, task: str, kind: str = "finetune",
+              extra: dict[str, Any] | None = None) -> str:
+    """`extra`: more settings that change the weights (DP parameters); absent from the payload when None,
+    so existing keys are unchanged."""
     ids = hashlib.sha256("\n".join(split.dataset.ids[i] for i in split.member_idx).encode()).hexdigest()
     payload = {"v": TRAINING_VERSION, "kind": kind, "base": base_sha, "data": split.dataset.fingerprint,
                "members": ids, "config": asdict(config), "task": task}
+    if extra is not None:
+        payload["extra"] = extra
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def finetune_cached(target: Any, split: Split, config: TrainConfig, *, cache_dir: Path,
                     progress: Callable[[str, int], Any] | None = None, label: str = "fine-tuning",
-                    kind: str = "finetune") -> tuple[TrainStats, bool, str]:
+                    kind: str = "finetune", key_extra: dict[str, Any] | None = None,
+                    train_fn: Callable[..., TrainStats] | None = None) -> tuple[TrainStats, bool, str]:
     """Fine-tune `target` in place on `split.members`, or load the cached result. Returns
-    (stats, cache_hit, key). Cached weights are safetensors; metadata is JSON."""
+    (stats, cache_hit, key). Cached weights are safetensors; metadata is JSON.
+
+    `train_fn(target, data, config, progress=, label=)` replaces `train` (DP fine-tuning calls `train` with
+    its wrap and fills `stats.extra`, which is cached too); `key_extra` goes into the cache key."""
     from safetensors.torch import load_model, save_model
 
-    key = cache_key(base_sha=target.weights_sha256(), split=split, config=config, task=target.task, kind=kind)
+    key = cache_key(base_sha=target.weights_sha256(), split=split, config=config, task=target.task, kind=kind,
+                    extra=key_extra)
     folder = Path(cache_dir) / kind / key[:32]
     weights, meta_path = folder / "weights.safetensors", folder / "meta.json"
     if weights.exists() and meta_path.exists():
@@ -146,7 +162,7 @@ def finetune_cached(target: Any, split: Split, config: TrainConfig, *, cache_dir
             pass
         target.model.load_state_dict(base_state)  # back to the base weights, then train
         target.weights_changed()
-    stats = train(target, split.members, config, progress=progress, label=label)
+    stats = (train_fn or train)(target, split.members, config, progress=progress, label=label)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key[:12]}.", dir=folder.parent))
     try:
