@@ -25,6 +25,7 @@ ENTRY_POINT_GROUP = "fmaudit.audits"
 BUILTIN_AUDITS: dict[str, str] = {
     "utility": "fmaudit.audits.utility:UtilityAudit",
     "privacy.membership": "fmaudit.audits.privacy.membership:MembershipAudit",
+    "privacy.dp_finetune": "fmaudit.audits.privacy.dp_finetune:DPFinetuneAudit",
 }
 
 

@@ -1,0 +1,641 @@
+"""Differential-privacy fine-tuning (DP-SGD with Opacus) on fmaudit targets.
+
+`dp_finetune(...)` trains a copy of a target with DP-SGD through the core training loop
+(`fmaudit.training.train`, via its `wrap=` / `loss_fn=` hooks), with
+
+- Poisson sampling (Opacus' DPDataLoader), as the accountants assume;
+- Opacus' BatchMemoryManager splitting logical batches into physical ones of at most
+  `max_physical_batch_size` examples (the noise and the accounting are per logical batch);
+- ghost clipping where it applies (no trainable parameter shared between modules), else per-sample
+  gradient hooks;
+- a pre-flight check (Opacus' ModuleValidator plus our own) that lists every problem before training;
+- `target_epsilon` turned into a noise multiplier by the chosen accountant for the exact number of steps;
+- a plain model back (hooks removed, LoRA adapters merged), and an epsilon ledger (epsilon vs step).
+
+Heavy libraries are imported inside functions.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import numpy as np
+
+ACCOUNTANTS = ("prv", "rdp", "gdp")
+TRAINABLE = ("all", "last_n_layers", "head", "lora")
+CLIPPING = ("auto", "ghost", "hooks")
+PRV_EPS_ERROR = 0.01  # Opacus' default for the PRV accountant; also what get_noise_multiplier uses
+LEDGER_POINTS = {"prv": 16, "rdp": 60, "gdp": 60}  # PRV costs ~0.3 s per point on a CPU
+
+# Attributes Opacus may leave on modules / parameters; swept after training so the model is plain.
+_OPACUS_MODULE_ATTRS = ("autograd_grad_sample_hooks", "ft_compute_sample_grad", "activations", "max_batch_len",
+                        "_forward_counter")
+_OPACUS_PARAM_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "summed_grad", "_norm_sample",
+                       "_processed")
+
+
+class DPConfigError(ValueError):
+    """Invalid DP settings or a model / dataset that DP-SGD cannot train; lists every problem found."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"DP fine-tuning cannot start ({len(self.problems)} problem"
+                         f"{'s' if len(self.problems) != 1 else ''}):\n{lines}")
+
+
+class DPPrivacyWarning(UserWarning):
+    """A setting that weakens the privacy guarantee (e.g. delta >= 1/N)."""
+
+
+@dataclass
+class DPSettings:
+    """Everything that determines a DP run (and its cache key)."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    steps: int
+    steps_per_epoch: int
+    epochs: int
+    batch_size: int
+    max_physical_batch_size: int
+    delta: float
+    accountant: str
+    clipping: str
+    trainable: str
+    n_layers: int
+    lora: dict[str, Any] | None
+    lr: float
+    weight_decay: float
+    seed: int
+    target_epsilon: float | None
+
+
+@dataclass
+class DPResult:
+    """What `dp_finetune` returns. `model` is a plain `nn.Module` (no Opacus hooks, adapters merged);
+    `target` wraps it like the input target (same tokenizer / preprocessing)."""
+
+    model: Any
+    target: Any
+    epsilon: float
+    epsilon_per_epoch: list[float]
+    delta: float
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    epochs: int
+    accountant: str
+    clipping: str
+    max_grad_norm: float
+    batch_size: int
+    max_physical_batch_size: int
+    trainable: str
+    num_trainable_parameters: int
+    num_train_examples: int
+    target_epsilon: float | None
+    ledger_steps: list[int]
+    ledger_epsilon: list[float]
+    train_utility: dict[str, float]
+    validation_utility: dict[str, float] | None
+    train_seconds: float
+    epoch_losses: list[float] = field(default_factory=list)
+    cache_hit: bool = False
+    cache_key: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def params(self) -> dict[str, Any]:
+        """The DP parameters as a JSON-ready dict (for reports)."""
+        keys = ("epsilon", "epsilon_per_epoch", "delta", "target_epsilon", "noise_multiplier", "max_grad_norm",
+                "sample_rate", "steps", "epochs", "batch_size", "max_physical_batch_size", "accountant", "clipping",
+                "trainable", "num_trainable_parameters", "num_train_examples")
+        return {k: getattr(self, k) for k in keys}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Accounting
+
+
+def default_delta(n: int) -> float:
+    """min(1e-5, 1/(10 N)): always well below 1/N."""
+    return min(1e-5, 1.0 / (10.0 * n))
+
+
+def make_accountant(kind: str):
+    from opacus.accountants import create_accountant
+
+    return create_accountant(mechanism=kind)
+
+
+def epsilon_for(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
+    """Epsilon of `steps` Poisson-subsampled Gaussian steps, computed by Opacus' accountant of that kind
+    (the same call the engine's accountant makes after training)."""
+    if steps <= 0:
+        return 0.0
+    acc = make_accountant(accountant)
+    acc.history = [(float(noise_multiplier), float(sample_rate), int(steps))]
+    kw = {"eps_error": PRV_EPS_ERROR} if accountant == "prv" else {}
+    return float(acc.get_epsilon(delta=delta, **kw))
+
+
+def noise_for(*, target_epsilon: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
+    from opacus.accountants.utils import get_noise_multiplier
+
+    kw = {"eps_error": PRV_EPS_ERROR} if accountant == "prv" else {}
+    sigma = float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                       steps=steps, accountant=accountant, epsilon_tolerance=0.01, **kw))
+    # Opacus' search ends on the noisy side; make sure, and nudge up if float noise says otherwise.
+    for _ in range(20):
+        if epsilon_for(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta,
+                       accountant=accountant) <= target_epsilon:
+            break
+        sigma *= 1.01
+    return sigma
+
+
+def ledger_points(steps: int, steps_per_epoch: int, points: int = 60) -> list[int]:
+    xs = set(np.unique(np.linspace(1, steps, min(points, steps)).round().astype(int)).tolist()) if steps else set()
+    xs |= {e * steps_per_epoch for e in range(1, steps // max(steps_per_epoch, 1) + 1)}
+    return sorted(x for x in xs if 1 <= x <= steps)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pre-flight
+
+
+def _validate_settings(*, n: int | None, target_epsilon, noise_multiplier, delta, max_grad_norm, epochs, batch_size,
+                       lr, accountant, trainable, clipping, max_physical_batch_size, n_layers) -> list[str]:
+    p: list[str] = []
+    if target_epsilon is None and noise_multiplier is None:
+        p.append("give target_epsilon (the budget; the accountant picks the noise) or noise_multiplier")
+    if target_epsilon is not None and noise_multiplier is not None:
+        p.append("give target_epsilon or noise_multiplier, not both")
+    if target_epsilon is not None and not (isinstance(target_epsilon, (int, float)) and target_epsilon > 0
+                                           and math.isfinite(target_epsilon)):
+        p.append(f"target_epsilon must be a positive finite number, got {target_epsilon!r} "
+                 "(epsilon <= 0 would mean perfect privacy, which no training can give)")
+    if noise_multiplier is not None and not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
+        p.append(f"noise_multiplier must be > 0, got {noise_multiplier!r}")
+    if delta is not None and not (0 < delta < 1):
+        p.append(f"delta must be in (0, 1), got {delta!r}" + (" (delta >= 1 gives no guarantee at all)"
+                                                            if delta >= 1 else ""))
+    if not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
+        p.append(f"max_grad_norm must be > 0, got {max_grad_norm!r}")
+    if not (isinstance(epochs, int) and epochs >= 1):
+        p.append(f"epochs must be an integer >= 1, got {epochs!r}")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        p.append(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if not lr > 0:
+        p.append(f"lr must be > 0, got {lr!r}")
+    if accountant not in ACCOUNTANTS:
+        p.append(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}")
+    if trainable not in TRAINABLE:
+        p.append(f"trainable must be one of {', '.join(TRAINABLE)}, got {trainable!r}")
+    if clipping not in CLIPPING:
+        p.append(f"clipping must be one of {', '.join(CLIPPING)}, got {clipping!r}")
+    if max_physical_batch_size is not None and max_physical_batch_size < 1:
+        p.append(f"max_physical_batch_size must be >= 1, got {max_physical_batch_size!r}")
+    if n_layers < 1:
+        p.append(f"n_layers must be >= 1, got {n_layers!r}")
+    if n is not None and isinstance(batch_size, int):
+        if n == 0:
+            p.append("the training set is empty")
+        elif n < batch_size:
+            p.append(f"the training set has {n} examples, fewer than batch_size {batch_size}: Poisson sampling "
+                     f"would sample every example in every step (sample rate >= 1) and give no privacy "
+                     f"amplification; use more data or a batch_size of at most {max(1, n // 4)}")
+        elif n < 2 * batch_size:
+            p.append(f"the training set has {n} examples for batch_size {batch_size}: at least 2 batches per epoch "
+                     "are needed for subsampling to mean anything; lower batch_size")
+    return p
+
+
+def _apply_trainable(target: Any, trainable: str, n_layers: int, lora: dict[str, Any] | None) -> None:
+    """Set requires_grad on target.model (for LoRA: replace target.model with a PEFT model)."""
+    if trainable == "lora":
+        target.model = _lora_wrap(target, lora or {})
+    else:
+        target.set_trainable(trainable, n_layers)
+
+
+def _lora_wrap(target: Any, lora: dict[str, Any]):
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:  # pragma: no cover - peft is a dependency
+        raise DPConfigError(["trainable='lora' needs the peft package: pip install peft"]) from exc
+    from torch import nn
+
+    model = target.model
+    modules = lora.get("target_modules")
+    if not modules:
+        modules = _default_lora_modules(model)
+    if not modules:
+        raise DPConfigError([f"trainable='lora': found no linear layers to adapt in {type(model).__name__}; "
+                             "name them with lora_target_modules"])
+    cfg = LoraConfig(r=int(lora.get("r", 8)), lora_alpha=int(lora.get("alpha", 16)),
+                     lora_dropout=float(lora.get("dropout", 0.0)), target_modules=list(modules), bias="none")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    peft_model = get_peft_model(model, cfg)
+    # Classifier heads are new: train them too (full, small).
+    if target.task != "causal-lm":
+        for m in target.head_modules():
+            for p in m.parameters():
+                p.requires_grad_(True)
+    assert isinstance(peft_model, nn.Module)
+    return peft_model
+
+
+def _default_lora_modules(model) -> list[str]:
+    """Attention projections by name (q/k/v/o, query/key/value, c_attn...), else every Linear in blocks."""
+    from torch import nn
+
+    names = set()
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D":
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value", "c_attn", "qkv", "q", "k",
+                        "v", "out_proj"):
+                names.add(leaf)
+    return sorted(names)
+
+
+def _tied_trainable(model) -> list[str]:
+    ids: dict[int, list[str]] = {}
+    for mname, m in model.named_modules():
+        for pname, p in m._parameters.items():
+            if p is not None and p.requires_grad:
+                ids.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
+    return [" = ".join(v) for v in ids.values() if len(v) > 1]
+
+
+def preflight(target: Any, *, trainable: str = "all", n_layers: int = 2, lora: dict[str, Any] | None = None,
+              clipping: str = "auto") -> tuple[list[str], list[str], str]:
+    """Check that DP-SGD can train `target` as asked, without changing it.
+
+    Returns (problems, notes, clipping_mode): problems block training; notes are informational;
+    clipping_mode is "ghost" or "hooks" (what `clipping="auto"` resolves to).
+    """
+    import inspect
+
+    from opacus.validators import ModuleValidator
+
+    problems: list[str] = []
+    notes: list[str] = []
+    work = target.copy()
+    try:
+        _apply_trainable(work, trainable, n_layers, lora)
+    except DPConfigError as exc:
+        return list(exc.problems), notes, "hooks"
+    except Exception as exc:  # TargetError (e.g. no trainable parameter), peft errors
+        return [f"trainable={trainable!r}: {exc}"], notes, "hooks"
+    model = work.model
+    if not any(p.requires_grad for p in model.parameters()):
+        problems.append(f"trainable={trainable!r} leaves no trainable parameter")
+
+    # Opacus' validators (BatchNorm, InstanceNorm with running stats, LSTM...), run per module so the message
+    # can name the layers. BatchNorm is reported even when frozen: in training mode it still mixes the examples
+    # of a batch, so one example's clipped gradient depends on the others.
+    from torch import nn
+
+    by_kind: dict[str, list[str]] = {}
+    batchnorms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    for name, m in model.named_modules():
+        trainable_here = any(p.requires_grad for p in m.parameters(recurse=False))
+        errs = []
+        if isinstance(m, batchnorms):
+            errs = ["BatchNorm"]
+        elif trainable_here and type(m) in ModuleValidator.VALIDATORS:
+            errs = ModuleValidator.VALIDATORS[type(m)](m)
+        if errs:
+            by_kind.setdefault(type(m).__name__, []).append(name or "<root>")
+    for kind, where in by_kind.items():
+        if "BatchNorm" in kind:
+            fix = ("replace them with GroupNorm (opacus.validators.ModuleValidator.fix(model) does this) or "
+                   "LayerNorm, and train the non-private baseline the same way")
+        else:
+            fix = ("replace them with Opacus' DP layers (opacus.validators.ModuleValidator.fix(model)), or freeze "
+                   "them (trainable='last_n_layers' / 'lora')")
+        problems.append(f"unsupported layers for DP-SGD: {len(where)} {kind} "
+                        f"({', '.join(where[:6])}{', ...' if len(where) > 6 else ''}): {fix}")
+    # Trainable layers holding buffers (GradSampleModule.validate: buffers are not private).
+    reported = {n for where in by_kind.values() for n in where}
+    for name, m in model.named_modules():
+        if name in reported or not any(p.requires_grad for p in m.parameters(recurse=False)):
+            continue
+        bufs = [b for b, _ in m.named_buffers(recurse=False)]
+        if bufs and not isinstance(m, nn.Embedding):
+            problems.append(f"trainable layer {name} ({type(m).__name__}) holds buffers {bufs[:3]} that DP-SGD "
+                            "does not protect: freeze it (trainable='last_n_layers' / 'lora') or remove the buffers")
+
+    # BERT-style position embeddings need explicit position_ids (ENVIRONMENT.md).
+    fwd = inspect.signature(getattr(model, "forward")).parameters
+    if "position_ids" in fwd and hasattr(work, "_pass_position_ids") and not work._pass_position_ids:
+        problems.append("the model takes position_ids but the target does not pass them; per-sample gradients of "
+                        "position embeddings need them (built with arange().repeat())")
+
+    mode = "ghost" if clipping == "auto" else clipping
+    tied = _tied_trainable(model)
+    if tied:
+        msg = (f"trainable parameters shared between modules ({'; '.join(tied[:3])}): ghost clipping computes "
+               "per-module norms and would clip them wrongly")
+        if clipping == "ghost":
+            problems.append(msg + "; use clipping='hooks' or freeze them (trainable='lora')")
+        else:
+            notes.append(msg + "; using per-sample gradient hooks")
+            mode = "hooks"
+    if clipping == "auto" and mode == "ghost":
+        notes.append("ghost clipping (two backward passes, no per-sample gradients stored)")
+    return problems, notes, mode
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training
+
+
+def _to_target(model: Any, train_data: Any):
+    from torch import nn
+
+    from fmaudit.targets.base import Target
+
+    if isinstance(model, Target):
+        return model
+    if isinstance(model, nn.Module):
+        if getattr(train_data, "modality", None) != "image":
+            raise DPConfigError(["a plain nn.Module is trained as an image classifier ([0, 1] pixels -> logits); "
+                                 "wrap text models with fmaudit.load_target(...)"])
+        from fmaudit.targets.vision import ImageClassifier, PixelClassifier
+
+        device = next(iter(model.parameters())).device
+        return ImageClassifier(name=type(model).__name__, model=PixelClassifier(model), source="python",
+                               kind="torch-module", device=str(device), label_names=train_data.label_names,
+                               num_classes=train_data.num_labels)
+    raise DPConfigError([f"model must be an fmaudit Target or a torch nn.Module, got {type(model).__name__}"])
+
+
+class _CountEmpty:
+    """Iterates a loader; an empty Poisson batch (the loop skips it) is still counted by the accountant,
+    so the ledger never under-counts."""
+
+    def __init__(self, loader, on_empty: Callable[[], None]):
+        self.loader = loader
+        self.on_empty = on_empty
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            if isinstance(batch, dict) and batch.get("labels") is not None and len(batch["labels"]) == 0:
+                self.on_empty()
+            yield batch
+
+
+def _cleanup(hooks_obj, model) -> None:
+    """Remove everything Opacus attached (hooks, per-sample attributes)."""
+    if hooks_obj is not None:
+        try:
+            hooks_obj.cleanup()
+        except Exception:  # pragma: no cover - best effort, the sweep below still runs
+            pass
+    for m in model.modules():
+        for a in _OPACUS_MODULE_ATTRS:
+            if a in m.__dict__:
+                del m.__dict__[a]
+        for p in m.parameters(recurse=False):
+            for a in _OPACUS_PARAM_ATTRS:
+                if hasattr(p, a):
+                    try:
+                        delattr(p, a)
+                    except AttributeError:
+                        pass
+
+
+def _make_train_fn(s: DPSettings, record: dict[str, Any]):
+    """The `train_fn` for finetune_cached: the core loop with Opacus wrapped in."""
+
+    def train_fn(t, data, config, progress=None, label="DP fine-tuning"):
+        import torch
+        from opacus import PrivacyEngine
+        from opacus.utils.batch_memory_manager import wrap_data_loader
+        from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+        from fmaudit.training import train
+
+        base_model = t.model
+        if s.trainable == "lora":
+            t.model = _lora_wrap(t, s.lora or {})
+        else:
+            t.set_trainable(s.trainable, s.n_layers)
+        n_trainable = int(sum(p.numel() for p in t.model.parameters() if p.requires_grad))
+        cfg = type(config)(**{**asdict(config), "trainable": "keep"})
+        engine = PrivacyEngine(accountant=s.accountant)
+        held: dict[str, Any] = {}
+        ghost = s.clipping == "ghost"
+
+        def wrap(model, optimizer, loader):
+            model.train()  # Opacus validates in training mode (the loop sets it too, right after)
+            noise_gen = torch.Generator(device=t.device).manual_seed(s.seed + 1)
+            kw = dict(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=s.noise_multiplier,
+                      max_grad_norm=s.max_grad_norm, poisson_sampling=True, noise_generator=noise_gen,
+                      grad_sample_mode="ghost" if ghost else "hooks", loss_reduction="mean")
+            if ghost:
+                gsm, opt, _criterion, dl = engine.make_private(criterion=torch.nn.CrossEntropyLoss(), **kw)
+            else:
+                gsm, opt, dl = engine.make_private(**kw)
+            if abs(1.0 / len(dl) - s.sample_rate) > 1e-12:
+                raise RuntimeError(f"Opacus' sample rate {1.0 / len(dl)} differs from the planned {s.sample_rate}")
+            held.update(gsm=gsm, opt=opt)
+            dl = wrap_data_loader(data_loader=dl, max_batch_size=s.max_physical_batch_size, optimizer=opt)
+            return gsm, opt, _CountEmpty(dl, lambda: engine.accountant.step(noise_multiplier=s.noise_multiplier,
+                                                                             sample_rate=s.sample_rate))
+
+        def loss_fn(model, batch):
+            per_example = t.loss(model, batch, reduction="none")  # the privacy unit: one example / sequence
+            if ghost:
+                return DPTensorFastGradientClipping(held["gsm"], held["opt"], per_example, "mean")
+            return per_example.mean()
+
+        losses: list[float] = []
+
+        def logical_steps() -> int:
+            return int(sum(h[2] for h in engine.accountant.history))
+
+        def on_step(_physical: int, loss: float) -> None:
+            losses.append(loss)
+
+        try:
+            stats = train(t, data, cfg, progress=progress, label=label, wrap=wrap, loss_fn=loss_fn, on_step=on_step)
+            steps = logical_steps()
+            kw = {"eps_error": PRV_EPS_ERROR} if s.accountant == "prv" else {}
+            eps = float(engine.accountant.get_epsilon(delta=s.delta, **kw)) if steps else 0.0
+            history = [list(map(float, h)) for h in engine.accountant.history]
+        finally:
+            _cleanup(held.get("gsm"), t.model)
+            if s.trainable == "lora":
+                merged = t.model.merge_and_unload()
+                t.model = merged if merged is not None else base_model
+                _cleanup(None, t.model)
+            t.model.eval()
+            for p in t.model.parameters():
+                p.requires_grad_(True)
+            t.weights_changed()
+        xs = ledger_points(steps, s.steps_per_epoch, LEDGER_POINTS[s.accountant])
+        ys = [epsilon_for(noise_multiplier=s.noise_multiplier, sample_rate=s.sample_rate, steps=x, delta=s.delta,
+                          accountant=s.accountant) for x in xs]
+        per_epoch = [epsilon_for(noise_multiplier=s.noise_multiplier, sample_rate=s.sample_rate,
+                                 steps=min(e * s.steps_per_epoch, steps), delta=s.delta, accountant=s.accountant)
+                     for e in range(1, s.epochs + 1)]
+        if steps:
+            per_epoch[-1] = eps  # the engine's own number for the total
+        stats.extra = {"dp": {"epsilon": eps, "steps": steps, "accountant_history": history, "ledger_steps": xs,
+                              "ledger_epsilon": ys, "epsilon_per_epoch": per_epoch,
+                              "physical_steps": stats.steps, "settings": asdict(s),
+                              "num_trainable_parameters": n_trainable}}
+        record["stats"] = stats
+        return stats
+
+    return train_fn
+
+
+def _utility(target: Any, data: Any, max_examples: int = 1000, seed: int = 0) -> dict[str, float]:
+    """Accuracy + mean loss for classifiers; mean loss + perplexity for causal LMs."""
+    if data is None or len(data) == 0:
+        return {}
+    if len(data) > max_examples:
+        rng = np.random.default_rng(seed)
+        data = data.subset(np.sort(rng.choice(len(data), max_examples, replace=False)))
+    out: dict[str, float] = {"num_examples": float(len(data))}
+    if "classifier" in target.capabilities and data.labels is not None:
+        from fmaudit.stats import softmax
+
+        logits = target.logits(data)
+        probs = softmax(logits)
+        out["accuracy"] = float((probs.argmax(1) == data.labels).mean())
+        out["loss"] = float(-np.log(np.clip(probs[np.arange(len(data)), data.labels], 1e-12, 1)).mean())
+    elif "token_logprobs" in target.capabilities:
+        lps = target.token_logprobs(data)
+        tok = sum(len(x) for x in lps)
+        nll = -sum(float(x.sum()) for x in lps) / max(tok, 1)
+        out["loss"] = nll
+        out["perplexity"] = float(math.exp(min(nll, 700)))
+    return out
+
+
+def dp_finetune(*, model: Any, train_data: Any, epochs: int, batch_size: int, lr: float,
+                target_epsilon: float | None = None, noise_multiplier: float | None = None,
+                delta: float | None = None, max_grad_norm: float = 1.0,
+                accountant: Literal["prv", "rdp", "gdp"] = "prv",
+                trainable: Literal["all", "last_n_layers", "head", "lora"] = "all", n_layers: int = 2,
+                lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,
+                lora_target_modules: Sequence[str] | None = None,
+                clipping: Literal["auto", "ghost", "hooks"] = "auto", max_physical_batch_size: int | None = None,
+                weight_decay: float = 0.0, validation_data: Any = None, seed: int = 0,
+                cache_dir: str | Path | None = None, split: Any = None,
+                progress: Callable[[str, int], Any] | None = None) -> DPResult:
+    """Fine-tune a copy of `model` with DP-SGD (Opacus) and return the private model and its ledger.
+
+    Args:
+        model: an fmaudit Target (`fmaudit.load_target(...)`: HF text classifier, causal LM, image classifier,
+            plain torch module), or an `nn.Module` mapping [0, 1] images to logits. Never changed in place.
+        train_data: an `fmaudit.data.Dataset`; every example is one privacy unit (a sequence for LMs).
+        epochs, batch_size, lr: training length, EXPECTED logical batch size (Poisson sampling: sample rate
+            1/ceil(N / batch_size)), AdamW learning rate.
+        target_epsilon: the budget; the accountant picks the smallest noise multiplier that stays within it.
+            Or give `noise_multiplier` instead (one of the two).
+        delta: default min(1e-5, 1/(10 N)); a value >= 1/N warns (it allows leaking one example outright).
+        max_grad_norm: per-example clipping bound C.
+        accountant: "prv" (tight, Opacus default here), "rdp" or "gdp".
+        trainable: "all", "last_n_layers" (+ head; `n_layers`), "head", or "lora" (peft adapters on attention
+            projections, merged back at the end; mainly for causal LMs).
+        clipping: "auto" (ghost clipping unless trainable parameters are tied), "ghost" or "hooks".
+        max_physical_batch_size: BatchMemoryManager's limit per forward/backward (default: batch_size).
+        validation_data: held-out data for utility.
+        cache_dir, split: cache the trained weights like fine-tunes (needs the member `split` of which
+            `train_data` is `split.members`).
+
+    Returns:
+        DPResult with the plain trained model, epsilon (total and per epoch), delta, noise multiplier, sample
+        rate, steps, accountant, clipping mode, ledger and train / validation utility.
+
+    Raises:
+        DPConfigError listing every problem found before training (settings, unsupported layers, data size).
+    """
+    from fmaudit.training import TrainConfig, finetune_cached, train  # noqa: F401
+
+    n = len(train_data) if train_data is not None else 0
+    problems = _validate_settings(n=n, target_epsilon=target_epsilon, noise_multiplier=noise_multiplier, delta=delta,
+                                  max_grad_norm=max_grad_norm, epochs=epochs, batch_size=batch_size, lr=lr,
+                                  accountant=accountant, trainable=trainable, clipping=clipping,
+                                  max_physical_batch_size=max_physical_batch_size, n_layers=n_layers)
+    target = _to_target(model, train_data)
+    if n and "classifier" in target.capabilities and train_data.labels is None:
+        problems.append(f"dataset {train_data.name!r} has no labels; a classifier needs them")
+    lora = {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout,
+            "target_modules": list(lora_target_modules) if lora_target_modules else None} \
+        if trainable == "lora" else None
+    mode = "hooks"
+    notes: list[str] = []
+    if trainable in TRAINABLE and clipping in CLIPPING:
+        more, notes, mode = preflight(target, trainable=trainable, n_layers=n_layers, lora=lora, clipping=clipping)
+        problems += more
+    if problems:
+        raise DPConfigError(problems)
+
+    if delta is None:
+        delta = default_delta(n)
+    elif delta >= 1.0 / n:
+        msg = (f"delta={delta:g} is not below 1/N = {1.0 / n:.3g}: a mechanism that publishes one random training "
+               f"example outright satisfies it; use delta <= {default_delta(n):.2g}")
+        warnings.warn(msg, DPPrivacyWarning, stacklevel=2)
+        notes.append(msg)
+    steps_per_epoch = math.ceil(n / batch_size)
+    sample_rate = 1.0 / steps_per_epoch
+    steps = epochs * steps_per_epoch
+    if noise_multiplier is None:
+        noise_multiplier = noise_for(target_epsilon=float(target_epsilon), sample_rate=sample_rate, steps=steps,
+                                     delta=delta, accountant=accountant)
+    settings = DPSettings(noise_multiplier=float(noise_multiplier), max_grad_norm=float(max_grad_norm),
+                          sample_rate=sample_rate, steps=steps, steps_per_epoch=steps_per_epoch, epochs=epochs,
+                          batch_size=batch_size, max_physical_batch_size=int(max_physical_batch_size or batch_size),
+                          delta=float(delta), accountant=accountant, clipping=mode, trainable=trainable,
+                          n_layers=n_layers, lora=lora, lr=float(lr), weight_decay=float(weight_decay), seed=seed,
+                          target_epsilon=None if target_epsilon is None else float(target_epsilon))
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                         trainable=trainable if trainable != "lora" else "keep", n_layers=n_layers, seed=seed)
+    work = target.copy()
+    record: dict[str, Any] = {}
+    train_fn = _make_train_fn(settings, record)
+    t0 = time.perf_counter()
+    key = None
+    hit = False
+    if cache_dir is not None:
+        if split is None:
+            raise DPConfigError(["cache_dir needs the member split (split=...) that train_data comes from"])
+        key_extra = {"dp": asdict(settings), "v": "dp-1"}
+        stats, hit, key = finetune_cached(work, split, config, cache_dir=Path(cache_dir), progress=progress,
+                                          label="DP fine-tuning", kind="dp-finetune", key_extra=key_extra,
+                                          train_fn=train_fn)
+    else:
+        stats = train_fn(work, train_data, config, progress=progress)
+    dp = stats.extra["dp"]
+    if target_epsilon is not None and dp["epsilon"] > target_epsilon + 1e-9:
+        raise RuntimeError(f"spent epsilon {dp['epsilon']:.4f} exceeds target {target_epsilon} (accounting bug)")
+    trainable_count = int(dp.get("num_trainable_parameters", 0))
+    return DPResult(
+        model=work.model, target=work, epsilon=float(dp["epsilon"]), epsilon_per_epoch=list(dp["epsilon_per_epoch"]),
+        delta=settings.delta, noise_multiplier=settings.noise_multiplier, sample_rate=sample_rate,
+        steps=int(dp["steps"]), epochs=epochs, accountant=accountant, clipping=mode, max_grad_norm=max_grad_norm,
+        batch_size=batch_size, max_physical_batch_size=settings.max_physical_batch_size, trainable=trainable,
+        num_trainable_parameters=trainable_count, num_train_examples=n, target_epsilon=settings.target_epsilon,
+        ledger_steps=list(dp["ledger_steps"]), ledger_epsilon=list(dp["ledger_epsilon"]),
+        train_utility=_utility(work, train_data, seed=seed),
+        validation_utility=_utility(work, validation_data, seed=seed) if validation_data is not None else None,
+        train_seconds=float(stats.duration_s) if not hit else time.perf_counter() - t0,
+        epoch_losses=list(stats.epoch_losses), cache_hit=hit, cache_key=key, notes=notes)
