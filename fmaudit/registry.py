@@ -26,6 +26,7 @@ BUILTIN_AUDITS: dict[str, str] = {
     "utility": "fmaudit.audits.utility:UtilityAudit",
     "privacy.membership": "fmaudit.audits.privacy.membership:MembershipAudit",
     "privacy.dp_finetune": "fmaudit.audits.privacy.dp_finetune:DPFinetuneAudit",
+    "explain.attribution": "fmaudit.audits.explain.attribution:AttributionAudit",
 }
 
 
