@@ -1,0 +1,1 @@
+"""Robustness audits: adversarial attacks on text and image models."""
