@@ -1,0 +1,134 @@
+"""`privacy.canary_audit`: an empirical lower bound on epsilon from one training run with canaries,
+next to the accountant's epsilon for DP targets (Steinke, Nasr & Jagielski 2023)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from fmaudit.audits.base import AuditContext, AuditModule, AuditParams, Outcome, base_target
+
+
+class CanaryAudit(AuditModule):
+    name = "privacy.canary_audit"
+    category = "privacy"
+    description = ("One-run privacy audit: insert canaries (each with probability 1/2) into the target's training "
+                   "procedure, train once, and prove a lower bound on epsilon from how well the canaries' scores "
+                   "reveal inclusion; compares it with the accountant's epsilon on DP targets. Secret-sharer "
+                   "exposure for causal LMs.")
+    requires = frozenset({"per_example_loss", "trainable"})
+    metric_names = ("epsilon_lb", "accountant_epsilon", "canary_auc", "guesses", "correct_guesses",
+                    "num_canaries", "exposure_mean_included", "exposure_max_included")
+
+    class Params(AuditParams):
+        num_canaries: int = Field(default=200, ge=10, le=100_000, description="m: canaries, each included in "
+                                                                              "training with probability 1/2.")
+        kind: Literal["auto", "flipped_label", "random_tokens", "secret", "mislabel", "pattern"] = Field(
+            default="auto", description="auto: flipped_label (text classifiers), secret (causal LMs), mislabel "
+                                        "(images).")
+        score: Literal["loss", "loss_delta"] = Field(default="loss_delta", description="Membership signal: the "
+                                                     "trained model's loss, or its drop from the base model's loss.")
+        confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
+        delta: float | None = Field(default=None, gt=0, lt=1, description="Default: the DP run's delta, else 1e-5.")
+        guess_fractions: list[float] = Field(default=[0.05, 0.1, 0.2, 0.5, 1.0], min_length=1,
+                                             description="Numbers of guesses r as fractions of m; the headline is "
+                                                         "Bonferroni-corrected over this grid.")
+        max_members: int | None = Field(default=None, gt=0, description="Train the canary run on a seeded sample "
+                                                                        "of at most this many members (cheaper).")
+        secret_digits: int = Field(default=6, ge=3, le=12, description="Causal LMs: digits per secret.")
+        exposure_candidates: int = Field(default=300, ge=50, description="Random secrets for exposure ranks.")
+
+    def check(self, target, data) -> list[str]:
+        problems = []
+        if target.split is None:
+            problems.append("the canary audit re-runs the target's training: the target must be fine-tuned by the "
+                            "recipe (or produced from one that is)")
+        if any(not 0 < f <= 1 for f in self.params.guess_fractions):
+            problems.append("guess_fractions must lie in (0, 1]")
+        kind = self.params.kind
+        ok = {"text-classification": {"auto", "flipped_label", "random_tokens"}, "causal-lm": {"auto", "secret"},
+              "image-classification": {"auto", "mislabel", "pattern"}}[target.task]
+        if kind not in ok:
+            problems.append(f"canary kind {kind!r} does not fit a {target.task} target (use {', '.join(sorted(ok))})")
+        return problems
+
+    def run(self, target, ctx: AuditContext) -> Outcome:
+        from fmaudit.privacy.canary import canary_audit
+
+        p = self.params
+        info = target.finetune_info or {}
+        dp = info.get("dp")
+        train = dict(info.get("config") or {})
+        if dp is not None:
+            train["lr"] = info.get("lr", 5e-4)
+        split = target.split
+        members = split.members
+        if p.max_members is not None and len(members) > p.max_members:
+            rng = np.random.default_rng(ctx.seed)
+            members = members.subset(np.sort(rng.choice(len(members), p.max_members, replace=False)))
+        base = base_target(target, ctx)
+        res = canary_audit(base=base, members=members, train=train, num_canaries=p.num_canaries,
+                           kind=None if p.kind == "auto" else p.kind, pool=split.nonmembers, dp=dp, score=p.score,
+                           delta=p.delta, confidence=p.confidence, guess_fractions=tuple(p.guess_fractions),
+                           secret_digits=p.secret_digits, exposure_candidates=p.exposure_candidates, seed=ctx.seed,
+                           cache_dir=ctx.cache_dir, progress=ctx.progress)
+        out = Outcome()
+        conf = f"{p.confidence:.0%}"
+        out.metric("epsilon_lb", res.epsilon_lb, higher_is_better=False, unit="epsilon",
+                   description=f"Lower bound on epsilon at {conf} confidence (valid over the guess grid): the training "
+                               "procedure is NOT eps-DP for any smaller eps.")
+        if res.accountant_epsilon is not None:
+            out.metric("accountant_epsilon", res.accountant_epsilon, higher_is_better=False, unit="epsilon",
+                       description="Upper bound from the accountant for the canary training run itself.")
+        out.metric("num_canaries", res.num_canaries, unit="canaries", description="m canaries; each included w.p. 1/2.")
+        out.metric("guesses", res.guesses, unit="guesses", description="r: guesses behind the headline bound.")
+        out.metric("correct_guesses", res.correct, unit="guesses", description="v: correct guesses among r.")
+        if res.canary_auc is not None:
+            out.metric("canary_auc", res.canary_auc, higher_is_better=False, unit="AUC",
+                       description="ROC AUC of the canary scores for included vs excluded (0.5 = no signal).")
+        rows = res.rows
+        out.curve("epsilon_lb_vs_guesses", [r["r"] for r in rows], [r["epsilon_lb_corrected"] for r in rows],
+                  x_label="number of guesses r", y_label="epsilon lower bound",
+                  description=f"epsilon_lb (per point at {res.rows and 1 - (1 - p.confidence) / len(rows):.4g} "
+                              "confidence, so the maximum holds at the stated level)")
+        out.tables["guesses"] = rows
+        out.tables["audit"] = {"kind": res.kind, "score": res.score, "delta": res.delta, "confidence": res.confidence,
+                               "num_included": res.num_included, "members_in_canary_run": len(members),
+                               "canary_run_cache_hit": res.cache_hit, "canary_run_seconds": round(res.train_seconds, 2),
+                               "dp": res.dp, "notes": res.notes}
+        if res.exposure is not None:
+            ex = res.exposure
+            out.metric("exposure_mean_included", ex["mean_included"], higher_is_better=False, unit="bits",
+                       description=f"Mean exposure of inserted secrets (max {ex['space_bits']:.1f} bits = ranked first).")
+            out.metric("exposure_max_included", ex["max_included"], higher_is_better=False, unit="bits",
+                       description="Largest exposure among inserted secrets.")
+            out.tables["exposure"] = {k: v for k, v in ex.items() if k != "per_canary"}
+        for i, cid in enumerate(res.canary_ids):
+            ev = {"id": cid, "included": bool(res.included[i]), "score": float(res.scores[i])}
+            if res.exposure is not None:
+                ev["exposure_bits"] = res.exposure["per_canary"][i]
+            out.evidence.append(ev)
+        if res.accountant_epsilon is not None:
+            if res.epsilon_lb > res.accountant_epsilon + 1e-9:
+                out.finding("critical", "Empirical epsilon exceeds the accountant's epsilon",
+                            f"The canary audit proves epsilon >= {res.epsilon_lb:.3f} at {conf} confidence, but the "
+                            f"accountant claims epsilon <= {res.accountant_epsilon:.3f}. The DP implementation or its "
+                            "accounting is broken: do not rely on this model's privacy guarantee.",
+                            metric="epsilon_lb")
+            else:
+                out.finding("info", "Audit consistent with the DP guarantee",
+                            f"accountant says epsilon <= {res.accountant_epsilon:.3f}; audit shows epsilon >= "
+                            f"{res.epsilon_lb:.3f} ({conf} confidence, {res.num_canaries} canaries).",
+                            metric="epsilon_lb")
+        elif res.epsilon_lb > 0:
+            out.finding("medium", "Training memorizes individual examples",
+                        f"Without DP, the canary audit proves epsilon >= {res.epsilon_lb:.3f} ({conf} confidence): "
+                        "single training examples measurably change the model. Consider DP fine-tuning.",
+                        metric="epsilon_lb")
+        else:
+            out.finding("info", "No privacy loss detected at this canary count",
+                        f"epsilon_lb = 0 with {res.num_canaries} canaries; this is NOT a privacy guarantee (more "
+                        "canaries or a stronger score may still find leakage).", metric="epsilon_lb")
+        return out
