@@ -254,6 +254,30 @@ def test_recipe_run_with_reference_models_and_gates(tiny_bert_dir, sentiment_csv
     assert res2.metrics["rmia.auc"].value == pytest.approx(res.metrics["rmia.auc"].value)
 
 
+@pytest.mark.integration  # DP fine-tuning (Opacus) makes this the slowest test here
+def test_recipe_dp_and_non_private_side_by_side_share_reference_models(tiny_bert_dir, sentiment_csv, tmp_path):
+    """The quickstart's shape: a DP target produced from a recipe target is attacked with the same
+    reference models (same base weights, population and settings), trained once."""
+    from fmaudit.registry import registry
+    from fmaudit.runner import run_recipe
+
+    if "privacy.dp_finetune" not in registry:
+        pytest.skip("privacy.dp_finetune is not registered")
+    audits = [{"use": "privacy.dp_finetune", "target": "bert", "produces": "bert-dp",
+               "params": {"target_epsilon": 8, "trainable": "last_n_layers", "lr": 1e-3, "eval_examples": 50}},
+              {"use": "privacy.membership", "target": ["bert", "bert-dp"],
+               "params": {"attacks": ["loss", "rmia"], "reference_models": 2, "bootstrap": 50}}]
+    report = run_recipe(tiny_text_recipe(tiny_bert_dir, sentiment_csv, tmp_path, audits=audits))
+    plain = report.result("privacy.membership", "bert")
+    dp = report.result("privacy.membership", "bert-dp")
+    assert plain.status == "ok", plain.error
+    assert dp.status == "ok", dp.error
+    keys = [r["cache_key"] for r in plain.tables["reference_models"]["models"]]
+    assert [r["cache_key"] for r in dp.tables["reference_models"]["models"]] == keys
+    assert all(r["cache_hit"] for r in dp.tables["reference_models"]["models"])
+    assert dp.metrics["num_members"].value == plain.metrics["num_members"].value == 100
+
+
 def test_recipe_rejects_unknown_gate_metric(tiny_bert_dir, sentiment_csv, tmp_path):
     from fmaudit.recipe import RecipeError, load_recipe
 

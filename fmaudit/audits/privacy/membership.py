@@ -240,11 +240,17 @@ class MembershipAudit(AuditModule):
         return cal, name
 
     # -- reference models ----------------------------------------------------------------------------
-    def _train_config(self, target, seed: int, out: Outcome):
+    def _train_config(self, target, seed: int, out: Outcome, ctx: AuditContext):
         from fmaudit.training import TrainConfig
 
         p = self.params
         cfg = dict((target.finetune_info or {}).get("config") or {})
+        source = _source_recipe_target(target, ctx)
+        session = ctx.extras.get("session")
+        if not cfg and source is not None and session is not None and source in session.targets:
+            # a produced target (e.g. DP fine-tuned): mimic its source's recipe fine-tune, so both targets
+            # share the same (cached) reference models
+            cfg = dict((session.targets[source].finetune_info or {}).get("config") or {})
         if not cfg:
             out.finding("low", "Reference models use default training settings",
                         f"target {target.name!r} records no fine-tune settings; reference models train with "
@@ -267,7 +273,7 @@ class MembershipAudit(AuditModule):
         R = p.reference_models
         masks = paired_halves(len(population), R, p.reference_seed)
         seeds = [int(np.random.SeedSequence([p.reference_seed, r]).generate_state(1)[0]) for r in range(R)]
-        configs = [self._train_config(target, seeds[r], out) for r in range(R)]
+        configs = [self._train_config(target, seeds[r], out, ctx) for r in range(R)]
         out.findings = _dedupe_findings(out.findings)
         audit = population.subset(audit_idx, name=f"{population.name}[audit]")
         executor = ctx.extras.get("executor") or LocalExecutor()
@@ -492,20 +498,8 @@ def _base_target(target, ctx: AuditContext):
     run's Session (for a produced target: its source target's base). Checked against the recorded hash."""
     base = ctx.extras.get("base_target")
     session = ctx.extras.get("session")
-    name = ctx.extras.get("target_name", target.name)
     if base is None and session is not None:
-        recipe_targets = session.recipe.targets
-        source = name if name in recipe_targets else None
-        produced_by = getattr(target, "produced_by", None)
-        if source is None and produced_by and "@" in produced_by:
-            src = produced_by.rsplit("@", 1)[1]
-            # follow a chain of produced targets back to a recipe target
-            seen = set()
-            while src not in recipe_targets and src in session.targets and src not in seen:
-                seen.add(src)
-                pb = getattr(session.targets[src], "produced_by", None) or ""
-                src = pb.rsplit("@", 1)[1] if "@" in pb else src
-            source = src if src in recipe_targets else None
+        source = _source_recipe_target(target, ctx)
         if source is not None and hasattr(session, "base_target"):
             base = session.base_target(source)
     if base is None:
@@ -519,6 +513,29 @@ def _base_target(target, ctx: AuditContext):
     if "trainable" not in base.capabilities:
         raise ValueError(f"target {target.name!r} cannot be fine-tuned, so reference models cannot be trained")
     return base
+
+
+def _source_recipe_target(target, ctx: AuditContext) -> str | None:
+    """The recipe target this target is (or was produced from, following `produced_by` = 'i:module@name')."""
+    session = ctx.extras.get("session")
+    if session is None:
+        return None
+    recipe_targets = session.recipe.targets
+    name = ctx.extras.get("target_name", target.name)
+    if name in recipe_targets:
+        return name
+    current, seen = target, set()
+    while True:
+        pb = getattr(current, "produced_by", None) or ""
+        if "@" not in pb:
+            return None
+        src = pb.rsplit("@", 1)[1]
+        if src in recipe_targets:
+            return src
+        if src in seen or src not in session.targets:
+            return None
+        seen.add(src)
+        current = session.targets[src]
 
 
 def _lm_token_stats(target, data, *, batch_size: int, need_dist: bool):
