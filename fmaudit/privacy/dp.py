@@ -17,6 +17,7 @@ Heavy libraries are imported inside functions.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -135,13 +136,30 @@ def make_accountant(kind: str):
 
 def epsilon_for(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
     """Epsilon of `steps` Poisson-subsampled Gaussian steps, computed by Opacus' accountant of that kind
-    (the same call the engine's accountant makes after training)."""
+    (the same numbers the engine's accountant gives after training)."""
     if steps <= 0:
         return 0.0
+    if accountant == "rdp":
+        # RDP composes linearly in steps: Opacus computes compute_rdp(q, sigma, steps) = steps * rdp(one step);
+        # caching the one-step vector gives the identical floats without recomputing the orders every point.
+        from opacus.accountants.analysis.rdp import get_privacy_spent
+
+        orders, one = _rdp_one_step(float(noise_multiplier), float(sample_rate))
+        eps, _ = get_privacy_spent(orders=orders, rdp=one * int(steps), delta=delta)
+        return float(eps)
     acc = make_accountant(accountant)
     acc.history = [(float(noise_multiplier), float(sample_rate), int(steps))]
     kw = {"eps_error": PRV_EPS_ERROR} if accountant == "prv" else {}
     return float(acc.get_epsilon(delta=delta, **kw))
+
+
+@functools.lru_cache(maxsize=256)
+def _rdp_one_step(noise_multiplier: float, sample_rate: float):
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    orders = list(RDPAccountant.DEFAULT_ALPHAS)
+    return orders, compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=orders)
 
 
 def noise_for(*, target_epsilon: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
