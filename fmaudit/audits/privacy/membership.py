@@ -219,13 +219,7 @@ class MembershipAudit(AuditModule):
 
     # -- model outputs -------------------------------------------------------------------------------
     def _signals(self, target, data, is_clf: bool, need_dist: bool) -> dict[str, np.ndarray]:
-        from fmaudit.audits.privacy.membership_attacks import classifier_signals, sequence_signals
-
-        p = self.params
-        if is_clf:
-            return classifier_signals(target.logits(data, batch_size=p.batch_size), data.labels)
-        lp, mu, sd = _lm_token_stats(target, data, batch_size=max(1, p.batch_size // 4), need_dist=need_dist)
-        return sequence_signals(lp, data.texts, k=p.min_k, token_mu=mu, token_sigma=sd)
+        return _signals(target, data, is_clf, need_dist, batch_size=self.params.batch_size, min_k=self.params.min_k)
 
     def _calibration_target(self, target, ctx: AuditContext):
         name = self.params.calibration_model
@@ -264,9 +258,7 @@ class MembershipAudit(AuditModule):
     def _reference_signals(self, target, ctx: AuditContext, population, audit_idx: np.ndarray, is_clf: bool,
                            out: Outcome):
         from fmaudit.audits.privacy.membership_attacks import paired_halves
-        from fmaudit.data import Split
         from fmaudit.executor import LocalExecutor
-        from fmaudit.training import finetune_cached
 
         p = self.params
         base = _base_target(target, ctx)
@@ -277,27 +269,16 @@ class MembershipAudit(AuditModule):
         out.findings = _dedupe_findings(out.findings)
         audit = population.subset(audit_idx, name=f"{population.name}[audit]")
         executor = ctx.extras.get("executor") or LocalExecutor()
-        module = self
+        progress = ctx.progress
+        try:  # a remote executor pickles what the function captures: progress bars stay in this process
+            from fmaudit.executor import local_only  # type: ignore[attr-defined]
 
-        def train_one(r: int) -> dict[str, Any]:
-            try:
-                ref = base.copy(name=f"{target.name}-ref{r}")
-                member_idx = np.nonzero(masks[r])[0]
-                split = Split(population, member_idx, np.nonzero(~masks[r])[0], seeds[r], 0.5)
-                t = time.perf_counter()
-                stats, hit, key = finetune_cached(ref, split, configs[r], cache_dir=ctx.cache_dir, progress=ctx.progress,
-                                                  label=f"reference model {r + 1}/{R}", kind="reference")
-                load_s = time.perf_counter() - t
-                t = time.perf_counter()
-                s = module._signals(ref, audit, is_clf, need_dist=False)
-                infer_s = time.perf_counter() - t
-                del ref
-                return {"index": r, "phi": s["phi"], "logp": s["logp_true"], "seed": seeds[r], "cache_key": key,
-                        "cache_hit": hit, "train_seconds": stats.duration_s, "steps": stats.steps,
-                        "members": int(len(member_idx)), "wall_seconds": load_s, "score_seconds": infer_s}
-            except Exception as exc:  # isolated per the executor contract; raised below with context
-                return {"index": r, "error": f"{type(exc).__name__}: {exc}"}
-
+            progress = local_only(progress)
+        except ImportError:
+            pass
+        train_one = _TrainReference(base=base, population=population, audit=audit, masks=masks, seeds=seeds,
+                                    configs=configs, is_clf=is_clf, cache_dir=ctx.cache_dir, progress=progress,
+                                    batch_size=p.batch_size, min_k=p.min_k, label=target.name)
         results = executor.map(train_one, list(range(R)))
         errors = [r for r in results if "error" in r]
         if errors:
@@ -463,6 +444,52 @@ class MembershipAudit(AuditModule):
 
 # ---------------------------------------------------------------------------------------------------
 # helpers
+
+
+def _signals(target, data, is_clf: bool, need_dist: bool, *, batch_size: int, min_k: float) -> dict[str, np.ndarray]:
+    from fmaudit.audits.privacy.membership_attacks import classifier_signals, sequence_signals
+
+    if is_clf:
+        return classifier_signals(target.logits(data, batch_size=batch_size), data.labels)
+    lp, mu, sd = _lm_token_stats(target, data, batch_size=max(1, batch_size // 4), need_dist=need_dist)
+    return sequence_signals(lp, data.texts, k=min_k, token_mu=mu, token_sigma=sd)
+
+
+class _TrainReference:
+    """One reference model: fine-tune a copy of the base on its half (or load it from the cache), then score
+    the audit examples. A plain picklable callable, so a remote executor can run it on another machine
+    that shares the cache folder. Returns an error value instead of raising (the caller reports them all)."""
+
+    def __init__(self, *, base, population, audit, masks, seeds, configs, is_clf, cache_dir, progress, batch_size,
+                 min_k, label):
+        self.base, self.population, self.audit = base, population, audit
+        self.masks, self.seeds, self.configs = masks, seeds, configs
+        self.is_clf, self.cache_dir, self.progress = is_clf, cache_dir, progress
+        self.batch_size, self.min_k, self.label = batch_size, min_k, label
+
+    def __call__(self, r: int) -> dict[str, Any]:
+        from fmaudit.data import Split
+        from fmaudit.training import finetune_cached
+
+        try:
+            ref = self.base.copy(name=f"{self.label}-ref{r}")
+            mask = self.masks[r]
+            member_idx = np.nonzero(mask)[0]
+            split = Split(self.population, member_idx, np.nonzero(~mask)[0], self.seeds[r], 0.5)
+            t = time.perf_counter()
+            stats, hit, key = finetune_cached(ref, split, self.configs[r], cache_dir=self.cache_dir,
+                                              progress=self.progress, label=f"reference model {r + 1}/{len(self.masks)}",
+                                              kind="reference")
+            load_s = time.perf_counter() - t
+            t = time.perf_counter()
+            s = _signals(ref, self.audit, self.is_clf, False, batch_size=self.batch_size, min_k=self.min_k)
+            infer_s = time.perf_counter() - t
+            del ref
+            return {"index": r, "phi": s["phi"], "logp": s["logp_true"], "seed": self.seeds[r], "cache_key": key,
+                    "cache_hit": hit, "train_seconds": stats.duration_s, "steps": stats.steps,
+                    "members": int(len(member_idx)), "wall_seconds": load_s, "score_seconds": infer_s}
+        except Exception as exc:  # isolated per the executor contract; raised by the caller with context
+            return {"index": r, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def _validate_ids(members: list[str], nonmembers: list[str] | None, known: list[str]) -> None:
