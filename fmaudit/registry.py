@@ -24,6 +24,7 @@ ENTRY_POINT_GROUP = "fmaudit.audits"
 # name -> "module:Class". Every built-in audit is listed here and nowhere else.
 BUILTIN_AUDITS: dict[str, str] = {
     "utility": "fmaudit.audits.utility:UtilityAudit",
+    "robustness.text_attack": "fmaudit.audits.robustness.text_attack:TextAttackAudit",
     "privacy.membership": "fmaudit.audits.privacy.membership:MembershipAudit",
     "privacy.dp_finetune": "fmaudit.audits.privacy.dp_finetune:DPFinetuneAudit",
     "explain.attribution": "fmaudit.audits.explain.attribution:AttributionAudit",

@@ -126,7 +126,9 @@ def import_textattack(cache_dir: str | Path | None = None) -> ModuleType:
             for name, lg in logging.Logger.manager.loggerDict.items():
                 if isinstance(lg, logging.Logger) and name in saved_loggers:
                     lg.disabled = saved_loggers[name]
-        logging.getLogger("textattack").setLevel(logging.WARNING)
+        for name in list(logging.Logger.manager.loggerDict):
+            if name == "textattack" or name.startswith("textattack."):
+                logging.getLogger(name).setLevel(logging.WARNING)  # its INFO chatter ("compatible with model")
         _state["imported"] = True
         _state["cache_dir"] = str(root)
         return sys.modules["textattack"]

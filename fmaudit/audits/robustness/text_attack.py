@@ -1,0 +1,333 @@
+"""`robustness.text_attack`: how often small, meaning-preserving edits flip a text classifier, at what query
+cost, and which examples break, using TextAttack's attacks (its search methods and constraints, unchanged).
+
+Runs offline: DeepWordBug, Pruthi and input reduction need no download, and `embedding-swap` (TextFooler in
+spirit) takes its synonyms from the target's own input embeddings. Other TextAttack recipes can be named;
+when one needs a resource that is not on this machine, `check()` says which and how to provide it.
+Every success TextAttack reports is re-run through the target (an independent forward pass) and counts
+only if the target's prediction really changed.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, field_validator, model_validator
+
+from fmaudit.audits.base import AuditContext, AuditModule, AuditParams, Outcome
+from fmaudit.audits.robustness.text_attack_recipes import (ALL_ATTACKS, EMBEDDING_SWAP, MASKED_LM_DEFAULTS,
+                                                           NATIVE_ATTACKS, canonical)
+
+
+class TextAttackAudit(AuditModule):
+    name = "robustness.text_attack"
+    category = "robustness"
+    description = ("Adversarial text attacks through TextAttack (offline: deepwordbug, pruthi, input-reduction, "
+                   "embedding-swap; other TextAttack recipes when their resources are local): clean accuracy, "
+                   "accuracy under attack, success rate, perturbed words, queries; every success re-verified.")
+    requires = frozenset({"text", "classifier", "logits"})
+    metric_names = ("clean_accuracy", "accuracy_under_attack", "attack_success_rate", "avg_perturbed_word_pct",
+                    "avg_queries", "wall_time_per_example_s", "num_examples", "num_attacked", "num_skipped",
+                    "num_successes", "num_failed", "num_verified", "num_unverified", "num_budget_exhausted")
+
+    class Params(AuditParams):
+        attack: str = Field(default="deepwordbug", description=(
+            "deepwordbug | pruthi | input-reduction | embedding-swap (no downloads), or any other TextAttack "
+            "recipe name (textfooler, pwws, bae, bert-attack, ...) whose resources are available locally."))
+        num_examples: int = Field(default=20, gt=0, le=100_000,
+                                  description="Attack a seeded sample of at most this many examples.")
+        split: Literal["auto", "nonmembers", "members", "all"] = Field(
+            default="auto", description="auto = held-out non-members when the target was fine-tuned on this data.")
+        query_budget: int | None = Field(default=2000, gt=0, description=(
+            "Model queries allowed per example (TextAttack's goal-function budget); null = unlimited."))
+        batch_size: int = Field(default=64, gt=0, le=4096, description="Texts per forward pass.")
+        max_candidates: int = Field(default=30, gt=0, le=200,
+                                    description="embedding-swap: nearest-neighbour candidates per word.")
+        min_cos_sim: float = Field(default=0.5, gt=0.0, lt=1.0, description=(
+            "embedding-swap: minimum cosine similarity between a word and its replacement in the target's "
+            "input-embedding space."))
+        max_modification_rate: float = Field(default=0.3, gt=0.0, le=1.0, description=(
+            "embedding-swap: at most this fraction of the words may be replaced (at least one)."))
+        max_word_swaps: int = Field(default=1, gt=0, le=100, description="pruthi: words that may be edited.")
+        masked_lm: str | None = Field(default=None, description=(
+            "bae / bert-attack / clare: a local folder with a Hugging Face masked LM to use instead of the hub "
+            "model the recipe names."))
+        max_evidence: int = Field(default=10, ge=0, le=1000, description="Examples kept as evidence.")
+
+        @field_validator("attack")
+        @classmethod
+        def _known_attack(cls, v: str) -> str:
+            name = canonical(v)
+            if name not in ALL_ATTACKS:
+                from fmaudit.registry import suggest
+
+                close = suggest(name, ALL_ATTACKS)
+                raise ValueError(f"unknown attack {v!r}" + (f"; did you mean {' or '.join(map(repr, close))}?"
+                                                            if close else "")
+                                 + f" (offline: {', '.join(sorted(NATIVE_ATTACKS))}; TextAttack recipes: "
+                                 + ", ".join(a for a in ALL_ATTACKS if a not in NATIVE_ATTACKS) + ")")
+            return name
+
+        @model_validator(mode="after")
+        def _masked_lm_only_where_used(self) -> "TextAttackAudit.Params":
+            if self.masked_lm is not None and self.attack not in MASKED_LM_DEFAULTS:
+                raise ValueError(f"masked_lm is used only by {', '.join(sorted(MASKED_LM_DEFAULTS))}, "
+                                 f"not by {self.attack!r}")
+            return self
+
+    # ----------------------------------------------------------------------------------------------
+    def check(self, target, data) -> list[str]:
+        problems: list[str] = []
+        caps = getattr(target, "capabilities", frozenset())
+        if not {"text", "classifier"} <= set(caps) or not hasattr(target, "tokenize"):
+            kind = getattr(target, "kind", type(target).__name__)
+            problems.append(f"robustness.text_attack attacks text classifiers; target "
+                            f"{getattr(target, 'name', '?')!r} is a {kind} target")
+            return problems
+        if data is None or len(data) == 0:
+            problems.append("no examples to attack: the dataset is empty (give the audit a `data:` with examples)")
+        elif data.texts is None:
+            problems.append(f"dataset {data.name!r} has no texts; text attacks need text data")
+        elif data.labels is None:
+            problems.append(f"dataset {data.name!r} has no labels; an attack needs the true label of each example")
+        elif target.num_labels is not None and data.num_labels is not None and data.num_labels > target.num_labels:
+            problems.append(f"dataset {data.name!r} has {data.num_labels} labels but the model has "
+                            f"{target.num_labels} outputs")
+        if self.params.attack not in NATIVE_ATTACKS:
+            problems += _missing(self.params, None)
+        return problems
+
+    # ----------------------------------------------------------------------------------------------
+    def _select(self, ctx: AuditContext):
+        data, split, p = ctx.data, ctx.split, self.params
+        same = split is not None and data is not None and split.dataset.fingerprint == data.fingerprint
+        choice = p.split
+        if choice == "auto":
+            choice = "nonmembers" if same else "all"
+        if choice in ("members", "nonmembers"):
+            if not same:
+                raise ValueError(f"split: {choice} needs a target fine-tuned on this dataset; use split: all")
+            data = split.members if choice == "members" else split.nonmembers
+        if len(data) == 0:
+            raise ValueError(f"no examples to attack in the {choice} subset")
+        if len(data) > p.num_examples:
+            rng = np.random.default_rng(ctx.seed)
+            data = data.subset(np.sort(rng.choice(len(data), p.num_examples, replace=False)))
+        return data, choice
+
+    def run(self, target, ctx: AuditContext) -> Outcome:
+        from fmaudit.audits.robustness.textattack_env import import_textattack
+
+        if p_attack_needs_check(self.params.attack):
+            problems = _missing(self.params, ctx.cache_dir)
+            if problems:
+                raise ValueError("; ".join(problems))
+        import_textattack(ctx.cache_dir)
+        from fmaudit.audits.robustness import text_attack_engine as engine
+        from fmaudit.stats import softmax
+
+        p = self.params
+        data, choice = self._select(ctx)
+        out = Outcome()
+        wrapper = engine.TargetModelWrapper(target, batch_size=p.batch_size)
+        t_build = time.perf_counter()
+        attack, info = engine.build_attack(p.attack, wrapper, params=p, target=target, cache_dir=ctx.cache_dir)
+        build_s = time.perf_counter() - t_build
+
+        texts, labels = list(data.texts), [int(y) for y in data.labels]
+        results, seconds = [], []
+        with ctx.task(f"{p.attack} on {target.name}", len(texts)) as bar:
+            for i, (text, y) in enumerate(zip(texts, labels)):
+                engine.seed_all((ctx.seed + i) % (2**32))
+                t0 = time.perf_counter()
+                results.append(attack.attack(text, y))
+                seconds.append(time.perf_counter() - t0)
+                bar.advance()
+        summary = summarize(results, labels, target, p.attack, p.query_budget, softmax)
+        n = len(results)
+        total_s = float(np.sum(seconds))
+        reduction = p.attack == "input-reduction"
+
+        out.metric("clean_accuracy", summary["clean_correct"] / n, higher_is_better=True, unit="fraction",
+                   description="Fraction of the attacked sample the target classifies correctly before any edit.")
+        if not reduction:
+            out.metric("accuracy_under_attack", (summary["num_attacked"] - summary["num_successes"]) / n,
+                       higher_is_better=True, unit="fraction",
+                       description="Fraction still classified correctly after the attack (verified successes only).")
+        rate = summary["num_successes"] / summary["num_attacked"] if summary["num_attacked"] else None
+        out.metric("attack_success_rate", rate, higher_is_better=False, unit="fraction",
+                   description=("Verified successes / attacked examples (correctly classified ones)." if not reduction
+                                else "Examples reduced by at least one word with the prediction unchanged (verified) "
+                                     "/ attacked examples."))
+        out.metric("avg_perturbed_word_pct", summary["avg_perturbed_word_pct"], higher_is_better=None, unit="percent",
+                   description=("Mean percentage of words changed in verified successes." if not reduction else
+                                "Mean percentage of words removed in verified reductions."))
+        out.metric("avg_queries", summary["avg_queries"], higher_is_better=None, unit="queries",
+                   description="Mean model queries per attacked example (TextAttack's count).")
+        out.metric("wall_time_per_example_s", total_s / n, higher_is_better=False, unit="seconds",
+                   description="Attack wall time per example in the sample (skipped ones included).")
+        for key in ("num_attacked", "num_skipped", "num_successes", "num_failed", "num_verified", "num_unverified",
+                    "num_budget_exhausted"):
+            out.metric(key, summary[key], unit="examples")
+        out.metric("num_examples", n, unit="examples", description="Examples in the attacked sample.")
+
+        out.tables["attack"] = {
+            "name": p.attack, "textattack_version": _version("textattack"),
+            "description": NATIVE_ATTACKS.get(p.attack, f"TextAttack recipe {p.attack}"),
+            "query_budget": p.query_budget, "batch_size": p.batch_size, "seed": ctx.seed,
+            "goal_function": type(attack.goal_function).__name__,
+            "search_method": type(attack.search_method).__name__,
+            "transformation": type(attack.transformation).__name__,
+            "build_seconds": round(build_s, 3), "attack_seconds": round(total_s, 3),
+            "model_forward_inputs": wrapper.num_inputs, **info,
+        }
+        out.tables["constraints"] = engine.constraint_table(attack)
+        out.tables["evaluated_on"] = {"dataset": ctx.data.name, "subset": choice, "num_examples": n}
+        out.tables["verification"] = {
+            "claimed_successes": summary["num_claimed"], "verified": summary["num_verified"],
+            "unverified": summary["num_unverified"],
+            "method": ("each adversarial text re-run through the target (target.logits_texts, an independent "
+                       "forward pass); a flip counts only if the prediction differs from the true label"
+                       if not reduction else "each reduced text re-run through the target; it counts only if "
+                                             "the prediction still equals the true label"),
+        }
+        out.tables["per_example"] = [
+            {"id": data.ids[i], "status": r["status"], "queries": r["queries"], "seconds": round(seconds[i], 4),
+             "verified": r["verified"]} for i, r in enumerate(summary["rows"])]
+        out.evidence = evidence(summary["rows"], results, data.ids, ctx.store_examples, p.max_evidence, engine)
+
+        if summary["num_unverified"]:
+            out.finding("high", f"{summary['num_unverified']} reported successes did not hold when re-run",
+                        "TextAttack reported them as successful but the target's own forward pass disagrees; they "
+                        "are counted as failures", metric="num_unverified")
+        if rate is not None and not reduction:
+            sev = "high" if rate >= 0.5 else "medium" if rate >= 0.2 else "low" if rate > 0 else "info"
+            out.finding(sev, f"{p.attack} flips {rate:.0%} of correctly classified examples",
+                        f"{summary['num_successes']} of {summary['num_attacked']} attacked examples (budget "
+                        f"{p.query_budget} queries, {summary['avg_queries'] or 0:.0f} used on average); accuracy "
+                        f"{summary['clean_correct'] / n:.3f} -> {(summary['num_attacked'] - summary['num_successes']) / n:.3f}",
+                        metric="attack_success_rate")
+        if summary["num_budget_exhausted"]:
+            out.finding("info", f"query budget exhausted on {summary['num_budget_exhausted']} examples",
+                        "those attacks stopped early; a larger query_budget may find more successes",
+                        metric="num_budget_exhausted")
+        if summary["num_attacked"] == 0:
+            out.finding("medium", "Nothing to attack: the target misclassifies every sampled example",
+                        metric="num_attacked")
+        return out
+
+
+def p_attack_needs_check(attack: str) -> bool:
+    return attack not in NATIVE_ATTACKS
+
+
+def _missing(params: Any, cache_dir: Any) -> list[str]:
+    """Resources a TextAttack recipe needs that are not available (cache_dir None: fmaudit's default)."""
+    from fmaudit.audits.robustness.text_attack_recipes import ResourceContext, missing_resources
+    from fmaudit.audits.robustness.textattack_env import nltk_data_dir, textattack_cache_dir
+
+    rc = ResourceContext(ta_cache=textattack_cache_dir(cache_dir), nltk_dir=nltk_data_dir(cache_dir),
+                         masked_lm=params.masked_lm)
+    return missing_resources(params.attack, rc)
+
+
+def _version(pkg: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:  # pragma: no cover
+        return None
+
+
+def summarize(results: list[Any], labels: list[int], target: Any, attack_name: str, query_budget: int | None,
+              softmax: Any) -> dict[str, Any]:
+    """Classify TextAttack results, re-verify every success with the target, and aggregate."""
+    from textattack.attack_results import (FailedAttackResult, MaximizedAttackResult, SkippedAttackResult,
+                                           SuccessfulAttackResult)
+
+    reduction = attack_name == "input-reduction"
+    rows: list[dict[str, Any]] = []
+    claimed: list[int] = []
+    for i, r in enumerate(results):
+        orig = r.original_result
+        probs = np.asarray(orig.raw_output.detach().cpu() if hasattr(orig.raw_output, "detach") else orig.raw_output,
+                           dtype=np.float64)
+        row: dict[str, Any] = {"label": labels[i], "orig_pred": int(np.argmax(probs)),
+                               "orig_conf": float(np.max(probs)), "verified": None,
+                               "queries": int(r.perturbed_result.num_queries), "changed_words": 0,
+                               "num_words": int(orig.attacked_text.num_words)}
+        if isinstance(r, SkippedAttackResult):
+            row["status"] = "skipped"
+        elif isinstance(r, SuccessfulAttackResult):
+            row["status"] = "success"
+            claimed.append(i)
+        elif isinstance(r, MaximizedAttackResult):
+            row["status"] = "maximized"
+            words_removed = orig.attacked_text.num_words - r.perturbed_result.attacked_text.num_words
+            if words_removed > 0:
+                claimed.append(i)
+        elif isinstance(r, FailedAttackResult):
+            row["status"] = "failed"
+        else:  # pragma: no cover
+            row["status"] = type(r).__name__
+        if row["status"] != "skipped":
+            row["changed_words"] = (orig.attacked_text.num_words - r.perturbed_result.attacked_text.num_words
+                                    if reduction else
+                                    len(orig.attacked_text.all_words_diff(r.perturbed_result.attacked_text)))
+        rows.append(row)
+
+    if claimed:
+        adv_texts = [results[i].perturbed_result.attacked_text.text for i in claimed]
+        probs = softmax(target.logits_texts(adv_texts))
+        for j, i in enumerate(claimed):
+            pred = int(probs[j].argmax())
+            ok = (pred == labels[i]) if reduction else (pred != labels[i])
+            rows[i].update(verified=bool(ok), adv_pred=pred, adv_conf=float(probs[j].max()))
+    attacked = [r for r in rows if r["status"] != "skipped"]
+    verified = [r for r in rows if r["verified"]]
+    pct = [100.0 * r["changed_words"] / r["num_words"] for r in verified if r["num_words"] > 0]
+    budget_hit = 0
+    if query_budget is not None:
+        budget_hit = sum(1 for r in attacked if r["queries"] >= query_budget and not r["verified"])
+    return {
+        "rows": rows,
+        "clean_correct": len(attacked),
+        "num_attacked": len(attacked),
+        "num_skipped": len(rows) - len(attacked),
+        "num_claimed": len(claimed),
+        "num_successes": len(verified),
+        "num_verified": len(verified),
+        "num_unverified": len(claimed) - len(verified),
+        "num_failed": len(attacked) - len(verified),
+        "num_budget_exhausted": budget_hit,
+        "avg_perturbed_word_pct": float(np.mean(pct)) if pct else None,
+        "avg_queries": float(np.mean([r["queries"] for r in attacked])) if attacked else None,
+    }
+
+
+def evidence(rows: list[dict[str, Any]], results: list[Any], ids: list[str], store_examples: bool, limit: int,
+             engine: Any) -> list[dict[str, Any]]:
+    """Verified successes first, then unverified claims and failures; raw text only when allowed."""
+    order = sorted(range(len(rows)), key=lambda i: (0 if rows[i]["verified"] else 1 if rows[i]["verified"] is False
+                                                    else 2 if rows[i]["status"] == "failed" else 3, i))
+    out = []
+    for i in order[:limit]:
+        r = rows[i]
+        if r["status"] == "skipped":
+            continue
+        item: dict[str, Any] = {"id": ids[i], "status": r["status"], "verified": r["verified"], "label": r["label"],
+                                "original_prediction": r["orig_pred"], "original_confidence": round(r["orig_conf"], 6),
+                                "queries": r["queries"], "words_changed": r["changed_words"],
+                                "num_words": r["num_words"]}
+        if "adv_pred" in r:
+            item["adversarial_prediction"] = r["adv_pred"]
+            item["adversarial_confidence"] = round(r["adv_conf"], 6)
+        if store_examples:
+            a, b = engine.marked_diff(results[i])
+            item["original_text"] = a
+            item["adversarial_text"] = b
+        out.append(item)
+    return out
