@@ -77,6 +77,8 @@ def run(
                                 "folder, skipping modules already complete."),
     resume_from: Optional[Path] = typer.Option(None, "--resume-from", help="Continue this run folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    executor: Optional[str] = typer.Option(None, "--executor", help="Where independent units run: local | ray "
+                                           "(default: the recipe's executor; ray needs `pip install 'fmaudit\\[ray]'`)."),
 ) -> None:
     """Run a recipe: fine-tune targets (cached), run each audit, write reports/<run-id>/report.json."""
     from fmaudit.recipe import RecipeError, load_recipe
@@ -98,8 +100,19 @@ def run(
             err.print(f"[yellow]No earlier run of this recipe in {out_dir}; starting a new one.[/]")
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=err, disable=quiet, transient=False)
+    from fmaudit.executor import EXECUTOR_KINDS, make_executor
+
+    spec = loaded.recipe.executor
+    if executor is not None and executor not in EXECUTOR_KINDS:
+        err.print(f"[bold red]Unknown executor {executor!r}[/]: use one of {', '.join(EXECUTOR_KINDS)}")
+        raise typer.Exit(2)
+    try:
+        chosen = make_executor(spec if executor in (None, spec.kind) else spec.model_copy(update={"kind": executor}))
+    except ValueError as exc:  # ExecutorUnavailable: the optional extra is not installed
+        err.print(f"[bold red]Cannot use the {executor or spec.kind} executor:[/] {escape(str(exc))}")
+        raise typer.Exit(2)
     runner = Runner(loaded, output_dir=out_dir, resume=resume_dir, progress=_RichProgress(progress),
-                    log=lambda m: None)
+                    log=lambda m: None, executor=chosen)
     try:
         with progress:
             report = runner.run()

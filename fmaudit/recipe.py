@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fmaudit.tasks import BUNDLED_DATA, BUNDLED_MODELS, CAPABILITIES, MODALITY, TASKS
 
@@ -79,7 +79,26 @@ class TargetSpec(_Strict):
 
 
 class ExecutorSpec(_Strict):
-    kind: Literal["local"] = "local"
+    """Where independent units run (audits over several targets in one wave, reference-model trainings,
+    shards). It changes where, never what: reports and caches match a local run with the same seed."""
+
+    kind: Literal["local", "ray"] = Field(default="local", description="local: in this process, one after another. "
+                                          "ray: as Ray tasks (pip install 'fmaudit[ray]'); see docs/ray.md.")
+    address: str | None = Field(default=None, description="ray: the cluster to join: auto (started with `ray start`),"
+                                                          " ray://host:10001 (Ray Client); default: a local instance.")
+    num_cpus_per_task: float = Field(default=1.0, gt=0, description="ray: CPUs each task holds (and torch threads).")
+    num_gpus_per_task: float = Field(default=0.0, ge=0, description="ray: GPUs each task holds (fractions share one).")
+    max_retries: int = Field(default=3, ge=0, description="ray: retries of a task whose worker died; then that "
+                                                          "unit is reported as an error.")
+
+    @model_validator(mode="after")
+    def _ray_settings_need_ray(self) -> "ExecutorSpec":
+        if self.kind == "local":
+            used = [k for k in ("address", "num_cpus_per_task", "num_gpus_per_task", "max_retries")
+                    if k in self.model_fields_set]
+            if used:
+                raise ValueError(f"{', '.join(used)} {'applies' if len(used) == 1 else 'apply'} only to kind: ray")
+        return self
 
 
 class AuditSpec(_Strict):
@@ -124,7 +143,12 @@ class Recipe(_Strict):
     audits: list[AuditSpec] = Field(min_length=1)
 
     def canonical_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        # Where units run never changes what they compute, so the executor stays out of the hash: the same
+        # recipe run locally and on Ray has one hash (and a local run can be resumed on a cluster). Written
+        # as the old default, so hashes of existing recipes are unchanged.
+        data = self.model_dump(mode="json")
+        data["executor"] = {"kind": "local"}
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     @property
     def sha256(self) -> str:
@@ -411,6 +435,10 @@ def check_recipe(recipe: Recipe, *, lines: dict[tuple, int] | None = None, base_
                 if task is not None and task != BUNDLED_MODELS[m]:
                     add(("targets", name, "task"), f"{m} is a {BUNDLED_MODELS[m]} model, not {task}")
                 task = BUNDLED_MODELS[m]
+                if m in ("bundled:digits-cnn", "bundled:digits-vit") and spec.finetune is None:
+                    add(("targets", name), f"{m} starts from random weights: add a `finetune:` entry (e.g. "
+                                           "finetune: {data: digits, epochs: 10, lr: 3.0e-3} with a bundled:digits "
+                                           "dataset) so it is trained before it is audited")
         elif m.startswith("python:"):
             ref = m.split(":", 1)[1]
             if ref.count(":") != 1:

@@ -21,7 +21,7 @@ import numpy as np
 from fmaudit import __version__
 from fmaudit.audits.base import AuditCheckError, AuditContext, AuditModule, Outcome
 from fmaudit.data import DataError, Dataset, Split, load_dataset, member_split
-from fmaudit.executor import Executor, make_executor
+from fmaudit.executor import Executor, TaskFailed, local_only, make_executor
 from fmaudit.recipe import AuditSpec, LoadedRecipe, Problem, RecipeError, load_recipe
 from fmaudit.registry import registry
 from fmaudit.report import (AuditResult, ErrorInfo, EventLog, GateResult, HostInfo, RunReport, load_report,
@@ -256,7 +256,13 @@ class Runner:
             device = resolve_device(self.recipe.device)
         except TargetError as exc:
             raise PreparationError(f"device: {exc}") from exc
-        session = Session(self.loaded, device, self.cache_dir, self.progress)
+        start = getattr(self.executor, "start", None)
+        if start is not None:  # e.g. connect to a Ray cluster: fail before anything is written
+            try:
+                start()
+            except Exception as exc:
+                raise PreparationError(f"executor {self.executor.name!r}: {exc}") from exc
+        session = Session(self.loaded, device, self.cache_dir, local_only(self.progress))
         units = [Unit(i, a, t) for i, a in enumerate(self.recipe.audits) for t in a.target]
         run_dir, run_id, done = self._make_run_dir()
         fresh = self.resume_dir is None
@@ -265,7 +271,7 @@ class Runner:
         try:
             if fresh:
                 events.emit("run_started", run_id=run_id, recipe_sha256=self.recipe.sha256, recipe=self.loaded.raw,
-                            fmaudit_version=__version__)
+                            fmaudit_version=__version__, executor=self.executor.name)
             else:
                 events.emit("run_resumed", run_id=run_id, completed=sorted(done))
             prep_t = time.perf_counter()
@@ -296,7 +302,7 @@ class Runner:
                         events.emit("audit_skipped", unit_id=u.unit_id, reason="completed in an earlier attempt")
                     else:
                         todo.append(u)
-                for u, res in zip(todo, self.executor.map(lambda u: self._run_unit(u, session, run_dir, events), todo)):
+                for u, res in zip(todo, self._run_wave(todo, session, run_dir, events)):
                     results[u.unit_id] = res
         except KeyboardInterrupt:
             interrupted = True
@@ -359,37 +365,97 @@ class Runner:
             raise RecipeError(problems, str(self.loaded.path) if self.loaded.path else None)
 
     def _unit_data(self, u: Unit, session: Session) -> Dataset | None:
-        if u.spec.data is not None:
-            return session.dataset(u.spec.data)
-        name = session.target_data.get(u.target)
-        if name is None:
-            target = session.targets.get(u.target)
-            split = getattr(target, "split", None)
-            return split.dataset if split is not None else None
-        return session.dataset(name)
+        return _unit_data(u, session)
+
+    def _job(self, session: Session, run_dir: Path, units: list[Unit]) -> "UnitJob":
+        return UnitJob(recipe=self.recipe, session=session, run_dir=run_dir, cache_dir=self.cache_dir,
+                       executor=self.executor, progress=local_only(self.progress), log=local_only(self.log),
+                       classes={u.spec.use: registry.get(u.spec.use) for u in units})
 
     def _run_unit(self, u: Unit, session: Session, run_dir: Path, events: EventLog) -> AuditResult:
-        cls = registry.get(u.spec.use)
-        seed = _unit_seed(self.recipe.seed, u.unit_id)
-        started = _now()
-        t = time.perf_counter()
         events.emit("audit_started", unit_id=u.unit_id, module=u.spec.use, target=u.target)
-        base = dict(unit_id=u.unit_id, audit_index=u.index, module=u.spec.use, category=cls.category, target=u.target,
-                    params={}, seed=seed, started_at=started)
+        result, produced = self._job(session, run_dir, [u])(u)
+        return self._finish_unit(u, session, events, result, produced)
+
+    def _run_wave(self, todo: list[Unit], session: Session, run_dir: Path, events: EventLog) -> list[AuditResult]:
+        """One wave of independent units. An in-process executor runs them one by one. A remote one (Ray)
+        gets several units as tasks: the job (with the Session) travels once; events and produced targets
+        are recorded here, in the driver. A wave of one unit runs here, and its own independent work
+        (reference models) goes to the executor."""
+        if not getattr(self.executor, "remote", False):
+            return self.executor.map(lambda u: self._run_unit(u, session, run_dir, events), todo)
+        if len(todo) <= 1:
+            return [self._run_unit(u, session, run_dir, events) for u in todo]
+        job = self._job(session, run_dir, todo)
+        for u in todo:
+            events.emit("audit_started", unit_id=u.unit_id, module=u.spec.use, target=u.target)
+        outs = self.executor.map(job, todo, on_error=lambda u, exc: (job.failed(u, exc), None))
+        return [self._finish_unit(u, session, events, res, produced) for u, (res, produced) in zip(todo, outs)]
+
+    def _finish_unit(self, u: Unit, session: Session, events: EventLog, result: AuditResult, produced: Any
+                     ) -> AuditResult:
+        if produced is not None:
+            session.targets[u.spec.produces] = produced
+            session.target_data[u.spec.produces] = session.target_data.get(u.target)
+        events.emit("audit_result", unit_id=u.unit_id, result=result.model_dump(mode="json"))
+        return result
+
+
+def _unit_data(u: Unit, session: Session) -> Dataset | None:
+    if u.spec.data is not None:
+        return session.dataset(u.spec.data)
+    name = session.target_data.get(u.target)
+    if name is None:
+        target = session.targets.get(u.target)
+        split = getattr(target, "split", None)
+        return split.dataset if split is not None else None
+    return session.dataset(name)
+
+
+@dataclass
+class UnitJob:
+    """Runs one audit unit and returns (result, produced target or None). Everything it needs is here and
+    picklable, so a remote executor can run it in another process: module classes are resolved by the
+    caller (plugins registered at run time travel too), progress and log are `LocalOnly`."""
+
+    recipe: Any
+    session: Session
+    run_dir: Path
+    cache_dir: Path
+    executor: Executor
+    progress: Any
+    log: Callable[[str], None] | None
+    classes: dict[str, type[AuditModule]]
+
+    def _cls(self, u: Unit) -> type[AuditModule]:
+        return self.classes.get(u.spec.use) or registry.get(u.spec.use)
+
+    def _base(self, u: Unit, cls: type[AuditModule]) -> dict[str, Any]:
+        return dict(unit_id=u.unit_id, audit_index=u.index, module=u.spec.use, category=cls.category, target=u.target,
+                    params={}, seed=_unit_seed(self.recipe.seed, u.unit_id), started_at=_now())
+
+    def __call__(self, u: Unit) -> tuple[AuditResult, Any]:
+        cls = self._cls(u)
+        base = self._base(u, cls)
+        seed = base["seed"]
+        session = self.session
+        t = time.perf_counter()
+        produced = None
         try:
             module: AuditModule = cls(u.spec.params)
             base["params"] = module.params.model_dump(mode="json")
             target = session.target(u.target) if u.target in self.recipe.targets else session.targets[u.target]
-            data = self._unit_data(u, session)
+            data = _unit_data(u, session)
             problems = module.check(target, data)
             if problems:
                 raise AuditCheckError(problems)
-            ctx = AuditContext(unit_id=u.unit_id, seed=seed, device=session.device, run_dir=run_dir,
+            ctx = AuditContext(unit_id=u.unit_id, seed=seed, device=session.device, run_dir=self.run_dir,
                                cache_dir=self.cache_dir, store_examples=self.recipe.store_examples, data=data,
                                split=getattr(target, "split", None), produces=u.spec.produces, progress=self.progress,
                                extras={"executor": self.executor, "session": session, "target_name": u.target})
             _seed_everything(seed)
-            self.log(f"running {u.unit_id}")
+            if self.log is not None:
+                self.log(f"running {u.unit_id}")
             outcome = module.run(target, ctx)
             gates = evaluate_gates(u.spec.fail_if, outcome)
             for g in gates:
@@ -401,12 +467,11 @@ class Runner:
                     raise RuntimeError(f"module {u.spec.use!r} did not produce a target")
                 outcome.produced.name = u.spec.produces
                 outcome.produced.produced_by = u.unit_id
-                session.targets[u.spec.produces] = outcome.produced
-                session.target_data[u.spec.produces] = session.target_data.get(u.target)
             result = AuditResult(**base, status="ok", duration_s=round(time.perf_counter() - t, 4),
                                  metrics=outcome.metrics, findings=outcome.findings, curves=outcome.curves,
                                  tables=outcome.tables, evidence=outcome.evidence, artifacts=outcome.artifacts,
                                  produces=u.spec.produces, gates=gates)
+            produced = outcome.produced if u.spec.produces else None
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # one module failing never loses the others' results
@@ -416,8 +481,18 @@ class Runner:
             result = AuditResult(**base, status="error", duration_s=round(time.perf_counter() - t, 4),
                                  error=ErrorInfo(type=type(exc).__name__, message=str(exc) or type(exc).__name__,
                                                  hint=hint, traceback=traceback.format_exc(limit=20)))
-        events.emit("audit_result", unit_id=u.unit_id, result=result.model_dump(mode="json"))
-        return result
+        return result, produced
+
+    def failed(self, u: Unit, exc: TaskFailed) -> AuditResult:
+        """The result of a unit whose task never returned (its worker died on every attempt)."""
+        base = self._base(u, self._cls(u))
+        hint = None
+        if exc.crashed:
+            hint = ("the process running this unit died (killed, out of memory, or its node was lost) on every "
+                    "attempt; check memory per task, or raise the executor's max_retries")
+        return AuditResult(**base, status="error", duration_s=0.0,
+                           error=ErrorInfo(type=exc.error_type, message=str(exc), hint=hint,
+                                           traceback=exc.remote_traceback))
 
 
 def run_recipe(recipe: str | Path | dict[str, Any], *, output_dir: str | Path | None = None,
