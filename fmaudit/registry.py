@@ -25,6 +25,7 @@ ENTRY_POINT_GROUP = "fmaudit.audits"
 BUILTIN_AUDITS: dict[str, str] = {
     "utility": "fmaudit.audits.utility:UtilityAudit",
     "robustness.text_attack": "fmaudit.audits.robustness.text_attack:TextAttackAudit",
+    "robustness.image_attack": "fmaudit.audits.robustness.image_attack:ImageAttackAudit",
     "privacy.membership": "fmaudit.audits.privacy.membership:MembershipAudit",
     "privacy.dp_finetune": "fmaudit.audits.privacy.dp_finetune:DPFinetuneAudit",
     "explain.attribution": "fmaudit.audits.explain.attribution:AttributionAudit",
