@@ -99,8 +99,11 @@ def roc_figure(series: list[tuple[str, Curve, dict[str, float | None]]], title: 
         t1 = stats.get("tpr@1%") if stats.get("tpr@1%") is not None else tpr_at_fpr(c, 0.01)
         t01 = stats.get("tpr@0.1%") if stats.get("tpr@0.1%") is not None else tpr_at_fpr(c, 0.001)
         auc = stats.get("auc")
-        label = f"{name} — TPR@1%FPR {fmt(t1)}, TPR@0.1%FPR {fmt(t01)}" + (f", AUC {auc:.3f}" if auc is not None
-                                                                            else "")
+        def f3(v: float | None) -> str:
+            return "—" if v is None else f"{v:.3f}"
+
+        label = f"{name} — TPR@1%FPR {f3(t1)}, TPR@0.1%FPR {f3(t01)}" + (f", AUC {auc:.3f}" if auc is not None
+                                                                          else "")
         xs, ys = _clean_xy(c.x, c.y, True, True)
         fig.add_trace(go.Scatter(
             x=xs, y=ys, name=label, mode="lines", line=dict(color=PALETTE[i % len(PALETTE)], shape="hv"),
@@ -222,3 +225,26 @@ def word_diff_html(original: str, adversarial: str) -> tuple[str, str, int]:
             out_a += [f'<del style="background:#fdd; text-decoration:line-through">{w}</del>' for w in wa]
             out_b += [f'<mark style="background:#fbd38d">{w}</mark>' for w in wb]
     return " ".join(out_a), " ".join(out_b), changed
+
+
+def marked_or_diff_html(original: str, adversarial: str) -> tuple[str, str, int]:
+    """Texts whose changed words are marked [[like this]] (robustness.text_attack's evidence) are shown with
+    those words highlighted; unmarked texts fall back to a word diff."""
+    import re
+
+    mark = re.compile(r"\[\[(.+?)\]\]")
+    if not (mark.search(original) or mark.search(adversarial)):
+        return word_diff_html(original, adversarial)
+
+    def render(text: str, style: str, tag: str) -> tuple[str, int]:
+        parts, last, n = [], 0, 0
+        for m in mark.finditer(text):
+            parts.append(html.escape(text[last:m.start()]))
+            parts.append(f'<{tag} style="{style}">{html.escape(m.group(1))}</{tag}>')
+            last, n = m.end(), n + 1
+        parts.append(html.escape(text[last:]))
+        return "".join(parts), n
+
+    a, na = render(original, "background:#fdd; text-decoration:line-through", "del")
+    b, nb = render(adversarial, "background:#fbd38d", "mark")
+    return a, b, max(na, nb)

@@ -69,7 +69,8 @@ def metric_card(name: str, m: Metric) -> Card:
         help_parts.append("higher is better" if m.higher_is_better else "lower is better")
     if m.unit:
         help_parts.append(f"unit: {m.unit}")
-    return Card(name, F.fmt(m.value, m.unit), " · ".join(p for p in help_parts if p) or None)
+    label = f"{name} ({m.unit})" if m.unit and m.unit != name else name
+    return Card(label, F.fmt(m.value), " · ".join(p for p in help_parts if p) or None)
 
 
 def metrics_frame(metrics: dict[str, Metric], prefix: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -224,14 +225,16 @@ def render_table_block(sink: Sink, name: str, value: Any, key: str) -> None:
         sink.code(json.dumps(value, indent=2, ensure_ascii=False)[:20000])
 
 
-def render_generic(sink: Sink, r: AuditResult, entry: RunEntry, *, key: str, show_status: bool = True) -> None:
-    """Everything one result holds, for any module."""
+def render_generic(sink: Sink, r: AuditResult, entry: RunEntry, *, key: str, show_status: bool = True,
+                   skip_curves: frozenset[str] | set[str] = frozenset()) -> None:
+    """Everything one result holds, for any module (curves a specific view already drew are skipped)."""
     if show_status and render_status(sink, r):
         return
     if r.metrics:
         sink.table(metrics_frame(r.metrics), help=METRIC_HELP, key=f"{key}-metrics")
     for i, (name, c) in enumerate(r.curves.items()):
-        render_curve_block(sink, name, c, key=f"{key}-curve-{i}")
+        if name not in skip_curves:
+            render_curve_block(sink, name, c, key=f"{key}-curve-{i}")
     for i, (name, value) in enumerate(r.tables.items()):
         render_table_block(sink, name, value, key=f"{key}-table-{i}")
     if r.evidence:
@@ -407,8 +410,12 @@ def view_category(sink: Sink, entry: RunEntry, view: str) -> None:
             done.add(module)
     for i, r in enumerate(ok):
         expanded = r.module not in done
-        section = sink.section(f"{result_title(r)} — all metrics, curves and tables", expanded=expanded)
-        render_generic(section, r, entry, key=f"{category}-{i}", show_status=False)
+        drawn = SPECIFIC_CURVES.get(r.module, ())
+        skip = {n for n in r.curves if any(n == d or (d.endswith(".") and n.startswith(d))
+                                           or (d.startswith(".") and n.endswith(d)) for d in drawn)}
+        title = f"{result_title(r)} — " + ("all metrics, curves and tables" if expanded else "more details")
+        render_generic(sink.section(title, expanded=expanded), r, entry, key=f"{category}-{i}", show_status=False,
+                       skip_curves=skip)
 
 
 # -- privacy ------------------------------------------------------------------------------------------
@@ -429,23 +436,32 @@ def render_dp(sink: Sink, entry: RunEntry, results: list[AuditResult]) -> None:
     for r in results:
         sink.header(f"{r.target} → {r.produces or '(no produced target)'}", level=3)
         sink.cards([metric_card(n, m) for n, m in r.metrics.items()][:12])
-    # Utility of the DP model beside the non-private baseline.
-    util = {r.target: r for r in entry.results if r.module == "utility" and r.status == "ok"}
+    # Utility of the DP model beside the non-private baseline: the module's own evaluation
+    # ('<metric>' vs 'baseline_<metric>'), else utility audits on both targets.
     rows = []
     for r in results:
-        for tname, kind in ((r.target, "non-private"), (r.produces, "private (DP)")):
-            u = util.get(tname) if tname else None
-            if u is None:
+        for k in ("accuracy", "perplexity", "loss"):
+            dp, base = r.metrics.get(k), r.metrics.get(f"baseline_{k}")
+            if dp is None or base is None or dp.value is None or base.value is None:
                 continue
-            for k in ("accuracy", "macro_f1", "perplexity"):
-                if k in u.metrics and u.metrics[k].value is not None:
-                    m = u.metrics[k]
-                    rows.append({"x": k, "y": m.value, "group": f"{tname} ({kind})", "unit": m.unit,
-                                 "help": m.description})
+            rows.append({"x": k, "y": base.value, "group": f"{r.target} (non-private)", "unit": base.unit,
+                         "help": base.description or f"{k} of the non-private model"})
+            rows.append({"x": k, "y": dp.value, "group": f"{r.produces or r.target} (private, DP)", "unit": dp.unit,
+                         "help": dp.description or f"{k} of the DP model"})
+    if not rows:
+        util = {r.target: r for r in entry.results if r.module == "utility" and r.status == "ok"}
+        for r in results:
+            for tname, kind in ((r.target, "non-private"), (r.produces, "private, DP")):
+                u = util.get(tname) if tname else None
+                for k in ("accuracy", "macro_f1", "perplexity"):
+                    m = u.metrics.get(k) if u is not None else None
+                    if m is not None and m.value is not None:
+                        rows.append({"x": k, "y": m.value, "group": f"{tname} ({kind})", "unit": m.unit,
+                                     "help": m.description})
     if rows:
         sink.figure(F.bar_figure(rows, "Utility: private vs non-private", "value"), key="dp-utility")
     elif results:
-        sink.caption("Add a `utility` audit on both the base and the produced target to compare their utility here.")
+        sink.caption("No utility of the DP model beside its baseline in this report.")
 
 
 def render_membership(sink: Sink, entry: RunEntry, results: list[AuditResult]) -> None:
@@ -453,53 +469,60 @@ def render_membership(sink: Sink, entry: RunEntry, results: list[AuditResult]) -
     by_target: dict[str, list[AuditResult]] = {}
     for r in results:
         by_target.setdefault(r.target, []).append(r)
-    # ROC side by side: one column per target (private next to non-private).
-    targets = sorted(by_target, key=lambda t: (t in private_targets(entry.report), t))
+    # ROC side by side: one column per target (non-private first, private next to it).
+    priv = private_targets(entry.report)
+    targets = sorted(by_target, key=lambda t: (t in priv, t))
     cols = sink.columns(len(targets)) if len(targets) > 1 else [sink]
     auc_rows = []
     for col, t in zip(cols, targets):
+        label = target_label(entry, t)
         series = []
         for r in by_target[t]:
             rocs = [(n, c) for n, c in r.curves.items() if is_roc(n, c)]
             for n, c in rocs:
-                attack = roc_attack_name(n) if len(rocs) > 1 else roc_attack_name(n)
-                stats = membership_stats(r.metrics, attack if len(rocs) > 1 else None)
+                attack = roc_attack_name(n)
+                stats = membership_stats(r.metrics, attack, single=len(rocs) == 1)
                 series.append((attack, c, stats))
                 if stats.get("auc") is not None:
                     auc_rows.append({"label": f"{t} · {attack}", "value": stats["auc"], "lo": stats.get("auc_lo"),
-                                     "hi": stats.get("auc_hi"), "unit": "", "help": stats.get("auc_help")})
-            if not rocs:
-                stats = membership_stats(r.metrics, None)
-                if stats.get("auc") is not None:
-                    auc_rows.append({"label": t, "value": stats["auc"], "lo": stats.get("auc_lo"),
-                                     "hi": stats.get("auc_hi"), "unit": "", "help": stats.get("auc_help")})
-        label = target_label(entry, t)
+                                     "hi": stats.get("auc_hi"), "unit": "fraction", "help": stats.get("auc_help")})
         if series:
             col.figure(F.roc_figure(series, title=f"ROC — {label}"), key=f"mia-roc-{t}")
         else:
             col.caption(f"{label}: no ROC curve in this result")
+        for r in by_target[t]:
+            cards = [metric_card(n, r.metrics[n]) for n in ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr",
+                                                             "advantage", "blind_baseline_auc") if n in r.metrics]
+            col.cards(cards)
     if auc_rows:
         sink.figure(F.interval_figure(auc_rows, "Attack AUC with confidence intervals", "AUC", reference=0.5,
                                       reference_label="chance 0.5"), key="mia-auc")
-        sink.caption("AUC 0.5 = the attacker cannot tell members from non-members; intervals as reported by the "
-                     "module.")
+        sink.caption("AUC 0.5 = the attacker cannot tell members from non-members; error bars are the module's "
+                     "bootstrap intervals.")
 
 
-def membership_stats(metrics: dict[str, Metric], attack: str | None) -> dict[str, Any]:
+def membership_stats(metrics: dict[str, Metric], attack: str | None, single: bool = True) -> dict[str, Any]:
+    """AUC (with CI) and TPR at 1% / 0.1% FPR of one attack, from the metrics named '<attack>.auc',
+    '<attack>.tpr_at_1pct_fpr', '<attack>.tpr_at_0.1pct_fpr' (privacy.membership), or the unprefixed names
+    when the result has a single attack."""
+    def get(name: str) -> Metric | None:
+        if attack and f"{attack}.{name}" in metrics:
+            return metrics[f"{attack}.{name}"]
+        if single and name in metrics:
+            return metrics[name]
+        return None
+
     out: dict[str, Any] = {}
-    auc = find_metric(metrics, "auc", attack=attack) or (find_metric(metrics, "auc") if attack is None else None)
-    if auc:
-        out.update(auc=auc[1].value, auc_lo=auc[1].ci_low, auc_hi=auc[1].ci_high, auc_help=auc[1].description)
-    for key, pats in (("tpr@1%", ("1pct", "0.01", "1%")), ("tpr@0.1%", ("0.1pct", "0.001", "0.1%"))):
-        for n, m in metrics.items():
-            low = n.lower()
-            if "tpr" not in low or (attack and attack.lower() not in low):
-                continue
-            if key == "tpr@1%" and any(p in low for p in ("0.1pct", "0.001", "0.1%", "01pct")):
-                continue
-            if any(p in low for p in pats):
-                out[key] = m.value
-                break
+    auc = get("auc")
+    if auc is None and single:
+        hit = find_metric(metrics, "auc")
+        auc = hit[1] if hit else None
+    if auc is not None and auc.value is not None:
+        out.update(auc=auc.value, auc_lo=auc.ci_low, auc_hi=auc.ci_high, auc_help=auc.description)
+    for key, name in (("tpr@1%", "tpr_at_1pct_fpr"), ("tpr@0.1%", "tpr_at_0.1pct_fpr")):
+        m = get(name)
+        if m is not None and m.value is not None:
+            out[key] = m.value
     return out
 
 
@@ -571,48 +594,51 @@ def render_image_evidence(sink: Sink, r: AuditResult) -> None:
 
 def render_text_attack(sink: Sink, entry: RunEntry, results: list[AuditResult]) -> None:
     sink.header("Adversarial text", level=2)
-    rows = []
+    rate, cost = [], []
     for r in results:
-        attack = str(r.params.get("attack") or r.params.get("recipe") or "attack")
+        attack = str(r.params.get("attack") or "attack")
         label = f"{r.target} · {attack}"
-        for needle in (("success",), ("quer",), ("perturbed",), ("accuracy",)):
-            hit = find_metric(r.metrics, *needle)
-            if hit and hit[1].value is not None:
-                rows.append({"x": hit[0], "y": hit[1].value, "group": label, "unit": hit[1].unit,
-                             "help": hit[1].description})
-        sink.cards([metric_card(n, m) for n, m in r.metrics.items()][:8])
-    rate = [x for x in rows if "quer" not in x["x"]]
-    cost = [x for x in rows if "quer" in x["x"]]
+        sink.header(label, level=3)
+        sink.cards([metric_card(n, r.metrics[n]) for n in (
+            "clean_accuracy", "accuracy_under_attack", "attack_success_rate", "avg_perturbed_word_pct", "avg_queries",
+            "wall_time_per_example_s", "num_verified", "num_unverified") if n in r.metrics])
+        for n in ("clean_accuracy", "accuracy_under_attack", "attack_success_rate"):
+            m = r.metrics.get(n)
+            if m is not None and m.value is not None:
+                rate.append({"x": n, "y": m.value, "group": label, "unit": m.unit, "help": m.description})
+        for n in ("avg_queries",):
+            m = r.metrics.get(n)
+            if m is not None and m.value is not None:
+                cost.append({"x": label, "y": m.value, "group": n, "unit": m.unit, "help": m.description})
     if rate or cost:
         cols = sink.columns(2)
         if rate:
-            cols[0].figure(F.bar_figure(rate, "Success rate and accuracy", "fraction"), key="txt-rate")
+            cols[0].figure(F.bar_figure(rate, "Accuracy and attack success rate", "fraction"), key="txt-rate")
         if cost:
-            cols[1].figure(F.bar_figure(cost, "Query cost", "queries"), key="txt-cost")
+            cols[1].figure(F.bar_figure(cost, "Query cost per attacked example", "queries"), key="txt-cost")
+    import html as _h
+
     for r in results:
         texts = [ev for ev in r.evidence if _text_pair(ev) is not None]
         if texts:
-            sink.header(f"Adversarial examples — {r.target}", level=3)
+            sink.header(f"Adversarial examples — {r.target} · {r.params.get('attack', '')}", level=3)
         for ev in texts[:20]:
             orig, adv = _text_pair(ev)
-            a, b, changed = F.word_diff_html(orig, adv)
-            meta = ", ".join(f"{k}: {ev[k]}" for k in ev if k not in _TEXT_KEYS and not isinstance(ev[k], (dict, list)))
-            import html as _h
+            a, b, changed = F.marked_or_diff_html(orig, adv)
+            meta = ", ".join(f"{k}: {ev[k]}" for k in ("id", "status", "verified", "label", "original_prediction",
+                                                         "adversarial_prediction", "queries") if k in ev)
             sink.html(f'<div class="advpair" style="border-left:3px solid #fbd38d; padding:4px 8px; margin:6px 0">'
                       f"<div><b>original</b>: {a}</div><div><b>adversarial</b>: {b}</div>"
-                      f'<div class="caption" style="color:#666; font-size:0.85em">{changed} word(s) changed'
-                      f"{'; ' + _h.escape(meta) if meta else ''}</div></div>")
+                      f'<div style="color:#666; font-size:0.85em">{changed} word(s) changed · {_h.escape(meta)}'
+                      "</div></div>")
         if r.evidence and not texts:
-            sink.caption(f"{r.target}: evidence holds example ids only (set store_examples: true in the recipe "
+            sink.caption(f"{r.target}: the evidence holds example ids only (set store_examples: true in the recipe "
                          "to keep the texts).")
 
 
-_TEXT_KEYS = {"original", "adversarial", "original_text", "perturbed_text", "adversarial_text", "text", "adv_text"}
-
-
 def _text_pair(ev: dict[str, Any]) -> tuple[str, str] | None:
-    for a, b in (("original_text", "perturbed_text"), ("original_text", "adversarial_text"),
-                 ("original", "adversarial"), ("text", "adv_text")):
+    for a, b in (("original_text", "adversarial_text"), ("original_text", "perturbed_text"),
+                 ("original", "adversarial")):
         if isinstance(ev.get(a), str) and isinstance(ev.get(b), str):
             return ev[a], ev[b]
     return None
@@ -625,39 +651,103 @@ def render_attribution(sink: Sink, entry: RunEntry, results: list[AuditResult]) 
     sink.header("Attributions", level=2)
     for r in results:
         sink.header(f"{target_label(entry, r.target)}", level=3)
-        quality = {n: m for n, m in r.metrics.items()}
-        if quality:
-            sink.cards([metric_card(n, m) for n, m in quality.items()][:12])
-        rand = [(n, m) for n, m in r.metrics.items() if "random" in n.lower()]
-        for n, m in rand:
-            sink.caption(f"Randomization sanity check — {n} = {F.fmt(m.value, m.unit)}: {m.description or ''}")
+        methods = list((r.tables.get("methods") or {}).keys()) if isinstance(r.tables.get("methods"), dict) else []
+        # Quality metrics: one row per method ('<method>.<metric>'), random ordering as the reference.
+        quality = _quality_frame(r.metrics, methods + ["random"])
+        if quality is not None:
+            sink.caption("Explanation quality per method (hover a column for its meaning; compare deletion / "
+                         "insertion with the random ordering).")
+            sink.table(quality, help={k: v for k, v in _QUALITY_HELP.items()}, key=f"expl-q-{r.unit_id}")
+        # Deletion / insertion curves.
+        for kind in ("deletion", "insertion"):
+            series = [(n.rsplit(".", 1)[0], c) for n, c in r.curves.items() if n.endswith(f".{kind}")]
+            if series:
+                sink.figure(F.curves_figure(series, title=f"{kind.title()} curves", mode="lines+markers"),
+                            key=f"expl-{kind}-{r.unit_id}")
+        # Randomization sanity check.
+        rand = r.tables.get("randomization")
+        rows = []
+        for m in methods:
+            met = r.metrics.get(f"{m}.randomization_spearman")
+            if met is not None and met.value is not None:
+                rows.append({"label": m, "value": met.value, "lo": met.ci_low, "hi": met.ci_high,
+                             "unit": met.unit, "help": met.description})
+        if rows:
+            thr = rand.get("threshold") if isinstance(rand, dict) else None
+            sink.figure(F.interval_figure(rows, "Model-parameter randomization check (Adebayo et al. 2018)",
+                                          "Spearman vs randomized model", reference=thr,
+                                          reference_label=f"fail above {thr}" if thr is not None else ""),
+                        key=f"expl-rand-{r.unit_id}")
+            failing = (rand or {}).get("failing_methods") if isinstance(rand, dict) else None
+            if failing:
+                sink.notice("error", f"Fails the randomization check: {', '.join(map(str, failing))} — these "
+                                     "attributions barely depend on the trained weights.")
+            elif isinstance(rand, dict):
+                sink.notice("success", "Every method passes the randomization check (attributions change when the "
+                                       "top layers are re-initialized).")
+        # Token heatmaps.
         shown = 0
-        for i, ev in enumerate(r.evidence[:30]):
-            toks, scores = _tokens(ev)
-            if toks is not None:
-                title = ", ".join(f"{k}: {ev[k]}" for k in ("id", "label", "true_label", "predicted", "pred", "method")
-                                  if k in ev)
-                sink.html(F.token_heatmap_html(toks, scores, title))
+        for ev in r.evidence:
+            if shown >= 12:
+                break
+            attrs = ev.get("attributions")
+            if isinstance(attrs, dict):
+                title = " · ".join(f"{k}: {ev[k]}" for k in ("id", "true_label", "predicted_label", "explained_label")
+                                   if ev.get(k) is not None)
+                if isinstance(ev.get("text"), str):
+                    sink.caption(ev["text"])
+                for m, toks in list(attrs.items())[:3]:
+                    if isinstance(toks, list) and toks and all(isinstance(t, dict) for t in toks):
+                        words = [t.get("token") if t.get("token") is not None else f"#{t.get('token_id')}"
+                                 for t in toks]
+                        sink.html(F.token_heatmap_html(words, [t.get("score", 0.0) for t in toks], f"{title} · {m}"))
                 shown += 1
-            heat = ev.get("attribution") if isinstance(ev.get("attribution"), list) else None
-            if heat is not None and toks is None:
-                try:
-                    sink.figure(F.image_figure(heat, title=str(ev.get("id", i)), diverging=True),
-                                key=f"expl-img-{r.unit_id}-{i}")
-                except Exception:
-                    pass
-        render_images(sink, entry, r.artifacts)
+        if shown and not any("token" in t for ev in r.evidence for toks in (ev.get("attributions") or {}).values()
+                             if isinstance(toks, list) for t in toks if isinstance(t, dict)):
+            sink.caption("Tokens are shown as ids: set store_examples: true in the recipe to keep the text.")
+        top = r.tables.get("top_tokens")
+        if isinstance(top, dict):
+            cols = sink.columns(2)
+            for col, key in zip(cols, ("towards_explained", "against_explained")):
+                df = table_frame(top.get(key))
+                if df is not None:
+                    col.caption(f"Most influential tokens — {key.replace('_', ' ')} ({top.get('method', '')})")
+                    col.table(df, key=f"expl-top-{key}-{r.unit_id}")
+        # Image overlays: heatmap PNGs written by the module into the run folder.
+        heatmaps = [ev.get("heatmap") for ev in r.evidence if isinstance(ev.get("heatmap"), str)]
+        render_images(sink, entry, heatmaps or r.artifacts, per_row=2)
 
 
-def _tokens(ev: dict[str, Any]):
-    toks = ev.get("tokens")
-    for k in ("attributions", "scores", "attribution"):
-        s = ev.get(k)
-        if isinstance(toks, list) and isinstance(s, list) and len(s) == len(toks) and \
-                all(isinstance(v, (int, float)) or v is None for v in s):
-            return toks, [0.0 if v is None else v for v in s]
-    return None, None
+_QUALITY_HELP = {
+    "deletion_aopc": "Drop of the output as top features are removed (higher = more faithful).",
+    "insertion_auc": "Output as top features are inserted (higher = more faithful).",
+    "infidelity": "Captum infidelity (lower is better).",
+    "sensitivity_max": "Captum sensitivity_max: change under small noise (lower is better).",
+    "randomization_spearman": "Rank correlation with a randomized model (low = depends on the weights).",
+    "randomization_spearman_abs": "Same, on absolute values.",
+    "seconds_per_example": "Attribution time per example, seconds.",
+    "convergence_delta": "Integrated gradients convergence delta.",
+}
 
+
+def _quality_frame(metrics: dict[str, Metric], methods: list[str]) -> pd.DataFrame | None:
+    rows = []
+    for m in methods:
+        row: dict[str, Any] = {"method": m}
+        for n, met in metrics.items():
+            if n.startswith(f"{m}.") and met.value is not None:
+                row[n[len(m) + 1:]] = met.value
+        if len(row) > 1:
+            rows.append(row)
+    return pd.DataFrame(rows) if rows else None
+
+
+# Curves the specific views draw (exact names, or prefixes ending in '.'): not drawn again in "more details".
+SPECIFIC_CURVES: dict[str, tuple[str, ...]] = {
+    "privacy.dp_finetune": ("epsilon_ledger",),
+    "privacy.membership": ("roc.",),
+    "explain.attribution": (".deletion", ".insertion"),
+}
 
 SPECIFIC: dict[str, list[tuple[str, Callable[[Sink, RunEntry, list[AuditResult]], None]]]] = {
     "privacy": [("privacy.dp_finetune", render_dp), ("privacy.membership", render_membership),
