@@ -66,7 +66,8 @@ class RayExecutor:
     remote = True
 
     def __init__(self, *, address: str | None = None, num_cpus_per_task: float = 1.0, num_gpus_per_task: float = 0.0,
-                 max_retries: int = 3, init_kwargs: dict[str, Any] | None = None):
+                 max_retries: int = 3, init_kwargs: dict[str, Any] | None = None,
+                 task_options: dict[str, Any] | None = None):
         if num_cpus_per_task <= 0:
             raise ValueError("num_cpus_per_task must be positive")
         if num_gpus_per_task < 0 or max_retries < 0:
@@ -75,7 +76,8 @@ class RayExecutor:
         self.num_cpus_per_task = num_cpus_per_task
         self.num_gpus_per_task = num_gpus_per_task
         self.max_retries = max_retries
-        self.init_kwargs = dict(init_kwargs or {})
+        self.init_kwargs = dict(init_kwargs or {})  # more ray.init arguments, when this executor starts Ray
+        self.task_options = dict(task_options or {})  # more task options (custom resources, scheduling strategy)
         self._started_ray = False
 
     @classmethod
@@ -86,7 +88,8 @@ class RayExecutor:
 
     def settings(self) -> dict[str, Any]:
         return {"address": self.address, "num_cpus_per_task": self.num_cpus_per_task,
-                "num_gpus_per_task": self.num_gpus_per_task, "max_retries": self.max_retries}
+                "num_gpus_per_task": self.num_gpus_per_task, "max_retries": self.max_retries,
+                "task_options": self.task_options}
 
     def __repr__(self) -> str:
         return "RayExecutor(" + ", ".join(f"{k}={v!r}" for k, v in self.settings().items()) + ")"
@@ -131,7 +134,8 @@ class RayExecutor:
                 "Everything a mapped function captures is pickled; wrap process-local helpers (progress bars, "
                 "loggers) in fmaudit.executor.LocalOnly") from exc
         task = _remote_call(ray).options(num_cpus=self.num_cpus_per_task, num_gpus=self.num_gpus_per_task,
-                                         max_retries=self.max_retries, retry_exceptions=False)
+                                         max_retries=self.max_retries, retry_exceptions=False,
+                                         **self.task_options)
         refs = [task.remote([fn_ref], item) for item in items]
         where = {ref: i for i, ref in enumerate(refs)}
         results: list[Any] = [None] * len(items)
