@@ -60,7 +60,8 @@ class LossProbe(AuditModule):
         out.tables["per_example"] = [{"id": split.dataset.ids[i], "loss": float(l)}
                                      for i, l in zip(split.member_idx[:5], loss_m[:5])]
         out.evidence = [{"id": split.dataset.ids[i], "member": True} for i in split.member_idx[:3]]
-        out.finding("info", "Loss probe ran", f"{len(y)} examples scored")
+        # Markup in report text must reach the page as text (a report is data, not HTML).
+        out.finding("info", "Loss probe ran <script>alert('probe')</script>", f"{len(y)} examples scored")
         return out
 
 

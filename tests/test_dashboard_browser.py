@@ -80,19 +80,19 @@ def test_run_list_and_privacy_plot_render_in_chromium(server):
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             # Runs: the table lists every run folder (the data grid keeps an accessible copy of its cells).
             page.goto(f"{server['url']}/?view=Runs", wait_until="domcontentloaded")
-            page.get_by_text("Runs", exact=True).first.wait_for(timeout=60_000)
+            page.get_by_text("Runs", exact=True).first.wait_for(timeout=90_000)
             grid = page.locator("[data-testid='stDataFrame']").first
-            grid.wait_for(timeout=60_000)
+            grid.wait_for(timeout=90_000)
             page.wait_for_function(
                 "names => names.every(n => document.body.innerText.includes(n) || "
                 "[...document.querySelectorAll('[data-testid=stDataFrame] *')].some(e => (e.textContent || '')"
-                ".includes(n)))", arg=[base, "corrupt", "old-schema"], timeout=60_000)
+                ".includes(n)))", arg=[base, "corrupt", "old-schema"], timeout=90_000)
             page.screenshot(path=str(out / "runs.png"), full_page=True)
             # Privacy: a plotly ROC rendered as SVG, on log axes, with TPR at low FPR in its legend.
             page.goto(f"{server['url']}/?view=Privacy&run={quote(base)}", wait_until="domcontentloaded")
-            page.locator(".js-plotly-plot .main-svg").first.wait_for(state="attached", timeout=60_000)
+            page.locator(".js-plotly-plot .main-svg").first.wait_for(state="attached", timeout=90_000)
             page.wait_for_function("() => [...document.querySelectorAll('.legendtext')]"
-                                   ".some(e => e.textContent.includes('TPR@1%FPR'))", timeout=60_000)
+                                   ".some(e => e.textContent.includes('TPR@1%FPR'))", timeout=90_000)
             assert page.locator(".js-plotly-plot").count() >= 1
             assert page.locator(".js-plotly-plot .xaxislayer-above .xtick").count() > 0  # axes drawn
             page.locator(".js-plotly-plot").first.scroll_into_view_if_needed()
@@ -103,3 +103,33 @@ def test_run_list_and_privacy_plot_render_in_chromium(server):
     for name in ("runs.png", "privacy.png"):
         png = (out / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, name
+
+
+def test_exported_html_renders_offline_in_chromium(server, tmp_path):
+    """The HTML export draws its plots with every network request blocked (it is self-contained)."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
+    from dashboard.export import export_html
+
+    doc = export_html(server["base_dir"], tmp_path / "report.html")
+    outside: list[str] = []
+
+    def block(route):
+        if route.request.url.startswith("file:"):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.route("**/*", block)
+            page.goto(doc.resolve().as_uri(), wait_until="load")
+            page.wait_for_function("() => [...document.querySelectorAll('.legendtext')]"
+                                   ".some(e => e.textContent.includes('TPR@1%FPR'))", timeout=90_000)
+            assert page.locator(".js-plotly-plot").count() >= 2
+            page.screenshot(path=str(artifacts_dir() / "export.png"), full_page=False)
+        finally:
+            browser.close()
+    assert outside == []

@@ -1,0 +1,94 @@
+"""`fmaudit report RUN_DIR --html out.html`: one self-contained file with the dashboard's views."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from dashboard_reports import PROBE, build
+from fmaudit.cli import app as cli
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory, tiny_bert_dir, sentiment_csv):
+    return build(tmp_path_factory, tiny_bert_dir, sentiment_csv)
+
+
+@pytest.fixture(scope="module")
+def exported(reports, tmp_path_factory):
+    out = tmp_path_factory.mktemp("html") / "review" / "report.html"
+    res = CliRunner().invoke(cli, ["report", str(reports["base_dir"]), "--html", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "HTML report" in res.output
+    return out, out.read_text(encoding="utf-8")
+
+
+def test_html_is_one_self_contained_file(exported):
+    out, doc = exported
+    assert [p.name for p in out.parent.iterdir()] == ["report.html"]  # nothing beside it
+    assert doc.startswith("<!DOCTYPE html>") and doc.rstrip().endswith("</html>")
+    from plotly.offline import get_plotlyjs
+
+    plotly_js = get_plotlyjs()
+    assert doc.count(plotly_js) == 1  # plotly.js inlined, once
+    rest = doc.replace(plotly_js, "")
+    # Nothing is fetched when it opens: no external scripts, styles, images or fonts.
+    assert not re.search(r"<script[^>]+src=", rest)
+    assert not re.search(r"<link[^>]+href=", rest)
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", rest)
+    assert "@import" not in rest and "url(" not in rest
+
+
+def test_html_has_the_same_views_with_the_reports_numbers(exported, reports):
+    _, doc = exported
+    base = reports["base"]
+    for anchor in ("overview", "privacy", "robustness", "explainability"):
+        assert f'id="{anchor}"' in doc
+    assert base.run_id in doc
+    # Failed gate notice, errored unit, scorecard, targets.
+    assert "Gate failed" in doc or "fails:" in doc
+    assert 'class="notice error"' in doc and "ValueError" in doc
+    # The probe's ROC curve is embedded as plotly data on log axes, with the low-FPR TPR in its legend.
+    figs = [json.loads(m) for m in re.findall(r'Plotly\.newPlot\(\s*"[^"]+",\s*(\[.*?\]),\s*\{', doc, flags=re.S)]
+    assert figs, "no plotly figure in the document"
+    curve = base.result(PROBE, "bert").curves["roc_loss"]
+    xs = [x for x, y in zip(curve.x, curve.y) if x > 0 and y > 0]
+    assert any(t.get("x") == xs and "TPR@1%FPR" in t.get("name", "") for data in figs for t in data)
+    assert '"type":"log"' in doc.replace(" ", "")
+    # Metric tables carry the unit and the one-line description on hover.
+    auc = base.result(PROBE, "bert").metrics["auc"]
+    assert f'title="{auc.description}' in doc
+    # Sortable tables.
+    assert 'class="sortable"' in doc and "addEventListener('click'" in doc
+
+
+def test_report_text_is_escaped(exported):
+    _, doc = exported
+    # The probe's finding carries markup; it must arrive as text, not as a live element.
+    assert "<script>alert(" not in doc
+    assert "&lt;script&gt;alert(" in doc
+
+
+@pytest.mark.parametrize("run,message", [("corrupt", "not valid JSON"), ("old-schema", "schema 0.3"),
+                                         ("partial", "no report.json")])
+def test_unreadable_runs_exit_2_with_a_message(reports, tmp_path, run, message):
+    out = tmp_path / "x.html"
+    res = CliRunner().invoke(cli, ["report", str(reports["root"] / run), "--html", str(out)])
+    assert res.exit_code == 2
+    assert message in " ".join(res.output.split())
+    assert not out.exists()
+
+
+def test_export_of_an_interrupted_run_shows_its_partial_results(reports, tmp_path):
+    from dashboard.export import export_html
+
+    doc = export_html(reports["root"] / "partial", tmp_path / "p.html").read_text()
+    assert "No report.json" in doc and "Plotly.newPlot" in doc
+
+
+def test_dashboard_command_refuses_a_missing_folder(tmp_path):
+    res = CliRunner().invoke(cli, ["dashboard", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "is not a folder" in " ".join(res.output.split())
