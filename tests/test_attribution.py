@@ -264,12 +264,17 @@ def test_llm_attribution_tiny_llama(tiny_llama_dir, tmp_path):
     data = Dataset("lm", "test", "text", [f"t{i}" for i in range(6)], texts=texts)
     sha = target.weights_sha256()
     module = AttributionAudit({"num_examples": 2, "continuation_tokens": 2, **FAST,
-                               "quality": ["deletion", "infidelity", "randomization"]})
+                               "quality": ["deletion", "infidelity", "randomization", "completeness"]})
     assert module.check(target, data) == []
     out = module.run(target, _ctx(tmp_path, data))
     assert set(out.tables["methods"]) == {"feature_ablation", "integrated_gradients"}
     ev = out.evidence[0]
     assert len(ev["continuation_token_ids"]) == 2 and "prompt" not in ev
+    # LLMGradientAttribution(LayerIntegratedGradients): attributions add up to the change in continuation log-prob
+    comp = out.tables["completeness"]
+    assert comp["gap_matches_delta"] is None  # no delta from Captum's LLM wrapper
+    for row in comp["examples"]:
+        assert row["gap"] <= 0.05 * abs(row["f_x"] - row["f_baseline"]) + 1e-4, row
     # Captum's LLMAttribution(FeatureAblation) equals the drop in our own continuation log-prob per token
     task = attr_mod._LMTask(target, module.params, "cpu")
     ex = task.example(0, "x", data.texts[int(np.random.default_rng(0).permutation(6)[0])])

@@ -764,8 +764,9 @@ class AttributionAudit(AuditModule):
         failing: list[str] = []
         if "randomization" in q:
             failing = self._randomization(target, task, examples, attrs, per_method, out, ctx.seed)
-        if "completeness" in q and "integrated_gradients" in methods and task_name != CAUSAL_LM:
-            self._completeness(examples, attrs["integrated_gradients"], out, level, rounds, ctx.seed)
+        if "completeness" in q and "integrated_gradients" in methods:
+            self._completeness(examples, attrs["integrated_gradients"], out, level, rounds, ctx.seed,
+                               unit="nats" if task_name == CAUSAL_LM else "logit")
 
         # 4. metrics
         units = {"deletion_aopc": task.curve_unit, "insertion_auc": task.curve_unit, "infidelity": None,
@@ -933,7 +934,9 @@ class AttributionAudit(AuditModule):
                                                     "examples"}
         return failing
 
-    def _completeness(self, examples, alist: list[Attribution], out, level, rounds, seed) -> None:
+    def _completeness(self, examples, alist: list[Attribution], out, level, rounds, seed, unit: str) -> None:
+        """Sum of IG attributions vs F(x) - F(baseline) measured separately (causal LMs: F = continuation
+        log-prob; LLMGradientAttribution reports no delta there, so only the gap is checked)."""
         p = self.params
         gaps, deltas, rel, rows = [], [], [], []
         for ex, a in zip(examples, alist):
@@ -945,24 +948,26 @@ class AttributionAudit(AuditModule):
             rel.append(gap / max(abs(diff), 1e-12))
             rows.append({"id": ex.ex_id, "sum_attributions": total, "f_x": ex.meta["f_x"], "f_baseline": ex.meta["f_b"],
                          "gap": gap, "convergence_delta": a.delta})
-        v, ci = mean_ci(deltas, rounds=rounds, level=level, seed=seed)
-        out.metric("integrated_gradients.convergence_delta", v, higher_is_better=False, ci=ci, ci_level=level,
-                   unit="logit", description="Mean |convergence delta| reported by Captum.")
+        if np.isfinite(deltas).any():
+            v, ci = mean_ci(deltas, rounds=rounds, level=level, seed=seed)
+            out.metric("integrated_gradients.convergence_delta", v, higher_is_better=False, ci=ci, ci_level=level,
+                       unit=unit, description="Mean |convergence delta| reported by Captum.")
         v, ci = mean_ci(gaps, rounds=rounds, level=level, seed=seed)
         out.metric("integrated_gradients.completeness_gap", v, higher_is_better=False, ci=ci, ci_level=level,
-                   unit="logit", description="Mean |sum of attributions - (F(x) - F(baseline))|, F measured "
+                   unit=unit, description="Mean |sum of attributions - (F(x) - F(baseline))|, F measured "
                                              "separately.")
         worst = float(np.max(rel))
         out.metric("integrated_gradients.completeness_relative_error", worst, higher_is_better=False, unit="fraction",
                    description="Largest gap / |F(x) - F(baseline)| over the examples.")
-        agree = all(abs(g - d) <= 1e-4 + 1e-3 * abs(r["f_x"] - r["f_baseline"])
-                    for g, d, r in zip(gaps, deltas, rows) if np.isfinite(d))
+        agree = (all(abs(g - d) <= 1e-4 + 1e-3 * abs(r["f_x"] - r["f_baseline"])
+                     for g, d, r in zip(gaps, deltas, rows) if np.isfinite(d))
+                 if np.isfinite(deltas).any() else None)
         out.tables["completeness"] = {"examples": rows, "gap_matches_delta": agree, "tolerance": p.completeness_tolerance}
         if worst > p.completeness_tolerance:
             out.finding("medium", "Integrated gradients are not complete on some examples",
                         f"sum of attributions misses F(x) - F(baseline) by up to {worst:.1%} (tolerance "
                         f"{p.completeness_tolerance:.1%}); raise n_steps", metric="integrated_gradients.completeness_relative_error")
-        if not agree:
+        if agree is False:
             out.finding("medium", "Integrated gradients' convergence delta disagrees with the measured gap",
                         "the reported delta does not match sum(attr) - (F(x) - F(baseline)) measured separately",
                         metric="integrated_gradients.completeness_gap")
