@@ -54,6 +54,10 @@ class TaskFailed(RuntimeError):
         return type(self.cause).__name__
 
 
+class NotSendable(TypeError):
+    """A remote executor could not pickle the mapped function (or what it captures); nothing was started."""
+
+
 OnError = Callable[[Any, TaskFailed], Any]
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence, TypeVar
 
-from fmaudit.executor import RAY_EXTRA_HINT, ExecutorUnavailable, OnError, TaskFailed
+from fmaudit.executor import RAY_EXTRA_HINT, ExecutorUnavailable, NotSendable, OnError, TaskFailed
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -52,9 +52,11 @@ def _call(box: list, item: Any) -> Any:
 
 
 def _remote_call(ray):
-    fn = _REMOTE.get("call")
+    job = ray.get_runtime_context().get_job_id()  # one remote function per Ray session
+    fn = _REMOTE.get(job)
     if fn is None:
-        fn = _REMOTE["call"] = ray.remote(_call)
+        _REMOTE.clear()
+        fn = _REMOTE[job] = ray.remote(_call)
     return fn
 
 
@@ -129,7 +131,7 @@ class RayExecutor:
         try:
             fn_ref = ray.put(fn)
         except Exception as exc:
-            raise TypeError(
+            raise NotSendable(
                 f"the Ray executor could not send {getattr(fn, '__qualname__', fn)!r} to its workers: {exc}. "
                 "Everything a mapped function captures is pickled; wrap process-local helpers (progress bars, "
                 "loggers) in fmaudit.executor.LocalOnly") from exc

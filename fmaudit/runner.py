@@ -21,7 +21,7 @@ import numpy as np
 from fmaudit import __version__
 from fmaudit.audits.base import AuditCheckError, AuditContext, AuditModule, Outcome
 from fmaudit.data import DataError, Dataset, Split, load_dataset, member_split
-from fmaudit.executor import Executor, TaskFailed, local_only, make_executor
+from fmaudit.executor import Executor, NotSendable, TaskFailed, local_only, make_executor
 from fmaudit.recipe import AuditSpec, LoadedRecipe, Problem, RecipeError, load_recipe
 from fmaudit.registry import registry
 from fmaudit.report import (AuditResult, ErrorInfo, EventLog, GateResult, HostInfo, RunReport, load_report,
@@ -389,7 +389,11 @@ class Runner:
         job = self._job(session, run_dir, todo)
         for u in todo:
             events.emit("audit_started", unit_id=u.unit_id, module=u.spec.use, target=u.target)
-        outs = self.executor.map(job, todo, on_error=lambda u, exc: (job.failed(u, exc), None))
+        try:
+            outs = self.executor.map(job, todo, on_error=lambda u, exc: (job.failed(u, exc), None))
+        except NotSendable as exc:  # e.g. a target whose model cannot be pickled: run the wave here instead
+            self.log(f"running {len(todo)} unit(s) in this process: {exc}")
+            outs = [job(u) for u in todo]
         return [self._finish_unit(u, session, events, res, produced) for u, (res, produced) in zip(todo, outs)]
 
     def _finish_unit(self, u: Unit, session: Session, events: EventLog, result: AuditResult, produced: Any

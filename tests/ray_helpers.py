@@ -117,3 +117,14 @@ class CrashWorker(AuditModule):
     def run(self, target, ctx):
         _die()
         return Outcome()  # pragma: no cover
+
+
+def locked_cnn(num_labels: int = 10):
+    """A digits CNN holding a lock: it works here but cannot be pickled to a worker."""
+    import threading
+
+    from fmaudit.targets.vision import digits_cnn
+
+    model = digits_cnn(num_labels)
+    model.lock = threading.Lock()
+    return model

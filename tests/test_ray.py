@@ -16,7 +16,7 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'fmau
 
 import ray_helpers  # noqa: E402
 from conftest import tiny_text_recipe  # noqa: E402
-from fmaudit.executor import TaskFailed, map_sharded  # noqa: E402
+from fmaudit.executor import NotSendable, TaskFailed, map_sharded  # noqa: E402
 from fmaudit.ray_executor import RayExecutor  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -164,6 +164,31 @@ def test_wave_units_run_as_tasks_and_a_dying_unit_is_its_own_error(ray_cluster, 
     assert events[0]["executor"] == "ray"
 
 
+def test_a_wave_that_cannot_travel_runs_in_the_driver(ray_cluster, tmp_path):
+    from fmaudit.runner import run_recipe
+
+    recipe = _digits_recipe(tmp_path, audits=[{"use": "utility", "target": "cnn"}, {"use": "utility", "target": "cnn"}],
+                            executor={"kind": "ray"})
+    recipe["targets"]["cnn"].update(model="python:ray_helpers:locked_cnn", task="image-classification")
+    report = run_recipe(recipe)
+    assert [r.status for r in report.audits] == ["ok", "ok"], [r.error for r in report.audits]
+    assert _values(report.audits[0]) == _values(report.audits[1])
+
+
+def test_cli_executor_flag_runs_on_ray(ray_cluster, write_recipe, tmp_path):
+    from typer.testing import CliRunner
+
+    from fmaudit.cli import app
+
+    path = write_recipe(_digits_recipe(tmp_path, audits=[{"use": "utility", "target": "cnn"},
+                                                         {"use": "utility", "target": "cnn"}]))
+    res = CliRunner().invoke(app, ["run", str(path), "-q", "--executor", "ray"])
+    assert res.exit_code == 0, res.output
+    (run_dir,) = (tmp_path / "reports").iterdir()
+    first = json.loads((run_dir / "events.jsonl").read_text().splitlines()[0])
+    assert first["executor"] == "ray"
+
+
 # -- the executor itself ---------------------------------------------------------------------------------
 
 
@@ -179,7 +204,7 @@ def test_unpicklable_work_is_a_clear_error(ray_cluster):
     import threading
 
     lock = threading.Lock()
-    with pytest.raises(TypeError, match="LocalOnly"):
+    with pytest.raises(NotSendable, match="LocalOnly"):
         RayExecutor().map(lambda x: (lock, x), [1])
 
 
@@ -203,9 +228,10 @@ def test_a_task_that_keeps_dying_is_that_items_error(ray_cluster, tmp_path):
     assert len((tmp_path / "attempts-2").read_text().split()) == 2  # tried, retried once, given up
     # without on_error: the failure is raised, after the other items ran
     (tmp_path / "again").mkdir()
-    with pytest.raises(TaskFailed, match="died"):
-        ex.map(ray_helpers.CrashOn(str(tmp_path / "again"), bad=0), [0, 1])
-    assert (tmp_path / "again" / "attempts-1").exists()
+    with pytest.raises(TaskFailed, match="bad item 0") as info:
+        ex.map(ray_helpers.RaiseOn(str(tmp_path / "again"), bad=0), [0, 1, 2])
+    assert info.value.index == 0 and isinstance(info.value.cause, ValueError)
+    assert (tmp_path / "again" / "attempts-1").exists() and (tmp_path / "again" / "attempts-2").exists()
 
 
 def test_an_exception_is_reported_not_retried(ray_cluster, tmp_path):
