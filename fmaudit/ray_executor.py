@@ -6,7 +6,8 @@ How a `map(fn, items)` runs:
 - `fn` with everything it captures (models, datasets, the run's Session) is pickled ONCE into Ray's
   object store (`ray.put`); each task receives a reference to it plus its item. A worker process keeps
   the function it last deserialized, so further items of the same map on that worker reuse it (like the
-  local executor, where every item shares the one `fn`). Nothing heavy is pickled per task.
+  local executor, where every item shares the one `fn`). Nothing heavy is pickled per task. Function and
+  results travel as pickled bytes, so arrays arrive writable, as in a local run.
 - Each task asks for `num_cpus_per_task` CPUs and `num_gpus_per_task` GPUs. Ray sets OMP_NUM_THREADS to
   the CPUs a task holds, so torch in a 1-CPU task uses one thread.
 - A task whose worker dies (killed, out of memory, node lost) is retried up to `max_retries` times.
@@ -38,8 +39,24 @@ def _import_ray():
     return ray
 
 
-def _call(box: list, item: Any) -> Any:
-    """The Ray task: fetch the map's function once per worker (by reference), apply it to one item."""
+def _dumps(obj: Any) -> bytes:
+    from ray import cloudpickle
+
+    return cloudpickle.dumps(obj, protocol=5)
+
+
+def _loads(blob: bytes) -> Any:
+    from ray import cloudpickle
+
+    return cloudpickle.loads(blob)
+
+
+def _call(box: list, item: Any) -> bytes:
+    """The Ray task: fetch the map's function once per worker (by reference), apply it to one item.
+
+    The function and the result travel as pickled bytes: unpickled, every array is an ordinary writable
+    copy, as in a local run (Ray's zero-copy arrays are read-only views of the object store, which code
+    that updates arrays or tensors in place must not get)."""
     global _WORKER_FN
     ref = box[0]
     key = ref.hex()
@@ -47,8 +64,8 @@ def _call(box: list, item: Any) -> Any:
         import ray
 
         _WORKER_FN = None  # let the previous map's function go before loading the next one
-        _WORKER_FN = (key, ray.get(ref))
-    return _WORKER_FN[1](item)
+        _WORKER_FN = (key, _loads(ray.get(ref)))
+    return _dumps(_WORKER_FN[1](item))
 
 
 def _remote_call(ray):
@@ -129,7 +146,7 @@ class RayExecutor:
             return []
         ray = self.start()
         try:
-            fn_ref = ray.put(fn)
+            fn_ref = ray.put(_dumps(fn))
         except Exception as exc:
             raise NotSendable(
                 f"the Ray executor could not send {getattr(fn, '__qualname__', fn)!r} to its workers: {exc}. "
@@ -149,7 +166,7 @@ class RayExecutor:
                 for ref in done:
                     i = where[ref]
                     try:
-                        results[i] = ray.get(ref)
+                        results[i] = _loads(ray.get(ref))
                     except ray.exceptions.RayError as exc:
                         failures[i] = self._failure(ray, i, items[i], exc)
         except BaseException:

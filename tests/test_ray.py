@@ -132,6 +132,20 @@ def _digits_recipe(tmp_path: Path, **kw) -> dict:
             **kw}
 
 
+def test_cli_executor_flag_runs_on_ray(ray_cluster, write_recipe, tmp_path):
+    from typer.testing import CliRunner
+
+    from fmaudit.cli import app
+
+    path = write_recipe(_digits_recipe(tmp_path, audits=[{"use": "utility", "target": "cnn"},
+                                                         {"use": "utility", "target": "cnn"}]))
+    res = CliRunner().invoke(app, ["run", str(path), "-q", "--executor", "ray"])
+    assert res.exit_code == 0, res.output
+    (run_dir,) = (tmp_path / "reports").iterdir()
+    first = json.loads((run_dir / "events.jsonl").read_text().splitlines()[0])
+    assert first["executor"] == "ray"
+
+
 def test_wave_units_run_as_tasks_and_a_dying_unit_is_its_own_error(ray_cluster, crash_module, tmp_path,
                                                                      one_thread):
     from fmaudit.runner import EXIT_MODULE_ERROR, run_recipe
@@ -175,20 +189,6 @@ def test_a_wave_that_cannot_travel_runs_in_the_driver(ray_cluster, tmp_path):
     assert _values(report.audits[0]) == _values(report.audits[1])
 
 
-def test_cli_executor_flag_runs_on_ray(ray_cluster, write_recipe, tmp_path):
-    from typer.testing import CliRunner
-
-    from fmaudit.cli import app
-
-    path = write_recipe(_digits_recipe(tmp_path, audits=[{"use": "utility", "target": "cnn"},
-                                                         {"use": "utility", "target": "cnn"}]))
-    res = CliRunner().invoke(app, ["run", str(path), "-q", "--executor", "ray"])
-    assert res.exit_code == 0, res.output
-    (run_dir,) = (tmp_path / "reports").iterdir()
-    first = json.loads((run_dir / "events.jsonl").read_text().splitlines()[0])
-    assert first["executor"] == "ray"
-
-
 # -- the executor itself ---------------------------------------------------------------------------------
 
 
@@ -198,6 +198,11 @@ def test_nested_maps_and_shards(ray_cluster):
     assert map_sharded(ex, lambda chunk: [x * 2 for x in chunk], list(range(7)), shard_size=3) == \
         [x * 2 for x in range(7)]
     assert ex.map(ray_helpers.square, []) == []
+
+
+def test_arrays_arrive_writable_as_in_a_local_run(ray_cluster):
+    out = RayExecutor().map(ray_helpers.WriteInPlace(np.zeros(100_000)), [1, 2])
+    assert [float(a[0]) for a in out] == [1.0, 2.0] and all(a.flags.writeable for a in out)
 
 
 def test_unpicklable_work_is_a_clear_error(ray_cluster):
