@@ -32,13 +32,18 @@ table { border-collapse: collapse; margin: 8px 0; font-size: 0.9em; }
 th, td { border: 1px solid #e3e3e3; padding: 4px 8px; text-align: left; vertical-align: top; }
 table.sortable th { cursor: pointer; background: #f6f7f9; }
 table.sortable th:after { content: " \\2195"; color: #aaa; }
-.cols { display: flex; gap: 16px; flex-wrap: wrap; } .cols .col { flex: 1 1 0; min-width: 280px; }
+.cols { display: flex; gap: 16px; } .cols .col { flex: 1 1 0; min-width: 0; overflow: hidden; }
+.fig { width: 100%; }
 details { margin: 8px 0; } summary { cursor: pointer; font-weight: 600; }
 figure { margin: 4px; display: inline-block; } figure img { image-rendering: pixelated; width: 160px; }
 pre { background: #f6f7f9; padding: 8px; overflow-x: auto; font-size: 0.85em; }
 """
 
 SORT_JS = """
+// Plots drawn while the page was still being parsed measured their column before it had its final width.
+window.addEventListener('load', function () {
+  document.querySelectorAll('.js-plotly-plot').forEach(function (g) { Plotly.Plots.resize(g); });
+});
 document.querySelectorAll('table.sortable').forEach(function (table) {
   table.querySelectorAll('th').forEach(function (th, col) {
     var asc = true;

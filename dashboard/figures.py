@@ -39,8 +39,9 @@ def _layout(fig: go.Figure, title: str | None, x_label: str, y_label: str, log_x
                       legend=dict(orientation="v", x=1.0, xanchor="right", y=0.0, yanchor="bottom",
                                   bgcolor="rgba(255,255,255,0.7)"),
                       template="plotly_white")
-    fig.update_xaxes(title_text=x_label, type="log" if log_x else "linear")
-    fig.update_yaxes(title_text=y_label, type="log" if log_y else "linear")
+    # Only force log axes: forcing "linear" would turn a categorical axis (bars, intervals) into an empty one.
+    fig.update_xaxes(title_text=x_label, **({"type": "log"} if log_x else {}))
+    fig.update_yaxes(title_text=y_label, **({"type": "log"} if log_y else {}))
     return fig
 
 
@@ -73,6 +74,7 @@ def curves_figure(series: list[tuple[str, Curve]], title: str | None = None, *, 
                  + "<extra>%{fullData.name}</extra>")
         fig.add_trace(go.Scatter(x=xs, y=ys, name=name, mode=mode, line=dict(color=PALETTE[i % len(PALETTE)]),
                                  hovertemplate=hover))
+    fig.update_layout(showlegend=True)  # name the attack / method even when there is one curve
     if diagonal:
         lo = 1e-5 if (lx or ly) else 0.0
         fig.add_trace(go.Scatter(x=[lo, 1], y=[lo, 1], mode="lines", name="chance",
@@ -112,7 +114,8 @@ def roc_figure(series: list[tuple[str, Curve, dict[str, float | None]]], title: 
     fig.add_trace(go.Scatter(x=[1e-5, 1], y=[1e-5, 1], mode="lines", name="chance (TPR = FPR)",
                              line=dict(dash="dash", color="#999"), hoverinfo="skip"))
     _layout(fig, title, "false positive rate (log)", "true positive rate (log)", True, True, height=420)
-    fig.update_layout(legend=dict(orientation="h", y=-0.25, x=0, xanchor="left", yanchor="top"))
+    fig.update_layout(legend=dict(orientation="v", y=-0.22, x=0, xanchor="left", yanchor="top"), height=520,
+                      margin=dict(l=60, r=20, t=50 if title else 20, b=150))
     return fig
 
 
@@ -148,6 +151,7 @@ def bar_figure(rows: list[dict[str, Any]], title: str | None, y_label: str, grou
     for i, (g, rs) in enumerate(groups.items()):
         fig.add_trace(go.Bar(
             x=[r["x"] for r in rs], y=[r["y"] for r in rs], name=g, marker_color=PALETTE[i % len(PALETTE)],
+            texttemplate="%{y:.3g}", textposition="outside", cliponaxis=False,
             customdata=[[r.get("unit") or "", r.get("help") or ""] for r in rs],
             hovertemplate="%{x}<br>%{y:.4g} %{customdata[0]}<br><i>%{customdata[1]}</i><extra>" + html.escape(g)
                           + "</extra>"))

@@ -226,7 +226,7 @@ def render_table_block(sink: Sink, name: str, value: Any, key: str) -> None:
 
 
 def render_generic(sink: Sink, r: AuditResult, entry: RunEntry, *, key: str, show_status: bool = True,
-                   skip_curves: frozenset[str] | set[str] = frozenset()) -> None:
+                   skip_curves: frozenset[str] | set[str] = frozenset(), images: bool = True) -> None:
     """Everything one result holds, for any module (curves a specific view already drew are skipped)."""
     if show_status and render_status(sink, r):
         return
@@ -242,29 +242,31 @@ def render_generic(sink: Sink, r: AuditResult, entry: RunEntry, *, key: str, sho
         df = table_frame(r.evidence)
         if df is not None:
             sink.table(df, key=f"{key}-evidence")
-    render_images(sink, entry, r.artifacts)
+    if images:
+        render_images(sink, entry, r.artifacts)
     if r.findings:
         render_findings(sink, [(r, f) for f in r.findings])
     if r.params:
         sink.section("Parameters", expanded=False).code(json.dumps(r.params, indent=2, ensure_ascii=False))
 
 
-def render_images(sink: Sink, entry: RunEntry, artifacts: list[str], limit: int = 24, per_row: int = 3,
-                  match: Callable[[str], bool] | None = None) -> int:
-    """PNG artifacts of a result, read only from inside the run folder (which lies inside the reports folder)."""
-    paths = [a for a in artifacts if a.lower().endswith(".png") and (match is None or match(a))]
+def render_images(sink: Sink, entry: RunEntry, images: list[Any], limit: int = 24, per_row: int = 3) -> int:
+    """PNG files of a result (relative paths, or (path, caption) pairs), read only from inside the run folder,
+    which lies inside the reports folder."""
+    pairs = [(i, Path(i).name) if isinstance(i, str) else (str(i[0]), str(i[1])) for i in images]
+    pairs = [(p, c) for p, c in pairs if p.lower().endswith(".png")]
     shown = 0
-    for start in range(0, min(len(paths), limit), per_row):
+    for start in range(0, min(len(pairs), limit), per_row):
         cols = sink.columns(per_row)
-        for col, rel in zip(cols, paths[start: start + per_row]):
+        for col, (rel, caption) in zip(cols, pairs[start: start + per_row]):
             p = safe_child(entry.path, rel)
             if p is None:
                 col.caption(f"{rel}: not found inside the run folder")
                 continue
-            col.image(p.read_bytes(), caption=Path(rel).name)
+            col.image(p.read_bytes(), caption=caption)
             shown += 1
-    if len(paths) > limit:
-        sink.caption(f"{len(paths) - limit} more image(s) in the run folder")
+    if len(pairs) > limit:
+        sink.caption(f"{len(pairs) - limit} more image(s) in the run folder")
     return shown
 
 
@@ -415,7 +417,7 @@ def view_category(sink: Sink, entry: RunEntry, view: str) -> None:
                                            or (d.startswith(".") and n.endswith(d)) for d in drawn)}
         title = f"{result_title(r)} — " + ("all metrics, curves and tables" if expanded else "more details")
         render_generic(sink.section(title, expanded=expanded), r, entry, key=f"{category}-{i}", show_status=False,
-                       skip_curves=skip)
+                       skip_curves=skip, images=expanded)
 
 
 # -- privacy ------------------------------------------------------------------------------------------
@@ -566,30 +568,35 @@ def render_canary(sink: Sink, entry: RunEntry, results: list[AuditResult]) -> No
 def render_image_attack(sink: Sink, entry: RunEntry, results: list[AuditResult]) -> None:
     sink.header("Adversarial images", level=2)
     for r in results:
-        series = [(n, c) for n, c in r.curves.items() if "epsilon" in f"{n} {c.x_label}".lower()
-                  or "eps" in c.x_label.lower()]
-        if series:
-            sink.figure(F.curves_figure(series, title=f"Accuracy vs epsilon — {target_label(entry, r.target)}",
-                                        mode="lines+markers"), key=f"img-acc-{r.unit_id}")
-        render_image_evidence(sink, r)
-        render_images(sink, entry, r.artifacts)
-
-
-def render_image_evidence(sink: Sink, r: AuditResult) -> None:
-    keys = ("clean", "adversarial", "perturbation")
-    shown = 0
-    for i, ev in enumerate(r.evidence[:6]):
-        arrays = [(k, ev[k]) for k in keys if isinstance(ev.get(k), list)]
-        if not arrays:
-            continue
-        cols = sink.columns(len(arrays))
-        for col, (k, arr) in zip(cols, arrays):
-            try:
-                col.figure(F.image_figure(arr, title=k, diverging=(k == "perturbation")), key=f"img-ev-{r.unit_id}-{i}-{k}")
-            except Exception:
-                col.caption(f"{k}: not an image array")
-        shown += 1
-    return None
+        label = target_label(entry, r.target)
+        sink.header(label, level=3)
+        sink.cards([metric_card(n, r.metrics[n]) for n in ("clean_accuracy", "num_invalid_adversarials",
+                                                           "zero_gradient_fraction", "num_examples")
+                    if n in r.metrics])
+        # One plot per norm (Linf and L2 budgets are not on the same scale).
+        groups: dict[str, list[tuple[str, Curve]]] = {}
+        for n, c in r.curves.items():
+            if "epsilon" in f"{n} {c.x_label}".lower():
+                name = n.split(".", 1)[1] if n.startswith("robust_accuracy.") else n
+                groups.setdefault(c.x_label, []).append((name, c))
+        for i, (x_label, series) in enumerate(groups.items()):
+            sink.figure(F.curves_figure(series, title=f"Accuracy vs {x_label} per attack — {r.target}",
+                                        mode="lines+markers"), key=f"img-acc-{r.unit_id}-{i}")
+        items = []
+        for ev in r.evidence:
+            if isinstance(ev.get("image"), str):
+                panels = " | ".join(map(str, ev.get("image_panels") or []))
+                eps = ev.get("epsilon")
+                items.append((ev["image"], f"{ev.get('attack', '')} ε={eps:g} · true {ev.get('true_label')} → "
+                                           f"{ev.get('adversarial_prediction')}" if isinstance(eps, (int, float)) else
+                              str(ev.get("id", "")), panels))
+        if items:
+            panels = items[0][2]
+            sink.caption(f"Example images ({panels})" if panels else "Example images")
+            render_images(sink, entry, [(p, c) for p, c, _ in items], per_row=3)
+        elif r.evidence:
+            sink.caption("The evidence holds example ids only (set store_examples: true in the recipe to keep "
+                         "images).")
 
 
 def render_text_attack(sink: Sink, entry: RunEntry, results: list[AuditResult]) -> None:
@@ -714,8 +721,12 @@ def render_attribution(sink: Sink, entry: RunEntry, results: list[AuditResult]) 
                     col.caption(f"Most influential tokens — {key.replace('_', ' ')} ({top.get('method', '')})")
                     col.table(df, key=f"expl-top-{key}-{r.unit_id}")
         # Image overlays: heatmap PNGs written by the module into the run folder.
-        heatmaps = [ev.get("heatmap") for ev in r.evidence if isinstance(ev.get("heatmap"), str)]
-        render_images(sink, entry, heatmaps or r.artifacts, per_row=2)
+        heatmaps = [(ev["heatmap"], " · ".join(f"{k}: {ev[k]}" for k in ("id", "true_label", "predicted_label")
+                                               if ev.get(k) is not None))
+                    for ev in r.evidence if isinstance(ev.get("heatmap"), str)]
+        if heatmaps:
+            sink.caption("Attribution overlays (input, then one panel per method; red = towards the explained class)")
+        render_images(sink, entry, heatmaps, per_row=3)
 
 
 _QUALITY_HELP = {
@@ -747,6 +758,7 @@ SPECIFIC_CURVES: dict[str, tuple[str, ...]] = {
     "privacy.dp_finetune": ("epsilon_ledger",),
     "privacy.membership": ("roc.",),
     "explain.attribution": (".deletion", ".insertion"),
+    "robustness.image_attack": ("robust_accuracy.",),
 }
 
 SPECIFIC: dict[str, list[tuple[str, Callable[[Sink, RunEntry, list[AuditResult]], None]]]] = {

@@ -114,6 +114,24 @@ def recipe(model_dir: Path, csv_path: Path, out: Path, *, name: str, utility: di
     }
 
 
+IMAGE_AUDITS: list[dict[str, Any]] = [
+    {"use": "robustness.image_attack", "target": "cnn",
+     "params": {"attacks": ["fgsm"], "epsilons": [0.1, 0.3], "num_examples": 16, "num_images": 2}},
+    {"use": "explain.attribution", "target": "cnn",
+     "params": {"methods": ["saliency"], "num_examples": 2, "quality": ["deletion"], "bootstrap": 0,
+                "curve_steps": 3, "random_orderings": 1, "sensitivity_examples": 0}},
+]
+
+
+def image_recipe(out: Path, audits: list[dict[str, Any]]) -> dict[str, Any]:
+    """The bundled digits CNN, briefly fine-tuned on 200 digits: image grids and attribution overlays."""
+    return {"version": 1, "name": "dash-images", "seed": 0, "output_dir": str(out), "store_examples": True,
+            "data": {"digits": {"source": "bundled:digits", "limit": 200}},
+            "targets": {"cnn": {"model": "bundled:digits-cnn",
+                                "finetune": {"data": "digits", "epochs": 6, "batch_size": 32, "lr": 1e-2}}},
+            "audits": [{"use": "utility", "target": "cnn", "params": {"bootstrap": 0}}, *audits]}
+
+
 _CACHE: dict[str, Any] = {}
 
 
@@ -137,6 +155,8 @@ def build(tmp_factory, model_dir: Path, csv_path: Path) -> dict[str, Any]:
                                   utility={"bootstrap": 50, "max_examples": 37}, extra=[]))
     finally:
         registry.unregister(PROBE)
+    image_audits = [a for a in IMAGE_AUDITS if a["use"] in registry]
+    images = run_recipe(image_recipe(root, image_audits)) if image_audits else None
     runs = {r.name: d for d in root.iterdir() for r in [base, other] if d.name == r.run_id}
     base_dir, other_dir = runs["dash-base"], runs["dash-other"]
     # A report cut short (a disk that filled up), one from an older schema, one interrupted run.
@@ -151,7 +171,8 @@ def build(tmp_factory, model_dir: Path, csv_path: Path) -> dict[str, Any]:
     (root / "partial").mkdir()
     shutil.copy(base_dir / "events.jsonl", root / "partial" / "events.jsonl")
     _CACHE.update(root=root, base=base, other=other, base_dir=base_dir, other_dir=other_dir,
-                  modules=sorted({a["use"] for a in extra}))
+                  modules=sorted({a["use"] for a in extra}), images=images,
+                  images_dir=root / images.run_id if images else None)
     return _CACHE
 
 
@@ -160,6 +181,8 @@ def _reuse(root: Path) -> dict[str, Any]:
 
     runs = {load_report(d).name: d for d in root.iterdir() if d.name.startswith("dash-")}
     base, other = load_report(runs["dash-base"]), load_report(runs["dash-other"])
+    images = load_report(runs["dash-images"]) if "dash-images" in runs else None
     _CACHE.update(root=root, base=base, other=other, base_dir=runs["dash-base"], other_dir=runs["dash-other"],
-                  modules=sorted({r.module for r in base.audits} - {"utility", PROBE}))
+                  modules=sorted({r.module for r in base.audits} - {"utility", PROBE}), images=images,
+                  images_dir=runs.get("dash-images"))
     return _CACHE

@@ -73,7 +73,10 @@ def test_runs_view_lists_every_run_with_states_and_filters(app, reports):
     df = frame(at, "gates")
     by_run = {row["run"]: row for row in df.to_dict("records")}
     base, other = reports["base_dir"].name, reports["other_dir"].name
-    assert set(by_run) == {base, other, "corrupt", "old-schema", "partial"}
+    expected = {base, other, "corrupt", "old-schema", "partial"}
+    if reports["images_dir"] is not None:
+        expected.add(reports["images_dir"].name)
+    assert set(by_run) == expected
     assert by_run[base]["recipe"] == "dash-base" and by_run[base]["gates"] == "FAIL"
     assert by_run[base]["modules errored"] == sum(r.status == "error" for r in reports["base"].audits) >= 1
     assert by_run["corrupt"]["state"] == "corrupt" and by_run["old-schema"]["state"] == "old schema"
@@ -315,3 +318,24 @@ print("HEAVY", heavy)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "HEAVY []" in res.stdout, res.stdout
     (reports["root"] / "x.html").unlink()
+
+
+def test_image_grids_and_attribution_overlays(app, reports):
+    images = reports["images"]
+    if images is None:
+        pytest.skip("neither robustness.image_attack nor explain.attribution is registered in this checkout")
+    run = reports["images_dir"].name
+    attack = _ok(images, "robustness.image_attack")
+    if attack:
+        at = app("Robustness", run=run)
+        r = attack[0]
+        fig = next(f for f in figures(at) if _title(f).startswith("Accuracy vs epsilon"))
+        curve = r.curves["robust_accuracy.fgsm"]
+        trace = next(t for t in fig["data"] if t["name"] == "fgsm")
+        assert trace["y"] == curve.y and trace["x"] == curve.x
+        pngs = [e["image"] for e in r.evidence if "image" in e]
+        assert len(at.get("image")) == len(pngs) >= 1  # the clean | adversarial | perturbation strips
+    overlays = [r for r in _ok(images, "explain.attribution") if any("heatmap" in e for e in r.evidence)]
+    if overlays:
+        at = app("Explainability", run=run)
+        assert len(at.get("image")) == sum(1 for e in overlays[0].evidence if e.get("heatmap"))

@@ -95,12 +95,14 @@ def test_run_list_and_privacy_plot_render_in_chromium(server):
                                    ".some(e => e.textContent.includes('TPR@1%FPR'))", timeout=90_000)
             assert page.locator(".js-plotly-plot").count() >= 1
             assert page.locator(".js-plotly-plot .xaxislayer-above .xtick").count() > 0  # axes drawn
-            page.locator(".js-plotly-plot").first.scroll_into_view_if_needed()
             page.screenshot(path=str(out / "privacy.png"), full_page=True)
+            roc = page.locator(".js-plotly-plot").filter(has_text="TPR@1%FPR").first
+            roc.scroll_into_view_if_needed()
+            roc.screenshot(path=str(out / "privacy-roc.png"))
             assert not [e for e in errors if "plotly" in e.lower()], errors
         finally:
             browser.close()
-    for name in ("runs.png", "privacy.png"):
+    for name in ("runs.png", "privacy.png", "privacy-roc.png"):
         png = (out / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, name
 
