@@ -252,3 +252,19 @@ def marked_or_diff_html(original: str, adversarial: str) -> tuple[str, str, int]
     a, na = render(original, "background:#fdd; text-decoration:line-through", "del")
     b, nb = render(adversarial, "background:#fbd38d", "mark")
     return a, b, max(na, nb)
+
+
+def diff_figure(rows: list[dict[str, Any]]) -> go.Figure:
+    """Relative change (B − A) / |A| of the metrics both runs have, green when better, red when worse."""
+    colour = {"better in B": "#2ca02c", "worse in B": "#d62728"}
+    labels = [f"{r['module']} @ {r['target']} · {r['metric']}" for r in rows]
+    fig = go.Figure(go.Bar(
+        x=[r["relative"] for r in rows], y=labels, orientation="h",
+        marker_color=[colour.get(r["verdict"], "#ff7f0e") for r in rows],
+        customdata=[[r["A"], r["B"], r["unit"], r["verdict"], r["description"]] for r in rows],
+        hovertemplate="%{y}<br>A %{customdata[0]:.4g} → B %{customdata[1]:.4g} %{customdata[2]}"
+                      "<br>relative change %{x:+.1%} (%{customdata[3]})<br><i>%{customdata[4]}</i><extra></extra>"))
+    fig.update_xaxes(tickformat="+.0%")
+    fig.update_yaxes(autorange="reversed")
+    return _layout(fig, "Relative change, B vs A (green better, red worse, orange no direction)", "(B − A) / |A|", "",
+                   False, False, height=max(220, 60 + 26 * len(rows)))

@@ -835,6 +835,12 @@ def view_compare(sink: Sink, a: RunEntry, b: RunEntry) -> pd.DataFrame:
     if changed.empty:
         sink.caption("Every metric is the same in both runs.")
     else:
+        order = {"worse in B": 0, "better in B": 1, "changed": 2, "only in A": 3, "only in B": 4}
+        changed = changed.assign(_o=changed["verdict"].map(order)).sort_values(["_o", "module", "target", "metric"],
+                                                                               kind="stable").drop(columns="_o")
+        both = changed[changed["relative"].notna()]
+        if not both.empty:
+            sink.figure(F.diff_figure(both.to_dict("records")), key="compare-diff")
         sink.html(_diff_html(changed))
     sink.header("All metrics", level=2)
     sink.table(df, help=help, key="compare-table")

@@ -247,6 +247,10 @@ def test_compare_view_matches_metrics_and_highlights_differences(app, reports):
     if a != b:
         assert acc["B − A"] == pytest.approx(b - a)
         assert acc["verdict"] == ("better in B" if b > a else "worse in B")
+        bars = next(f for f in figures(at) if _title(f).startswith("Relative change"))["data"][0]
+        i = bars["y"].index("utility @ bert · accuracy")
+        assert bars["x"][i] == pytest.approx((b - a) / abs(a))
+        assert bars["marker"]["color"][i] == ("#2ca02c" if b > a else "#d62728")
     ece = df[(df["module"] == "utility") & (df["metric"] == "ece")].iloc[0]
     if ece["B"] != ece["A"]:  # lower is better for ECE
         assert ece["verdict"] == ("better in B" if ece["B"] < ece["A"] else "worse in B")
