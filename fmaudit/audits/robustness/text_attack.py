@@ -120,7 +120,7 @@ class TextAttackAudit(AuditModule):
     def run(self, target, ctx: AuditContext) -> Outcome:
         from fmaudit.audits.robustness.textattack_env import import_textattack
 
-        if p_attack_needs_check(self.params.attack):
+        if _needs_resources(self.params.attack):
             problems = _missing(self.params, ctx.cache_dir)
             if problems:
                 raise ValueError("; ".join(problems))
@@ -219,7 +219,7 @@ class TextAttackAudit(AuditModule):
         return out
 
 
-def p_attack_needs_check(attack: str) -> bool:
+def _needs_resources(attack: str) -> bool:
     return attack not in NATIVE_ATTACKS
 
 
