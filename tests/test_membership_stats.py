@@ -153,11 +153,26 @@ def test_lira_recovers_gaussian_membership():
     member = rng.random(n) < 0.5
     target = difficulty + 1.0 * member + rng.normal(0, 0.5, n)
     online, offline, info = lira_scores(target, ref, in_mask, fixed_variance=True)
-    assert info["sd_in"] == pytest.approx(np.std(ref[in_mask]))
+    assert info["sd_in"] == pytest.approx(np.std(ref[in_mask])) == info["sd_out"]
     assert auc_score(online, member) > 0.85 and auc_score(offline, member) > 0.8
     assert auc_score(target, member) < 0.7  # the uncalibrated signal is much weaker
     on_var, _, _ = lira_scores(target, ref, in_mask, fixed_variance=False)
     assert auc_score(on_var, member) > 0.8
+
+
+def test_fixed_variance_lira_online_is_monotone_per_example():
+    """Unequal IN / OUT widths would rank far-out examples (e.g. misclassified non-members) as members."""
+    rng = np.random.default_rng(1)
+    n = 400
+    in_mask = paired_halves(n, 2, seed=0)
+    out_sig, gap = rng.normal(2, 1, n), rng.uniform(0.5, 3, n)  # IN above OUT everywhere, IN spread wider
+    ref = np.where(in_mask, out_sig + gap, out_sig)
+    mu_in, mu_out, _ = in_out_means(ref, in_mask)
+    online, offline, _ = lira_scores(mu_out - 10.0, ref, in_mask)  # far below OUT: clearly non-members
+    online_hi, _, _ = lira_scores(mu_in, ref, in_mask)
+    assert (online_hi > online).all()
+    assert (np.sign(np.diff(np.c_[lira_scores(mu_out - 1, ref, in_mask)[0], lira_scores(mu_out, ref, in_mask)[0],
+                                  lira_scores(mu_out + 1, ref, in_mask)[0]], axis=1)) >= 0).all()
 
 
 def test_single_reference_model_imputes_missing_side():

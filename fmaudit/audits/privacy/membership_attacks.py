@@ -121,8 +121,10 @@ def lira_scores(target: np.ndarray, ref: np.ndarray, in_mask: np.ndarray, *, fix
 
     online: log N(target; mu_in, sd_in) - log N(target; mu_out, sd_out)
     offline: (target - mu_out) / sd_out (one-sided test against OUT; monotone in -log P[OUT > target])
-    fixed_variance: sd_in / sd_out are the global standard deviations of all IN / OUT signals (the
-    reference implementation's choice for small reference budgets); else per-example over models."""
+    fixed_variance: one global standard deviation, of all IN signals, for both Gaussians (as the LiRA
+    reference code does for small reference budgets); with equal variances the online score is linear in
+    the target's signal for each example. Else per-example standard deviations over models (needs many
+    models; two different global widths would make the score non-monotone and can push AUC below 0.5)."""
     from scipy.stats import norm
 
     ref = np.asarray(ref, dtype=np.float64)
@@ -131,7 +133,7 @@ def lira_scores(target: np.ndarray, ref: np.ndarray, in_mask: np.ndarray, *, fix
     mu_in, mu_out, info = in_out_means(ref, in_mask)
     if fixed_variance:
         sd_in = np.full(len(t), np.std(ref[in_mask]) + _TINY)
-        sd_out = np.full(len(t), np.std(ref[~in_mask]) + _TINY)
+        sd_out = sd_in
     else:
         def sd(mask: np.ndarray, mu: np.ndarray, fallback: float) -> np.ndarray:
             cnt = mask.sum(0)
