@@ -24,6 +24,7 @@ ENTRY_POINT_GROUP = "fmaudit.audits"
 # name -> "module:Class". Every built-in audit is listed here and nowhere else.
 BUILTIN_AUDITS: dict[str, str] = {
     "utility": "fmaudit.audits.utility:UtilityAudit",
+    "privacy.canary_audit": "fmaudit.audits.privacy.canary:CanaryAudit",
     "robustness.text_attack": "fmaudit.audits.robustness.text_attack:TextAttackAudit",
     "robustness.image_attack": "fmaudit.audits.robustness.image_attack:ImageAttackAudit",
     "privacy.membership": "fmaudit.audits.privacy.membership:MembershipAudit",
