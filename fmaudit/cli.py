@@ -165,17 +165,17 @@ def list_modules(verbose: bool = typer.Option(False, "--verbose", "-v", help="Sh
     """List the audit modules (built-in and plugins), their category and what they need."""
     from fmaudit.registry import RegistryError, registry
 
-    table = Table(title="fmaudit audit modules")
-    for col in ("name", "category", "needs", "from", "description"):
+    table = Table(title="fmaudit audit modules", caption="`fmaudit list -v` adds descriptions and params")
+    for col in ("name", "category", "needs", "from"):
         table.add_column(col, overflow="fold")
     for name in registry.names():
         try:
             cls = registry.get(name)
         except RegistryError as exc:
-            table.add_row(name, "?", "?", registry.origin(name), f"[red]{exc}[/]")
+            table.add_row(name, "?", f"[red]{escape(str(exc))}[/]", registry.origin(name))
             continue
-        needs = ", ".join(sorted(cls.requires)) + (f" ({'/'.join(cls.tasks)})" if cls.tasks else "")
-        table.add_row(name, cls.category, needs or "—", registry.origin(name), cls.description)
+        needs = " ".join(filter(None, [", ".join(sorted(cls.requires)), f"({'/'.join(cls.tasks)})" if cls.tasks else ""]))
+        table.add_row(name, cls.category, needs or "—", registry.origin(name))
     out.print(table)
     if verbose:
         for name in registry.names():
@@ -183,10 +183,10 @@ def list_modules(verbose: bool = typer.Option(False, "--verbose", "-v", help="Sh
                 cls = registry.get(name)
             except RegistryError:
                 continue
-            out.print(f"\n[bold]{name}[/] params:")
+            out.print(f"\n[bold]{name}[/] ({cls.category}): {escape(cls.description)}", highlight=False)
             for fname, field in cls.Params.model_fields.items():
                 default = field.default if field.default_factory is None else field.default_factory()
-                out.print(f"  {fname} (default {default!r}): {field.description or ''}", highlight=False)
+                out.print(f"  {fname} = {escape(repr(default))}: {escape(field.description or '')}", highlight=False)
 
 
 @app.command()
