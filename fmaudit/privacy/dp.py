@@ -17,6 +17,7 @@ Heavy libraries are imported inside functions.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -585,8 +586,6 @@ def dp_finetune(*, model: Any, train_data: Any, epochs: int, batch_size: int, lr
     Raises:
         DPConfigError listing every problem found before training (settings, unsupported layers, data size).
     """
-    from fmaudit.training import TrainConfig, finetune_cached, train  # noqa: F401
-
     n = len(train_data) if train_data is not None else 0
     problems = _validate_settings(n=n, target_epsilon=target_epsilon, noise_multiplier=noise_multiplier, delta=delta,
                                   max_grad_norm=max_grad_norm, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -613,6 +612,31 @@ def dp_finetune(*, model: Any, train_data: Any, epochs: int, batch_size: int, lr
                f"example outright satisfies it; use delta <= {default_delta(n):.2g}")
         warnings.warn(msg, DPPrivacyWarning, stacklevel=2)
         notes.append(msg)
+    with _quiet_opacus():
+        return _run(target=target, train_data=train_data, validation_data=validation_data, n=n, epochs=epochs,
+                    batch_size=batch_size, lr=lr, weight_decay=weight_decay, target_epsilon=target_epsilon,
+                    noise_multiplier=noise_multiplier, delta=delta, max_grad_norm=max_grad_norm,
+                    accountant=accountant, trainable=trainable, n_layers=n_layers, lora=lora, mode=mode,
+                    notes=notes, max_physical_batch_size=max_physical_batch_size, seed=seed, cache_dir=cache_dir,
+                    split=split, progress=progress)
+
+
+@contextlib.contextmanager
+def _quiet_opacus():
+    """Opacus warnings that are expected here (documented caveats), not news to the user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")  # seeded PRNG: see the docs' caveats
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")  # frozen embeddings
+        warnings.filterwarnings("ignore", message="Optimal order is the")  # RDP grid edge; PRV is the default
+        warnings.filterwarnings("ignore", message="GDP accounting is experimental")  # documented
+        yield
+
+
+def _run(*, target, train_data, validation_data, n, epochs, batch_size, lr, weight_decay, target_epsilon,
+         noise_multiplier, delta, max_grad_norm, accountant, trainable, n_layers, lora, mode, notes,
+         max_physical_batch_size, seed, cache_dir, split, progress) -> DPResult:
+    from fmaudit.training import TrainConfig, finetune_cached
+
     steps_per_epoch = math.ceil(n / batch_size)
     sample_rate = 1.0 / steps_per_epoch
     steps = epochs * steps_per_epoch
