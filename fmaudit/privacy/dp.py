@@ -129,6 +129,12 @@ def default_delta(n: int) -> float:
     return min(1e-5, 1.0 / (10.0 * n))
 
 
+def default_physical_batch(batch_size: int) -> int:
+    """Expected batch + 3 standard deviations of the Poisson batch size: logical batches are rarely split
+    (each split costs a forward/backward), and memory stays bounded."""
+    return int(batch_size + math.ceil(3 * math.sqrt(batch_size)))
+
+
 def make_accountant(kind: str):
     from opacus.accountants import create_accountant
 
@@ -574,7 +580,8 @@ def dp_finetune(*, model: Any, train_data: Any, epochs: int, batch_size: int, lr
         trainable: "all", "last_n_layers" (+ head; `n_layers`), "head", or "lora" (peft adapters on attention
             projections, merged back at the end; mainly for causal LMs).
         clipping: "auto" (ghost clipping unless trainable parameters are tied), "ghost" or "hooks".
-        max_physical_batch_size: BatchMemoryManager's limit per forward/backward (default: batch_size).
+        max_physical_batch_size: BatchMemoryManager's limit per forward/backward (default: batch_size +
+            3 sqrt(batch_size), so a Poisson batch is rarely split).
         validation_data: held-out data for utility.
         cache_dir, split: cache the trained weights like fine-tunes (needs the member `split` of which
             `train_data` is `split.members`).
@@ -645,7 +652,8 @@ def _run(*, target, train_data, validation_data, n, epochs, batch_size, lr, weig
                                      delta=delta, accountant=accountant)
     settings = DPSettings(noise_multiplier=float(noise_multiplier), max_grad_norm=float(max_grad_norm),
                           sample_rate=sample_rate, steps=steps, steps_per_epoch=steps_per_epoch, epochs=epochs,
-                          batch_size=batch_size, max_physical_batch_size=int(max_physical_batch_size or batch_size),
+                          batch_size=batch_size,
+                          max_physical_batch_size=int(max_physical_batch_size or default_physical_batch(batch_size)),
                           delta=float(delta), accountant=accountant, clipping=mode, trainable=trainable,
                           n_layers=n_layers, lora=lora, lr=float(lr), weight_decay=float(weight_decay), seed=seed,
                           target_epsilon=None if target_epsilon is None else float(target_epsilon))
