@@ -152,11 +152,20 @@ def main(argv: list[str] | None = None) -> int:
     if ("rmia", 2) in rows and ("lira_online", 8) in rows:
         frac = rows[("rmia", 2)][0] / rows[("lira_online", 8)][0]
         cost = statistics.median(ratios)
-        print(f"goal: RMIA-2 AUC / LiRA-online-8 AUC = {frac:.3f} (target >= 0.95): {'MET' if frac >= 0.95 else 'NOT MET'}")
+        lo8, hi8 = rows[("lira_online", 8)][1:3]
+        vacuous = lo8 is not None and lo8 <= 0.5
+        print(f"goal: RMIA-2 AUC / LiRA-online-8 AUC = {frac:.3f} (target >= 0.95): "
+              f"{'MET' if frac >= 0.95 else 'NOT MET'}"
+              + (" -- but only vacuously: LiRA-online-8's AUC interval includes 0.5 here" if vacuous else ""))
+        best8 = max((v[0], k[0]) for k, v in rows.items() if k[1] == budgets[0] and k[0] != "rmia")
+        print(f"      RMIA-2 AUC / the best {budgets[0]}-model attack ({best8[1]}, {best8[0]:.3f}) = "
+              f"{rows[('rmia', 2)][0] / best8[0]:.3f}; RMIA-2 / loss = {rows[('rmia', 2)][0] / rows[('loss', 0)][0]:.3f}")
         print(f"goal: reference model cost = {cost:.3f} x target fine-tune (target <= 0.333): "
               f"{'MET' if cost <= 1 / 3 else 'NOT MET'}")
         print(f"      (attacker-side cost: RMIA-2 needs {2 * cost:.2f} target fine-tunes, LiRA-online-8 {8 * cost:.2f})")
-    print(f"wall time {wall:.0f} s (target fine-tune, {budgets[0]} reference models, scoring, bootstrap)")
+    hits = sum(bool(row.get("cache_hit")) for row in report.audits[0].tables["reference_models"]["models"])
+    print(f"wall time {wall:.0f} s (target fine-tune{' (cached)' if tgt.cache_hit else ''}, {budgets[0]} reference "
+          f"models ({hits} from the cache), scoring, bootstrap)")
     return 0
 
 
