@@ -329,7 +329,8 @@ class ImageAttackAudit(AuditModule):
         for q in model.parameters():
             q.requires_grad_(False)
         try:
-            clean_logits = self._logits(model, x, device)
+            # One clean pass gives the logits and (for the sanity flag) the input gradients together.
+            clean_logits, grad_norms = self._clean_pass(model, x, y, device, p.check_gradients, n_classes)
             if clean_logits.ndim != 2 or clean_logits.shape != (n, n_classes):
                 raise ValueError(f"the model must return one (N, {n_classes}) logits tensor; got shape "
                                  f"{tuple(clean_logits.shape)}")
@@ -340,8 +341,8 @@ class ImageAttackAudit(AuditModule):
                        description="Accuracy on the unperturbed examples that are attacked.")
             out.metric("num_examples", n, unit="examples", description="Examples attacked.")
             self._sanity_outputs(clean_logits, out)
-            if p.check_gradients:
-                self._sanity_gradients(model, x, y, device, out)
+            if grad_norms is not None:
+                self._sanity_gradients(grad_norms, out)
             runs = [self._run_attack(spec, model, x, y, clean_correct, n_classes, device, ctx) for spec in p.attacks]
         finally:
             for q, flag in zip(model.parameters(), grad_flags):
@@ -536,19 +537,30 @@ class ImageAttackAudit(AuditModule):
                         "on probabilities saturates and gives vanishing gradients, so gradient attacks understate "
                         "the vulnerability (gradient masking). Audit the model without its final softmax.")
 
-    def _sanity_gradients(self, model, x, y, device, out: Outcome) -> None:
+    def _clean_pass(self, model, x, y, device, with_grads: bool, n_classes: int):
+        """Clean logits, and the L2 norm of each example's cross-entropy input gradient (NaN when not
+        finite), from one forward (+ backward) pass per batch."""
         import torch
 
+        if not with_grads:
+            return self._logits(model, x, device), None
         bs = self.params.batch_size
-        norms = []
+        logits, norms = [], []
         with torch.enable_grad():
             for i in range(0, len(x), bs):
                 xb = x[i: i + bs].to(device).clone().requires_grad_(True)
-                loss = torch.nn.functional.cross_entropy(model(xb), y[i: i + bs].to(device), reduction="sum")
+                lg = model(xb)
+                if not isinstance(lg, torch.Tensor) or tuple(lg.shape) != (len(xb), n_classes):
+                    return torch.as_tensor(lg).detach().float().cpu(), None  # run() reports the bad shape
+                loss = torch.nn.functional.cross_entropy(lg, y[i: i + bs].to(device), reduction="sum")
                 (g,) = torch.autograd.grad(loss, xb)
                 g = g.detach().double().flatten(1)
-                norms.append(torch.where(torch.isfinite(g).all(1), g.norm(dim=1), torch.full_like(g[:, 0], float("nan"))))
-        gn = torch.cat(norms).cpu().numpy() if norms else np.zeros(0)
+                norms.append(torch.where(torch.isfinite(g).all(1), g.norm(dim=1),
+                                         torch.full_like(g[:, 0], float("nan"))).cpu())
+                logits.append(lg.detach().float().cpu())
+        return torch.cat(logits), torch.cat(norms).numpy()
+
+    def _sanity_gradients(self, gn: np.ndarray, out: Outcome) -> None:
         n = max(1, len(gn))
         nonfinite = float(np.isnan(gn).sum() / n)
         zero = float((gn == 0).sum() / n)
