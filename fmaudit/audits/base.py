@@ -182,3 +182,26 @@ def base_target(target: "Target", ctx: AuditContext) -> "Target":
     if "trainable" not in base.capabilities:
         raise ValueError(f"target {target.name!r} cannot be fine-tuned")
     return base
+
+
+def select_examples(ctx: AuditContext, split: str = "auto", max_examples: int | None = None):
+    """The examples a module works on: `split` auto (the target's held-out non-members when it was fine-tuned
+    on this data, else all of it) | nonmembers | members | all, then a seeded sample of at most
+    `max_examples`. Returns (dataset, the subset chosen)."""
+    import numpy as np
+
+    data, sp = ctx.data, ctx.split
+    if data is None:
+        raise ValueError("no data for this audit: name a dataset with `data:` or fine-tune the target")
+    same = sp is not None and sp.dataset.fingerprint == data.fingerprint
+    choice = "nonmembers" if split == "auto" and same else ("all" if split == "auto" else split)
+    if choice in ("members", "nonmembers"):
+        if not same:
+            raise ValueError(f"split: {choice} needs a target fine-tuned on dataset {data.name!r}; use split: all")
+        data = sp.members if choice == "members" else sp.nonmembers
+    if len(data) == 0:
+        raise ValueError(f"no examples in the {choice} subset of {ctx.data.name!r}")
+    if max_examples is not None and len(data) > max_examples:
+        rng = np.random.default_rng(ctx.seed)
+        data = data.subset(np.sort(rng.choice(len(data), max_examples, replace=False)))
+    return data, choice

@@ -7,7 +7,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from fmaudit.audits.base import AuditContext, AuditModule, AuditParams, Outcome
+from fmaudit.audits.base import AuditContext, AuditModule, AuditParams, Outcome, select_examples
 
 
 class UtilityAudit(AuditModule):
@@ -28,21 +28,6 @@ class UtilityAudit(AuditModule):
         bootstrap: int = Field(default=1000, ge=0, le=100_000, description="Bootstrap rounds for intervals (0: none).")
         confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
 
-    def _select(self, ctx: AuditContext):
-        data, split, p = ctx.data, ctx.split, self.params
-        same = split is not None and data is not None and split.dataset.fingerprint == data.fingerprint
-        choice = p.split
-        if choice == "auto":
-            choice = "nonmembers" if same else "all"
-        if choice in ("members", "nonmembers"):
-            if not same:
-                raise ValueError(f"split: {choice} needs a target fine-tuned on this dataset; use split: all")
-            data = split.members if choice == "members" else split.nonmembers
-        if p.max_examples is not None and len(data) > p.max_examples:
-            rng = np.random.default_rng(ctx.seed)
-            data = data.subset(np.sort(rng.choice(len(data), p.max_examples, replace=False)))
-        return data, choice
-
     def check(self, target, data) -> list[str]:
         problems = []
         if data is None or len(data) == 0:
@@ -56,7 +41,7 @@ class UtilityAudit(AuditModule):
         return problems
 
     def run(self, target, ctx: AuditContext) -> Outcome:
-        data, choice = self._select(ctx)
+        data, choice = select_examples(ctx, self.params.split, self.params.max_examples)
         out = Outcome()
         out.tables["evaluated_on"] = {"dataset": ctx.data.name, "subset": choice, "num_examples": len(data)}
         p = self.params

@@ -31,7 +31,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 from pydantic import Field, model_validator
 
-from fmaudit.audits.base import AuditContext, AuditModule, AuditParams, Outcome
+from fmaudit.audits.base import AuditContext, AuditModule, AuditParams, Outcome, select_examples
 
 Method = Literal["integrated_gradients", "gradient_x_input", "feature_ablation", "occlusion", "saliency",
                  "gradient_shap"]
@@ -678,15 +678,7 @@ class AttributionAudit(AuditModule):
         return problems
 
     def _select(self, ctx: AuditContext):
-        data, split = ctx.data, ctx.split
-        same = split is not None and data is not None and split.dataset.fingerprint == data.fingerprint
-        choice = self.params.split
-        if choice == "auto":
-            choice = "nonmembers" if same else "all"
-        if choice in ("members", "nonmembers"):
-            if not same:
-                raise ValueError(f"split: {choice} needs a target fine-tuned on this dataset; use split: all")
-            data = split.members if choice == "members" else split.nonmembers
+        data, choice = select_examples(ctx, self.params.split)
         order = np.random.default_rng(ctx.seed).permutation(len(data))
         return data, order, choice
 

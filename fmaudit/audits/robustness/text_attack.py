@@ -16,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from fmaudit.audits.base import AuditContext, AuditModule, AuditParams, Outcome
+from fmaudit.audits.base import AuditContext, AuditModule, AuditParams, Outcome, select_examples
 from fmaudit.audits.robustness.text_attack_recipes import (ALL_ATTACKS, EMBEDDING_SWAP, MASKED_LM_DEFAULTS,
                                                            NATIVE_ATTACKS, canonical)
 
@@ -100,22 +100,6 @@ class TextAttackAudit(AuditModule):
         return problems
 
     # ----------------------------------------------------------------------------------------------
-    def _select(self, ctx: AuditContext):
-        data, split, p = ctx.data, ctx.split, self.params
-        same = split is not None and data is not None and split.dataset.fingerprint == data.fingerprint
-        choice = p.split
-        if choice == "auto":
-            choice = "nonmembers" if same else "all"
-        if choice in ("members", "nonmembers"):
-            if not same:
-                raise ValueError(f"split: {choice} needs a target fine-tuned on this dataset; use split: all")
-            data = split.members if choice == "members" else split.nonmembers
-        if len(data) == 0:
-            raise ValueError(f"no examples to attack in the {choice} subset")
-        if len(data) > p.num_examples:
-            rng = np.random.default_rng(ctx.seed)
-            data = data.subset(np.sort(rng.choice(len(data), p.num_examples, replace=False)))
-        return data, choice
 
     def run(self, target, ctx: AuditContext) -> Outcome:
         from fmaudit.audits.robustness.textattack_env import import_textattack
@@ -129,7 +113,7 @@ class TextAttackAudit(AuditModule):
         from fmaudit.stats import softmax
 
         p = self.params
-        data, choice = self._select(ctx)
+        data, choice = select_examples(ctx, self.params.split, self.params.num_examples)
         out = Outcome()
         wrapper = engine.TargetModelWrapper(target, batch_size=p.batch_size)
         t_build = time.perf_counter()
