@@ -151,34 +151,50 @@ class ProgressHandle:
         pass
 
 
+def source_recipe_target(target: "Target", ctx: AuditContext) -> str | None:
+    """The recipe target this target is, or was produced from (following `produced_by` = 'i:module@name')."""
+    session = ctx.extras.get("session")
+    if session is None:
+        return None
+    recipe_targets = session.recipe.targets
+    name = ctx.extras.get("target_name", target.name)
+    if name in recipe_targets:
+        return name
+    current, seen = target, set()
+    while True:
+        pb = getattr(current, "produced_by", None) or ""
+        if "@" not in pb:
+            return None
+        src = pb.rsplit("@", 1)[1]
+        if src in recipe_targets:
+            return src
+        if src in seen or src not in session.targets:
+            return None
+        seen.add(src)
+        current = session.targets[src]
+
+
 def base_target(target: "Target", ctx: AuditContext) -> "Target":
     """A fresh copy of `target`'s BASE weights (before the recipe fine-tuned it), for modules that train
-    from the same start (reference models, DP, canary runs). A produced target (e.g. by DP fine-tuning)
-    leads back to the recipe target it came from. Checked against the recorded base-weights hash."""
+    from the same start (reference models, DP, canary runs): `ctx.extras['base_target']`, or reloaded
+    through the run's Session (a produced target leads back to the recipe target it came from). Checked
+    against the recorded base-weights hash."""
     base = ctx.extras.get("base_target")
     session = ctx.extras.get("session")
-    name = ctx.extras.get("target_name", target.name)
     if base is None and session is not None:
-        recipe_targets = session.recipe.targets
-        source = name if name in recipe_targets else None
-        produced_by = getattr(target, "produced_by", None)
-        if source is None and produced_by and "@" in produced_by:
-            src, seen = produced_by.rsplit("@", 1)[1], set()
-            while src not in recipe_targets and src in session.targets and src not in seen:
-                seen.add(src)
-                pb = getattr(session.targets[src], "produced_by", None) or ""
-                src = pb.rsplit("@", 1)[1] if "@" in pb else src
-            source = src if src in recipe_targets else None
+        source = source_recipe_target(target, ctx)
         if source is not None:
             base = session.base_target(source)
             base.name = source
     if base is None:
         raise ValueError(f"the base (pre-fine-tune) weights of target {target.name!r} are not known: run this module "
-                         "on a target that the recipe fine-tunes (or one produced from such a target)")
+                         "on a target that the recipe fine-tunes (or one produced from such a target), or pass "
+                         "ctx.extras['base_target']")
     recorded = (target.finetune_info or {}).get("base_weights_sha256")
     if recorded and base.weights_sha256() != recorded:
         raise ValueError(f"the base weights found for {target.name!r} (sha256 {base.weights_sha256()[:12]}) are not "
-                         f"the ones it was fine-tuned from ({recorded[:12]})")
+                         f"the ones it was fine-tuned from ({recorded[:12]}); models trained from them would not "
+                         "match it")
     if "trainable" not in base.capabilities:
         raise ValueError(f"target {target.name!r} cannot be fine-tuned")
     return base

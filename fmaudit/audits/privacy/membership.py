@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from fmaudit.audits.base import AuditContext, AuditModule, AuditParams, Outcome
+from fmaudit.audits.base import AuditContext, AuditModule, AuditParams, Outcome, base_target, source_recipe_target
 
 AttackName = Literal["loss", "confidence", "entropy", "zlib", "min_k", "min_k_pp", "calibrated_loss",
                      "lira_online", "lira_offline", "rmia", "rmia_offline"]
@@ -224,7 +224,7 @@ class MembershipAudit(AuditModule):
     def _calibration_target(self, target, ctx: AuditContext):
         name = self.params.calibration_model
         if name == "base":
-            return _base_target(target, ctx), "base"
+            return base_target(target, ctx), "base"
         session = ctx.extras.get("session")
         if session is None or (name not in session.targets and name not in session.recipe.targets):
             raise ValueError(f"calibration_model {name!r} is not a target of this run")
@@ -239,7 +239,7 @@ class MembershipAudit(AuditModule):
 
         p = self.params
         cfg = dict((target.finetune_info or {}).get("config") or {})
-        source = _source_recipe_target(target, ctx)
+        source = source_recipe_target(target, ctx)
         session = ctx.extras.get("session")
         if not cfg and source is not None and session is not None and source in session.targets:
             # a produced target (e.g. DP fine-tuned): mimic its source's recipe fine-tune, so both targets
@@ -261,7 +261,7 @@ class MembershipAudit(AuditModule):
         from fmaudit.executor import LocalExecutor
 
         p = self.params
-        base = _base_target(target, ctx)
+        base = base_target(target, ctx)
         R = p.reference_models
         masks = paired_halves(len(population), R, p.reference_seed)
         seeds = [int(np.random.SeedSequence([p.reference_seed, r]).generate_state(1)[0]) for r in range(R)]
@@ -518,51 +518,6 @@ def _dedupe_findings(findings):
             seen.add((f.severity, f.title))
             out.append(f)
     return out
-
-
-def _base_target(target, ctx: AuditContext):
-    """The target's base (pre-fine-tune) weights: from ctx.extras['base_target'], or reloaded through the
-    run's Session (for a produced target: its source target's base). Checked against the recorded hash."""
-    base = ctx.extras.get("base_target")
-    session = ctx.extras.get("session")
-    if base is None and session is not None:
-        source = _source_recipe_target(target, ctx)
-        if source is not None and hasattr(session, "base_target"):
-            base = session.base_target(source)
-    if base is None:
-        raise ValueError(f"reference-model attacks need the base (pre-fine-tune) weights of target {target.name!r}, "
-                         "and none are known: run it from a recipe that fine-tunes it, or pass "
-                         "ctx.extras['base_target']")
-    recorded = (target.finetune_info or {}).get("base_weights_sha256")
-    if recorded and base.weights_sha256() != recorded:
-        raise ValueError(f"the base weights found for {target.name!r} (sha256 {base.weights_sha256()[:12]}) are not "
-                         f"the ones it was fine-tuned from ({recorded[:12]}); reference models would not match it")
-    if "trainable" not in base.capabilities:
-        raise ValueError(f"target {target.name!r} cannot be fine-tuned, so reference models cannot be trained")
-    return base
-
-
-def _source_recipe_target(target, ctx: AuditContext) -> str | None:
-    """The recipe target this target is (or was produced from, following `produced_by` = 'i:module@name')."""
-    session = ctx.extras.get("session")
-    if session is None:
-        return None
-    recipe_targets = session.recipe.targets
-    name = ctx.extras.get("target_name", target.name)
-    if name in recipe_targets:
-        return name
-    current, seen = target, set()
-    while True:
-        pb = getattr(current, "produced_by", None) or ""
-        if "@" not in pb:
-            return None
-        src = pb.rsplit("@", 1)[1]
-        if src in recipe_targets:
-            return src
-        if src in seen or src not in session.targets:
-            return None
-        seen.add(src)
-        current = session.targets[src]
 
 
 def _lm_token_stats(target, data, *, batch_size: int, need_dist: bool):
