@@ -24,7 +24,10 @@ def _isolated_cache(tmp_path_factory):
     os.environ["FMAUDIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("fmaudit-cache"))
     import torch
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # Under pytest-xdist (`-n auto`) every worker gets one thread: the workers already fill the cores,
+    # and oversubscribed threads make small-batch torch code many times slower.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers) if workers > 1 else max(1, min(2, os.cpu_count() or 1)))
     yield
     if old is None:
         os.environ.pop("FMAUDIT_CACHE_DIR", None)
