@@ -77,10 +77,10 @@ class Session:
                 raise PreparationError(f"data.{name}: {exc}") from exc
         return self.datasets[name]
 
-    def base_target(self, name: str):
+    def base_target(self, name: str, *, as_name: str | None = None):
         """Recipe target `name` as loaded, before its fine-tune: a fresh copy each call (never cached in
-        `targets`), for modules that train reference models from the same starting weights. Loads exactly as
-        `target()` does, so its hash equals the target's recorded `base_weights_sha256`."""
+        `targets`), for modules that train reference models from the same starting weights. `target()`
+        loads through here too, so the hash equals the target's recorded `base_weights_sha256`."""
         from fmaudit.targets import TargetError, load_target
 
         spec = self.recipe.targets[name]
@@ -88,7 +88,7 @@ class Session:
         data = self.dataset(ft.data) if ft is not None else None
         try:
             return load_target(
-                model=spec.model, task=spec.task, name=f"{name}-base",
+                model=spec.model, task=spec.task, name=as_name or f"{name}-base",
                 num_labels=spec.num_labels or (data.num_labels if data is not None else None),
                 label_names=data.label_names if data is not None else None, device=self.device,
                 max_length=spec.max_length, gguf_file=spec.gguf_file, weights=spec.weights,
@@ -100,22 +100,12 @@ class Session:
     def target(self, name: str):
         if name in self.targets:
             return self.targets[name]
-        from fmaudit.targets import TargetError, load_target
         from fmaudit.training import TrainConfig, finetune_cached
 
         spec = self.recipe.targets[name]
         ft = spec.finetune
         data = self.dataset(ft.data) if ft is not None else None
-        try:
-            target = load_target(
-                model=spec.model, task=spec.task, name=name,
-                num_labels=spec.num_labels or (data.num_labels if data is not None else None),
-                label_names=data.label_names if data is not None else None, device=self.device,
-                max_length=spec.max_length, gguf_file=spec.gguf_file, weights=spec.weights,
-                trust_remote_code=spec.trust_remote_code, normalize_mean=spec.normalize_mean,
-                normalize_std=spec.normalize_std, base_dir=self.loaded.base_dir, seed=self.recipe.seed)
-        except TargetError as exc:
-            raise PreparationError(f"targets.{name}: {exc}") from exc
+        target = self.base_target(name, as_name=name)
         if ft is not None and data is not None:
             if data.labels is None and "classifier" in target.capabilities:
                 raise PreparationError(f"targets.{name}.finetune: dataset {ft.data!r} has no labels to train on")

@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal, Union
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from fmaudit.audits.base import AuditContext, AuditModule, AuditParams, Outcome
+from fmaudit.audits.base import AuditContext, AuditModule, AuditParams, Outcome, select_examples
 
 ATTACK_NAMES = ("fgsm", "pgd", "cw", "deepfool", "square", "autoattack")
 NORMED = ("pgd", "square", "autoattack")  # attacks with a `norm:` choice
@@ -292,24 +292,11 @@ class ImageAttackAudit(AuditModule):
         return problems
 
     # -- run -----------------------------------------------------------------------------------------
-    def _select(self, ctx: AuditContext):
-        data, split, p = ctx.data, ctx.split, self.params
-        same = split is not None and data is not None and split.dataset.fingerprint == data.fingerprint
-        choice = p.split
-        if choice == "auto":
-            choice = "nonmembers" if same else "all"
-        if choice in ("members", "nonmembers"):
-            data = split.members if choice == "members" else split.nonmembers
-        if len(data) > p.num_examples:
-            rng = np.random.default_rng(ctx.seed)
-            data = data.subset(np.sort(rng.choice(len(data), p.num_examples, replace=False)))
-        return data, choice
-
     def run(self, target, ctx: AuditContext) -> Outcome:
         import torch
 
         p = self.params
-        data, choice = self._select(ctx)
+        data, choice = select_examples(ctx, p.split, p.num_examples)
         model = target.model
         device = target.device
         n_classes = int(target.num_labels)
