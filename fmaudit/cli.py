@@ -139,17 +139,22 @@ def _fmt(v: float | None) -> str:
 
 def _print_summary(report) -> None:
     table = Table(title=f"{report.name} — run {report.run_id}", show_lines=False)
-    for col in ("module", "target", "status", "key metrics", "findings"):
-        table.add_column(col)
+    table.add_column("module", overflow="fold", max_width=20)
+    table.add_column("target", overflow="fold", max_width=12)
+    table.add_column("status", no_wrap=True)
+    table.add_column("headline metrics", overflow="fold", min_width=20)
+    table.add_column("findings", overflow="fold", max_width=10)
     for r in report.audits:
-        metrics = ", ".join(f"{k}={_fmt(m.value)}" for k, m in list(r.metrics.items())[:4])
+        # Headline metrics (per-attack / per-method breakdowns use dotted names; see the report for them).
+        head = [(k, m) for k, m in r.metrics.items() if "." not in k and m.value is not None][:4]
+        metrics = "\n".join(f"{k}={_fmt(m.value)}" for k, m in head)
         if r.status == "error" and r.error:
-            metrics = f"[red]{r.error.type}: {r.error.message[:80]}[/]"
+            metrics = f"[red]{escape(r.error.type)}: {escape(r.error.message[:80])}[/]"
         sev = {}
         for f in r.findings:
             sev[f.severity] = sev.get(f.severity, 0) + 1
         status = {"ok": "[green]ok[/]", "error": "[red]error[/]", "skipped": "[yellow]skipped[/]"}[r.status]
-        table.add_row(r.module, r.target, status, metrics, ", ".join(f"{v} {k}" for k, v in sev.items()) or "—")
+        table.add_row(r.module, r.target, status, metrics, "\n".join(f"{v} {k}" for k, v in sev.items()) or "—")
     out.print(table)
     failed = [g for r in report.audits for g in r.gates if not g.passed]
     if failed:
