@@ -46,6 +46,8 @@ def _dumps(obj: Any) -> bytes:
 
 
 def _loads(blob: bytes) -> Any:
+    # Only blobs made by _dumps in this run's own driver and workers travel here (never files or
+    # user-supplied bytes); Ray itself moves every task argument with the same pickler.
     from ray import cloudpickle
 
     return cloudpickle.loads(blob)

@@ -15,18 +15,6 @@ FAST = dict(n_steps=20, perturbations=4, sensitivity_examples=1, random_ordering
             internal_batch_size=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 spinning OpenMP threads run these tiny models many
-    times slower than one."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _ctx(tmp_path, data, *, store=False, seed=0) -> AuditContext:
     return AuditContext(unit_id="0:explain.attribution@t", seed=seed, device="cpu", run_dir=tmp_path,
                         cache_dir=tmp_path, store_examples=store, data=data)

@@ -16,17 +16,6 @@ from fmaudit.audits.robustness.image_attack import ImageAttackAudit
 from fmaudit.data import Dataset, load_digits
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine it runs these tiny models faster than two."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _ctx(tmp_path, data, *, store=True, seed=0) -> AuditContext:
     return AuditContext(unit_id="0:robustness.image_attack@t", seed=seed, device="cpu", run_dir=tmp_path,
                         cache_dir=tmp_path, store_examples=store, data=data)

@@ -16,17 +16,6 @@ from fmaudit.data import Dataset, Split, load_digits, member_split
 from fmaudit.executor import LocalExecutor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on shared cores: one thread is many times faster than two under contention."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _mlp_target(seed: int = 0):
     import torch
     from torch import nn

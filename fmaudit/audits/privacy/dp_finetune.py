@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from fmaudit.audits.base import AuditContext, AuditModule, AuditParams, Outcome
+from fmaudit.audits.base import AuditContext, AuditModule, AuditParams, Outcome, base_target
 
 
 class DPFinetuneAudit(AuditModule):
@@ -105,23 +105,10 @@ class DPFinetuneAudit(AuditModule):
 
     def _base(self, target, ctx: AuditContext):
         """The target's weights BEFORE its non-private fine-tune (DP must start from them: weights that
-        already saw the members void the guarantee). Reloaded from the recipe and checked by hash."""
-        info = target.finetune_info
-        if not info:
+        already saw the members void the guarantee), reloaded and checked by hash through `base_target`."""
+        if not target.finetune_info:
             return target.copy(), "the target as given (it was not fine-tuned in this recipe)"
-        session = ctx.extras.get("session")
-        name = ctx.extras.get("target_name")
-        spec = session.recipe.targets.get(name) if session is not None and name else None
-        if spec is None:
-            raise ValueError(f"target {name!r} was fine-tuned by an earlier module; its pre-trained weights are not "
-                             "known, so a DP guarantee cannot start from them. Run privacy.dp_finetune on a recipe "
-                             "target.")
-        base = session.base_target(name)
-        base.name = name
-        want = info.get("base_weights_sha256")
-        if want and base.weights_sha256() != want:
-            raise ValueError(f"reloading {name!r} gave weights {base.weights_sha256()[:12]}, not the pre-trained "
-                             f"weights {want[:12]} it was fine-tuned from; cannot start DP training from them")
+        base = base_target(target, ctx)
         return base, "the pre-trained weights of the non-private target (same members, verified by sha256)"
 
     # -- run -------------------------------------------------------------------------------------------
