@@ -218,6 +218,7 @@ def select_examples(ctx: AuditContext, split: str = "auto", max_examples: int | 
     if len(data) == 0:
         raise ValueError(f"no examples in the {choice} subset of {ctx.data.name!r}")
     if max_examples is not None and len(data) > max_examples:
-        rng = np.random.default_rng(ctx.seed)
-        data = data.subset(np.sort(rng.choice(len(data), max_examples, replace=False)))
+        from fmaudit.seeds import Stream, rng
+
+        data = data.subset(np.sort(rng(ctx.seed, Stream.EXAMPLE_SAMPLE).choice(len(data), max_examples, replace=False)))
     return data, choice

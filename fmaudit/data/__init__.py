@@ -155,8 +155,9 @@ def member_split(dataset: Dataset, *, member_fraction: float, seed: int) -> Spli
         raise DataError(f"dataset {dataset.name!r} has {n} example(s); a member / non-member split needs at least 2")
     if not 0.0 < member_fraction < 1.0:
         raise DataError(f"member_fraction must be in (0, 1), got {member_fraction}")
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(n)
+    from fmaudit.seeds import Stream, rng
+
+    perm = rng(seed, Stream.SPLIT).permutation(n)
     k = min(max(1, int(round(member_fraction * n))), n - 1)
     return Split(dataset, np.sort(perm[:k]), np.sort(perm[k:]), seed, member_fraction)
 
@@ -390,8 +391,9 @@ def load_dataset(name: str, spec: Any, *, base_dir: Path | None = None, seed: in
                         id_column=spec.id_column, name=name)
     if spec.limit is not None and len(ds) > spec.limit:
         # A seeded, stratification-free sample keeps both classes in proportion on large sets.
-        rng = np.random.default_rng(seed)
-        ds = ds.subset(np.sort(rng.choice(len(ds), size=spec.limit, replace=False)))
+        from fmaudit.seeds import Stream, rng
+
+        ds = ds.subset(np.sort(rng(seed, Stream.DATA_LIMIT).choice(len(ds), size=spec.limit, replace=False)))
     if len(ds) == 0:
         raise DataError(f"dataset {name!r} ({source}) is empty")
     return ds

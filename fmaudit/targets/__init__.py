@@ -93,7 +93,9 @@ def load_target(*, model: str, task: str | None = None, name: str | None = None,
         task = task or BUNDLED_MODELS[model]
     if task is None:
         raise TargetError(f"say what {model!r} does: task=text-classification | causal-lm | image-classification")
-    torch.manual_seed(seed)  # new heads / bundled image models start from seeded weights
+    from fmaudit.seeds import Stream, derive
+
+    torch.manual_seed(derive(seed, Stream.HEAD_INIT))  # new heads / bundled image models start from seeded weights
 
     if model == "bundled:minilm":
         return _hf_text_classifier(minilm_path(), name=name, source=model, num_labels=num_labels or 2,
