@@ -440,6 +440,205 @@ def _check_module_params(i: int, use: str, params: Any, fail_if: Any, lines: dic
     return problems
 
 
+# ---------------------------------------------------------------------------------------------------
+# File checks that need no model and no torch: a broken input is refused by `validate` (exit 2) instead of
+# failing half-way through a run.
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+MAX_SCANNED_TABLE_BYTES = 256 << 20  # CSV / JSONL files up to this size are read through in validate
+
+
+def check_safetensors_file(path: Path) -> str | None:
+    """Why a .safetensors file is unusable (truncated, corrupt header), or None. Reads the header only."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return f"{path} is truncated ({size} bytes; not even a safetensors header)"
+            n = int.from_bytes(head, "little")
+            if n <= 0 or n > min(size - 8, 100 << 20):
+                return (f"{path} is truncated or corrupt: its header claims {n:,} bytes but the file has {size:,} "
+                        "(a half-copied checkpoint?)")
+            header = json.loads(fh.read(n).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"{path} is not a valid safetensors file ({type(exc).__name__}: {exc})"
+    if not isinstance(header, dict):
+        return f"{path} is not a valid safetensors file (its header is not a JSON object)"
+    end = 0
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        offsets = v.get("data_offsets") if isinstance(v, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            return f"{path} is not a valid safetensors file (tensor {k!r} has no data_offsets)"
+        end = max(end, offsets[1])
+    if 8 + n + end > size:
+        return (f"{path} is truncated: its tensors need {8 + n + end:,} bytes but the file has {size:,} "
+                "(a half-copied checkpoint?); copy or save it again")
+    return None
+
+
+def check_torch_file(path: Path) -> str | None:
+    """Why a torch .bin/.pt file is unusable (empty, or a zip archive cut short), or None. No unpickling."""
+    import zipfile
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        return f"cannot read {path}: {exc}"
+    if size == 0:
+        return f"{path} is empty"
+    if magic.startswith(b"PK") and not zipfile.is_zipfile(path):
+        return f"{path} is truncated (a torch zip archive without its directory; a half-copied file?)"
+    return None
+
+
+def check_weights_file(path: Path) -> str | None:
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return check_safetensors_file(path)
+    if suffix in (".bin", ".pt", ".pth"):
+        return check_torch_file(path)
+    if suffix == ".gguf":
+        try:
+            with open(path, "rb") as fh:
+                if fh.read(4) != b"GGUF":
+                    return f"{path} is not a GGUF file (no GGUF magic bytes)"
+        except OSError as exc:
+            return f"cannot read {path}: {exc}"
+    return None
+
+
+def read_model_config(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """A checkpoint's config.json as a dict, or the reason it cannot be read."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, f"{folder / 'config.json'} cannot be read as JSON ({type(exc).__name__}: {exc})"
+    if not isinstance(cfg, dict):
+        return None, f"{folder / 'config.json'} is not a JSON object"
+    return cfg, None
+
+
+def check_checkpoint_folder(folder: Path, task: str | None, gguf_file: str | None) -> list[str]:
+    """Problems of a local Hugging Face checkpoint folder that show before loading it."""
+    problems = []
+    _, why = read_model_config(folder)
+    if why:
+        problems.append(why)
+    if gguf_file:
+        if (folder / gguf_file).is_file():
+            bad = check_weights_file(folder / gguf_file)
+            if bad:
+                problems.append(bad)
+        return problems
+    weights = sorted([*folder.glob("*.safetensors"), *folder.glob("*.bin"), *folder.glob("*.pt"),
+                      *folder.glob("*.pth")])
+    weights = [w for w in weights if w.name not in ("training_args.bin", "optimizer.pt", "scheduler.pt",
+                                                    "rng_state.pth")]
+    if not weights:
+        problems.append(f"{folder} has no weights (model.safetensors or pytorch_model.bin); save the model with "
+                        "`save_pretrained`")
+    for w in weights:
+        bad = check_weights_file(w)
+        if bad:
+            problems.append(bad)
+    if task in ("text-classification", "causal-lm") and not any((folder / f).exists() for f in TOKENIZER_FILES):
+        problems.append(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); save the "
+                        "tokenizer next to the model with `tokenizer.save_pretrained`")
+    return problems
+
+
+def _utf8_problem(path: Path) -> str | None:
+    import codecs
+
+    dec = codecs.getincrementaldecoder("utf-8")()
+    line, offset = 1, 0
+    try:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                try:
+                    dec.decode(chunk)
+                except UnicodeDecodeError as exc:
+                    pos = offset + exc.start
+                    line += chunk[: exc.start].count(b"\n")
+                    return (f"{path} is not UTF-8 text (byte 0x{chunk[exc.start]:02x} at offset {pos}, line {line}); "
+                            "re-save it as UTF-8")
+                line += chunk.count(b"\n")
+                offset += len(chunk)
+            dec.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return f"{path} is not UTF-8 text (it ends inside a multi-byte character); re-save it as UTF-8"
+    except OSError as exc:
+        return f"cannot read {path}: {exc}"
+    return None
+
+
+def table_summary(path: Path, spec: "DataSpec") -> tuple[list[str], int | None]:
+    """(problems, number of rows) of a CSV / JSONL data file, read without any heavy library. The row count
+    is None when the file is too large to read through in `validate`."""
+    import csv
+
+    from fmaudit.registry import suggest
+
+    if path.stat().st_size > MAX_SCANNED_TABLE_BYTES:
+        return [], None
+    bad = _utf8_problem(path)
+    if bad:
+        return [bad], None
+    wanted = [c for c in (spec.text_column, spec.label_column, spec.id_column) if c]
+    rows = 0
+    columns: set[str] | None = None
+    try:
+        if path.suffix.lower() == ".csv":
+            with open(path, encoding="utf-8", newline="") as fh:
+                reader = csv.DictReader(fh)
+                columns = set(reader.fieldnames or [])
+                for _ in reader:
+                    rows += 1
+        else:
+            with open(path, encoding="utf-8") as fh:
+                for ln, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        return [f"{path}:{ln}: not valid JSON ({exc.msg})"], None
+                    if not isinstance(obj, dict):
+                        return [f"{path}:{ln}: each line must be a JSON object"], None
+                    if columns is None:
+                        columns = set(obj)
+                    rows += 1
+    except csv.Error as exc:
+        return [f"{path}: malformed CSV ({exc})"], None
+    if rows == 0:
+        return [f"{path} has no rows"], 0
+    problems = []
+    for col in wanted:
+        if col not in (columns or set()):
+            close = suggest(col, columns or set())
+            problems.append(f"{path} has no column {col!r} (columns: {sorted(columns or [])})"
+                            + (f"; did you mean {close[0]!r}?" if close else "")
+                            + " — set text_column / label_column / id_column in the recipe's data entry")
+    return problems, rows
+
+
+def _image_channels(recipe: "Recipe", data_name: str) -> int | None:
+    spec = recipe.data.get(data_name)
+    if spec is None:
+        return None
+    if spec.source == "bundled:digits":
+        return 1
+    if spec.source.startswith("imagefolder:"):
+        return 1 if spec.grayscale else 3
+    return None
+
+
 def check_recipe(recipe: Recipe, *, lines: dict[tuple, int] | None = None, base_dir: Path | None = None
                  ) -> list[Problem]:
     """Pass 2: module params, names, cross-references, files and capabilities."""
@@ -457,6 +656,7 @@ def check_recipe(recipe: Recipe, *, lines: dict[tuple, int] | None = None, base_
         return q if q.is_absolute() else base_dir / q
 
     data_names = set(recipe.data)
+    table_rows: dict[str, int] = {}  # rows of CSV / JSONL datasets (after `limit`), when counted
     # -- data -------------------------------------------------------------------------------------------
     for name, spec in recipe.data.items():
         src = spec.source
@@ -476,6 +676,17 @@ def check_recipe(recipe: Recipe, *, lines: dict[tuple, int] | None = None, base_
                          "imagefolder:DIR or hf_disk:DIR")
             elif not p.exists():
                 add(loc, f"data file {p} does not exist")
+            elif not p.is_file():
+                add(loc, f"{p} is not a file")
+            else:
+                try:
+                    msgs, rows = table_summary(p, spec)
+                except OSError as exc:
+                    msgs, rows = [f"cannot read {p}: {exc}"], None
+                for msg in msgs:
+                    add(loc, msg)
+                if rows is not None:
+                    table_rows[name] = min(rows, spec.limit) if spec.limit else rows
 
     # -- targets ----------------------------------------------------------------------------------------
     target_task: dict[str, str | None] = {}
@@ -503,6 +714,10 @@ def check_recipe(recipe: Recipe, *, lines: dict[tuple, int] | None = None, base_
                 add(("targets", name, "task"), "python: models need `task:` (image-classification)")
             if spec.weights and not resolve(spec.weights).exists():
                 add(("targets", name, "weights"), f"weights file {resolve(spec.weights)} does not exist")
+            elif spec.weights:
+                bad = check_weights_file(resolve(spec.weights))
+                if bad:
+                    add(("targets", name, "weights"), bad)
         else:
             p = resolve(m)
             if not p.exists():
@@ -511,6 +726,19 @@ def check_recipe(recipe: Recipe, *, lines: dict[tuple, int] | None = None, base_
             elif not p.is_dir() or not (p / "config.json").exists():
                 add(("targets", name, "model"), f"{p} is not a Hugging Face model folder (no config.json); "
                                                 "save models with `save_pretrained`")
+            else:
+                for msg in check_checkpoint_folder(p, task, spec.gguf_file):
+                    add(("targets", name, "model"), msg)
+                cfg, _ = read_model_config(p)
+                channels = cfg.get("num_channels") if cfg else None
+                if task == "image-classification" and isinstance(channels, int) and spec.finetune is not None:
+                    have = _image_channels(recipe, spec.finetune.data)
+                    if have is not None and have != channels:
+                        fix = ("set `grayscale: true` on that dataset" if channels == 1 and have == 3 else
+                               "use a dataset with matching channels (imagefolder without grayscale loads RGB)")
+                        add(("targets", name, "finetune", "data"),
+                            f"the model takes {channels}-channel images (num_channels in {p / 'config.json'}) but "
+                            f"dataset {spec.finetune.data!r} has {have} channel(s); {fix}")
             if task is None:
                 add(("targets", name, "task"), f"say what the model does: task: one of {', '.join(TASKS)}")
             if spec.gguf_file and p.is_dir() and not (p / spec.gguf_file).exists():
@@ -522,7 +750,17 @@ def check_recipe(recipe: Recipe, *, lines: dict[tuple, int] | None = None, base_
                 close = suggest(ft.data, data_names)
                 add(("targets", name, "finetune", "data"), f"no dataset named {ft.data!r} in `data`"
                     + (f"; did you mean {close[0]!r}?" if close else ""))
-            elif task is not None:
+            elif ft.data in table_rows:
+                n = table_rows[ft.data]
+                k = min(max(1, int(round(ft.member_fraction * n))), n - 1) if n >= 2 else 0
+                if n < 2:
+                    add(("targets", name, "finetune", "data"), f"dataset {ft.data!r} has {n} row(s); a member / "
+                                                               "non-member split needs at least 2")
+                elif k < ft.batch_size:
+                    add(("targets", name, "finetune", "batch_size"),
+                        f"{k} training examples (member_fraction {ft.member_fraction:g} of {n} rows in "
+                        f"{ft.data!r}) is fewer than batch_size {ft.batch_size}; use more data or a smaller batch")
+            if ft.data in data_names and task is not None:
                 want = MODALITY[task]
                 have = "image" if recipe.data[ft.data].source in ("bundled:digits",) or \
                     recipe.data[ft.data].source.startswith("imagefolder:") else "text"

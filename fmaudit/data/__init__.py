@@ -267,19 +267,29 @@ def load_table(path: Path, *, text_column: str, label_column: str | None, id_col
     if not path.exists():
         raise DataError(f"data file {path} does not exist")
     rows: list[dict[str, Any]]
-    if path.suffix.lower() == ".csv":
-        with open(path, encoding="utf-8", newline="") as fh:
-            rows = list(csv.DictReader(fh))
-    elif path.suffix.lower() in (".jsonl", ".ndjson"):
-        rows = []
-        for ln, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{ln}: not valid JSON ({exc.msg})") from exc
-    else:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .csv or .jsonl")
+    try:
+        if path.suffix.lower() == ".csv":
+            with open(path, encoding="utf-8", newline="") as fh:
+                rows = list(csv.DictReader(fh))
+        elif path.suffix.lower() in (".jsonl", ".ndjson"):
+            rows = []
+            for ln, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise DataError(f"{path}:{ln}: not valid JSON ({exc.msg})") from exc
+                    if not isinstance(rows[-1], dict):
+                        raise DataError(f"{path}:{ln}: each line must be a JSON object")
+        else:
+            raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .csv or .jsonl")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                        "re-save it as UTF-8") from exc
+    except csv.Error as exc:
+        raise DataError(f"{path}: malformed CSV ({exc})") from exc
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc}") from exc
     if not rows:
         raise DataError(f"{path} has no rows")
     columns = set(rows[0])
@@ -318,10 +328,13 @@ def load_image_folder(root: Path, *, name: str, image_size: int | None, grayscal
         for f in sorted((root / cls).iterdir()):
             if f.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            img = Image.open(f)
-            img = img.convert("L" if grayscale else "RGB")
-            if image_size:
-                img = img.resize((image_size, image_size))
+            try:
+                with Image.open(f) as opened:
+                    img = opened.convert("L" if grayscale else "RGB")
+                if image_size:
+                    img = img.resize((image_size, image_size))
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:  # truncated, not an image, too big
+                raise DataError(f"cannot read image {f}: {exc}; remove or replace the file") from exc
             arr = np.asarray(img, dtype=np.float32) / 255.0
             arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
             arrays.append(arr)
