@@ -16,7 +16,8 @@ app = typer.Typer(
     name="fmaudit",
     help="Privacy and robustness audits for foundation models, driven by a YAML recipe.\n\n"
          "Start with:  fmaudit run recipes/quickstart.yaml\n\n"
-         "Exit codes: 0 all gates pass, 1 a gate failed, 2 invalid recipe or usage, 3 a module errored.",
+         "Exit codes: 0 all gates pass, 1 a gate failed, 2 invalid recipe, input or usage, 3 a module, a target "
+         "or the run errored (recorded in the report), 130 interrupted.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -35,7 +36,8 @@ def _print_problems(exc) -> None:
 
 
 @app.command()
-def validate(recipe: Path = typer.Argument(..., help="Recipe YAML file.")) -> None:
+def validate(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+             debug: bool = typer.Option(False, "--debug", help="Print the traceback of an unexpected error.")) -> None:
     """Check a recipe without loading any model: lists every problem with its path and line (exit 2)."""
     from fmaudit.recipe import RecipeError, load_recipe
 
@@ -44,6 +46,9 @@ def validate(recipe: Path = typer.Argument(..., help="Recipe YAML file.")) -> No
     except RecipeError as exc:
         _print_problems(exc)
         raise typer.Exit(2)
+    except Exception as exc:  # a bug in a check: exit 3 with one line, never a traceback or exit 1
+        _print_crash(exc, debug, None)
+        raise typer.Exit(3)
     r = loaded.recipe
     n_units = sum(len(a.target) for a in r.audits)
     out.print(f"[green]OK[/] {recipe}: {len(r.data)} dataset(s), {len(r.targets)} target(s), "
@@ -79,8 +84,39 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     executor: Optional[str] = typer.Option(None, "--executor", help="Where independent units run: local | ray "
                                            "(default: the recipe's executor; ray needs `pip install 'fmaudit\\[ray]'`)."),
+    debug: bool = typer.Option(False, "--debug", help="Print the full traceback of an unexpected error."),
 ) -> None:
     """Run a recipe: fine-tune targets (cached), run each audit, write reports/<run-id>/report.json."""
+    state: dict = {}
+    try:
+        _run(recipe, output_dir, resume, resume_from, quiet, executor, state)
+    except (typer.Exit, typer.Abort, SystemExit):
+        raise
+    except KeyboardInterrupt:
+        err.print("[yellow]Interrupted.[/] Partial results are in the run folder; continue with "
+                  f"`fmaudit run {escape(str(recipe))} --resume`.")
+        raise typer.Exit(130)
+    except BaseException as exc:  # anything uncaught: exit 3 (never 1, which means a gate failed)
+        runner = state.get("runner")
+        run_dir = runner.write_failure_report(exc) if runner is not None else None
+        _print_crash(exc, debug, run_dir)
+        raise typer.Exit(3)
+
+
+def _print_crash(exc: BaseException, debug: bool, run_dir: Optional[Path]) -> None:
+    msg = " ".join((str(exc) or type(exc).__name__).split())[:300]
+    where = f"; recorded in {run_dir / 'report.json'}" if run_dir is not None else ""
+    err.print(f"[bold red]fmaudit failed:[/] {escape(type(exc).__name__)}: {escape(msg)}{escape(where)}"
+              + ("" if debug else " (run with --debug for the traceback)"), highlight=False, soft_wrap=True)
+    if debug:
+        import traceback
+
+        err.print(escape("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))), highlight=False,
+                  soft_wrap=True)
+
+
+def _run(recipe: Path, output_dir: Optional[Path], resume: bool, resume_from: Optional[Path], quiet: bool,
+         executor: Optional[str], state: dict) -> None:
     from fmaudit.recipe import RecipeError, load_recipe
 
     try:
@@ -113,6 +149,7 @@ def run(
         raise typer.Exit(2)
     runner = Runner(loaded, output_dir=out_dir, resume=resume_dir, progress=_RichProgress(progress),
                     log=lambda m: None, executor=chosen)
+    state["runner"] = runner
     try:
         with progress:
             report = runner.run()
@@ -120,13 +157,16 @@ def run(
         _print_problems(exc)
         raise typer.Exit(2)
     except PreparationError as exc:
-        err.print(f"[bold red]Cannot prepare the run:[/] {exc}")
+        err.print(f"[bold red]Cannot prepare the run:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2)
     except KeyboardInterrupt:
         err.print("[yellow]Interrupted.[/] Partial results are in the run folder; continue with "
                   f"`fmaudit run {recipe} --resume`.")
         raise typer.Exit(EXIT_INTERRUPTED)
     _print_summary(report)
+    if report.error is not None:
+        err.print(f"[bold red]The run failed:[/] {escape(report.error.type)}: {escape(report.error.message)} "
+                  "(results before the failure are kept; the traceback is in the report)", soft_wrap=True)
     out.print(f"Report: [bold]{runner.run_dir / 'report.json'}[/]")
     raise typer.Exit(report.exit_code or 0)
 
@@ -150,6 +190,8 @@ def _print_summary(report) -> None:
         metrics = "\n".join(f"{k}={_fmt(m.value)}" for k, m in head)
         if r.status == "error" and r.error:
             metrics = f"[red]{escape(r.error.type)}: {escape(r.error.message[:80])}[/]"
+        elif r.status == "skipped" and r.error:
+            metrics = f"[yellow]{escape(r.error.message[:80])}[/]"
         sev = {}
         for f in r.findings:
             sev[f.severity] = sev.get(f.severity, 0) + 1

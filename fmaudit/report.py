@@ -173,8 +173,11 @@ class RunReport(_Strict):
     fmaudit_version: str
     created_at: str
     finished_at: str | None = None
-    status: Literal["complete", "interrupted"] = "complete"
+    status: Literal["complete", "interrupted", "failed"] = Field(
+        default="complete", description="complete | interrupted (resume it) | failed (stopped by an error outside "
+                                        "any unit: see `error`; the units before it are kept)")
     exit_code: int | None = None
+    error: ErrorInfo | None = Field(default=None, description="Why a `failed` run stopped.")
     seed: int
     recipe: dict[str, Any] = Field(description="The recipe as loaded (echoed for re-runs).")
     recipe_sha256: str

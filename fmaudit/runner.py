@@ -38,6 +38,46 @@ class PreparationError(ValueError):
     """Data or a model could not be prepared as the recipe asks (an input problem: exit 2)."""
 
 
+class TargetUnavailable(RuntimeError):
+    """A recipe target failed to load or fine-tune in this run: the units that need it are errors
+    (exit 3), the others still run. `info` holds the one-line cause, the next step and the traceback."""
+
+    def __init__(self, name: str, info: ErrorInfo):
+        super().__init__(info.message)
+        self.name = name
+        self.info = info
+
+
+SKIPPED_UPSTREAM = "skipped: the audit that produces this target failed"
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join((str(exc) or type(exc).__name__).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def target_error_info(name: str, spec: Any, phase: str, exc: BaseException) -> ErrorInfo:
+    """The report entry for a target that could not be prepared: one-line cause and the next step."""
+    if isinstance(exc, TargetUnavailable):
+        return exc.info
+    cause = _one_line(exc)
+    if phase == "load":
+        message = f"target {name!r} could not be loaded from {spec.model}: {cause}"
+        hint = ("check the checkpoint: config.json, complete weights (model.safetensors / pytorch_model.bin, not "
+                "truncated), and tokenizer files for text models; re-save it with save_pretrained and run "
+                "`fmaudit validate` again")
+    elif phase == "finetune":
+        data = spec.finetune.data if spec.finetune is not None else "?"
+        message = f"target {name!r} failed while fine-tuning on {data!r}: {cause}"
+        hint = ("check that the data matches what the model expects (image channels: `grayscale: true` for "
+                "1-channel models; image size; vocabulary; num_labels), then re-run with --resume")
+    else:
+        message = f"target {name!r} could not be prepared: {cause}"
+        hint = "fix the target or its data in the recipe, then re-run with --resume"
+    return ErrorInfo(type=type(exc).__name__, message=message, hint=hint,
+                     traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=20)))
+
+
 ProgressFactory = Callable[[str, int], Any]
 
 
@@ -63,6 +103,7 @@ class Session:
     datasets: dict[str, Dataset] = field(default_factory=dict)
     targets: dict[str, Any] = field(default_factory=dict)
     target_data: dict[str, str | None] = field(default_factory=dict)
+    target_errors: dict[str, ErrorInfo] = field(default_factory=dict)
 
     @property
     def recipe(self):
@@ -73,7 +114,7 @@ class Session:
             spec = self.recipe.data[name]
             try:
                 self.datasets[name] = load_dataset(name, spec, base_dir=self.loaded.base_dir, seed=self.recipe.seed)
-            except DataError as exc:
+            except (DataError, OSError, ValueError) as exc:  # unreadable files and bad contents: input problems
                 raise PreparationError(f"data.{name}: {exc}") from exc
         return self.datasets[name]
 
@@ -97,15 +138,56 @@ class Session:
         except TargetError as exc:
             raise PreparationError(f"targets.{name}: {exc}") from exc
 
+    def preflight(self, name: str) -> None:
+        """Checks of recipe target `name` that need its data but no model (exit 2 before anything runs):
+        labels to train a classifier on, enough examples for the member split and the batch size."""
+        from fmaudit.tasks import BUNDLED_MODELS, CAPABILITIES
+
+        spec = self.recipe.targets[name]
+        ft = spec.finetune
+        if ft is None:
+            return
+        data = self.dataset(ft.data)
+        task = spec.task or BUNDLED_MODELS.get(spec.model)
+        if data.labels is None and task is not None and "classifier" in CAPABILITIES[task]:
+            raise PreparationError(f"targets.{name}.finetune: dataset {ft.data!r} has no labels to train on")
+        if spec.num_labels is not None and data.num_labels is not None and data.num_labels > spec.num_labels:
+            raise PreparationError(f"targets.{name}: num_labels is {spec.num_labels} but dataset {ft.data!r} has "
+                                   f"{data.num_labels} labels; set num_labels: {data.num_labels} (or drop it)")
+        try:
+            split = member_split(data, member_fraction=ft.member_fraction, seed=self.recipe.seed)
+        except DataError as exc:
+            raise PreparationError(f"targets.{name}.finetune: {exc}") from exc
+        if len(split.member_idx) < ft.batch_size:
+            raise PreparationError(f"targets.{name}.finetune: {len(split.member_idx)} training examples is fewer "
+                                   f"than batch_size {ft.batch_size}; use more data or a smaller batch")
+
     def target(self, name: str):
+        """Recipe target `name`, loaded and fine-tuned once. A failure is remembered: this and every later
+        call raise TargetUnavailable (one cause, recorded once), so the units that need the target become
+        errors while the rest of the run goes on."""
         if name in self.targets:
             return self.targets[name]
+        if name in self.target_errors:
+            raise TargetUnavailable(name, self.target_errors[name])
+        phase = ["load"]
+        try:
+            return self._build_target(name, phase)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            info = target_error_info(name, self.recipe.targets[name], phase[0], exc)
+            self.target_errors[name] = info
+            raise TargetUnavailable(name, info) from exc
+
+    def _build_target(self, name: str, phase: list[str]):
         from fmaudit.training import TrainConfig, finetune_cached
 
         spec = self.recipe.targets[name]
         ft = spec.finetune
         data = self.dataset(ft.data) if ft is not None else None
         target = self.base_target(name, as_name=name)
+        phase[0] = "check"
         if ft is not None and data is not None:
             if data.labels is None and "classifier" in target.capabilities:
                 raise PreparationError(f"targets.{name}.finetune: dataset {ft.data!r} has no labels to train on")
@@ -121,6 +203,7 @@ class Session:
                                        f"than batch_size {ft.batch_size}; use more data or a smaller batch")
             config = TrainConfig.from_spec(ft, seed=self.recipe.seed)
             base_sha = target.weights_sha256()
+            phase[0] = "finetune"
             stats, hit, key = finetune_cached(target, split, config, cache_dir=self.cache_dir, progress=self.progress,
                                               label=f"fine-tuning {name}")
             target.split = split
@@ -131,6 +214,15 @@ class Session:
         self.targets[name] = target
         self.target_data[name] = ft.data if ft is not None else None
         return target
+
+
+def run_error_info(exc: BaseException) -> ErrorInfo:
+    """The report entry of an exception that stopped the run outside any unit (a bug, or a fault the
+    per-unit isolation does not cover)."""
+    return ErrorInfo(type=type(exc).__name__, message=_one_line(exc),
+                     hint="results completed before the failure are kept; re-run with --resume, and report this "
+                          "with the traceback (`--debug`) if it persists",
+                     traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=30)))
 
 
 def _unit_seed(run_seed: int, unit_id: str) -> int:
@@ -212,6 +304,7 @@ class Runner:
         self.resume_dir = Path(resume) if resume else None
         out = Path(output_dir) if output_dir else Path(rc.output_dir) if rc.output_dir else Path("reports")
         self.output_dir = out
+        self.run_dir: Path | None = None
 
     # -- run folder ------------------------------------------------------------------------------------
     def _make_run_dir(self) -> tuple[Path, str, dict[str, AuditResult]]:
@@ -237,6 +330,12 @@ class Runner:
 
     # -- main ------------------------------------------------------------------------------------------
     def run(self) -> RunReport:
+        """Run every unit; returns the report (also written to `run_dir/report.json`).
+
+        Input problems found before any model loads (device, executor, data, split sizes, a module's
+        pre-flight check) raise RecipeError / PreparationError and leave no run folder (exit 2). A target
+        that fails to load or fine-tune makes the units that need it errors (exit 3); any other exception
+        is recorded in the report (status "failed", exit 3), never lost."""
         import torch
 
         from fmaudit.targets import TargetError, resolve_device
@@ -254,10 +353,14 @@ class Runner:
                 raise PreparationError(f"executor {self.executor.name!r}: {exc}") from exc
         session = Session(self.loaded, device, self.cache_dir, local_only(self.progress))
         units = [Unit(i, a, t) for i, a in enumerate(self.recipe.audits) for t in a.target]
+        self._preflight(session)
         run_dir, run_id, done = self._make_run_dir()
+        self.run_dir = run_dir
         fresh = self.resume_dir is None
         events = EventLog(run_dir / "events.jsonl")
         created = _now()
+        failure: BaseException | None = None
+        prep_s = 0.0
         try:
             if fresh:
                 events.emit("run_started", run_id=run_id, recipe_sha256=self.recipe.sha256, recipe=self.loaded.raw,
@@ -265,15 +368,16 @@ class Runner:
             else:
                 events.emit("run_resumed", run_id=run_id, completed=sorted(done))
             prep_t = time.perf_counter()
-            self._prepare(session, units)
+            self._prepare(session, units, events)
             prep_s = time.perf_counter() - prep_t
-        except BaseException:
-            if fresh:  # nothing is written half-way: a run that never started leaves no folder
+        except (RecipeError, PreparationError, KeyboardInterrupt):
+            if fresh:  # an input problem: nothing is written half-way, a run that never started leaves no folder
                 shutil.rmtree(run_dir, ignore_errors=True)
+                self.run_dir = None
             raise
+        except Exception as exc:  # a bug or an unexpected failure: recorded in the report below
+            failure = exc
 
-        # Units whose product a not-yet-done unit needs are re-run (their training is cached).
-        needed = {u.target for u in units if u.unit_id not in done}
         results: dict[str, AuditResult] = {}
         report = RunReport(
             run_id=run_id, name=self.recipe.name, fmaudit_version=__version__, created_at=created,
@@ -283,27 +387,38 @@ class Runner:
                           cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), device=device),
             versions=library_versions(), status="interrupted")
         interrupted = False
-        try:
-            for wave in self._waves(units):
-                todo = []
-                for u in wave:
-                    if u.unit_id in done and not (u.spec.produces and u.spec.produces in needed):
-                        results[u.unit_id] = done[u.unit_id]
-                        events.emit("audit_skipped", unit_id=u.unit_id, reason="completed in an earlier attempt")
-                    else:
-                        todo.append(u)
-                for u, res in zip(todo, self._run_wave(todo, session, run_dir, events)):
-                    results[u.unit_id] = res
-        except KeyboardInterrupt:
-            interrupted = True
+        if failure is None:
+            # Units whose product a not-yet-done unit needs are re-run (their training is cached).
+            needed = {u.target for u in units if u.unit_id not in done}
+            try:
+                for wave in self._waves(units):
+                    todo = []
+                    for u in wave:
+                        if u.unit_id in done and not (u.spec.produces and u.spec.produces in needed):
+                            results[u.unit_id] = done[u.unit_id]
+                            events.emit("audit_skipped", unit_id=u.unit_id, reason="completed in an earlier attempt")
+                        else:
+                            todo.append(u)
+                    for u, res in zip(todo, self._run_wave(todo, session, run_dir, events)):
+                        results[u.unit_id] = res
+            except KeyboardInterrupt:
+                interrupted = True
+            except Exception as exc:
+                failure = exc
         report.audits = [results[u.unit_id] for u in units if u.unit_id in results]
-        report.datasets = {n: d.info() for n, d in session.datasets.items()}
-        report.targets = {n: t.describe() for n, t in session.targets.items()}
+        try:
+            report.datasets = {n: d.info() for n, d in session.datasets.items()}
+            report.targets = {n: t.describe() for n, t in session.targets.items()}
+        except Exception as exc:
+            failure = failure or exc
         report.gates_passed = all(g.passed for r in report.audits for g in r.gates)
         report.timings = {"prepare_s": round(prep_s, 3), "total_s": round(time.perf_counter() - t0, 3)}
         report.finished_at = _now()
         if interrupted:
             report.status, report.exit_code = "interrupted", EXIT_INTERRUPTED
+        elif failure is not None:
+            report.status, report.exit_code = "failed", EXIT_MODULE_ERROR
+            report.error = run_error_info(failure)
         else:
             report.status = "complete"
             if any(r.status == "error" for r in report.audits):
@@ -313,11 +428,42 @@ class Runner:
             else:
                 report.exit_code = EXIT_OK
         write_report(report, run_dir / "report.json")
-        events.emit("run_finished", run_id=run_id, status=report.status, exit_code=report.exit_code)
-        self.run_dir = run_dir
+        events.emit("run_finished", run_id=run_id, status=report.status, exit_code=report.exit_code,
+                    **({"error": report.error.model_dump(mode="json")} if report.error else {}))
         if interrupted:
             raise KeyboardInterrupt
         return report
+
+    def write_failure_report(self, exc: BaseException) -> Path | None:
+        """A minimal report for a run that failed before `run()` could write one (an unexpected exception
+        outside the per-unit isolation): status "failed", exit 3, the error. Returns the run folder, or None
+        when even that cannot be written (the cause is then only on stderr)."""
+        try:
+            run_dir = getattr(self, "run_dir", None)
+            if run_dir is None or not Path(run_dir).is_dir():
+                run_dir, _, _ = self._make_run_dir() if self.resume_dir is None else (self.resume_dir, None, None)
+            run_dir = Path(run_dir)
+            events = EventLog(run_dir / "events.jsonl")
+            run_id = run_dir.name
+            if not events.read():
+                events.emit("run_started", run_id=run_id, recipe_sha256=self.recipe.sha256, recipe=self.loaded.raw,
+                            fmaudit_version=__version__, executor=getattr(self.executor, "name", "?"))
+            report = RunReport(
+                run_id=run_id, name=self.recipe.name, fmaudit_version=__version__, created_at=_now(),
+                finished_at=_now(), status="failed", exit_code=EXIT_MODULE_ERROR, seed=self.recipe.seed,
+                recipe=self.loaded.raw, recipe_sha256=self.recipe.sha256,
+                recipe_path=str(self.loaded.path) if self.loaded.path else None,
+                host=HostInfo(hostname=socket.gethostname(), platform=platform.platform(),
+                              python=platform.python_version(), cpu_count=os.cpu_count(), device=self.recipe.device),
+                versions={"python": platform.python_version(), "fmaudit": __version__}, gates_passed=True,
+                error=run_error_info(exc))
+            write_report(report, run_dir / "report.json")
+            events.emit("run_finished", run_id=run_id, status="failed", exit_code=EXIT_MODULE_ERROR,
+                        error=report.error.model_dump(mode="json"))
+            self.run_dir = run_dir
+            return run_dir
+        except Exception:
+            return None
 
     def _waves(self, units: list[Unit]) -> list[list[Unit]]:
         """Consecutive units that don't depend on each other's products."""
@@ -335,24 +481,60 @@ class Runner:
             waves.append(current)
         return waves
 
-    def _prepare(self, session: Session, units: list[Unit]) -> None:
-        """Load all data and recipe targets (fine-tuning them) and run every module's check() on them,
-        so input problems surface before any audit runs."""
+    def _preflight(self, session: Session) -> None:
+        """Input problems found without loading any model (PreparationError, exit 2): every dataset loads,
+        every fine-tune has labels and enough examples for its split and batch size."""
         for name in self.recipe.data:
             session.dataset(name)
         for name in self.recipe.targets:
-            session.target(name)
+            session.preflight(name)
+
+    def _prepare(self, session: Session, units: list[Unit], events: EventLog | None = None) -> None:
+        """Load each recipe target (fine-tuning it), one at a time and isolated: a target that fails is
+        recorded (its units become errors), the others go on. Then every module's check() runs on the
+        targets that loaded, so input problems surface (RecipeError, exit 2) before any audit runs."""
+        for name in self.recipe.targets:
+            try:
+                session.target(name)
+            except TargetUnavailable as exc:
+                self.log(f"target {name} unavailable: {exc.info.message}")
+                if events is not None:
+                    events.emit("target_failed", target=name, error=exc.info.model_dump(mode="json"))
         problems = []
         for u in units:
-            if u.target not in self.recipe.targets:
-                continue  # produced later: checked when its unit starts
-            module = registry.get(u.spec.use)(u.spec.params)
-            target = session.target(u.target)
-            data = self._unit_data(u, session)
-            for msg in module.check(target, data):
+            if u.target not in session.targets or u.target not in self.recipe.targets:
+                continue  # failed (its units are errors) or produced later (checked when its unit starts)
+            try:
+                module = registry.get(u.spec.use)(u.spec.params)
+                msgs = module.check(session.targets[u.target], self._unit_data(u, session))
+            except (PreparationError, DataError) as exc:
+                raise PreparationError(f"audits[{u.index}]: {exc}") from exc
+            except Exception:
+                continue  # a failing check() is that unit's error, reported when it runs
+            for msg in msgs:
                 problems.append(Problem(f"audits[{u.index}]", f"{u.spec.use} on {u.target!r}: {msg}"))
         if problems:
             raise RecipeError(problems, str(self.loaded.path) if self.loaded.path else None)
+
+    def _unavailable(self, u: Unit, session: Session, run_dir: Path) -> AuditResult | None:
+        """The result of a unit whose target is not there: an error when the recipe target failed to load or
+        fine-tune, `skipped` when the unit that produces it failed (never a bare KeyError)."""
+        if u.target in self.recipe.targets:
+            info = session.target_errors.get(u.target)
+            if info is None:
+                return None
+            job = self._job(session, run_dir, [u])
+            return AuditResult(**job._base(u, job._cls(u)), status="error", duration_s=0.0,
+                               error=info.model_copy())
+        if u.target in session.targets:
+            return None
+        producers = [f"{i}:{a.use}@{a.target[0]}" for i, a in enumerate(self.recipe.audits)
+                     if a.produces == u.target and i < u.index]
+        job = self._job(session, run_dir, [u])
+        return AuditResult(**job._base(u, job._cls(u)), status="skipped", duration_s=0.0,
+                           error=ErrorInfo(type="Skipped", message=f"{SKIPPED_UPSTREAM} "
+                                           f"({producers[-1] if producers else '?'} did not produce {u.target!r})",
+                                           hint="fix the unit that produces this target, then re-run with --resume"))
 
     def _unit_data(self, u: Unit, session: Session) -> Dataset | None:
         return _unit_data(u, session)
@@ -368,6 +550,24 @@ class Runner:
         return self._finish_unit(u, session, events, result, produced)
 
     def _run_wave(self, todo: list[Unit], session: Session, run_dir: Path, events: EventLog) -> list[AuditResult]:
+        """One wave: units whose target is unavailable get their error / skipped result here; the rest run."""
+        pre = {u.unit_id: self._unavailable(u, session, run_dir) for u in todo}
+        runnable = [u for u in todo if pre[u.unit_id] is None]
+        ran = iter(self._run_units(runnable, session, run_dir, events))
+        out = []
+        for u in todo:
+            res = pre[u.unit_id]
+            if res is None:
+                out.append(next(ran))
+            else:
+                events.emit("audit_skipped" if res.status == "skipped" else "audit_started", unit_id=u.unit_id,
+                            module=u.spec.use, target=u.target,
+                            **({"reason": res.error.message} if res.status == "skipped" and res.error else {}))
+                events.emit("audit_result", unit_id=u.unit_id, result=res.model_dump(mode="json"))
+                out.append(res)
+        return out
+
+    def _run_units(self, todo: list[Unit], session: Session, run_dir: Path, events: EventLog) -> list[AuditResult]:
         """One wave of independent units. An in-process executor runs them one by one. A remote one (Ray)
         gets several units as tasks: the job (with the Session) travels once; events and produced targets
         are recorded here, in the driver. A wave of one unit runs here, and its own independent work
@@ -468,6 +668,9 @@ class UnitJob:
             produced = outcome.produced if u.spec.produces else None
         except KeyboardInterrupt:
             raise
+        except TargetUnavailable as exc:
+            result = AuditResult(**base, status="error", duration_s=round(time.perf_counter() - t, 4),
+                                 error=exc.info.model_copy())
         except Exception as exc:  # one module failing never loses the others' results
             hint = None
             if isinstance(exc, AuditCheckError):
@@ -517,4 +720,4 @@ def latest_run(output_dir: Path, recipe_sha256: str | None = None) -> Path | Non
     return best[1] if best else None
 
 
-__all__ = ["run_recipe", "Runner", "PreparationError", "load_report", "write_json_atomic", "latest_run"]
+__all__ = ["run_recipe", "Runner", "PreparationError", "TargetUnavailable", "load_report", "write_json_atomic", "latest_run"]
