@@ -82,16 +82,27 @@ def test_every_attack_finds_members_of_an_overfitted_model(overfit):
     out = overfit[0]
     m = out.metrics
     for a in ALL_CLASSIFIER:
-        assert m[f"{a}.auc"].value > 0.72, a
-        assert m[f"{a}.auc"].ci_low > 0.65, a
+        assert m[f"{a}.auc"].value > 0.68, a
+        assert m[f"{a}.auc"].ci_low > 0.6, a  # simultaneous (Bonferroni) intervals over the 8 attacks
     # reference models calibrate per-example difficulty: far more members found at low FPR
     for a in ("lira_online", "lira_offline", "rmia", "rmia_offline"):
-        assert m[f"{a}.tpr_at_1pct_fpr"].value > m["loss.tpr_at_1pct_fpr"].value + 0.2, a
+        assert m[f"{a}.tpr_at_1pct_fpr"].value > m["loss.tpr_at_1pct_fpr"].value + 0.1, a
         assert m[f"{a}.tpr_at_0pct_fpr"].value > m["loss.tpr_at_0pct_fpr"].value, a
         assert m[f"{a}.auc"].value > m["loss.auc"].value, a
-    # headline = strongest attack, metric by metric
-    assert m["auc"].value == max(m[f"{a}.auc"].value for a in ALL_CLASSIFIER)
-    assert m["tpr_at_1pct_fpr"].value == max(m[f"{a}.tpr_at_1pct_fpr"].value for a in ALL_CLASSIFIER)
+    # headline: the attack chosen on the selection half, measured on the other half, above its null
+    from sklearn.metrics import roc_auc_score
+
+    head = out.tables["headline"]
+    chosen = head["metrics"]["auc"]["attack"]
+    assert chosen in ("lira_online", "lira_offline", "rmia", "rmia_offline")
+    table = out.tables["per_example"]
+    sel = set(head["selection_ids"])
+    ev = [i for i, x in enumerate(table["ids"]) if x not in sel]
+    assert len(sel) == len(ev) == 100
+    y = [table["is_member"][i] for i in ev]
+    assert m["auc"].value == pytest.approx(roc_auc_score(y, [table["scores"][chosen][i] for i in ev]))
+    assert m["auc"].value > m["auc_null"].value and m["auc_p_value"].value < 0.01
+    assert 0.5 < m["auc_null"].value < 0.65 and m["fpr_resolution"].value == pytest.approx(1 / 50)
 
 
 def test_report_contents(overfit):
@@ -114,7 +125,10 @@ def test_report_contents(overfit):
     assert out.metrics["reference_cost_ratio"].value > 0
     titles = [f.title for f in out.findings]
     assert any("Too few non-members to measure TPR at 0.1% FPR" in t for t in titles)
-    assert not any("at 1.0% FPR" in t for t in titles)  # 100 non-members resolve 1% FPR
+    # 100 non-members resolve 1% FPR, but the headline is measured on the 50 that did not choose the attack
+    assert any("at 1.0% FPR" in t for t in titles)
+    assert all(abs(r["member_overlap"] - 0.5) < 0.2 and abs(r["nonmember_overlap"] - 0.5) < 0.2
+               for r in refs["models"])
     assert not any("differ in" in t for t in titles)  # random split: no distribution shift
 
 

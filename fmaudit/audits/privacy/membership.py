@@ -55,7 +55,8 @@ class MembershipAudit(AuditModule):
                    "bootstrap interval, TPR at 1%, 0.1% and 0% FPR, ROC curves, and a blind-baseline shift check.")
     requires = frozenset({"per_example_loss"})
     metric_names = _PER_ATTACK + tuple(f"*.{m}" for m in _PER_ATTACK) + (
-        "blind_baseline_auc", "num_members", "num_nonmembers", "reference_cost_ratio")
+        "blind_baseline_auc", "num_members", "num_nonmembers", "reference_cost_ratio", "auc_null", "advantage_null",
+        "tpr_at_1pct_fpr_null", "auc_p_value", "fpr_resolution", "reference_overlap_max_deviation")
 
     class Params(AuditParams):
         attacks: list[AttackName] = Field(
@@ -76,6 +77,10 @@ class MembershipAudit(AuditModule):
                                                                       "when fewer than 64 reference models.")
         rmia_gamma: float = Field(default=1.0, gt=0, description="RMIA's likelihood-ratio threshold gamma.")
         rmia_offline_a: float = Field(default=0.3, ge=0, le=1, description="RMIA offline approximation parameter a.")
+        lira_shrinkage: bool = Field(default=True, description="LiRA: shrink each example's IN - OUT gap toward the "
+                                                                "global gap, never below 0 (stable with few models).")
+        null_permutations: int = Field(default=200, ge=0, le=10_000, description="Label permutations for the "
+                                       "headline's null reference (0: none).")
         min_k: float = Field(default=0.2, gt=0, le=1, description="Fraction of lowest-probability tokens for Min-K%.")
         calibration_model: str = Field(default="base", description="calibrated_loss: 'base' (the target's "
                                                                    "pre-fine-tune weights) or another target's name.")
@@ -155,7 +160,7 @@ class MembershipAudit(AuditModule):
         if set(attacks) & REFERENCE_ATTACKS:
             t = time.perf_counter()
             ref_phi, ref_logp, in_mask, ref_info = self._reference_signals(target, ctx, population, audit_idx, is_clf,
-                                                                           out)
+                                                                           out, is_member)
             timings["reference_models_s"] = time.perf_counter() - t
             self._reference_scores(attacks, sig, ref_phi, ref_logp, in_mask, scores, out)
 
@@ -202,7 +207,10 @@ class MembershipAudit(AuditModule):
             raise ValueError(f"membership inference needs members and non-members; got {len(mem)} member(s) and "
                              f"{len(non)} non-member(s)")
         if p.max_examples is not None:
-            rng = np.random.default_rng(ctx.seed)
+            from fmaudit.seeds import Stream
+            from fmaudit.seeds import rng as stream_rng
+
+            rng = stream_rng(ctx.seed, Stream.MEMBERSHIP_SAMPLE)
             if len(mem) > p.max_examples:
                 mem = np.sort(rng.choice(mem, p.max_examples, replace=False))
             if len(non) > p.max_examples:
@@ -256,15 +264,16 @@ class MembershipAudit(AuditModule):
                            n_layers=p.reference_n_layers, seed=seed)
 
     def _reference_signals(self, target, ctx: AuditContext, population, audit_idx: np.ndarray, is_clf: bool,
-                           out: Outcome):
+                           out: Outcome, is_member: np.ndarray):
         from fmaudit.audits.privacy.membership_attacks import paired_halves
         from fmaudit.executor import LocalExecutor
+        from fmaudit.seeds import Stream, derive
 
         p = self.params
         base = base_target(target, ctx)
         R = p.reference_models
         masks = paired_halves(len(population), R, p.reference_seed)
-        seeds = [int(np.random.SeedSequence([p.reference_seed, r]).generate_state(1)[0]) for r in range(R)]
+        seeds = [derive(p.reference_seed, Stream.REFERENCE_TRAIN, r) % (2**32) for r in range(R)]
         configs = [self._train_config(target, seeds[r], out, ctx) for r in range(R)]
         out.findings = _dedupe_findings(out.findings)
         audit = population.subset(audit_idx, name=f"{population.name}[audit]")
@@ -290,9 +299,21 @@ class MembershipAudit(AuditModule):
         in_mask = masks[:, audit_idx]
         target_train = (target.finetune_info or {}).get("train_seconds")
         rows = []
+        overlap = reference_overlap(in_mask, is_member)
         for r in results:
             ratio = r["train_seconds"] / target_train if target_train else None
-            rows.append({k: v for k, v in r.items() if k not in ("phi", "logp")} | {"cost_ratio": ratio})
+            rows.append({k: v for k, v in r.items() if k not in ("phi", "logp")} | {"cost_ratio": ratio}
+                        | overlap["models"][r["index"]])
+        out.metric("reference_overlap_max_deviation", overlap["max_deviation"], higher_is_better=False,
+                   unit="fraction", description="Largest |overlap - 0.5| over reference models, where overlap is the "
+                                                "fraction of the target's members (or non-members) in a reference "
+                                                "model's training half; near 0 = references independent of the "
+                                                f"answer (chance level here about {overlap['chance_deviation']:.3f}).")
+        if overlap["correlated"]:
+            out.finding("high", "Reference models are correlated with the target's membership",
+                        f"reference model(s) {overlap['correlated']} trained on a half whose overlap with the target's "
+                        "members differs from 0.5 far beyond chance (|z| > 4.5): such references know the answer and "
+                        "LiRA / RMIA numbers are not valid; use another reference_seed", metric="reference_overlap_max_deviation")
         out.tables["reference_models"] = {
             "count": R, "base_weights_sha256": base.weights_sha256(),
             "config": {k: getattr(configs[0], k) for k in ("epochs", "batch_size", "lr", "weight_decay", "trainable",
@@ -314,7 +335,8 @@ class MembershipAudit(AuditModule):
         fixed = p.fixed_variance if p.fixed_variance is not None else R < 64
         info: dict[str, Any] = {"fixed_variance": fixed}
         if "lira_online" in attacks or "lira_offline" in attacks:
-            online, offline, linfo = lira_scores(sig["phi"], ref_phi, in_mask, fixed_variance=fixed)
+            online, offline, linfo = lira_scores(sig["phi"], ref_phi, in_mask, fixed_variance=fixed,
+                                                 shrink=p.lira_shrinkage)
             info["lira"] = linfo
             if "lira_online" in attacks:
                 scores["lira_online"] = online
@@ -335,12 +357,14 @@ class MembershipAudit(AuditModule):
     # -- statistics and report -----------------------------------------------------------------------
     def _report(self, out: Outcome, ctx: AuditContext, attacks, scores, is_member, audit, is_clf, sig) -> None:
         from fmaudit.audits.privacy.membership_stats import (FPR_LEVELS, attack_metrics, blind_baseline,
-                                                             curve_points, summarize_levels)
+                                                             calibrated_headlines, curve_points, summarize_levels)
 
         p = self.params
         level = p.confidence
         n_mem, n_non = int(is_member.sum()), int((~is_member).sum())
         results = {}
+        scores_used: dict[str, np.ndarray] = {}
+        per_level = 1.0 - (1.0 - level) / max(1, len(attacks))
         for a in attacks:
             s = np.nan_to_num(np.asarray(scores[a], dtype=np.float64), nan=-np.inf)
             finite = np.isfinite(s)
@@ -348,39 +372,65 @@ class MembershipAudit(AuditModule):
                 lo, hi = (s[finite].min(), s[finite].max()) if finite.any() else (0.0, 0.0)
                 s = np.where(s == np.inf, hi + 1.0, np.where(s == -np.inf, lo - 1.0, s))
                 scores[a] = s
-            results[a] = attack_metrics(s, is_member, bootstrap=p.bootstrap, level=level, seed=ctx.seed)
+            scores_used[a] = s
+            results[a] = attack_metrics(s, is_member, bootstrap=p.bootstrap, level=per_level, seed=ctx.seed)
+        simult = (f" Intervals are simultaneous over the {len(attacks)} attacks (Bonferroni: each at "
+                  f"{per_level:.2%})." if len(attacks) > 1 else "")
         for a, m in results.items():
             desc = ATTACK_DESCRIPTIONS[a]
-            out.metric(f"{a}.auc", m.auc, higher_is_better=False, ci=m.ci.get("auc"), ci_level=level, unit="fraction",
-                       description=f"ROC AUC, members positive; {desc}")
+            out.metric(f"{a}.auc", m.auc, higher_is_better=False, ci=m.ci.get("auc"), ci_level=per_level,
+                       unit="fraction", description=f"ROC AUC, members positive; {desc}.{simult}")
             for suffix, lvl in FPR_LEVELS:
                 out.metric(f"{a}.tpr_at_{suffix}_fpr", m.tpr[suffix], higher_is_better=False,
-                           ci=m.ci.get(f"tpr_at_{suffix}_fpr"), ci_level=level, unit="fraction",
+                           ci=m.ci.get(f"tpr_at_{suffix}_fpr"), ci_level=per_level, unit="fraction",
                            description=f"Members found at {lvl:.1%} false-positive rate; {a}")
             out.metric(f"{a}.balanced_accuracy", m.balanced_accuracy, higher_is_better=False, unit="fraction",
-                       description=f"Best balanced accuracy over thresholds; {a}")
+                       description=f"Best balanced accuracy over thresholds (in-sample, biased upward); {a}")
             out.metric(f"{a}.advantage", m.advantage, higher_is_better=False, ci=m.ci.get("advantage"),
-                       ci_level=level, unit="fraction", description=f"Attacker advantage max(TPR - FPR); {a}")
+                       ci_level=per_level, unit="fraction",
+                       description=f"Attacker advantage max(TPR - FPR) over thresholds (in-sample: above 0 even "
+                                   f"on pure noise; compare with advantage_null); {a}")
             out.metric(f"{a}.ppv_at_1pct_fpr", m.ppv_at_1pct_fpr, higher_is_better=False, unit="fraction",
                        description=f"Precision of member guesses at 1% FPR with this audit set's member share "
                                    f"({n_mem}/{n_mem + n_non}); {a}")
             fx, fy = curve_points(m.fpr, m.tpr_curve)
             out.curve(f"roc.{a}", fx, fy, x_label="false positive rate", y_label="true positive rate", log_x=True,
                       log_y=True, description=f"ROC of {a} (members positive); plot log-log for the low-FPR regime")
-        # headline: the strongest attack, metric by metric
-        best_by = {}
-        for name in _PER_ATTACK:
-            vals = {a: out.metrics[f"{a}.{name}"] for a in attacks}
-            finite = {a: v for a, v in vals.items() if v.value is not None}
-            if not finite:
-                out.metric(name, None, higher_is_better=False)
-                continue
-            a_best = max(finite, key=lambda a: finite[a].value)
-            best_by[name] = a_best
-            src = finite[a_best]
-            out.metric(name, src.value, higher_is_better=False,
-                       ci=(src.ci_low, src.ci_high) if src.ci_low is not None else None, ci_level=src.ci_level,
-                       unit=src.unit, description=f"Strongest attack ({a_best}): {src.description}")
+        # headline: the strongest attack, chosen on one half and measured on the other, with a null
+        heads, sel = calibrated_headlines(scores_used, is_member, bootstrap=p.bootstrap, level=level,
+                                          null_rounds=p.null_permutations, seed=ctx.seed)
+        best_by = {name: h.attack for name, h in heads.items()}
+        for name, h in heads.items():
+            src = out.metrics[f"{h.attack}.{name}"]
+            where = (f"chosen as the strongest of {len(attacks)} attacks on a random half of the audit set, "
+                     f"measured on the other half ({h.num_members} members, {h.num_nonmembers} non-members)"
+                     if h.selected_on == "selection half" else "the only attack, measured on the whole audit set")
+            out.metric(name, h.value, higher_is_better=False, ci=h.ci, ci_level=level if h.ci else None,
+                       unit=src.unit, description=f"Headline: {h.attack} ({where}). {src.description}")
+        for name in ("auc", "advantage", "tpr_at_1pct_fpr"):
+            h = heads[name]
+            if h.null_quantile is not None:
+                out.metric(f"{name}_null", h.null_quantile, higher_is_better=False, unit="fraction",
+                           description=f"Null reference for the headline {name}: its {level:.0%} quantile over "
+                                       f"{p.null_permutations} random permutations of the member labels (same "
+                                       "scores, same examples). A headline at or below it is indistinguishable "
+                                       "from chance.")
+        if heads["auc"].p_value is not None:
+            out.metric("auc_p_value", heads["auc"].p_value, higher_is_better=True, unit="probability",
+                       description="Permutation p-value of the headline AUC (one-sided): the chance of an AUC at "
+                                   "least this high if membership carried no signal.")
+        out.metric("fpr_resolution", 1.0 / heads["auc"].num_nonmembers, higher_is_better=False, unit="fraction",
+                   description="Smallest non-zero false-positive rate the headline can resolve (1 / non-members it "
+                               "is measured on): TPR at any lower FPR is the TPR at 0% FPR.")
+        out.tables["headline"] = {
+            "method": ("attack chosen on a stratified random half of the audit set, metrics measured on the other "
+                       "half" if sel is not None else "single attack on the whole audit set"),
+            "selection_ids": [audit.ids[i] for i in np.nonzero(sel)[0]] if sel is not None else None,
+            "null_permutations": p.null_permutations,
+            "metrics": {name: {"attack": h.attack, "value": h.value, "ci": list(h.ci) if h.ci else None,
+                               "null_quantile": h.null_quantile, "p_value": h.p_value,
+                               "num_members": h.num_members, "num_nonmembers": h.num_nonmembers}
+                        for name, h in heads.items()}}
         out.metric("num_members", n_mem, unit="examples", description="Members attacked.")
         out.metric("num_nonmembers", n_non, unit="examples", description="Non-members attacked.")
         out.tables["attacks"] = {a: {"auc": m.auc, "auc_ci": m.ci.get("auc"), "tpr": m.tpr,
@@ -389,10 +439,14 @@ class MembershipAudit(AuditModule):
                                      "description": ATTACK_DESCRIPTIONS[a]} for a, m in results.items()}
         out.tables["strongest_attack"] = best_by
 
-        for suffix, lvl, needed in summarize_levels(FPR_LEVELS, n_non):
+        n_head = heads["auc"].num_nonmembers
+        for suffix, lvl, needed in summarize_levels(FPR_LEVELS, n_head):
+            where = (f"the headline is measured on {n_head} of the {n_non} non-members (the other half chose the "
+                     "attack)" if n_head < n_non else f"{n_non} non-members")
             out.finding("low", f"Too few non-members to measure TPR at {lvl:.1%} FPR",
-                        f"{n_non} non-members: the lowest non-zero FPR is {1 / n_non:.2%}, so tpr_at_{suffix}_fpr "
-                        f"equals the TPR at 0% FPR; at least {needed} non-members are needed",
+                        f"{where}: the lowest non-zero FPR is {1 / n_head:.2%}, so tpr_at_{suffix}_fpr "
+                        f"equals the TPR at 0% FPR; at least {needed} non-members are needed "
+                        f"({2 * needed} with several attacks, since half of them choose the attack)",
                         metric=f"tpr_at_{suffix}_fpr")
 
         # blind baseline: is there a shift a model-free attacker could exploit?
@@ -416,11 +470,23 @@ class MembershipAudit(AuditModule):
                                 "without any leak: compare against blind_baseline_auc", metric="blind_baseline_auc")
 
         head = out.metrics["auc"]
+        h = heads["auc"]
         ci_txt = f" [{head.ci_low:.3f}, {head.ci_high:.3f}]" if head.ci_low is not None else ""
-        out.finding("info", f"Strongest attack: {best_by.get('auc')} with AUC {head.value:.3f}{ci_txt}",
-                    f"TPR at 1% FPR {out.metrics['tpr_at_1pct_fpr'].value:.3f}, at 0.1% FPR "
-                    f"{out.metrics['tpr_at_0.1pct_fpr'].value:.3f}; {n_mem} members vs {n_non} non-members",
-                    metric="auc")
+        detail = (f"TPR at 1% FPR {out.metrics['tpr_at_1pct_fpr'].value:.3f}, at 0.1% FPR "
+                  f"{out.metrics['tpr_at_0.1pct_fpr'].value:.3f}; measured on {h.num_members} members vs "
+                  f"{h.num_nonmembers} non-members")
+        chance = h.null_quantile is not None and (h.value <= h.null_quantile or (h.p_value or 0) > 1 - level)
+        if chance:
+            out.finding("info", f"Indistinguishable from chance: strongest attack {h.attack} AUC {head.value:.3f}"
+                                f"{ci_txt}",
+                        f"{detail}. The headline does not exceed its null reference (AUC {h.null_quantile:.3f} is "
+                        f"the {level:.0%} quantile of label-permuted AUCs; p = {h.p_value:.3f}). This is not proof of "
+                        f"safety: a stronger attack or more examples may still find a leak.", metric="auc")
+        else:
+            ptxt = f"; above its null reference {h.null_quantile:.3f} (p = {h.p_value:.3g})" \
+                if h.null_quantile is not None else ""
+            out.finding("info", f"Strongest attack: {h.attack} with AUC {head.value:.3f}{ci_txt}", detail + ptxt,
+                        metric="auc")
 
         ids = list(audit.ids)
         if p.per_example_scores:
@@ -490,6 +556,24 @@ class _TrainReference:
                     "members": int(len(member_idx)), "wall_seconds": load_s, "score_seconds": infer_s}
         except Exception as exc:  # isolated per the executor contract; raised by the caller with context
             return {"index": r, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def reference_overlap(in_mask: np.ndarray, is_member: np.ndarray, z_limit: float = 4.5) -> dict[str, Any]:
+    """For every reference model, the fraction of the target's members and of its non-members that are in
+    that model's training half (about 0.5 each when the halves are independent of the target's split),
+    and which models deviate beyond chance (|z| > z_limit under a fair coin per example)."""
+    in_mask = np.asarray(in_mask, dtype=bool)
+    y = np.asarray(is_member).astype(bool)
+    models, bad, worst = [], [], 0.0
+    for r in range(in_mask.shape[0]):
+        mo, no = float(in_mask[r, y].mean()), float(in_mask[r, ~y].mean())
+        z = max(abs(mo - 0.5) / np.sqrt(0.25 / y.sum()), abs(no - 0.5) / np.sqrt(0.25 / (~y).sum()))
+        worst = max(worst, abs(mo - 0.5), abs(no - 0.5))
+        if z > z_limit:
+            bad.append(r)
+        models.append({"member_overlap": round(mo, 4), "nonmember_overlap": round(no, 4)})
+    chance = float(np.sqrt(0.25 / min(y.sum(), (~y).sum())))
+    return {"models": models, "max_deviation": worst, "correlated": bad, "chance_deviation": chance}
 
 
 def _validate_ids(members: list[str], nonmembers: list[str] | None, known: list[str]) -> None:

@@ -115,8 +115,41 @@ def in_out_means(ref: np.ndarray, in_mask: np.ndarray) -> tuple[np.ndarray, np.n
     return mu_in, mu_out, info
 
 
-def lira_scores(target: np.ndarray, ref: np.ndarray, in_mask: np.ndarray, *, fixed_variance: bool = True
-                ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+def shrink_in_out_gap(ref: np.ndarray, in_mask: np.ndarray, mu_in: np.ndarray, mu_out: np.ndarray
+                      ) -> tuple[np.ndarray, dict[str, float]]:
+    """Per-example IN - OUT gap shrunk toward the global gap, never below 0 (empirical Bayes).
+
+    With few reference models the per-example gap mu_in - mu_out is mostly noise, and a gap whose sign
+    flips turns LiRA-online's score upside down for that example; the LiRA paper's small-budget analysis
+    is that the global (offline-like) gap is then the better estimate. Here
+    gap_i = w_i * raw_i + (1 - w_i) * G, with G the global gap over every (model, example) pair,
+    s_i^2 = s_w^2 (1/n_in_i + 1/n_out_i) the sampling variance of raw_i from the pooled within-example
+    variance s_w^2 across reference models, tau^2 = max(0, var(raw) - mean(s^2)) the spread of the true
+    gaps and w_i = tau^2 / (tau^2 + s_i^2); then clipped at 0 (training on an example does not make the
+    model less confident on it, in expectation). With at most one IN and one OUT model per example there
+    is no within-example variance to measure, and every gap is the global one (w = 0)."""
+    n_in = in_mask.sum(0)
+    n_out = (~in_mask).sum(0)
+    global_gap = float(ref[in_mask].mean() - ref[~in_mask].mean())
+    raw = mu_in - mu_out
+    both = (n_in > 0) & (n_out > 0)
+    ss = np.where(in_mask, (ref - mu_in) ** 2, 0.0).sum() + np.where(~in_mask, (ref - mu_out) ** 2, 0.0).sum()
+    dof = float(np.maximum(n_in - 1, 0).sum() + np.maximum(n_out - 1, 0).sum())
+    if dof > 0 and both.sum() > 1:
+        s_w2 = float(ss / dof)
+        samp = s_w2 * (1.0 / np.maximum(n_in, 1) + 1.0 / np.maximum(n_out, 1))
+        tau2 = float(max(0.0, np.var(raw[both]) - np.mean(samp[both])))
+        w = np.where(both, tau2 / (tau2 + samp + _TINY), 0.0)
+    else:
+        s_w2, tau2, w = float("nan"), 0.0, np.zeros(len(raw))
+    gap = np.maximum(w * np.where(both, raw, global_gap) + (1 - w) * global_gap, 0.0)
+    return gap, {"global_in_out_gap": global_gap, "gap_between_example_var": tau2, "within_example_var": s_w2,
+                 "gap_shrinkage_weight_median": float(np.median(w)),
+                 "raw_gaps_negative": int((raw[both] < 0).sum())}
+
+
+def lira_scores(target: np.ndarray, ref: np.ndarray, in_mask: np.ndarray, *, fixed_variance: bool = True,
+                shrink: bool = True) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """LiRA (online, offline) scores from logit-scaled confidences.
 
     online: log N(target; mu_in, sd_in) - log N(target; mu_out, sd_out)
@@ -124,7 +157,9 @@ def lira_scores(target: np.ndarray, ref: np.ndarray, in_mask: np.ndarray, *, fix
     fixed_variance: one global standard deviation, of all IN signals, for both Gaussians (as the LiRA
     reference code does for small reference budgets); with equal variances the online score is linear in
     the target's signal for each example. Else per-example standard deviations over models (needs many
-    models; two different global widths would make the score non-monotone and can push AUC below 0.5)."""
+    models; two different global widths would make the score non-monotone and can push AUC below 0.5).
+    shrink: mu_in = mu_out + the per-example gap shrunk toward the global gap and clipped at 0
+    (`shrink_in_out_gap`); without it, weak reference models make the online attack collapse."""
     from scipy.stats import norm
 
     ref = np.asarray(ref, dtype=np.float64)
@@ -142,6 +177,11 @@ def lira_scores(target: np.ndarray, ref: np.ndarray, in_mask: np.ndarray, *, fix
 
         sd_in = sd(in_mask, mu_in, float(np.std(ref[in_mask])))
         sd_out = sd(~in_mask, mu_out, float(np.std(ref[~in_mask])))
+    if shrink and in_mask.any() and (~in_mask).any():
+        gap, ginfo = shrink_in_out_gap(ref, in_mask, mu_in, mu_out)
+        mu_in = mu_out + gap
+        info.update(ginfo)
+    info["shrinkage"] = bool(shrink)
     online = norm.logpdf(t, mu_in, sd_in) - norm.logpdf(t, mu_out, sd_out)
     offline = (t - mu_out) / sd_out
     info.update({"sd_in": float(np.median(sd_in)), "sd_out": float(np.median(sd_out))})
@@ -171,16 +211,29 @@ def rmia_scores(target_logp: np.ndarray, ref_logp: np.ndarray, in_mask: np.ndarr
     z = ratio if population is None else ratio[population]
     z_sorted = np.sort(z)
     # #{z : ratio_x / ratio_z > gamma} = #{z : ratio_z < ratio_x / gamma}
-    return np.searchsorted(z_sorted, ratio / gamma, side="left") / len(z_sorted)
+    frac = np.searchsorted(z_sorted, ratio / gamma, side="left") / len(z_sorted)
+    # The fraction is a non-decreasing step function of ratio_x, so at gamma > 1 (or with few z) many
+    # examples tie (gamma = 4 once left one distinct score on 400 examples). Break ties by ratio_x itself,
+    # with a term below the fraction's step (1 / |z|): the ranking, and so AUC and TPR at any FPR, is
+    # then that of ratio_x for every gamma, and the printed value is still the paper's fraction to
+    # within 1 / (2 |z|).
+    from scipy.stats import rankdata
+
+    tie_break = rankdata(ratio) / (len(ratio) + 1) / (2.0 * len(z_sorted))
+    return frac + tie_break
 
 
 def paired_halves(n: int, num_models: int, seed: int) -> np.ndarray:
     """IN masks (num_models, n) for reference models trained on random halves, in complementary pairs:
     models 2j and 2j+1 split one random permutation, so with an even count every example is IN for exactly
     half of the models."""
+    from fmaudit.seeds import Stream, rng
+
     masks = np.zeros((num_models, n), dtype=bool)
     for j in range((num_models + 1) // 2):
-        perm = np.random.default_rng([seed, j]).permutation(n)
+        # its own stream: default_rng([seed, 0]) *is* default_rng(seed), which once made pair 0 replay
+        # the target's member split exactly
+        perm = rng(seed, Stream.REFERENCE_HALVES, j).permutation(n)
         half = perm[: n // 2]
         masks[2 * j, half] = True
         if 2 * j + 1 < num_models:
