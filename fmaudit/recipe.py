@@ -750,7 +750,7 @@ def check_recipe(recipe: Recipe, *, lines: dict[tuple, int] | None = None, base_
                 close = suggest(ft.data, data_names)
                 add(("targets", name, "finetune", "data"), f"no dataset named {ft.data!r} in `data`"
                     + (f"; did you mean {close[0]!r}?" if close else ""))
-            elif ft.data in table_rows:
+            elif table_rows.get(ft.data):  # (an empty file is reported on its data entry)
                 n = table_rows[ft.data]
                 k = min(max(1, int(round(ft.member_fraction * n))), n - 1) if n >= 2 else 0
                 if n < 2:

@@ -119,7 +119,7 @@ def test_produced_targets_are_audited(recipe, test_modules):
 def test_bad_data_stops_before_writing(tiny_bert_dir, sentiment_csv, tmp_path):
     recipe = tiny_text_recipe(tiny_bert_dir, sentiment_csv, tmp_path)
     recipe["data"]["sents"]["text_column"] = "txt"
-    with pytest.raises(PreparationError, match="did you mean 'text'"):
+    with pytest.raises(RecipeError, match="did you mean 'text'"):  # found by validation, before anything loads
         run_recipe(recipe)
     assert not (tmp_path / "reports").exists() or not any((tmp_path / "reports").iterdir())
 
@@ -129,7 +129,7 @@ def test_empty_dataset_and_check_problems(tiny_bert_dir, tmp_path):
     empty.write_text("text,label\n")
     recipe = tiny_text_recipe(tiny_bert_dir, empty, tmp_path)
     recipe["data"]["sents"].pop("id_column")
-    with pytest.raises(PreparationError, match="no rows"):
+    with pytest.raises(RecipeError, match="no rows"):
         run_recipe(recipe)
     three = tmp_path / "three.csv"
     three.write_text("text,label\n" + "".join(f"t{i} words,{i % 3}\n" for i in range(60)))
