@@ -1,0 +1,100 @@
+"""The shared fine-tune cache: an inter-process lock per entry (two runs at once never interleave
+check / train / write), atomic publishing, and a damaged entry that is rebuilt instead of loaded."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from fmaudit.cache_lock import CacheLockTimeout, entry_lock, publish_dir
+
+WORKER = textwrap.dedent('''
+    import sys, time
+    from pathlib import Path
+    from fmaudit.cache_lock import entry_lock
+
+    root, use_lock = Path(sys.argv[1]), sys.argv[2] == "1"
+    counter = root / "counter.txt"
+    (root / f"ready-{sys.argv[3]}").touch()
+    while len(list(root.glob("ready-*"))) < 2:  # start the read-modify-write together
+        time.sleep(0.01)
+
+    def bump():
+        n = int(counter.read_text()) if counter.exists() else 0
+        time.sleep(0.4)  # "training"
+        counter.write_text(str(n + 1))
+
+    if use_lock:
+        with entry_lock(root, "entry"):
+            bump()
+    else:
+        bump()
+''')
+
+
+def _race(tmp_path: Path, use_lock: bool) -> int:
+    root = tmp_path / ("locked" if use_lock else "unlocked")
+    root.mkdir()
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    procs = [subprocess.Popen([sys.executable, str(script), str(root), "1" if use_lock else "0", str(i)])
+             for i in range(2)]
+    assert all(p.wait(timeout=60) == 0 for p in procs)
+    return int((root / "counter.txt").read_text())
+
+
+def test_two_processes_serialize_on_the_entry_lock(tmp_path):
+    assert _race(tmp_path, use_lock=False) == 1  # the race the lock exists for: one update is lost
+    assert _race(tmp_path, use_lock=True) == 2
+
+
+def test_lock_timeout_and_release(tmp_path):
+    with entry_lock(tmp_path, "k"):
+        code = ("import sys\nfrom fmaudit.cache_lock import entry_lock, CacheLockTimeout\n"
+                "try:\n    with entry_lock(sys.argv[1], 'k', timeout=0.3): pass\n"
+                "except CacheLockTimeout as e:\n    print('timeout', e); sys.exit(7)\n")
+        t0 = time.perf_counter()
+        res = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 7 and "locked by another process" in res.stdout
+    # Released on exit: the next holder gets it at once.
+    with entry_lock(tmp_path, "k", timeout=1.0):
+        pass
+    assert time.perf_counter() - t0 < 30
+    with pytest.raises(CacheLockTimeout):
+        with entry_lock(tmp_path, "k2"):
+            # flock locks are per open file description: a second open in this process also waits.
+            with entry_lock(tmp_path, "k2", timeout=0.2):
+                pass
+
+
+def test_publish_dir_replaces_an_entry_whole(tmp_path):
+    final = tmp_path / "entry"
+    final.mkdir()
+    (final / "weights").write_text("old")
+    tmp = tmp_path / ".tmp"
+    tmp.mkdir()
+    (tmp / "weights").write_text("new")
+    publish_dir(tmp, final)
+    assert (final / "weights").read_text() == "new" and not tmp.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"]
+
+
+def test_truncated_cache_entry_is_rebuilt_not_loaded(tiny_bert_dir, sentiment_csv, tmp_path):
+    from conftest import tiny_text_recipe
+    from fmaudit.runner import run_recipe
+
+    recipe = tiny_text_recipe(tiny_bert_dir, sentiment_csv, tmp_path, cache_dir=str(tmp_path / "cache"))
+    first = run_recipe(recipe)
+    (weights,) = (tmp_path / "cache").rglob("weights.safetensors")
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 3])
+    second = run_recipe(recipe)
+    assert second.targets["bert"].cache_hit is False  # detected, retrained
+    assert second.targets["bert"].weights_sha256 == first.targets["bert"].weights_sha256
+    assert weights.stat().st_size == len(data)  # and the entry is whole again
+    assert run_recipe(recipe).targets["bert"].cache_hit is True
