@@ -547,10 +547,38 @@ def check_checkpoint_folder(folder: Path, task: str | None, gguf_file: str | Non
         bad = check_weights_file(w)
         if bad:
             problems.append(bad)
-    if task in ("text-classification", "causal-lm") and not any((folder / f).exists() for f in TOKENIZER_FILES):
-        problems.append(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); save the "
-                        "tokenizer next to the model with `tokenizer.save_pretrained`")
+    if task in ("text-classification", "causal-lm"):
+        if not any((folder / f).exists() for f in TOKENIZER_FILES):
+            problems.append(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); save the "
+                            "tokenizer next to the model with `tokenizer.save_pretrained`")
+        else:
+            cfg, _ = read_model_config(folder)
+            rows = cfg.get("vocab_size") if cfg else None
+            n = tokenizer_vocab_size(folder)
+            if isinstance(rows, int) and n is not None and n > rows:
+                problems.append(f"the tokenizer in {folder} produces token ids up to {n - 1:,} but the model's "
+                                f"embedding has vocab_size {rows:,} rows (config.json); save the tokenizer that "
+                                "belongs to this model")
     return problems
+
+
+def tokenizer_vocab_size(folder: Path) -> int | None:
+    """1 + the largest token id the tokenizer saved in `folder` can produce (tokenizer.json, else vocab.txt /
+    vocab.json), or None when it cannot be told without loading the tokenizer."""
+    try:
+        if (folder / "tokenizer.json").is_file():
+            tok = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+            vocab = (tok.get("model") or {}).get("vocab")
+            ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab))) if isinstance(vocab, list) else []
+            ids += [a.get("id", -1) for a in tok.get("added_tokens") or [] if isinstance(a, dict)]
+            ids = [i for i in ids if isinstance(i, int)]
+            return max(ids) + 1 if ids else None
+        if (folder / "vocab.txt").is_file():
+            with open(folder / "vocab.txt", encoding="utf-8") as fh:
+                return sum(1 for _ in fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError):
+        return None
+    return None
 
 
 def _utf8_problem(path: Path) -> str | None:

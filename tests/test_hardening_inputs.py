@@ -81,6 +81,17 @@ def test_checkpoint_without_tokenizer_weights_or_valid_config(tiny_bert_dir, sen
     assert "hasnotokenizerfiles" in out  # every problem listed at once
 
 
+def test_tokenizer_larger_than_the_model_vocabulary(tiny_bert_dir, sentiment_csv, tmp_path):
+    import json
+
+    model = _copy_model(tiny_bert_dir, tmp_path / "model")
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["vocab_size"] = 1000
+    (model / "config.json").write_text(json.dumps(cfg))
+    _both_refuse(tiny_text_recipe(model, sentiment_csv, tmp_path), tmp_path, "produces token ids up to 30,521",
+                 "vocab_size 1,000")
+
+
 def test_csv_missing_column_non_utf8_and_too_small(tiny_bert_dir, sentiment_csv, tmp_path):
     recipe = tiny_text_recipe(tiny_bert_dir, sentiment_csv, tmp_path)
     recipe["data"]["sents"]["label_column"] = "lable"
