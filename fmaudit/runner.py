@@ -310,6 +310,9 @@ class Runner:
     def _make_run_dir(self) -> tuple[Path, str, dict[str, AuditResult]]:
         if self.resume_dir is not None:
             run_dir = self.resume_dir
+            if not (run_dir / "events.jsonl").is_file():
+                raise PreparationError(f"{run_dir} is not an fmaudit run folder (no events.jsonl); give a folder "
+                                       "made by `fmaudit run`, or drop --resume-from to start a new run")
             events = EventLog(run_dir / "events.jsonl")
             started = [e for e in events.read() if e.get("entry_type") == "run_started"]
             if not started:
@@ -325,7 +328,11 @@ class Runner:
             k += 1
             run_id = f"{base_id}-{k}"
         run_dir = self.output_dir / run_id
-        run_dir.mkdir(parents=True)
+        try:
+            run_dir.mkdir(parents=True)
+        except OSError as exc:
+            raise PreparationError(f"cannot create the run folder {run_dir}: {exc}; choose another folder with "
+                                   "-o / output_dir") from exc
         return run_dir, run_id, {}
 
     # -- main ------------------------------------------------------------------------------------------
@@ -457,6 +464,11 @@ class Runner:
                               python=platform.python_version(), cpu_count=os.cpu_count(), device=self.recipe.device),
                 versions={"python": platform.python_version(), "fmaudit": __version__}, gates_passed=True,
                 error=run_error_info(exc))
+            try:  # units completed earlier (a resumed run) stay in the report: nothing is lost
+                report.audits = list(events.completed_results().values())
+                report.gates_passed = all(g.passed for r in report.audits for g in r.gates)
+            except Exception:
+                pass
             write_report(report, run_dir / "report.json")
             events.emit("run_finished", run_id=run_id, status="failed", exit_code=EXIT_MODULE_ERROR,
                         error=report.error.model_dump(mode="json"))

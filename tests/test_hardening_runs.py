@@ -192,3 +192,30 @@ def test_exception_before_the_run_starts_gets_a_minimal_report(tiny_bert_dir, se
     shutil.rmtree(tmp_path / "reports")
     res = cli.invoke(app, ["run", str(path), "-q", "--debug"])
     assert res.exit_code == 3 and "Traceback" in res.output
+
+
+def test_failure_on_resume_keeps_completed_units_and_bad_output_dirs_exit_2(tiny_bert_dir, sentiment_csv, tmp_path,
+                                                                          monkeypatch):
+    recipe = tiny_text_recipe(tiny_bert_dir, sentiment_csv, tmp_path)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert cli.invoke(app, ["run", str(path), "-q"]).exit_code == 0
+    run_dir = _run_dir(tmp_path)
+    done = load_report(run_dir).audits
+
+    def explode(self, session):
+        raise RuntimeError("injected fault while resuming")
+
+    monkeypatch.setattr(Runner, "_preflight", explode)
+    res = cli.invoke(app, ["run", str(path), "-q", "--resume"])
+    assert res.exit_code == 3
+    rep = load_report(run_dir)
+    assert rep.status == "failed" and rep.audits == done  # the completed unit is still reported
+    monkeypatch.undo()
+    res = cli.invoke(app, ["run", str(path), "-q", "--resume-from", str(tmp_path / "nowhere")])
+    assert res.exit_code == 2 and "not an fmaudit run folder" in " ".join(res.output.split())
+    assert not (tmp_path / "nowhere").exists()
+    blocker = tmp_path / "file-not-folder"
+    blocker.write_text("x")
+    res = cli.invoke(app, ["run", str(path), "-q", "-o", str(blocker / "sub")])
+    assert res.exit_code == 2 and "cannot create the run folder" in " ".join(res.output.split())
