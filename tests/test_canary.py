@@ -84,7 +84,8 @@ def test_dp_target_bound_stays_below_accountant(tiny_bert_dir, sentiment_csv, tm
     from fmaudit.runner import run_recipe
 
     audits = [{"use": "privacy.dp_finetune", "target": "bert", "produces": "bert-dp",
-               "params": {"target_epsilon": 1.0, "epochs": 2, "batch_size": 8, "lr": 1e-3}},
+               "params": {"target_epsilon": 1.0, "epochs": 2, "batch_size": 8, "lr": 1e-3, "weight_decay": 0.01,
+                          "trainable": "last_n_layers", "n_layers": 1}},
               {"use": "privacy.canary_audit", "target": "bert-dp",
                "params": {"num_canaries": 40, "kind": "random_tokens"}}]
     report = run_recipe(_recipe(tiny_bert_dir, sentiment_csv, tmp_path, audits, epochs=1))
@@ -95,6 +96,21 @@ def test_dp_target_bound_stays_below_accountant(tiny_bert_dir, sentiment_csv, tm
     assert acc is not None and acc <= 1.0 + 1e-6
     assert canary.metrics["epsilon_lb"].value <= acc
     assert not any(f.severity == "critical" for f in canary.findings)
+    # The canary run re-ran exactly the recorded DP procedure (issue 13, item 5), and says so.
+    recorded, rerun = dp.tables["dp_parameters"], canary.tables["rerun"]
+    assert rerun["defaulted"] == []
+    for key in ("epochs", "batch_size", "noise_multiplier", "delta", "max_grad_norm", "accountant", "clipping",
+                "trainable", "n_layers", "lr", "weight_decay", "max_physical_batch_size"):
+        assert rerun["settings"][key] == recorded[key], key
+    assert (rerun["settings"]["n_layers"], rerun["settings"]["weight_decay"]) == (1, 0.01)
+    # The ceiling sits next to the bound, and the finding is phrased from it (issue 13, item 4).
+    top = canary.metrics["epsilon_lb_ceiling"].value
+    assert canary.metrics["epsilon_lb"].value <= top
+    (finding,) = canary.findings
+    if acc > top:
+        assert "cannot confirm or refute" in finding.detail and "consistent" not in finding.title.lower()
+    else:
+        assert finding.title == "Audit consistent with the DP guarantee"
 
 
 def test_secret_exposure_on_causal_lm(tiny_llama_dir, sentiment_csv, tmp_path):

@@ -103,3 +103,30 @@ def audit_curve(scores: np.ndarray, included: np.ndarray, *, delta: float, confi
                                                                  confidence=corrected)})
     best = max(rows, key=lambda row: (row["epsilon_lb_corrected"], -row["r"]))
     return {"rows": rows, "best": best, "confidence": confidence, "per_point_confidence": corrected}
+
+
+def ceiling(included: np.ndarray, *, delta: float, confidence: float, guess_counts: list[int]) -> dict:
+    """What a PERFECT attack would reach in this audit: the same guessing and Bonferroni-corrected bound
+    (`audit_curve`) on scores that rank every included canary above every excluded one.
+
+    The inclusion vector matters: the guesser puts ceil(r/2) guesses on "included" and floor(r/2) on
+    "excluded", so with n_in != m/2 included canaries even a perfect attack gets only
+    min(ceil(r/2), n_in) + min(floor(r/2), m - n_in) of r right. The result is the largest epsilon_lb this
+    audit (m, guess grid, delta, confidence, this inclusion draw) could ever report: an accountant epsilon
+    above it can be neither confirmed nor refuted by the audit."""
+    included = np.asarray(included, dtype=bool)
+    perfect = included.astype(np.float64)
+    return audit_curve(perfect, included, delta=delta, confidence=confidence, guess_counts=guess_counts)
+
+
+def epsilon_lb_ceiling(*, m: int, delta: float, confidence: float = 0.95, guess_counts: list[int],
+                       num_included: int | None = None) -> float:
+    """The headline epsilon_lb of a perfect attack with m canaries, num_included of them included
+    (default m // 2, the balanced draw), the given guess grid, delta and confidence."""
+    n_in = m // 2 if num_included is None else int(num_included)
+    if not 0 <= n_in <= m:
+        raise ValueError(f"num_included must be in [0, m], got {n_in}")
+    included = np.zeros(m, dtype=bool)
+    included[:n_in] = True
+    return ceiling(included, delta=delta, confidence=confidence, guess_counts=guess_counts)["best"][
+        "epsilon_lb_corrected"]

@@ -19,7 +19,7 @@ class CanaryAudit(AuditModule):
                    "reveal inclusion; compares it with the accountant's epsilon on DP targets. Secret-sharer "
                    "exposure for causal LMs.")
     requires = frozenset({"per_example_loss", "trainable"})
-    metric_names = ("epsilon_lb", "accountant_epsilon", "canary_auc", "guesses", "correct_guesses",
+    metric_names = ("epsilon_lb", "epsilon_lb_ceiling", "accountant_epsilon", "canary_auc", "guesses", "correct_guesses",
                     "num_canaries", "exposure_mean_included", "exposure_max_included")
 
     class Params(AuditParams):
@@ -31,7 +31,8 @@ class CanaryAudit(AuditModule):
         score: Literal["loss", "loss_delta"] = Field(default="loss_delta", description="Membership signal: the "
                                                      "trained model's loss, or its drop from the base model's loss.")
         confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
-        delta: float | None = Field(default=None, gt=0, lt=1, description="Default: the DP run's delta, else 1e-5.")
+        delta: float | None = Field(default=None, gt=0, lt=1, description="Default: the DP run's delta, else 1e-5. "
+                                    "DP targets: must be the DP run's delta (anything else is refused).")
         guess_fractions: list[float] = Field(default=[0.05, 0.1, 0.2, 0.5, 1.0], min_length=1,
                                              description="Numbers of guesses r as fractions of m; the headline is "
                                                          "Bonferroni-corrected over this grid.")
@@ -52,21 +53,36 @@ class CanaryAudit(AuditModule):
               "image-classification": {"auto", "mislabel", "pattern"}}[target.task]
         if kind not in ok:
             problems.append(f"canary kind {kind!r} does not fit a {target.task} target (use {', '.join(sorted(ok))})")
+        from fmaudit.privacy.canary import check_delta
+
+        delta_problem = check_delta(self.params.delta, (target.finetune_info or {}).get("dp"))
+        if delta_problem:
+            problems.append(delta_problem)
         return problems
 
+    @staticmethod
+    def _dp_record(info: dict) -> dict | None:
+        """The DP run's settings as recorded; older reports kept lr beside the dp dict."""
+        dp = info.get("dp")
+        if dp is None:
+            return None
+        dp = dict(dp)
+        if "lr" not in dp and info.get("lr") is not None:
+            dp["lr"] = info["lr"]
+        return dp
+
     def run(self, target, ctx: AuditContext) -> Outcome:
-        from fmaudit.privacy.canary import canary_audit
+        from fmaudit.privacy.canary import canary_audit, canary_findings
+        from fmaudit.seeds import Stream, rng as stream_rng
 
         p = self.params
         info = target.finetune_info or {}
-        dp = info.get("dp")
-        train = dict(info.get("config") or {})
-        if dp is not None:
-            train["lr"] = info.get("lr", 5e-4)
+        dp = self._dp_record(info)
+        train = dict(info.get("config") or {}) if dp is None else {}
         split = target.split
         members = split.members
         if p.max_members is not None and len(members) > p.max_members:
-            rng = np.random.default_rng(ctx.seed)
+            rng = stream_rng(ctx.seed, Stream.CANARY_MEMBERS)
             members = members.subset(np.sort(rng.choice(len(members), p.max_members, replace=False)))
         base = base_target(target, ctx)
         res = canary_audit(base=base, members=members, train=train, num_canaries=p.num_canaries,
@@ -79,6 +95,10 @@ class CanaryAudit(AuditModule):
         out.metric("epsilon_lb", res.epsilon_lb, higher_is_better=False, unit="epsilon",
                    description=f"Lower bound on epsilon at {conf} confidence (valid over the guess grid): the training "
                                "procedure is NOT eps-DP for any smaller eps.")
+        out.metric("epsilon_lb_ceiling", res.epsilon_lb_ceiling, higher_is_better=True, unit="epsilon",
+                   description=f"The largest epsilon_lb this audit could report (a perfect attack, same m, inclusion "
+                               f"draw, guess grid, delta and confidence; reached at r = {res.ceiling_guesses}). An "
+                               "epsilon above it can be neither confirmed nor refuted by this audit.")
         if res.accountant_epsilon is not None:
             out.metric("accountant_epsilon", res.accountant_epsilon, higher_is_better=False, unit="epsilon",
                        description="Upper bound from the accountant for the canary training run itself.")
@@ -97,7 +117,9 @@ class CanaryAudit(AuditModule):
         out.tables["audit"] = {"kind": res.kind, "score": res.score, "delta": res.delta, "confidence": res.confidence,
                                "num_included": res.num_included, "members_in_canary_run": len(members),
                                "canary_run_cache_hit": res.cache_hit, "canary_run_seconds": round(res.train_seconds, 2),
-                               "dp": res.dp, "notes": res.notes}
+                               "dp": res.dp, "epsilon_lb_ceiling": res.epsilon_lb_ceiling,
+                               "ceiling_guesses": res.ceiling_guesses, "notes": res.notes}
+        out.tables["rerun"] = res.rerun
         if res.exposure is not None:
             ex = res.exposure
             out.metric("exposure_mean_included", ex["mean_included"], higher_is_better=False, unit="bits",
@@ -110,25 +132,6 @@ class CanaryAudit(AuditModule):
             if res.exposure is not None:
                 ev["exposure_bits"] = res.exposure["per_canary"][i]
             out.evidence.append(ev)
-        if res.accountant_epsilon is not None:
-            if res.epsilon_lb > res.accountant_epsilon + 1e-9:
-                out.finding("critical", "Empirical epsilon exceeds the accountant's epsilon",
-                            f"The canary audit proves epsilon >= {res.epsilon_lb:.3f} at {conf} confidence, but the "
-                            f"accountant claims epsilon <= {res.accountant_epsilon:.3f}. The DP implementation or its "
-                            "accounting is broken: do not rely on this model's privacy guarantee.",
-                            metric="epsilon_lb")
-            else:
-                out.finding("info", "Audit consistent with the DP guarantee",
-                            f"accountant says epsilon <= {res.accountant_epsilon:.3f}; audit shows epsilon >= "
-                            f"{res.epsilon_lb:.3f} ({conf} confidence, {res.num_canaries} canaries).",
-                            metric="epsilon_lb")
-        elif res.epsilon_lb > 0:
-            out.finding("medium", "Training memorizes individual examples",
-                        f"Without DP, the canary audit proves epsilon >= {res.epsilon_lb:.3f} ({conf} confidence): "
-                        "single training examples measurably change the model. Consider DP fine-tuning.",
-                        metric="epsilon_lb")
-        else:
-            out.finding("info", "No privacy loss detected at this canary count",
-                        f"epsilon_lb = 0 with {res.num_canaries} canaries; this is NOT a privacy guarantee (more "
-                        "canaries or a stronger score may still find leakage).", metric="epsilon_lb")
+        for f in canary_findings(res):
+            out.finding(f["severity"], f["title"], f["detail"], metric=f["metric"])
         return out

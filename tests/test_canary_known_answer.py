@@ -1,0 +1,73 @@
+"""Known answer "DP consistency" (issue 13's suite): on a DP run the canary audit's epsilon_lb never exceeds
+the accountant's epsilon, and the critical finding fires when the accounting is wrong.
+
+The scenario: a tiny BERT memorizes 200 random-token canaries (each with a random label; about half are
+included) over 12 epochs of DP-SGD. Honest run: noise multiplier 4 (RDP epsilon ~1.0): the bound must stay
+below the accountant's epsilon, and that epsilon is below the audit's ceiling, so the audit could have
+caught a violation. Mis-accounted run: the same procedure with the noise effectively off (multiplier 1e-6),
+claiming the honest run's epsilon (what an implementation that forgets to add noise but still accounts for
+it would report): the bound must exceed the claim and the critical finding must fire."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import make_sentences
+from fmaudit.data import Dataset
+from fmaudit.privacy.canary import canary_audit, canary_findings
+
+SCENARIO = {"epochs": 12, "batch_size": 8, "delta": 1e-5, "max_grad_norm": 1.0, "lr": 5e-3, "weight_decay": 0.0,
+            "accountant": "rdp", "trainable": "all", "n_layers": 2, "clipping": "ghost"}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_bert_dir, tmp_path_factory):
+    import torch
+
+    from fmaudit.targets import load_target
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 32-wide model gains nothing from threads; on a busy machine they cost ~5x
+    try:
+        yield _scenario(tiny_bert_dir, tmp_path_factory)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _scenario(tiny_bert_dir, tmp_path_factory):
+    from fmaudit.targets import load_target
+
+    base = load_target(model=str(tiny_bert_dir), task="text-classification", max_length=16)
+    texts, labels = make_sentences(20)
+    members = Dataset("sents", "sents", "text", [f"s{i}" for i in range(20)], labels, texts=texts)
+    cache = tmp_path_factory.mktemp("canary-known-answer")
+    common = dict(base=base, members=members, train={}, num_canaries=200, kind="random_tokens", score="loss",
+                  seed=0, cache_dir=cache)
+    honest = canary_audit(dp={**SCENARIO, "noise_multiplier": 4.0}, **common)
+    broken = canary_audit(dp={**SCENARIO, "noise_multiplier": 1e-6}, claimed_epsilon=honest.accountant_epsilon,
+                          **common)
+    return honest, broken
+
+
+def test_honest_dp_run_stays_below_its_accountant(runs):
+    honest, _ = runs
+    assert 0.5 < honest.accountant_epsilon < honest.epsilon_lb_ceiling  # the audit could have caught a violation
+    assert honest.epsilon_lb <= honest.accountant_epsilon
+    assert not any(f["severity"] == "critical" for f in canary_findings(honest))
+    assert canary_findings(honest)[0]["title"] == "Audit consistent with the DP guarantee"
+
+
+def test_mis_accounted_run_triggers_the_critical_finding(runs):
+    honest, broken = runs
+    # same canaries, inclusion, data and steps: only the noise differs
+    assert np.array_equal(honest.included, broken.included) and honest.canary_ids == broken.canary_ids
+    assert broken.rerun["steps"] == honest.rerun["steps"] and broken.rerun["sample_rate"] == honest.rerun["sample_rate"]
+    assert broken.canary_auc > 0.85
+    assert broken.epsilon_lb > broken.claimed_epsilon == honest.accountant_epsilon
+    findings = canary_findings(broken)
+    assert [f["severity"] for f in findings] == ["critical"]
+    assert "exceeds the claimed epsilon" in findings[0]["title"]
+    # the run's own (honest) accounting for multiplier 1e-6 is astronomically large and not contradicted
+    assert broken.accountant_epsilon > 1e6 and broken.epsilon_lb <= broken.accountant_epsilon
+
