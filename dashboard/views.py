@@ -543,9 +543,13 @@ def render_canary(sink: Sink, entry: RunEntry, results: list[AuditResult]) -> No
         acc = find_metric(r.metrics, "accountant") or (("accountant epsilon", dp_eps[r.target])
                                                         if r.target in dp_eps else None)
         label = target_label(entry, r.target)
+        top = r.metrics.get("epsilon_lb_ceiling")
         if lb:
             rows.append({"x": label, "y": lb[1].value, "group": "audit lower bound (ε ≥)", "unit": lb[1].unit,
                          "help": lb[1].description})
+        if top is not None and top.value is not None:
+            rows.append({"x": label, "y": top.value, "group": "audit ceiling (perfect attack)", "unit": top.unit,
+                         "help": top.description})
         if acc and acc[1].value is not None:
             rows.append({"x": label, "y": acc[1].value, "group": "accountant upper bound (ε ≤)", "unit": acc[1].unit,
                          "help": acc[1].description})
@@ -554,6 +558,10 @@ def render_canary(sink: Sink, entry: RunEntry, results: list[AuditResult]) -> No
             parts.append(f"accountant says ε ≤ {F.fmt(acc[1].value)}")
         if lb:
             parts.append(f"audit shows ε ≥ {F.fmt(lb[1].value)}")
+        if top is not None and top.value is not None:
+            parts.append(f"the audit's ceiling is {F.fmt(top.value)} (no attack could show more"
+                         + (", so it cannot confirm or refute the accountant's ε)" if acc and acc[1].value is not None
+                            and acc[1].value > top.value else ")"))
         if parts:
             kind = "error" if (lb and acc and acc[1].value is not None and lb[1].value is not None
                                and lb[1].value > acc[1].value) else "info"
