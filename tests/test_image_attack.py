@@ -21,6 +21,18 @@ def _ctx(tmp_path, data, *, store=True, seed=0) -> AuditContext:
                         cache_dir=tmp_path, store_examples=store, data=data)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on a shared, busy CPU, two threads make these small models many times slower
+    (AutoAttack measured 10 s with one thread vs 450 s with two under load)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def digits() -> Dataset:
     return load_digits()
@@ -92,14 +104,17 @@ def _read_png(path):
 def test_every_adversarial_example_in_ball_and_box(cnn, eval_set, tmp_path, monkeypatch):
     spy = _Spy(monkeypatch)
     params = {"attacks": ["fgsm", {"name": "pgd", "steps": 10}, {"name": "pgd", "norm": "L2", "steps": 10},
-                          {"name": "cw", "steps": 30, "c": 5, "lr": 0.05}, {"name": "deepfool", "steps": 10},
+                          {"name": "cw", "steps": 30, "c": 5, "lr": 0.05, "binary_steps": 3},
+                          {"name": "deepfool", "steps": 10},
                           {"name": "square", "n_queries": 60}],
               "epsilons": [0.05, 0.1, 0.2], "l2_epsilons": [0.5, 1.0, 2.0], "num_images": 2}
     module = ImageAttackAudit(params)
     assert module.check(cnn, eval_set) == []
     out = module.run(cnn, _ctx(tmp_path, eval_set))
 
-    assert len(spy.calls) == 3 + 3 + 3 + 1 + 1 + 3  # bounded attacks once per epsilon, minimum-norm attacks once
+    # bounded attacks once per epsilon, minimum-norm attacks once, plus the automatic large-budget PGD
+    assert len(spy.calls) == 3 + 3 + 3 + 1 + 1 + 3 + 1
+    assert spy.calls[-1][:3] == ("large_budget_pgd_linf", "Linf", 0.5)
     for label, norm, eps, x, adv in spy.calls:
         assert adv.shape == x.shape and bool(np.isfinite(adv.numpy()).all()), label
         assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0, label
@@ -133,6 +148,16 @@ def test_every_adversarial_example_in_ball_and_box(cnn, eval_set, tmp_path, monk
     assert table["square_linf"]["kind"] == "black-box" and table["cw"]["bounded"] is False
     assert out.metrics["attack_seconds.pgd_linf"].value > 0
     assert not [f for f in out.findings if "probabilit" in f.title]
+    # an undefended CNN: the gradient attacks work, so none of the checklist flags fires
+    assert not [f.title for f in out.findings if f.severity == "high"], [f.title for f in out.findings]
+    assert out.metrics["robust_accuracy.large_budget_pgd_linf@0.5"].value <= out.tables["sanity"]["large_budget"]["chance"]
+    # every accuracy carries its 95% Clopper-Pearson interval, which contains it
+    for name, m in out.metrics.items():
+        if "accuracy" in name:
+            assert m.ci_level == 0.95 and m.ci_low <= m.value <= m.ci_high, name
+            assert "Clopper-Pearson" in m.description and "n = 32 gives about +/-15 points" in m.description
+    assert table_ci(out, "pgd_linf") == [[out.metrics[f"robust_accuracy.pgd_linf@{e:g}"].ci_low,
+                                          out.metrics[f"robust_accuracy.pgd_linf@{e:g}"].ci_high] for e in (0.05, 0.1, 0.2)]
 
     # example images: clean | adversarial | amplified perturbation, referenced from the result
     assert out.artifacts and all(a.endswith(".png") for a in out.artifacts)
@@ -144,6 +169,10 @@ def test_every_adversarial_example_in_ball_and_box(cnn, eval_set, tmp_path, monk
             bound = ev["epsilon"] if ev["norm"] == "Linf" else None
             if bound is not None:
                 assert ev["linf"] <= bound + 1e-6
+
+
+def table_ci(out, label):
+    return next(r for r in out.tables["attacks"] if r["label"] == label)["robust_accuracy_ci95"]
 
 
 def test_no_raw_images_without_store_examples(cnn, eval_set, tmp_path):
@@ -219,23 +248,45 @@ def test_robust_accuracy_equals_torchattacks_direct(which, request, eval_set, tm
     assert out.metrics["robust_accuracy.square_linf@0.1"].value == pytest.approx(square, abs=1e-12)
 
 
-def test_autoattack_equals_direct_and_is_not_weaker_than_pgd(cnn, eval_set, tmp_path):
-    """At a budget where APGD breaks nearly everything, so AutoAttack's 5000-query Square stage stays cheap."""
+def test_autoattack_is_the_reference_and_equals_direct(cnn, eval_set, tmp_path):
+    """`autoattack` is fra31's AutoAttack(version='standard') with the reference settings (read back from the
+    built object), seeded with the run's seed; `autoattack_fast` is torchattacks' 10-iteration version. Both
+    give what calling the library directly gives. At a budget where APGD breaks nearly everything, so the
+    5000-query Square stage stays cheap."""
     import torch
     import torchattacks
 
+    from fmaudit.robustness.autoattack import REFERENCE, _import_autoattack
+
     data = eval_set.subset(np.arange(16))
     seed = 7
-    out = ImageAttackAudit({"attacks": [{"name": "pgd", "steps": 5}, "autoattack"], "epsilons": [0.25],
-                            "num_images": 0, "check_gradients": False}).run(cnn, _ctx(tmp_path, data, seed=seed))
+    out = ImageAttackAudit({"attacks": [{"name": "pgd", "steps": 5}, "autoattack", "autoattack_fast"],
+                            "epsilons": [0.25], "num_images": 0, "check_gradients": False, "large_budget": None}
+                           ).run(cnn, _ctx(tmp_path, data, seed=seed))
     x, y = torch.as_tensor(data.images), torch.as_tensor(data.labels)
+    table = {r["label"]: r for r in out.tables["attacks"]}
+    ref = table["autoattack_linf"]["settings"]
+    assert {k: ref[k] for k in REFERENCE} == REFERENCE  # 100 iterations, 9 targets, 5000 queries, p_init 0.8
+    assert REFERENCE["apgd_n_iter"] == 100 and REFERENCE["apgd_t_n_target_classes"] == 9
+    assert REFERENCE["square_n_queries"] == 5000
+    assert ref["seed"] == seed and ref["device"] == "cpu" and ref["target_classes_note"] is None
+    fast = table["autoattack_fast_linf"]["settings"]
+    assert fast["apgd_n_iter"] == fast["apgd_t_n_iter"] == fast["fab_n_iter"] == 10 and fast["seed"] == seed
+    assert "NOT the reference" in fast["implementation"]
+
+    autoattack = _import_autoattack()
     torch.manual_seed(seed)
-    direct = _direct(cnn.model, torchattacks.AutoAttack(cnn.model, norm="Linf", eps=0.25, n_classes=10, seed=seed),
-                     x, y)
-    aa = out.metrics["robust_accuracy.autoattack_linf@0.25"].value
-    assert aa == pytest.approx(direct, abs=1e-12)
-    assert aa <= out.metrics["robust_accuracy.pgd_linf@0.25"].value
-    assert next(r for r in out.tables["attacks"] if r["label"] == "autoattack_linf")["settings"]["n_classes"] == 10
+    aa = autoattack.AutoAttack(cnn.model, norm="Linf", eps=0.25, version="standard", seed=seed, verbose=False,
+                               device="cpu")
+    direct = _direct(cnn.model, lambda a, b: aa.run_standard_evaluation(a, b, bs=len(a)), x, y)
+    torch.manual_seed(seed)
+    direct_fast = _direct(cnn.model, torchattacks.AutoAttack(cnn.model, norm="Linf", eps=0.25, n_classes=10,
+                                                             seed=seed), x, y)
+    got = out.metrics["robust_accuracy.autoattack_linf@0.25"].value
+    assert got == pytest.approx(direct, abs=1e-12)
+    assert out.metrics["robust_accuracy.autoattack_fast_linf@0.25"].value == pytest.approx(direct_fast, abs=1e-12)
+    assert got <= out.metrics["robust_accuracy.pgd_linf@0.25"].value
+    assert not [f for f in out.findings if "AutoAttack" in f.title]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -289,7 +340,7 @@ def test_rising_curve_is_flagged():
     out = Outcome()
     runs = [{"name": "pgd", "label": "pgd_linf", "norm": "Linf", "epsilons": [0.1, 0.2], "acc": [0.2, 0.5]}]
     ImageAttackAudit()._sanity_attacks(runs, 0.9, 100, out)
-    assert [f.title for f in out.findings] == ["Robust accuracy under pgd_linf rises with epsilon"]
+    assert [f.title for f in out.findings] == ["Robust accuracy under pgd_linf rises with epsilon (non-monotone)"]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,18 +1,26 @@
-"""`robustness.image_attack`: adversarial robustness of image classifiers, over torchattacks 3.3.0.
+"""`robustness.image_attack`: adversarial robustness of image classifiers.
 
-The attacks are torchattacks' own (FGSM, PGD / PGDL2, CW, DeepFool, Square, AutoAttack); this module
+Attacks: torchattacks 3.3.0's FGSM, PGD / PGDL2, DeepFool and Square; the reference AutoAttack
+(fra31/auto-attack, `fmaudit.robustness.autoattack`: APGD-CE and APGD-T with 100 iterations, 9 target
+classes, FAB-T, Square with 5,000 queries) and, explicitly labelled `autoattack_fast`, torchattacks'
+10-iteration AutoAttack; Carlini-Wagner L2 with a correct margin loss and the paper's binary search over c
+(`fmaudit.robustness.cw`; torchattacks' CW loss is wrong when every other logit is negative). The module
 chooses them from the recipe, runs them over an epsilon grid in [0, 1] pixel space (normalization lives
 inside the target's `PixelClassifier`), and then *checks every adversarial example itself*: finite,
 inside [0, 1], inside its norm ball (to float tolerance), and misclassified by the target on a fresh
-forward pass. Only examples that pass all four count as errors.
+forward pass. Only examples that pass all four count as errors. Every accuracy comes with a 95%
+Clopper-Pearson interval.
 
 Bounded attacks (FGSM, PGD, Square, AutoAttack) run once per epsilon. Minimum-norm attacks (CW,
 DeepFool) run once; their robust accuracy at an L2 budget counts the examples whose adversarial
-perturbation is larger than the budget (or that were not broken) as robust.
+perturbation is larger than the budget (or that were not broken) as robust. Attacks are built per run,
+after the model is on its final device, with the device read from the model's parameters.
 
-Sanity flags in the spirit of AutoAttack (findings): outputs that look like probabilities, zero or
-non-finite input gradients, a black-box attack beating every white-box one, robust accuracy that rises
-or does not fall as epsilon grows, AutoAttack weaker than PGD.
+Sanity flags (findings), after AutoAttack's checks and Carlini et al. 2019's checklist (arXiv:1902.06705):
+outputs that look like probabilities, zero or non-finite input gradients, a black-box attack beating
+every white-box one, a single-step attack beating an iterative one, accuracy not reaching chance at a
+large budget (one Linf PGD run at epsilon 0.5 is added automatically), AutoAttack weaker than any other
+attack at the same budget, robust accuracy non-monotone (or flat) in epsilon.
 
 No torch / torchattacks import at module level: `fmaudit validate` and `fmaudit list` stay fast.
 """
@@ -34,7 +42,13 @@ NORMED = ("pgd", "square", "autoattack")  # attacks with a `norm:` choice
 WHITE_BOX = ("fgsm", "pgd", "cw", "deepfool")
 BLACK_BOX = ("square",)
 MIN_NORM = ("cw", "deepfool")  # unbounded: one run, evaluated at every L2 budget
-SHORTHANDS = tuple(ATTACK_NAMES) + tuple(f"{a}_{n}" for a in NORMED for n in ("linf", "l2"))
+SINGLE_STEP = ("fgsm",)
+ITERATIVE = ("pgd", "autoattack")  # iterative gradient attacks with a fixed budget (compared with single-step)
+SHORTHANDS = (tuple(ATTACK_NAMES) + tuple(f"{a}_{n}" for a in NORMED for n in ("linf", "l2"))
+              + ("autoattack_fast", "autoattack_fast_linf", "autoattack_fast_l2"))
+LARGE_BUDGET_STEPS = 50  # the automatic large-budget PGD run
+CI_NOTE = ("95% Clopper-Pearson interval over the attacked examples (n = 32 gives about +/-15 points, "
+           "n = 100 about +/-10)")
 
 # Float tolerance of the norm-ball check: eps * REL_TOL + ABS_TOL (Linf) or eps * REL_TOL + ABS_TOL * sqrt(d) (L2).
 REL_TOL = 1e-5
@@ -119,13 +133,18 @@ class PGDSpec(_Attack):
 
 
 class CWSpec(_Attack):
-    """Carlini-Wagner L2 (minimum-norm; one run, read at every L2 budget)."""
+    """Carlini-Wagner L2 (minimum-norm; one run, read at every L2 budget): fmaudit's implementation with the
+    paper's margin loss and binary search over c (torchattacks' CW loss stalls when every other logit is
+    negative)."""
 
     name: Literal["cw"]
-    c: float = Field(default=1.0, gt=0)
+    c: float = Field(default=1e-3, gt=0, description="Initial c of the binary search (paper: 1e-3).")
     kappa: float = Field(default=0.0, ge=0)
-    steps: int = Field(default=100, ge=1, le=100_000)
+    steps: int = Field(default=1000, ge=1, le=100_000, description="Adam steps per binary-search round "
+                                                                  "(paper: 10,000, with abort-early).")
     lr: float = Field(default=0.01, gt=0)
+    binary_steps: int = Field(default=9, ge=1, le=50, description="Rounds of the binary search over c (paper: 9).")
+    abort_early: bool = True
 
 
 class DeepFoolSpec(_Attack):
@@ -147,11 +166,19 @@ class SquareSpec(_Attack):
 
 
 class AutoAttackSpec(_Attack):
-    """AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square), the reference robustness evaluation."""
+    """AutoAttack. `standard`: the reference evaluation (fra31/auto-attack: APGD-CE, APGD-T with 9 target
+    classes, FAB-T, each 100 iterations, Square with 5,000 queries). `fast`: torchattacks 3.3.0's version
+    (the same stages with 10 iterations), labelled autoattack_fast_*."""
 
     name: Literal["autoattack"]
     norm: Literal["Linf", "L2"] = "Linf"
-    version: Literal["standard"] = "standard"
+    version: Literal["standard", "fast"] = "standard"
+
+    @property
+    def default_label(self) -> str:
+        if self.label:
+            return self.label
+        return f"autoattack{'_fast' if self.version == 'fast' else ''}_{self.norm.lower()}"
 
 
 AttackSpec = Annotated[Union[FGSMSpec, PGDSpec, CWSpec, DeepFoolSpec, SquareSpec, AutoAttackSpec],
@@ -164,8 +191,12 @@ def _normalize_attack_item(item: Any, i: int) -> Any:
     if isinstance(item, str):
         key = item.strip().lower()
         if key in SHORTHANDS:
+            out: dict[str, Any] = {}
+            if key.startswith("autoattack_fast"):
+                out["version"] = "fast"
+                key = "autoattack" + key[len("autoattack_fast"):]
             name, _, norm = key.partition("_")
-            out: dict[str, Any] = {"name": name}
+            out["name"] = name
             if norm:
                 out["norm"] = "Linf" if norm == "linf" else "L2"
             return out
@@ -186,9 +217,10 @@ def _normalize_attack_item(item: Any, i: int) -> Any:
 class ImageAttackAudit(AuditModule):
     name = "robustness.image_attack"
     category = "robustness"
-    description = ("Adversarial robustness of image classifiers with torchattacks (FGSM, PGD Linf/L2, CW, DeepFool, "
-                   "Square, AutoAttack): clean and robust accuracy over an epsilon grid, every adversarial example "
-                   "verified, gradient-masking sanity flags, example images.")
+    description = ("Adversarial robustness of image classifiers (FGSM, PGD Linf/L2, Carlini-Wagner L2, DeepFool, "
+                   "Square, reference AutoAttack): clean and robust accuracy with Clopper-Pearson intervals over an "
+                   "epsilon grid, every adversarial example verified, gradient-masking checks (Carlini et al. "
+                   "2019), example images.")
     requires = frozenset({"image", "classifier", "logits"})
     metric_names = ("clean_accuracy", "robust_accuracy.*", "worst_robust_accuracy.*", "median_l2_perturbation.*",
                     "attack_seconds.*", "num_examples", "num_invalid_adversarials", "zero_gradient_fraction")
@@ -197,7 +229,8 @@ class ImageAttackAudit(AuditModule):
         attacks: list[AttackSpec] = Field(
             default_factory=lambda: [FGSMSpec(name="fgsm"), PGDSpec(name="pgd")], min_length=1,
             description="Attacks to run: names (fgsm, pgd, pgd_l2, cw, deepfool, square, square_l2, autoattack, "
-                        "autoattack_l2) or mappings with `name:` and that attack's settings.")
+                        "autoattack_l2, autoattack_fast, autoattack_fast_l2) or mappings with `name:` and that "
+                        "attack's settings.")
         epsilons: list[float] = Field(default_factory=lambda: [0.01, 0.03, 0.1],
                                       description="Linf budgets in (0, 1] (pixel scale; '8/255' is accepted).")
         l2_epsilons: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0],
@@ -211,6 +244,11 @@ class ImageAttackAudit(AuditModule):
                                 description="Example PNGs (clean | adversarial | amplified perturbation) per attack; "
                                             "written only when the recipe sets store_examples.")
         check_gradients: bool = Field(default=True, description="Flag zero / non-finite input gradients.")
+        large_budget: float | None = Field(
+            default=0.5, gt=0, le=1,
+            description="Linf budget of the automatic large-budget check (one PGD-50 run from the clean image, no "
+                        "random start): at 0.5 every image can be turned mid-gray, so a working attack leaves at "
+                        "most chance accuracy. null turns the check off.")
 
         @field_validator("attacks", mode="before")
         @classmethod
@@ -260,6 +298,15 @@ class ImageAttackAudit(AuditModule):
                     f"{getattr(target, 'task', type(target).__name__)} target (use robustness.text_attack for text)"]
         if target.num_labels is None:
             problems.append(f"the number of classes of target {target.name!r} is unknown; set num_labels on it")
+        else:
+            from fmaudit.robustness.autoattack import MIN_CLASSES
+
+            for a in self.params.attacks:
+                if a.name == "autoattack" and target.num_labels < MIN_CLASSES:
+                    problems.append(
+                        f"attack {a.default_label!r}: AutoAttack needs at least {MIN_CLASSES} classes (its APGD-T "
+                        f"stage uses the targeted DLR loss, which sorts 4 logits and is undefined below 4 classes); "
+                        f"target {target.name!r} has {target.num_labels}. Use pgd, square, cw or deepfool instead")
         if data is None or len(data) == 0:
             return problems + ["no examples to attack"]
         if data.images is None:
@@ -295,10 +342,14 @@ class ImageAttackAudit(AuditModule):
     def run(self, target, ctx: AuditContext) -> Outcome:
         import torch
 
+        from fmaudit.robustness.devices import model_device
+
         p = self.params
         data, choice = select_examples(ctx, p.split, p.num_examples)
         model = target.model
-        device = target.device
+        # The device the model is on now (a target's `device` string can be stale if the model was moved);
+        # every attack is built below, after this point, so none is bound to an old device.
+        device = model_device(model, target.device)
         n_classes = int(target.num_labels)
         x = torch.as_tensor(np.ascontiguousarray(data.images), dtype=torch.float32)
         y = torch.as_tensor(data.labels, dtype=torch.long)
@@ -307,12 +358,13 @@ class ImageAttackAudit(AuditModule):
         out.tables["evaluated_on"] = {"dataset": ctx.data.name, "subset": choice, "num_examples": n,
                                       "num_classes": n_classes, "image_shape": list(x.shape[1:]),
                                       "normalization_inside_model": bool(target.normalized_inside),
-                                      "ids": list(data.ids)}
+                                      "device": str(device), "ids": list(data.ids)}
         was_training = model.training
         # CW, DeepFool and FAB call .backward(), which fills the parameters' .grad: put back what was there.
         # (Freezing the parameters instead was measured ~15% slower for AutoAttack.)
         saved_grads = [(q, q.grad) for q in model.parameters()]
         model.eval()
+        probe = None
         try:
             # One clean pass gives the logits and (for the sanity flag) the input gradients together.
             clean_logits, grad_norms = self._clean_pass(model, x, y, device, p.check_gradients, n_classes)
@@ -323,18 +375,26 @@ class ImageAttackAudit(AuditModule):
             clean_correct = (clean_pred == y).numpy()
             clean_acc = float(clean_correct.mean())
             out.metric("clean_accuracy", clean_acc, higher_is_better=True, unit="fraction",
-                       description="Accuracy on the unperturbed examples that are attacked.")
+                       ci=_ci(int(clean_correct.sum()), n), ci_level=0.95,
+                       description=f"Accuracy on the unperturbed examples that are attacked; {CI_NOTE}.")
             out.metric("num_examples", n, unit="examples", description="Examples attacked.")
             self._sanity_outputs(clean_logits, out)
             if grad_norms is not None:
                 self._sanity_gradients(grad_norms, out)
             runs = [self._run_attack(spec, model, x, y, clean_correct, n_classes, device, ctx) for spec in p.attacks]
+            if p.large_budget is not None:
+                spec = PGDSpec(name="pgd", label="large_budget_pgd_linf", steps=LARGE_BUDGET_STEPS,
+                               random_start=False, epsilons=[p.large_budget])
+                probe = self._run_attack(spec, model, x, y, clean_correct, n_classes, device, ctx)
+                probe["examples"] = {}
         finally:
             for q, g in saved_grads:
                 q.grad = g
             model.train(was_training)
         self._report(runs, clean_acc, clean_correct, out)
         self._sanity_attacks(runs, clean_acc, n, out)
+        if probe is not None:
+            self._large_budget(probe, clean_acc, y.numpy(), n_classes, out)
         self._examples(runs, x, y, clean_pred, data, ctx, out)
         return out
 
@@ -347,7 +407,8 @@ class ImageAttackAudit(AuditModule):
         return torch.cat(outs) if outs else torch.zeros((0, 0))
 
     # -- attacks -------------------------------------------------------------------------------------
-    def _build(self, spec, model, eps: float | None, n_classes: int, seed: int):
+    def _build(self, spec, model, eps: float | None, n_classes: int, seed: int, device=None):
+        """Build one attack now, for the model where it is now (attacks fix their device when built)."""
         import torchattacks
 
         name = spec.name
@@ -361,8 +422,11 @@ class ImageAttackAudit(AuditModule):
             used = {"alpha": alpha, "steps": spec.steps, "restarts": spec.restarts, "random_start": spec.random_start}
             return (atks[0] if len(atks) == 1 else torchattacks.MultiAttack(atks)), used
         if name == "cw":
-            return (torchattacks.CW(model, c=spec.c, kappa=spec.kappa, steps=spec.steps, lr=spec.lr),
-                    {"c": spec.c, "kappa": spec.kappa, "steps": spec.steps, "lr": spec.lr, "restarts": 1})
+            from fmaudit.robustness.cw import CarliniWagnerL2
+
+            atk = CarliniWagnerL2(model, c=spec.c, kappa=spec.kappa, steps=spec.steps, lr=spec.lr,
+                                  binary_steps=spec.binary_steps, abort_early=spec.abort_early)
+            return atk, {"implementation": "fmaudit.robustness.cw", **atk.settings}
         if name == "deepfool":
             return (torchattacks.DeepFool(model, steps=spec.steps, overshoot=spec.overshoot),
                     {"steps": spec.steps, "overshoot": spec.overshoot, "restarts": 1})
@@ -371,18 +435,20 @@ class ImageAttackAudit(AuditModule):
                                         n_restarts=spec.restarts, p_init=spec.p_init, seed=seed),
                     {"n_queries": spec.n_queries, "p_init": spec.p_init, "restarts": spec.restarts, "seed": seed})
         if name == "autoattack":
-            return (torchattacks.AutoAttack(model, norm=spec.norm, eps=eps, version=spec.version,
-                                            n_classes=n_classes, seed=seed),
-                    {"version": spec.version, "n_classes": n_classes, "seed": seed,
-                     "components": ["apgd-ce", "apgd-t", "fab-t", "square"], "restarts": 1})
+            from fmaudit.robustness import autoattack as aa
+
+            if spec.version == "standard":
+                return aa.reference(model, norm=spec.norm, eps=eps, n_classes=n_classes, seed=seed,
+                                    batch_size=self.params.batch_size, device=device)
+            return aa.fast(model, norm=spec.norm, eps=eps, n_classes=n_classes, seed=seed)
         raise ValueError(f"unknown attack {name!r}")  # pragma: no cover - Params rejects it
 
     def _attack_once(self, spec, model, x, y, eps, n_classes, device, seed):
-        """Run one torchattacks attack over all examples (in batches); returns (adv, seconds, settings)."""
+        """Run one attack over all examples (in batches); returns (adv, seconds, settings)."""
         import torch
 
         torch.manual_seed(seed)  # torchattacks' random starts draw from the global generator
-        atk, used = self._build(spec, model, eps, n_classes, seed)
+        atk, used = self._build(spec, model, eps, n_classes, seed, device)
         bs = self.params.batch_size
         advs = []
         t0 = time.perf_counter()
@@ -451,10 +517,13 @@ class ImageAttackAudit(AuditModule):
             lab, norm, grid = r["label"], r["norm"], r["epsilons"]
             accs = [float(rb.mean()) for rb in r["robust"]]
             r["acc"] = accs
-            for eps, acc, rb in zip(grid, accs, r["robust"]):
+            cis = [_ci(int(rb.sum()), len(rb)) for rb in r["robust"]]
+            r["ci"] = cis
+            for eps, acc, rb, ci in zip(grid, accs, r["robust"], cis):
                 out.metric(f"robust_accuracy.{lab}@{eps:g}", acc, higher_is_better=True, unit="fraction",
+                           ci=ci, ci_level=0.95,
                            description=f"Accuracy under {lab} ({norm}, epsilon {eps:g}); counts only verified "
-                                       "adversarial examples as errors.")
+                                       f"adversarial examples as errors; {CI_NOTE}.")
                 by_point.setdefault((norm, eps), []).append(rb)
             out.curve(f"robust_accuracy.{lab}", [0.0] + list(grid), [clean_acc] + accs,
                       x_label=f"epsilon ({norm})", y_label="robust accuracy",
@@ -466,7 +535,8 @@ class ImageAttackAudit(AuditModule):
             invalid = int(sum(r["invalid"]))
             total_invalid += invalid
             row = {"label": lab, "attack": r["name"], "norm": norm, "epsilons": list(grid),
-                   "robust_accuracy": accs, "settings": r.get("settings", {}),
+                   "robust_accuracy": accs, "robust_accuracy_ci95": [list(c) if c else None for c in cis],
+                   "settings": r.get("settings", {}),
                    "seconds": round(r["seconds"], 4),
                    "images_per_second": round(n * runs_count / r["seconds"], 2) if r["seconds"] > 0 else None,
                    "invalid_adversarials": [int(v) for v in r["invalid"]],
@@ -485,12 +555,14 @@ class ImageAttackAudit(AuditModule):
         worst = {}
         for (norm, eps), rbs in sorted(by_point.items()):
             if len(rbs) >= 2:
-                acc = float(np.logical_and.reduce(rbs).mean())
+                alive = np.logical_and.reduce(rbs)
+                acc = float(alive.mean())
                 key = f"worst_robust_accuracy.{norm.lower()}@{eps:g}"
                 worst[key] = acc
                 out.metric(key, acc, higher_is_better=True, unit="fraction",
+                           ci=_ci(int(alive.sum()), len(alive)), ci_level=0.95,
                            description=f"Examples that survive every {norm} attack at epsilon {eps:g} "
-                                       "(per-example worst case over the attacks).")
+                                       f"(per-example worst case over the attacks); {CI_NOTE}.")
         out.metric("num_invalid_adversarials", total_invalid, higher_is_better=False, unit="examples",
                    description="Adversarial examples the target misclassified but that were outside [0, 1], "
                                "outside their norm ball or non-finite: not counted as errors.")
@@ -566,51 +638,104 @@ class ImageAttackAudit(AuditModule):
                         metric="zero_gradient_fraction")
 
     def _sanity_attacks(self, runs, clean_acc: float, n: int, out: Outcome) -> None:
+        """Carlini et al. 2019 (arXiv:1902.06705) checklist items that compare attacks and budgets, plus
+        AutoAttack's black-box check. A difference must exceed max(1 example, 1%) to count."""
         slack = max(1, math.ceil(0.01 * n)) / n
-        # robust accuracy that rises, or never falls, as epsilon grows
+        sanity = out.tables.setdefault("sanity", {})
+        # robust accuracy non-monotone in epsilon (rises), or never falls, as epsilon grows
         for r in runs:
             if r["name"] in MIN_NORM or len(r["acc"]) < 2:
                 continue
             accs, grid, lab = r["acc"], r["epsilons"], r["label"]
-            rises = [(grid[i], grid[i + 1]) for i in range(len(accs) - 1) if accs[i + 1] > accs[i] + slack]
+            rises = [(grid[i], grid[j]) for i in range(len(accs)) for j in range(i + 1, len(accs))
+                     if accs[j] > accs[i] + slack]
             if rises:
-                a, b = rises[0]
-                out.finding("medium", f"Robust accuracy under {lab} rises with epsilon",
+                a, b = max(rises, key=lambda t: accs[grid.index(t[1])] - accs[grid.index(t[0])])
+                sanity.setdefault("non_monotone", []).append({"attack": lab, "from": a, "to": b})
+                out.finding("high", f"Robust accuracy under {lab} rises with epsilon (non-monotone)",
                             f"accuracy goes from {accs[grid.index(a)]:.3f} at epsilon {a:g} to "
                             f"{accs[grid.index(b)]:.3f} at {b:g}: a larger budget includes every smaller one, so a "
-                            "working attack can only do better. Suspect gradient masking or too few steps / restarts.",
+                            "working attack can only do better. Suspect gradient masking (the attack's random "
+                            "start or steps leave the region where gradients are informative) or too few steps / "
+                            "restarts (Carlini et al. 2019, section 5).",
                             metric=f"robust_accuracy.{lab}@{b:g}")
             elif accs[-1] >= accs[0] and accs[-1] > 0 and clean_acc > 0 and grid[-1] >= 2 * grid[0]:
                 out.finding("medium", f"Robust accuracy under {lab} does not fall as epsilon grows",
                             f"{accs[0]:.3f} at epsilon {grid[0]:g} and {accs[-1]:.3f} at {grid[-1]:g}: budgets this "
                             "different should matter. Suspect gradient masking, or budgets far too small.",
                             metric=f"robust_accuracy.{lab}@{grid[-1]:g}")
-        # a black-box attack beating every white-box one; AutoAttack weaker than PGD
-        points: dict[tuple[str, float], dict[str, list[tuple[str, float]]]] = {}
+        points: dict[tuple[str, float], list[dict[str, Any]]] = {}
         for r in runs:
-            kind = "black" if r["name"] in BLACK_BOX else ("white" if r["name"] in WHITE_BOX else "ensemble")
             for eps, acc in zip(r["epsilons"], r["acc"]):
-                pt = points.setdefault((r["norm"], eps), {"black": [], "white": [], "ensemble": [], "pgd": []})
-                pt[kind].append((r["label"], acc))
-                if r["name"] == "pgd":
-                    pt["pgd"].append((r["label"], acc))
+                points.setdefault((r["norm"], eps), []).append({"label": r["label"], "name": r["name"], "acc": acc})
         for (norm, eps), pt in sorted(points.items()):
-            if pt["black"] and pt["white"]:
-                best_white = min(pt["white"], key=lambda t: t[1])
-                best_black = min(pt["black"], key=lambda t: t[1])
-                if best_black[1] < best_white[1] - slack:
+            white = [q for q in pt if q["name"] in WHITE_BOX]
+            black = [q for q in pt if q["name"] in BLACK_BOX]
+            # a black-box attack beating every white-box one
+            if black and white:
+                best_white = min(white, key=lambda q: q["acc"])
+                best_black = min(black, key=lambda q: q["acc"])
+                if best_black["acc"] < best_white["acc"] - slack:
                     out.finding("high", f"Black-box attack beats every white-box attack ({norm}, epsilon {eps:g})",
-                                f"{best_black[0]} leaves {best_black[1]:.3f} robust accuracy vs {best_white[1]:.3f} for "
-                                f"the best gradient attack ({best_white[0]}). Gradients mislead the attacks: a classic "
-                                "sign of gradient masking. Report the worst case, not the white-box numbers.",
-                                metric=f"robust_accuracy.{best_black[0]}@{eps:g}")
-            for lab_aa, acc_aa in pt["ensemble"]:
-                for lab_pgd, acc_pgd in pt["pgd"]:
-                    if acc_aa > acc_pgd + slack:
-                        out.finding("medium", f"AutoAttack is weaker than PGD ({norm}, epsilon {eps:g})",
-                                    f"{lab_aa}: {acc_aa:.3f} vs {lab_pgd}: {acc_pgd:.3f}. AutoAttack should be at least "
-                                    "as strong as PGD; check the model for randomness or gradient obfuscation.",
-                                    metric=f"robust_accuracy.{lab_aa}@{eps:g}")
+                                f"{best_black['label']} leaves {best_black['acc']:.3f} robust accuracy vs "
+                                f"{best_white['acc']:.3f} for the best gradient attack ({best_white['label']}). "
+                                "Gradients mislead the attacks: a classic sign of gradient masking. Report the worst "
+                                "case, not the white-box numbers.",
+                                metric=f"robust_accuracy.{best_black['label']}@{eps:g}")
+            # a single-step attack beating an iterative one
+            for one in (q for q in pt if q["name"] in SINGLE_STEP):
+                for it in (q for q in pt if q["name"] in ITERATIVE):
+                    if one["acc"] < it["acc"] - slack:
+                        sanity.setdefault("single_step_beats_iterative", []).append(
+                            {"norm": norm, "epsilon": eps, "single_step": one["label"], "iterative": it["label"]})
+                        out.finding("high", f"Single-step {one['label']} beats iterative {it['label']} ({norm}, "
+                                            f"epsilon {eps:g})",
+                                    f"{one['label']}: {one['acc']:.3f} vs {it['label']}: {it['acc']:.3f}. An iterative "
+                                    "attack with the same budget should do at least as well as one step; when it does "
+                                    "not, its gradients away from the clean point are masked or misleading (Carlini "
+                                    "et al. 2019, section 5). Trust neither number.",
+                                    metric=f"robust_accuracy.{it['label']}@{eps:g}")
+            # AutoAttack weaker than any other attack at the same budget
+            for aa in (q for q in pt if q["name"] == "autoattack"):
+                for other in (q for q in pt if q is not aa):
+                    if aa["acc"] > other["acc"] + slack:
+                        sanity.setdefault("autoattack_weaker", []).append(
+                            {"norm": norm, "epsilon": eps, "autoattack": aa["label"], "other": other["label"]})
+                        out.finding("high", f"AutoAttack ({aa['label']}) is weaker than {other['label']} ({norm}, "
+                                            f"epsilon {eps:g})",
+                                    f"{aa['label']}: {aa['acc']:.3f} vs {other['label']}: {other['acc']:.3f}. AutoAttack "
+                                    "should be at least as strong as any single attack at its budget; check the model "
+                                    "for randomness, gradient obfuscation, or outputs tuned against AutoAttack's "
+                                    "losses, and report the worst case.",
+                                    metric=f"robust_accuracy.{aa['label']}@{eps:g}")
+
+    def _large_budget(self, probe, clean_acc: float, y: np.ndarray, n_classes: int, out: Outcome) -> None:
+        """Carlini et al. 2019: at a large enough budget every attack must reach chance. At Linf 0.5 every
+        image can be moved to the same mid-gray image, so a working attack leaves at most the share of the
+        commonest label (`chance`)."""
+        eps = probe["epsilons"][0]
+        rb = probe["robust"][0]
+        n = len(rb)
+        acc = float(rb.mean())
+        ci = _ci(int(rb.sum()), n)
+        counts = np.bincount(y, minlength=n_classes) if n else np.zeros(1)
+        chance = float(counts.max() / max(1, n))
+        key = f"robust_accuracy.large_budget_pgd_linf@{eps:g}"
+        out.metric(key, acc, higher_is_better=None, unit="fraction", ci=ci, ci_level=0.95,
+                   description=f"Accuracy under PGD-{LARGE_BUDGET_STEPS} (Linf, epsilon {eps:g}, from the clean image, no "
+                               f"random start), the automatic large-budget check: a working attack leaves at most "
+                               f"chance ({chance:.3f}, the commonest label's share); {CI_NOTE}.")
+        out.tables.setdefault("sanity", {})["large_budget"] = {
+            "epsilon": eps, "norm": "Linf", "attack": f"PGD-{LARGE_BUDGET_STEPS}, alpha 2.5 * eps / steps, no random start",
+            "robust_accuracy": acc, "ci95": list(ci) if ci else None, "chance": chance,
+            "seconds": round(probe["seconds"], 4), "invalid_adversarials": int(sum(probe["invalid"]))}
+        if ci is not None and ci[0] > chance and clean_acc > chance:
+            out.finding("high", f"Accuracy does not reach chance at Linf epsilon {eps:g}",
+                        f"PGD leaves {acc:.3f} accuracy (95% interval {ci[0]:.3f}-{ci[1]:.3f}) at a budget where every "
+                        f"image can be turned mid-gray, so a working attack leaves at most {chance:.3f}. The gradient "
+                        "attacks do not work on this model (gradient masking, a non-differentiable or quantized "
+                        "layer); robust accuracies at small budgets are not evidence of robustness (Carlini et al. "
+                        "2019).", metric=key)
 
     # -- example images ------------------------------------------------------------------------------
     def _keep_examples(self, res: dict[str, Any], gi: int, robust: np.ndarray, clean_correct: np.ndarray,
@@ -646,6 +771,12 @@ class ImageAttackAudit(AuditModule):
 
 # ---------------------------------------------------------------------------------------------------
 # Small PNG writer (stdlib only: zlib + struct), so example images need no imaging library.
+
+
+def _ci(successes: int, n: int) -> tuple[float, float] | None:
+    from fmaudit.robustness.intervals import clopper_pearson
+
+    return clopper_pearson(successes, n)
 
 
 def _safe(s: str) -> str:
