@@ -351,6 +351,10 @@ def canary_audit(*, base: Any, members: Dataset, train: dict[str, Any], num_cana
     if kind == "secret":
         result.exposure = _secret_exposure(model, canaries, included, seed=seed, digits=secret_digits,
                                            n_candidates=exposure_candidates)
+        if result.exposure["estimator"] != "skewnorm":
+            notes.append("exposure: the skew-normal fit to the candidates' losses failed, so ranks are the empirical "
+                         f"ranks among {exposure_candidates} candidates (at most "
+                         f"{result.exposure['max_resolvable_bits']:.1f} bits can show)")
     return result
 
 

@@ -123,7 +123,10 @@ class CanaryAudit(AuditModule):
         if res.exposure is not None:
             ex = res.exposure
             out.metric("exposure_mean_included", ex["mean_included"], higher_is_better=False, unit="bits",
-                       description=f"Mean exposure of inserted secrets (max {ex['space_bits']:.1f} bits = ranked first).")
+                       description=f"Mean exposure of inserted secrets (max {ex['space_bits']:.1f} bits = ranked first; "
+                                   + ("skew-normal extrapolation of the rank)" if ex["estimator"] == "skewnorm" else
+                                      f"empirical rank among {ex['candidates']} candidates, as the skew-normal fit "
+                                      f"failed: at most {ex['max_resolvable_bits']:.1f} bits can show)"))
             out.metric("exposure_max_included", ex["max_included"], higher_is_better=False, unit="bits",
                        description="Largest exposure among inserted secrets.")
             out.tables["exposure"] = {k: v for k, v in ex.items() if k != "per_canary"}
