@@ -20,6 +20,7 @@ import numpy as np
 
 from fmaudit import __version__
 from fmaudit.audits.base import AuditCheckError, AuditContext, AuditModule, Outcome
+from fmaudit.cache_lock import entry_lock
 from fmaudit.data import DataError, Dataset, Split, load_dataset, member_split
 from fmaudit.executor import Executor, NotSendable, TaskFailed, local_only, make_executor
 from fmaudit.recipe import AuditSpec, LoadedRecipe, Problem, RecipeError, load_recipe
@@ -204,8 +205,11 @@ class Session:
             config = TrainConfig.from_spec(ft, seed=self.recipe.seed)
             base_sha = target.weights_sha256()
             phase[0] = "finetune"
-            stats, hit, key = finetune_cached(target, split, config, cache_dir=self.cache_dir, progress=self.progress,
-                                              label=f"fine-tuning {name}")
+            # Two runs sharing the cache wait for each other on the same fine-tune instead of both training
+            # it (and one replacing the entry the other is reading): the second one finds the entry and loads it.
+            with entry_lock(Path(self.cache_dir) / "locks", _finetune_lock_name(base_sha, split, config, target.task)):
+                stats, hit, key = finetune_cached(target, split, config, cache_dir=self.cache_dir,
+                                                  progress=self.progress, label=f"fine-tuning {name}")
             target.split = split
             target.cache_hit = hit
             target.finetune_info = {"data": ft.data, "config": ft.model_dump(mode="json"), "seed": self.recipe.seed,
@@ -214,6 +218,16 @@ class Session:
         self.targets[name] = target
         self.target_data[name] = ft.data if ft is not None else None
         return target
+
+
+def _finetune_lock_name(base_sha: str, split: Split, config: Any, task: str) -> str:
+    """One name per fine-tune (base weights, data, members, settings): what the cache entry depends on."""
+    import dataclasses
+    import json
+
+    payload = json.dumps([base_sha, split.dataset.fingerprint, [int(i) for i in split.member_idx],
+                          dataclasses.asdict(config), task], sort_keys=True, default=str)
+    return "finetune-" + hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
 def run_error_info(exc: BaseException) -> ErrorInfo:
@@ -324,15 +338,18 @@ class Runner:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         base_id = f"{self.recipe.name}-{stamp}-{self.recipe.sha256[:8]}"
         run_id, k = base_id, 1
-        while (self.output_dir / run_id).exists():
-            k += 1
-            run_id = f"{base_id}-{k}"
-        run_dir = self.output_dir / run_id
-        try:
-            run_dir.mkdir(parents=True)
-        except OSError as exc:
-            raise PreparationError(f"cannot create the run folder {run_dir}: {exc}; choose another folder with "
-                                   "-o / output_dir") from exc
+        # mkdir claims the name atomically: two runs started in the same second get -2, -3... never one folder.
+        while True:
+            run_dir = self.output_dir / run_id
+            try:
+                run_dir.mkdir(parents=True)
+                break
+            except FileExistsError:
+                k += 1
+                run_id = f"{base_id}-{k}"
+            except OSError as exc:
+                raise PreparationError(f"cannot create the run folder {run_dir}: {exc}; choose another folder "
+                                       "with -o / output_dir") from exc
         return run_dir, run_id, {}
 
     # -- main ------------------------------------------------------------------------------------------

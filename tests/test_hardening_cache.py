@@ -98,3 +98,34 @@ def test_truncated_cache_entry_is_rebuilt_not_loaded(tiny_bert_dir, sentiment_cs
     assert second.targets["bert"].weights_sha256 == first.targets["bert"].weights_sha256
     assert weights.stat().st_size == len(data)  # and the entry is whole again
     assert run_recipe(recipe).targets["bert"].cache_hit is True
+
+
+def test_two_concurrent_runs_share_one_fine_tune_and_keep_separate_run_folders(tmp_path):
+    """Two `fmaudit run` processes on one recipe and cache, started together: one trains, the other waits on
+    the entry lock and loads the result (without the lock both train); both reports are complete and in
+    their own folders, even when started in the same second."""
+    import json
+    import os
+
+    import yaml
+
+    recipe = {"version": 1, "name": "conc", "output_dir": str(tmp_path / "reports"),
+              "cache_dir": str(tmp_path / "cache"),
+              "data": {"digits": {"source": "bundled:digits", "limit": 600}},
+              "targets": {"cnn": {"model": "bundled:digits-cnn",
+                                  "finetune": {"data": "digits", "epochs": 60, "batch_size": 32, "lr": 3.0e-3}}},
+              "audits": [{"use": "utility", "target": "cnn"}]}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-m", "fmaudit.cli", "run", str(path), "-q"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    folders = sorted((tmp_path / "reports").iterdir())
+    assert len(folders) == 2
+    reports = [json.loads((d / "report.json").read_text()) for d in folders]
+    hits = sorted(r["targets"]["cnn"]["cache_hit"] for r in reports)
+    assert hits == [False, True]
+    assert len({r["targets"]["cnn"]["weights_sha256"] for r in reports}) == 1
+    assert len(list((tmp_path / "cache").rglob("weights.safetensors"))) == 1
