@@ -122,3 +122,8 @@ def test_non_private_findings_report_the_ceiling():
     assert f["severity"] == "medium" and "ceiling 3.049" in f["detail"] and "at the audit's ceiling" in f["detail"]
     (g,) = canary_findings(_result(lb=0.0, ceiling_=3.049, accountant=None))
     assert g["severity"] == "info" and "ceiling 3.049" in g["detail"] and "NOT a privacy guarantee" in g["detail"]
+
+
+def test_without_a_ceiling_the_finding_does_not_claim_reach():
+    (f,) = canary_findings(_result(lb=0.4, ceiling_=float("nan"), accountant=2.0))
+    assert f["severity"] == "info" and "consistent" not in f["title"].lower() and "unknown" in f["detail"]

@@ -413,6 +413,11 @@ def canary_findings(res: CanaryAuditResult) -> list[dict[str, str]]:
                 f"The canary audit proves epsilon >= {lb:.3f} at {conf} confidence, but {who} epsilon is "
                 f"{ref:.3f}{also}. The DP implementation or its accounting is broken: do not rely on this "
                 "model's privacy guarantee.")
+        elif not math.isfinite(top):  # a result built without a ceiling: say nothing about reach
+            add("info", "Audit did not contradict the DP guarantee",
+                f"{who[0].upper()}{who[1:]} epsilon is {ref:.3f}{also}; the audit shows epsilon >= {lb:.3f} "
+                f"({conf} confidence, {m} canaries). Its ceiling is unknown, so whether it could have contradicted "
+                "the claim is not known.")
         elif ref > top:
             add("low", f"Audit cannot test epsilon = {ref:.3g}: its ceiling is {top:.3f}",
                 f"This audit can prove at most epsilon >= {top:.3f} (its ceiling at {where}: the bound a perfect "
