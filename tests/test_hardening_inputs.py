@@ -149,3 +149,14 @@ def test_data_loaders_turn_bad_bytes_into_data_errors(tmp_path):
     (images / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 10)
     with pytest.raises(DataError, match="broken.png"):
         load_image_folder(images, name="imgs", image_size=None, grayscale=False)
+
+
+def test_unreadable_image_stops_run_with_exit_2(tiny_vit_dir, tmp_path):
+    images = _image_folder(tmp_path / "imgs", n=6)
+    (images / "b" / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 10)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(_vit_recipe(tiny_vit_dir, images, tmp_path, grayscale=True)))
+    res = cli.invoke(app, ["run", str(path), "-q"])
+    out = "".join(res.output.split())
+    assert res.exit_code == 2 and "cut.png" in out and "Traceback" not in out, (res.output, res.exception)
+    assert not (tmp_path / "reports").exists() or not any((tmp_path / "reports").iterdir())
