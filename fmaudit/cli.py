@@ -267,7 +267,10 @@ def report(
         err.print(f"[red]no report.json in {run_dir}[/] (an interrupted run has only events.jsonl; resume it)")
         raise typer.Exit(2)
     except ReportError as exc:
-        err.print(f"[red]{exc}[/]")
+        err.print(f"[red]{escape(str(exc))}[/]")
+        raise typer.Exit(2)
+    except OSError as exc:  # a folder where report.json should be, no permission...
+        err.print(f"[red]cannot read the report in {escape(str(run_dir))}: {escape(str(exc))}[/]")
         raise typer.Exit(2)
     _print_summary(rep)
     if html is not None:
@@ -329,10 +332,16 @@ def dashboard(
 
 
 def main() -> None:
+    """Entry point. Exit codes keep one meaning each: an exception that escapes a command is a one-line
+    message and exit 3 (`--debug` anywhere on the command line prints the traceback), never Python's exit 1,
+    which fmaudit reserves for failed gates."""
     try:
         app()
     except KeyboardInterrupt:  # pragma: no cover
         sys.exit(130)
+    except Exception as exc:
+        _print_crash(exc, "--debug" in sys.argv[1:], None)
+        sys.exit(3)
 
 
 if __name__ == "__main__":  # pragma: no cover

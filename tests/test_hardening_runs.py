@@ -219,3 +219,41 @@ def test_failure_on_resume_keeps_completed_units_and_bad_output_dirs_exit_2(tiny
     blocker.write_text("x")
     res = cli.invoke(app, ["run", str(path), "-q", "-o", str(blocker / "sub")])
     assert res.exit_code == 2 and "cannot create the run folder" in " ".join(res.output.split())
+
+
+def test_validate_and_report_never_exit_1(tmp_path, monkeypatch):
+    """An unexpected exception in `validate` exits 3 with one line; an unreadable report exits 2; an
+    exception escaping any command through the console entry point exits 3, not Python's 1."""
+    import subprocess
+
+    import fmaudit.recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("version: 1\nname: x\ntargets: {t: {model: bundled:minilm}}\naudits: [{use: utility, target: t}]\n")
+
+    def broken_check(*a, **k):
+        raise AttributeError("injected bug in a check")
+
+    monkeypatch.setattr(fmaudit.recipe, "check_recipe", broken_check)
+    res = cli.invoke(app, ["validate", str(recipe)])
+    assert res.exit_code == 3 and "injected bug in a check" in res.output and "Traceback" not in res.output
+    monkeypatch.undo()
+
+    run_dir = tmp_path / "run"
+    (run_dir / "report.json").mkdir(parents=True)  # a folder where the file should be
+    res = cli.invoke(app, ["report", str(run_dir)])
+    assert res.exit_code == 2 and "cannot read the report" in " ".join(res.output.split())
+
+    code = ("import sys, fmaudit.cli as c\n"
+            "def boom(*a, **k):\n    raise RuntimeError('escaped a command')\n"
+            "c._print_summary = boom\nsys.argv = ['fmaudit', 'report', sys.argv[1]]\nc.main()\n")
+    good = tmp_path / "good"
+    good.mkdir()
+    from fmaudit.report import HostInfo, RunReport, write_report
+
+    write_report(RunReport(run_id="r", name="x", fmaudit_version="0", created_at="now", seed=0, recipe={},
+                           recipe_sha256="0", host=HostInfo(hostname="h", platform="p", python="3", cpu_count=1,
+                                                            device="cpu"), versions={}), good / "report.json")
+    res = subprocess.run([sys.executable, "-c", code, str(good)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 3, res.stderr
+    assert "escaped a command" in res.stderr and "Traceback" not in res.stderr
