@@ -333,7 +333,7 @@ def dashboard(
 
 def main() -> None:
     """Entry point. Exit codes keep one meaning each: an exception that escapes a command is a one-line
-    message and exit 3 (`--debug` anywhere on the command line prints the traceback), never Python's exit 1,
+    message and exit 3 (with `run --debug` / `validate --debug`, the traceback too), never Python's exit 1,
     which fmaudit reserves for failed gates."""
     try:
         app()
