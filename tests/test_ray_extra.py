@@ -28,6 +28,8 @@ def tiny_bert_dir(tmp_path):
     d = tmp_path / "model"
     d.mkdir()
     (d / "config.json").write_text("{}")
+    (d / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")  # a valid, empty header
+    (d / "vocab.txt").write_text("[PAD]\n")  # a tokenizer file (validation refuses checkpoints without one)
     return d
 
 
