@@ -46,6 +46,11 @@ class Stream(IntEnum):
     EXAMPLE_SAMPLE = 20      # modules: seeded sample of the examples a module works on
     BLIND_BASELINE = 21      # membership: blind (model-free) baseline's bootstrap
     CANARY_GUESS_SPLIT = 22  # canary audit: canaries used to choose the number of guesses
+    ATTRIBUTION_ORDER = 23   # attribution: order in which examples are explained
+    ATTRIBUTION_PERTURB = 24  # attribution: sensitivity / infidelity perturbations
+    ATTRIBUTION_SHAP = 25    # attribution: GradientShap's baseline noise
+    ATTRIBUTION_RANDOMIZE = 26  # attribution: re-initialized weights of the randomization check
+    ATTRIBUTION_CURVES = 27  # attribution: random deletion / insertion orders
 
 
 def seed_sequence(seed: int, stream: Stream, *keys: int) -> np.random.SeedSequence:

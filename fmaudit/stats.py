@@ -26,7 +26,10 @@ def bootstrap_ci(stat: Callable[[np.ndarray], float], n: int, *, rounds: int = 1
     """Percentile bootstrap over example indices: `stat(indices) -> value`."""
     if n == 0 or rounds <= 0:
         return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
+    from fmaudit.seeds import Stream
+    from fmaudit.seeds import rng as stream_rng
+
+    rng = stream_rng(seed, Stream.BOOTSTRAP)
     vals = np.array([stat(rng.integers(0, n, size=n)) for _ in range(rounds)], dtype=np.float64)
     vals = vals[np.isfinite(vals)]
     if len(vals) == 0:

@@ -32,6 +32,8 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from fmaudit.audits.base import AuditContext, AuditModule, AuditParams, Outcome, select_examples
+from fmaudit.seeds import Stream, derive
+from fmaudit.seeds import rng as stream_rng
 
 Method = Literal["integrated_gradients", "gradient_x_input", "feature_ablation", "occlusion", "saliency",
                  "gradient_shap"]
@@ -273,7 +275,7 @@ class _TextTask(_Task):
         extra = tuple(ex.extra.values())
         length, dim = e.shape[1], e.shape[2]
         r = radius * float(e.pow(2).mean().sqrt())  # relative to the embeddings' scale
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        gen = torch.Generator(device="cpu").manual_seed(derive(seed, Stream.ATTRIBUTION_PERTURB, 1))
 
         def perturb(inputs: torch.Tensor) -> torch.Tensor:
             noise = (torch.rand(inputs.shape, generator=gen) * 2 - 1) * r
@@ -376,7 +378,7 @@ class _ImageTask(_Task):
             a = InputXGradient(model).attribute(x, target=target)
         elif method == "gradient_shap":
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                torch.manual_seed(derive(seed, Stream.ATTRIBUTION_SHAP))
                 a = GradientShap(model).attribute(x, baselines=baseline[:1], target=target,
                                                   n_samples=self.p.gradient_shap_samples,
                                                   stdevs=self.p.gradient_shap_stdevs)
@@ -401,7 +403,7 @@ class _ImageTask(_Task):
         import torch
         from captum.metrics import sensitivity_max
 
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        gen = torch.Generator(device="cpu").manual_seed(derive(seed, Stream.ATTRIBUTION_PERTURB, 2))
 
         def perturb(inputs):
             noise = (torch.rand(inputs.shape, generator=gen) * 2 - 1) * radius
@@ -558,7 +560,7 @@ def randomized_copy(target: Any, *, layers: int, seed: int) -> tuple[Any, list[s
     names = {id(m): n for n, m in new.model.named_modules()}
     done: set[int] = set()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(derive(seed, Stream.ATTRIBUTION_RANDOMIZE))
         for top in chosen:
             for m in top.modules():
                 if id(m) in done:
@@ -679,7 +681,7 @@ class AttributionAudit(AuditModule):
 
     def _select(self, ctx: AuditContext):
         data, choice = select_examples(ctx, self.params.split)
-        order = np.random.default_rng(ctx.seed).permutation(len(data))
+        order = stream_rng(ctx.seed, Stream.ATTRIBUTION_ORDER).permutation(len(data))
         return data, order, choice
 
     # -- run -----------------------------------------------------------------------------------------
@@ -830,7 +832,7 @@ class AttributionAudit(AuditModule):
         p = self.params
         steps = p.curve_steps
         fr = np.linspace(0, 1, steps + 1)
-        rng = np.random.default_rng(seed)
+        rng = stream_rng(seed, Stream.ATTRIBUTION_CURVES)
         rand_del, rand_ins, rd_curve, ri_curve = [], [], [], []
         for ex in examples:
             n = ex.n_features
@@ -880,7 +882,7 @@ class AttributionAudit(AuditModule):
         from captum.metrics import infidelity
 
         p = self.params
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        gen = torch.Generator(device="cpu").manual_seed(derive(seed, Stream.ATTRIBUTION_PERTURB, 3))
         n = ex.n_features
         ones = torch.ones(1, n, dtype=torch.float64)
 
