@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["ScenarioResult", "membership_null", "membership_planted_leak", "seed_independence",
+__all__ = ["ScenarioResult", "membership_null", "membership_planted_leak", "dp_canary_consistency", "seed_independence",
            "same_seed_same_numbers", "SCENARIOS", "run_all"]
 
 CLASSIFIER_ATTACKS = ["loss", "confidence", "entropy", "lira_online", "lira_offline", "rmia", "rmia_offline"]
@@ -285,9 +285,45 @@ def same_seed_same_numbers(seed: int = 0, work: Path | None = None) -> ScenarioR
                           "identical metrics", c.failures, time.perf_counter() - t0)
 
 
+def dp_canary_consistency(seed: int = 0, work: Path | None = None) -> ScenarioResult:
+    """On DP runs the canary audit's epsilon lower bound must never exceed the accountant's epsilon, and
+    the audit must be able to say so: an honest DP-SGD run (noise 4) whose accountant epsilon lies below
+    the audit's ceiling shows epsilon_lb <= epsilon; a deliberately mis-accounted run (noise effectively
+    off, the honest epsilon claimed) must raise the critical finding."""
+    t0 = time.perf_counter()
+    from fmaudit.privacy.canary import canary_audit, canary_findings
+
+    work = Path(work or tempfile.mkdtemp(prefix="fmaudit-ka-"))
+    data = _digits(360, seed)
+    members, pool = data.subset(np.arange(60)), data.subset(np.arange(60, 360))
+    dp = {"epochs": 12, "batch_size": 8, "delta": 1e-5, "max_grad_norm": 1.0, "lr": 5e-2, "weight_decay": 0.0,
+          "accountant": "rdp", "trainable": "all", "n_layers": 1, "clipping": "hooks"}
+    common = dict(members=members, pool=pool, train={}, num_canaries=200, kind="mislabel", score="loss", seed=seed,
+                  cache_dir=work / "cache")
+    honest = canary_audit(base=_mlp(seed), dp={**dp, "noise_multiplier": 4.0}, **common)
+    broken = canary_audit(base=_mlp(seed), dp={**dp, "noise_multiplier": 1e-6},
+                          claimed_epsilon=honest.accountant_epsilon, **common)
+    c = _Checks()
+    c.expect(honest.epsilon_lb <= honest.accountant_epsilon,
+             f"honest run: epsilon_lb {honest.epsilon_lb:.3f} > accountant epsilon {honest.accountant_epsilon:.3f}")
+    c.expect(honest.accountant_epsilon < honest.epsilon_lb_ceiling,
+             f"the audit's ceiling {honest.epsilon_lb_ceiling:.3f} is below the claim: it could not have caught it")
+    sev = [f["severity"] for f in canary_findings(broken)]
+    c.expect(broken.epsilon_lb > honest.accountant_epsilon and "critical" in sev,
+             f"mis-accounted run not flagged (epsilon_lb {broken.epsilon_lb:.3f}, findings {sev})")
+    c.expect("critical" not in [f["severity"] for f in canary_findings(honest)], "honest run flagged critical")
+    return ScenarioResult("dp: canary consistency", not c.failures,
+                          {"honest_eps": honest.accountant_epsilon, "honest_eps_lb": honest.epsilon_lb,
+                           "ceiling": honest.epsilon_lb_ceiling, "broken_eps_lb": broken.epsilon_lb,
+                           "broken_canary_auc": broken.canary_auc},
+                          "honest: eps_lb <= eps < ceiling; noise off with eps claimed: critical", c.failures,
+                          time.perf_counter() - t0)
+
+
 SCENARIOS: dict[str, Callable[[], ScenarioResult]] = {
     "membership_null": membership_null,
     "membership_planted_leak": membership_planted_leak,
+    "dp_canary_consistency": dp_canary_consistency,
     "seed_independence": seed_independence,
     "same_seed_same_numbers": same_seed_same_numbers,
 }

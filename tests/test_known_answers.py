@@ -38,3 +38,10 @@ def test_a_scenario_can_fail():
     c.expect(False, "planted failure")
     res = ka.ScenarioResult("x", not c.failures, {"auc": 0.9}, "nothing", c.failures)
     assert not res.passed and "FAIL: planted failure" in res.line()
+
+
+def test_dp_canary_bound_never_exceeds_epsilon_and_a_broken_run_is_caught(tmp_path):
+    r = ka.dp_canary_consistency(seed=0, work=tmp_path)
+    assert r.passed, r.line()
+    assert r.numbers["honest_eps_lb"] <= r.numbers["honest_eps"] < r.numbers["ceiling"]
+    assert r.numbers["broken_eps_lb"] > r.numbers["honest_eps"]
