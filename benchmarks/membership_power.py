@@ -39,7 +39,9 @@ def step_cost_ratio(*, max_length: int, trainable: str, n_layers: int, rounds: i
     from fmaudit.targets import load_target
 
     data = load_tweets()
-    idx = np.random.default_rng(seed).choice(len(data), batch_size * steps, replace=False)
+    from fmaudit.seeds import Stream, rng
+
+    idx = rng(seed, Stream.EXAMPLE_SAMPLE).choice(len(data), batch_size * steps, replace=False)
     data = data.subset(np.sort(idx))
     models = {}
     for mode in ("all", trainable):
@@ -106,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             attacks = ["loss"] + attacks
         audits.append({"use": "privacy.membership", "target": "minilm",
                        "params": {"attacks": attacks, "reference_models": r, "bootstrap": 500, **ref}})
+        if r >= 2:  # LiRA-online without the IN-OUT gap shrinkage, side by side (same models, from the cache)
+            audits.append({"use": "privacy.membership", "target": "minilm",
+                           "params": {"attacks": ["lira_online"], "reference_models": r, "bootstrap": 500,
+                                      "lira_shrinkage": False, **ref}})
     recipe = {"version": 1, "name": "membership-power", "seed": args.seed, "cache_dir": cache, "output_dir": out_dir,
               "data": {"tweets": {"source": "bundled:tweets", "limit": args.limit}},
               "targets": {"minilm": {"model": "bundled:minilm", "max_length": args.max_length,
@@ -120,16 +126,24 @@ def main(argv: list[str] | None = None) -> int:
           f"all layers), {tgt.split.num_nonmembers} non-members; train {tgt.finetune['train_seconds']:.1f} s; "
           f"torch threads {args.threads}; host cpus {os.cpu_count()}; load average {os.getloadavg()[0]:.1f}")
     rows: dict[tuple[str, int], tuple[float, float, float, float]] = {}
+    headlines: list[tuple] = []
     ratios: list[float] = []
     for res in report.audits:
         if res.status != "ok":
             print(f"audit {res.unit_id} failed: {res.error.message if res.error else '?'}", file=sys.stderr)
             return 3
         r = res.params["reference_models"]
+        raw = res.params.get("lira_shrinkage") is False
         for name in res.params["attacks"]:
             m = res.metrics[f"{name}.auc"]
-            rows[(name, r if name != "loss" else 0)] = (m.value, m.ci_low, m.ci_high,
-                                                        res.metrics[f"{name}.tpr_at_1pct_fpr"].value)
+            label = name + ("_raw" if raw else "")
+            rows[(label, r if name != "loss" else 0)] = (m.value, m.ci_low, m.ci_high,
+                                                         res.metrics[f"{name}.tpr_at_1pct_fpr"].value)
+        if raw:
+            continue
+        h = res.tables["headline"]["metrics"]["auc"]
+        headlines.append((r, h["attack"], h["value"], h["null_quantile"], h["p_value"],
+                          res.metrics["reference_overlap_max_deviation"].value))
         if r == budgets[0]:
             refs = res.tables["reference_models"]
             ratios = [row["cost_ratio"] for row in refs["models"]]
@@ -143,11 +157,21 @@ def main(argv: list[str] | None = None) -> int:
           f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
     print()
     print(f"{'attack':14s} {'refs':>4s} {'AUC':>7s} {'95% CI':>17s} {'TPR@1%FPR':>10s}")
-    order = ["loss", "rmia", "rmia_offline", "lira_online", "lira_offline"]
+    order = ["loss", "rmia", "rmia_offline", "lira_online", "lira_online_raw", "lira_offline"]
     for name in order:
         for r in sorted({k[1] for k in rows if k[0] == name}):
             auc, lo, hi, tpr = rows[(name, r)]
             print(f"{name:14s} {r:4d} {auc:7.3f}  [{lo:.3f}, {hi:.3f}] {tpr:10.3f}")
+    print("(intervals simultaneous over each audit's attacks; lira_online_raw = without the IN-OUT gap shrinkage)")
+    print()
+    print("calibrated headline (attack chosen on one half, AUC on the other) vs its permutation null; reference "
+          "halves' largest |overlap - 0.5| with the target's split:")
+    for r, a, v, nq, pv, dev in sorted(headlines):
+        print(f"  {r} refs: {a:14s} AUC {v:.3f}  null q95 {nq:.3f}  p {pv:.3f}  overlap deviation {dev:.3f}")
+    for r in sorted({k[1] for k in rows if k[0] == "lira_online_raw"}):
+        if ("lira_online", r) in rows:
+            print(f"LiRA-online {r} refs: AUC {rows[('lira_online_raw', r)][0]:.3f} without shrinkage -> "
+                  f"{rows[('lira_online', r)][0]:.3f} with")
     print()
     if ("rmia", 2) in rows and ("lira_online", 8) in rows:
         frac = rows[("rmia", 2)][0] / rows[("lira_online", 8)][0]

@@ -177,7 +177,11 @@ def render_status(sink: Sink, r: AuditResult) -> bool:
             sink.section("Traceback", expanded=False).code(e.traceback)
         return True
     if r.status == "skipped":
-        sink.notice("info", f"{result_title(r)} was skipped.")
+        e = r.error
+        msg = f"{result_title(r)} was skipped" + (f": {e.message}" if e and e.message else ".")
+        if e and e.hint:
+            msg += f" — hint: {e.hint}"
+        sink.notice("info", msg)
         return True
     return False
 
@@ -493,14 +497,17 @@ def render_membership(sink: Sink, entry: RunEntry, results: list[AuditResult]) -
         else:
             col.caption(f"{label}: no ROC curve in this result")
         for r in by_target[t]:
-            cards = [metric_card(n, r.metrics[n]) for n in ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr",
-                                                             "advantage", "blind_baseline_auc") if n in r.metrics]
+            cards = [metric_card(n, r.metrics[n]) for n in ("auc", "auc_null", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr",
+                                                             "advantage", "advantage_null", "fpr_resolution",
+                                                             "blind_baseline_auc") if n in r.metrics]
             col.cards(cards)
     if auc_rows:
         sink.figure(F.interval_figure(auc_rows, "Attack AUC with confidence intervals", "AUC", reference=0.5,
                                       reference_label="chance 0.5"), key="mia-auc")
         sink.caption("AUC 0.5 = the attacker cannot tell members from non-members; error bars are the module's "
-                     "bootstrap intervals.")
+                     "bootstrap intervals (simultaneous over a result's attacks). The headline `auc` is the attack "
+                     "chosen on half of the examples, measured on the other half; `auc_null` is what chance alone "
+                     "reaches on those examples (95% of label permutations stay below it).")
 
 
 def membership_stats(metrics: dict[str, Metric], attack: str | None, single: bool = True) -> dict[str, Any]:
