@@ -122,6 +122,10 @@ def test_report_contents(overfit):
     refs = out.tables["reference_models"]
     assert refs["count"] == 4 and len({r["seed"] for r in refs["models"]}) == 4
     assert all(r["members"] == len(data) // 2 for r in refs["models"])
+    # the report says which examples each reference model saw (pair j: model 2j on these, 2j+1 on the rest)
+    assert [p["models"] for p in refs["pairs"]] == [[0, 1], [2, 3]]
+    assert all(len(p["in_ids_of_first"]) == len(data) // 2 for p in refs["pairs"])
+    assert set(refs["pairs"][0]["in_ids_of_first"]) != set(refs["pairs"][1]["in_ids_of_first"])
     assert out.metrics["reference_cost_ratio"].value > 0
     titles = [f.title for f in out.findings]
     assert any("Too few non-members to measure TPR at 0.1% FPR" in t for t in titles)

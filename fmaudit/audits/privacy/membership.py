@@ -319,6 +319,11 @@ class MembershipAudit(AuditModule):
             "config": {k: getattr(configs[0], k) for k in ("epochs", "batch_size", "lr", "weight_decay", "trainable",
                                                            "n_layers")},
             "halves": "complementary pairs of random halves of the population", "reference_seed": p.reference_seed,
+            "halves_stream": "fmaudit.seeds Stream.REFERENCE_HALVES, key = pair index",
+            # which examples each reference model trained on: model 2j on these ids, model 2j+1 on the rest
+            "pairs": [{"models": [2 * j, 2 * j + 1] if 2 * j + 1 < R else [2 * j],
+                       "in_ids_of_first": [population.ids[i] for i in np.nonzero(masks[2 * j])[0]]}
+                      for j in range((R + 1) // 2)],
             "target_train_seconds": target_train, "models": rows}
         ratios = [r["cost_ratio"] for r in rows if r["cost_ratio"] is not None]
         if ratios:
