@@ -308,3 +308,13 @@ def test_lira_online_shrinkage_keeps_weak_references_useful():
     raw, _, _ = lira_scores(t, ref, mask, fixed_variance=True, shrink=False)
     assert info["gap_shrinkage_weight_median"] > 0.8
     assert auc_score(shrunk, member) == pytest.approx(auc_score(raw, member), abs=0.005)
+
+
+def test_headline_with_too_few_examples_to_split_says_it_is_optimistic():
+    from fmaudit.audits.privacy.membership_stats import calibrated_headlines
+
+    y = np.array([True, True, True, False, False, False])
+    scores = {"a": np.arange(6.0), "b": -np.arange(6.0)}
+    heads, sel = calibrated_headlines(scores, y, bootstrap=0, level=0.95, null_rounds=20, seed=0)
+    assert sel is None and heads["auc"].selected_on == "same examples" and heads["auc"].attack == "b"
+    assert heads["auc"].value == 1.0

@@ -407,9 +407,12 @@ class MembershipAudit(AuditModule):
         best_by = {name: h.attack for name, h in heads.items()}
         for name, h in heads.items():
             src = out.metrics[f"{h.attack}.{name}"]
-            where = (f"chosen as the strongest of {len(attacks)} attacks on a random half of the audit set, "
-                     f"measured on the other half ({h.num_members} members, {h.num_nonmembers} non-members)"
-                     if h.selected_on == "selection half" else "the only attack, measured on the whole audit set")
+            where = {"selection half": f"chosen as the strongest of {len(attacks)} attacks on a random half of the "
+                                       f"audit set, measured on the other half ({h.num_members} members, "
+                                       f"{h.num_nonmembers} non-members)",
+                     "same examples": f"the strongest of {len(attacks)} attacks on the same examples it is measured "
+                                      "on (too few examples to split them): optimistic",
+                     "only attack": "the only attack, measured on the whole audit set"}[h.selected_on]
             out.metric(name, h.value, higher_is_better=False, ci=h.ci, ci_level=level if h.ci else None,
                        unit=src.unit, description=f"Headline: {h.attack} ({where}). {src.description}")
         for name in ("auc", "advantage", "tpr_at_1pct_fpr"):
@@ -428,8 +431,11 @@ class MembershipAudit(AuditModule):
                    description="Smallest non-zero false-positive rate the headline can resolve (1 / non-members it "
                                "is measured on): TPR at any lower FPR is the TPR at 0% FPR.")
         out.tables["headline"] = {
-            "method": ("attack chosen on a stratified random half of the audit set, metrics measured on the other "
-                       "half" if sel is not None else "single attack on the whole audit set"),
+            "method": {"selection half": "attack chosen on a stratified random half of the audit set, metrics "
+                                        "measured on the other half",
+                       "same examples": "attack chosen and measured on the same examples (too few to split): "
+                                        "optimistic",
+                       "only attack": "single attack on the whole audit set"}[heads["auc"].selected_on],
             "selection_ids": [audit.ids[i] for i in np.nonzero(sel)[0]] if sel is not None else None,
             "null_permutations": p.null_permutations,
             "metrics": {name: {"attack": h.attack, "value": h.value, "ci": list(h.ci) if h.ci else None,

@@ -286,6 +286,9 @@ def calibrated_headlines(scores: dict[str, np.ndarray], is_member: np.ndarray, *
         ev = ~sel
         chosen_on = "selection half"
         on_sel = {a: metric_values(attack_metrics(scores[a][sel], y[sel], bootstrap=0)) for a in attacks}
+    elif len(attacks) > 1:  # too few examples to split: choose and measure on the same ones (optimistic)
+        sel, ev, chosen_on = None, np.ones(len(y), bool), "same examples"
+        on_sel = {a: metric_values(attack_metrics(scores[a], y, bootstrap=0)) for a in attacks}
     else:
         sel, ev, chosen_on, on_sel = None, np.ones(len(y), bool), "only attack", None
     cache: dict[str, tuple[AttackMetrics, dict[str, np.ndarray] | None]] = {}
