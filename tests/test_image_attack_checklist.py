@@ -284,15 +284,18 @@ def test_autoattack_needs_four_classes(cnn, eval_set):
 
 
 def test_clopper_pearson_matches_beta_quantiles_and_n32_is_about_15_points():
-    from scipy.stats import beta
+    from scipy.stats import beta, binomtest
 
     from fmaudit.robustness.intervals import clopper_pearson, half_width
 
-    for k, n in [(0, 32), (5, 32), (16, 32), (32, 32), (37, 100)]:
+    for k, n in [(0, 32), (1, 32), (5, 32), (16, 32), (31, 32), (32, 32), (37, 100), (3, 7)]:
         lo, hi = clopper_pearson(k, n)
         want_lo = 0.0 if k == 0 else beta.ppf(0.025, k, n - k + 1)
         want_hi = 1.0 if k == n else beta.ppf(0.975, k + 1, n - k)
         assert lo == pytest.approx(want_lo, abs=1e-9) and hi == pytest.approx(want_hi, abs=1e-9)
+        ref = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+        assert lo == pytest.approx(ref.low, abs=1e-9) and hi == pytest.approx(ref.high, abs=1e-9)
+    assert clopper_pearson(16, 32, level=0.5)[1] - clopper_pearson(16, 32, level=0.5)[0] < 0.15
     assert 0.13 <= half_width(32, 0.25) <= 0.17 and 0.15 <= half_width(32, 0.5) <= 0.19
     assert 0.08 <= half_width(100, 0.5) <= 0.11
     assert clopper_pearson(0, 0) is None
