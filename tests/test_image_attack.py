@@ -363,6 +363,13 @@ def test_params_errors():
         P.model_validate({"attacks": [{"name": "fgsm", "epsilons": [1.5]}]})
     with pytest.raises(ValidationError):
         P.model_validate({"attacks": [{"name": "pgd", "c": 1.0}]})  # CW's setting on PGD
+    with pytest.raises(ValidationError, match="greater than or equal to 0.5"):
+        P.model_validate({"large_budget": 0.3})  # below 0.5 the mid-gray image is out of reach: no chance bound
+    assert P.model_validate({"large_budget": None}).large_budget is None
+    fast = P.model_validate({"attacks": ["autoattack_fast", "autoattack_fast_l2", {"name": "autoattack",
+                                                                                     "version": "fast", "label": "f"}]})
+    assert [(a.version, a.norm, a.default_label) for a in fast.attacks] == [
+        ("fast", "Linf", "autoattack_fast_linf"), ("fast", "L2", "autoattack_fast_l2"), ("fast", "Linf", "f")]
     with pytest.raises(ValidationError, match="both labelled 'pgd_linf'"):
         P.model_validate({"attacks": ["pgd", {"name": "pgd", "steps": 5}]})
     p = P.model_validate({"epsilons": ["8/255", 0.1], "attacks": ["pgd_l2", "autoattack"]})

@@ -245,10 +245,10 @@ class ImageAttackAudit(AuditModule):
                                             "written only when the recipe sets store_examples.")
         check_gradients: bool = Field(default=True, description="Flag zero / non-finite input gradients.")
         large_budget: float | None = Field(
-            default=0.5, gt=0, le=1,
+            default=0.5, ge=0.5, le=1,
             description="Linf budget of the automatic large-budget check (one PGD-50 run from the clean image, no "
-                        "random start): at 0.5 every image can be turned mid-gray, so a working attack leaves at "
-                        "most chance accuracy. null turns the check off.")
+                        "random start): from 0.5 up every image can be turned mid-gray, so a working attack leaves "
+                        "at most chance accuracy. null turns the check off.")
 
         @field_validator("attacks", mode="before")
         @classmethod
