@@ -17,7 +17,8 @@ import numpy as np
 
 from fmaudit.data import Dataset, Split
 
-TRAINING_VERSION = "1"  # bump when the loop changes in a way that changes weights: invalidates caches
+TRAINING_VERSION = "2"  # bump when the loop changes in a way that changes weights: invalidates caches
+# 2: seeds come from fmaudit.seeds streams (TRAIN_TORCH, TRAIN_SHUFFLE) instead of the bare seed
 
 
 @dataclass
@@ -53,23 +54,29 @@ LossFn = Callable[[Any, dict], Any]
 
 def train(target: Any, data: Dataset, config: TrainConfig, *, progress: Callable[[str, int], Any] | None = None,
           wrap: Wrap | None = None, on_step: Callable[[int, float], None] | None = None,
-          label: str = "fine-tuning", loss_fn: LossFn | None = None) -> TrainStats:
+          label: str = "fine-tuning", loss_fn: LossFn | None = None, on_empty: Callable[[], None] | None = None,
+          torch_stream: Any = None) -> TrainStats:
     """Train `target.model` in place on `data` with AdamW. Deterministic for a given seed.
 
     `wrap` may replace the model, optimizer and data loader (DP-SGD does); the loop stays the same.
     `loss_fn(model, batch)` replaces `target.loss` (DP-SGD needs a per-example mean, or Opacus' ghost-clipping
     loss object, whose `backward()` runs two passes). `config.trainable == "keep"` leaves `requires_grad` as
-    the caller set it (LoRA adapters).
+    the caller set it (LoRA adapters). An empty batch (Poisson sampling can draw one) calls `on_empty()` when
+    given (DP-SGD takes a noise-only step there, and the accountant counts it), else it is skipped.
+    Randomness: the torch global generator (dropout, new layers) is seeded from `torch_stream` (default
+    `Stream.TRAIN_TORCH`) and the shuffling loader from `Stream.TRAIN_SHUFFLE`, both under `config.seed`.
     """
     import torch
 
+    from fmaudit.seeds import Stream, derive
+
     if len(data) == 0:
         raise ValueError(f"cannot fine-tune on an empty dataset ({data.name!r})")
-    torch.manual_seed(config.seed)
+    torch.manual_seed(derive(config.seed, Stream.TRAIN_TORCH if torch_stream is None else torch_stream))
     if config.trainable != "keep":
         target.set_trainable(config.trainable, config.n_layers)
     model = target.model
-    gen = torch.Generator().manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(derive(config.seed, Stream.TRAIN_SHUFFLE))
     loader = torch.utils.data.DataLoader(target.torch_dataset(data), batch_size=config.batch_size, shuffle=True,
                                          generator=gen, collate_fn=target.collate)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -86,7 +93,11 @@ def train(target: Any, data: Dataset, config: TrainConfig, *, progress: Callable
             losses, weights = [], []
             for batch in loader:
                 if not batch or batch.get("labels", None) is not None and len(batch["labels"]) == 0:
-                    continue  # Poisson sampling can draw an empty batch
+                    if on_empty is not None:  # Poisson sampling can draw an empty batch
+                        on_empty()
+                        if bar is not None:
+                            bar.advance()
+                    continue
                 batch = target.to_device(batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model, batch) if loss_fn is not None else target.loss(model, batch)

@@ -32,7 +32,7 @@ ACCOUNTANTS = ("prv", "rdp", "gdp")
 TRAINABLE = ("all", "last_n_layers", "head", "lora")
 CLIPPING = ("auto", "ghost", "hooks")
 PRV_EPS_ERROR = 0.01  # Opacus' default for the PRV accountant; also what get_noise_multiplier uses
-LEDGER_POINTS = {"prv": 16, "rdp": 60, "gdp": 60}  # PRV costs ~0.3 s per point on a CPU
+LEDGER_POINTS = {"prv": 16, "rdp": 60, "gdp": 16}  # PRV costs ~0.3 s per point on a CPU (GDP is paired with PRV)
 
 # Attributes Opacus may leave on modules / parameters; swept after training so the model is plain.
 _OPACUS_MODULE_ATTRS = ("autograd_grad_sample_hooks", "ft_compute_sample_grad", "activations", "max_batch_len",
@@ -111,13 +111,46 @@ class DPResult:
     cache_hit: bool = False
     cache_key: str | None = None
     notes: list[str] = field(default_factory=list)
+    # Everything else needed to re-run exactly this procedure (the canary audit does).
+    lr: float = 0.0
+    weight_decay: float = 0.0
+    n_layers: int = 2
+    lora: dict[str, Any] | None = None
+    steps_per_epoch: int = 0
+    seed: int = 0
+    # Accounting detail: each accountant's number ("gdp", "prv", "rdp"), which one `epsilon` is, and the GDP
+    # number when GDP was asked for (GDP can understate epsilon: the claimed epsilon is max(GDP, PRV)).
+    epsilon_by_accountant: dict[str, float] = field(default_factory=dict)
+    epsilon_accountant: str = ""
+    epsilon_gdp: float | None = None
+    empty_batches: int = 0
+    # Findings for the report: dicts with severity ("info" ... "critical"), title, detail.
+    findings: list[dict[str, str]] = field(default_factory=list)
 
     def params(self) -> dict[str, Any]:
-        """The DP parameters as a JSON-ready dict (for reports)."""
-        keys = ("epsilon", "epsilon_per_epoch", "delta", "target_epsilon", "noise_multiplier", "max_grad_norm",
-                "sample_rate", "steps", "epochs", "batch_size", "max_physical_batch_size", "accountant", "clipping",
-                "trainable", "num_trainable_parameters", "num_train_examples")
-        return {k: getattr(self, k) for k in keys}
+        """The DP parameters as a JSON-ready dict (for reports, and for re-running the same procedure:
+        `finetune_info["dp"]` of a produced target). The noise seed is not among them: see `seed_statement`."""
+        keys = ("epsilon", "epsilon_accountant", "epsilon_gdp", "epsilon_by_accountant", "epsilon_per_epoch", "delta",
+                "target_epsilon", "noise_multiplier", "max_grad_norm", "sample_rate", "steps", "steps_per_epoch",
+                "epochs", "batch_size", "max_physical_batch_size", "accountant", "clipping", "trainable", "n_layers",
+                "lora", "lr", "weight_decay", "num_trainable_parameters", "num_train_examples", "empty_batches")
+        out = {k: getattr(self, k) for k in keys}
+        out["lora"] = dict(self.lora) if self.lora is not None else None
+        out["epsilon_by_accountant"] = dict(self.epsilon_by_accountant)
+        return out
+
+
+SEED_STATEMENT = ("The DP noise and Poisson sampling come from a seeded PRNG whose seed is derived from the run's "
+                  "seed (fmaudit.seeds streams DP_NOISE, DP_SAMPLER; the noise seed itself is not stored). The "
+                  "guarantee holds only if that seed stays secret: anyone who knows the recipe's seed can reproduce "
+                  "the noise and remove it. This keeps audits re-runnable; for a real release, train with a secret "
+                  "seed (or Opacus' secure_mode / CSPRNG) and do not publish it.")
+
+
+def seed_statement(seed: int) -> dict[str, str]:
+    """The finding that goes beside epsilon (severity info)."""
+    return {"severity": "info", "title": "The DP guarantee needs the run seed to stay secret",
+            "detail": f"Run seed {seed}. " + SEED_STATEMENT + " (Opacus warns: \"Secure RNG turned off\".)"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -141,23 +174,125 @@ def make_accountant(kind: str):
     return create_accountant(mechanism=kind)
 
 
-def epsilon_for(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
-    """Epsilon of `steps` Poisson-subsampled Gaussian steps, computed by Opacus' accountant of that kind
-    (the same numbers the engine's accountant gives after training)."""
-    if steps <= 0:
-        return 0.0
-    if accountant == "rdp":
-        # RDP composes linearly in steps: Opacus computes compute_rdp(q, sigma, steps) = steps * rdp(one step);
-        # caching the one-step vector gives the identical floats without recomputing the orders every point.
-        from opacus.accountants.analysis.rdp import get_privacy_spent
+@dataclass
+class Accounting:
+    """Epsilon of a run, as claimed, with every number behind it.
 
-        orders, one = _rdp_one_step(float(noise_multiplier), float(sample_rate))
-        eps, _ = get_privacy_spent(orders=orders, rdp=one * int(steps), delta=delta)
-        return float(eps)
-    acc = make_accountant(accountant)
-    acc.history = [(float(noise_multiplier), float(sample_rate), int(steps))]
-    kw = {"eps_error": PRV_EPS_ERROR} if accountant == "prv" else {}
-    return float(acc.get_epsilon(delta=delta, **kw))
+    `epsilon` is the number the guarantee rests on: the configured accountant's, except that
+    - GDP (a central-limit approximation that can understate epsilon) is always paired with PRV, and the
+      larger of the two is claimed;
+    - an accountant that raises or returns a non-finite or negative epsilon is replaced by RDP (valid, looser).
+    `by_accountant` holds each number computed ("gdp", "prv", "rdp"); `used` names the one claimed;
+    `notes` are findings for the report: dicts with severity, title and detail."""
+
+    epsilon: float
+    by_accountant: dict[str, float]
+    used: str
+    notes: list[dict[str, str]] = field(default_factory=list)
+
+
+class AccountantFailure(RuntimeError):
+    """An accountant raised, or returned a non-finite or negative epsilon."""
+
+
+def _raw_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+                 accountant: str) -> tuple[float, list[dict[str, str]]]:
+    """One accountant's epsilon, exactly as Opacus computes it; raises AccountantFailure when it fails."""
+    notes: list[dict[str, str]] = []
+    try:
+        if accountant == "rdp":
+            # RDP composes linearly in steps: Opacus computes compute_rdp(q, sigma, steps) = steps * rdp(one step);
+            # caching the one-step vector gives the identical floats without recomputing the orders every point.
+            orders, one = _rdp_one_step(float(noise_multiplier), float(sample_rate))
+            eps, best, edge = _rdp_spent(orders, one * int(steps), delta)
+            if eps < 0:
+                # RDP's conversion can go below 0 for a large delta: (eps', delta)-DP with eps' < 0 implies
+                # (0, delta)-DP, so 0 is a valid (and the tightest meaningful) answer.
+                notes.append({"severity": "info", "title": "RDP's epsilon bound was negative; 0 is reported",
+                              "detail": f"the RDP conversion gave {eps:.4g} at delta {delta:g} (possible for a large "
+                                        "delta); a negative epsilon implies (0, delta)-DP, so epsilon 0 is claimed."})
+                eps = 0.0
+            if edge:
+                # Opacus warns "Optimal order is the largest/smallest alpha": valid but loose. A note, not a warning.
+                notes.append({"severity": "low", "title": "RDP bound is loose (optimal order at the grid edge)",
+                              "detail": f"the RDP accountant's best order is the {edge} of its grid ({best:g}): the "
+                                        "epsilon is a valid upper bound but larger than RDP could give with a wider "
+                                        "grid (the PRV accountant is tighter)."})
+        else:
+            acc = make_accountant(accountant)  # GDP: Opacus warns "GDP accounting is experimental" (not silenced)
+            acc.history = [(float(noise_multiplier), float(sample_rate), int(steps))]
+            kw = {"eps_error": PRV_EPS_ERROR} if accountant == "prv" else {}
+            eps = acc.get_epsilon(delta=delta, **kw)
+        eps = float(eps)
+    except Exception as exc:
+        raise AccountantFailure(f"raised {type(exc).__name__}: {str(exc)[:200]}") from exc
+    if math.isnan(eps) or eps < 0 or (eps == math.inf and accountant != "rdp"):
+        # RDP's infinity is an answer (no finite guarantee at this noise); anyone else's is a failure.
+        raise AccountantFailure(f"returned epsilon {eps!r}")
+    return eps, notes
+
+
+def account(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+            accountant: str) -> Accounting:
+    """Epsilon of `steps` Poisson-subsampled Gaussian steps, with fallbacks and the GDP pairing (see
+    `Accounting`). Each number is Opacus' accountant's for (noise, rate, steps, delta)."""
+    if steps <= 0:
+        return Accounting(0.0, {accountant: 0.0}, accountant)
+    args = dict(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, delta=delta)
+    wanted = [accountant] + (["prv"] if accountant == "gdp" else [])
+    by: dict[str, float] = {}
+    notes: list[dict[str, str]] = []
+    for kind in wanted:
+        try:
+            eps, more = _raw_epsilon(accountant=kind, **args)
+            by[kind] = eps
+            notes += more
+        except AccountantFailure as exc:
+            if kind == "rdp":
+                raise AccountantFailure(f"the RDP accountant {exc} for noise {noise_multiplier:g}, sample rate "
+                                        f"{sample_rate:g}, {steps} steps, delta {delta:g}; no epsilon can be "
+                                        "claimed") from exc
+            notes.append({"severity": "medium", "title": f"The {kind.upper()} accountant failed; RDP was used",
+                          "detail": f"Opacus' {kind.upper()} accountant {exc} for noise {noise_multiplier:g}, sample "
+                                    f"rate {sample_rate:g}, {steps} steps, delta {delta:g} (a known failure mode for "
+                                    "large epsilon or tiny delta). The RDP accountant's epsilon was used instead: a "
+                                    "valid upper bound, but looser than PRV."})
+            if "rdp" not in by:
+                eps, more = _raw_epsilon(accountant="rdp", **args)
+                by["rdp"] = eps
+                notes += more
+    # Claim the largest number computed for the wanted accountants (for GDP: max(GDP, PRV or RDP)).
+    used = max(by, key=lambda k: by[k])
+    epsilon = by[used]
+    if accountant == "gdp":
+        other = "prv" if "prv" in by else "rdp"
+        gdp = by.get("gdp")
+        notes.append({"severity": "low", "title": "GDP is an approximation; the larger epsilon is reported",
+                      "detail": "Gaussian DP accounting is a central-limit approximation that can understate epsilon "
+                                f"(Opacus marks it experimental). GDP says {gdp if gdp is None else f'{gdp:.4g}'}, "
+                                f"{other.upper()} says {by[other]:.4g}; the reported epsilon is the larger, "
+                                f"{epsilon:.4g} ({used.upper()})."})
+    return Accounting(float(epsilon), by, used, notes)
+
+
+def epsilon_for(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
+    """The epsilon claimed for `steps` Poisson-subsampled Gaussian steps with `accountant` (see `account`:
+    GDP is paired with PRV and the larger is returned; a failed accountant falls back to RDP)."""
+    return account(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, delta=delta,
+                   accountant=accountant).epsilon
+
+
+def _rdp_spent(orders, rdp, delta: float) -> tuple[float, float, str | None]:
+    """opacus.accountants.analysis.rdp.get_privacy_spent, the same float operations, returning (epsilon, best
+    order, "smallest"/"largest" when the best order is at the grid's edge else None) instead of warning."""
+    orders_vec = np.atleast_1d(orders)
+    rdp_vec = np.atleast_1d(rdp)
+    eps = rdp_vec - (np.log(delta) + np.log(orders_vec)) / (orders_vec - 1) + np.log((orders_vec - 1) / orders_vec)
+    if np.isnan(eps).all():
+        return float("inf"), float("nan"), None
+    idx = int(np.nanargmin(eps))
+    edge = "smallest" if idx == 0 else "largest" if idx == len(eps) - 1 else None
+    return float(eps[idx]), float(orders_vec[idx]), edge
 
 
 @functools.lru_cache(maxsize=256)
@@ -169,19 +304,55 @@ def _rdp_one_step(noise_multiplier: float, sample_rate: float):
     return orders, compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=orders)
 
 
-def noise_for(*, target_epsilon: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
-    from opacus.accountants.utils import get_noise_multiplier
+def _search_noise(*, target_epsilon: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
+    """Opacus' `get_noise_multiplier` search (same brackets, same bisection, same tolerance 0.01), over
+    `_raw_epsilon`, so that an accountant that raises or returns NaN / a negative number stops the search with
+    AccountantFailure (Opacus' own loop never ends on a negative epsilon, and ends at its bracket on NaN)."""
+    from opacus.accountants.utils import MAX_SIGMA
 
-    kw = {"eps_error": PRV_EPS_ERROR} if accountant == "prv" else {}
-    sigma = float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                       steps=steps, accountant=accountant, epsilon_tolerance=0.01, **kw))
+    def eps(sigma: float) -> float:
+        return _raw_epsilon(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta,
+                            accountant=accountant)[0]
+
+    eps_high, sigma_low, sigma_high = float("inf"), 0.0, 10.0
+    while eps_high > target_epsilon:
+        sigma_high = 2 * sigma_high
+        eps_high = eps(sigma_high)
+        if sigma_high > MAX_SIGMA:
+            raise AccountantFailure(f"found no noise multiplier up to {MAX_SIGMA:g} for epsilon {target_epsilon}")
+    for _ in range(200):
+        if target_epsilon - eps_high <= 0.01:
+            break
+        sigma = (sigma_low + sigma_high) / 2
+        e = eps(sigma)
+        if e < target_epsilon:
+            sigma_high, eps_high = sigma, e
+        else:
+            sigma_low = sigma
+    return sigma_high
+
+
+def noise_for(*, target_epsilon: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
+    """The smallest noise multiplier (to Opacus' search tolerance) whose CLAIMED epsilon (`epsilon_for`: for
+    GDP the larger of GDP and PRV) stays within `target_epsilon`."""
+    sigma = 0.0
+    for kind in [accountant] + (["prv"] if accountant == "gdp" else []):
+        try:
+            sigma = max(sigma, _search_noise(target_epsilon=target_epsilon, sample_rate=sample_rate, steps=steps,
+                                             delta=delta, accountant=kind))
+        except AccountantFailure:
+            # The search failed somewhere on its way (e.g. PRV at a tiny sigma): RDP's noise is valid (its epsilon
+            # bounds PRV's), and the check below uses the same fallbacks as the claimed epsilon.
+            sigma = max(sigma, _search_noise(target_epsilon=target_epsilon, sample_rate=sample_rate, steps=steps,
+                                             delta=delta, accountant="rdp"))
     # Opacus' search ends on the noisy side; make sure, and nudge up if float noise says otherwise.
-    for _ in range(20):
+    for _ in range(100):
         if epsilon_for(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta,
                        accountant=accountant) <= target_epsilon:
-            break
+            return sigma
         sigma *= 1.01
-    return sigma
+    raise AccountantFailure(f"no noise multiplier up to {sigma:.4g} meets target epsilon {target_epsilon} "
+                            f"({accountant} accountant)")
 
 
 def ledger_points(steps: int, steps_per_epoch: int, points: int = 60) -> list[int]:
@@ -404,22 +575,84 @@ def _to_target(model: Any, train_data: Any):
     raise DPConfigError([f"model must be an fmaudit Target or a torch nn.Module, got {type(model).__name__}"])
 
 
-class _CountEmpty:
-    """Iterates a loader; an empty Poisson batch (the loop skips it) is still counted by the accountant,
-    so the ledger never under-counts."""
+class _CollateOrEmpty:
+    """The target's collate; an empty Poisson batch becomes `{}` (the loop then takes a noise-only step).
+    Opacus' own empty-batch collate cannot build a batch of dict items before it has seen one."""
 
-    def __init__(self, loader, on_empty: Callable[[], None]):
-        self.loader = loader
-        self.on_empty = on_empty
+    def __init__(self, collate: Callable[[Sequence[Any]], dict]):
+        self.collate = collate
 
-    def __len__(self) -> int:
-        return len(self.loader)
+    def __call__(self, items: Sequence[Any]) -> dict:
+        return self.collate(items) if len(items) else {}
 
-    def __iter__(self):
-        for batch in self.loader:
-            if isinstance(batch, dict) and batch.get("labels") is not None and len(batch["labels"]) == 0:
-                self.on_empty()
-            yield batch
+
+def _poisson_loader(target: Any, data: Any, s: "DPSettings", generator: Any):
+    """Opacus' Poisson sampler (each example in each logical batch with probability `sample_rate`) with
+    exactly `steps_per_epoch` logical batches per epoch: the plan and the accountant count the same steps.
+    (Opacus' DPDataLoader runs int(1 / q) batches, which float rounding makes one short for some N, B.)"""
+    import torch
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    ds = target.torch_dataset(data)
+    sampler = UniformWithReplacementSampler(num_samples=len(ds), sample_rate=s.sample_rate, generator=generator,
+                                            steps=s.steps_per_epoch)
+    return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=_CollateOrEmpty(target.collate))
+
+
+def _noise_only_step(optimizer: Any, ghost: bool) -> None:
+    """One DP-SGD step on an empty Poisson batch: the update is noise only, and the accountant counts it
+    (Opacus' optimizer does both, from an empty set of per-example gradients)."""
+    import torch
+
+    optimizer.zero_grad(set_to_none=True)
+    for p in optimizer.params:
+        if ghost:
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+    optimizer.step()  # pops the sampler's end-of-logical-batch signal, adds noise, steps the accountant
+
+
+def _repeat_broadcast_ids(model: Any) -> list[Any]:
+    """Hooks that give every example its own row of position ids.
+
+    DistilBERT-style embeddings look up ONE (1, L) row of position ids and broadcast it over the batch, so the
+    position table's per-example gradients cannot be formed (Opacus: "stack expects each tensor to be equal
+    size, but got [B] ... and [1]"). While DP training, a trainable nn.Embedding that receives a (1, L) index
+    tensor inside a batch of B > 1 sequences of length L gets the row repeated B times: the same forward values,
+    per-example gradients. Returns the hook handles (remove them after training)."""
+    import torch
+    from torch import nn
+
+    state: dict[str, int | None] = {"batch": None, "length": None}
+
+    def on_model(_module, args, kwargs):
+        x = kwargs.get("input_ids")
+        if x is None:
+            x = next((v for v in (*args, *kwargs.values()) if torch.is_tensor(v) and v.dim() >= 1), None)
+        state["batch"] = int(x.shape[0]) if x is not None else None
+        state["length"] = int(x.shape[1]) if x is not None and x.dim() >= 2 else None
+
+    def on_embedding(_module, args):
+        ids = args[0] if args else None
+        b, length = state["batch"], state["length"]
+        if (torch.is_tensor(ids) and ids.dim() == 2 and ids.shape[0] == 1 and b is not None and b > 1
+                and length is not None and ids.shape[1] == length):
+            return (ids.repeat(b, 1), *args[1:])  # repeat, not expand: ghost clipping needs real rows
+        return None
+
+    handles = [model.register_forward_pre_hook(on_model, with_kwargs=True)]
+    for m in model.modules():
+        if isinstance(m, nn.Embedding) and m.weight.requires_grad:
+            handles.append(m.register_forward_pre_hook(on_embedding))
+    return handles
+
+
+def _dedupe(notes: list[dict[str, str]]) -> list[dict[str, str]]:
+    seen: dict[tuple[str, str], dict[str, str]] = {}
+    for n in notes:
+        seen.setdefault((n["severity"], n["title"]), n)
+    return list(seen.values())
 
 
 def _cleanup(hooks_obj, model) -> None:
@@ -451,6 +684,7 @@ def _make_train_fn(s: DPSettings, record: dict[str, Any]):
         from opacus.utils.batch_memory_manager import wrap_data_loader
         from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
+        from fmaudit.seeds import Stream, derive
         from fmaudit.training import train
 
         base_model = t.model
@@ -459,27 +693,39 @@ def _make_train_fn(s: DPSettings, record: dict[str, Any]):
         else:
             t.set_trainable(s.trainable, s.n_layers)
         n_trainable = int(sum(p.numel() for p in t.model.parameters() if p.requires_grad))
+        n = len(data)
         cfg = type(config)(**{**asdict(config), "trainable": "keep"})
+        # secure_mode=False: Opacus warns "Secure RNG turned off" here; that warning is NOT silenced (it says the
+        # guarantee needs the PRNG's seed to stay secret), and the result carries it as a finding.
         engine = PrivacyEngine(accountant=s.accountant)
         held: dict[str, Any] = {}
         ghost = s.clipping == "ghost"
+        empty = [0]
+        handles: list[Any] = []
 
-        def wrap(model, optimizer, loader):
+        def wrap(model, optimizer, _shuffled_loader):
             model.train()  # Opacus validates in training mode (the loop sets it too, right after)
-            noise_gen = torch.Generator(device=t.device).manual_seed(s.seed + 1)
+            handles.extend(_repeat_broadcast_ids(model))
+            sampler_gen = torch.Generator().manual_seed(derive(s.seed, Stream.DP_SAMPLER))
+            noise_gen = torch.Generator(device=t.device).manual_seed(derive(s.seed, Stream.DP_NOISE))
+            loader = _poisson_loader(t, data, s, sampler_gen)
+            # poisson_sampling=False: the loader above already is Opacus' Poisson sampler (with the planned number
+            # of steps); Opacus then takes sample rate 1 / len(loader) = the planned rate for its accountant.
             kw = dict(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=s.noise_multiplier,
-                      max_grad_norm=s.max_grad_norm, poisson_sampling=True, noise_generator=noise_gen,
+                      max_grad_norm=s.max_grad_norm, poisson_sampling=False, noise_generator=noise_gen,
                       grad_sample_mode="ghost" if ghost else "hooks", loss_reduction="mean")
             if ghost:
                 gsm, opt, _criterion, dl = engine.make_private(criterion=torch.nn.CrossEntropyLoss(), **kw)
             else:
                 gsm, opt, dl = engine.make_private(**kw)
-            if abs(1.0 / len(dl) - s.sample_rate) > 1e-12:
-                raise RuntimeError(f"Opacus' sample rate {1.0 / len(dl)} differs from the planned {s.sample_rate}")
+            if len(dl) != s.steps_per_epoch or 1.0 / len(dl) != s.sample_rate:
+                raise RuntimeError(f"internal error: the DP loader has {len(dl)} batches per epoch, the plan "
+                                   f"{s.steps_per_epoch} (sample rate {s.sample_rate})")
+            gsm.forbid_grad_accumulation()  # as Opacus does under Poisson sampling
+            opt.expected_batch_size = n / s.steps_per_epoch  # the mean's denominator: E|batch| = N q, unrounded
             held.update(gsm=gsm, opt=opt)
             dl = wrap_data_loader(data_loader=dl, max_batch_size=s.max_physical_batch_size, optimizer=opt)
-            return gsm, opt, _CountEmpty(dl, lambda: engine.accountant.step(noise_multiplier=s.noise_multiplier,
-                                                                             sample_rate=s.sample_rate))
+            return gsm, opt, dl
 
         def loss_fn(model, batch):
             per_example = t.loss(model, batch, reduction="none")  # the privacy unit: one example / sequence
@@ -487,21 +733,17 @@ def _make_train_fn(s: DPSettings, record: dict[str, Any]):
                 return DPTensorFastGradientClipping(held["gsm"], held["opt"], per_example, "mean")
             return per_example.mean()
 
-        losses: list[float] = []
-
-        def logical_steps() -> int:
-            return int(sum(h[2] for h in engine.accountant.history))
-
-        def on_step(_physical: int, loss: float) -> None:
-            losses.append(loss)
+        def on_empty() -> None:
+            _noise_only_step(held["opt"], ghost)
+            empty[0] += 1
 
         try:
-            stats = train(t, data, cfg, progress=progress, label=label, wrap=wrap, loss_fn=loss_fn, on_step=on_step)
-            steps = logical_steps()
-            kw = {"eps_error": PRV_EPS_ERROR} if s.accountant == "prv" else {}
-            eps = float(engine.accountant.get_epsilon(delta=s.delta, **kw)) if steps else 0.0
-            history = [list(map(float, h)) for h in engine.accountant.history]
+            stats = train(t, data, cfg, progress=progress, label=label, wrap=wrap, loss_fn=loss_fn,
+                          on_empty=on_empty, torch_stream=Stream.DP_TRAIN)
+            history = [(float(h[0]), float(h[1]), int(h[2])) for h in engine.accountant.history]
         finally:
+            for h in handles:
+                h.remove()
             _cleanup(held.get("gsm"), t.model)
             if s.trainable == "lora":
                 merged = t.model.merge_and_unload()
@@ -511,18 +753,40 @@ def _make_train_fn(s: DPSettings, record: dict[str, Any]):
             for p in t.model.parameters():
                 p.requires_grad_(True)
             t.weights_changed()
+        # The steps actually taken, as the training engine's accountant counted them (one per logical batch,
+        # empty ones included); every one must have the planned noise and sample rate.
+        odd = [h for h in history if (h[0], h[1]) != (s.noise_multiplier, s.sample_rate)]
+        if odd:
+            raise RuntimeError(f"accounting mismatch: steps with (noise, rate) {odd[:3]} instead of "
+                               f"({s.noise_multiplier}, {s.sample_rate})")
+        steps = int(sum(h[2] for h in history))
+        notes: list[dict[str, str]] = []
+        if steps != s.steps:
+            notes.append({"severity": "medium", "title": "DP training took a different number of steps than planned",
+                          "detail": f"{steps} logical steps taken, {s.steps} planned; epsilon counts the {steps} "
+                                    "taken."})
+        kw = dict(noise_multiplier=s.noise_multiplier, sample_rate=s.sample_rate, delta=s.delta,
+                  accountant=s.accountant)
+        total = account(steps=steps, **kw)
+        notes += total.notes
         xs = ledger_points(steps, s.steps_per_epoch, LEDGER_POINTS[s.accountant])
-        ys = [epsilon_for(noise_multiplier=s.noise_multiplier, sample_rate=s.sample_rate, steps=x, delta=s.delta,
-                          accountant=s.accountant) for x in xs]
-        per_epoch = [epsilon_for(noise_multiplier=s.noise_multiplier, sample_rate=s.sample_rate,
-                                 steps=min(e * s.steps_per_epoch, steps), delta=s.delta, accountant=s.accountant)
-                     for e in range(1, s.epochs + 1)]
+        ys = []
+        for x in xs:
+            a = account(steps=x, **kw)
+            ys.append(a.epsilon)
+            notes += a.notes
+        per_epoch = []
+        for e in range(1, s.epochs + 1):
+            a = account(steps=min(e * s.steps_per_epoch, steps), **kw)
+            per_epoch.append(a.epsilon)
+            notes += a.notes
         if steps:
-            per_epoch[-1] = eps  # the engine's own number for the total
-        stats.extra = {"dp": {"epsilon": eps, "steps": steps, "accountant_history": history, "ledger_steps": xs,
-                              "ledger_epsilon": ys, "epsilon_per_epoch": per_epoch,
-                              "physical_steps": stats.steps, "settings": asdict(s),
-                              "num_trainable_parameters": n_trainable}}
+            per_epoch[-1] = total.epsilon
+        stats.extra = {"dp": {"epsilon": total.epsilon, "epsilon_by_accountant": total.by_accountant,
+                              "epsilon_accountant": total.used, "steps": steps, "accountant_history": history,
+                              "ledger_steps": xs, "ledger_epsilon": ys, "epsilon_per_epoch": per_epoch,
+                              "empty_batches": empty[0], "physical_steps": stats.steps, "settings": asdict(s),
+                              "num_trainable_parameters": n_trainable, "accounting_notes": _dedupe(notes)}}
         record["stats"] = stats
         return stats
 
@@ -534,8 +798,10 @@ def _utility(target: Any, data: Any, max_examples: int = 1000, seed: int = 0) ->
     if data is None or len(data) == 0:
         return {}
     if len(data) > max_examples:
-        rng = np.random.default_rng(seed)
-        data = data.subset(np.sort(rng.choice(len(data), max_examples, replace=False)))
+        from fmaudit.seeds import Stream, rng
+
+        pick = rng(seed, Stream.EXAMPLE_SAMPLE).choice(len(data), max_examples, replace=False)
+        data = data.subset(np.sort(pick))
     out: dict[str, float] = {"num_examples": float(len(data))}
     if "classifier" in target.capabilities and data.labels is not None:
         from fmaudit.stats import softmax
@@ -630,12 +896,13 @@ def dp_finetune(*, model: Any, train_data: Any, epochs: int, batch_size: int, lr
 
 @contextlib.contextmanager
 def _quiet_opacus():
-    """Opacus warnings that are expected here (documented caveats), not news to the user."""
+    """Silences only PyTorch's note that a full backward hook fires on a module whose inputs need no gradient
+    (frozen embeddings under Opacus' hooks): harmless, and not about the guarantee. Warnings that say the
+    guarantee may not hold are never silenced: Opacus' "Secure RNG turned off" and "GDP accounting is
+    experimental" reach the caller (and are findings in the result); RDP's "Optimal order is the largest /
+    smallest alpha" (a valid but loose bound) is caught where it arises and becomes a note."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")  # seeded PRNG: see the docs' caveats
         warnings.filterwarnings("ignore", message="Full backward hook is firing")  # frozen embeddings
-        warnings.filterwarnings("ignore", message="Optimal order is the")  # RDP grid edge; PRV is the default
-        warnings.filterwarnings("ignore", message="GDP accounting is experimental")  # documented
         yield
 
 
@@ -650,6 +917,7 @@ def _run(*, target, train_data, validation_data, n, epochs, batch_size, lr, weig
     if noise_multiplier is None:
         noise_multiplier = noise_for(target_epsilon=float(target_epsilon), sample_rate=sample_rate, steps=steps,
                                      delta=delta, accountant=accountant)
+    notes = list(notes)
     settings = DPSettings(noise_multiplier=float(noise_multiplier), max_grad_norm=float(max_grad_norm),
                           sample_rate=sample_rate, steps=steps, steps_per_epoch=steps_per_epoch, epochs=epochs,
                           batch_size=batch_size,
@@ -668,7 +936,7 @@ def _run(*, target, train_data, validation_data, n, epochs, batch_size, lr, weig
     if cache_dir is not None:
         if split is None:
             raise DPConfigError(["cache_dir needs the member split (split=...) that train_data comes from"])
-        key_extra = {"dp": asdict(settings), "v": "dp-1"}
+        key_extra = {"dp": asdict(settings), "v": "dp-2"}  # 2: own Poisson loader, noise-only empty steps
         stats, hit, key = finetune_cached(work, split, config, cache_dir=Path(cache_dir), progress=progress,
                                           label="DP fine-tuning", kind="dp-finetune", key_extra=key_extra,
                                           train_fn=train_fn)
@@ -678,6 +946,9 @@ def _run(*, target, train_data, validation_data, n, epochs, batch_size, lr, weig
     if target_epsilon is not None and dp["epsilon"] > target_epsilon + 1e-9:
         raise RuntimeError(f"spent epsilon {dp['epsilon']:.4f} exceeds target {target_epsilon} (accounting bug)")
     trainable_count = int(dp.get("num_trainable_parameters", 0))
+    by = {k: float(v) for k, v in (dp.get("epsilon_by_accountant") or {}).items()}
+    findings = [dict(f) for f in dp.get("accounting_notes", [])] + [seed_statement(seed)]
+    notes += [f"{f['title']}: {f['detail']}" for f in findings]
     return DPResult(
         model=work.model, target=work, epsilon=float(dp["epsilon"]), epsilon_per_epoch=list(dp["epsilon_per_epoch"]),
         delta=settings.delta, noise_multiplier=settings.noise_multiplier, sample_rate=sample_rate,
@@ -688,4 +959,9 @@ def _run(*, target, train_data, validation_data, n, epochs, batch_size, lr, weig
         train_utility=_utility(work, train_data, seed=seed),
         validation_utility=_utility(work, validation_data, seed=seed) if validation_data is not None else None,
         train_seconds=float(stats.duration_s) if not hit else time.perf_counter() - t0,
-        epoch_losses=list(stats.epoch_losses), cache_hit=hit, cache_key=key, notes=notes)
+        epoch_losses=list(stats.epoch_losses), cache_hit=hit, cache_key=key, notes=notes,
+        lr=float(lr), weight_decay=float(weight_decay), n_layers=int(n_layers),
+        lora=dict(lora) if lora is not None else None, steps_per_epoch=steps_per_epoch, seed=seed,
+        epsilon_by_accountant=by, epsilon_accountant=str(dp.get("epsilon_accountant", accountant)),
+        epsilon_gdp=by.get("gdp") if accountant == "gdp" else None, empty_batches=int(dp.get("empty_batches", 0)),
+        findings=findings)

@@ -19,8 +19,8 @@ class DPFinetuneAudit(AuditModule):
                    "beside the non-private model.")
     requires = frozenset({"trainable", "per_example_loss"})
     produces_target = True
-    metric_names = ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "accuracy", "baseline_accuracy",
-                    "accuracy_drop", "perplexity", "baseline_perplexity", "perplexity_ratio", "loss",
+    metric_names = ("epsilon", "epsilon_gdp", "delta", "noise_multiplier", "sample_rate", "steps", "accuracy",
+                    "baseline_accuracy", "accuracy_drop", "perplexity", "baseline_perplexity", "perplexity_ratio", "loss",
                     "baseline_loss", "train_seconds", "num_trainable_parameters")
 
     class Params(AuditParams):
@@ -116,7 +116,7 @@ class DPFinetuneAudit(AuditModule):
         import warnings
 
         from fmaudit.data import member_split
-        from fmaudit.privacy.dp import DPPrivacyWarning, _utility, dp_finetune
+        from fmaudit.privacy.dp import SEED_STATEMENT, DPPrivacyWarning, _utility, dp_finetune
 
         p = self.params
         s = self._settings(target)
@@ -150,9 +150,17 @@ class DPFinetuneAudit(AuditModule):
         out.produced = produced
 
         # Privacy ledger -------------------------------------------------------------------------------
+        used = res.epsilon_accountant or res.accountant
+        how = (f"{res.accountant} accountant" if used == res.accountant
+               else f"{res.accountant} accountant asked, {used}'s epsilon claimed")
         out.metric("epsilon", res.epsilon, higher_is_better=False, unit="epsilon",
-                   description=f"Privacy loss spent over {res.steps} steps ({res.accountant} accountant, "
+                   description=f"Privacy loss spent over {res.steps} steps ({how}"
+                               f"{'; the larger of GDP and PRV' if res.accountant == 'gdp' else ''}, "
                                f"delta={res.delta:.3g}).")
+        if res.epsilon_gdp is not None:
+            out.metric("epsilon_gdp", res.epsilon_gdp, higher_is_better=False, unit="epsilon",
+                       description="GDP's epsilon (a central-limit approximation that can understate epsilon; "
+                                   "shown for comparison, never claimed when it is below PRV's).")
         out.metric("delta", res.delta, higher_is_better=False, description="Failure probability of the guarantee.")
         out.metric("noise_multiplier", res.noise_multiplier, description="Gaussian noise std / clipping bound.")
         out.metric("sample_rate", res.sample_rate, unit="fraction", description="Poisson sampling rate per step.")
@@ -161,8 +169,10 @@ class DPFinetuneAudit(AuditModule):
         out.metric("train_seconds", res.train_seconds, unit="seconds",
                    description="DP training time (0-ish on a cache hit).")
         out.curve("epsilon_ledger", res.ledger_steps, res.ledger_epsilon, x_label="step", y_label="epsilon",
-                  description=f"Epsilon spent after each step ({res.accountant} accountant, delta={res.delta:.3g}).")
-        out.tables["dp_parameters"] = {**res.params(), "lr": p.lr, "weight_decay": p.weight_decay, "start": start,
+                  description=f"Epsilon spent after each step ({how}, delta={res.delta:.3g}).")
+        out.tables["dp_parameters"] = {**res.params(), "start": start, "run_seed": ctx.seed,
+                                       "noise_seed": "not stored: derived from run_seed (Stream.DP_NOISE)",
+                                       "guarantee_requires_secret_seed": SEED_STATEMENT,
                                        "poisson_sampling": True, "cache_hit": res.cache_hit,
                                        "privacy_unit": "one training example" if "classifier" in target.capabilities
                                        else "one training sequence"}
@@ -217,8 +227,10 @@ class DPFinetuneAudit(AuditModule):
             out.finding("high", "delta is not below 1/N",
                         f"delta {res.delta:g} >= 1/{n}: the guarantee allows publishing a training example outright; "
                         "use the default delta", metric="delta")
+        for f in res.findings:  # accounting notes (GDP pairing, accountant fallbacks, loose RDP) and the seed
+            out.finding(f["severity"], f["title"], f["detail"], metric="epsilon")
         out.finding("info", f"DP fine-tuned: epsilon {res.epsilon:.2f} at delta {res.delta:.2g}",
-                    f"{res.accountant} accountant, noise {res.noise_multiplier:.3f}, C={res.max_grad_norm:g}, "
+                    f"{how}, noise {res.noise_multiplier:.3f}, C={res.max_grad_norm:g}, "
                     f"sample rate {res.sample_rate:.4f}, {res.steps} steps, clipping {res.clipping}, trainable "
                     f"{res.trainable} ({res.num_trainable_parameters:,} parameters); started from {start}",
                     metric="epsilon")
