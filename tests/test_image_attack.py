@@ -248,7 +248,7 @@ def test_robust_accuracy_equals_torchattacks_direct(which, request, eval_set, tm
     assert out.metrics["robust_accuracy.square_linf@0.1"].value == pytest.approx(square, abs=1e-12)
 
 
-def test_autoattack_is_the_reference_and_equals_direct(cnn, eval_set, tmp_path):
+def test_autoattack_is_the_reference_and_equals_direct(cnn, eval_set, tmp_path, monkeypatch):
     """`autoattack` is fra31's AutoAttack(version='standard') with the reference settings (read back from the
     built object), seeded with the run's seed; `autoattack_fast` is torchattacks' 10-iteration version. Both
     give what calling the library directly gives. At a budget where APGD breaks nearly everything, so the
@@ -260,6 +260,7 @@ def test_autoattack_is_the_reference_and_equals_direct(cnn, eval_set, tmp_path):
 
     data = eval_set.subset(np.arange(16))
     seed = 7
+    spy = _Spy(monkeypatch)
     out = ImageAttackAudit({"attacks": [{"name": "pgd", "steps": 5}, "autoattack", "autoattack_fast"],
                             "epsilons": [0.25], "num_images": 0, "check_gradients": False, "large_budget": None}
                            ).run(cnn, _ctx(tmp_path, data, seed=seed))
@@ -287,6 +288,12 @@ def test_autoattack_is_the_reference_and_equals_direct(cnn, eval_set, tmp_path):
     assert out.metrics["robust_accuracy.autoattack_fast_linf@0.25"].value == pytest.approx(direct_fast, abs=1e-12)
     assert got <= out.metrics["robust_accuracy.pgd_linf@0.25"].value
     assert not [f for f in out.findings if "AutoAttack" in f.title]
+    # every AutoAttack example inside [0, 1] and its ball, and the module counted none as invalid
+    assert [c[0] for c in spy.calls] == ["pgd_linf", "autoattack_linf", "autoattack_fast_linf"]
+    for label, _, eps, xs, adv in spy.calls:
+        assert float(adv.min()) >= 0 and float(adv.max()) <= 1, label
+        assert float((adv.double() - xs.double()).abs().max()) <= eps * (1 + 1e-5) + 1e-6, label
+    assert out.metrics["num_invalid_adversarials"].value == 0
 
 
 # ---------------------------------------------------------------------------------------------------
