@@ -66,3 +66,49 @@ def test_recipe_preflight_rejects_bad_settings(tiny_bert_dir, sentiment_csv, tmp
         cls.Params(delta=1.0)
     with pytest.raises(ValueError):
         cls.Params(target_epsilon=None)  # neither budget nor noise
+
+
+DP_RERUN_KEYS = ("lr", "weight_decay", "n_layers", "lora", "clipping", "max_physical_batch_size", "trainable",
+                 "accountant", "delta", "noise_multiplier", "sample_rate", "steps", "epochs", "batch_size",
+                 "max_grad_norm")
+
+
+def test_recipe_gdp_fallback_seed_statement_and_recorded_settings(tiny_bert_dir, sentiment_csv, tmp_path,
+                                                                   monkeypatch):
+    """The module reports what dp_finetune found: GDP paired with another accountant (the larger epsilon
+    claimed, GDP's beside it), a failed PRV accountant (simulated: NaN, as in Opacus issues) as a medium finding
+    with RDP used, the run seed's secrecy beside epsilon, and every setting the canary re-run needs."""
+    import math
+
+    from opacus.accountants import PRVAccountant
+
+    from fmaudit.privacy.dp import epsilon_for
+
+    monkeypatch.setattr(PRVAccountant, "get_epsilon", lambda self, **kw: float("nan"))
+    recipe = _recipe(tiny_bert_dir, sentiment_csv, tmp_path, accountant="gdp", target_epsilon=None,
+                     noise_multiplier=0.9, weight_decay=0.01)
+    report = run_recipe(recipe)
+    dp = report.result("privacy.dp_finetune", "bert")
+    assert dp.status == "ok", dp.error
+    eps, gdp = dp.metrics["epsilon"].value, dp.metrics["epsilon_gdp"].value
+    params = dp.tables["dp_parameters"]
+    rdp = epsilon_for(noise_multiplier=0.9, sample_rate=params["sample_rate"], steps=params["steps"],
+                      delta=params["delta"], accountant="rdp")
+    assert eps == max(gdp, rdp) == rdp and gdp < eps and math.isfinite(eps)
+    assert params["epsilon_accountant"] == "rdp" and params["epsilon_by_accountant"] == {"gdp": gdp, "rdp": rdp}
+    assert dp.curves["epsilon_ledger"].y[-1] == pytest.approx(eps)
+    by_title = {f.title: f for f in dp.findings}
+    assert by_title["The PRV accountant failed; RDP was used"].severity == "medium"
+    assert by_title["GDP is an approximation; the larger epsilon is reported"].severity == "low"
+    seed = by_title["The DP guarantee needs the run seed to stay secret"]
+    assert seed.severity == "info" and "reproduce the noise" in seed.detail
+    assert "secret" in params["guarantee_requires_secret_seed"] and params["run_seed"] == dp.seed  # the unit's seed
+    assert "not stored" in params["noise_seed"]
+    # the produced target records every setting needed to re-run exactly this procedure
+    recorded = report.targets["bert-dp"].finetune["dp"]  # the produced target's finetune_info["dp"]
+    for key in DP_RERUN_KEYS:
+        assert key in recorded, key
+    assert recorded["lr"] == 1e-2 and recorded["weight_decay"] == 0.01 and recorded["trainable"] == "head"
+    assert recorded["lora"] is None and recorded["accountant"] == "gdp" and recorded["clipping"] in ("ghost", "hooks")
+    assert recorded["epsilon"] == eps and recorded["epsilon_gdp"] == gdp  # what the canary audit compares against
+    assert not any("seed" in k for k in recorded)  # the noise seed is not published

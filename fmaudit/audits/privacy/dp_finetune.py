@@ -20,8 +20,8 @@ class DPFinetuneAudit(AuditModule):
     requires = frozenset({"trainable", "per_example_loss"})
     produces_target = True
     metric_names = ("epsilon", "epsilon_gdp", "delta", "noise_multiplier", "sample_rate", "steps", "accuracy",
-                    "baseline_accuracy", "accuracy_drop", "perplexity", "baseline_perplexity", "perplexity_ratio", "loss",
-                    "baseline_loss", "train_seconds", "num_trainable_parameters")
+                    "baseline_accuracy", "accuracy_drop", "perplexity", "baseline_perplexity", "perplexity_ratio",
+                    "loss", "baseline_loss", "train_seconds", "num_trainable_parameters")
 
     class Params(AuditParams):
         target_epsilon: float | None = Field(default=8.0, gt=0, description="Privacy budget; the accountant picks "
