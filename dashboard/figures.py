@@ -268,3 +268,42 @@ def diff_figure(rows: list[dict[str, Any]]) -> go.Figure:
     fig.update_yaxes(autorange="reversed")
     return _layout(fig, "Relative change, B vs A (green better, red worse, orange no direction)", "(B − A) / |A|", "",
                    False, False, height=max(220, 60 + 26 * len(rows)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Verdicts (fmaudit.verdict): one coloured line per area
+
+
+def _level_badge(level: str) -> str:
+    from fmaudit.verdict import COLOURS, LEVEL_WORDS
+
+    c = COLOURS.get(level, "#8c8c8c")
+    return (f'<span class="vlevel" style="display:inline-block; min-width:64px; text-align:center; background:{c}; '
+            f'color:#fff; border-radius:4px; padding:1px 6px; font-size:0.8em; font-weight:600">'
+            f"{html.escape(LEVEL_WORDS.get(level, level))}</span>")
+
+
+def verdict_block_html(verdicts: Sequence[Any]) -> str:
+    """The verdict block: per area a coloured badge, the area, and its line (headline, then the numbers)."""
+    rows = []
+    for v in verdicts:
+        head, _, rest = v.text.partition(": ")
+        rows.append(
+            f'<div class="verdict {html.escape(v.level)}" data-area="{html.escape(v.area)}" data-level="'
+            f'{html.escape(v.level)}" style="border-left:5px solid {v.colour}; padding:5px 10px; margin:4px 0; '
+            f'background:#fafafa">{_level_badge(v.level)} <b style="display:inline-block; min-width:110px">'
+            f"{html.escape(v.area)}</b> <b>{html.escape(head)}</b>{': ' + html.escape(rest) if rest else ''}</div>")
+    return '<div class="verdicts">' + "".join(rows) + "</div>"
+
+
+def verdict_compare_html(rows: Sequence[tuple[str, tuple[str, str], tuple[str, str]]]) -> str:
+    """Verdicts of two runs side by side: rows of (area, (level A, text A), (level B, text B))."""
+    from fmaudit.verdict import COLOURS
+
+    body = []
+    for area, (la, ta), (lb, tb) in rows:
+        cells = "".join(f'<td style="border-left:5px solid {COLOURS.get(lvl, "#8c8c8c")}">{_level_badge(lvl)} '
+                        f"{html.escape(t)}</td>" for lvl, t in ((la, ta), (lb, tb)))
+        body.append(f"<tr><td><b>{html.escape(area)}</b></td>{cells}</tr>")
+    return ('<table class="verdicts-compare" style="width:100%"><thead><tr><th>area</th><th>verdict in A</th>'
+            "<th>verdict in B</th></tr></thead><tbody>" + "".join(body) + "</tbody></table>")
