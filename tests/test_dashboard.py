@@ -237,25 +237,35 @@ def test_every_view_survives_corrupt_old_and_partial_runs(app):
 
 
 def test_compare_view_matches_metrics_and_highlights_differences(app, reports):
+    from fmaudit.compare import diff_metric
+
     base, other = reports["base"], reports["other"]
     at = app("Compare", run_a=reports["base_dir"].name, run_b=reports["other_dir"].name)
     df = frame(at, "verdict")
     acc = df[(df["module"] == "utility") & (df["metric"] == "accuracy")].iloc[0]
-    a = base.result("utility", "bert").metrics["accuracy"].value
-    b = other.result("utility", "bert").metrics["accuracy"].value
+    ma = base.result("utility", "bert").metrics["accuracy"]
+    mb = other.result("utility", "bert").metrics["accuracy"]
+    a, b = ma.value, mb.value
     assert acc["A"] == pytest.approx(a) and acc["B"] == pytest.approx(b)
+    # The verdict is fmaudit.compare's: a difference inside the interval of the difference is noise.
+    assert acc["verdict"] == diff_metric("utility", "bert", "accuracy", ma, mb).verdict
     if a != b:
         assert acc["B − A"] == pytest.approx(b - a)
+    if acc["verdict"] in ("better in B", "worse in B"):
         assert acc["verdict"] == ("better in B" if b > a else "worse in B")
         bars = next(f for f in figures(at) if _title(f).startswith("Relative change"))["data"][0]
         i = bars["y"].index("utility @ bert · accuracy")
         assert bars["x"][i] == pytest.approx((b - a) / abs(a))
         assert bars["marker"]["color"][i] == ("#2ca02c" if b > a else "#d62728")
     ece = df[(df["module"] == "utility") & (df["metric"] == "ece")].iloc[0]
-    if ece["B"] != ece["A"]:  # lower is better for ECE
+    if abs(ece["B"] - ece["A"]) > 1e-6 * max(abs(ece["A"]), abs(ece["B"])) + 1e-12:  # lower is better for ECE
         assert ece["verdict"] == ("better in B" if ece["B"] < ece["A"] else "worse in B")
+    directed = df[(df["kind"] == "audit") & df["verdict"].isin(["better in B", "worse in B"])]
     diff_html = " ".join(m.value for m in at.markdown if "<table" in m.value)
-    assert "verdict" in diff_html and ("better in B" in diff_html or "worse in B" in diff_html)
+    assert "verdict" in diff_html
+    assert directed.empty or ("better in B" in diff_html or "worse in B" in diff_html)
+    # Timings are never better or worse.
+    assert not df[(df["kind"] == "cost") & df["verdict"].isin(["better in B", "worse in B"])].shape[0]
     # Comparing a run with itself: nothing differs.
     at = app("Compare", run_a=reports["base_dir"].name, run_b=reports["base_dir"].name)
     assert set(frame(at, "verdict")["verdict"]) == {"same"}
