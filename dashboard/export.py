@@ -92,8 +92,9 @@ def render_entry_html(entry: RunEntry) -> str:
         f"<style>{CSS}</style><script type=\"text/javascript\">{get_plotlyjs()}</script></head><body>"
         f"<header><b>{html.escape(title)}</b> &nbsp; {nav}</header><main>"
         f"<p class=\"caption\">Exported by fmaudit at {made}. Hover a number or a column header for its unit and "
-        "meaning; click a column header to sort.</p>"
-        f"{runs.render()}{''.join(sections)}</main><script>{SORT_JS}</script></body></html>\n"
+        "meaning; click a column header to sort. The verdict per area comes first.</p>"
+        f"{sections[0]}{runs.render()}{''.join(sections[1:])}"
+        f"</main><script>{SORT_JS}</script></body></html>\n"
     )
 
 

@@ -312,9 +312,18 @@ def view_overview(sink: Sink, entry: RunEntry) -> None:
     rep = entry.report
     results = entry.results
     if rep is not None:
-        verdict = gate_verdict(entry)
         sink.caption(f"recipe {rep.name} · started {rep.created_at} · fmaudit {rep.fmaudit_version} · seed "
                      f"{rep.seed} · {rep.host.device} on {rep.host.hostname} · recipe sha256 {rep.recipe_sha256[:12]}")
+    # The verdict per area first: what a reviewer should conclude, with the numbers behind it.
+    from fmaudit.verdict import verdicts, verdicts_from_results
+
+    sink.header("Verdict per area", level=2)
+    sink.html(F.verdict_block_html(verdicts(rep) if rep is not None else verdicts_from_results(results)))
+    sink.caption("One line per area from the findings, gates and metrics (rules: fmaudit/verdict.py); colour = "
+                 "the worst part: red high / critical, orange medium, yellow low, green nothing found, purple "
+                 "errored, grey not run." + ("" if rep is not None else " From the units that finished."))
+    if rep is not None:
+        verdict = gate_verdict(entry)
         sink.cards([
             Card("gates", verdict, "Overall verdict of the recipe's fail_if gates."),
             Card("exit code", str(rep.exit_code), "0 all gates pass, 1 a gate failed, 3 a module errored, "

@@ -555,6 +555,20 @@ def verdicts(report: RunReport) -> list[Verdict]:
     return [area_verdict(report, a) for a in AREAS]
 
 
+@dataclass
+class _Results:
+    """What the rules read from a report, for a run that has only results (an interrupted run's events)."""
+
+    audits: list[AuditResult]
+    targets: dict = field(default_factory=dict)
+
+
+def verdicts_from_results(results: Iterable[AuditResult], targets: dict | None = None) -> list[Verdict]:
+    """The verdicts of the results that exist (a run without report.json: the units that finished)."""
+    view = _Results(list(results), dict(targets or {}))
+    return [area_verdict(view, a) for a in AREAS]  # type: ignore[arg-type]
+
+
 def verdict_lines(report: RunReport, width: int | None = None, *, markup: bool = False) -> list[str]:
     """The verdicts as text for the terminal summary: '<LEVEL> <area>: <headline>: <numbers>'.
 

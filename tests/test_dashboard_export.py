@@ -92,3 +92,58 @@ def test_export_of_an_interrupted_run_shows_its_partial_results(reports, tmp_pat
 def test_dashboard_command_refuses_a_missing_folder(tmp_path):
     res = CliRunner().invoke(cli, ["dashboard", str(tmp_path / "nope")])
     assert res.exit_code == 2 and "is not a folder" in " ".join(res.output.split())
+
+
+# ---------------------------------------------------------------------------------------------------
+# The verdict block, on constructed reports (no pipeline run: fast)
+
+
+def _constructed_run(tmp_path, rep):
+    from fmaudit.report import write_report
+
+    run = tmp_path / "runs" / rep.run_id
+    write_report(rep, run / "report.json")
+    return run
+
+
+def test_html_starts_with_the_verdict_per_area(tmp_path):
+    from dashboard.export import export_html
+    from fmaudit.report import Finding
+    from fmaudit.verdict import COLOURS
+    from test_verdict import leaky_report, text_attack
+
+    rep = leaky_report()
+    evil = text_attack("bert", "deepwordbug", 0.54, index=3)
+    evil = evil.model_copy(update={"params": {"attack": "<script>alert(1)</script>"},
+                                   "findings": [Finding(severity="high", title="flips <b>54%</b>")]})
+    rep = rep.model_copy(update={"audits": rep.audits + [evil]})
+    doc = export_html(_constructed_run(tmp_path, rep), tmp_path / "r.html").read_text(encoding="utf-8")
+    body = doc.split("<main>", 1)[1]
+    # The verdict block is the first thing of the overview, before the gate cards and the run table.
+    i = body.index('class="verdicts"')
+    assert i < body.index('class="cards"') and i < body.index('class="sortable"')
+    levels = re.findall(r'data-area="(\w+)" data-level="(\w+)"', body)
+    assert levels == [("privacy", "high"), ("robustness", "high"), ("explainability", "none"), ("utility", "ok")]
+    block = body[i: body.index("</div></div>", i)]
+    assert f"border-left:5px solid {COLOURS['high']}" in block and f"solid {COLOURS['ok']}" in block
+    assert "Leaks membership" in block and "best attack TPR 12% at 1% FPR [8, 16]" in block
+    assert "DP twin bert-dp (ε=8) indistinguishable from chance" in block
+    assert "Fooled by" in block and "54% of correct predictions flipped" in block
+    assert "<script>alert(1)" not in doc and "&lt;script&gt;alert(1)&lt;/script&gt;" in block
+
+
+def test_verdicts_of_an_interrupted_run_come_from_its_finished_units(tmp_path):
+    from dashboard.runs import RunEntry
+    from dashboard.sinks import HtmlSink
+    from dashboard.views import view_overview
+    from test_verdict import leaky_report
+
+    rep = leaky_report()
+    entry = RunEntry(name="partial", path=tmp_path, state="partial", notice="No report.json: interrupted",
+                     partial_results=[a for a in rep.audits if a.module == "utility"])
+    sink = HtmlSink()
+    view_overview(sink, entry)
+    doc = sink.render()
+    assert re.findall(r'data-area="(\w+)" data-level="(\w+)"', doc) == [
+        ("privacy", "none"), ("robustness", "none"), ("explainability", "none"), ("utility", "ok")]
+    assert "From the units that finished." in doc
