@@ -140,6 +140,21 @@ def test_prv_genuine_failure_tiny_delta():
     assert any("Floating point errors" in n["detail"] for n in acc.notes)
 
 
+def test_prv_genuine_negative_epsilon_and_rdp_clamped_at_zero():
+    """For a large delta Opacus' PRV returns a negative epsilon (not simulated) and RDP's conversion goes below 0
+    too. A negative epsilon implies (0, delta)-DP: 0 is claimed, through RDP, with both facts as notes."""
+    from opacus.accountants import PRVAccountant
+
+    prv = PRVAccountant()
+    prv.history = [(5.0, 0.2, 1)]
+    assert prv.get_epsilon(delta=0.05, eps_error=0.01) < 0
+    acc = account(noise_multiplier=5.0, sample_rate=0.2, steps=1, delta=0.05, accountant="prv")
+    assert acc.epsilon == 0.0 and acc.used == "rdp"
+    titles = [n["title"] for n in acc.notes]
+    assert "The PRV accountant failed; RDP was used" in titles
+    assert "RDP's epsilon bound was negative; 0 is reported" in titles
+
+
 def test_failed_accountant_is_a_finding_of_the_run(monkeypatch):
     from opacus.accountants import PRVAccountant
 

@@ -254,9 +254,9 @@ def account(*, noise_multiplier: float, sample_rate: float, steps: int, delta: f
                                         "claimed") from exc
             notes.append({"severity": "medium", "title": f"The {kind.upper()} accountant failed; RDP was used",
                           "detail": f"Opacus' {kind.upper()} accountant {exc} for noise {noise_multiplier:g}, sample "
-                                    f"rate {sample_rate:g}, {steps} steps, delta {delta:g} (a known failure mode for "
-                                    "large epsilon or tiny delta). The RDP accountant's epsilon was used instead: a "
-                                    "valid upper bound, but looser than PRV."})
+                                    f"rate {sample_rate:g}, {steps} steps, delta {delta:g} (Opacus' accountants are known "
+                                    "to fail for large epsilon or tiny delta, and to return negative epsilons). The "
+                                    "RDP accountant's epsilon was used instead: a valid upper bound, but looser."})
             if "rdp" not in by:
                 eps, more = _raw_epsilon(accountant="rdp", **args)
                 by["rdp"] = eps
