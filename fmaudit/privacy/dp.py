@@ -3,13 +3,17 @@
 `dp_finetune(...)` trains a copy of a target with DP-SGD through the core training loop
 (`fmaudit.training.train`, via its `wrap=` / `loss_fn=` hooks), with
 
-- Poisson sampling (Opacus' DPDataLoader), as the accountants assume;
+- Poisson sampling (Opacus' UniformWithReplacementSampler with exactly ceil(N / batch_size) logical steps per
+  epoch), as the accountants assume; an empty Poisson batch is a noise-only step that the accountant counts;
 - Opacus' BatchMemoryManager splitting logical batches into physical ones of at most
   `max_physical_batch_size` examples (the noise and the accounting are per logical batch);
 - ghost clipping where it applies (no trainable parameter shared between modules), else per-sample
   gradient hooks;
 - a pre-flight check (Opacus' ModuleValidator plus our own) that lists every problem before training;
 - `target_epsilon` turned into a noise multiplier by the chosen accountant for the exact number of steps;
+- epsilon from Opacus' accountants with two safeguards (`account`): GDP, a central-limit approximation that can
+  understate epsilon, is always paired with PRV and the larger is claimed; an accountant that raises or returns
+  a non-finite or negative epsilon is replaced by RDP. Both are reported as findings, never silenced;
 - a plain model back (hooks removed, LoRA adapters merged), and an epsilon ledger (epsilon vs step).
 
 Heavy libraries are imported inside functions.
@@ -842,7 +846,8 @@ def dp_finetune(*, model: Any, train_data: Any, epochs: int, batch_size: int, lr
             Or give `noise_multiplier` instead (one of the two).
         delta: default min(1e-5, 1/(10 N)); a value >= 1/N warns (it allows leaking one example outright).
         max_grad_norm: per-example clipping bound C.
-        accountant: "prv" (tight, Opacus default here), "rdp" or "gdp".
+        accountant: "prv" (tight, Opacus default here), "rdp" or "gdp" (an approximation: PRV is computed too
+            and the larger epsilon is claimed; `epsilon_gdp` keeps GDP's). A failing accountant falls back to RDP.
         trainable: "all", "last_n_layers" (+ head; `n_layers`), "head", or "lora" (peft adapters on attention
             projections, merged back at the end; mainly for causal LMs).
         clipping: "auto" (ghost clipping unless trainable parameters are tied), "ghost" or "hooks".
@@ -854,7 +859,9 @@ def dp_finetune(*, model: Any, train_data: Any, epochs: int, batch_size: int, lr
 
     Returns:
         DPResult with the plain trained model, epsilon (total and per epoch), delta, noise multiplier, sample
-        rate, steps, accountant, clipping mode, ledger and train / validation utility.
+        rate, steps, accountant, clipping mode, ledger and train / validation utility; `params()` holds every
+        setting needed to re-run the procedure; `findings` (severity, title, detail) say which accountant's
+        epsilon is claimed and why, and that the guarantee needs the run seed to stay secret.
 
     Raises:
         DPConfigError listing every problem found before training (settings, unsupported layers, data size).
