@@ -340,6 +340,16 @@ def test_training_and_dp_seeds_come_from_named_streams(monkeypatch):
     for stream in (Stream.DP_TRAIN, Stream.DP_NOISE, Stream.DP_SAMPLER, Stream.TRAIN_SHUFFLE):
         assert derive(5, stream) in seeds, stream.name
     assert 5 not in seeds and 6 not in seeds  # neither the bare seed nor seed + 1
+    # the non-private loop: torch's global generator and the shuffling loader
+    from fmaudit.targets.vision import ImageClassifier, PixelClassifier
+    from fmaudit.training import TrainConfig, train
+
+    seeds.clear()
+    data = _digits(16)
+    target = ImageClassifier(name="m", model=PixelClassifier(_linear()), source="python", kind="torch-module",
+                             device="cpu", label_names=data.label_names, num_classes=10)
+    train(target, data, TrainConfig(epochs=1, batch_size=8, lr=1e-2, seed=7))
+    assert derive(7, Stream.TRAIN_TORCH) in seeds and derive(7, Stream.TRAIN_SHUFFLE) in seeds and 7 not in seeds
 
 
 def test_utility_sample_uses_its_stream():

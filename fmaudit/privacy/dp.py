@@ -258,9 +258,9 @@ def account(*, noise_multiplier: float, sample_rate: float, steps: int, delta: f
                                         "claimed") from exc
             notes.append({"severity": "medium", "title": f"The {kind.upper()} accountant failed; RDP was used",
                           "detail": f"Opacus' {kind.upper()} accountant {exc} for noise {noise_multiplier:g}, sample "
-                                    f"rate {sample_rate:g}, {steps} steps, delta {delta:g} (Opacus' accountants are known "
-                                    "to fail for large epsilon or tiny delta, and to return negative epsilons). The "
-                                    "RDP accountant's epsilon was used instead: a valid upper bound, but looser."})
+                                    f"rate {sample_rate:g}, {steps} steps, delta {delta:g} (Opacus' accountants are "
+                                    "known to fail for large epsilon or tiny delta, and to return negative epsilons). "
+                                    "The RDP accountant's epsilon was used instead: a valid upper bound, but looser."})
             if "rdp" not in by:
                 eps, more = _raw_epsilon(accountant="rdp", **args)
                 by["rdp"] = eps
@@ -270,10 +270,10 @@ def account(*, noise_multiplier: float, sample_rate: float, steps: int, delta: f
     epsilon = by[used]
     if accountant == "gdp":
         other = "prv" if "prv" in by else "rdp"
-        gdp = by.get("gdp")
+        gdp = "nothing (it failed)" if "gdp" not in by else f"{by['gdp']:.4g}"
         notes.append({"severity": "low", "title": "GDP is an approximation; the larger epsilon is reported",
                       "detail": "Gaussian DP accounting is a central-limit approximation that can understate epsilon "
-                                f"(Opacus marks it experimental). GDP says {gdp if gdp is None else f'{gdp:.4g}'}, "
+                                f"(Opacus marks it experimental). GDP says {gdp}, "
                                 f"{other.upper()} says {by[other]:.4g}; the reported epsilon is the larger, "
                                 f"{epsilon:.4g} ({used.upper()})."})
     return Accounting(float(epsilon), by, used, notes)
