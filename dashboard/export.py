@@ -9,7 +9,9 @@ from __future__ import annotations
 import html
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
+from dashboard import figures as F
 from dashboard.runs import RunEntry, load_entry
 from dashboard.sinks import HtmlSink
 from dashboard.views import CATEGORY_OF_VIEW, view_category, view_overview, view_runs
@@ -77,10 +79,13 @@ def render_entry_html(entry: RunEntry) -> str:
     views = [("overview", "Run overview", lambda s: view_overview(s, entry))]
     for view in CATEGORY_OF_VIEW:
         views.append((view.lower(), view, lambda s, v=view: view_category(s, entry, v)))
-    for anchor, title, fn in views:
-        sink = HtmlSink()
-        fn(sink)
-        sections.append(f'<section class="view" id="{anchor}">{sink.render()}</section>')
+    # One colour per target in every view of the document (a DP twin: its source's hue, lighter).
+    with F.colour_scope(entry.report if entry.report is not None else
+                        SimpleNamespace(targets={}, audits=entry.results)):
+        for anchor, title, fn in views:
+            sink = HtmlSink()
+            fn(sink)
+            sections.append(f'<section class="view" id="{anchor}">{sink.render()}</section>')
     runs = HtmlSink()
     view_runs(runs, [entry])
     nav = "".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, t, _ in views)

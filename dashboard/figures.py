@@ -5,10 +5,12 @@ Every hover shows the unit and what the number means; report text is escaped bef
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 import html
 import math
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import plotly.graph_objects as go
 
@@ -33,15 +35,95 @@ def fmt(v: float | None, unit: str | None = None) -> str:
     return s
 
 
+# ---------------------------------------------------------------------------------------------------
+# Layout rules shared by every figure: the legend never covers the data (vertical list or one horizontal row
+# BELOW the plot, anchored to the bottom of the figure with a margin sized for it), axis titles carry their
+# unit, and a curve plot says in one line (the title's subtitle) how to read it.
+
+LEGEND_ROW_PX = 21
+CAPTION_CHARS = 75  # a caption line, in characters (11 px font: about 450 px)
+LEGEND_ONE_ROW_CHARS = 50  # entries that fit one horizontal row in a half-width column
+AXIS_TITLE_PX = 58  # x tick labels and the x-axis title, below the plotting area
+
+# Units for the axis labels the built-in modules use (matched on the lowercased label; a label that already
+# has a parenthesised part keeps it).
+AXIS_UNITS: tuple[tuple[str, str], ...] = (
+    (r"^(false|true) positive rate", "fraction"),
+    (r"^fraction of features", "fraction"),
+    (r"accuracy", "fraction"),
+    (r"^confidence$", "probability"),
+    (r"^step$", "optimizer steps"),
+    (r"^epsilon lower bound$", "ε, nats"),
+    (r"^epsilon$", "ε, nats"),
+    (r"^number of guesses", "guesses"),
+    (r"^auc$", "fraction"),
+)
+
+
+def axis_title(label: str | None, unit: str | None = None) -> str:
+    """'robust accuracy (fraction)': the label with its unit (given, or known for the label), unless it has one."""
+    import re
+
+    label = (label or "").strip()
+    if not label or "(" in label:
+        return label
+    if unit is None:
+        low = label.lower()
+        unit = next((u for pat, u in AXIS_UNITS if re.search(pat, low)), None)
+    return f"{label} ({unit})" if unit else label
+
+
+def legend_below(fig: go.Figure, names: Sequence[str] | None = None) -> go.Figure:
+    """Put the legend under the plotting area: one horizontal row when the entries are short, else one entry per
+    line; the bottom margin (and the height) grow with it so nothing overlaps the axis or the curves."""
+    if names is None:
+        names = [t.name for t in fig.data if t.name and t.showlegend is not False]
+    names = [str(n) for n in names]
+    if not names:
+        fig.update_layout(showlegend=False)
+        return fig
+    one_row = sum(len(n) + 6 for n in names) <= LEGEND_ONE_ROW_CHARS
+    rows = 1 if one_row else len(names)
+    legend_px = rows * LEGEND_ROW_PX + 8
+    height = (fig.layout.height or 380) + legend_px
+    margin = fig.layout.margin
+    fig.update_layout(
+        height=height,
+        legend=dict(orientation="h" if one_row else "v", yref="container", y=0.0, yanchor="bottom", x=0.0,
+                    xanchor="left", xref="container", bgcolor="rgba(255,255,255,0)", traceorder="normal"),
+        margin=dict(l=margin.l if margin.l is not None else 60, r=margin.r if margin.r is not None else 20,
+                    t=margin.t if margin.t is not None else 50, b=AXIS_TITLE_PX + legend_px))
+    return fig
+
+
+def set_caption(fig: go.Figure, caption: str | None) -> go.Figure:
+    """A one-line 'how to read' under the title (plotly's title subtitle), kept in layout.meta['caption'] too."""
+    import textwrap
+
+    if not caption:
+        return fig
+    title = fig.layout.title.text or " "
+    # plotly does not wrap a subtitle: break it so it fits a half-width column.
+    lines = textwrap.wrap(caption, width=CAPTION_CHARS) or [caption]
+    fig.update_layout(title=dict(text=title, subtitle=dict(text="<br>".join(html.escape(x) for x in lines),
+                                                           font=dict(size=11, color="#666"))),
+                      meta={"caption": caption})
+    margin = fig.layout.margin
+    fig.update_layout(margin=dict(t=max(margin.t or 0, 52 + 15 * len(lines))),
+                      height=(fig.layout.height or 380) + 15 * len(lines))
+    return fig
+
+
 def _layout(fig: go.Figure, title: str | None, x_label: str, y_label: str, log_x: bool, log_y: bool,
-            height: int = 380) -> go.Figure:
-    fig.update_layout(title=title, height=height, margin=dict(l=60, r=20, t=50 if title else 20, b=50),
-                      legend=dict(orientation="v", x=1.0, xanchor="right", y=0.0, yanchor="bottom",
-                                  bgcolor="rgba(255,255,255,0.7)"),
+            height: int = 380, *, caption: str | None = None, legend: bool = True) -> go.Figure:
+    fig.update_layout(title=title, height=height, margin=dict(l=60, r=20, t=50 if title else 20, b=AXIS_TITLE_PX),
                       template="plotly_white")
     # Only force log axes: forcing "linear" would turn a categorical axis (bars, intervals) into an empty one.
-    fig.update_xaxes(title_text=x_label, **({"type": "log"} if log_x else {}))
-    fig.update_yaxes(title_text=y_label, **({"type": "log"} if log_y else {}))
+    fig.update_xaxes(title_text=axis_title(x_label), **({"type": "log"} if log_x else {}))
+    fig.update_yaxes(title_text=axis_title(y_label), **({"type": "log"} if log_y else {}))
+    if legend and fig.layout.showlegend is not False:
+        legend_below(fig)
+    set_caption(fig, caption)
     return fig
 
 
@@ -57,29 +139,149 @@ def _clean_xy(x: Sequence[float | None], y: Sequence[float | None], log_x: bool,
     return xs, ys
 
 
+# ---------------------------------------------------------------------------------------------------
+# Colours: one hue per target, the same in every view of a run; a DP twin gets its source's hue, lighter.
+
+_SCOPE: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("fmaudit_target_colours",
+                                                                               default=None)
+
+
+def lighten(colour: str, amount: float = 0.5) -> str:
+    """'#1f77b4' mixed with white (amount 0 = unchanged, 1 = white)."""
+    c = colour.lstrip("#")
+    r, g, b = (int(c[i: i + 2], 16) for i in (0, 2, 4))
+    mix = [round(v + (255 - v) * amount) for v in (r, g, b)]
+    return "#" + "".join(f"{v:02x}" for v in mix)
+
+
+def target_colours(report: Any) -> dict[str, str]:
+    """target name -> colour for a run: its source targets take the palette in the report's order; a target
+    produced by DP fine-tuning takes its source's colour, lightened."""
+    if report is None:
+        return {}
+    from fmaudit.verdict import dp_twins
+
+    twins = dp_twins(report)
+    names = list(getattr(report, "targets", {}) or {})
+    for r in getattr(report, "audits", []):
+        for n in (r.target, r.produces):
+            if n and n not in names:
+                names.append(n)
+    out: dict[str, str] = {}
+    for n in names:
+        if n not in twins:
+            out[n] = PALETTE[len(out) % len(PALETTE)]
+    for twin, src in twins.items():
+        root = src
+        while root in twins:  # a twin of a twin keeps the first source's hue
+            root = twins[root]
+        out[twin] = lighten(out.get(root, PALETTE[len(out) % len(PALETTE)]), 0.5)
+    return out
+
+
+@contextlib.contextmanager
+def colour_scope(report: Any) -> Iterator[dict[str, str]]:
+    """Within this block every figure colours a trace that names a target of `report` with that target's colour."""
+    colours = target_colours(report)
+    token = _SCOPE.set(colours)
+    try:
+        yield colours
+    finally:
+        _SCOPE.reset(token)
+
+
+def target_of(name: str, targets: Iterable[str]) -> str | None:
+    """The target a trace / bar group / label names: the longest target name it starts with as a word."""
+    import re
+
+    best = None
+    for t in targets:
+        if re.match(re.escape(t) + r"($|[\s(·:,@—-])", name) and (best is None or len(t) > len(best)):
+            best = t
+    return best
+
+
+def series_colours(names: Sequence[str], *, distinct: bool = True) -> list[str]:
+    """Colours for traces named `names`: the targets' colours (in a colour_scope) when every name maps to a
+    target (a different one for each name, when `distinct`: legend entries must stay apart), else the
+    palette in order (one target's attacks or methods)."""
+    scope = _SCOPE.get()
+    if scope:
+        ts = [target_of(str(n), scope) for n in names]
+        if all(ts) and (not distinct or len(set(ts)) == len(ts)):
+            return [scope[t] for t in ts]  # type: ignore[index]
+    return [PALETTE[i % len(PALETTE)] for i in range(len(names))]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Curves
+
+
+def how_to_read(series: Sequence[tuple[str, Curve]]) -> str | None:
+    """One line saying how to read a curve plot, from the curves' axes (the built-in modules' curves), else
+    the first curve's own description."""
+    if not series:
+        return None
+    c = series[0][1]
+    x, y = c.x_label.lower(), c.y_label.lower()
+    if x.startswith("epsilon (") and "accuracy" in y:
+        return ("Accuracy as the attack budget ε grows (ε = 0: clean accuracy); the lower and sooner a curve "
+                "falls, the more easily the model is fooled.")
+    if x == "step" and y.startswith("epsilon"):
+        return "Privacy spent as training proceeds: the accountant's ε (upper bound at its δ); lower = more private."
+    if x.startswith("fraction of features removed"):
+        return ("Deletion: output as the most-attributed features are removed first; dropping faster than "
+                "'random' = a more faithful explanation.")
+    if x.startswith("fraction of features inserted"):
+        return ("Insertion: output as the most-attributed features are inserted first; rising faster than "
+                "'random' = a more faithful explanation.")
+    if x.startswith("number of guesses"):
+        return "The audit's ε lower bound for each number of guesses r; the highest point is the bound it reports."
+    if x == "confidence" and "accuracy" in y:
+        return "Accuracy per confidence bin: on the diagonal = calibrated, below it = over-confident."
+    if "false positive rate" in x:
+        return ROC_CAPTION
+    d = next((cv.description for _, cv in series if cv.description), None)
+    if d:
+        return d if len(d) <= 140 else d[:139] + "…"
+    return f"{c.y_label} against {c.x_label}."
+
+
+ROC_CAPTION = ("Members found (TPR) vs non-members wrongly flagged (FPR), log-log: above the dashed diagonal = "
+               "better than chance; read TPR at low FPR (left).")
+
+
 def curves_figure(series: list[tuple[str, Curve]], title: str | None = None, *, log_x: bool | None = None,
-                  log_y: bool | None = None, diagonal: bool = False, mode: str = "lines") -> go.Figure:
+                  log_y: bool | None = None, diagonal: bool = False, mode: str = "lines",
+                  caption: str | None = None) -> go.Figure:
     """Several curves that share axes. Log axes come from the curves unless forced; on a log axis points
-    at or below 0 are dropped (they cannot be drawn), which the hover of the trace states."""
+    at or below 0 are dropped (they cannot be drawn), which the hover of the trace states. Axis titles carry
+    units, the legend sits under the plot, and the subtitle says how to read it (`caption`, else
+    `how_to_read`)."""
     fig = go.Figure()
     first = series[0][1] if series else Curve(x=[], y=[])
     lx = first.log_x if log_x is None else log_x
     ly = first.log_y if log_y is None else log_y
+    colours = series_colours([n for n, _ in series])
     for i, (name, c) in enumerate(series):
         xs, ys = _clean_xy(c.x, c.y, lx, ly)
         dropped = len(c.x) - len(xs)
-        hover = (f"{html.escape(c.x_label)}: %{{x:.4g}}<br>{html.escape(c.y_label)}: %{{y:.4g}}"
+        hover = (f"{html.escape(axis_title(c.x_label))}: %{{x:.4g}}<br>{html.escape(axis_title(c.y_label))}: "
+                 "%{y:.4g}"
                  + (f"<br><i>{html.escape(c.description)}</i>" if c.description else "")
                  + (f"<br>({dropped} point(s) at 0 not drawable on a log axis)" if dropped else "")
                  + "<extra>%{fullData.name}</extra>")
-        fig.add_trace(go.Scatter(x=xs, y=ys, name=name, mode=mode, line=dict(color=PALETTE[i % len(PALETTE)]),
+        dash = "dot" if name == "random" else None  # explain.attribution's reference ordering
+        fig.add_trace(go.Scatter(x=xs, y=ys, name=name, mode=mode,
+                                 line=dict(color="#7f7f7f" if name == "random" else colours[i], dash=dash),
                                  hovertemplate=hover))
     fig.update_layout(showlegend=True)  # name the attack / method even when there is one curve
     if diagonal:
         lo = 1e-5 if (lx or ly) else 0.0
         fig.add_trace(go.Scatter(x=[lo, 1], y=[lo, 1], mode="lines", name="chance",
                                  line=dict(dash="dash", color="#999"), hoverinfo="skip"))
-    return _layout(fig, title, first.x_label, first.y_label, lx, ly)
+    return _layout(fig, title, first.x_label, first.y_label, lx, ly,
+                   caption=caption if caption is not None else how_to_read(series))
 
 
 def tpr_at_fpr(curve: Curve, fpr: float) -> float | None:
@@ -94,9 +296,11 @@ def tpr_at_fpr(curve: Curve, fpr: float) -> float | None:
 
 
 def roc_figure(series: list[tuple[str, Curve, dict[str, float | None]]], title: str | None = None) -> go.Figure:
-    """Membership-inference ROC curves on log-log axes; each legend entry carries TPR at 1% and 0.1% FPR
-    (from the module's metrics when given, else read off the curve) and the AUC."""
+    """Membership-inference ROC curves on log-log axes with the chance diagonal; each legend entry (under the
+    plot) carries TPR at 1% and 0.1% FPR (from the module's metrics when given, else read off the curve) and
+    the AUC."""
     fig = go.Figure()
+    lowest = 1.0
     for i, (name, c, stats) in enumerate(series):
         t1 = stats.get("tpr@1%") if stats.get("tpr@1%") is not None else tpr_at_fpr(c, 0.01)
         t01 = stats.get("tpr@0.1%") if stats.get("tpr@0.1%") is not None else tpr_at_fpr(c, 0.001)
@@ -107,22 +311,23 @@ def roc_figure(series: list[tuple[str, Curve, dict[str, float | None]]], title: 
         label = f"{name} — TPR@1%FPR {f3(t1)}, TPR@0.1%FPR {f3(t01)}" + (f", AUC {auc:.3f}" if auc is not None
                                                                           else "")
         xs, ys = _clean_xy(c.x, c.y, True, True)
+        lowest = min([lowest, *xs, *ys])
         fig.add_trace(go.Scatter(
             x=xs, y=ys, name=label, mode="lines", line=dict(color=PALETTE[i % len(PALETTE)], shape="hv"),
             hovertemplate="FPR %{x:.2e}<br>TPR %{y:.3f}<br><i>fraction of non-members (x) / members (y) "
                           "flagged as members</i><extra>" + html.escape(name) + "</extra>"))
-    fig.add_trace(go.Scatter(x=[1e-5, 1], y=[1e-5, 1], mode="lines", name="chance (TPR = FPR)",
+    lo = min(1e-3, 10 ** math.floor(math.log10(lowest))) if lowest > 0 else 1e-5
+    fig.add_trace(go.Scatter(x=[lo, 1], y=[lo, 1], mode="lines", name="chance (TPR = FPR)",
                              line=dict(dash="dash", color="#999"), hoverinfo="skip"))
-    _layout(fig, title, "false positive rate (log)", "true positive rate (log)", True, True, height=420)
-    fig.update_layout(legend=dict(orientation="v", y=-0.22, x=0, xanchor="left", yanchor="top"), height=520,
-                      margin=dict(l=60, r=20, t=50 if title else 20, b=150))
-    return fig
+    return _layout(fig, title, "false positive rate", "true positive rate", True, True, height=440,
+                   caption=ROC_CAPTION)
 
 
 def interval_figure(rows: list[dict[str, Any]], title: str | None, value_label: str,
                     reference: float | None = None, reference_label: str = "") -> go.Figure:
     """Points with confidence intervals, one per row: {'label', 'value', 'lo', 'hi', 'unit', 'help'}."""
     fig = go.Figure()
+    colours = series_colours([str(r.get("label", "")) for r in rows], distinct=False)
     for i, r in enumerate(rows):
         v = r.get("value")
         if v is None:
@@ -133,7 +338,7 @@ def interval_figure(rows: list[dict[str, Any]], title: str | None, value_label: 
             err = dict(type="data", symmetric=False, array=[max(hi - v, 0)], arrayminus=[max(v - lo, 0)])
         ci = f"<br>CI [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
         fig.add_trace(go.Scatter(
-            x=[r["label"]], y=[v], error_y=err, mode="markers", marker=dict(size=11, color=PALETTE[i % len(PALETTE)]),
+            x=[r["label"]], y=[v], error_y=err, mode="markers", marker=dict(size=11, color=colours[i]),
             name=r["label"], showlegend=False,
             hovertemplate=f"%{{x}}<br>{html.escape(value_label)}: %{{y:.4g}} {html.escape(r.get('unit') or '')}{ci}"
                           + (f"<br><i>{html.escape(r['help'])}</i>" if r.get("help") else "") + "<extra></extra>"))
@@ -148,9 +353,10 @@ def bar_figure(rows: list[dict[str, Any]], title: str | None, y_label: str, grou
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(str(r.get(group_key, "")), []).append(r)
+    colours = series_colours(list(groups))
     for i, (g, rs) in enumerate(groups.items()):
         fig.add_trace(go.Bar(
-            x=[r["x"] for r in rs], y=[r["y"] for r in rs], name=g, marker_color=PALETTE[i % len(PALETTE)],
+            x=[r["x"] for r in rs], y=[r["y"] for r in rs], name=g, marker_color=colours[i],
             texttemplate="%{y:.3g}", textposition="outside", cliponaxis=False,
             customdata=[[r.get("unit") or "", r.get("help") or ""] for r in rs],
             hovertemplate="%{x}<br>%{y:.4g} %{customdata[0]}<br><i>%{customdata[1]}</i><extra>" + html.escape(g)

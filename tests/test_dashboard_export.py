@@ -147,3 +147,22 @@ def test_verdicts_of_an_interrupted_run_come_from_its_finished_units(tmp_path):
     assert re.findall(r'data-area="(\w+)" data-level="(\w+)"', doc) == [
         ("privacy", "none"), ("robustness", "none"), ("explainability", "none"), ("utility", "ok")]
     assert "From the units that finished." in doc
+
+
+def test_html_figures_colour_targets_alike_and_keep_legends_below(tmp_path):
+    from dashboard import figures as F
+    from dashboard.export import export_html
+    from test_verdict import leaky_report
+
+    rep = leaky_report()
+    doc = export_html(_constructed_run(tmp_path, rep), tmp_path / "r.html").read_text(encoding="utf-8")
+    plots = [(json.loads(d), json.loads(lay)) for d, lay in
+             re.findall(r'Plotly\.newPlot\(\s*"[^"]+",\s*(\[.*?\]),\s*(\{.*?\}),\s*\{"displaylogo"', doc, flags=re.S)]
+    assert plots
+    colours = F.target_colours(rep)
+    utility = next(data for data, lay in plots if "private vs non-private" in json.dumps(lay.get("title")))
+    assert {t["name"]: t["marker"]["color"] for t in utility} == {"bert (non-private)": colours["bert"],
+                                                                   "bert-dp (private, DP)": colours["bert-dp"]}
+    for data, lay in plots:
+        if any(t.get("name") and t.get("showlegend") is not False for t in data) and lay.get("showlegend") is not False:
+            assert lay["legend"]["yref"] == "container" and lay["legend"]["yanchor"] == "bottom", lay.get("title")
