@@ -86,21 +86,70 @@ def run(
                                            "(default: the recipe's executor; ray needs `pip install 'fmaudit\\[ray]'`)."),
     debug: bool = typer.Option(False, "--debug", help="Print the full traceback of an unexpected error."),
 ) -> None:
-    """Run a recipe: fine-tune targets (cached), run each audit, write reports/<run-id>/report.json."""
+    """Run a recipe: fine-tune targets (cached), run each audit, write reports/<run-id>/report.json.
+    SIGINT (Ctrl+C) and SIGTERM stop it the same way: a partial report, exit 130, `--resume` continues."""
     state: dict = {}
+    old_term = _sigterm_as_interrupt()
     try:
         _run(recipe, output_dir, resume, resume_from, quiet, executor, state)
     except (typer.Exit, typer.Abort, SystemExit):
         raise
     except KeyboardInterrupt:
-        err.print("[yellow]Interrupted.[/] Partial results are in the run folder; continue with "
-                  f"`fmaudit run {escape(str(recipe))} --resume`.")
+        runner = state.get("runner")
+        _print_interrupted(recipe, getattr(runner, "run_dir", None))
         raise typer.Exit(130)
     except BaseException as exc:  # anything uncaught: exit 3 (never 1, which means a gate failed)
         runner = state.get("runner")
         run_dir = runner.write_failure_report(exc) if runner is not None else None
         _print_crash(exc, debug, run_dir)
         raise typer.Exit(3)
+    finally:
+        _restore_sigterm(old_term)
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM (a CI timeout, `kill`, a container stop) handled like Ctrl+C for the whole command. Returns
+    the previous handler (None when it could not be changed)."""
+    import signal
+    import threading
+
+    if not hasattr(signal, "SIGTERM") or threading.current_thread() is not threading.main_thread():
+        return None
+
+    def _raise(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    try:
+        old = signal.getsignal(signal.SIGTERM)
+        if old is signal.SIG_IGN:
+            return None
+        signal.signal(signal.SIGTERM, _raise)
+        return old if old is not None else signal.SIG_DFL
+    except (ValueError, OSError):
+        return None
+
+
+def _restore_sigterm(old) -> None:
+    import signal
+
+    if old is not None:
+        try:
+            signal.signal(signal.SIGTERM, old)
+        except (ValueError, OSError, TypeError):
+            pass
+
+
+def _print_interrupted(recipe: Path, run_dir: Optional[Path]) -> None:
+    if run_dir is not None and (Path(run_dir) / "report.json").is_file():
+        err.print(f"[yellow]Interrupted.[/] Partial report (the units that finished): "
+                  f"{escape(str(Path(run_dir) / 'report.json'))}; continue with "
+                  f"`fmaudit run {escape(str(recipe))} --resume`.", highlight=False, soft_wrap=True)
+    elif run_dir is not None:
+        err.print(f"[yellow]Interrupted.[/] Partial results are in {escape(str(run_dir))}/events.jsonl; continue with "
+                  f"`fmaudit run {escape(str(recipe))} --resume`.", highlight=False, soft_wrap=True)
+    else:
+        err.print("[yellow]Interrupted[/] before the run folder was created: nothing was written.", highlight=False,
+                  soft_wrap=True)
 
 
 def _print_crash(exc: BaseException, debug: bool, run_dir: Optional[Path]) -> None:
@@ -126,7 +175,7 @@ def _run(recipe: Path, output_dir: Optional[Path], resume: bool, resume_from: Op
         raise typer.Exit(2)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from fmaudit.runner import EXIT_INTERRUPTED, PreparationError, Runner, latest_run
+    from fmaudit.runner import PreparationError, Runner, latest_run
 
     out_dir = output_dir or (Path(loaded.recipe.output_dir) if loaded.recipe.output_dir else Path("reports"))
     resume_dir = resume_from
@@ -159,10 +208,6 @@ def _run(recipe: Path, output_dir: Optional[Path], resume: bool, resume_from: Op
     except PreparationError as exc:
         err.print(f"[bold red]Cannot prepare the run:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2)
-    except KeyboardInterrupt:
-        err.print("[yellow]Interrupted.[/] Partial results are in the run folder; continue with "
-                  f"`fmaudit run {recipe} --resume`.")
-        raise typer.Exit(EXIT_INTERRUPTED)
     _print_summary(report)
     if report.error is not None:
         err.print(f"[bold red]The run failed:[/] {escape(report.error.type)}: {escape(report.error.message)} "
@@ -334,10 +379,11 @@ def dashboard(
 def main() -> None:
     """Entry point. Exit codes keep one meaning each: an exception that escapes a command is a one-line
     message and exit 3 (with `run --debug` / `validate --debug`, the traceback too), never Python's exit 1,
-    which fmaudit reserves for failed gates."""
+    which fmaudit reserves for failed gates. SIGTERM is handled like Ctrl+C from here on."""
+    _sigterm_as_interrupt()
     try:
         app()
-    except KeyboardInterrupt:  # pragma: no cover
+    except KeyboardInterrupt:
         sys.exit(130)
     except Exception as exc:
         _print_crash(exc, "--debug" in sys.argv[1:], None)

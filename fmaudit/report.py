@@ -276,8 +276,14 @@ class EventLog:
         from datetime import datetime, timezone
 
         line = {"entry_type": entry_type, "time": datetime.now(timezone.utc).isoformat(), **payload}
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(line, allow_nan=False, ensure_ascii=False) + "\n")
+        data = (json.dumps(line, allow_nan=False, ensure_ascii=False) + "\n").encode("utf-8")
+        with open(self.path, "a+b") as fh:
+            end = fh.seek(0, os.SEEK_END)
+            if end:  # a line cut short by a kill stays one bad line: the next event starts on its own line
+                fh.seek(end - 1)
+                if fh.read(1) != b"\n":
+                    data = b"\n" + data
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -285,22 +291,28 @@ class EventLog:
         if not self.path.exists():
             return []
         out = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        # A line cut short by a kill (possibly inside a multi-byte character) is skipped; the lines before
+        # and after it, written by this run and by a resumed one, are still good.
+        for line in self.path.read_bytes().decode("utf-8", errors="replace").splitlines():
             line = line.strip()
             if not line:
                 continue
             try:
-                out.append(json.loads(line))
+                ev = json.loads(line)
             except json.JSONDecodeError:
-                # A line cut short by a crash: everything before it is still good.
-                break
+                continue
+            if isinstance(ev, dict):
+                out.append(ev)
         return out
 
     def completed_results(self) -> dict[str, AuditResult]:
         done: dict[str, AuditResult] = {}
         for ev in self.read():
             if ev.get("entry_type") == "audit_result":
-                res = AuditResult.model_validate(ev["result"])
+                try:
+                    res = AuditResult.model_validate(ev["result"])
+                except Exception:  # not a result this version can read: that unit runs again
+                    continue
                 if res.status == "ok":
                     done[res.unit_id] = res
         return done

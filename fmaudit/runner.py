@@ -8,13 +8,16 @@ import os
 import platform
 import random
 import shutil
+import signal
 import socket
+import threading
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -50,6 +53,77 @@ class TargetUnavailable(RuntimeError):
 
 
 SKIPPED_UPSTREAM = "skipped: the audit that produces this target failed"
+
+
+class Interrupts:
+    """SIGINT and SIGTERM, both as KeyboardInterrupt, except inside `critical()` sections (an event line, the
+    report's write, the run folder's claim), where the signal is held until the section ends: a kill never
+    leaves half a line in events.jsonl or a run folder without its run_started event. Installed only in the
+    main thread (the only one Python delivers signals to); a signal that was ignored (SIG_IGN, e.g. `nohup`)
+    stays ignored."""
+
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s is not None)
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.pending: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> "Interrupts":
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for sig in self.SIGNALS:
+            try:
+                old = signal.getsignal(sig)
+                if old is signal.SIG_IGN:
+                    continue
+                signal.signal(sig, self._handle)
+                self._old[sig] = old
+            except (ValueError, OSError):  # not allowed here (embedded interpreter)
+                pass
+        return self
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            try:
+                signal.signal(sig, old if old is not None else signal.SIG_DFL)
+            except (ValueError, OSError, TypeError):
+                pass
+        self._old.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.depth > 0:
+            self.pending = signum
+            return
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    @contextmanager
+    def critical(self, honour: bool = True) -> Iterator[None]:
+        """Hold SIGINT / SIGTERM while the block runs; a held signal is raised when it ends (`honour`), or
+        left in `pending` for the caller to decide."""
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if honour and self.depth == 0 and self.pending is not None:
+            signum, self.pending = self.pending, None
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+class GuardedEventLog(EventLog):
+    """An EventLog whose lines are written whole: signals wait until the line is on disk."""
+
+    def __init__(self, path: str | os.PathLike[str], interrupts: Interrupts):
+        super().__init__(path)
+        self.interrupts = interrupts
+
+    def emit(self, entry_type: str, **payload: Any) -> None:
+        with self.interrupts.critical():
+            super().emit(entry_type, **payload)
+
+    def __reduce__(self):  # travels (e.g. to Ray workers) as a plain EventLog
+        return (EventLog, (self.path,))
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:
@@ -105,6 +179,7 @@ class Session:
     targets: dict[str, Any] = field(default_factory=dict)
     target_data: dict[str, str | None] = field(default_factory=dict)
     target_errors: dict[str, ErrorInfo] = field(default_factory=dict)
+    notify: Any = None  # LocalOnly(events.emit) while a run records events: "finetune_started" goes there
 
     @property
     def recipe(self):
@@ -205,6 +280,8 @@ class Session:
             config = TrainConfig.from_spec(ft, seed=self.recipe.seed)
             base_sha = target.weights_sha256()
             phase[0] = "finetune"
+            if self.notify is not None:
+                self.notify("finetune_started", target=name, data=ft.data)
             # Two runs sharing the cache wait for each other on the same fine-tune instead of both training
             # it (and one replacing the entry the other is reading): the second one finds the entry and loads it.
             with entry_lock(Path(self.cache_dir) / "locks", _finetune_lock_name(base_sha, split, config, target.task)):
@@ -319,6 +396,7 @@ class Runner:
         out = Path(output_dir) if output_dir else Path(rc.output_dir) if rc.output_dir else Path("reports")
         self.output_dir = out
         self.run_dir: Path | None = None
+        self._recorded: dict[str, AuditResult] = {}  # every unit result recorded in events.jsonl by this attempt
 
     # -- run folder ------------------------------------------------------------------------------------
     def _make_run_dir(self) -> tuple[Path, str, dict[str, AuditResult]]:
@@ -334,6 +412,11 @@ class Runner:
             if started[0].get("recipe_sha256") != self.recipe.sha256:
                 raise PreparationError(f"{run_dir} was made by a different recipe (sha256 {started[0].get('recipe_sha256', '?')[:12]}"
                                        f" vs {self.recipe.sha256[:12]}); resume with the same recipe or start a new run")
+            for stale in run_dir.glob(".report.json.*.tmp"):  # a write cut short by SIGKILL (report.json is intact)
+                try:
+                    stale.unlink()
+                except OSError:
+                    pass
             return run_dir, started[0]["run_id"], events.completed_results()
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         base_id = f"{self.recipe.name}-{stamp}-{self.recipe.sha256[:8]}"
@@ -359,7 +442,18 @@ class Runner:
         Input problems found before any model loads (device, executor, data, split sizes, a module's
         pre-flight check) raise RecipeError / PreparationError and leave no run folder (exit 2). A target
         that fails to load or fine-tune makes the units that need it errors (exit 3); any other exception
-        is recorded in the report (status "failed", exit 3), never lost."""
+        is recorded in the report (status "failed", exit 3), never lost.
+
+        SIGINT and SIGTERM (when run in the main thread) stop the run the same way at any point after the
+        run folder exists: the report is written with status "interrupted" and the units that finished,
+        then KeyboardInterrupt is raised (exit 130); `resume=` that folder completes it."""
+        interrupts = Interrupts().install()
+        try:
+            return self._run(interrupts)
+        finally:
+            interrupts.restore()
+
+    def _run(self, interrupts: Interrupts) -> RunReport:
         import torch
 
         from fmaudit.targets import TargetError, resolve_device
@@ -378,40 +472,41 @@ class Runner:
         session = Session(self.loaded, device, self.cache_dir, local_only(self.progress))
         units = [Unit(i, a, t) for i, a in enumerate(self.recipe.audits) for t in a.target]
         self._preflight(session)
-        run_dir, run_id, done = self._make_run_dir()
-        self.run_dir = run_dir
         fresh = self.resume_dir is None
-        events = EventLog(run_dir / "events.jsonl")
         created = _now()
-        failure: BaseException | None = None
-        prep_s = 0.0
-        try:
+        # The folder and its first event come together: a signal waits until run_started is on disk, so
+        # every run folder can be resumed.
+        with interrupts.critical():
+            run_dir, run_id, done = self._make_run_dir()
+            self.run_dir = run_dir
+            events = GuardedEventLog(run_dir / "events.jsonl", interrupts)
             if fresh:
                 events.emit("run_started", run_id=run_id, recipe_sha256=self.recipe.sha256, recipe=self.loaded.raw,
                             fmaudit_version=__version__, executor=self.executor.name)
             else:
                 events.emit("run_resumed", run_id=run_id, completed=sorted(done))
+        session.notify = local_only(events.emit)
+        self._recorded = {}
+        failure: BaseException | None = None
+        interrupted = False
+        prep_s = 0.0
+        try:
             prep_t = time.perf_counter()
             self._prepare(session, units, events)
             prep_s = time.perf_counter() - prep_t
-        except (RecipeError, PreparationError, KeyboardInterrupt):
+        except (RecipeError, PreparationError):
             if fresh:  # an input problem: nothing is written half-way, a run that never started leaves no folder
-                shutil.rmtree(run_dir, ignore_errors=True)
-                self.run_dir = None
+                with interrupts.critical():
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                    self.run_dir = None
             raise
+        except KeyboardInterrupt:  # e.g. during a fine-tune: the folder stays, with a report to resume from
+            interrupted = True
         except Exception as exc:  # a bug or an unexpected failure: recorded in the report below
             failure = exc
 
         results: dict[str, AuditResult] = {}
-        report = RunReport(
-            run_id=run_id, name=self.recipe.name, fmaudit_version=__version__, created_at=created,
-            seed=self.recipe.seed, recipe=self.loaded.raw, recipe_sha256=self.recipe.sha256,
-            recipe_path=str(self.loaded.path) if self.loaded.path else None,
-            host=HostInfo(hostname=socket.gethostname(), platform=platform.platform(), python=platform.python_version(),
-                          cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), device=device),
-            versions=library_versions(), status="interrupted")
-        interrupted = False
-        if failure is None:
+        if failure is None and not interrupted:
             # Units whose product a not-yet-done unit needs are re-run (their training is cached).
             needed = {u.target for u in units if u.unit_id not in done}
             try:
@@ -429,6 +524,38 @@ class Runner:
                 interrupted = True
             except Exception as exc:
                 failure = exc
+        # From here on the report is assembled and written whole; a signal that arrives meanwhile waits.
+        with interrupts.critical(honour=False):
+            if interrupted or failure is not None:
+                # Units that finished before the signal or the failure (in this attempt, also those of a wave
+                # that did not finish, and in earlier ones) are kept.
+                for uid, res in [*self._recorded.items(), *done.items()]:
+                    results.setdefault(uid, res)
+            report = self._assemble(run_id, created, device, units, results, session, failure, interrupted,
+                                    prep_s, t0)
+            write_report(report, run_dir / "report.json")
+            events.emit("run_finished", run_id=run_id, status=report.status, exit_code=report.exit_code,
+                        **({"error": report.error.model_dump(mode="json")} if report.error else {}))
+        if interrupted:
+            interrupts.pending = None
+            raise KeyboardInterrupt
+        if interrupts.pending is not None:  # arrived while the complete report was written: nothing to stop
+            self.log(f"{signal.Signals(interrupts.pending).name} received after the run finished; the report is complete")
+            interrupts.pending = None
+        return report
+
+    def _assemble(self, run_id: str, created: str, device: str, units: list[Unit], results: dict[str, AuditResult],
+                  session: Session, failure: BaseException | None, interrupted: bool, prep_s: float,
+                  t0: float) -> RunReport:
+        import torch
+
+        report = RunReport(
+            run_id=run_id, name=self.recipe.name, fmaudit_version=__version__, created_at=created,
+            seed=self.recipe.seed, recipe=self.loaded.raw, recipe_sha256=self.recipe.sha256,
+            recipe_path=str(self.loaded.path) if self.loaded.path else None,
+            host=HostInfo(hostname=socket.gethostname(), platform=platform.platform(), python=platform.python_version(),
+                          cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), device=device),
+            versions=library_versions(), status="interrupted")
         report.audits = [results[u.unit_id] for u in units if u.unit_id in results]
         try:
             report.datasets = {n: d.info() for n, d in session.datasets.items()}
@@ -451,11 +578,6 @@ class Runner:
                 report.exit_code = EXIT_GATE_FAILED
             else:
                 report.exit_code = EXIT_OK
-        write_report(report, run_dir / "report.json")
-        events.emit("run_finished", run_id=run_id, status=report.status, exit_code=report.exit_code,
-                    **({"error": report.error.model_dump(mode="json")} if report.error else {}))
-        if interrupted:
-            raise KeyboardInterrupt
         return report
 
     def write_failure_report(self, exc: BaseException) -> Path | None:
@@ -592,6 +714,7 @@ class Runner:
                 events.emit("audit_skipped" if res.status == "skipped" else "audit_started", unit_id=u.unit_id,
                             module=u.spec.use, target=u.target,
                             **({"reason": res.error.message} if res.status == "skipped" and res.error else {}))
+                self._recorded[u.unit_id] = res  # before the event: a signal held by emit is raised as it ends
                 events.emit("audit_result", unit_id=u.unit_id, result=res.model_dump(mode="json"))
                 out.append(res)
         return out
@@ -620,6 +743,7 @@ class Runner:
         if produced is not None:
             session.targets[u.spec.produces] = produced
             session.target_data[u.spec.produces] = session.target_data.get(u.target)
+        self._recorded[u.unit_id] = result  # before the event: a signal held by emit is raised as it ends
         events.emit("audit_result", unit_id=u.unit_id, result=result.model_dump(mode="json"))
         return result
 
