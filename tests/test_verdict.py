@@ -326,3 +326,20 @@ def test_mixed_run_has_one_line_per_area_with_colours():
 @pytest.mark.parametrize("area", AREAS)
 def test_every_area_of_an_empty_run_is_none(area):
     assert by_area(report([]))[area].level == "none"
+
+
+def test_marked_up_lines_print_within_80_columns_with_rich():
+    import io
+
+    from rich.console import Console
+
+    rep = leaky_report()
+    rep = rep.model_copy(update={"audits": rep.audits + [text_attack("bert", "[bold]evil[/]", 0.6, index=3)]})
+    con = Console(width=80, record=True, color_system="truecolor", force_terminal=True, file=io.StringIO())
+    for line in verdict_lines(rep, width=80, markup=True):
+        con.print(line, soft_wrap=True, highlight=False)
+    text = con.export_text(clear=False)
+    assert all(len(line) <= 80 for line in text.splitlines())
+    assert "[bold]evil[/]" in text  # report text is not markup
+    assert text.splitlines()[0].startswith("HIGH     privacy        Leaks membership")
+    assert "\x1b[1;31mHIGH" in con.export_text(styles=True)  # the level word in its colour
