@@ -482,7 +482,7 @@ DEFAULT_HEADLINES = {
     "privacy": "No privacy leak detected",
     "robustness": "Robust to the attacks run",
     "explainability": "Attributions track the model",
-    "utility": "Utility",
+    "utility": "Clean performance",
 }
 
 
@@ -543,6 +543,8 @@ def area_verdict(report: RunReport, area: str) -> Verdict:
     level = worse("ok", *[p.level for p in assessed])
     worst = [p for p in assessed if p.level == level and p.headline]
     headline = worst[0].headline if worst else DEFAULT_HEADLINES[area]
+    if area == "privacy" and level == "ok" and all(r.module == "privacy.dp_finetune" for r in ok):
+        headline = "No privacy attack run"  # DP training alone tests nothing
     if level == "ok" and errored:
         level, headline = "low", DEFAULT_HEADLINES[area] + " (incomplete)"  # "ok" would hide the errored units
     # The worst parts first (module order within a level), the errored units last.

@@ -314,7 +314,7 @@ def test_mixed_run_has_one_line_per_area_with_colours():
     assert lines[0].startswith("HIGH     privacy        Leaks membership")
     assert lines[1].startswith("MEDIUM   robustness     Fooled by character edits: bert: 30%")
     assert lines[2].startswith("—        explainability Not assessed")
-    assert lines[3].startswith("OK       utility        Utility: bert: accuracy 90% [86, 93], ECE 0.03; DP twin")
+    assert lines[3].startswith("OK       utility        Clean performance: bert: accuracy 90% [86, 93], ECE 0.03; DP twin")
     wrapped = verdict_lines(rep, width=80)
     assert len(wrapped) > 4 and all(len(line) <= 80 for line in wrapped)
     assert all(line.startswith(" " * 9) for line in wrapped if not line.split(" ")[0])
@@ -343,3 +343,9 @@ def test_marked_up_lines_print_within_80_columns_with_rich():
     assert "[bold]evil[/]" in text  # report text is not markup
     assert text.splitlines()[0].startswith("HIGH     privacy        Leaks membership")
     assert "\x1b[1;31mHIGH" in con.export_text(styles=True)  # the level word in its colour
+
+
+def test_dp_training_alone_is_not_a_privacy_test():
+    v = by_area(report([dp_finetune("bert", "bert-dp")], [target("bert"), target("bert-dp")]))["privacy"]
+    assert v.level == "ok" and v.headline == "No privacy attack run"
+    assert "DP twin bert-dp trained at ε=8" in v.text
