@@ -51,6 +51,7 @@ class Stream(IntEnum):
     ATTRIBUTION_SHAP = 25    # attribution: GradientShap's baseline noise
     ATTRIBUTION_RANDOMIZE = 26  # attribution: re-initialized weights of the randomization check
     ATTRIBUTION_CURVES = 27  # attribution: random deletion / insertion orders
+    QUANTILE_FOLDS = 28      # membership: cross-fitting folds of the quantile-regression attack
 
 
 def seed_sequence(seed: int, stream: Stream, *keys: int) -> np.random.SeedSequence:

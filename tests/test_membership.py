@@ -60,8 +60,8 @@ def _finetuned(base, split: Split, epochs: int, lr: float, batch_size: int = 16)
     return target
 
 
-ALL_CLASSIFIER = ["loss", "confidence", "entropy", "calibrated_loss", "lira_online", "lira_offline", "rmia",
-                  "rmia_offline"]
+ALL_CLASSIFIER = ["loss", "confidence", "entropy", "calibrated_loss", "quantile", "lira_online", "lira_offline",
+                  "rmia", "rmia_offline"]
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +127,9 @@ def test_report_contents(overfit):
     assert all(len(p["in_ids_of_first"]) == len(data) // 2 for p in refs["pairs"])
     assert set(refs["pairs"][0]["in_ids_of_first"]) != set(refs["pairs"][1]["in_ids_of_first"])
     assert out.metrics["reference_cost_ratio"].value > 0
+    costs = {a: out.tables["attacks"][a]["cost_seconds"] for a in ALL_CLASSIFIER}
+    assert all(c > 0 for c in costs.values()) and costs["rmia"] > costs["loss"] and costs["quantile"] > costs["loss"]
+    assert out.tables["attacks"]["rmia"]["cost_target_finetunes"] > 0
     titles = [f.title for f in out.findings]
     assert any("Too few non-members to measure TPR at 0.1% FPR" in t for t in titles)
     # 100 non-members resolve 1% FPR, but the headline is measured on the 50 that did not choose the attack
@@ -331,7 +334,7 @@ def test_causal_lm_attacks_on_an_overfitted_lm(tiny_llama_dir, tmp_path):
     target.split = split
     target.finetune_info = {"config": {"epochs": 12, "batch_size": 8, "lr": 3e-3}, "train_seconds": stats.duration_s,
                             "base_weights_sha256": base.weights_sha256()}
-    attacks = ["loss", "zlib", "min_k", "min_k_pp", "calibrated_loss", "rmia"]
+    attacks = ["loss", "zlib", "min_k", "min_k_pp", "calibrated_loss", "quantile", "rmia"]
     mod = MembershipAudit({"attacks": attacks, "reference_models": 2, "reference_trainable": "all",
                            "reference_epochs": 6, "bootstrap": 200, "evidence": 3})
     assert mod.check(target, data) == []

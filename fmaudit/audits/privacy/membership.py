@@ -21,7 +21,7 @@ from pydantic import Field
 from fmaudit.audits.base import AuditContext, AuditModule, AuditParams, Outcome, base_target, source_recipe_target
 
 AttackName = Literal["loss", "confidence", "entropy", "zlib", "min_k", "min_k_pp", "calibrated_loss",
-                     "lira_online", "lira_offline", "rmia", "rmia_offline"]
+                     "lira_online", "lira_offline", "rmia", "rmia_offline", "quantile"]
 
 CLASSIFIER_ONLY = {"confidence", "entropy"}
 LM_ONLY = {"zlib", "min_k", "min_k_pp"}
@@ -41,6 +41,9 @@ ATTACK_DESCRIPTIONS = {
     "lira_offline": "LiRA offline: one-sided test against OUT reference models only",
     "rmia": "RMIA (Zarifzadeh et al. 2024), Pr(x) from all reference models",
     "rmia_offline": "RMIA offline: Pr(x) from OUT reference models with the linear approximation a",
+    "quantile": "quantile regression (Bertran et al. 2023, Gaussian form): the target's logit-scaled confidence, "
+                "standardized by the non-member mean and spread predicted from the base model's features "
+                "(one regression instead of reference models)",
 }
 
 _PER_ATTACK = ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "tpr_at_0pct_fpr", "balanced_accuracy", "advantage",
@@ -62,7 +65,7 @@ class MembershipAudit(AuditModule):
         attacks: list[AttackName] = Field(
             default_factory=lambda: ["loss", "rmia"], min_length=1,
             description="Attacks to run. Classifiers: loss, confidence, entropy; causal LMs: loss, zlib, min_k, "
-                        "min_k_pp; both: calibrated_loss, lira_online, lira_offline, rmia, rmia_offline.")
+                        "min_k_pp; both: calibrated_loss, quantile, lira_online, lira_offline, rmia, rmia_offline.")
         reference_models: int = Field(default=2, ge=1, le=256,
                                       description="Reference models for LiRA / RMIA (trained in complementary pairs).")
         reference_trainable: Literal["head", "last_n_layers", "all"] = Field(
@@ -79,6 +82,8 @@ class MembershipAudit(AuditModule):
         rmia_offline_a: float = Field(default=0.3, ge=0, le=1, description="RMIA offline approximation parameter a.")
         lira_shrinkage: bool = Field(default=True, description="LiRA: shrink each example's IN - OUT gap toward the "
                                                                 "global gap, never below 0 (stable with few models).")
+        quantile_folds: int = Field(default=5, ge=2, le=20, description="quantile: cross-fitting folds over the "
+                                    "known non-members (each scored by a regression that never saw it).")
         null_permutations: int = Field(default=200, ge=0, le=10_000, description="Label permutations for the "
                                        "headline's null reference (0: none).")
         min_k: float = Field(default=0.2, gt=0, le=1, description="Fraction of lowest-probability tokens for Min-K%.")
@@ -149,6 +154,12 @@ class MembershipAudit(AuditModule):
                 scores[a] = sig["min_k"]
         timings = {"score_target_s": time.perf_counter() - t0}
 
+        if "quantile" in attacks:
+            t = time.perf_counter()
+            scores["quantile"], qinfo = self._quantile(target, ctx, audit, sig, is_member, is_clf)
+            timings["quantile_s"] = time.perf_counter() - t
+            out.tables["quantile_regression"] = qinfo | {"seconds": round(timings["quantile_s"], 3)}
+
         if "calibrated_loss" in attacks:
             t = time.perf_counter()
             cal, cal_name = self._calibration_target(target, ctx)
@@ -168,7 +179,25 @@ class MembershipAudit(AuditModule):
         out.tables["sets"] = {**source, "num_members": int(is_member.sum()), "num_nonmembers": int((~is_member).sum()),
                               "population": len(population), "population_dataset": population.name}
         out.tables["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+        self._costs(out, target, attacks, timings)
         return out
+
+    @staticmethod
+    def _costs(out: Outcome, target, attacks, timings: dict[str, float]) -> None:
+        """What each attack cost the auditor, in CPU-seconds of this run and in fine-tunes of the target:
+        scoring the target, plus what the attack adds (reference models: their recorded training time, also
+        when they came from the cache; quantile: base features and regressions; calibration: base scoring)."""
+        refs = out.tables.get("reference_models", {}).get("models", [])
+        ref_train = float(sum(r.get("train_seconds") or 0.0 for r in refs))
+        ref_score = float(sum(r.get("score_seconds") or 0.0 for r in refs))
+        extra = {"calibrated_loss": timings.get("calibration_s", 0.0), "quantile": timings.get("quantile_s", 0.0)}
+        target_train = (target.finetune_info or {}).get("train_seconds")
+        for a in attacks:
+            cost = timings.get("score_target_s", 0.0) + (ref_train + ref_score if a in REFERENCE_ATTACKS
+                                                         else extra.get(a, 0.0))
+            row = out.tables["attacks"][a]
+            row["cost_seconds"] = round(cost, 3)
+            row["cost_target_finetunes"] = round(cost / target_train, 4) if target_train else None
 
     # -- members / non-members -----------------------------------------------------------------------
     def _sets(self, target, ctx: AuditContext, out: Outcome):
@@ -240,6 +269,29 @@ class MembershipAudit(AuditModule):
         if cal.task != target.task:
             raise ValueError(f"calibration_model {name!r} is a {cal.task} model; the target is {target.task}")
         return cal, name
+
+    def _quantile(self, target, ctx: AuditContext, audit, sig, is_member: np.ndarray, is_clf: bool):
+        """Quantile-regression attack: base-model features of every audit example, a regression fitted on
+        a share of the known non-members (the attacker's public data), scored out of fold."""
+        from fmaudit.audits.privacy.membership_attacks import classifier_signals, quantile_regression_scores
+
+        p = self.params
+        base = base_target(target, ctx)
+        feats = penultimate_features(base, audit, batch_size=p.batch_size if is_clf else max(1, p.batch_size // 4))
+        if is_clf:
+            k = int(max(audit.labels.max() + 1, target.num_labels or 0))
+            # the label matters (per-class difficulty): the base model's logits and its log-probability of the
+            # true label next to the representation
+            base_logits = base.logits(audit, batch_size=p.batch_size)
+            base_sig = classifier_signals(base_logits, audit.labels)
+            feats = np.concatenate([feats, np.eye(k)[audit.labels], base_logits,
+                                    base_sig["phi"][:, None]], axis=1)
+        score, info = quantile_regression_scores(sig["phi"], feats, ~is_member, folds=p.quantile_folds,
+                                                 seed=ctx.seed)
+        return score, info | {"feature_source": "the base model's representation (text: last hidden layer, mean "
+                                                "over tokens; else the input of its last linear layer)"
+                                                + (", the label, the base model's logits and logit-scaled "
+                                                   "confidence" if is_clf else "")}
 
     # -- reference models ----------------------------------------------------------------------------
     def _train_config(self, target, seed: int, out: Outcome, ctx: AuditContext):
@@ -567,6 +619,53 @@ class _TrainReference:
                     "members": int(len(member_idx)), "wall_seconds": load_s, "score_seconds": infer_s}
         except Exception as exc:  # isolated per the executor contract; raised by the caller with context
             return {"index": r, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def penultimate_features(target, data, *, batch_size: int) -> np.ndarray:
+    """A representation of every example by `target`'s model, shape (n, d), float64: for Hugging Face text
+    models the last hidden layer averaged over non-padding tokens (what sentence encoders such as MiniLM
+    are trained to produce; a BERT pooler may be untrained); otherwise the input of the model's last linear
+    layer in module order (the classification head), averaged over positions for sequences."""
+    import torch
+
+    model = target.model
+    if getattr(target, "tokenizer", None) is not None and hasattr(model, "config"):
+        rows = []
+        model.eval()
+        with torch.no_grad():
+            for _idx, batch in target.batches(data, batch_size):
+                out = model(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True)
+                h = out.hidden_states[-1].float()
+                w = batch.get("attention_mask", torch.ones(h.shape[:2], device=h.device)).to(h.dtype)
+                rows.append(((h * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)).double().cpu()
+                            .numpy())
+        return np.concatenate(rows)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        raise ValueError(f"target {target.name!r} has no linear layer to read features from")
+    captured: dict[str, Any] = {}
+    hook = linears[-1].register_forward_pre_hook(lambda _m, args: captured.__setitem__("x", args[0].detach()))
+    out = np.zeros((len(data), 0))
+    rows: list[np.ndarray] = []
+    is_lm = "causal_lm" in target.capabilities
+    try:
+        model.eval()
+        with torch.no_grad():
+            for _idx, batch in target.batches(data, batch_size):
+                if is_lm:
+                    model(**{k: v for k, v in batch.items() if k != "labels"})
+                else:
+                    target.forward_logits(model, batch)
+                x = captured.pop("x").float()
+                if x.dim() == 3:
+                    mask = batch.get("attention_mask")
+                    w = (mask if mask is not None else torch.ones(x.shape[:2], device=x.device)).to(x.dtype)
+                    x = (x * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
+                rows.append(x.reshape(len(x), -1).double().cpu().numpy())
+    finally:
+        hook.remove()
+    out = np.concatenate(rows) if rows else out
+    return out
 
 
 def reference_overlap(in_mask: np.ndarray, is_member: np.ndarray, z_limit: float = 4.5) -> dict[str, Any]:
