@@ -38,6 +38,7 @@ def _signature(root: Path) -> tuple:
     sig = []
     try:
         for child in sorted(root.iterdir()):
+            sig.append((child.name,))  # a new (even empty) run folder is listed too
             for f in ("report.json", "events.jsonl"):
                 p = child / f
                 try:
@@ -70,7 +71,8 @@ def _runs_page(sink: StreamlitSink, entries: list[RunEntry]) -> None:
     pick_gates = c3.multiselect("Gates", ["pass", "FAIL", "no gates", "unknown", "pass (partial)"],
                                 help="Overall verdict of the recipe's fail_if gates.")
     pick_modules = c4.multiselect("Module", modules, help="Show only runs that ran one of these modules.")
-    errors_only = st.checkbox("Only runs with errors or notices", help="Errored modules, corrupt, old or partial runs.")
+    errors_only = st.checkbox("Only runs with errors or notices",
+                              help="Errored modules; partial, corrupt, empty, too large, old- or newer-schema runs.")
     from dashboard.runs import gate_verdict
 
     shown = []

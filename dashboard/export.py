@@ -115,7 +115,7 @@ def export_html(run_dir: str | Path, out: str | Path) -> Path:
     entry = load_entry(run_dir, run_dir)
     if entry is None:
         raise FileNotFoundError(f"{run_dir}: no report.json or events.jsonl (not an fmaudit run folder)")
-    if entry.state in ("old_schema", "corrupt"):
+    if entry.state not in ("ok", "partial"):  # old / newer schema, corrupt, too large
         raise ExportError(f"{run_dir}: {entry.notice}")
     doc = render_entry_html(entry)
     out = Path(out)

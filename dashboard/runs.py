@@ -13,13 +13,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from fmaudit.report import SCHEMA_VERSION, AuditResult, EventLog, ReportError, RunReport, load_report
+from fmaudit.report import (MAX_REPORT_BYTES, SCHEMA_VERSION, AuditResult, EventLog, ReportError, RunReport,
+                            load_report)
 
-State = Literal["ok", "old_schema", "corrupt", "partial"]
+# ok: a readable report; partial: events.jsonl only (interrupted or running); the rest cannot be shown:
+# old_schema / new_schema (written by another fmaudit), corrupt (cut short, not the schema), too_large,
+# empty (a folder in the reports folder with neither report.json nor events.jsonl).
+State = Literal["ok", "old_schema", "new_schema", "corrupt", "too_large", "partial", "empty"]
+STATE_LABELS = {"ok": "ok", "old_schema": "old schema", "new_schema": "newer schema", "corrupt": "corrupt",
+                "too_large": "too large", "partial": "partial", "empty": "empty"}
 
 SEVERITIES = ("critical", "high", "medium", "low", "info")
 SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
-MAX_REPORT_BYTES = 200 * 1024 * 1024  # a report bigger than this is not loaded (notice instead)
 
 
 @dataclass
@@ -73,45 +78,50 @@ def safe_child(root: Path, relative: str) -> Path | None:
     return p.resolve()
 
 
-def _raw_version(path: Path) -> str | None:
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    return str(raw.get("schema_version")) if isinstance(raw, dict) else None
-
-
-def load_entry(root: Path, run_dir: Path) -> RunEntry | None:
-    """Read one run folder; None when it holds neither report.json nor events.jsonl."""
+def load_entry(root: Path, run_dir: Path, *, empty_ok: bool = False) -> RunEntry | None:
+    """Read one run folder. One with neither report.json nor events.jsonl is None, or, with `empty_ok` (a
+    folder inside the reports folder), an entry in state "empty" that says so."""
     report_path, events_path = run_dir / "report.json", run_dir / "events.jsonl"
     name = "." if run_dir.resolve() == root.resolve() else str(run_dir.relative_to(root))
     has_report = report_path.is_file() and inside(root, report_path)
     has_events = events_path.is_file() and inside(root, events_path)
     if not has_report and not has_events:
-        return None
+        if not empty_ok:
+            return None
+        try:
+            mtime = run_dir.stat().st_mtime
+        except OSError:
+            mtime = 0.0
+        what = "empty" if not _any_child(run_dir) else "holds neither report.json nor events.jsonl"
+        return RunEntry(name=name, path=run_dir, state="empty", mtime=mtime,
+                        notice=f"This folder is {what}: not a run, or a run that was stopped before it started "
+                               "(nothing to show or resume).")
     mtime = max((p.stat().st_mtime for p in (report_path, events_path) if p.is_file()), default=0.0)
     entry = RunEntry(name=name, path=run_dir, state="ok", mtime=mtime)
     if has_report:
-        if report_path.stat().st_size > MAX_REPORT_BYTES:
-            entry.state = "corrupt"
-            entry.notice = f"report.json is larger than {MAX_REPORT_BYTES // 2**20} MiB; not loaded"
-        else:
-            try:
-                entry.report = load_report(report_path)
-            except ReportError as exc:
-                version = _raw_version(report_path)
-                entry.schema_version = version
-                if version is not None and version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
-                    entry.state = "old_schema"
-                    entry.notice = (f"This report uses schema {version}; this dashboard reads schema "
-                                    f"{SCHEMA_VERSION}. Re-run the recipe stored in it, or open it with the fmaudit "
-                                    "version that wrote it.")
-                else:
-                    entry.state = "corrupt"
-                    entry.notice = f"report.json could not be read: {_short(str(exc))}"
-            except OSError as exc:
+        try:
+            entry.report = load_report(report_path, max_bytes=MAX_REPORT_BYTES)
+        except ReportError as exc:
+            entry.schema_version = exc.version
+            if exc.kind == "older_schema":
+                entry.state = "old_schema"
+                entry.notice = (f"This report uses schema {exc.version}; this dashboard reads schema "
+                                f"{SCHEMA_VERSION}. Re-run the recipe stored in it, or open it with the fmaudit "
+                                "version that wrote it.")
+            elif exc.kind == "newer_schema":
+                entry.state = "new_schema"
+                entry.notice = (f"This report uses schema {exc.version}, newer than this dashboard reads "
+                                f"({SCHEMA_VERSION}): it was written by a newer fmaudit; upgrade fmaudit to open it.")
+            elif exc.kind == "too_large":
+                entry.state = "too_large"
+                entry.notice = (f"report.json is larger than {MAX_REPORT_BYTES // 2**20} MiB; not loaded (a report this size "
+                                "usually stores too many examples: re-run with fewer evidence items).")
+            else:
                 entry.state = "corrupt"
-                entry.notice = f"report.json could not be read: {exc}"
+                entry.notice = f"report.json could not be read: {_short(_relative(str(exc), run_dir))}"
+        except OSError as exc:
+            entry.state = "corrupt"
+            entry.notice = f"report.json could not be read: {exc}"
     if entry.report is not None:
         r = entry.report
         entry.run_id, entry.recipe_name, entry.created_at = r.run_id, r.name, r.created_at
@@ -149,6 +159,19 @@ def _fill_from_events(entry: RunEntry, events_path: Path, has_report: bool) -> N
                         "`fmaudit run RECIPE --resume` finishes it.")
 
 
+def _any_child(folder: Path) -> bool:
+    try:
+        return next(folder.iterdir(), None) is not None
+    except OSError:
+        return False
+
+
+def _relative(message: str, run_dir: Path) -> str:
+    """A report error without the absolute path in front (the entry already names the run)."""
+    prefix = f"{run_dir / 'report.json'}: "
+    return message[len(prefix):] if message.startswith(prefix) else message
+
+
 def _short(text: str, n: int = 600) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
@@ -169,7 +192,7 @@ def scan_runs(root: str | Path) -> list[RunEntry]:
     for child in children:
         if child.name.startswith(".") or not child.is_dir() or not inside(root, child):
             continue
-        e = load_entry(root, child)
+        e = load_entry(root, child, empty_ok=True)
         if e is not None:
             entries.append(e)
     entries.sort(key=lambda e: (e.created_at or "", e.mtime), reverse=True)
@@ -221,8 +244,7 @@ def run_rows(entries: list[RunEntry]) -> list[dict]:
             "recipe": e.recipe_name or "—",
             "targets": ", ".join(e.report.targets) if e.report else ", ".join(sorted({r.target for r in results})),
             "gates": gate_verdict(e),
-            "state": {"ok": e.report.status if e.report else "ok", "old_schema": "old schema",
-                      "corrupt": "corrupt", "partial": "partial"}[e.state],
+            "state": e.report.status if e.state == "ok" and e.report else STATE_LABELS.get(e.state, e.state),
             "modules ok": sum(r.status == "ok" for r in results),
             "modules errored": sum(r.status == "error" for r in results),
             "critical/high findings": sev["critical"] + sev["high"],

@@ -306,17 +306,24 @@ def report(
     """Summarize a finished run's report in the terminal (and export it as HTML with --html)."""
     from fmaudit.report import ReportError, load_report
 
+    def refuse(message: str) -> None:  # one line, exit 2 (a broken input, not a crash)
+        err.print(f"[red]{escape(' '.join(message.split()))}[/]", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+
     try:
         rep = load_report(run_dir)
     except FileNotFoundError:
-        err.print(f"[red]no report.json in {run_dir}[/] (an interrupted run has only events.jsonl; resume it)")
-        raise typer.Exit(2)
+        if not run_dir.exists():
+            refuse(f"{run_dir}: no such run folder")
+        folder = run_dir if run_dir.is_dir() else run_dir.parent
+        if (folder / "events.jsonl").is_file():
+            refuse(f"no report.json in {run_dir}: the run was interrupted before it wrote one; its finished units "
+                   f"are in events.jsonl, and `fmaudit run RECIPE --resume-from {folder}` completes it")
+        refuse(f"no report.json in {run_dir}: not an fmaudit run folder (it has neither report.json nor events.jsonl)")
     except ReportError as exc:
-        err.print(f"[red]{escape(str(exc))}[/]")
-        raise typer.Exit(2)
-    except OSError as exc:  # a folder where report.json should be, no permission...
-        err.print(f"[red]cannot read the report in {escape(str(run_dir))}: {escape(str(exc))}[/]")
-        raise typer.Exit(2)
+        refuse(str(exc))
+    except (OSError, UnicodeError) as exc:  # a folder where report.json should be, no permission...
+        refuse(f"cannot read the report in {run_dir}: {exc}")
     _print_summary(rep)
     if html is not None:
         _dashboard_package()

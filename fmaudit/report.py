@@ -226,33 +226,79 @@ def write_report(report: RunReport, path: str | os.PathLike[str]) -> None:
     write_json_atomic(path, report.model_dump(mode="json"))
 
 
+MAX_REPORT_BYTES = 200 * 1024 * 1024  # a report.json larger than this is refused unread (a real one is a few MiB)
+
+
 class ReportError(ValueError):
-    """A file that is not a readable fmaudit report (corrupt, or from an unknown schema)."""
+    """A file that is not a readable fmaudit report. `kind` says why: "corrupt" (not JSON, cut short, not
+    the schema), "too_large", "newer_schema" (written by a newer fmaudit) or "older_schema"."""
+
+    def __init__(self, message: str, kind: str = "corrupt", version: str | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.version = version
 
 
-def load_report(path: str | os.PathLike[str]) -> RunReport:
-    """Load a report.json (or a run folder holding one) and validate it against the schema."""
+def _version_tuple(version: str) -> tuple[int, ...] | None:
+    try:
+        return tuple(int(p) for p in version.split("."))
+    except ValueError:
+        return None
+
+
+def schema_relation(version: str | None) -> str:
+    """How a report's schema_version relates to this fmaudit's: "same" (readable), "newer", "older" or
+    "unknown" (missing or not a version)."""
+    theirs, ours = _version_tuple(str(version)) if version is not None else None, _version_tuple(SCHEMA_VERSION)
+    if theirs is None or ours is None:
+        return "unknown"
+    if theirs[0] > ours[0] or (theirs[0] == ours[0] and theirs > ours):
+        return "newer" if theirs[0] > ours[0] else "same-newer"
+    return "older" if theirs[0] < ours[0] else "same"
+
+
+def _short(text: str, n: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def load_report(path: str | os.PathLike[str], *, max_bytes: int | None = None) -> RunReport:
+    """Load a report.json (or a run folder holding one) and validate it against the schema. Raises
+    FileNotFoundError when there is no report, ReportError (one line, with `kind`) when it cannot be read."""
     path = Path(path)
     if path.is_dir():
         path = path / "report.json"
+    limit = MAX_REPORT_BYTES if max_bytes is None else max_bytes
+    size = path.stat().st_size  # FileNotFoundError when missing
+    if size > limit:
+        raise ReportError(f"{path}: {size / 2**20:.0f} MiB, larger than the {limit / 2**20:.0f} MiB a report may be; "
+                          "not loaded", kind="too_large")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ReportError(f"{path}: not valid JSON ({exc})") from exc
+        hint = " (cut short: an interrupted copy or write?)" if isinstance(exc, json.JSONDecodeError) and (
+            exc.pos >= len(exc.doc.rstrip()) - 1 or exc.msg.startswith("Unterminated")) else ""
+        raise ReportError(f"{path}: not valid JSON{hint}: {_short(str(exc))}") from exc
     if not isinstance(raw, dict):
         raise ReportError(f"{path}: a report is a JSON object")
     version = str(raw.get("schema_version", "?"))
-    if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+    relation = schema_relation(version)
+    if relation == "newer":
+        raise ReportError(f"{path}: report schema {version} is newer than this fmaudit reads (schema "
+                          f"{SCHEMA_VERSION}); upgrade fmaudit to open it", kind="newer_schema", version=version)
+    if relation in ("older", "unknown"):
         raise ReportError(
             f"{path}: report schema {version} is not readable by this fmaudit (schema {SCHEMA_VERSION}); "
-            "re-run the recipe stored in it, or open it with the fmaudit version that wrote it"
-        )
+            "re-run the recipe stored in it, or open it with the fmaudit version that wrote it",
+            kind="older_schema", version=version)
     try:
         return RunReport.model_validate(raw)
     except Exception as exc:  # pydantic.ValidationError
-        raise ReportError(f"{path}: does not match the report schema: {exc}") from exc
+        if relation == "same-newer":  # e.g. 1.3 with fields this version does not know
+            raise ReportError(f"{path}: report schema {version} is newer than this fmaudit reads (schema "
+                              f"{SCHEMA_VERSION}) and has fields it does not know; upgrade fmaudit to open it",
+                              kind="newer_schema", version=version) from exc
+        raise ReportError(f"{path}: does not match the report schema: {_short(str(exc))}") from exc
 
 
 def report_json_schema() -> dict[str, Any]:
