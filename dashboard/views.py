@@ -294,7 +294,10 @@ def view_runs(sink: Sink, entries: list[RunEntry]) -> pd.DataFrame:
     if df.empty:
         sink.notice("info", "No runs in this folder: `fmaudit run RECIPE -o FOLDER` writes one run folder per run.")
         return df
-    sink.table(df, help=RUN_HELP, key="runs-table")
+    help_ = {**RUN_HELP, "state": "complete / interrupted; otherwise why the run cannot be shown: 'partial' (no "
+                                  "report yet, units recovered from events.jsonl), 'corrupt', 'old schema', "
+                                  "'newer schema', 'too large' or 'empty' (see the notice column)."}
+    sink.table(df, help=help_, key="runs-table")
     return df
 
 
