@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from fmaudit.cache_lock import entry_lock, publish_dir
 from fmaudit.data import Dataset, Split
 
 TRAINING_VERSION = "2"  # bump when the loop changes in a way that changes weights: invalidates caches
@@ -154,11 +155,20 @@ def finetune_cached(target: Any, split: Split, config: TrainConfig, *, cache_dir
 
     `train_fn(target, data, config, progress=, label=)` replaces `train` (DP fine-tuning calls `train` with
     its wrap and fills `stats.extra`, which is cached too); `key_extra` goes into the cache key."""
-    from safetensors.torch import load_model, save_model
-
     key = cache_key(base_sha=target.weights_sha256(), split=split, config=config, task=target.task, kind=kind,
                     extra=key_extra)
     folder = Path(cache_dir) / kind / key[:32]
+    # one process builds an entry at a time: a second one waits, then loads what the first wrote
+    with entry_lock(Path(cache_dir) / kind, key[:32]):
+        return _finetune_locked(target, split, config, key=key, folder=folder, progress=progress, label=label,
+                                train_fn=train_fn)
+
+
+def _finetune_locked(target: Any, split: Split, config: TrainConfig, *, key: str, folder: Path,
+                     progress: Callable[[str, int], Any] | None, label: str,
+                     train_fn: Callable[..., TrainStats] | None) -> tuple[TrainStats, bool, str]:
+    from safetensors.torch import load_model, save_model
+
     weights, meta_path = folder / "weights.safetensors", folder / "meta.json"
     if weights.exists() and meta_path.exists():
         base_state = {k: v.detach().clone() for k, v in target.model.state_dict().items()}
@@ -181,9 +191,7 @@ def finetune_cached(target: Any, split: Split, config: TrainConfig, *, cache_dir
         meta = {"key": key, "weights_sha256": target.weights_sha256(), "stats": asdict(stats),
                 "config": asdict(config), "member_count": int(len(split.member_idx))}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        publish_dir(tmp, folder)  # the old entry is renamed aside first: never a half-written folder
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

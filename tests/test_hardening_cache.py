@@ -129,3 +129,70 @@ def test_two_concurrent_runs_share_one_fine_tune_and_keep_separate_run_folders(t
     assert hits == [False, True]
     assert len({r["targets"]["cnn"]["weights_sha256"] for r in reports}) == 1
     assert len(list((tmp_path / "cache").rglob("weights.safetensors"))) == 1
+
+
+def test_finetune_cached_serializes_builders_of_one_entry_and_publishes_atomically(tmp_path):
+    """Every fine-tune that goes through the cache (recipe targets, reference models, DP and canary runs)
+    holds the entry's lock while it checks, trains and writes: a second builder waits, then loads."""
+    import threading
+
+    import numpy as np
+
+    from fmaudit.data import Dataset, Split
+    from fmaudit.training import TrainConfig, TrainStats, finetune_cached
+
+    class Tiny:
+        """The smallest target finetune_cached can work with."""
+
+        task = "text-classification"
+        device = "cpu"
+
+        def __init__(self):
+            import torch
+
+            torch.manual_seed(0)
+            self.model = torch.nn.Linear(2, 2)
+
+        def weights_sha256(self):
+            import hashlib
+
+            return hashlib.sha256(b"".join(v.detach().numpy().tobytes()
+                                           for v in self.model.state_dict().values())).hexdigest()
+
+        def weights_changed(self):
+            pass
+
+    ds = Dataset("d", "d", "text", ["a", "b", "c", "d"], np.array([0, 1, 0, 1]), texts=["a", "b", "c", "d"])
+    split = Split(ds, np.array([0, 1]), np.array([2, 3]), 0, 0.5)
+    calls, inside, overlap = [], [0], []
+    lock = threading.Lock()
+
+    def train_fn(target, data, config, progress=None, label=""):
+        import time
+
+        import torch
+
+        with lock:
+            inside[0] += 1
+            overlap.append(inside[0])
+        calls.append(1)
+        time.sleep(0.3)
+        with torch.no_grad():
+            target.model.weight.add_(1.0)
+        with lock:
+            inside[0] -= 1
+        return TrainStats(steps=1, examples_seen=2, duration_s=0.3)
+
+    results = []
+
+    def build():
+        results.append(finetune_cached(Tiny(), split, TrainConfig(seed=0), cache_dir=tmp_path, train_fn=train_fn))
+
+    threads = [threading.Thread(target=build) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and max(overlap) == 1  # trained once; nobody trained alongside
+    assert sorted(hit for _s, hit, _k in results) == [False, True, True]
+    assert not [p for p in (tmp_path / "finetune").iterdir() if p.name.startswith(".") and p.is_dir()]
