@@ -79,7 +79,7 @@ def legend_below(fig: go.Figure, names: Sequence[str] | None = None) -> go.Figur
     if names is None:
         names = [t.name for t in fig.data if t.name and t.showlegend is not False]
     names = [str(n) for n in names]
-    if not names:
+    if not names or (len(names) == 1 and fig.layout.showlegend is not True):  # plotly shows no legend for one trace
         fig.update_layout(showlegend=False)
         return fig
     one_row = sum(len(n) + 6 for n in names) <= LEGEND_ONE_ROW_CHARS

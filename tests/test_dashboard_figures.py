@@ -85,6 +85,8 @@ def test_bars_and_intervals_keep_the_legend_off_the_data():
     bars = F.bar_figure([{"x": "accuracy", "y": 0.9, "group": "bert (non-private)"},
                          {"x": "accuracy", "y": 0.8, "group": "bert-dp (private, DP)"}], "Utility", "fraction")
     assert_legend_below(bars)
+    one = F.bar_figure([{"x": "accuracy", "y": 0.9, "group": "bert"}], "Utility", "fraction")
+    assert one.layout.showlegend is False and one.layout.margin.b == F.AXIS_TITLE_PX  # no room kept for nothing
     intervals = F.interval_figure([{"label": "bert · rmia", "value": 0.7, "lo": 0.6, "hi": 0.8}], "AUC", "AUC")
     assert intervals.layout.showlegend is False
 
