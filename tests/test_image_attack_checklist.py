@@ -139,8 +139,10 @@ def test_masked_gradients_off_the_data_fire_three_flags(cnn, eval_set, tmp_path)
 
 
 def test_same_flags_stay_quiet_on_the_plain_cnn(cnn, eval_set, tmp_path):
-    out = ImageAttackAudit({"attacks": ["fgsm", {"name": "pgd", "steps": 10}], "epsilons": [0.05, 0.1, 0.2],
-                            "num_images": 0}).run(cnn, _ctx(tmp_path, eval_set))
+    out = ImageAttackAudit({"attacks": ["fgsm", {"name": "pgd", "steps": 10},
+                                        {"name": "cw", "steps": 100, "lr": 0.05, "binary_steps": 4, "c": 0.1}],
+                            "epsilons": [0.05, 0.1, 0.2], "num_images": 0}).run(cnn, _ctx(tmp_path, eval_set))
+    assert next(r for r in out.tables["attacks"] if r["label"] == "cw")["success_rate_unbounded"] == 1.0
     assert not [f.title for f in out.findings if f.severity in ("high", "medium")]
     large = out.tables["sanity"]["large_budget"]
     assert large["robust_accuracy"] <= large["chance"] and large["chance"] == pytest.approx(
@@ -157,12 +159,16 @@ def test_quantized_input_does_not_reach_chance(cnn, eval_set, tmp_path):
             return torch.round(x * 4) / 4
 
     target = _wrap(nn.Sequential(Quantize(), copy.deepcopy(cnn.model.inner)))
-    out = ImageAttackAudit({"attacks": ["fgsm"], "epsilons": [0.1], "num_images": 0}).run(
-        target, _ctx(tmp_path, eval_set))
+    out = ImageAttackAudit({"attacks": ["fgsm", {"name": "cw", "steps": 50, "binary_steps": 2, "c": 1.0}],
+                            "epsilons": [0.1], "num_images": 0}).run(target, _ctx(tmp_path, eval_set))
     large = out.tables["sanity"]["large_budget"]
     assert large["robust_accuracy"] == pytest.approx(out.metrics["clean_accuracy"].value)
     assert large["ci95"][0] > large["chance"]
-    assert any(f.title == "Accuracy does not reach chance at Linf epsilon 0.5" for f in out.findings)
+    titles = [f.title for f in out.findings]
+    assert "Accuracy does not reach chance at Linf epsilon 0.5" in titles
+    # ... and the unbounded attack (CW, zero gradients) breaks nothing: it must reach 100% (Carlini et al. 2019)
+    assert next(r for r in out.tables["attacks"] if r["label"] == "cw")["success_rate_unbounded"] < 0.5
+    assert "Unbounded cw does not break every example" in titles
     quiet = ImageAttackAudit({"attacks": ["fgsm"], "epsilons": [0.1], "num_images": 0, "large_budget": None}).run(
         target, _ctx(tmp_path, eval_set))
     assert "large_budget" not in quiet.tables["sanity"] and not any("chance" in f.title for f in quiet.findings)

@@ -19,8 +19,9 @@ after the model is on its final device, with the device read from the model's pa
 Sanity flags (findings), after AutoAttack's checks and Carlini et al. 2019's checklist (arXiv:1902.06705):
 outputs that look like probabilities, zero or non-finite input gradients, a black-box attack beating
 every white-box one, a single-step attack beating an iterative one, accuracy not reaching chance at a
-large budget (one Linf PGD run at epsilon 0.5 is added automatically), AutoAttack weaker than any other
-attack at the same budget, robust accuracy non-monotone (or flat) in epsilon.
+large budget (one Linf PGD run at epsilon 0.5 is added automatically), an unbounded (minimum-norm) attack
+not breaking every example, AutoAttack weaker than any other attack at the same budget, robust accuracy
+non-monotone (or flat) in epsilon.
 
 No torch / torchattacks import at module level: `fmaudit validate` and `fmaudit list` stay fast.
 """
@@ -550,6 +551,7 @@ class ImageAttackAudit(AuditModule):
                            description=f"Median L2 size of successful {lab} perturbations (examples correct when "
                                        "clean).")
                 row["success_rate_unbounded"] = float(fooled.sum() / max(1, clean_correct.sum()))
+                r["success_rate_unbounded"] = row["success_rate_unbounded"]
             table.append(row)
         out.tables["attacks"] = table
         worst = {}
@@ -664,6 +666,20 @@ class ImageAttackAudit(AuditModule):
                             f"{accs[0]:.3f} at epsilon {grid[0]:g} and {accs[-1]:.3f} at {grid[-1]:g}: budgets this "
                             "different should matter. Suspect gradient masking, or budgets far too small.",
                             metric=f"robust_accuracy.{lab}@{grid[-1]:g}")
+        # unbounded (minimum-norm) attacks must break every correctly classified example
+        correct = round(clean_acc * n)
+        for r in runs:
+            rate = r.get("success_rate_unbounded")
+            if rate is None or correct == 0:
+                continue
+            missed = correct - round(rate * correct)
+            if missed > max(1, math.ceil(0.01 * correct)):
+                out.finding("medium", f"Unbounded {r['label']} does not break every example",
+                            f"{r['label']} has no L2 budget, yet it broke only {rate:.1%} of the correctly classified "
+                            f"examples ({missed} left). An attack without a budget must reach 100% (Carlini et al. "
+                            "2019): give it more steps (CW: `steps`, `binary_steps`, a larger initial `c`; DeepFool: "
+                            "`steps`), or suspect masked gradients. Its robust accuracies understate the "
+                            "vulnerability.", metric=f"median_l2_perturbation.{r['label']}")
         points: dict[tuple[str, float], list[dict[str, Any]]] = {}
         for r in runs:
             for eps, acc in zip(r["epsilons"], r["acc"]):
