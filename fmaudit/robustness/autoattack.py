@@ -70,8 +70,13 @@ class _Reference:
         self.batch_size = batch_size
 
     def __call__(self, images, labels):
+        import warnings
+
         dev = self.aa.device
-        return self.aa.run_standard_evaluation(images.to(dev), labels.to(dev), bs=self.batch_size)
+        with warnings.catch_warnings():
+            # APGD builds nn.CrossEntropyLoss(reduce=False, reduction='none'): a deprecation notice per call.
+            warnings.filterwarnings("ignore", message="size_average and reduce args will be deprecated")
+            return self.aa.run_standard_evaluation(images.to(dev), labels.to(dev), bs=self.batch_size)
 
 
 def reference(model, *, norm: str, eps: float, n_classes: int, seed: int, batch_size: int = 250,
