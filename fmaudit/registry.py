@@ -27,6 +27,7 @@ BUILTIN_AUDITS: dict[str, str] = {
     "privacy.canary_audit": "fmaudit.audits.privacy.canary:CanaryAudit",
     "robustness.text_attack": "fmaudit.audits.robustness.text_attack:TextAttackAudit",
     "robustness.image_attack": "fmaudit.audits.robustness.image_attack:ImageAttackAudit",
+    "robustness.certify": "fmaudit.audits.robustness.certify:CertifyAudit",
     "privacy.membership": "fmaudit.audits.privacy.membership:MembershipAudit",
     "privacy.dp_finetune": "fmaudit.audits.privacy.dp_finetune:DPFinetuneAudit",
     "explain.attribution": "fmaudit.audits.explain.attribution:AttributionAudit",
