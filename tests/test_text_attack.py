@@ -77,6 +77,12 @@ def test_deepwordbug_successes_flip_the_target(trained_bert, tmp_path):
         assert text != _unmark(e["original_text"])
     thresholds = {c["constraint"]: c for c in out.tables["constraints"]}
     assert thresholds["LevenshteinEditDistance"]["max_edit_distance"] == 30
+    # a healthy target: predictions in both classes, accuracy above the majority baseline, no degenerate finding
+    pred = out.tables["predictions"]
+    assert pred["degenerate"] is False and sum(pred["predicted_class_counts"].values()) == m["num_examples"]
+    assert min(pred["predicted_class_counts"].values()) > 0
+    assert m["top_predicted_class_share"] < 0.9 and m["clean_accuracy"] > m["majority_baseline"] + 0.05
+    assert not any(f.title.startswith("Degenerate target") for f in out.findings)
     assert 0 < m["avg_queries"] <= 2000
 
 

@@ -30,7 +30,8 @@ class TextAttackAudit(AuditModule):
     requires = frozenset({"text", "classifier", "logits"})
     metric_names = ("clean_accuracy", "accuracy_under_attack", "attack_success_rate", "avg_perturbed_word_pct",
                     "avg_queries", "wall_time_per_example_s", "num_examples", "num_attacked", "num_skipped",
-                    "num_successes", "num_failed", "num_verified", "num_unverified", "num_budget_exhausted")
+                    "num_successes", "num_failed", "num_verified", "num_unverified", "num_budget_exhausted",
+                    "majority_baseline", "top_predicted_class_share")
 
     class Params(AuditParams):
         attack: str = Field(default="deepwordbug", description=(
@@ -152,6 +153,13 @@ class TextAttackAudit(AuditModule):
                    description="Mean model queries per attacked example (TextAttack's count).")
         out.metric("wall_time_per_example_s", total_s / n, higher_is_better=False, unit="seconds",
                    description="Attack wall time per example in the sample (skipped ones included).")
+        deg = degeneracy(summary["rows"], labels, getattr(target, "num_labels", None),
+                         getattr(data, "label_names", None) or getattr(target, "label_names", None))
+        out.metric("majority_baseline", deg["majority_baseline"], higher_is_better=None, unit="fraction",
+                   description="Accuracy of always predicting the most frequent true label of the sample.")
+        out.metric("top_predicted_class_share", deg["top_predicted_class_share"], higher_is_better=None,
+                   unit="fraction", description="Share of the sample the target assigns to its most predicted class "
+                                                "(before any edit).")
         for key in ("num_attacked", "num_skipped", "num_successes", "num_failed", "num_verified", "num_unverified",
                     "num_budget_exhausted"):
             out.metric(key, summary[key], unit="examples")
@@ -168,6 +176,7 @@ class TextAttackAudit(AuditModule):
             "model_forward_inputs": wrapper.num_inputs, **info,
         }
         out.tables["constraints"] = engine.constraint_table(attack)
+        out.tables["predictions"] = deg["table"]
         out.tables["evaluated_on"] = {"dataset": ctx.data.name, "subset": choice, "num_examples": n}
         out.tables["verification"] = {
             "claimed_successes": summary["num_claimed"], "verified": summary["num_verified"],
@@ -188,11 +197,23 @@ class TextAttackAudit(AuditModule):
                         "are counted as failures", metric="num_unverified")
         if rate is not None and not reduction:
             sev = "high" if rate >= 0.5 else "medium" if rate >= 0.2 else "low" if rate > 0 else "info"
-            out.finding(sev, f"{p.attack} flips {rate:.0%} of correctly classified examples",
+            out.finding(sev, f"{p.attack} flips {rate:.0%} of correctly classified examples"
+                        + (" (degenerate target: not evidence of robustness)" if deg["reasons"] else ""),
                         f"{summary['num_successes']} of {summary['num_attacked']} attacked examples (budget "
                         f"{p.query_budget} queries, {summary['avg_queries'] or 0:.0f} used on average); accuracy "
                         f"{summary['clean_correct'] / n:.3f} -> {(summary['num_attacked'] - summary['num_successes']) / n:.3f}",
                         metric="attack_success_rate")
+        if deg["reasons"]:
+            # A (near-)constant classifier cannot be flipped on most examples: a low success rate is no evidence
+            # of robustness.
+            near_constant = deg["top_predicted_class_share"] >= DEGENERATE_TOP_SHARE
+            out.finding("high" if near_constant else "medium",
+                        "Degenerate target: this attack result says nothing about robustness",
+                        "; ".join(deg["reasons"]) + ". A target that (nearly) always predicts one class, or is no more "
+                        "accurate than doing so, is attacked only where its constant guess happens to be right, so "
+                        "its success rate reflects the class balance of the sample, not robustness. Fix or retrain the target (or "
+                        "attack a sample it classifies well) before reading the attack numbers",
+                        metric="top_predicted_class_share" if near_constant else "clean_accuracy")
         if summary["num_budget_exhausted"]:
             out.finding("info", f"query budget exhausted on {summary['num_budget_exhausted']} examples",
                         "those attacks stopped early; a larger query_budget may find more successes",
@@ -201,6 +222,41 @@ class TextAttackAudit(AuditModule):
             out.finding("medium", "Nothing to attack: the target misclassifies every sampled example",
                         metric="num_attacked")
         return out
+
+
+DEGENERATE_TOP_SHARE = 0.9  # one class takes at least this share of the predictions
+DEGENERATE_ACC_MARGIN = 0.05  # clean accuracy at most this far above the majority baseline
+
+
+def degeneracy(rows: list[dict[str, Any]], labels: list[int], num_labels: int | None,
+               label_names: list[str] | None) -> dict[str, Any]:
+    """Predicted-class distribution of the sample, the majority baseline of its true labels, and why (if at all)
+    the target looks degenerate: clean accuracy within `DEGENERATE_ACC_MARGIN` of the majority baseline, or one
+    class taking >= `DEGENERATE_TOP_SHARE` of the predictions. Needs at least 2 classes among the true labels
+    for the accuracy test (a single-class sample has majority baseline 1 and is reported as such)."""
+    n = len(rows)
+    k = max([num_labels or 0] + [r["orig_pred"] + 1 for r in rows] + [y + 1 for y in labels])
+    pred = np.bincount([r["orig_pred"] for r in rows], minlength=k) if n else np.zeros(k, dtype=int)
+    true = np.bincount(labels, minlength=k) if n else np.zeros(k, dtype=int)
+    names = [label_names[i] if label_names and i < len(label_names) else str(i) for i in range(k)]
+    acc = float(np.mean([r["orig_pred"] == y for r, y in zip(rows, labels)])) if n else 0.0
+    majority = float(true.max() / n) if n else 0.0
+    top = float(pred.max() / n) if n else 0.0
+    reasons = []
+    if n:
+        if top >= DEGENERATE_TOP_SHARE:
+            reasons.append(f"the target predicts {names[int(pred.argmax())]!r} for {top:.0%} of the {n} sampled "
+                           f"examples")
+        if acc <= majority + DEGENERATE_ACC_MARGIN:
+            reasons.append(f"clean accuracy {acc:.3f} is within {DEGENERATE_ACC_MARGIN:.2f} of the majority "
+                           f"baseline {majority:.3f} (always predicting {names[int(true.argmax())]!r})")
+    table = {"predicted_class_counts": {names[i]: int(pred[i]) for i in range(k)},
+             "true_class_counts": {names[i]: int(true[i]) for i in range(k)},
+             "clean_accuracy": acc, "majority_baseline": majority, "top_predicted_class_share": top,
+             "degenerate": bool(reasons),
+             "rule": (f"degenerate when one class takes >= {DEGENERATE_TOP_SHARE:.0%} of the predictions or clean "
+                      f"accuracy <= majority baseline + {DEGENERATE_ACC_MARGIN:.2f}")}
+    return {"majority_baseline": majority, "top_predicted_class_share": top, "reasons": reasons, "table": table}
 
 
 def _needs_resources(attack: str) -> bool:
