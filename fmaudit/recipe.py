@@ -291,18 +291,22 @@ def _yaml_loader() -> type:
 def check_yaml_limits(text: str) -> Problem | None:
     """Walk the YAML event stream once (no objects built, no recursion) and return a problem when the
     document nests deeper than MAX_YAML_DEPTH or expands (aliases included) to more than MAX_YAML_NODES
-    nodes. Stops at the first limit exceeded, so hostile input costs at most one linear scan."""
+    nodes, or holds a recursive alias (one inside the collection it names: the document would contain itself,
+    and everything that walks it would recurse forever). Stops at the first limit exceeded, so hostile input
+    costs at most one linear scan."""
     if len(text) > MAX_RECIPE_BYTES:
         return Problem("", f"the recipe is {len(text):,} characters; recipes are limited to "
                            f"{MAX_RECIPE_BYTES:,} bytes (a real recipe is a few KiB)")
     stack: list[list[Any]] = [[0, None, None]]  # per open collection: [expanded size, anchor, start line]
-    anchors: dict[str, int] = {}
+    anchors: dict[str, int | None] = {}  # None: the anchored collection is still open
     for ev in yaml.parse(text, Loader=_yaml_loader()):
         if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
             if len(stack) > MAX_YAML_DEPTH:
                 return Problem("", f"the recipe nests deeper than {MAX_YAML_DEPTH} levels; recipes are "
                                    "limited to that depth", ev.start_mark.line + 1)
             stack.append([1, ev.anchor, ev.start_mark.line + 1])
+            if ev.anchor is not None:
+                anchors[ev.anchor] = None
             continue
         if isinstance(ev, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
             size, anchor, _ = stack.pop()
@@ -313,7 +317,11 @@ def check_yaml_limits(text: str) -> Problem | None:
             if ev.anchor is not None:
                 anchors[ev.anchor] = 1
         elif isinstance(ev, yaml.AliasEvent):
-            size = anchors.get(ev.anchor, 1)  # an unknown anchor: the composer reports it
+            if ev.anchor in anchors and anchors[ev.anchor] is None:
+                return Problem("", f"the alias *{ev.anchor} is inside the collection &{ev.anchor} it repeats: a "
+                                   "recursive document, refused (a recipe cannot contain itself)",
+                               ev.start_mark.line + 1)
+            size = anchors.get(ev.anchor) or 1  # an unknown anchor: the composer reports it
         else:
             continue
         stack[-1][0] += size
