@@ -186,3 +186,48 @@ def test_runs_stopped_by_signals_at_every_point_resume_to_the_uninterrupted_metr
     ref = load_report(next((tmp_path / "ref-reports").iterdir()))
     assert _metrics(final) == _metrics(ref)
     assert final.targets["bert"].weights_sha256 == ref.targets["bert"].weights_sha256
+
+
+def test_event_log_keeps_the_lines_after_a_torn_one(tmp_path):
+    """A kill mid-line leaves one bad line; a resumed run's events after it are still read."""
+    from fmaudit.report import AuditResult
+
+    log = EventLog(tmp_path / "events.jsonl")
+    a = AuditResult(unit_id="0:u@t", audit_index=0, module="u", target="t", status="ok")
+    b = AuditResult(unit_id="1:u@t", audit_index=1, module="u", target="t", status="ok")
+    log.emit("audit_result", unit_id=a.unit_id, result=a.model_dump(mode="json"))
+    with open(log.path, "ab") as fh:
+        fh.write('{"entry_type": "audit_result", "note": "caf\u00e9'.encode()[:-1])  # cut inside a character
+    log.emit("run_resumed", run_id="r")
+    log.emit("audit_result", unit_id=b.unit_id, result=b.model_dump(mode="json"))
+    assert [e["entry_type"] for e in log.read()] == ["audit_result", "run_resumed", "audit_result"]
+    assert list(log.completed_results()) == ["0:u@t", "1:u@t"]
+
+
+def test_interrupts_hold_signals_inside_critical_sections():
+    import threading
+
+    from fmaudit.runner import Interrupts
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals are delivered to the main thread only")
+    guard = Interrupts().install()
+    try:
+        inside_done = False
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            with guard.critical():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # the handler has run by now: the signal is held, not raised
+                inside_done = True
+        assert inside_done
+        with guard.critical(honour=False):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        assert guard.pending == signal.SIGINT  # left to the caller
+        guard.pending = None
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    finally:
+        guard.restore()
+    assert signal.getsignal(signal.SIGTERM) != guard._handle  # restored
