@@ -205,6 +205,10 @@ def test_constant_classifier_is_certified_at_every_radius(tmp_path, eval_set):
     other = CertifyAudit({**SMALL, "radii": [0, 0.1], "attack": False}).run(target, _ctx(tmp_path, eval_set))
     frac3 = float((eval_set.labels == 3).mean())
     assert other.metrics["certified_accuracy@0"].value == pytest.approx(frac3)
+    # without the attack there is no upper bound to compare with: no empirical metrics, no invariant verdict
+    assert other.metrics["num_invariant_violations"].value is None and "invariant" not in other.tables
+    assert not [k for k in other.metrics if k.startswith("empirical_robust_accuracy")]
+    assert set(other.curves) == {"certified_accuracy"}
 
 
 def _linear_problem(distances):

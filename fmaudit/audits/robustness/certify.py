@@ -464,9 +464,11 @@ class CertifyAudit(AuditModule):
             if inv_invalid:
                 out.finding("high", "The PGD attack returned points outside its L2 ball or [0, 1]",
                             f"{inv_invalid} adversarial points failed the threat-model check and were not counted.")
-        out.metric("num_invariant_violations", violations, higher_is_better=False, unit="radii",
+        out.metric("num_invariant_violations", violations if attack is not None else None, higher_is_better=False,
+                   unit="radii",
                    description="Radii at which certified accuracy exceeds the empirical robust accuracy by more than "
-                               "the certificates' failure allowance (and PREDICT's abstentions).")
+                               "the certificates' failure allowance (and PREDICT's abstentions); empty when the "
+                               "attack is off (nothing to compare with).")
         for r in radii:
             row = {"radius": r, "certified_accuracy": float(certified[r].mean()),
                    "certified_accuracy_ci95": list(ci(int(certified[r].sum()), n) or ())}
