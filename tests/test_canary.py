@@ -70,6 +70,17 @@ def test_memorizing_model_gives_positive_bound_and_canaries_do_not_leak(tiny_ber
     assert canary.status == "ok", canary.error
     assert canary.metrics["epsilon_lb"].value > 0.0
     assert canary.metrics["canary_auc"].value > 0.7
+    # both analyses, the tighter one as headline, recomputable from the recorded numbers (issue 14)
+    rec = canary.tables["bound"]
+    from fmaudit.privacy.audit_bound import bounds
+
+    again = bounds(m=rec["m"], r=rec["r"], v=rec["v"], delta=rec["delta"], confidence=rec["confidence"])
+    assert again["epsilon_lb_sjn"] == canary.metrics["epsilon_lb_sjn"].value
+    assert again["epsilon_lb_fdp"] == canary.metrics["epsilon_lb_fdp"].value
+    assert canary.metrics["epsilon_lb"].value == again["epsilon_lb"]
+    assert rec["guess_selection"] == "holdout" and rec["m"] + len(rec["held_out_ids"]) == 40
+    assert {e["id"] for e in canary.evidence if e["held_out"]} == set(rec["held_out_ids"])
+    assert canary.metrics["guesses"].value == rec["r"] and canary.metrics["correct_guesses"].value == rec["v"]
     # Canaries never leak: the audited target, its cached fine-tune and later modules' data are untouched.
     assert {k: m.value for k, m in before.metrics.items()} == {k: m.value for k, m in after.metrics.items()}
     assert before.tables["evaluated_on"] == after.tables["evaluated_on"]

@@ -15,7 +15,8 @@ import pytest
 
 from conftest import make_sentences
 from fmaudit.data import Dataset
-from fmaudit.privacy.canary import canary_audit, canary_findings
+from fmaudit.privacy.audit_bound import bounds
+from fmaudit.privacy.canary import canary_audit, canary_findings, holdout_split
 
 SCENARIO = {"epochs": 12, "batch_size": 8, "delta": 1e-5, "max_grad_norm": 1.0, "lr": 5e-3, "weight_decay": 0.0,
             "accountant": "rdp", "trainable": "all", "n_layers": 2, "clipping": "ghost"}
@@ -71,3 +72,26 @@ def test_mis_accounted_run_triggers_the_critical_finding(runs):
     # the run's own (honest) accounting for multiplier 1e-6 is astronomically large and not contradicted
     assert broken.accountant_epsilon > 1e6 and broken.epsilon_lb <= broken.accountant_epsilon
 
+
+
+def test_both_bounds_recompute_from_the_record(runs):
+    """Issue 14: the report records (m, num_included, r, v, delta, confidence, guess_selection, held-out ids);
+    both bounds follow from it, and the headline is the tighter one."""
+    honest, broken = runs
+    for res in (honest, broken):
+        rec = res.record
+        assert rec["guess_selection"] == res.guess_selection == "holdout"  # the default
+        held = holdout_split(200, 0, 0.3)
+        assert rec["held_out_ids"] == [res.canary_ids[i] for i in np.flatnonzero(held)]
+        assert rec["m"] == 200 - held.sum() == 140 and rec["confidence"] == 0.95
+        assert rec["num_included"] == int(res.included[~held].sum())
+        assert (rec["r"], rec["v"]) == (res.guesses, res.correct)
+        again = bounds(m=rec["m"], r=rec["r"], v=rec["v"], delta=rec["delta"], confidence=rec["confidence"])
+        assert again["epsilon_lb_sjn"] == res.epsilon_lb_sjn == rec["epsilon_lb_sjn"]
+        assert again["epsilon_lb_fdp"] == res.epsilon_lb_fdp == rec["epsilon_lb_fdp"]
+        assert res.epsilon_lb == max(res.epsilon_lb_sjn, res.epsilon_lb_fdp)
+        assert res.epsilon_lb <= res.epsilon_lb_ceiling
+    print(f"honest: lb {honest.epsilon_lb:.3f} (sjn {honest.epsilon_lb_sjn:.3f}, fdp {honest.epsilon_lb_fdp:.3f}), "
+          f"acct {honest.accountant_epsilon:.3f}, ceiling {honest.epsilon_lb_ceiling:.3f}, auc {honest.canary_auc:.2f}; "
+          f"broken: lb {broken.epsilon_lb:.3f} (sjn {broken.epsilon_lb_sjn:.3f}, fdp {broken.epsilon_lb_fdp:.3f}) "
+          f"r {broken.guesses} v {broken.correct} auc {broken.canary_auc:.2f}")

@@ -130,3 +130,132 @@ def epsilon_lb_ceiling(*, m: int, delta: float, confidence: float = 0.95, guess_
     included[:n_in] = True
     return ceiling(included, delta=delta, confidence=confidence, guess_counts=guess_counts)["best"][
         "epsilon_lb_corrected"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Both analyses on the same guesses, and how the number of guesses is chosen
+
+
+def bounds(*, m: int, r: int, v: int, delta: float, confidence: float) -> dict:
+    """Both lower bounds for v correct of r guesses over m canaries at `confidence`:
+    epsilon_lb_sjn (Steinke-Nasr-Jagielski, any (eps, delta)-DP mechanism), epsilon_lb_fdp and mu_lb
+    (Mahloujifar-Melis-Chaudhuri, Gaussian-DP family; fmaudit.privacy.fdp_bound), and the tighter of the two
+    as epsilon_lb (with `bound` naming it). Both are threshold tests on the same v with the same r, so the
+    larger one errs only when one of the two tests does on its own: the maximum keeps the confidence."""
+    from fmaudit.privacy import fdp_bound
+
+    sjn = epsilon_lower_bound(m=m, r=r, v=v, delta=delta, confidence=confidence)
+    mu = fdp_bound.mu_lower_bound(m=m, r=r, v=v, confidence=confidence)
+    fdp = fdp_bound.gdp_epsilon(mu, delta)
+    return {"epsilon_lb_sjn": sjn, "epsilon_lb_fdp": fdp, "mu_lb": mu, "epsilon_lb": max(sjn, fdp),
+            "bound": "fdp" if fdp > sjn else "sjn"}
+
+
+def guess_count(fraction: float, m: int) -> int:
+    """r for a guess fraction of m canaries: round(fraction * m), at least 1 and at most m."""
+    return int(min(m, max(1, int(round(fraction * m)))))
+
+
+def grid_rows(scores: np.ndarray, included: np.ndarray, *, fractions: list[float], delta: float,
+              confidence: float) -> list[dict]:
+    """One row per distinct r = round(f m) (f in `fractions`, ascending) on these canaries: the guesses and both
+    bounds at `confidence`."""
+    m = len(scores)
+    rows, seen = [], set()
+    for f in sorted(fractions):
+        r = guess_count(f, m)
+        if r in seen:
+            continue
+        seen.add(r)
+        g = guess(scores, included, r)
+        rows.append({"fraction": f, "m": m, "r": g.r, "v": g.v, "k_plus": g.k_plus, "k_minus": g.k_minus,
+                     **bounds(m=m, r=g.r, v=g.v, delta=delta, confidence=confidence)})
+    return rows
+
+
+def audit(scores: np.ndarray, included: np.ndarray, *, delta: float, confidence: float,
+          guess_fractions: list[float] | tuple[float, ...], selection: str = "holdout",
+          holdout: np.ndarray | None = None) -> dict:
+    """The audit's headline: both bounds (`bounds`) at one number of guesses, chosen by `selection`:
+
+    - "bonferroni": every r = round(f m) of the grid is tried on all m canaries, each at confidence
+      1 - (1 - confidence) / len(grid); the best r is reported (valid over the grid).
+    - "holdout": `holdout` (a boolean mask) marks the canaries used only to choose the guess fraction: on them,
+      each fraction's headline bound is computed at `confidence` and the best fraction f is kept (ties: the
+      smaller); the bound is then computed once, on the other canaries only (m' of them, r = round(f m')),
+      at `confidence`, with no correction.
+
+    Returns the recorded numbers (m, num_included, r, v, k_plus, k_minus, delta, test_confidence: what the bound
+    was computed at) with both bounds, plus `rows` (the grid as tried: on all canaries for bonferroni, on the
+    held-out ones for holdout), and for holdout the chosen fraction and the audited canaries' indices."""
+    scores = np.asarray(scores, dtype=np.float64)
+    included = np.asarray(included, dtype=bool)
+    fractions = sorted({float(f) for f in guess_fractions})
+    if not fractions or any(not 0 < f <= 1 for f in fractions):
+        raise ValueError("guess_fractions must be non-empty and lie in (0, 1]")
+
+    def tried(idx: np.ndarray, conf: float) -> list[dict]:
+        return grid_rows(scores[idx], included[idx], fractions=fractions, delta=delta, confidence=conf)
+
+    m_all = len(scores)
+    if selection == "bonferroni":
+        n_grid = len({guess_count(f, m_all) for f in fractions})
+        conf = 1.0 - (1.0 - confidence) / n_grid
+        rows = tried(np.arange(m_all), conf)
+        best = max(rows, key=lambda row: (row["epsilon_lb"], -row["r"]))
+        return {**best, "selection": "bonferroni", "delta": delta, "confidence": confidence,
+                "test_confidence": conf, "num_included": int(included.sum()), "rows": rows,
+                "audited": list(range(m_all)), "held_out": []}
+    if selection != "holdout":
+        raise ValueError(f"selection must be 'holdout' or 'bonferroni', got {selection!r}")
+    if holdout is None:
+        raise ValueError("selection='holdout' needs the held-out mask")
+    holdout = np.asarray(holdout, dtype=bool)
+    if holdout.shape != included.shape:
+        raise ValueError("holdout mask and canaries differ in length")
+    sel, aud = np.flatnonzero(holdout), np.flatnonzero(~holdout)
+    if len(sel) < 1 or len(aud) < 1:
+        raise ValueError("the holdout split must leave canaries on both sides")
+    rows = tried(sel, confidence)
+    chosen = max(rows, key=lambda row: (row["epsilon_lb"], -row["r"]))["fraction"]
+    r = guess_count(chosen, len(aud))
+    g = guess(scores[aud], included[aud], r)
+    return {"fraction": chosen, "m": len(aud), "r": g.r, "v": g.v, "k_plus": g.k_plus, "k_minus": g.k_minus,
+            **bounds(m=len(aud), r=g.r, v=g.v, delta=delta, confidence=confidence),
+            "selection": "holdout", "delta": delta, "confidence": confidence, "test_confidence": confidence,
+            "num_included": int(included[aud].sum()), "rows": rows, "audited": aud.tolist(),
+            "held_out": sel.tolist()}
+
+
+def procedure_ceiling(included: np.ndarray, *, delta: float, confidence: float,
+                      guess_fractions: list[float] | tuple[float, ...], selection: str = "holdout",
+                      holdout: np.ndarray | None = None) -> dict:
+    """The largest headline this audit could report, for the same inclusion draw, guess fractions, selection
+    procedure, holdout split, delta and confidence: a PERFECT attack (every included canary scored above every
+    excluded one) gets the most correct guesses possible at every r, and both bounds grow with v.
+
+    bonferroni: `audit` on perfect scores. holdout: the held-out canaries may make any fraction win, so the
+    ceiling is the best, over the fractions, of the perfect attack's bound on the audited canaries (this can
+    exceed what the perfect attack itself would choose when the two parts' inclusion draws are unbalanced
+    differently). Each analysis's own ceiling (epsilon_lb_sjn, epsilon_lb_fdp) is its best over the same rows."""
+    included = np.asarray(included, dtype=bool)
+    perfect = included.astype(np.float64)
+    if selection != "holdout":
+        out = audit(perfect, included, delta=delta, confidence=confidence, guess_fractions=guess_fractions,
+                    selection=selection, holdout=holdout)
+        out["epsilon_lb_sjn"] = max(row["epsilon_lb_sjn"] for row in out["rows"])
+        out["epsilon_lb_fdp"] = max(row["epsilon_lb_fdp"] for row in out["rows"])
+        return out
+    if holdout is None:
+        raise ValueError("selection='holdout' needs the held-out mask")
+    holdout = np.asarray(holdout, dtype=bool)
+    aud = ~holdout
+    # the audited canaries alone, every fraction tried (at the stated confidence: one r is used in the end)
+    rows = grid_rows(perfect[aud], included[aud], fractions=sorted({float(f) for f in guess_fractions}), delta=delta,
+                     confidence=confidence)
+    best = max(rows, key=lambda row: (row["epsilon_lb"], -row["r"]))
+    return {**best, "selection": "holdout", "delta": delta, "confidence": confidence,
+            "test_confidence": confidence, "num_included": int(included[aud].sum()), "rows": rows,
+            "audited": np.flatnonzero(aud).tolist(), "held_out": np.flatnonzero(holdout).tolist(),
+            "epsilon_lb_sjn": max(row["epsilon_lb_sjn"] for row in rows),
+            "epsilon_lb_fdp": max(row["epsilon_lb_fdp"] for row in rows)}

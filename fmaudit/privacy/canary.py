@@ -11,7 +11,12 @@ Carlini et al. 2019.
 
 Every random choice draws from its own stream (fmaudit.seeds): which examples become canaries
 (CANARY_MAKE), which canaries are included (CANARY_INCLUDE: independent of the choice), exposure candidates
-(CANARY_EXPOSURE) and the canary run's training seed (CANARY_TRAIN).
+(CANARY_EXPOSURE), the canary run's training seed (CANARY_TRAIN) and the canaries held out to choose the number
+of guesses (CANARY_GUESS_SPLIT, guess_selection="holdout").
+
+The bound: both the Steinke-Nasr-Jagielski and the f-DP (Mahloujifar-Melis-Chaudhuri, Gaussian family) analyses
+of the same guesses, the tighter as headline; `result.record` holds what recomputes both
+(fmaudit.privacy.audit_bound.bounds).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ SECRET_PREFIX = "my secret code is"
 
 @dataclass
 class CanaryAuditResult:
-    epsilon_lb: float                     # headline: valid over the whole guess grid (Bonferroni)
+    epsilon_lb: float                     # headline: the tighter of epsilon_lb_sjn and epsilon_lb_fdp
     confidence: float
     delta: float
     num_canaries: int
@@ -60,6 +65,17 @@ class CanaryAuditResult:
     claimed_epsilon: float | None = None  # compared instead of the accountant's, when given
     rerun: dict[str, Any] = field(default_factory=dict)  # what was trained: procedure, settings, defaults used
     guess_grid: list[int] = field(default_factory=list)
+    # Both analyses on the same guesses (fmaudit.privacy.audit_bound.bounds), and how r was chosen.
+    epsilon_lb_sjn: float = float("nan")  # Steinke-Nasr-Jagielski: any (eps, delta)-DP mechanism
+    epsilon_lb_fdp: float = float("nan")  # Mahloujifar-Melis-Chaudhuri f-DP, Gaussian family (see fdp_bound)
+    mu_lb: float = float("nan")           # the GDP mu behind epsilon_lb_fdp
+    bound: str = "sjn"                    # which analysis gave the headline
+    guess_selection: str = "bonferroni"   # "holdout" or "bonferroni"
+    # Everything needed to recompute both bounds: m, num_included, r, v, k_plus, k_minus, delta, confidence
+    # (what the bound was computed at), guess_selection, guess_fraction, held_out_ids (canaries that only chose r).
+    record: dict[str, Any] = field(default_factory=dict)
+    ceiling_sjn: float = float("nan")     # each analysis's perfect-attack bound under the same procedure
+    ceiling_fdp: float = float("nan")
 
     @property
     def reference_epsilon(self) -> float | None:
@@ -125,6 +141,18 @@ def inclusion_vector(m: int, seed: int) -> np.ndarray:
     """Which of the m canaries are included in training: independent Bernoulli(1/2) draws from the
     CANARY_INCLUDE stream, so inclusion is independent of which examples became canaries."""
     return stream_rng(seed, Stream.CANARY_INCLUDE).random(int(m)) < 0.5
+
+
+def holdout_split(m: int, seed: int, fraction: float) -> np.ndarray:
+    """Which of the m canaries are held out to choose the number of guesses (True) rather than audited: a
+    uniform sample of round(fraction m) of them (at least 1, at most m - 1), from the CANARY_GUESS_SPLIT stream
+    (independent of the canary choice and of the inclusion draw)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"holdout_fraction must be in (0, 1), got {fraction}")
+    k = int(min(m - 1, max(1, round(fraction * m))))
+    mask = np.zeros(int(m), dtype=bool)
+    mask[stream_rng(seed, Stream.CANARY_GUESS_SPLIT).choice(int(m), size=k, replace=False)] = True
+    return mask
 
 
 def concat(a: Dataset, b: Dataset, name: str) -> Dataset:
@@ -255,6 +283,7 @@ def canary_audit(*, base: Any, members: Dataset, train: dict[str, Any], num_cana
                  kind: str | None = None, pool: Dataset | None = None, dp: dict[str, Any] | None = None,
                  score: Literal["loss", "loss_delta"] = "loss_delta", delta: float | None = None,
                  confidence: float = 0.95, guess_fractions: tuple[float, ...] = (0.05, 0.1, 0.2, 0.5, 1.0),
+                 guess_selection: Literal["holdout", "bonferroni"] = "holdout", holdout_fraction: float = 0.3,
                  secret_digits: int = 6, exposure_candidates: int = 300, seed: int = 0,
                  claimed_epsilon: float | None = None, cache_dir: str | Path | None = None,
                  progress: Callable[[str, int], Any] | None = None) -> CanaryAuditResult:
@@ -271,12 +300,18 @@ def canary_audit(*, base: Any, members: Dataset, train: dict[str, Any], num_cana
     delta: DP runs: must be the run's own delta (the default); anything else raises ValueError.
     claimed_epsilon: compare the bound with this epsilon instead of the canary run's accountant (a vendor's
         claim for this procedure, or a known-answer test that mis-states the accounting on purpose).
+    guess_selection: "holdout" (default): round(holdout_fraction m) canaries, drawn from CANARY_GUESS_SPLIT,
+        only choose the guess fraction; the bound uses the others with that single r, uncorrected.
+        "bonferroni": every r of the grid on all canaries, Bonferroni-corrected (fmaudit.privacy.audit_bound.audit).
     """
-    from fmaudit.privacy.audit_bound import audit_curve, ceiling
+    from fmaudit.privacy.audit_bound import audit, procedure_ceiling
     from fmaudit.training import TrainConfig, default_cache_dir, finetune_cached
 
     if num_canaries < 10:
         raise ValueError("use at least 10 canaries")
+    if guess_selection not in ("holdout", "bonferroni"):
+        raise ValueError(f"guess_selection must be 'holdout' or 'bonferroni', got {guess_selection!r}")
+    held_out = holdout_split(num_canaries, seed, holdout_fraction) if guess_selection == "holdout" else None
     problem = check_delta(delta, dp)
     if problem:
         raise ValueError(problem)
@@ -333,21 +368,31 @@ def canary_audit(*, base: Any, members: Dataset, train: dict[str, Any], num_cana
     trained_losses = model.per_example_loss(canaries)
     scores = (base_losses - trained_losses) if base_losses is not None else -trained_losses
     m = num_canaries
-    grid = [max(1, int(round(f * m))) for f in guess_fractions]
-    curve = audit_curve(scores, included, delta=delta, confidence=confidence, guess_counts=grid)
-    best = curve["best"]
-    top = ceiling(included, delta=delta, confidence=confidence, guess_counts=grid)["best"]
+    head = audit(scores, included, delta=delta, confidence=confidence, guess_fractions=guess_fractions,
+                 selection=guess_selection, holdout=held_out)
+    top = procedure_ceiling(included, delta=delta, confidence=confidence, guess_fractions=guess_fractions,
+                            selection=guess_selection, holdout=held_out)
     from sklearn.metrics import roc_auc_score
 
     auc = float(roc_auc_score(included, scores)) if 0 < included.sum() < m else None
+    ids = list(canaries.ids)
+    record = {k: head[k] for k in ("m", "num_included", "r", "v", "k_plus", "k_minus", "delta")}
+    record.update(confidence=head["test_confidence"], stated_confidence=confidence, guess_selection=guess_selection,
+                  guess_fraction=head["fraction"], guess_fractions=sorted({float(f) for f in guess_fractions}),
+                  holdout_fraction=holdout_fraction if held_out is not None else None,
+                  held_out_ids=[ids[i] for i in head["held_out"]], num_canaries_total=m,
+                  epsilon_lb_sjn=head["epsilon_lb_sjn"], epsilon_lb_fdp=head["epsilon_lb_fdp"], mu_lb=head["mu_lb"])
     result = CanaryAuditResult(
-        epsilon_lb=best["epsilon_lb_corrected"], confidence=confidence, delta=delta, num_canaries=m,
-        num_included=int(included.sum()), guesses=best["r"], correct=best["v"], rows=curve["rows"], scores=scores,
-        included=included, canary_ids=list(canaries.ids), kind=kind, score=score, accountant_epsilon=accountant_eps,
+        epsilon_lb=head["epsilon_lb"], confidence=confidence, delta=delta, num_canaries=m,
+        num_included=int(included.sum()), guesses=head["r"], correct=head["v"], rows=head["rows"], scores=scores,
+        included=included, canary_ids=ids, kind=kind, score=score, accountant_epsilon=accountant_eps,
         dp=dp_params, train_seconds=train_seconds, cache_hit=hit, canary_auc=auc, notes=notes,
-        epsilon_lb_ceiling=top["epsilon_lb_corrected"], ceiling_guesses=top["r"],
+        epsilon_lb_ceiling=top["epsilon_lb"], ceiling_guesses=top["r"],
         claimed_epsilon=None if claimed_epsilon is None else float(claimed_epsilon), rerun=rerun,
-        guess_grid=sorted({r["r"] for r in curve["rows"]}))
+        guess_grid=sorted({r["r"] for r in head["rows"]}), epsilon_lb_sjn=head["epsilon_lb_sjn"],
+        epsilon_lb_fdp=head["epsilon_lb_fdp"], mu_lb=head["mu_lb"], bound=head["bound"],
+        guess_selection=guess_selection, record=record, ceiling_sjn=top["epsilon_lb_sjn"],
+        ceiling_fdp=top["epsilon_lb_fdp"])
     if kind == "secret":
         result.exposure = _secret_exposure(model, canaries, included, seed=seed, digits=secret_digits,
                                            n_candidates=exposure_candidates)
@@ -395,8 +440,17 @@ def canary_findings(res: CanaryAuditResult) -> list[dict[str, str]]:
     - non-private runs: memorization when epsilon_lb > 0, else "nothing detected" (not a guarantee)."""
     conf = f"{res.confidence:.0%}"
     lb, top, m = res.epsilon_lb, res.epsilon_lb_ceiling, res.num_canaries
-    where = (f"m={m} canaries ({res.num_included} included), r in {res.guess_grid or [res.guesses]}, "
-             f"delta={res.delta:.3g}, {conf} confidence")
+    rec = res.record or {}
+    if rec.get("guess_selection") == "holdout":
+        how = (f"{len(rec.get('held_out_ids', []))} held out to choose r, the bound on the other {rec.get('m')} "
+               f"with r = {res.guesses}")
+    else:
+        how = f"r in {res.guess_grid or [res.guesses]}"
+    where = f"m={m} canaries ({res.num_included} included), {how}, delta={res.delta:.3g}, {conf} confidence"
+    by_fdp = ""
+    if res.bound == "fdp" and math.isfinite(res.epsilon_lb_sjn):
+        by_fdp = (f" (f-DP analysis, which assumes a Gaussian trade-off curve, as DP-SGD's approximately is; the "
+                  f"assumption-free Steinke-Nasr-Jagielski bound on the same guesses is {res.epsilon_lb_sjn:.3f})")
     ref = res.reference_epsilon
     out: list[dict[str, str]] = []
 
@@ -410,7 +464,7 @@ def canary_findings(res: CanaryAuditResult) -> list[dict[str, str]]:
             also = f" (the canary run's own accountant says epsilon <= {res.accountant_epsilon:.3f})"
         if lb > ref + 1e-9:
             add("critical", f"Empirical epsilon exceeds {who} epsilon",
-                f"The canary audit proves epsilon >= {lb:.3f} at {conf} confidence, but {who} epsilon is "
+                f"The canary audit proves epsilon >= {lb:.3f} at {conf} confidence{by_fdp}, but {who} epsilon is "
                 f"{ref:.3f}{also}. The DP implementation or its accounting is broken: do not rely on this "
                 "model's privacy guarantee.")
         elif not math.isfinite(top):  # a result built without a ceiling: say nothing about reach
@@ -424,8 +478,9 @@ def canary_findings(res: CanaryAuditResult) -> list[dict[str, str]]:
                 f"attack would reach), so it could only have detected a broken guarantee for an epsilon below "
                 f"{top:.3f}; it cannot confirm or refute epsilon = {ref:.3f}. It shows "
                 f"epsilon >= {lb:.3f}{also}. No attack could have contradicted {who} epsilon here, so this is not "
-                "evidence that the guarantee holds. The ceiling grows only slowly with m (about 5.3 at m = 1000, "
-                "delta 1e-5); testing a claim this large needs a much larger audit.")
+                "evidence that the guarantee holds. The ceiling grows only slowly with m (for a balanced draw at "
+                "m = 1000, delta 1e-5: about 5.4 by Steinke-Nasr-Jagielski, 11.7 by the f-DP analysis, default "
+                "holdout selection); testing a claim this large needs a much larger audit.")
         else:
             add("info", "Audit consistent with the DP guarantee",
                 f"{who[0].upper()}{who[1:]} epsilon is {ref:.3f}{also}; the audit shows epsilon >= {lb:.3f} "

@@ -1,5 +1,6 @@
 """`privacy.canary_audit`: an empirical lower bound on epsilon from one training run with canaries,
-next to the accountant's epsilon for DP targets (Steinke, Nasr & Jagielski 2023)."""
+next to the accountant's epsilon for DP targets (Steinke, Nasr & Jagielski 2023; and the f-DP analysis of
+Mahloujifar, Melis & Chaudhuri 2025 on the same guesses)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ class CanaryAudit(AuditModule):
                    "reveal inclusion; compares it with the accountant's epsilon on DP targets. Secret-sharer "
                    "exposure for causal LMs.")
     requires = frozenset({"per_example_loss", "trainable"})
-    metric_names = ("epsilon_lb", "epsilon_lb_ceiling", "accountant_epsilon", "canary_auc", "guesses", "correct_guesses",
+    metric_names = ("epsilon_lb", "epsilon_lb_sjn", "epsilon_lb_fdp", "epsilon_lb_ceiling", "accountant_epsilon", "canary_auc", "guesses", "correct_guesses",
                     "num_canaries", "exposure_mean_included", "exposure_max_included")
 
     class Params(AuditParams):
@@ -34,8 +35,13 @@ class CanaryAudit(AuditModule):
         delta: float | None = Field(default=None, gt=0, lt=1, description="Default: the DP run's delta, else 1e-5. "
                                     "DP targets: must be the DP run's delta (anything else is refused).")
         guess_fractions: list[float] = Field(default=[0.05, 0.1, 0.2, 0.5, 1.0], min_length=1,
-                                             description="Numbers of guesses r as fractions of m; the headline is "
-                                                         "Bonferroni-corrected over this grid.")
+                                             description="Numbers of guesses r as fractions of the audited canaries.")
+        guess_selection: Literal["holdout", "bonferroni"] = Field(
+            default="holdout", description="holdout: a seeded share of the canaries (holdout_fraction) chooses the "
+            "guess fraction, the bound uses the others with that single r, uncorrected; bonferroni: every r on all "
+            "canaries, corrected over the grid.")
+        holdout_fraction: float = Field(default=0.3, gt=0.0, lt=1.0, description="Share of the canaries held out to "
+                                        "choose r (guess_selection: holdout).")
         max_members: int | None = Field(default=None, gt=0, description="Train the canary run on a seeded sample "
                                                                         "of at most this many members (cheaper).")
         secret_digits: int = Field(default=6, ge=3, le=12, description="Causal LMs: digits per secret.")
@@ -88,16 +94,28 @@ class CanaryAudit(AuditModule):
         res = canary_audit(base=base, members=members, train=train, num_canaries=p.num_canaries,
                            kind=None if p.kind == "auto" else p.kind, pool=split.nonmembers, dp=dp, score=p.score,
                            delta=p.delta, confidence=p.confidence, guess_fractions=tuple(p.guess_fractions),
+                           guess_selection=p.guess_selection, holdout_fraction=p.holdout_fraction,
                            secret_digits=p.secret_digits, exposure_candidates=p.exposure_candidates, seed=ctx.seed,
                            cache_dir=ctx.cache_dir, progress=ctx.progress)
         out = Outcome()
         conf = f"{p.confidence:.0%}"
+        how = ("r chosen on held-out canaries" if res.guess_selection == "holdout"
+               else "Bonferroni-corrected over the guess grid")
         out.metric("epsilon_lb", res.epsilon_lb, higher_is_better=False, unit="epsilon",
-                   description=f"Lower bound on epsilon at {conf} confidence (valid over the guess grid): the training "
-                               "procedure is NOT eps-DP for any smaller eps.")
+                   description=f"Lower bound on epsilon at {conf} confidence ({how}): the tighter of epsilon_lb_sjn and "
+                               f"epsilon_lb_fdp (here {'f-DP' if res.bound == 'fdp' else 'Steinke-Nasr-Jagielski'}). "
+                               "The training procedure is NOT (eps, delta)-DP for any smaller eps.")
+        out.metric("epsilon_lb_sjn", res.epsilon_lb_sjn, higher_is_better=False, unit="epsilon",
+                   description="Steinke-Nasr-Jagielski bound on the same guesses: holds for any (eps, delta)-DP "
+                               "mechanism.")
+        out.metric("epsilon_lb_fdp", res.epsilon_lb_fdp, higher_is_better=False, unit="epsilon",
+                   description=f"f-DP one-run bound (Mahloujifar, Melis, Chaudhuri 2025) on the same guesses: the "
+                               f"mechanism is not mu-GDP for mu <= {res.mu_lb:.3f}, shown as that mu's epsilon at "
+                               "delta (a bound on epsilon for mechanisms with a Gaussian trade-off curve).")
         out.metric("epsilon_lb_ceiling", res.epsilon_lb_ceiling, higher_is_better=True, unit="epsilon",
                    description=f"The largest epsilon_lb this audit could report (a perfect attack, same m, inclusion "
-                               f"draw, guess grid, delta and confidence; reached at r = {res.ceiling_guesses}). An "
+                               f"draw, guess selection, delta and confidence; r = {res.ceiling_guesses}; "
+                               f"Steinke-Nasr-Jagielski alone {res.ceiling_sjn:.3f}, f-DP {res.ceiling_fdp:.3f}). An "
                                "epsilon above it can be neither confirmed nor refuted by this audit.")
         if res.accountant_epsilon is not None:
             out.metric("accountant_epsilon", res.accountant_epsilon, higher_is_better=False, unit="epsilon",
@@ -109,15 +127,23 @@ class CanaryAudit(AuditModule):
             out.metric("canary_auc", res.canary_auc, higher_is_better=False, unit="AUC",
                        description="ROC AUC of the canary scores for included vs excluded (0.5 = no signal).")
         rows = res.rows
-        out.curve("epsilon_lb_vs_guesses", [r["r"] for r in rows], [r["epsilon_lb_corrected"] for r in rows],
+        rec = res.record
+        if res.guess_selection == "holdout":
+            about = (f"on the {len(rec['held_out_ids'])} held-out canaries only, at {conf} each: they chose r; the "
+                     f"headline is computed once on the other {rec['m']}")
+        else:
+            about = f"on all canaries, each at {rec['confidence']:.4g} confidence, so the maximum holds at {conf}"
+        out.curve("epsilon_lb_vs_guesses", [r["r"] for r in rows], [r["epsilon_lb"] for r in rows],
                   x_label="number of guesses r", y_label="epsilon lower bound",
-                  description=f"epsilon_lb (per point at {res.rows and 1 - (1 - p.confidence) / len(rows):.4g} "
-                              "confidence, so the maximum holds at the stated level)")
+                  description=f"epsilon_lb (the tighter of the two analyses) per number of guesses, {about}")
         out.tables["guesses"] = rows
+        out.tables["bound"] = rec
         out.tables["audit"] = {"kind": res.kind, "score": res.score, "delta": res.delta, "confidence": res.confidence,
                                "num_included": res.num_included, "members_in_canary_run": len(members),
                                "canary_run_cache_hit": res.cache_hit, "canary_run_seconds": round(res.train_seconds, 2),
                                "dp": res.dp, "epsilon_lb_ceiling": res.epsilon_lb_ceiling,
+                               "ceiling_sjn": res.ceiling_sjn, "ceiling_fdp": res.ceiling_fdp,
+                               "guess_selection": res.guess_selection, "bound": res.bound, "mu_lb": res.mu_lb,
                                "ceiling_guesses": res.ceiling_guesses, "notes": res.notes}
         out.tables["rerun"] = res.rerun
         if res.exposure is not None:
@@ -130,8 +156,10 @@ class CanaryAudit(AuditModule):
             out.metric("exposure_max_included", ex["max_included"], higher_is_better=False, unit="bits",
                        description="Largest exposure among inserted secrets.")
             out.tables["exposure"] = {k: v for k, v in ex.items() if k != "per_canary"}
+        held = set(res.record.get("held_out_ids", []))
         for i, cid in enumerate(res.canary_ids):
-            ev = {"id": cid, "included": bool(res.included[i]), "score": float(res.scores[i])}
+            ev = {"id": cid, "included": bool(res.included[i]), "score": float(res.scores[i]),
+                  "held_out": cid in held}
             if res.exposure is not None:
                 ev["exposure_bits"] = res.exposure["per_canary"][i]
             out.evidence.append(ev)
