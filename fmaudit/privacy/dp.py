@@ -128,6 +128,9 @@ class DPResult:
     epsilon_accountant: str = ""
     epsilon_gdp: float | None = None
     empty_batches: int = 0
+    # DP defaults taken because the caller gave none (dp_defaults), and what the inputs were seen as.
+    picked_defaults: dict[str, Any] = field(default_factory=dict)
+    inputs: str = ""
     # Findings for the report: dicts with severity ("info" ... "critical"), title, detail.
     findings: list[dict[str, str]] = field(default_factory=list)
 
@@ -556,27 +559,509 @@ def preflight(target: Any, *, trainable: str = "all", n_layers: int = 2, lora: d
 
 
 # ---------------------------------------------------------------------------------------------------
-# Training
+# Inputs: what users have -> what the DP loop trains
+#
+# The DP loop (`_make_train_fn`, `_run`) trains a Target (torch_dataset, collate, loss(reduction="none"),
+# set_trainable, copy) on data that target understands. `adapt_inputs` builds both from what a user has:
+#   model:      an fmaudit Target, any nn.Module, a Hugging Face PreTrainedModel (or a PEFT model around one);
+#   train_data: an fmaudit Dataset, a map-style torch Dataset ((x, y) tuples or dicts), a DataLoader, or a
+#               Hugging Face datasets.Dataset with tokenized columns;
+#   loss_fn:    optional per-example loss (model, batch) -> tensor[B].
+# fmaudit Target + fmaudit Dataset keeps the target's own tokenization / preprocessing; everything else goes
+# through `ModuleTarget`, which batches items the way the user's data gives them and calls the model on them.
+
+LossFunction = Callable[[Any, Any], Any]
+_LABEL_KEYS = ("labels", "label")
+_TUPLE_PREFIX = "__item"  # internal dict keys of a tuple batch: __item0, __item1, ... (the loop moves dicts)
 
 
-def _to_target(model: Any, train_data: Any):
+@dataclass
+class DPInputs:
+    """The adapted inputs. `target` is what the loop trains (never the caller's object: `_run` copies it);
+    `train` / `validation` are data `target` understands; `release(work)` turns the trained work target into
+    (model handed back, target handed back); `utility(target, data, seed)` measures a model on data."""
+
+    target: Any
+    train: Any
+    validation: Any
+    described: str
+    batch_size: int | None = None  # from a DataLoader
+    notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    cacheable: bool = True
+    release: Callable[[Any], tuple[Any, Any]] = lambda work: (work.model, work)
+    utility: Callable[..., dict[str, float]] = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.utility is None:
+            self.utility = _utility
+
+
+class TorchData:
+    """A map-style torch Dataset seen the way the DP loop sees data (len, name, subset)."""
+
+    labels = None
+    label_names = None
+
+    def __init__(self, dataset: Any, name: str):
+        self.dataset = dataset
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> "TorchData":
+        import torch
+
+        return TorchData(torch.utils.data.Subset(self.dataset, [int(i) for i in indices]), self.name)
+
+
+def _is_hf_dataset(obj: Any) -> bool:
+    return type(obj).__module__.split(".")[0] == "datasets" and hasattr(obj, "column_names")
+
+
+def _is_fmaudit_dataset(obj: Any) -> bool:
+    from fmaudit.data import Dataset
+
+    return isinstance(obj, Dataset)
+
+
+def _as_torch_data(obj: Any, role: str, problems: list[str], notes: list[str]) -> tuple[Any, int | None, Any]:
+    """(TorchData or None, the DataLoader's batch size or None, the DataLoader's collate or None)."""
+    import torch
+
+    if obj is None:
+        return None, None, None
+    if isinstance(obj, torch.utils.data.DataLoader):
+        loader = obj
+        if isinstance(loader.dataset, torch.utils.data.IterableDataset):
+            problems.append(f"{role}: the DataLoader's dataset is an IterableDataset; DP-SGD's Poisson sampling "
+                            "needs a map-style dataset (len and indexing)")
+            return None, None, None
+        collate = loader.collate_fn
+        if collate is torch.utils.data.default_collate or getattr(collate, "__name__", "") == "default_collate":
+            collate = None
+        if role == "train_data":
+            notes.append("train_data is a DataLoader: its dataset is used"
+                         + (f" with its batch size {loader.batch_size} as the expected (Poisson) batch size"
+                            if loader.batch_size else "") + (" and its collate_fn" if collate else "")
+                         + "; Poisson sampling (each example in each step independently with probability q) "
+                           "replaces its sampler / shuffling, as the DP accountant assumes")
+        data, _, _ = _as_torch_data(loader.dataset, role, problems, notes)
+        return data, loader.batch_size, collate
+    if _is_hf_dataset(obj):
+        keep = [c for c in obj.column_names if _hf_column_is_numeric(obj, c)]
+        dropped = [c for c in obj.column_names if c not in keep]
+        if not keep:
+            problems.append(f"{role}: the datasets.Dataset has no numeric columns (columns: {obj.column_names}); "
+                            "tokenize it first (input_ids, attention_mask, labels)")
+            return None, None, None
+        if dropped and role == "train_data":
+            notes.append(f"datasets.Dataset columns not passed to the model (not numeric): {', '.join(dropped)}")
+        return TorchData(obj.with_format("torch", columns=keep), f"datasets.Dataset[{len(obj)}]"), None, None
+    if isinstance(obj, torch.utils.data.IterableDataset):
+        problems.append(f"{role}: an IterableDataset cannot be Poisson-sampled; give a map-style dataset "
+                        "(len and indexing)")
+        return None, None, None
+    if isinstance(obj, torch.utils.data.Dataset) or (hasattr(obj, "__len__") and hasattr(obj, "__getitem__")):
+        return TorchData(obj, type(obj).__name__), None, None
+    problems.append(f"{role} must be an fmaudit Dataset, a map-style torch Dataset, a DataLoader or a "
+                    f"datasets.Dataset, got {type(obj).__name__}")
+    return None, None, None
+
+
+def _hf_column_is_numeric(ds: Any, column: str) -> bool:
+    feat = ds.features.get(column)
+    while feat is not None and hasattr(feat, "feature"):  # Sequence / List features
+        feat = feat.feature
+    if isinstance(feat, list):  # old-style list features
+        feat = feat[0] if feat else None
+    dtype = getattr(feat, "dtype", None)
+    return dtype is not None and dtype != "string" and not str(dtype).startswith(("large_string", "string"))
+
+
+def _hf_task(model: Any) -> str:
+    """causal-lm, image-classification or classification, from the Hugging Face class (PEFT: its base)."""
+    inner = model
+    if hasattr(inner, "peft_config") and hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    name = type(inner).__name__
+    try:
+        from transformers.models.auto import modeling_auto as ma
+
+        def names(mapping: dict) -> set[str]:
+            out: set[str] = set()
+            for v in mapping.values():
+                out.update(v if isinstance(v, (tuple, list)) else [v])
+            return out
+
+        if name in names(ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+            return "causal-lm"
+        if name in names(ma.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES):
+            return "image-classification"
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    return "causal-lm" if name.endswith("ForCausalLM") or name.endswith("LMHeadModel") else "classification"
+
+
+def _pad_value(key: str, pad_id: int) -> int:
+    return {"input_ids": pad_id, "labels": -100, "label": -100}.get(key, 0)
+
+
+def _collate_items(items: Sequence[Any], pad_id: int) -> Any:
+    """torch's default_collate, with 1-D sequences of different lengths in dict items (tokenized text) padded
+    on the right (input_ids with the pad id, labels with -100, the rest with 0) and an attention mask added."""
+    import torch
+
+    first = items[0]
+    if not isinstance(first, dict):
+        return torch.utils.data.default_collate(list(items))
+    out: dict[str, Any] = {}
+    for key in first:
+        vals = [it[key] for it in items]
+        if isinstance(vals[0], str):
+            continue
+        ts = [torch.as_tensor(v) for v in vals]
+        if all(t.shape == ts[0].shape for t in ts):
+            out[key] = torch.stack(ts)
+            continue
+        if not all(t.dim() == 1 for t in ts):
+            raise ValueError(f"column {key!r} has items of different shapes {[tuple(t.shape) for t in ts[:3]]}")
+        length = max(len(t) for t in ts)
+        batch = torch.full((len(ts), length), _pad_value(key, pad_id), dtype=ts[0].dtype)
+        for i, t in enumerate(ts):
+            batch[i, : len(t)] = t
+        out[key] = batch
+        if key == "input_ids" and "attention_mask" not in first:
+            mask = torch.zeros((len(ts), length), dtype=torch.long)
+            for i, t in enumerate(ts):
+                mask[i, : len(t)] = 1
+            out["attention_mask"] = mask
+    return out
+
+
+def _to_internal(batch: Any) -> dict[str, Any]:
+    """A collated batch as the loop moves it: a dict of tensors (tuples under __item0, __item1, ...)."""
+    import torch
+
+    if isinstance(batch, (tuple, list)):
+        return {f"{_TUPLE_PREFIX}{i}": torch.as_tensor(v) for i, v in enumerate(batch)}
+    if hasattr(batch, "items"):  # dict, transformers' BatchEncoding
+        out = {k: v for k, v in batch.items() if torch.is_tensor(v)}
+        if "label" in out and "labels" not in out:
+            out["labels"] = out.pop("label")
+        return out
+    return {f"{_TUPLE_PREFIX}0": torch.as_tensor(batch)}
+
+
+def _to_user(batch: dict[str, Any]) -> Any:
+    """The batch in the user's form: a tuple for tuple items, else the dict."""
+    keys = list(batch)
+    if keys and all(k.startswith(_TUPLE_PREFIX) for k in keys):
+        return tuple(batch[f"{_TUPLE_PREFIX}{i}"] for i in range(len(keys)))
+    return batch
+
+
+def _output_logits(out: Any) -> Any:
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
+
+
+def module_target(model: Any, *, task: str, loss_fn: LossFunction | None = None, collate: Any = None,
+                  name: str | None = None, pad_id: int = 0) -> Any:
+    """Any nn.Module (plain, Hugging Face, PEFT) behind the Target interface the DP loop trains.
+
+    Batches keep the user's form: `(x, y)` tuples call `model(x)` (all but the last element) with labels the
+    last element; dicts call `model(**inputs)` with the keys the forward accepts (labels / label excluded).
+    The default loss is per-example cross-entropy on the logits (classifiers) or the per-sequence mean
+    next-token loss (causal LMs); `loss_fn(model, batch) -> tensor[B]` replaces it, and gets the batch in the
+    user's form (a tuple of tensors, or the dict). `collate` replaces the default batching (torch's
+    default_collate, with tokenized sequences padded on the right)."""
+    return _module_target_class()(model, task=task, loss_fn=loss_fn, collate=collate,
+                                  name=name or type(model).__name__, pad_id=pad_id)
+
+
+@functools.lru_cache(maxsize=1)
+def _module_target_class() -> type:
+    """The Target subclass behind `module_target` (built on first use: torch is imported late)."""
+    import inspect
+
+    import torch
     from torch import nn
 
     from fmaudit.targets.base import Target
 
-    if isinstance(model, Target):
-        return model
-    if isinstance(model, nn.Module):
-        if getattr(train_data, "modality", None) != "image":
-            raise DPConfigError(["a plain nn.Module is trained as an image classifier ([0, 1] pixels -> logits); "
-                                 "wrap text models with fmaudit.load_target(...)"])
+    class ModuleTarget(Target):
+        kind = "torch-module"
+
+        def __init__(self, model: nn.Module, *, task: str, loss_fn: LossFunction | None, collate: Any,
+                     name: str, pad_id: int):
+            params = list(model.parameters())
+            device = str(params[0].device) if params else "cpu"
+            was_training = model.training
+            super().__init__(name=name, model=model, source="python", device=device)
+            model.train(was_training)  # Target.__init__ sets eval(); the caller's module is left as it was
+            self.task = task
+            self.user_loss = loss_fn
+            self.user_collate = collate
+            self.pad_id = pad_id
+            fwd = inspect.signature(model.forward).parameters
+            self._var_kw = any(p.kind is p.VAR_KEYWORD for p in fwd.values())
+            self._accepts = set(fwd)
+            # Explicit position / token type ids, built with repeat (per-example rows for per-sample gradients)
+            self._pass_position_ids = "position_ids" in fwd
+            self._pass_token_type_ids = "token_type_ids" in fwd
+
+        @property
+        def capabilities(self) -> frozenset[str]:
+            kind = "causal_lm" if self.task == "causal-lm" else "classifier"
+            return frozenset({kind, "per_example_loss", "trainable"})
+
+        @property
+        def is_peft(self) -> bool:
+            return hasattr(self.model, "peft_config") and hasattr(self.model, "get_base_model")
+
+        # -- data -------------------------------------------------------------------------------------
+        def torch_dataset(self, data: TorchData) -> Any:
+            return data.dataset
+
+        def collate(self, items: Sequence[Any]) -> dict[str, Any]:
+            batch = _to_internal(self.user_collate(list(items)) if self.user_collate is not None
+                                 else _collate_items(items, self.pad_id))
+            ids = batch.get("input_ids")
+            if ids is not None and ids.dim() == 2:
+                n, length = ids.shape
+                if self._pass_position_ids and "position_ids" not in batch:
+                    batch["position_ids"] = torch.arange(length, dtype=torch.long).repeat(n, 1)
+                if self._pass_token_type_ids and "token_type_ids" not in batch:
+                    batch["token_type_ids"] = torch.zeros((n, length), dtype=torch.long)
+            return batch
+
+        def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+            return {k: v.to(self.device) for k, v in batch.items()}
+
+        # -- model ------------------------------------------------------------------------------------
+        def forward(self, model: nn.Module, batch: dict[str, Any]) -> Any:
+            user = _to_user(batch)
+            if isinstance(user, tuple):
+                if len(user) < 2:
+                    raise ValueError("tuple items need inputs and a label, (x, y); or give loss_fn")
+                return model(*user[:-1])
+            inputs = {k: v for k, v in batch.items() if k not in _LABEL_KEYS and (self._var_kw or k in self._accepts)}
+            return model(**inputs)
+
+        def labels(self, batch: dict[str, Any]) -> Any:
+            user = _to_user(batch)
+            if isinstance(user, tuple):
+                return user[-1] if len(user) >= 2 else None
+            return batch.get("labels")
+
+        def token_nll(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Any, Any]:
+            logits = _output_logits(self.forward(model, batch))[:, :-1, :].float()
+            labels = batch.get("labels")
+            if labels is None:
+                labels = batch["input_ids"].clone()
+                if "attention_mask" in batch:
+                    labels[batch["attention_mask"] == 0] = -100
+            targets = labels[:, 1:]
+            mask = targets != -100
+            nll = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.clamp_min(0).reshape(-1),
+                                              reduction="none").view_as(targets)
+            return nll * mask, mask
+
+        def loss(self, model: nn.Module, batch: dict[str, Any], reduction: str = "mean") -> Any:
+            if self.user_loss is not None:
+                per = self.user_loss(model, _to_user(batch))
+            elif self.task == "causal-lm":
+                nll, mask = self.token_nll(model, batch)
+                per = nll.sum(1) / mask.sum(1).clamp_min(1)  # the privacy unit is one sequence
+            else:
+                labels = self.labels(batch)
+                if labels is None:
+                    raise ValueError("the batch has no labels (give (x, y) tuples, a 'labels' / 'label' column, "
+                                     "or loss_fn)")
+                logits = _output_logits(self.forward(model, batch))
+                per = nn.functional.cross_entropy(logits.float(), labels.long(), reduction="none")
+            if reduction == "none":
+                return per
+            return per.sum() if reduction == "sum" else per.mean()
+
+        def set_trainable(self, mode: str = "all", n_layers: int = 2) -> None:
+            if mode == "all" and self.is_peft:
+                return  # a PEFT model given as is: its adapters (and modules_to_save) are what trains
+            super().set_trainable(mode, n_layers)
+
+        # -- evaluation -------------------------------------------------------------------------------
+        @torch.no_grad()
+        def evaluate(self, data: TorchData | None, max_examples: int = 1000, seed: int = 0,
+                     batch_size: int = 64) -> dict[str, float]:
+            """Mean per-example loss (the training loss); accuracy (classifiers whose output is (B, C) logits
+            and whose batch has labels); perplexity (causal LMs, token-weighted)."""
+            if data is None or len(data) == 0:
+                return {}
+            idx = np.arange(len(data))
+            if len(data) > max_examples:
+                from fmaudit.seeds import Stream, rng
+
+                idx = np.sort(rng(seed, Stream.EXAMPLE_SAMPLE).choice(len(data), max_examples, replace=False))
+            ds = data.dataset
+            self.model.eval()
+            total, correct, counted, tok_nll, toks = 0.0, 0, 0, 0.0, 0
+            for start in range(0, len(idx), batch_size):
+                batch = self.to_device(self.collate([ds[int(i)] for i in idx[start: start + batch_size]]))
+                total += float(self.loss(self.model, batch, reduction="sum"))
+                if self.task == "causal-lm":
+                    nll, mask = self.token_nll(self.model, batch)
+                    tok_nll += float(nll.sum())
+                    toks += int(mask.sum())
+                    continue
+                labels = self.labels(batch)
+                logits = _output_logits(self.forward(self.model, batch)) if labels is not None else None
+                if logits is not None and logits.dim() == 2 and labels.dim() == 1 and logits.shape[0] == len(labels):
+                    correct += int((logits.argmax(1) == labels).sum())
+                    counted += len(labels)
+            out = {"num_examples": float(len(idx)), "loss": total / len(idx)}
+            if counted == len(idx):
+                out["accuracy"] = correct / counted
+            if toks:
+                out["perplexity"] = float(math.exp(min(tok_nll / toks, 700)))
+            return out
+
+    return ModuleTarget
+
+
+def _dry_run(target: Any, data: TorchData, custom_loss: bool) -> list[str]:
+    """Collate two training examples and compute their losses (eval mode, no gradients): catches a batch the
+    model cannot take and a loss_fn that returns a batch mean instead of one loss per example."""
+    import torch
+
+    k = min(2, len(data))
+    if k == 0:
+        return []
+    try:
+        batch = target.to_device(target.collate([data.dataset[i] for i in range(k)]))
+        was = target.model.training
+        target.model.eval()
+        try:
+            with torch.no_grad():
+                per = target.loss(target.model, batch, reduction="none")
+        finally:
+            target.model.train(was)
+    except Exception as exc:
+        what = "loss_fn" if custom_loss else "the default loss (cross-entropy on logits / labels, or the LM loss)"
+        return [f"{what} failed on two training examples: {type(exc).__name__}: {str(exc)[:300]}"
+                + ("" if custom_loss else "; give loss_fn(model, batch) -> per-example losses")]
+    if not torch.is_tensor(per) or tuple(per.shape) != (k,):
+        shape = tuple(per.shape) if torch.is_tensor(per) else type(per).__name__
+        return [f"loss_fn must return one loss per example (a tensor of shape [{k}] for {k} examples), got {shape}: "
+                "DP-SGD clips each example's gradient, which a batch mean hides (use reduction='none')"]
+    return []
+
+
+def adapt_inputs(model: Any, train_data: Any, validation_data: Any = None,
+                 loss_fn: LossFunction | None = None) -> DPInputs:
+    """Turn (model, train_data, validation_data, loss_fn) into what the DP loop trains (see the section
+    comment). Problems are collected, not raised: `dp_finetune` lists them with the others."""
+    from torch import nn
+
+    from fmaudit.targets.base import Target
+
+    problems: list[str] = []
+    notes: list[str] = []
+    if not isinstance(model, (Target, nn.Module)):
+        return DPInputs(target=None, train=None, validation=None, described="?", problems=[
+            f"model must be an fmaudit Target, a torch nn.Module or a Hugging Face PreTrainedModel, got "
+            f"{type(model).__name__}"])
+    if train_data is None:
+        problems.append("train_data is missing")
+    native = _is_fmaudit_dataset(train_data)
+
+    # fmaudit Target + fmaudit Dataset: the target's own preprocessing (tokenizer, pixels).
+    if isinstance(model, Target) and (native or train_data is None):
+        if loss_fn is not None:
+            problems.append("loss_fn works with torch / Hugging Face data; an fmaudit Target on an fmaudit Dataset "
+                            "trains with the target's own loss")
+        if validation_data is not None and not _is_fmaudit_dataset(validation_data):
+            problems.append("validation_data must be an fmaudit Dataset like train_data")
+        if native and len(train_data) and "classifier" in model.capabilities and train_data.labels is None:
+            problems.append(f"dataset {train_data.name!r} has no labels; a classifier needs them")
+        return DPInputs(target=model, train=train_data, validation=validation_data,
+                        described=f"fmaudit target {model.name!r} ({model.task})", problems=problems, notes=notes)
+
+    # A plain nn.Module on an fmaudit image Dataset: an image classifier over [0, 1] pixels (as before).
+    if native and not isinstance(model, Target):
+        if train_data.modality != "image" or _hf_task(model) not in ("classification", "image-classification"):
+            problems.append("an nn.Module on an fmaudit text Dataset needs its tokenizer: load it with "
+                            "fmaudit.load_target(...), or give tokenized data (a datasets.Dataset with input_ids, "
+                            "attention_mask, labels, or a torch Dataset)")
+            return DPInputs(target=None, train=None, validation=None, described="?", problems=problems)
         from fmaudit.targets.vision import ImageClassifier, PixelClassifier
 
-        device = next(iter(model.parameters())).device
-        return ImageClassifier(name=type(model).__name__, model=PixelClassifier(model), source="python",
-                               kind="torch-module", device=str(device), label_names=train_data.label_names,
-                               num_classes=train_data.num_labels)
-    raise DPConfigError([f"model must be an fmaudit Target or a torch nn.Module, got {type(model).__name__}"])
+        params = list(model.parameters())
+        hf = hasattr(model, "config") and _hf_task(model) == "image-classification"
+        t = ImageClassifier(name=type(model).__name__, model=PixelClassifier(model, hf=hf), source="python",
+                            kind="torch-module", device=str(params[0].device) if params else "cpu",
+                            label_names=train_data.label_names, num_classes=train_data.num_labels)
+        if train_data.labels is None:
+            problems.append(f"dataset {train_data.name!r} has no labels; a classifier needs them")
+        if loss_fn is not None:
+            problems.append("loss_fn works with torch / Hugging Face data, not with an fmaudit Dataset")
+        return DPInputs(target=t, train=train_data, validation=validation_data, problems=problems, notes=notes,
+                        described=f"{type(model).__name__} as an image classifier ([0, 1] pixels -> logits)",
+                        release=lambda work: (work.model.inner, work))
+
+    # Everything else: the module as it is, on the data as it is.
+    train, loader_batch, collate = _as_torch_data(train_data, "train_data", problems, notes)
+    if _is_fmaudit_dataset(validation_data):
+        problems.append("validation_data must be the same kind of data as train_data (torch / datasets), not an "
+                        "fmaudit Dataset")
+        validation = None
+    else:
+        validation, _, _ = _as_torch_data(validation_data, "validation_data", problems, [])
+    inner = model.model if isinstance(model, Target) else model
+    task = _hf_task(inner) if not isinstance(model, Target) or model.task != "causal-lm" else "causal-lm"
+    cfg = getattr(inner, "config", None)
+    pad_id = getattr(cfg, "pad_token_id", None)
+    if pad_id is None and isinstance(model, Target) and getattr(model, "tokenizer", None) is not None:
+        pad_id = model.tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = getattr(cfg, "eos_token_id", None) if cfg is not None else None
+    if isinstance(pad_id, (list, tuple)):
+        pad_id = pad_id[0] if pad_id else None
+    t = module_target(inner, task=task, loss_fn=loss_fn, collate=collate,
+                     name=model.name if isinstance(model, Target) else type(inner).__name__,
+                     pad_id=int(pad_id or 0))
+    flags = {name: p.requires_grad for name, p in inner.named_parameters()} if t.is_peft else {}
+    if t.is_peft:
+        notes.append("a PEFT model: its own trainable parameters (adapters, modules_to_save) are trained with "
+                     "trainable='all'; the PEFT model comes back unmerged, with its requires_grad flags as given")
+    if train is not None and not problems:
+        problems += _dry_run(t, train, loss_fn is not None)
+    kind = {"causal-lm": "causal LM", "image-classification": "image classifier"}.get(task, "classifier")
+
+    def release(work: Any) -> tuple[Any, Any]:
+        for name, p in work.model.named_parameters():  # the loop leaves every flag on; a PEFT model keeps its own
+            if name in flags:
+                p.requires_grad_(flags[name])
+        if isinstance(model, Target):
+            out = model.copy()
+            out.model = work.model
+            out.weights_changed()
+            return work.model, out
+        return work.model, work
+
+    return DPInputs(target=t, train=train, validation=validation, batch_size=loader_batch, problems=problems,
+                    notes=notes, cacheable=False, release=release,
+                    described=f"{type(inner).__name__} ({kind}) on {type(train_data).__name__}",
+                    utility=lambda target, data, max_examples=1000, seed=0: target.evaluate(data, max_examples,
+                                                                                              seed))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training
 
 
 class _CollateOrEmpty:
@@ -679,6 +1164,55 @@ def _cleanup(hooks_obj, model) -> None:
                         pass
 
 
+class DPTrainingError(RuntimeError):
+    """DP training ran but did not train what it was asked to: trainable tensors that did not move."""
+
+    def __init__(self, stuck: Sequence[str], steps: int):
+        self.tensors = list(stuck)
+        shown = "; ".join(self.tensors[:8]) + (f"; ... ({len(self.tensors)} in all)" if len(self.tensors) > 8 else "")
+        super().__init__(
+            f"DP training took {steps} noisy steps, but {len(self.tensors)} trainable tensor"
+            f"{'s' if len(self.tensors) != 1 else ''} did not move: {shown}. Every trainable tensor gets clipped "
+            "gradient plus noise at each step, so an unchanged one means its updates went to another tensor: "
+            "typically the model's parameters were replaced after the optimizer and Opacus' hooks captured them "
+            "(lazy device placement; PEFT + Opacus, opacus#820: move the model to its device before "
+            "get_peft_model). The trained model would be the starting model while epsilon was spent; nothing is "
+            "returned.")
+
+
+def _fingerprints(model: Any) -> dict[str, tuple[float, float, float]]:
+    """Three float64 functionals (sum, sum of squares, sum of |x|) of every trainable tensor, by name: a cheap
+    "did it move" record (no copy of the weights). An unchanged tensor gives the same three numbers bit for bit;
+    a tensor that moved under DP noise (every coordinate changes) keeps all three only by coincidence."""
+    import torch
+
+    with torch.no_grad():
+        return {name: _fingerprint(p) for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _fingerprint(p: Any) -> tuple[float, float, float]:
+    x = p.detach().double()
+    return float(x.sum()), float((x * x).sum()), float(x.abs().sum())
+
+
+def _unmoved(model: Any, before: dict[str, tuple[float, float, float]], optimizer: Any) -> list[str]:
+    """Trainable tensors (named when training started) that did not move, or that the optimizer does not hold."""
+    import torch
+
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]} if optimizer is not None else None
+    live = dict(model.named_parameters())
+    out = []
+    with torch.no_grad():
+        for name, fp in before.items():
+            p = live.get(name)
+            if p is None:
+                out.append(f"{name} (no longer in the model)")
+            elif _fingerprint(p) == fp:
+                why = " (not the tensor the optimizer updates)" if held is not None and id(p) not in held else ""
+                out.append(name + why)
+    return out
+
+
 def _make_train_fn(s: DPSettings, record: dict[str, Any]):
     """The `train_fn` for finetune_cached: the core loop with Opacus wrapped in."""
 
@@ -697,6 +1231,7 @@ def _make_train_fn(s: DPSettings, record: dict[str, Any]):
         else:
             t.set_trainable(s.trainable, s.n_layers)
         n_trainable = int(sum(p.numel() for p in t.model.parameters() if p.requires_grad))
+        before = _fingerprints(t.model)
         n = len(data)
         cfg = type(config)(**{**asdict(config), "trainable": "keep"})
         # secure_mode=False: Opacus warns "Secure RNG turned off" here; that warning is NOT silenced (it says the
@@ -745,6 +1280,9 @@ def _make_train_fn(s: DPSettings, record: dict[str, Any]):
             stats = train(t, data, cfg, progress=progress, label=label, wrap=wrap, loss_fn=loss_fn,
                           on_empty=on_empty, torch_stream=Stream.DP_TRAIN)
             history = [(float(h[0]), float(h[1]), int(h[2])) for h in engine.accountant.history]
+            stuck = _unmoved(t.model, before, held.get("opt"))
+            if stuck:
+                raise DPTrainingError(stuck, steps=int(sum(h[2] for h in history)))
         finally:
             for h in handles:
                 h.remove()
@@ -823,25 +1361,68 @@ def _utility(target: Any, data: Any, max_examples: int = 1000, seed: int = 0) ->
     return out
 
 
-def dp_finetune(*, model: Any, train_data: Any, epochs: int, batch_size: int, lr: float,
-                target_epsilon: float | None = None, noise_multiplier: float | None = None,
+# Li et al. (ICLR 2022), "Large Language Models Can Be Strong Differentially Private Learners": DP-Adam, large
+# logical batches, a learning rate well above non-private fine-tuning's, few epochs.
+DP_DEFAULT_EPOCHS = 3
+DP_DEFAULT_LR = {"all": 5e-4, "other": 1e-3}  # full fine-tuning; few trainable parameters (head, last layers, LoRA)
+DP_MAX_DEFAULT_BATCH = 1024
+
+
+def dp_defaults(n: int, *, epochs: int | None, batch_size: int | None, lr: float | None,
+                trainable: str) -> tuple[int | None, int | None, float | None, dict[str, Any]]:
+    """Fill the training settings the caller left out with DP-specific defaults (Li et al., ICLR 2022: large
+    logical batches, a higher learning rate, few epochs; the loop's optimizer is Adam(W), i.e. DP-Adam).
+    Returns (epochs, batch_size, lr, picked): `picked` names each default taken and why."""
+    picked: dict[str, Any] = {}
+    if batch_size is None and n > 0:
+        # about N/10 (a sample rate near 0.1), capped at 1024 and at N/4 (at least four steps per epoch)
+        batch_size = int(max(1, min(DP_MAX_DEFAULT_BATCH, max(n // 10, min(16, n // 4)))))
+        picked["batch_size"] = batch_size
+    if lr is None:
+        lr = DP_DEFAULT_LR["all" if trainable == "all" else "other"]
+        picked["lr"] = lr
+    if epochs is None:
+        epochs = DP_DEFAULT_EPOCHS
+        picked["epochs"] = epochs
+    return epochs, batch_size, lr, picked
+
+
+def _defaults_note(picked: dict[str, Any], n: int) -> str:
+    why = {"batch_size": f"about N/10 of N = {n} (capped at {DP_MAX_DEFAULT_BATCH}): large logical batches shrink "
+                         "the noise on the averaged gradient",
+           "lr": "DP-Adam with a learning rate above non-private fine-tuning's",
+           "epochs": "few epochs: each one spends privacy"}
+    parts = [f"{k}={v:g} ({why[k]})" for k, v in picked.items()]
+    return ("DP training defaults picked because none were given (Li et al., ICLR 2022): " + "; ".join(parts)
+            + ". Tuning them on the private data spends privacy the ledger does not count.")
+
+
+def dp_finetune(*, model: Any, train_data: Any, epochs: int | None = None, batch_size: int | None = None,
+                lr: float | None = None, target_epsilon: float | None = None, noise_multiplier: float | None = None,
                 delta: float | None = None, max_grad_norm: float = 1.0,
                 accountant: Literal["prv", "rdp", "gdp"] = "prv",
                 trainable: Literal["all", "last_n_layers", "head", "lora"] = "all", n_layers: int = 2,
                 lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,
                 lora_target_modules: Sequence[str] | None = None,
                 clipping: Literal["auto", "ghost", "hooks"] = "auto", max_physical_batch_size: int | None = None,
-                weight_decay: float = 0.0, validation_data: Any = None, seed: int = 0,
-                cache_dir: str | Path | None = None, split: Any = None,
+                weight_decay: float = 0.0, validation_data: Any = None, loss_fn: LossFunction | None = None,
+                seed: int = 0, cache_dir: str | Path | None = None, split: Any = None,
                 progress: Callable[[str, int], Any] | None = None) -> DPResult:
     """Fine-tune a copy of `model` with DP-SGD (Opacus) and return the private model and its ledger.
 
     Args:
-        model: an fmaudit Target (`fmaudit.load_target(...)`: HF text classifier, causal LM, image classifier,
-            plain torch module), or an `nn.Module` mapping [0, 1] images to logits. Never changed in place.
-        train_data: an `fmaudit.data.Dataset`; every example is one privacy unit (a sequence for LMs).
+        model: an fmaudit Target (`fmaudit.load_target(...)`), any `nn.Module`, or a Hugging Face
+            `PreTrainedModel` instance (sequence classification, causal LM, image classification; a PEFT model
+            trains its own adapters). Never changed in place.
+        train_data: an `fmaudit.data.Dataset`; a map-style `torch.utils.data.Dataset` of `(x, y)` tuples or
+            dicts; a `DataLoader` (its dataset, batch size and collate_fn are used; Poisson sampling replaces
+            its sampler, which `notes` says); or a Hugging Face `datasets.Dataset` with tokenized columns
+            (`input_ids`, `attention_mask`, `labels` / `label`; non-numeric columns are dropped). Every
+            example is one privacy unit (a sequence for causal LMs).
         epochs, batch_size, lr: training length, EXPECTED logical batch size (Poisson sampling: sample rate
-            1/ceil(N / batch_size)), AdamW learning rate.
+            1/ceil(N / batch_size)), Adam(W) learning rate. Left out: DP defaults (`dp_defaults`, Li et al.
+            2022: batch about N/10 up to 1024, lr 5e-4 full / 1e-3 partial, 3 epochs), named in `notes` and
+            `picked_defaults`.
         target_epsilon: the budget; the accountant picks the smallest noise multiplier that stays within it.
             Or give `noise_multiplier` instead (one of the two).
         delta: default min(1e-5, 1/(10 N)); a value >= 1/N warns (it allows leaking one example outright).
@@ -853,9 +1434,12 @@ def dp_finetune(*, model: Any, train_data: Any, epochs: int, batch_size: int, lr
         clipping: "auto" (ghost clipping unless trainable parameters are tied), "ghost" or "hooks".
         max_physical_batch_size: BatchMemoryManager's limit per forward/backward (default: batch_size +
             3 sqrt(batch_size), so a Poisson batch is rarely split).
-        validation_data: held-out data for utility.
-        cache_dir, split: cache the trained weights like fine-tunes (needs the member `split` of which
-            `train_data` is `split.members`).
+        validation_data: held-out data for utility, of the same kind as `train_data`.
+        loss_fn: `loss_fn(model, batch) -> tensor[B]`, one loss per example (torch / datasets data only);
+            `batch` is what the data gives, collated: a tuple of tensors for tuple items, else a dict. Default:
+            cross-entropy on the logits and labels, or the per-sequence next-token loss for causal LMs.
+        cache_dir, split: cache the trained weights like fine-tunes (fmaudit data only; needs the member
+            `split` of which `train_data` is `split.members`).
 
     Returns:
         DPResult with the plain trained model, epsilon (total and per epoch), delta, noise multiplier, sample
@@ -864,24 +1448,40 @@ def dp_finetune(*, model: Any, train_data: Any, epochs: int, batch_size: int, lr
         epsilon is claimed and why, and that the guarantee needs the run seed to stay secret.
 
     Raises:
-        DPConfigError listing every problem found before training (settings, unsupported layers, data size).
+        DPConfigError listing every problem found before training (inputs, settings, unsupported layers, data
+        size, a loss that is not per example).
+        DPTrainingError when a trainable tensor did not move during DP training (its update was lost).
     """
-    n = len(train_data) if train_data is not None else 0
-    problems = _validate_settings(n=n, target_epsilon=target_epsilon, noise_multiplier=noise_multiplier, delta=delta,
-                                  max_grad_norm=max_grad_norm, epochs=epochs, batch_size=batch_size, lr=lr,
-                                  accountant=accountant, trainable=trainable, clipping=clipping,
-                                  max_physical_batch_size=max_physical_batch_size, n_layers=n_layers)
-    target = _to_target(model, train_data)
-    if n and "classifier" in target.capabilities and train_data.labels is None:
-        problems.append(f"dataset {train_data.name!r} has no labels; a classifier needs them")
+    inputs = adapt_inputs(model, train_data, validation_data, loss_fn)
+    problems = list(inputs.problems)
+    notes: list[str] = list(inputs.notes)
+    data = inputs.train
+    n = len(data) if data is not None else 0
+    if inputs.batch_size is not None:
+        if batch_size is None:
+            batch_size = int(inputs.batch_size)
+        elif batch_size != inputs.batch_size:
+            notes.append(f"batch_size={batch_size} given: the DataLoader's batch size {inputs.batch_size} is not used")
+    epochs, batch_size, lr, picked = dp_defaults(n, epochs=epochs, batch_size=batch_size, lr=lr, trainable=trainable)
+    if picked:
+        notes.append(_defaults_note(picked, n))
+    problems += _validate_settings(n=n if data is not None else None, target_epsilon=target_epsilon,
+                                   noise_multiplier=noise_multiplier, delta=delta, max_grad_norm=max_grad_norm,
+                                   epochs=epochs, batch_size=batch_size, lr=lr, accountant=accountant,
+                                   trainable=trainable, clipping=clipping,
+                                   max_physical_batch_size=max_physical_batch_size, n_layers=n_layers)
+    if cache_dir is not None and not inputs.cacheable:
+        problems.append("cache_dir works with fmaudit Datasets (the cache is keyed by their example ids); leave it "
+                        "out for torch / datasets data")
     lora = {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout,
             "target_modules": list(lora_target_modules) if lora_target_modules else None} \
         if trainable == "lora" else None
     mode = "hooks"
-    notes: list[str] = []
-    if trainable in TRAINABLE and clipping in CLIPPING:
-        more, notes, mode = preflight(target, trainable=trainable, n_layers=n_layers, lora=lora, clipping=clipping)
+    if inputs.target is not None and trainable in TRAINABLE and clipping in CLIPPING:
+        more, more_notes, mode = preflight(inputs.target, trainable=trainable, n_layers=n_layers, lora=lora,
+                                           clipping=clipping)
         problems += more
+        notes += more_notes
     if problems:
         raise DPConfigError(problems)
 
@@ -893,12 +1493,11 @@ def dp_finetune(*, model: Any, train_data: Any, epochs: int, batch_size: int, lr
         warnings.warn(msg, DPPrivacyWarning, stacklevel=2)
         notes.append(msg)
     with _quiet_opacus():
-        return _run(target=target, train_data=train_data, validation_data=validation_data, n=n, epochs=epochs,
-                    batch_size=batch_size, lr=lr, weight_decay=weight_decay, target_epsilon=target_epsilon,
-                    noise_multiplier=noise_multiplier, delta=delta, max_grad_norm=max_grad_norm,
-                    accountant=accountant, trainable=trainable, n_layers=n_layers, lora=lora, mode=mode,
-                    notes=notes, max_physical_batch_size=max_physical_batch_size, seed=seed, cache_dir=cache_dir,
-                    split=split, progress=progress)
+        return _run(inputs=inputs, n=n, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                    target_epsilon=target_epsilon, noise_multiplier=noise_multiplier, delta=delta,
+                    max_grad_norm=max_grad_norm, accountant=accountant, trainable=trainable, n_layers=n_layers,
+                    lora=lora, mode=mode, notes=notes, max_physical_batch_size=max_physical_batch_size, seed=seed,
+                    cache_dir=cache_dir, split=split, progress=progress, picked=picked)
 
 
 @contextlib.contextmanager
@@ -913,10 +1512,12 @@ def _quiet_opacus():
         yield
 
 
-def _run(*, target, train_data, validation_data, n, epochs, batch_size, lr, weight_decay, target_epsilon,
-         noise_multiplier, delta, max_grad_norm, accountant, trainable, n_layers, lora, mode, notes,
-         max_physical_batch_size, seed, cache_dir, split, progress) -> DPResult:
+def _run(*, inputs, n, epochs, batch_size, lr, weight_decay, target_epsilon, noise_multiplier, delta, max_grad_norm,
+         accountant, trainable, n_layers, lora, mode, notes, max_physical_batch_size, seed, cache_dir, split, progress,
+         picked) -> DPResult:
     from fmaudit.training import TrainConfig, finetune_cached
+
+    target, train_data, validation_data = inputs.target, inputs.train, inputs.validation
 
     steps_per_epoch = math.ceil(n / batch_size)
     sample_rate = 1.0 / steps_per_epoch
@@ -956,19 +1557,20 @@ def _run(*, target, train_data, validation_data, n, epochs, batch_size, lr, weig
     by = {k: float(v) for k, v in (dp.get("epsilon_by_accountant") or {}).items()}
     findings = [dict(f) for f in dp.get("accounting_notes", [])] + [seed_statement(seed)]
     notes += [f"{f['title']}: {f['detail']}" for f in findings]
+    model_out, target_out = inputs.release(work)
     return DPResult(
-        model=work.model, target=work, epsilon=float(dp["epsilon"]), epsilon_per_epoch=list(dp["epsilon_per_epoch"]),
+        model=model_out, target=target_out, epsilon=float(dp["epsilon"]), epsilon_per_epoch=list(dp["epsilon_per_epoch"]),
         delta=settings.delta, noise_multiplier=settings.noise_multiplier, sample_rate=sample_rate,
         steps=int(dp["steps"]), epochs=epochs, accountant=accountant, clipping=mode, max_grad_norm=max_grad_norm,
         batch_size=batch_size, max_physical_batch_size=settings.max_physical_batch_size, trainable=trainable,
         num_trainable_parameters=trainable_count, num_train_examples=n, target_epsilon=settings.target_epsilon,
         ledger_steps=list(dp["ledger_steps"]), ledger_epsilon=list(dp["ledger_epsilon"]),
-        train_utility=_utility(work, train_data, seed=seed),
-        validation_utility=_utility(work, validation_data, seed=seed) if validation_data is not None else None,
+        train_utility=inputs.utility(work, train_data, seed=seed),
+        validation_utility=inputs.utility(work, validation_data, seed=seed) if validation_data is not None else None,
         train_seconds=float(stats.duration_s) if not hit else time.perf_counter() - t0,
         epoch_losses=list(stats.epoch_losses), cache_hit=hit, cache_key=key, notes=notes,
         lr=float(lr), weight_decay=float(weight_decay), n_layers=int(n_layers),
         lora=dict(lora) if lora is not None else None, steps_per_epoch=steps_per_epoch, seed=seed,
         epsilon_by_accountant=by, epsilon_accountant=str(dp.get("epsilon_accountant", accountant)),
         epsilon_gdp=by.get("gdp") if accountant == "gdp" else None, empty_batches=int(dp.get("empty_batches", 0)),
-        findings=findings)
+        findings=findings, picked_defaults=dict(picked), inputs=inputs.described)
