@@ -117,6 +117,12 @@ def test_invariants_monotone_nonnegative_and_below_perfect():
     assert max(vals) == vals[-1] == F.epsilon_lower_bound(m=m, r=r, v=r, delta=1e-5)
     # higher confidence, smaller bound
     assert F.mu_lower_bound(m=m, r=r, v=r, confidence=0.99) < F.mu_lower_bound(m=m, r=r, v=r, confidence=0.95)
+    # the forced mass grows with tau (the analysis starts from P[N >= v] = tau exactly: a larger probability
+    # must force at least as much), checked on a grid
+    for v in (24, 32, 40):
+        for mu in (0.3, 1.0, 2.5):
+            fm = F.forced_mass(m=m, r=r, v=v, tau=np.linspace(0.0, 1.0, 401), mu=mu)
+            assert np.all(np.diff(fm) >= -1e-12), (v, mu)
     # rejection is monotone in mu on a fine grid (the property the bound's search relies on for tightness)
     rej = F.rejects(m=m, r=r, v=36, mu=np.linspace(0, 5, 501))
     k = int(np.flatnonzero(~rej)[0])

@@ -75,9 +75,10 @@ def rejects(*, m: int, r: int, v: int, mu: float | np.ndarray, confidence: float
 
 
 def p_value(*, m: int, r: int, v: int, mu: float) -> float:
-    """The least tau at which the recursion rejects mu-GDP for v correct of r guesses (1.0 if none):
-    an upper bound on P[N >= v] for every mu-GDP mechanism. Found by bisection on tau; the forced mass is
-    checked to grow with tau on the way."""
+    """A tau at which the recursion rejects mu-GDP for v correct of r guesses, as small as bisection finds
+    (1.0 if none): an upper bound on P[N >= v] for every mu-GDP mechanism. Only rejected values of tau are
+    returned, so it stays an upper bound even where the forced mass were not monotone in tau (it is, on every
+    case tests/test_fdp_bound.py scans)."""
     _check(m, r, v)
     if v == 0 or not forced_mass(m=m, r=r, v=v, tau=1.0, mu=mu) > r / m * (1 + 1e-12):
         return 1.0
