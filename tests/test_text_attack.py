@@ -141,6 +141,10 @@ def test_embedding_swap_uses_cached_model_neighbours(trained_bert, tmp_path):
     thresholds = {c["constraint"]: c for c in out.tables["constraints"]}
     assert thresholds["WordEmbeddingDistance"]["min_cos_sim"] == 0.3
     assert thresholds["MaxModificationRate"]["max_rate"] == 0.3
+    # on by default: the antonym / polarity filter and the MiniLM sentence-similarity constraint (cosine >= 0.8)
+    assert thresholds["MiniLMSentenceSimilarity"]["threshold"] == 0.8
+    assert thresholds["MiniLMSentenceSimilarity"]["window_size"] is None  # whole text, JSON-safe
+    assert thresholds["SentimentPolarityFilter"]["lexicon_size"] > 300
 
     # The cached neighbour matrix is the exact cosine top-k of the target's whole-word input embeddings.
     from fmaudit.audits.robustness import text_attack_engine as engine

@@ -25,9 +25,10 @@ KEYWORDS = {"good": (0.0, 10.0), "bad": (10.0, 0.0), "dull": (1.0, 0.0), "fine":
 
 
 class KeywordClassifier(nn.Module):
-    """Logits = sum over tokens of the class scores of the keywords present. A token counts as a keyword when its
-    input embedding has cosine >= 0.95 with the keyword's embedding (differentiable: relu(cos - 0.95) / 0.05, 1
-    at the keyword itself). Embeddings are random 32-d vectors, except that "bad" is planted at cosine 0.85 to
+    """Logits = sum over tokens of the class scores of the keywords present. A token counts as a keyword when the
+    projection of its input embedding onto the keyword's embedding is >= 0.95 of the keyword's own (linear, so
+    the input-embedding gradient is nonzero: relu(proj - 0.95) / 0.05, 1 at the keyword itself; a random token
+    would need a 5-sigma projection). Embeddings are random 32-d vectors, except that "bad" is planted at cosine 0.85 to
     "good": its nearest neighbour in the input-embedding space, as antonyms are in real models."""
 
     def __init__(self, tokenizer, dim: int = 32, seed: int = 0):
@@ -44,7 +45,8 @@ class KeywordClassifier(nn.Module):
         with torch.no_grad():
             self.embeddings.weight.copy_(w)
         ids = tokenizer.convert_tokens_to_ids(list(KEYWORDS))
-        self.register_buffer("keys", nn.functional.normalize(w[ids].clone(), dim=-1))
+        keys = w[ids].clone()
+        self.register_buffer("keys", keys / keys.norm(dim=-1, keepdim=True) ** 2)  # e . key = 1 at the keyword
         self.register_buffer("scores", torch.tensor(list(KEYWORDS.values())))
 
     def get_input_embeddings(self) -> nn.Module:
@@ -52,8 +54,8 @@ class KeywordClassifier(nn.Module):
 
     def forward(self, input_ids, attention_mask=None):
         e = self.embeddings(input_ids)
-        cos = nn.functional.normalize(e, dim=-1) @ self.keys.T  # (B, L, K)
-        hits = torch.relu(cos - 0.95) / 0.05
+        proj = e @ self.keys.T  # (B, L, K): the projection onto each keyword's embedding, 1 at the keyword
+        hits = torch.relu(proj - 0.95) / 0.05
         if attention_mask is not None:
             hits = hits * attention_mask[..., None]
         return hits.sum(1) @ self.scores
@@ -133,15 +135,48 @@ def test_positive_control_deepwordbug_flips_keyword_classifier(keyword_target, t
         assert set(changed) & {"good", "bad"}, e
 
 
-def test_positive_control_word_swap_flips_keyword_classifier(keyword_target, tmp_path):
+@pytest.mark.parametrize("search", ["delete", "gradient"])
+def test_positive_control_word_swap_flips_keyword_classifier(keyword_target, tmp_path, search):
+    """The word swap (with its antonym / polarity filter on) flips the keyword classifier, with the black-box
+    (delete) and the gradient word-importance ranking. The sentence-similarity constraint is off here: the
+    control's sentences are random filler words, so their MiniLM similarity says nothing (it is tested below)."""
     target, data = keyword_target
-    out = TextAttackAudit({"attack": "embedding-swap", "num_examples": 20, "max_evidence": 20}).run(
-        target, _ctx(tmp_path, data))
+    out = TextAttackAudit({"attack": "embedding-swap", "num_examples": 20, "max_evidence": 20, "search": search,
+                           "min_sentence_sim": None}).run(target, _ctx(tmp_path, data))
     m, successes = _assert_all_successes_reverified(out, target, data)
     assert m["num_attacked"] == 20
     assert m["attack_success_rate"] >= 0.9, m
     for e in successes:
         assert 1 <= e["words_changed"] <= max(1, int(np.ceil(0.3 * e["num_words"])))
+        # the keyword is what was swapped, and never for its planted antonym (refused by the filter)
+        orig = re.findall(r"\[\[(.*?)\]\]", e["original_text"])
+        adv = re.findall(r"\[\[(.*?)\]\]", e["adversarial_text"])
+        assert set(orig) & {"good", "bad"} and not set(adv) & {"good", "bad"}, e
+    table = out.tables["attack"]
+    assert table["search_wir_method"] == search and table["search_method"] == "GreedyWordSwapWIR"
+    assert table["swaps_refused_by_polarity_filter"].get("antonym", 0) > 0
+    names = [c["constraint"] for c in out.tables["constraints"]]
+    assert "SentimentPolarityFilter" in names and "MiniLMSentenceSimilarity" not in names
+    if search == "gradient":  # one gradient per attacked example, none for the black-box ranking
+        assert table["model_gradients"] == m["num_attacked"]
+    else:
+        assert table["model_gradients"] == 0
+
+
+def test_without_polarity_filter_the_swap_picks_the_antonym(keyword_target, tmp_path):
+    """The failure the filter prevents: good -> bad is the nearest neighbour and the strongest flip, so without
+    the filter the attack "succeeds" by changing the true label."""
+    target, data = keyword_target
+    out = TextAttackAudit({"attack": "embedding-swap", "num_examples": 6, "max_evidence": 6,
+                           "polarity_filter": False, "min_sentence_sim": None}).run(target, _ctx(tmp_path, data))
+    m, successes = _assert_all_successes_reverified(out, target, data)
+    antonym_swaps = 0
+    for e in successes:
+        orig = re.findall(r"\[\[(.*?)\]\]", e["original_text"])
+        adv = re.findall(r"\[\[(.*?)\]\]", e["adversarial_text"])
+        antonym_swaps += ("good" in orig and "bad" in adv)
+    assert antonym_swaps >= 1
+    assert out.tables["attack"]["swaps_refused_by_polarity_filter"] is None
 
 
 # -- item 7: degenerate targets -----------------------------------------------------------------------
@@ -197,3 +232,121 @@ def test_degeneracy_rules():
     # a three-class target with one unused class still lists it
     d = degeneracy(rows([0, 1, 0, 1]), [0, 1, 0, 1], 3, None)
     assert d["table"]["predicted_class_counts"] == {"0": 2, "1": 2, "2": 0} and d["reasons"] == []
+
+
+# -- item 9: antonym / polarity filter, sentence similarity, gradients ------------------------------------
+
+
+def test_swap_conflict_refuses_antonyms_opposite_polarity_and_negation(tmp_path):
+    from fmaudit.robustness.text_polarity import polarity_lexicon, read_vader_lexicon, swap_conflict
+
+    assert swap_conflict("good", "bad") == "antonym" and swap_conflict("Bad", "GOOD") == "antonym"
+    assert swap_conflict("love", "hate") == "antonym"
+    assert swap_conflict("amazing", "boring") == "opposite polarity"  # not a listed pair, opposite lexicon entries
+    assert swap_conflict("awesome", "disappointing") == "opposite polarity"
+    assert swap_conflict("is", "not") == "negation" and swap_conflict("never", "often") == "negation"
+    for a, b in [("good", "excellent"), ("good", "great"), ("bad", "terrible"), ("movie", "film"),
+                 ("phone", "device"), ("good", "good")]:
+        assert swap_conflict(a, b) is None, (a, b)
+    lex, source = polarity_lexicon()
+    assert lex["good"] == 1 and lex["bad"] == -1 and "curated" in source
+    # VADER's lexicon format (used when the vaderSentiment package is installed)
+    f = tmp_path / "vader_lexicon.txt"
+    f.write_text("splendiferous\t2.5\t0.5\t[2, 3]\nmeh\t-0.3\t0.4\t[0, -1]\nyucky\t-1.8\t0.6\t[-2]\n:)\t2.0\t0\t[2]\n"
+                 "broken line\n")
+    assert read_vader_lexicon(f) == {"splendiferous": 1, "yucky": -1}
+
+
+def test_polarity_filter_constraint_on_attacked_texts():
+    from fmaudit.audits.robustness import text_attack_engine as engine
+    from textattack.shared import AttackedText
+    from textattack.transformations import WordDeletion, WordSwapEmbedding
+
+    c = engine.SentimentPolarityFilter()
+    orig = AttackedText("the movie was good and the cast was fine")
+    ok = orig.replace_word_at_index(3, "excellent")
+    assert c._check_constraint(ok, orig)
+    assert not c._check_constraint(orig.replace_word_at_index(3, "bad"), orig)
+    # compared with the original, so a chain good -> great -> terrible is refused at the second step
+    chained = ok.replace_word_at_index(3, "terrible")
+    assert not c._check_constraint(chained, orig)
+    assert c.refused == {"antonym": 1, "opposite polarity": 1}
+    assert c.check_compatibility(WordSwapEmbedding(embedding=_tiny_embedding()))
+    assert not c.check_compatibility(WordDeletion())  # only word swaps are checked
+
+
+def _tiny_embedding():
+    from textattack.shared import WordEmbedding
+
+    emb = np.eye(3, dtype=np.float32)
+    return WordEmbedding(emb, {"a": 0, "b": 1, "c": 2}, {0: "a", 1: "b", 2: "c"}, np.array([[0, 1, 2]] * 3))
+
+
+def test_minilm_sentence_similarity_constraint_matches_sentence_transformers():
+    from fmaudit.audits.robustness import text_attack_engine as engine
+    from fmaudit.robustness.text_similarity import MiniLMSentenceEncoder
+    from textattack.shared import AttackedText
+    from textattack.transformations import WordSwapEmbedding
+
+    c = engine.MiniLMSentenceSimilarity(threshold=0.8)
+    orig = AttackedText("my flight was delayed three hours and nobody helped")
+    cands = [orig.replace_word_at_index(3, "late"), orig.replace_word_at_index(7, "banana"),
+             orig.replace_word_at_index(2, "sandwich").replace_word_at_index(3, "purple")]
+    t = WordSwapEmbedding(embedding=_tiny_embedding())
+    for x in cands:
+        x.attack_attrs["last_transformation"] = t
+        x.attack_attrs["newly_modified_indices"] = set(orig.all_words_diff(x))
+    kept = c._check_constraint_many(cands, orig)
+    sims = MiniLMSentenceEncoder().similarity([orig.text] * 3, [x.text for x in cands])
+    np.testing.assert_allclose([x.attack_attrs["similarity_score"] for x in cands], sims, atol=1e-5)
+    assert [x.text for x in kept] == [x.text for x, s in zip(cands, sims) if s >= 0.8]
+    assert sims[0] >= 0.8 > sims[2]  # a near-synonym keeps the sentence, two nonsense swaps do not
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:  # pragma: no cover
+        return
+    from fmaudit.targets import minilm_path
+
+    ref = SentenceTransformer(str(minilm_path()), device="cpu").encode([orig.text] + [x.text for x in cands],
+                                                                       normalize_embeddings=True)
+    np.testing.assert_allclose(ref[1:] @ ref[0], sims, atol=1e-5)
+
+
+def test_get_grad_is_the_input_embedding_gradient(keyword_target, tiny_bert_dir):
+    from fmaudit.audits.robustness import text_attack_engine as engine
+    from fmaudit.targets import load_target
+
+    target, _ = keyword_target
+    w = engine.TargetModelWrapper(target)
+    text = "the movie was good " + "dull " * 9  # logits (9, 10): a loss well away from 0
+    out = w.get_grad(text)
+    tokens = w.tokenize([text], strip_prefix=True)[0]
+    g = out["gradient"]
+    assert g.shape == (len(tokens), 32) and out["ids"].shape == (1, len(tokens)) and w.num_gradients == 1
+    norms = np.abs(g).sum(1)
+    assert tokens[int(norms.argmax())] in ("good", "dull")  # only keyword tokens get a gradient
+    assert norms[tokens.index("the")] == 0 and norms[tokens.index("good")] > 0
+    # finite differences through the embedding table: d loss / d e(good) . v
+    emb = target.embedding_layer().weight
+    gid = target.tokenizer.convert_tokens_to_ids("good")
+    v = torch.randn(32, generator=torch.Generator().manual_seed(1))
+
+    def loss_at(eps: float) -> float:
+        with torch.no_grad():
+            saved = emb[gid].clone()
+            emb[gid] += eps * v
+            lg = torch.as_tensor(target.logits_texts([text]))
+            emb[gid] = saved
+        return float(torch.nn.functional.cross_entropy(lg, lg.argmax(1)))
+
+    assert loss_at(0.0) > 0.1
+    fd = (loss_at(1e-2) - loss_at(-1e-2)) / 2e-2
+    assert fd == pytest.approx(float(g[tokens.index("good")] @ v.numpy()), rel=2e-2)
+    assert all(p.grad is None for p in target.model.parameters())  # no parameter gradients left behind
+    # a Hugging Face BERT: one row per word piece incl. [CLS] / [SEP], deterministic (eval mode, no dropout)
+    bert = load_target(model=str(tiny_bert_dir), task="text-classification", num_labels=2, max_length=32)
+    wb = engine.TargetModelWrapper(bert)
+    a, b = wb.get_grad("an unbelievably good day"), wb.get_grad("an unbelievably good day")
+    assert a["gradient"].shape == (len(bert.tokenize(["an unbelievably good day"])[0]), 32)
+    np.testing.assert_array_equal(a["gradient"], b["gradient"])
+    assert np.abs(a["gradient"]).sum() > 0 and bert.model.training is False

@@ -51,6 +51,15 @@ class TextAttackAudit(AuditModule):
             "input-embedding space."))
         max_modification_rate: float = Field(default=0.3, gt=0.0, le=1.0, description=(
             "embedding-swap: at most this fraction of the words may be replaced (at least one)."))
+        polarity_filter: bool = Field(default=True, description=(
+            "embedding-swap: refuse swaps between antonyms, words of opposite sentiment polarity, or that add or "
+            "remove a negation (raw embeddings put good next to bad)."))
+        min_sentence_sim: float | None = Field(default=0.8, gt=0.0, le=1.0, description=(
+            "embedding-swap: minimum cosine similarity between the original and the perturbed text under the "
+            "bundled MiniLM sentence encoder (offline stand-in for TextFooler's USE); null = no such constraint."))
+        search: Literal["delete", "unk", "gradient", "weighted-saliency"] = Field(default="delete", description=(
+            "embedding-swap: word-importance ranking of the greedy search (TextAttack's GreedyWordSwapWIR "
+            "wir_method); gradient = one backward pass per example through the target's input embeddings."))
         max_word_swaps: int = Field(default=1, gt=0, le=100, description="pruthi: words that may be edited.")
         masked_lm: str | None = Field(default=None, description=(
             "bae / bert-attack / clare: a local folder with a Hugging Face masked LM to use instead of the hub "
@@ -173,8 +182,12 @@ class TextAttackAudit(AuditModule):
             "search_method": type(attack.search_method).__name__,
             "transformation": type(attack.transformation).__name__,
             "build_seconds": round(build_s, 3), "attack_seconds": round(total_s, 3),
-            "model_forward_inputs": wrapper.num_inputs, **info,
+            "model_forward_inputs": wrapper.num_inputs, "model_gradients": wrapper.num_gradients, **info,
         }
+        refused = {k: v for c in attack.constraints for k, v in getattr(c, "refused", {}).items()}
+        if p.attack == EMBEDDING_SWAP:
+            out.tables["attack"]["search_wir_method"] = p.search
+            out.tables["attack"]["swaps_refused_by_polarity_filter"] = refused if p.polarity_filter else None
         out.tables["constraints"] = engine.constraint_table(attack)
         out.tables["predictions"] = deg["table"]
         out.tables["evaluated_on"] = {"dataset": ctx.data.name, "subset": choice, "num_examples": n}

@@ -21,6 +21,9 @@ from fmaudit.audits.robustness.textattack_env import NLTK_ENGLISH_STOPWORDS, imp
 textattack = import_textattack()
 
 from textattack import Attack  # noqa: E402
+from textattack.constraints import Constraint  # noqa: E402
+from textattack.constraints.semantics.sentence_encoders import SentenceEncoder  # noqa: E402
+from textattack.shared.validators import transformation_consists_of_word_swaps  # noqa: E402
 from textattack.constraints.pre_transformation import (MaxModificationRate, RepeatModification,  # noqa: E402
                                                        StopwordModification)
 from textattack.constraints.semantics import WordEmbeddingDistance  # noqa: E402
@@ -51,6 +54,7 @@ class TargetModelWrapper(ModelWrapper):
         self.batch_size = int(batch_size)
         self.num_inputs = 0  # texts scored (TextAttack's goal function counts queries per example)
         self.num_calls = 0
+        self.num_gradients = 0  # get_grad calls (gradient word-importance ranking)
 
     def __call__(self, text_input_list: Sequence[str], **kwargs: Any) -> torch.Tensor:
         texts = [t if isinstance(t, str) else " ".join(t) for t in text_input_list]
@@ -75,6 +79,42 @@ class TargetModelWrapper(ModelWrapper):
 
     def _tokenize(self, inputs: Sequence[str]) -> list[list[str]]:
         return [self.tokenizer.convert_ids_to_tokens(ids) for ids in self.target.tokenize(list(inputs))]
+
+    def get_grad(self, text_input: str | Sequence[str]) -> dict[str, Any]:
+        """Gradient of the loss (cross-entropy against the model's own prediction) with respect to the input
+        embeddings of one text: {"ids": (1, L) token ids, "gradient": (L, d) array}, one row per token of the
+        target's tokenization (special tokens included, as `_tokenize` returns them, so TextAttack's
+        `align_with_model_tokens` indexes it correctly). Used by TextAttack's gradient word-importance ranking
+        (`GreedyWordSwapWIR(wir_method="gradient")`) and gradient-based transformations.
+
+        Unlike TextAttack's `HuggingFaceModelWrapper.get_grad` the model stays in eval mode (no dropout: the
+        ranking is deterministic), inputs are not padded to max_length, and no parameter gradient is kept."""
+        text = text_input if isinstance(text_input, str) else " ".join(text_input)
+        emb_layer = self.target.embedding_layer()
+        ids = self.target.tokenize([text])
+        batch = self.target.to_device(self.target.pad(ids))
+        captured: list[torch.Tensor] = []
+
+        def leaf(_module: Any, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+            # the embedding output as a leaf that requires grad: d loss / d embeddings, whatever the
+            # parameters' requires_grad, and no parameter gradients are computed
+            out = output.detach().requires_grad_(True)
+            captured.append(out)
+            return out
+
+        was_training = self.model.training
+        self.model.eval()
+        hook = emb_layer.register_forward_hook(leaf)
+        try:
+            with torch.enable_grad():
+                logits = self.target.forward_logits(self.model, batch)
+                loss = torch.nn.functional.cross_entropy(logits.float(), logits.argmax(dim=1).detach())
+                (grad,) = torch.autograd.grad(loss, captured[0])
+        finally:
+            hook.remove()
+            self.model.train(was_training)
+        self.num_gradients += 1
+        return {"ids": batch["input_ids"].cpu(), "gradient": grad[0].detach().float().cpu().numpy()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -166,8 +206,68 @@ def embedding_for_target(target: Any, *, cache_dir: Path, neighbours: int = 50) 
     return embedding, info
 
 
+class SentimentPolarityFilter(Constraint):
+    """Refuses a word swap that may change a sentiment label: a curated antonym pair, words of opposite polarity
+    in the lexicon, or a negation word added or removed (`fmaudit.robustness.text_polarity.swap_conflict`).
+    Every swapped position is compared with the original text, so a chain of swaps cannot walk good -> fine ->
+    bad. Counts refusals by reason in `refused`."""
+
+    def __init__(self) -> None:
+        super().__init__(compare_against_original=True)
+        from fmaudit.robustness.text_polarity import polarity_lexicon
+
+        self.lexicon_size, self.lexicon_source = len(polarity_lexicon()[0]), polarity_lexicon()[1]
+        self.refused: dict[str, int] = {}
+
+    def _check_constraint(self, transformed_text: Any, reference_text: Any) -> bool:
+        from fmaudit.robustness.text_polarity import swap_conflict
+
+        words_a, words_b = reference_text.words, transformed_text.words
+        for i in reference_text.all_words_diff(transformed_text):
+            if i < len(words_a) and i < len(words_b):
+                why = swap_conflict(words_a[i], words_b[i])
+                if why is not None:
+                    self.refused[why] = self.refused.get(why, 0) + 1
+                    return False
+        return True
+
+    def check_compatibility(self, transformation: Any) -> bool:
+        return transformation_consists_of_word_swaps(transformation)
+
+    def extra_repr_keys(self) -> list[str]:
+        return ["lexicon_source", "lexicon_size"] + super().extra_repr_keys()
+
+
+class MiniLMSentenceSimilarity(SentenceEncoder):
+    """TextAttack `SentenceEncoder` constraint over the bundled all-MiniLM-L6-v2 sentence encoder (mean-pooled,
+    normalized): the offline stand-in for TextFooler's Universal Sentence Encoder constraint. By default the
+    whole perturbed text is compared with the original (cosine >= 0.8); TextFooler compares a 15-word window
+    with the previous text at angular similarity 0.84."""
+
+    def __init__(self, threshold: float = 0.8, metric: str = "cosine", compare_against_original: bool = True,
+                 window_size: int | None = None, skip_text_shorter_than_window: bool = False):
+        from fmaudit.robustness.text_similarity import MiniLMSentenceEncoder
+
+        super().__init__(threshold=threshold, metric=metric, compare_against_original=compare_against_original,
+                         window_size=window_size, skip_text_shorter_than_window=skip_text_shorter_than_window)
+        self.encoder = MiniLMSentenceEncoder()
+        self.encoder_name = self.encoder.name
+
+    def encode(self, sentences: Sequence[str]) -> torch.Tensor:
+        return torch.from_numpy(self.encoder.encode(list(sentences)))
+
+    def extra_repr_keys(self) -> list[str]:
+        return ["encoder_name"] + super().extra_repr_keys()
+
+
+WIR_METHODS = ("delete", "unk", "gradient", "weighted-saliency")
+
+
 def build_embedding_swap(wrapper: TargetModelWrapper, embedding: Any, *, max_candidates: int, min_cos_sim: float,
-                         max_modification_rate: float) -> Any:
+                         max_modification_rate: float, polarity_filter: bool = True,
+                         sentence_similarity: float | None = 0.8, search: str = "delete") -> Any:
+    if search not in WIR_METHODS:
+        raise ValueError(f"unknown word-importance ranking {search!r}; one of {', '.join(WIR_METHODS)}")
     transformation = WordSwapEmbedding(max_candidates=max_candidates, embedding=embedding)
     constraints = [
         RepeatModification(),
@@ -175,8 +275,12 @@ def build_embedding_swap(wrapper: TargetModelWrapper, embedding: Any, *, max_can
         MaxModificationRate(max_rate=float(max_modification_rate), min_threshold=1),
         WordEmbeddingDistance(embedding=embedding, min_cos_sim=float(min_cos_sim)),
     ]
+    if polarity_filter:
+        constraints.append(SentimentPolarityFilter())
+    if sentence_similarity is not None:
+        constraints.append(MiniLMSentenceSimilarity(threshold=float(sentence_similarity)))
     goal = UntargetedClassification(wrapper)
-    return Attack(goal, constraints, transformation, GreedyWordSwapWIR(wir_method="delete"))
+    return Attack(goal, constraints, transformation, GreedyWordSwapWIR(wir_method=search))
 
 
 @contextlib.contextmanager
@@ -218,7 +322,9 @@ def build_attack(name: str, wrapper: TargetModelWrapper, *, params: Any, target:
                                                             neighbours=max(params.max_candidates, 50))
         attack = build_embedding_swap(wrapper, embedding, max_candidates=params.max_candidates,
                                       min_cos_sim=params.min_cos_sim,
-                                      max_modification_rate=params.max_modification_rate)
+                                      max_modification_rate=params.max_modification_rate,
+                                      polarity_filter=params.polarity_filter,
+                                      sentence_similarity=params.min_sentence_sim, search=params.search)
     else:
         import textattack.attack_recipes as recipes
 
@@ -245,7 +351,9 @@ def constraint_table(attack: Any) -> list[dict[str, Any]]:
             if k in ("embedding", "stopwords"):
                 continue
             v = getattr(c, k, None)
-            if isinstance(v, (bool, int, float, str)) or v is None:
+            if isinstance(v, float) and not np.isfinite(v):
+                entry[k] = None  # TextAttack's "no window" is inf; JSON has no infinity
+            elif isinstance(v, (bool, int, float, str)) or v is None:
                 entry[k] = v
             elif isinstance(v, (set, frozenset, list, tuple)):
                 entry[k] = f"{len(v)} items"

@@ -21,7 +21,9 @@ NATIVE_ATTACKS: dict[str, str] = {
                        "stays the same (measures how little of the input the model needs; not a flip attack).",
     EMBEDDING_SWAP: "TextFooler-style word swap with synonyms from the target's own input embeddings (nearest whole-"
                     "word vocabulary entries by cosine similarity, precomputed and cached), greedy word-importance "
-                    "search (delete ranking), embedding cosine and modification-rate constraints.",
+                    "search (delete ranking by default; unk, gradient or weighted-saliency), embedding cosine and "
+                    "modification-rate constraints, an antonym / sentiment-polarity / negation filter, and sentence "
+                    "similarity under the bundled MiniLM sentence encoder (cosine >= 0.8).",
 }
 
 # TextAttack recipe name -> class (textattack.attack_args.ATTACK_RECIPE_NAMES in 0.3.11).
