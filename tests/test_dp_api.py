@@ -338,3 +338,29 @@ def test_dp_defaults_are_picked_and_said(digits):
     note = next(n for n in res.notes if n.startswith("DP training defaults picked"))
     assert "Li et al." in note and "batch_size=120" in note and "does not count" in note
     assert res.epsilon <= 8.0
+
+
+def test_peft_model_instance_trains_its_adapters_and_comes_back_as_given(pretrained_bert, tokenized):
+    """A PEFT model built by the user (device placement first, then get_peft_model, as opacus#820 advises):
+    trainable='all' means its own trainable tensors; it comes back unmerged, flags as given, adapters moved."""
+    import copy
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base, _ = pretrained_bert
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                                                target_modules=["query", "value"]))
+    flags = {n: p.requires_grad for n, p in peft_model.named_parameters()}
+    start = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    train, val = tokenized
+    res = dp_finetune(model=peft_model, train_data=train, validation_data=val, target_epsilon=8.0, epochs=2,
+                      batch_size=50, lr=1e-2, accountant="rdp")
+    assert res.epsilon <= 8.0
+    assert isinstance(res.model, PeftModel) and _hooks(res.model) == 0 and not _opacus_leftovers(res.model)
+    assert {n: p.requires_grad for n, p in res.model.named_parameters()} == flags
+    trained = dict(res.model.named_parameters())
+    assert any("lora_A" in n for n in start) and any("classifier" in n for n in start)
+    assert all(not torch.equal(trained[n], v) for n, v in start.items())  # every adapter / head tensor moved
+    assert res.num_trainable_parameters == sum(v.numel() for v in start.values())
+    assert any("PEFT model" in n for n in res.notes)
+    assert res.validation_utility["accuracy"] >= 0.8

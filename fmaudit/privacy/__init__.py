@@ -2,6 +2,7 @@
 
     from fmaudit.privacy import dp_finetune
     result = dp_finetune(model=target, train_data=data, target_epsilon=8, epochs=2, batch_size=16, lr=5e-4)
+    result = dp_finetune(model=my_module, train_data=TensorDataset(x, y), validation_data=..., target_epsilon=2)
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ _LAZY = {
     "DPResult": ("fmaudit.privacy.dp", "DPResult"),
     "DPConfigError": ("fmaudit.privacy.dp", "DPConfigError"),
     "DPPrivacyWarning": ("fmaudit.privacy.dp", "DPPrivacyWarning"),
+    "DPTrainingError": ("fmaudit.privacy.dp", "DPTrainingError"),
+    "dp_defaults": ("fmaudit.privacy.dp", "dp_defaults"),
     "dp_preflight": ("fmaudit.privacy.dp", "preflight"),
     "epsilon_for": ("fmaudit.privacy.dp", "epsilon_for"),
 }
