@@ -626,6 +626,24 @@ def render_image_attack(sink: Sink, entry: RunEntry, results: list[AuditResult])
                          "images).")
 
 
+def render_certify(sink: Sink, entry: RunEntry, results: list[AuditResult]) -> None:
+    """robustness.certify: certified accuracy (a lower bound on robustness) and the smoothed classifier's
+    accuracy under attack (an upper bound) on one plot, one per target."""
+    sink.header("Certified robustness (randomized smoothing)", level=2)
+    for r in results:
+        sink.header(target_label(entry, r.target), level=3)
+        sink.cards([metric_card(n, r.metrics[n]) for n in ("smoothed_clean_accuracy", "abstention_rate",
+                                                           "median_certified_radius", "num_invariant_violations")
+                    if n in r.metrics])
+        series = [(name, c) for name, c in r.curves.items() if "radius" in (c.x_label or "").lower()]
+        if series:
+            sink.figure(F.curves_figure(series, title=f"Certified vs attacked accuracy — {r.target}",
+                                        mode="lines+markers",
+                                        caption="The true robust accuracy lies between the two curves: "
+                                                "certification proves the lower one, attacks show the upper one."),
+                        key=f"certify-{r.unit_id}")
+
+
 def render_text_attack(sink: Sink, entry: RunEntry, results: list[AuditResult]) -> None:
     sink.header("Adversarial text", level=2)
     rate, cost = [], []
@@ -791,7 +809,8 @@ SPECIFIC_CURVES: dict[str, tuple[str, ...]] = {
 SPECIFIC: dict[str, list[tuple[str, Callable[[Sink, RunEntry, list[AuditResult]], None]]]] = {
     "privacy": [("privacy.dp_finetune", render_dp), ("privacy.membership", render_membership),
                 ("privacy.canary_audit", render_canary)],
-    "robustness": [("robustness.image_attack", render_image_attack), ("robustness.text_attack", render_text_attack)],
+    "robustness": [("robustness.image_attack", render_image_attack), ("robustness.text_attack", render_text_attack),
+                   ("robustness.certify", render_certify)],
     "explain": [("explain.attribution", render_attribution)],
 }
 

@@ -356,3 +356,26 @@ def test_recipe_certify_digits(tmp_path):
         cert = [r.metrics[f"certified_accuracy@{x:g}"].value for x in (0, 0.1, 0.25, 0.5)]
         assert cert == sorted(cert, reverse=True)
     assert report.result("robustness.certify", "cnn").metrics["certified_accuracy@0.1"].value >= 0.5
+
+
+def test_dashboard_overlays_certified_and_attacked_accuracy(tmp_path):
+    """The dashboard's robustness view draws the two bounds of one result on one plot, with its caption."""
+    from dashboard.runs import RunEntry
+    from dashboard.sinks import HtmlSink
+    from dashboard.views import render_certify
+    from fmaudit.report import AuditResult, Curve, Metric
+
+    r = AuditResult.model_construct(
+        unit_id="0:robustness.certify@cnn", module="robustness.certify", target="cnn", status="ok",
+        metrics={"smoothed_clean_accuracy": Metric(value=0.86), "num_invariant_violations": Metric(value=0.0)},
+        curves={"certified_accuracy": Curve(x=[0, 0.25, 0.5], y=[0.86, 0.73, 0.34], x_label="L2 radius",
+                                            y_label="accuracy"),
+                "empirical_robust_accuracy": Curve(x=[0, 0.25, 0.5], y=[0.86, 0.78, 0.56], x_label="L2 radius",
+                                                   y_label="accuracy")},
+        findings=[], tables={}, evidence=[])
+    entry = RunEntry(name="run", path=tmp_path, state="ok", report=None, run_id="run")
+    sink = HtmlSink()
+    render_certify(sink, entry, [r])
+    html = sink.render()
+    assert sink.figures == 1 and "certified_accuracy" in html and "empirical_robust_accuracy" in html
+    assert "between the two curves" in html and "smoothed_clean_accuracy" in html
