@@ -186,6 +186,39 @@ def test_refusals_name_what_is_wrong(digits):
         dp_finetune(model=lambda x: x, train_data=feats_only, target_epsilon=2, epochs=1, batch_size=16, lr=1e-3)
 
 
+def test_fmaudit_target_on_torch_images_with_a_custom_tuple_loss():
+    """An fmaudit target (the bundled digits CNN, [0, 1] pixels inside) on a TensorDataset of sklearn's digit
+    images, with a custom per-example loss on the (x, y) tuple: the target comes back around the trained model,
+    and accuracy is still reported (the default forward gives logits for the tuple's labels)."""
+    from sklearn.datasets import load_digits
+
+    import fmaudit
+    from fmaudit.targets.vision import ImageClassifier, PixelClassifier
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x / 16.0, dtype=torch.float32).view(-1, 1, 8, 8)
+    y = torch.tensor(y, dtype=torch.long)
+    target = fmaudit.load_target(model="bundled:digits-cnn", seed=0)
+    before = target.weights_sha256()
+    seen = []
+
+    def loss_fn(model, batch):
+        images, labels = batch
+        seen.append(len(batch))
+        return nn.functional.cross_entropy(model(images), labels, reduction="none")
+
+    res = dp_finetune(model=target, train_data=torch.utils.data.TensorDataset(x[:1200], y[:1200]),
+                      validation_data=torch.utils.data.TensorDataset(x[1200:], y[1200:]), loss_fn=loss_fn,
+                      target_epsilon=4.0, epochs=8, batch_size=100, lr=5e-3, accountant="rdp")
+    assert res.epsilon <= 4.0 and set(seen) == {2}
+    _assert_plain(res.model, PixelClassifier)
+    assert isinstance(res.target, ImageClassifier) and res.target.model is res.model
+    assert target.weights_sha256() == before and res.target.weights_sha256() != before
+    assert res.validation_utility["accuracy"] > 0.5  # ten classes: chance 0.1
+    predicted = res.target.logits_images(x[1200:]).argmax(1)
+    assert res.validation_utility["accuracy"] == pytest.approx(float((predicted == y[1200:].numpy()).mean()))
+
+
 class _Stream(torch.utils.data.IterableDataset):
     def __iter__(self):
         yield torch.zeros(64), 0

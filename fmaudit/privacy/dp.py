@@ -22,6 +22,7 @@ Heavy libraries are imported inside functions.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 import time
@@ -814,6 +815,8 @@ def _module_target_class() -> type:
             # Explicit position / token type ids, built with repeat (per-example rows for per-sample gradients)
             self._pass_position_ids = "position_ids" in fwd
             self._pass_token_type_ids = "token_type_ids" in fwd
+            # accuracy needs the default forward and labels; `_dry_run` says whether they work with a custom loss
+            self.accuracy_from_forward = task != "causal-lm" and loss_fn is None
 
         @property
         def capabilities(self) -> frozenset[str]:
@@ -918,9 +921,11 @@ def _module_target_class() -> type:
                     tok_nll += float(nll.sum())
                     toks += int(mask.sum())
                     continue
+                if not self.accuracy_from_forward:
+                    continue
                 labels = self.labels(batch)
-                logits = _output_logits(self.forward(self.model, batch)) if labels is not None else None
-                if logits is not None and logits.dim() == 2 and labels.dim() == 1 and logits.shape[0] == len(labels):
+                logits = _output_logits(self.forward(self.model, batch))
+                if logits.dim() == 2 and labels.dim() == 1 and logits.shape[0] == len(labels):
                     correct += int((logits.argmax(1) == labels).sum())
                     counted += len(labels)
             out = {"num_examples": float(len(idx)), "loss": total / len(idx)}
@@ -958,6 +963,18 @@ def _dry_run(target: Any, data: TorchData, custom_loss: bool) -> list[str]:
         shape = tuple(per.shape) if torch.is_tensor(per) else type(per).__name__
         return [f"loss_fn must return one loss per example (a tensor of shape [{k}] for {k} examples), got {shape}: "
                 "DP-SGD clips each example's gradient, which a batch mean hides (use reduction='none')"]
+    if custom_loss and target.task != "causal-lm":
+        # Accuracy beside a custom loss: only when the default forward gives (B, C) logits for the batch's labels.
+        labels = target.labels(batch)
+        if labels is not None and labels.dim() == 1:
+            try:
+                with torch.no_grad():
+                    logits = _output_logits(target.forward(target.model.eval(), batch))
+                target.accuracy_from_forward = logits.dim() == 2 and logits.shape[0] == k
+            except Exception:  # the model takes its inputs another way: the custom loss is the utility
+                target.accuracy_from_forward = False
+            finally:
+                target.model.train(was)
     return []
 
 
@@ -1046,8 +1063,8 @@ def adapt_inputs(model: Any, train_data: Any, validation_data: Any = None,
         for name, p in work.model.named_parameters():  # the loop leaves every flag on; a PEFT model keeps its own
             if name in flags:
                 p.requires_grad_(flags[name])
-        if isinstance(model, Target):
-            out = model.copy()
+        if isinstance(model, Target):  # a target like the caller's (tokenizer, preprocessing) around the model
+            out = copy.copy(model)
             out.model = work.model
             out.weights_changed()
             return work.model, out
