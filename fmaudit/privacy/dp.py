@@ -591,7 +591,7 @@ class DPInputs:
     problems: list[str] = field(default_factory=list)
     cacheable: bool = True
     release: Callable[[Any], tuple[Any, Any]] = lambda work: (work.model, work)
-    utility: Callable[..., dict[str, float]] = None  # type: ignore[assignment]
+    utility: Callable[..., dict[str, float]] | None = None  # None: `_utility` (fmaudit targets)
 
     def __post_init__(self) -> None:
         if self.utility is None:
@@ -678,7 +678,8 @@ def _hf_column_is_numeric(ds: Any, column: str) -> bool:
     if isinstance(feat, list):  # old-style list features
         feat = feat[0] if feat else None
     dtype = getattr(feat, "dtype", None)
-    return dtype is not None and dtype != "string" and not str(dtype).startswith(("large_string", "string"))
+    # numbers and lists of numbers; not strings, and not PIL images (they need the model's image processor)
+    return dtype is not None and not str(dtype).startswith(("string", "large_string", "PIL"))
 
 
 def _hf_task(model: Any) -> str:
