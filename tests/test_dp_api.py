@@ -7,7 +7,6 @@ utility well above chance."""
 import math
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from conftest import make_sentences

@@ -1577,7 +1577,8 @@ def _run(*, inputs, n, epochs, batch_size, lr, weight_decay, target_epsilon, noi
     notes += [f"{f['title']}: {f['detail']}" for f in findings]
     model_out, target_out = inputs.release(work)
     return DPResult(
-        model=model_out, target=target_out, epsilon=float(dp["epsilon"]), epsilon_per_epoch=list(dp["epsilon_per_epoch"]),
+        model=model_out, target=target_out, epsilon=float(dp["epsilon"]),
+        epsilon_per_epoch=list(dp["epsilon_per_epoch"]),
         delta=settings.delta, noise_multiplier=settings.noise_multiplier, sample_rate=sample_rate,
         steps=int(dp["steps"]), epochs=epochs, accountant=accountant, clipping=mode, max_grad_norm=max_grad_norm,
         batch_size=batch_size, max_physical_batch_size=settings.max_physical_batch_size, trainable=trainable,
