@@ -116,8 +116,9 @@ def test_findings_name_the_procedure_and_the_analysis():
     (f,) = canary_findings(_result())
     assert f["severity"] == "critical"
     assert "30 held out to choose r, the bound on the other 70 with r = 70" not in f["detail"]  # critical: no reach
-    assert "f-DP analysis" in f["detail"] and "Steinke-Nasr-Jagielski bound on the same guesses is 2.000" in f["detail"]
+    assert "f-DP analysis, which assumes a Gaussian trade-off curve" in f["detail"]
+    assert "Steinke-Nasr-Jagielski bound on the same guesses is 2.000" in f["detail"]
     (g,) = canary_findings(_result(epsilon_lb=0.5, epsilon_lb_sjn=0.5, epsilon_lb_fdp=0.1, bound="sjn",
                                    accountant_epsilon=9.0))
     assert "30 held out to choose r, the bound on the other 70 with r = 70" in g["detail"]
-    assert "f-DP analysis" not in g["detail"]
+    assert "assumes a Gaussian trade-off curve" not in g["detail"]

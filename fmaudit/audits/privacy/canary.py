@@ -20,8 +20,9 @@ class CanaryAudit(AuditModule):
                    "reveal inclusion; compares it with the accountant's epsilon on DP targets. Secret-sharer "
                    "exposure for causal LMs.")
     requires = frozenset({"per_example_loss", "trainable"})
-    metric_names = ("epsilon_lb", "epsilon_lb_sjn", "epsilon_lb_fdp", "epsilon_lb_ceiling", "accountant_epsilon", "canary_auc", "guesses", "correct_guesses",
-                    "num_canaries", "exposure_mean_included", "exposure_max_included")
+    metric_names = ("epsilon_lb", "epsilon_lb_sjn", "epsilon_lb_fdp", "epsilon_lb_ceiling", "accountant_epsilon",
+                    "canary_auc", "guesses", "correct_guesses", "num_canaries", "exposure_mean_included",
+                    "exposure_max_included")
 
     class Params(AuditParams):
         num_canaries: int = Field(default=200, ge=10, le=100_000, description="m: canaries, each included in "
@@ -104,7 +105,8 @@ class CanaryAudit(AuditModule):
         out.metric("epsilon_lb", res.epsilon_lb, higher_is_better=False, unit="epsilon",
                    description=f"Lower bound on epsilon at {conf} confidence ({how}): the tighter of epsilon_lb_sjn and "
                                f"epsilon_lb_fdp (here {'f-DP' if res.bound == 'fdp' else 'Steinke-Nasr-Jagielski'}). "
-                               "The training procedure is NOT (eps, delta)-DP for any smaller eps.")
+                               "The training procedure is NOT (eps, delta)-DP for any smaller eps"
+                               + (" (f-DP: if its trade-off curve is Gaussian)." if res.bound == "fdp" else "."))
         out.metric("epsilon_lb_sjn", res.epsilon_lb_sjn, higher_is_better=False, unit="epsilon",
                    description="Steinke-Nasr-Jagielski bound on the same guesses: holds for any (eps, delta)-DP "
                                "mechanism.")
