@@ -122,3 +122,19 @@ def test_findings_name_the_procedure_and_the_analysis():
                                    accountant_epsilon=9.0))
     assert "30 held out to choose r, the bound on the other 70 with r = 70" in g["detail"]
     assert "assumes a Gaussian trade-off curve" not in g["detail"]
+
+
+def test_f_dp_alone_above_the_claim_is_high_not_critical():
+    """Randomized response at eps = 2 is (2, 0)-DP, but its typical outcome (881 of 1000 right) rejects every mu-GDP
+    with epsilon(mu, 1e-5) below 3.4: the f-DP number is about the Gaussian family, the SNJ one about every
+    mechanism. A claim between the two gets a 'high' finding that says so, not 'critical'."""
+    b = bounds(m=1000, r=1000, v=881, delta=1e-5, confidence=0.95)
+    assert b["epsilon_lb_sjn"] < 2.0 < b["epsilon_lb_fdp"]
+    res = _result(epsilon_lb=b["epsilon_lb"], epsilon_lb_sjn=b["epsilon_lb_sjn"], epsilon_lb_fdp=b["epsilon_lb_fdp"],
+                  mu_lb=b["mu_lb"], bound=b["bound"], accountant_epsilon=2.0, epsilon_lb_ceiling=12.0)
+    (f,) = canary_findings(res)
+    assert f["severity"] == "high" and "if the trade-off curve is Gaussian" in f["title"]
+    assert f"{b['epsilon_lb_sjn']:.3f}, within the claim" in f["detail"]
+    # both above the claim: critical
+    (g,) = canary_findings(_result(accountant_epsilon=1.0))
+    assert g["severity"] == "critical"
