@@ -5,6 +5,7 @@ Attributions come from Captum (its methods are called, never re-implemented):
 - text classifiers: LayerIntegratedGradients on the input embedding layer (with convergence delta),
   LayerGradientXActivation on it (gradient x input), FeatureAblation and Occlusion over token ids;
 - image classifiers (pixels in [0, 1]): IntegratedGradients, Saliency, GradientShap, Occlusion, InputXGradient;
+  features are pixels, or the model's patches for ViT-style models (the config's patch_size);
 - causal LMs: `LLMAttribution(FeatureAblation)` and `LLMGradientAttribution(LayerIntegratedGradients)` over
   the prompt tokens, for a target continuation (the text's own next tokens, or the model's greedy one).
 
@@ -13,9 +14,10 @@ Quality of each explanation, cheap by default:
 - deletion / insertion curves (AOPC) against a random ordering of the same features;
 - Captum's `infidelity` (in the features' presence space: random subsets dropped to the baseline) and
   `sensitivity_max` (uniform input noise; in word-embedding space for text);
-- the model-parameter randomization sanity check (Adebayo et al. 2018): the top layers of a COPY of the model
-  are re-initialized and the rank correlation with the trained model's attributions is reported; a method
-  whose attributions barely change is flagged;
+- the cascading model-parameter randomization sanity check (Adebayo et al. 2018): the layer groups of a COPY
+  of the model are re-initialized from the top down, one at a time and cumulatively (`cascade.py`), and the
+  similarity curve (Spearman signed / absolute, SSIM for images) with the trained model's attributions is
+  reported; a method whose attributions barely change after the deepest step is flagged;
 - integrated-gradients completeness: sum of attributions vs F(x) - F(baseline), within the convergence delta.
 
 Heavy imports (torch, captum, matplotlib) happen inside functions.
@@ -303,7 +305,7 @@ class _TextTask(_Task):
                                              perturbations_per_eval=self.p.internal_batch_size or 1)
             else:  # pragma: no cover
                 raise ValueError(method)
-            return a.sum(-1)
+            return (a.sum(-1),)  # a tuple: Captum 0.9 iterates a bare tensor of original explanations row by row
 
         s = sensitivity_max(explain, e, perturb_func=perturb, n_perturb_samples=n, max_examples_per_batch=1)
         return float(s.max())
@@ -328,8 +330,61 @@ def blurred(images: np.ndarray, sigma: float) -> np.ndarray:
     return gaussian_filter(np.asarray(images, dtype=np.float32), sigma=(0, 0, sigma, sigma), mode="nearest")
 
 
+def patch_grid(target: Any, h: int, w: int) -> tuple[int, int, int, int] | None:
+    """ViT-style models: (model patch height, width, grid rows, grid cols) in the model's own input size, from
+    its config's `patch_size` / `image_size`; None for models without patches (CNNs, `python:` models)."""
+    inner = getattr(target.model, "inner", target.model)
+    cfg = getattr(inner, "config", None)
+    ps = getattr(cfg, "patch_size", None) if cfg is not None else None
+    if not ps:
+        return None
+    ph, pw = (int(ps[0]), int(ps[1])) if isinstance(ps, (tuple, list)) else (int(ps), int(ps))
+    size = getattr(target.model, "image_size", None) or getattr(cfg, "image_size", None) or (h, w)
+    sh, sw = (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
+    return ph, pw, -(-sh // ph), -(-sw // pw)
+
+
+def patch_feature_map(h: int, w: int, grid: tuple[int, int, int, int], model_size: tuple[int, int]) -> np.ndarray:
+    """(h, w) int map: the patch (row-major in the patch grid) each input pixel falls into once the model
+    resizes the (h, w) input to `model_size` (pixel centres mapped to the model's input)."""
+    ph, pw, rows, cols = grid
+    sh, sw = model_size
+    r = np.minimum(((np.arange(h) + 0.5) * sh / h // ph).astype(int), rows - 1)
+    c = np.minimum(((np.arange(w) + 0.5) * sw / w // pw).astype(int), cols - 1)
+    return r[:, None] * cols + c[None, :]
+
+
 class _ImageTask(_Task):
     task = IMAGE_CLS
+
+    def __init__(self, target, params, device):
+        super().__init__(target, params, device)
+        self._fmaps: dict[tuple[int, int], Any] = {}
+
+    def feature_unit(self, h: int, w: int) -> dict[str, Any]:
+        grid = patch_grid(self.target, h, w) if self.p.image_features != "pixels" else None
+        if grid is None:
+            return {"unit": "pixel", "num_features": h * w}
+        return {"unit": "patch", "patch_size": [grid[0], grid[1]], "grid": [grid[2], grid[3]],
+                "num_features": grid[2] * grid[3], "source": "the model config's patch_size"}
+
+    def fmap(self, h: int, w: int):
+        """Feature id of every pixel (flattened, torch long on the device): pixels, or ViT patches."""
+        import torch
+
+        if (h, w) not in self._fmaps:
+            grid = patch_grid(self.target, h, w) if self.p.image_features != "pixels" else None
+            if grid is None:
+                m = np.arange(h * w)
+            else:
+                size = getattr(self.target.model, "image_size", None) or (grid[0] * grid[2])
+                m = patch_feature_map(h, w, grid, (int(size), int(size)) if not isinstance(size, (tuple, list))
+                                      else (int(size[0]), int(size[1]))).ravel()
+            self._fmaps[(h, w)] = torch.as_tensor(m, dtype=torch.long, device=self.device)
+        return self._fmaps[(h, w)]
+
+    def patches(self, h: int, w: int) -> bool:
+        return self.feature_unit(h, w)["unit"] == "patch"
 
     def example(self, pos: int, ex_id: str, image: np.ndarray) -> Example:
         import torch
@@ -339,7 +394,8 @@ class _ImageTask(_Task):
             b = torch.zeros_like(x)
         else:
             b = torch.as_tensor(blurred(image[None], self.p.blur_sigma), device=self.device)
-        return Example(pos=pos, ex_id=ex_id, x=x, baseline=b, n_features=int(x.shape[-1] * x.shape[-2]))
+        fm = self.fmap(*x.shape[-2:])
+        return Example(pos=pos, ex_id=ex_id, x=x, baseline=b, n_features=int(fm.max()) + 1)
 
     def _compose(self, ex, keep):
         import torch
@@ -347,7 +403,7 @@ class _ImageTask(_Task):
         keep = torch.as_tensor(keep, device=ex.x.device).bool()
         k = keep.shape[0]
         h, w = ex.x.shape[-2:]
-        m = keep.view(k, 1, h, w).to(ex.x.dtype)
+        m = keep[:, self.fmap(h, w)].view(k, 1, h, w).to(ex.x.dtype)  # features (pixels / patches) -> pixels
         return ex.x * m + ex.baseline * (1 - m)
 
     def logits(self, model, x):
@@ -364,7 +420,8 @@ class _ImageTask(_Task):
 
     def _raw(self, method, model, x, baseline, target, seed: int = 0):
         import torch
-        from captum.attr import GradientShap, InputXGradient, IntegratedGradients, Occlusion, Saliency
+        from captum.attr import (FeatureAblation, GradientShap, InputXGradient, IntegratedGradients, Occlusion,
+                                 Saliency)
 
         delta = None
         if method == "integrated_gradients":
@@ -382,6 +439,12 @@ class _ImageTask(_Task):
                 a = GradientShap(model).attribute(x, baselines=baseline[:1], target=target,
                                                   n_samples=self.p.gradient_shap_samples,
                                                   stdevs=self.p.gradient_shap_stdevs)
+        elif method == "occlusion" and self.p.occlusion_window is None and self.patches(*x.shape[-2:]):
+            # one ViT patch at a time (= Occlusion with window = stride = patch when the grid is aligned)
+            c, h, w = x.shape[1:]
+            mask = self.fmap(h, w).view(1, 1, h, w).expand(x.shape[0], c, h, w)
+            a = FeatureAblation(model).attribute(x, baselines=baseline, target=target, feature_mask=mask,
+                                                 perturbations_per_eval=self.p.internal_batch_size or 1)
         elif method == "occlusion":
             c, h, w = x.shape[1:]
             win = self.p.occlusion_window or max(1, min(h, w) // 4)
@@ -397,7 +460,9 @@ class _ImageTask(_Task):
         t0 = time.perf_counter()
         a, delta = self._raw(method, model, ex.x, ex.baseline, ex.explained, seed=ex.pos)
         full = a.detach()[0].double().cpu().numpy()  # (C, H, W)
-        return Attribution(method, full.sum(0).ravel(), full, delta, time.perf_counter() - t0)
+        fm = self.fmap(*full.shape[-2:]).cpu().numpy()
+        feats = np.bincount(fm, weights=full.sum(0).ravel(), minlength=int(fm.max()) + 1)  # per pixel / patch
+        return Attribution(method, feats, full, delta, time.perf_counter() - t0)
 
     def sensitivity(self, method, model, ex, n, radius, seed) -> float | None:
         import torch
@@ -413,7 +478,7 @@ class _ImageTask(_Task):
             inputs = inputs[0] if isinstance(inputs, tuple) else inputs
             a, _ = self._raw(method, model, inputs, ex.baseline.expand(inputs.shape[0], -1, -1, -1),
                              ex.explained, seed=seed)
-            return a.sum(1)
+            return (a.sum(1),)  # a tuple: Captum 0.9 iterates a bare tensor of original explanations row by row
 
         return float(sensitivity_max(explain, ex.x, perturb_func=perturb, n_perturb_samples=n,
                                      max_examples_per_batch=1).max())
@@ -548,32 +613,6 @@ def explain_texts(target: Any, texts: Sequence[str], *, method: str = "integrate
 
 
 # ---------------------------------------------------------------------------------------------------
-# Randomization sanity check
-
-
-def randomized_copy(target: Any, *, layers: int, seed: int) -> tuple[Any, list[str]]:
-    """A copy of `target` whose head and last `layers` blocks are re-initialized (the target is untouched)."""
-    import torch
-
-    new = target.copy(name=f"{target.name}[randomized]")
-    chosen = list(new.head_modules()) + (list(new.blocks()[-layers:]) if layers > 0 else [])
-    names = {id(m): n for n, m in new.model.named_modules()}
-    done: set[int] = set()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive(seed, Stream.ATTRIBUTION_RANDOMIZE))
-        for top in chosen:
-            for m in top.modules():
-                if id(m) in done:
-                    continue
-                done.add(id(m))
-                if hasattr(m, "reset_parameters") and callable(m.reset_parameters):
-                    m.reset_parameters()
-    new.model.eval()
-    new.weights_changed()
-    return new, sorted({names.get(id(m), "?") for m in chosen})
-
-
-# ---------------------------------------------------------------------------------------------------
 # The module
 
 
@@ -587,8 +626,9 @@ class AttributionAudit(AuditModule):
     requires = frozenset()
     tasks = (TEXT_CLS, IMAGE_CLS, CAUSAL_LM)
     metric_names = ("*.deletion_aopc", "*.insertion_auc", "*.infidelity", "*.sensitivity_max",
-                    "*.randomization_spearman", "*.randomization_spearman_abs", "*.seconds_per_example",
-                    "integrated_gradients.convergence_delta", "integrated_gradients.completeness_gap",
+                    "*.randomization_spearman", "*.randomization_spearman_abs", "*.randomization_ssim",
+                    "*.seconds_per_example", "integrated_gradients.convergence_delta",
+                    "integrated_gradients.completeness_gap", "integrated_gradients.completeness_abs_gap",
                     "integrated_gradients.completeness_relative_error", "random.deletion_aopc",
                     "random.insertion_auc", "methods_failing_randomization", "num_examples")
 
@@ -608,6 +648,10 @@ class AttributionAudit(AuditModule):
         text_baseline: Literal["pad", "unk", "mask"] = Field(
             default="pad", description="Token that replaces removed tokens (special tokens are kept).")
         image_baseline: Literal["black", "blur"] = Field(default="black", description="Image baseline.")
+        image_features: Literal["auto", "pixels", "patches"] = Field(
+            default="auto", description="Features of images for occlusion / deletion / insertion / infidelity / "
+                                        "rank correlations: auto = ViT patches (the config's patch_size) when the "
+                                        "model has them, else pixels.")
         blur_sigma: float = Field(default=2.0, gt=0, description="Gaussian blur sigma (pixels) of the blur baseline.")
         occlusion_window: int | None = Field(
             default=None, gt=0, description="Occlusion window: tokens (default 3) or pixels (default side / 4).")
@@ -630,12 +674,17 @@ class AttributionAudit(AuditModule):
         sensitivity_examples: int = Field(default=4, ge=0, description="Examples with max-sensitivity (costly).")
         randomization_examples: int | None = Field(default=None, gt=0, description="Examples for the randomization "
                                                                                     "check (default: all).")
-        randomize_layers: int = Field(default=1, ge=0, description="Blocks re-initialized besides the head.")
+        randomization_depth: int | None = Field(
+            default=None, gt=0, description="Cascade steps (layer groups re-initialized from the top, cumulatively); "
+                                            "default: all of them, down to the embeddings / first layer.")
         randomization_threshold: float = Field(
             default=0.5, gt=-1, lt=1, description="A method fails when its mean rank correlation with the randomized "
                                                   "model's attributions is above this.")
         completeness_tolerance: float = Field(
             default=0.05, gt=0, description="Largest |sum(attr) - (F(x) - F(b))| / |F(x) - F(b)| accepted.")
+        completeness_min_difference: float = Field(
+            default=0.01, ge=0, description="|F(x) - F(baseline)| below this (logits / nats) counts as F(x) = "
+                                            "F(baseline): the relative error is undefined there.")
         top_tokens: int = Field(default=15, ge=0, le=1000, description="Most influential tokens listed.")
         heatmaps: bool = Field(default=True, description="Images: write heatmap PNGs to the run's artifacts.")
         bootstrap: int = Field(default=1000, ge=0, le=100_000)
@@ -666,6 +715,10 @@ class AttributionAudit(AuditModule):
             problems.append("no examples to explain")
         elif task == IMAGE_CLS and data.images is None:
             problems.append(f"dataset {data.name!r} has no images")
+        elif task == IMAGE_CLS and self.params.image_features == "patches" \
+                and patch_grid(target, *np.asarray(data.images[0]).shape[-2:]) is None:
+            problems.append("image_features: patches needs a model whose config has a patch_size (ViT); "
+                            f"{getattr(target, 'architecture', '?')} has none (use auto or pixels)")
         elif task != IMAGE_CLS and data.texts is None:
             problems.append(f"dataset {data.name!r} has no texts")
         elif task != CAUSAL_LM and self.params.explain_label == "true" and data.labels is None:
@@ -765,9 +818,11 @@ class AttributionAudit(AuditModule):
         # 4. metrics
         units = {"deletion_aopc": task.curve_unit, "insertion_auc": task.curve_unit, "infidelity": None,
                  "sensitivity_max": "relative", "randomization_spearman": "rank correlation",
-                 "randomization_spearman_abs": "rank correlation", "seconds_per_example": "seconds"}
+                 "randomization_spearman_abs": "rank correlation", "randomization_ssim": "SSIM",
+                 "seconds_per_example": "seconds"}
         better = {"deletion_aopc": True, "insertion_auc": True, "infidelity": False, "sensitivity_max": False,
-                  "randomization_spearman": False, "randomization_spearman_abs": False, "seconds_per_example": False}
+                  "randomization_spearman": False, "randomization_spearman_abs": False, "randomization_ssim": False,
+                  "seconds_per_example": False}
         desc = {
             "deletion_aopc": "Mean drop of the explained output as the most-attributed features are removed first "
                              "(AOPC; compare with random.deletion_aopc).",
@@ -778,8 +833,10 @@ class AttributionAudit(AuditModule):
             "sensitivity_max": "Captum sensitivity_max: largest relative change of the attributions under small "
                                "uniform input noise.",
             "randomization_spearman": "Mean Spearman correlation between attributions of the trained model and "
-                                      "of a copy with its top layers re-initialized (low = depends on the weights).",
+                                      "of a copy after the deepest step of the randomization cascade (layer "
+                                      "groups re-initialized from the top down; low = depends on the weights).",
             "randomization_spearman_abs": "Same, on absolute attribution values.",
+            "randomization_ssim": "Same, SSIM of the absolute attribution maps (images).",
             "seconds_per_example": "Wall time of the attribution call per example.",
         }
         for m in methods:
@@ -792,7 +849,8 @@ class AttributionAudit(AuditModule):
         out.metric("num_examples", len(examples), unit="examples", description="Examples explained.")
         if "randomization" in q:
             out.metric("methods_failing_randomization", len(failing), higher_is_better=False, unit="methods",
-                       description="Methods whose attributions barely change when the top layers are re-initialized.")
+                       description="Methods whose attributions barely change when the layers are re-initialized "
+                                   "(cascade from the top).")
         for m in methods:
             if "deletion_aopc" in per_method[m] and "random.deletion_aopc" in out.metrics:
                 dm, rm = out.metrics[f"{m}.deletion_aopc"].value, out.metrics["random.deletion_aopc"].value
@@ -805,6 +863,11 @@ class AttributionAudit(AuditModule):
         out.tables["explained_on"] = {"dataset": ctx.data.name, "subset": choice, "num_examples": len(examples),
                                       "task": task_name, "explain_label": p.explain_label}
         out.tables["methods"] = {m: CAPTUM_NAMES[task_name][m] for m in methods}
+        if task_name == IMAGE_CLS and "occlusion" in methods and p.occlusion_window is None \
+                and task.patches(*examples[0].x.shape[-2:]):  # type: ignore[attr-defined]
+            out.tables["methods"]["occlusion"] = "FeatureAblation(patch mask: one ViT patch at a time)"
+        if task_name == IMAGE_CLS:
+            out.tables["features"] = task.feature_unit(*examples[0].x.shape[-2:])  # type: ignore[attr-defined]
         out.tables["baseline"] = (p.image_baseline if task_name == IMAGE_CLS
                                   else {"token": p.text_baseline, "token_id": task.base_id})  # type: ignore[attr-defined]
         names = target.label_names or data.label_names
@@ -899,49 +962,128 @@ class AttributionAudit(AuditModule):
         return float(val[0])
 
     def _randomization(self, target, task, examples, attrs, per_method, out, seed) -> list[str]:
+        """Adebayo et al.'s cascade on a copy of the target (see `cascade.py`): re-initialize layer groups from
+        the top down, cumulatively, and compare the attributions with the trained model's after each step."""
+        import torch
+
+        from fmaudit.audits.explain.cascade import (forward_order, hf_model, layer_groups, map_ssim,
+                                                     reinitialize, untie_parameters)
+
         p = self.params
-        rand_target, reinit = randomized_copy(target, layers=p.randomize_layers, seed=seed)
         exs = examples[: p.randomization_examples] if p.randomization_examples else examples
-        failing = []
+        images = task.task == IMAGE_CLS
+        keys = ("spearman", "spearman_abs") + (("ssim",) if images else ())
+        rand_target = target.copy(name=f"{target.name}[randomized]")
+        failing: list[str] = []
         try:
-            for m, alist in attrs.items():
-                signed, absolute = [], []
-                for ex, a in zip(exs, alist):
-                    r = task.attribute(m, rand_target.model, ex)
-                    signed.append(spearman(a.features, r.features))
-                    absolute.append(spearman(np.abs(a.features), np.abs(r.features)))
-                per_method[m]["randomization_spearman"] = signed
-                per_method[m]["randomization_spearman_abs"] = absolute
-                mean = float(np.nanmean(signed)) if np.isfinite(signed).any() else float("nan")
-                if np.isfinite(mean) and mean > p.randomization_threshold:
-                    failing.append(m)
-                    out.finding("high", f"{m} fails the model-parameter randomization check",
-                                f"its attributions keep a mean rank correlation of {mean:.3f} (> "
-                                f"{p.randomization_threshold}) after re-initializing {', '.join(reinit)}: they barely "
-                                "depend on what the model learned, so they cannot explain its decisions "
-                                "(Adebayo et al. 2018)", metric=f"{m}.randomization_spearman")
+            model = rand_target.model
+            model.eval()
+            untied = untie_parameters(model)
+            groups = layer_groups(model)
+            probe_ex = exs[0]
+            used, unused = forward_order(model, groups, lambda: task.explained_output(
+                model, probe_ex, np.ones((1, probe_ex.n_features), dtype=bool)))
+            cascade = list(reversed(used))[: p.randomization_depth or None]
+            if not cascade:
+                raise RuntimeError("the randomization check found no layer with parameters in the forward pass")
+            hf = hf_model(model)
+            # sims[m][key][step] = per-example values
+            sims: dict[str, dict[str, list[list[float]]]] = {m: {k: [] for k in keys} for m in attrs}
+            for step, g in enumerate(cascade):
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(derive(seed, Stream.ATTRIBUTION_RANDOMIZE, step))
+                    reinitialize(g, hf)
+                rand_target.weights_changed()
+                for m, alist in attrs.items():
+                    vals: dict[str, list[float]] = {k: [] for k in keys}
+                    for ex, a in zip(exs, alist):
+                        r = task.attribute(m, model, ex)
+                        vals["spearman"].append(spearman(a.features, r.features))
+                        vals["spearman_abs"].append(spearman(np.abs(a.features), np.abs(r.features)))
+                        if images:
+                            vals["ssim"].append(map_ssim(a.full.sum(0), r.full.sum(0)))
+                    for k in keys:
+                        sims[m][k].append(vals[k])
         finally:
             del rand_target
-        out.tables["randomization"] = {"reinitialized_modules": reinit, "threshold": p.randomization_threshold,
-                                       "failing_methods": failing, "num_examples": len(exs),
-                                       "statistic": "Spearman rank correlation of signed attributions, mean over "
-                                                    "examples"}
+        steps = np.arange(1, len(cascade) + 1)
+        similarity: dict[str, list[dict[str, Any]]] = {}
+        for m in attrs:
+            rows = []
+            for i, g in enumerate(cascade):
+                row: dict[str, Any] = {"step": i + 1, "group": g.name}
+                for k in keys:
+                    v, ci = mean_ci(sims[m][k][i], rounds=p.bootstrap, level=p.confidence, seed=seed)
+                    row[k], row[f"{k}_ci"] = v, list(ci) if ci else None
+                rows.append(row)
+            similarity[m] = rows
+            labels = {"spearman": "Spearman (signed)", "spearman_abs": "Spearman (absolute)", "ssim": "SSIM"}
+            for k in keys:
+                suffix = "" if k == "spearman" else "_" + k.replace("spearman_", "")
+                out.curve(f"{m}.randomization_cascade{suffix}", steps, [r[k] for r in rows],
+                          x_label="cascade step (layer groups re-initialized from the top)",
+                          y_label=f"{labels[k]} vs trained model",
+                          description=f"Cascading randomization (Adebayo et al. 2018): {labels[k]} between the "
+                                      "trained model's attributions and those after re-initializing the top "
+                                      "k layer groups (groups in tables.randomization.cascade).")
+            # the gated numbers: after the deepest step of the cascade
+            for k in keys:
+                per_method[m][f"randomization_{k}"] = sims[m][k][-1]
+            last = sims[m]["spearman"][-1]
+            mean = float(np.nanmean(last)) if np.isfinite(last).any() else float("nan")
+            above = sum(1 for r in rows if r["spearman"] is not None and np.isfinite(r["spearman"])
+                        and r["spearman"] > p.randomization_threshold)
+            if np.isfinite(mean) and mean <= p.randomization_threshold and len(rows) > 1 and 2 * above >= len(rows):
+                out.finding("low", f"{m} changes only once the lower layers are re-initialized",
+                            f"its attributions keep a rank correlation above {p.randomization_threshold} for {above} of "
+                            f"{len(rows)} cascade steps (top first): they depend on the input layers more than on "
+                            "what the upper layers learned (Adebayo et al. 2018, Fig. 2)",
+                            metric=f"{m}.randomization_spearman")
+            if np.isfinite(mean) and mean > p.randomization_threshold:
+                failing.append(m)
+                out.finding("high", f"{m} fails the model-parameter randomization check",
+                            f"its attributions keep a mean rank correlation of {mean:.3f} (> "
+                            f"{p.randomization_threshold}) after re-initializing {len(cascade)} layer group(s) "
+                            f"from the top down to {cascade[-1].name}: they barely depend on what the model "
+                            "learned, so they cannot explain its decisions (Adebayo et al. 2018)",
+                            metric=f"{m}.randomization_spearman")
+        out.tables["randomization"] = {
+            "procedure": "cascading model-parameter randomization (Adebayo et al. 2018): layer groups of a copy "
+                         "re-initialized from the top down, cumulatively; attributions recomputed after each step",
+            "cascade": [{"step": i + 1, "group": g.name, "module": g.kind, "parameters": g.num_parameters,
+                         "init": g.init}
+                        for i, g in enumerate(cascade)],
+            "reinitialized_modules": [g.name for g in cascade],
+            "complete": len(cascade) == len(used),
+            "not_in_forward": unused, "untied": untied, "similarity": similarity,
+            "threshold": p.randomization_threshold, "failing_methods": failing, "num_examples": len(exs),
+            "statistic": "Spearman rank correlation of signed attributions after the deepest cascade step, mean "
+                         "over examples (gated); absolute-value Spearman" + (" and SSIM of the absolute maps"
+                                                                             if images else "") + " reported",
+        }
         return failing
 
     def _completeness(self, examples, alist: list[Attribution], out, level, rounds, seed, unit: str) -> None:
         """Sum of IG attributions vs F(x) - F(baseline) measured separately (causal LMs: F = continuation
-        log-prob; LLMGradientAttribution reports no delta there, so only the gap is checked)."""
+        log-prob; LLMGradientAttribution reports no delta there, so only the gap is checked). The relative
+        error is undefined where F(x) ~ F(baseline) (|difference| < completeness_min_difference): those
+        examples are judged on the absolute gap only, never told to raise n_steps."""
         p = self.params
-        gaps, deltas, rel, rows = [], [], [], []
+        gaps, deltas, rel, rows, flat = [], [], [], [], []
         for ex, a in zip(examples, alist):
             total = float(a.full.sum())
             diff = ex.meta["f_x"] - ex.meta["f_b"]
             gap = abs(total - diff)
             gaps.append(gap)
             deltas.append(abs(a.delta) if a.delta is not None else float("nan"))
-            rel.append(gap / max(abs(diff), 1e-12))
+            defined = abs(diff) >= max(p.completeness_min_difference, 1e-12)
+            r = gap / abs(diff) if defined else None
+            if defined:
+                rel.append(r)
+            else:
+                flat.append(ex.ex_id)
             rows.append({"id": ex.ex_id, "sum_attributions": total, "f_x": ex.meta["f_x"], "f_baseline": ex.meta["f_b"],
-                         "gap": gap, "convergence_delta": a.delta})
+                         "gap": gap, "relative_error": r, "convergence_delta": a.delta})
         if np.isfinite(deltas).any():
             v, ci = mean_ci(deltas, rounds=rounds, level=level, seed=seed)
             out.metric("integrated_gradients.convergence_delta", v, higher_is_better=False, ci=ci, ci_level=level,
@@ -950,17 +1092,33 @@ class AttributionAudit(AuditModule):
         out.metric("integrated_gradients.completeness_gap", v, higher_is_better=False, ci=ci, ci_level=level,
                    unit=unit, description="Mean |sum of attributions - (F(x) - F(baseline))|, F measured "
                                              "separately.")
-        worst = float(np.max(rel))
+        out.metric("integrated_gradients.completeness_abs_gap", float(np.max(gaps)), higher_is_better=False, unit=unit,
+                   description="Largest |sum of attributions - (F(x) - F(baseline))| over the examples (defined "
+                               "even where F(x) = F(baseline)).")
+        worst = float(np.max(rel)) if rel else None
         out.metric("integrated_gradients.completeness_relative_error", worst, higher_is_better=False, unit="fraction",
-                   description="Largest gap / |F(x) - F(baseline)| over the examples.")
+                   description="Largest gap / |F(x) - F(baseline)| over the examples where F(x) and F(baseline) "
+                               "differ by at least completeness_min_difference (null when none does).")
         agree = (all(abs(g - d) <= 1e-4 + 1e-3 * abs(r["f_x"] - r["f_baseline"])
                      for g, d, r in zip(gaps, deltas, rows) if np.isfinite(d))
                  if np.isfinite(deltas).any() else None)
-        out.tables["completeness"] = {"examples": rows, "gap_matches_delta": agree, "tolerance": p.completeness_tolerance}
-        if worst > p.completeness_tolerance:
+        out.tables["completeness"] = {"examples": rows, "gap_matches_delta": agree, "tolerance": p.completeness_tolerance,
+                                      "min_difference": p.completeness_min_difference,
+                                      "relative_error_undefined": flat}
+        if worst is not None and worst > p.completeness_tolerance:
             out.finding("medium", "Integrated gradients are not complete on some examples",
                         f"sum of attributions misses F(x) - F(baseline) by up to {worst:.1%} (tolerance "
                         f"{p.completeness_tolerance:.1%}); raise n_steps", metric="integrated_gradients.completeness_relative_error")
+        if flat:
+            out.finding("low", f"F(x) = F(baseline) on {len(flat)} of {len(rows)} example(s): completeness is "
+                               "uninformative there",
+                        f"the explained output differs by less than {p.completeness_min_difference:g} {unit} between "
+                        "the input and the baseline, so integrated gradients must sum to about zero and the relative "
+                        "error is undefined (absolute gaps up to "
+                        f"{max(g for g, r in zip(gaps, rows) if r['relative_error'] is None):.3g} {unit}); the "
+                        "attributions only say how contributions cancel. A baseline the model scores differently "
+                        "(e.g. blur instead of black, another baseline token) explains more",
+                        metric="integrated_gradients.completeness_abs_gap")
         if agree is False:
             out.finding("medium", "Integrated gradients' convergence delta disagrees with the measured gap",
                         "the reported delta does not match sum(attr) - (F(x) - F(baseline)) measured separately",
@@ -982,9 +1140,12 @@ class AttributionAudit(AuditModule):
         if task.task == IMAGE_CLS:
             ev["heatmap"] = path
             h, w = ex.x.shape[-2:]
-            ev["top_pixels"] = {m: [{"row": int(k // w), "col": int(k % w), "score": float(a.features[k])}
-                                    for k in np.argsort(-np.abs(a.features))[:5]]
-                                for m, a in ((m, attrs[m][ex.pos]) for m in methods)}
+            unit = task.feature_unit(h, w)
+            cols = unit["grid"][1] if unit["unit"] == "patch" else w
+            ev["top_patches" if unit["unit"] == "patch" else "top_pixels"] = {
+                m: [{"row": int(k // cols), "col": int(k % cols), "score": float(a.features[k])}
+                    for k in np.argsort(-np.abs(a.features))[:5]]
+                for m, a in ((m, attrs[m][ex.pos]) for m in methods)}
             if store:
                 ev["image_shape"] = list(np.asarray(data.images[i]).shape)
         else:
