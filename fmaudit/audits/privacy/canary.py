@@ -103,10 +103,10 @@ class CanaryAudit(AuditModule):
         how = ("r chosen on held-out canaries" if res.guess_selection == "holdout"
                else "Bonferroni-corrected over the guess grid")
         out.metric("epsilon_lb", res.epsilon_lb, higher_is_better=False, unit="epsilon",
-                   description=f"Lower bound on epsilon at {conf} confidence ({how}): the tighter of epsilon_lb_sjn and "
-                               f"epsilon_lb_fdp (here {'f-DP' if res.bound == 'fdp' else 'Steinke-Nasr-Jagielski'}). "
-                               "The training procedure is NOT (eps, delta)-DP for any smaller eps"
-                               + (" (f-DP: if its trade-off curve is Gaussian)." if res.bound == "fdp" else "."))
+                   description=f"Lower bound on epsilon at {conf} confidence ({how}): the Steinke-Nasr-Jagielski "
+                               "bound, which holds for any (eps, delta)-DP mechanism. The training procedure is NOT "
+                               "(eps, delta)-DP for any smaller eps. epsilon_lb_fdp, often larger, holds only for "
+                               "mechanisms with a Gaussian trade-off curve, so it is not the headline.")
         out.metric("epsilon_lb_sjn", res.epsilon_lb_sjn, higher_is_better=False, unit="epsilon",
                    description="Steinke-Nasr-Jagielski bound on the same guesses: holds for any (eps, delta)-DP "
                                "mechanism.")
@@ -137,7 +137,7 @@ class CanaryAudit(AuditModule):
             about = f"on all canaries, each at {rec['confidence']:.4g} confidence, so the maximum holds at {conf}"
         out.curve("epsilon_lb_vs_guesses", [r["r"] for r in rows], [r["epsilon_lb"] for r in rows],
                   x_label="number of guesses r", y_label="epsilon lower bound",
-                  description=f"epsilon_lb (the tighter of the two analyses) per number of guesses, {about}")
+                  description=f"epsilon_lb (Steinke-Nasr-Jagielski) per number of guesses, {about}")
         out.tables["guesses"] = rows
         out.tables["bound"] = rec
         out.tables["audit"] = {"kind": res.kind, "score": res.score, "delta": res.delta, "confidence": res.confidence,
