@@ -19,6 +19,7 @@ if _REPO not in sys.path:  # `streamlit run dashboard/app.py` puts only dashboar
 
 import streamlit as st  # noqa: E402
 
+from dashboard import figures as F  # noqa: E402
 from dashboard.runs import RunEntry, scan_runs  # noqa: E402
 from dashboard.sinks import StreamlitSink  # noqa: E402
 from dashboard.views import CATEGORY_OF_VIEW, VIEWS, view_category, view_compare, view_overview, view_runs  # noqa: E402
@@ -133,10 +134,12 @@ def main() -> None:
     entry = by_label[run]
     if view == "Runs":
         _runs_page(sink, entries)
-    elif view == "Run overview":
-        view_overview(sink, entry)
-    elif view in CATEGORY_OF_VIEW:
-        view_category(sink, entry, view)
+    elif view in ("Run overview", *CATEGORY_OF_VIEW):
+        with F.colour_scope(entry.report):  # one colour per target in every plot; a DP twin a lighter hue
+            if view == "Run overview":
+                view_overview(sink, entry)
+            else:
+                view_category(sink, entry, view)
 
 
 main()

@@ -243,6 +243,11 @@ def _print_summary(report) -> None:
         status = {"ok": "[green]ok[/]", "error": "[red]error[/]", "skipped": "[yellow]skipped[/]"}[r.status]
         table.add_row(r.module, r.target, status, metrics, "\n".join(f"{v} {k}" for k, v in sev.items()) or "—")
     out.print(table)
+    from fmaudit.verdict import verdict_lines
+
+    out.print("[bold]Verdict per area[/]")
+    for line in verdict_lines(report, width=min(out.width, 80), markup=True):
+        out.print(line, soft_wrap=True, highlight=False)
     failed = [g for r in report.audits for g in r.gates if not g.passed]
     if failed:
         out.print(f"[bold red]{len(failed)} gate(s) failed:[/]")

@@ -142,7 +142,7 @@ def image_recipe(out: Path, audits: list[dict[str, Any]]) -> dict[str, Any]:
     return {"version": 1, "name": "dash-images", "seed": 0, "output_dir": str(out), "store_examples": True,
             "data": {"digits": {"source": "bundled:digits", "limit": 200}},
             "targets": {"cnn": {"model": "bundled:digits-cnn",
-                                "finetune": {"data": "digits", "epochs": 6, "batch_size": 32, "lr": 1e-2}}},
+                                "finetune": {"data": "digits", "epochs": 10, "batch_size": 32, "lr": 3e-3}}},
             "audits": [{"use": "utility", "target": "cnn", "params": {"bootstrap": 0}}, *audits]}
 
 

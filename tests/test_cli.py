@@ -44,6 +44,10 @@ def test_run_and_report_exit_codes(tiny_bert_dir, sentiment_csv, tmp_path):
     (run_dir,) = (tmp_path / "reports").iterdir()
     res = runner.invoke(app, ["report", str(run_dir)])
     assert res.exit_code == 0 and "utility" in res.output
+    # the verdict per area (fmaudit.verdict) sits under the table; the failed gate raises utility's level
+    verdicts = res.output.split("Verdict per area", 1)[1].split("gate(s) failed")[0]
+    assert "utility" in verdicts.lower() and "privacy" in verdicts.lower()
+    assert all(len(line) <= 80 for line in verdicts.splitlines())
     assert runner.invoke(app, ["report", str(tmp_path)]).exit_code == 2
     # --resume continues the latest run of this recipe
     res = runner.invoke(app, ["run", str(path), "-q", "--resume"])
