@@ -140,7 +140,7 @@ def test_embedding_swap_uses_cached_model_neighbours(trained_bert, tmp_path):
         assert "original_text" not in e and "adversarial_text" not in e and e["id"] in data.ids
     thresholds = {c["constraint"]: c for c in out.tables["constraints"]}
     assert thresholds["WordEmbeddingDistance"]["min_cos_sim"] == 0.3
-    assert thresholds["MaxModificationRate"]["max_rate"] == 0.3
+    assert thresholds["MaxModificationRateFloor"]["max_rate"] == 0.3
     # on by default: the antonym / polarity filter and the MiniLM sentence-similarity constraint (cosine >= 0.8)
     assert thresholds["MiniLMSentenceSimilarity"]["threshold"] == 0.8
     assert thresholds["MiniLMSentenceSimilarity"]["window_size"] is None  # whole text, JSON-safe
@@ -163,10 +163,10 @@ def test_embedding_swap_uses_cached_model_neighbours(trained_bert, tmp_path):
         assert got[0] == row
         np.testing.assert_allclose(np.sort(sims[got[1:]]), np.sort(sims[expected[1:]]), rtol=1e-5)
     if m["num_successes"]:
-        # a verified success changes at most 30% of the words (rounded up), at least one
+        # a verified success changes at most 30% of the words (rounded down), at least one
         for e in out.evidence:
             if e["verified"]:
-                assert 1 <= e["words_changed"] <= max(1, int(np.ceil(0.3 * e["num_words"])))
+                assert 1 <= e["words_changed"] <= max(1, int(np.floor(0.3 * e["num_words"])))
 
 
 def test_input_reduction_keeps_prediction(trained_bert, tmp_path):

@@ -147,7 +147,7 @@ def test_positive_control_word_swap_flips_keyword_classifier(keyword_target, tmp
     assert m["num_attacked"] == 20
     assert m["attack_success_rate"] >= 0.9, m
     for e in successes:
-        assert 1 <= e["words_changed"] <= max(1, int(np.ceil(0.3 * e["num_words"])))
+        assert 1 <= e["words_changed"] <= max(1, int(np.floor(0.3 * e["num_words"])))
         # the keyword is what was swapped, and never for its planted antonym (refused by the filter)
         orig = re.findall(r"\[\[(.*?)\]\]", e["original_text"])
         adv = re.findall(r"\[\[(.*?)\]\]", e["adversarial_text"])
@@ -257,6 +257,23 @@ def test_swap_conflict_refuses_antonyms_opposite_polarity_and_negation(tmp_path)
     assert read_vader_lexicon(f) == {"splendiferous": 1, "yucky": -1}
 
 
+def test_modification_rate_rounds_down():
+    from fmaudit.audits.robustness import text_attack_engine as engine
+    from textattack.constraints.pre_transformation import MaxModificationRate
+    from textattack.shared import AttackedText
+
+    text = AttackedText(" ".join(f"w{i}" for i in range(17)))
+    for k, (ours_open, ta_open) in {3: (False, True), 2: (True, True)}.items():
+        t = text.replace_words_at_indices(list(range(k)), [f"x{i}" for i in range(k)])
+        t.attack_attrs["modified_indices"] = set(range(k))
+        # 0.2 x 17 = 3.4: ours allows 3 words (17.6%), TextAttack's ceil allows 4 (23.5%)
+        assert bool(engine.MaxModificationRateFloor(0.2)._get_modifiable_indices(t)) is ours_open
+        assert bool(MaxModificationRate(0.2)._get_modifiable_indices(t)) is ta_open
+    short = AttackedText("too short")  # min_threshold: one word may always change
+    short.attack_attrs["modified_indices"] = set()
+    assert engine.MaxModificationRateFloor(0.2)._get_modifiable_indices(short) == {0, 1}
+
+
 def test_polarity_filter_constraint_on_attacked_texts():
     from fmaudit.audits.robustness import text_attack_engine as engine
     from textattack.shared import AttackedText
@@ -289,9 +306,10 @@ def test_minilm_sentence_similarity_constraint_matches_sentence_transformers():
     from textattack.transformations import WordSwapEmbedding
 
     c = engine.MiniLMSentenceSimilarity(threshold=0.8)
-    orig = AttackedText("my flight was delayed three hours and nobody helped")
-    cands = [orig.replace_word_at_index(3, "late"), orig.replace_word_at_index(7, "banana"),
-             orig.replace_word_at_index(2, "sandwich").replace_word_at_index(3, "purple")]
+    orig = AttackedText("@united my flight was delayed three hours and nobody helped!! #fail")
+    cands = [orig.replace_word_at_index(4, "late"), orig.replace_word_at_index(8, "banana"),
+             orig.replace_words_at_indices([3, 4, 9], ["sandwich", "purple", "danced"])]
+    assert orig.words[4] == "delayed"
     t = WordSwapEmbedding(embedding=_tiny_embedding())
     for x in cands:
         x.attack_attrs["last_transformation"] = t
@@ -300,7 +318,10 @@ def test_minilm_sentence_similarity_constraint_matches_sentence_transformers():
     sims = MiniLMSentenceEncoder().similarity([orig.text] * 3, [x.text for x in cands])
     np.testing.assert_allclose([x.attack_attrs["similarity_score"] for x in cands], sims, atol=1e-5)
     assert [x.text for x in kept] == [x.text for x, s in zip(cands, sims) if s >= 0.8]
-    assert sims[0] >= 0.8 > sims[2]  # a near-synonym keeps the sentence, two nonsense swaps do not
+    assert sims[0] >= 0.8 > sims[2]  # a near-synonym keeps the sentence, three nonsense swaps do not
+    # the whole text is compared (TextAttack's no-window mode drops the leading "@" and trailing "!!", "#")
+    single = cands[0]
+    assert float(c._sim_score(orig, single)) == pytest.approx(float(sims[0]), abs=1e-5)
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError:  # pragma: no cover
@@ -350,3 +371,22 @@ def test_get_grad_is_the_input_embedding_gradient(keyword_target, tiny_bert_dir)
     assert a["gradient"].shape == (len(bert.tokenize(["an unbelievably good day"])[0]), 32)
     np.testing.assert_array_equal(a["gradient"], b["gradient"])
     assert np.abs(a["gradient"]).sum() > 0 and bert.model.training is False
+
+
+def test_search_choices_build_textattack_search_methods(keyword_target):
+    from fmaudit.audits.robustness import text_attack_engine as engine
+    from textattack.search_methods import BeamSearch, GreedySearch, GreedyWordSwapWIR
+
+    target, _ = keyword_target
+    w = engine.TargetModelWrapper(target)
+    build = lambda search: engine.build_embedding_swap(  # noqa: E731
+        w, _tiny_embedding(), max_candidates=2, min_cos_sim=0.5, max_modification_rate=0.2, sentence_similarity=None,
+        search=search)
+    assert type(build("greedy").search_method) is GreedySearch
+    beam = build("beam").search_method
+    assert type(beam) is BeamSearch and beam.beam_width == engine.BEAM_WIDTH
+    grad = build("gradient")
+    assert isinstance(grad.search_method, GreedyWordSwapWIR) and grad.search_method.wir_method == "gradient"
+    assert grad.is_black_box is False and build("delete").is_black_box is True
+    with pytest.raises(ValueError, match="unknown search"):
+        build("random-walk")

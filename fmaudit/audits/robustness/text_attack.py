@@ -57,9 +57,12 @@ class TextAttackAudit(AuditModule):
         min_sentence_sim: float | None = Field(default=0.8, gt=0.0, le=1.0, description=(
             "embedding-swap: minimum cosine similarity between the original and the perturbed text under the "
             "bundled MiniLM sentence encoder (offline stand-in for TextFooler's USE); null = no such constraint."))
-        search: Literal["delete", "unk", "gradient", "weighted-saliency"] = Field(default="delete", description=(
-            "embedding-swap: word-importance ranking of the greedy search (TextAttack's GreedyWordSwapWIR "
-            "wir_method); gradient = one backward pass per example through the target's input embeddings."))
+        search: Literal["delete", "unk", "gradient", "weighted-saliency", "greedy", "beam"] = Field(
+            default="delete", description=(
+                "embedding-swap search: delete / unk / gradient / weighted-saliency = TextAttack's GreedyWordSwapWIR "
+                "with that word-importance ranking (gradient: one backward pass per example through the target's "
+                "input embeddings); greedy = GreedySearch (every position and candidate at each step, best kept; "
+                "many more queries); beam = BeamSearch, width 4."))
         max_word_swaps: int = Field(default=1, gt=0, le=100, description="pruthi: words that may be edited.")
         masked_lm: str | None = Field(default=None, description=(
             "bae / bert-attack / clare: a local folder with a Hugging Face masked LM to use instead of the hub "

@@ -29,7 +29,7 @@ from textattack.constraints.pre_transformation import (MaxModificationRate, Repe
 from textattack.constraints.semantics import WordEmbeddingDistance  # noqa: E402
 from textattack.goal_functions import UntargetedClassification  # noqa: E402
 from textattack.models.wrappers import ModelWrapper  # noqa: E402
-from textattack.search_methods import GreedyWordSwapWIR  # noqa: E402
+from textattack.search_methods import BeamSearch, GreedySearch, GreedyWordSwapWIR  # noqa: E402
 from textattack.shared import WordEmbedding  # noqa: E402
 from textattack.transformations import WordSwapEmbedding  # noqa: E402
 
@@ -206,6 +206,20 @@ def embedding_for_target(target: Any, *, cache_dir: Path, neighbours: int = 50) 
     return embedding, info
 
 
+class MaxModificationRateFloor(MaxModificationRate):
+    """TextAttack's `MaxModificationRate` rounds the limit up (ceil(0.2 x 17) = 4 words = 23.5%); this one rounds
+    down, so a text never has more than `max_rate` of its words changed, except that `min_threshold` words (1)
+    may always change."""
+
+    def _get_modifiable_indices(self, current_text: Any) -> set[int]:
+        import math
+
+        threshold = max(math.floor(current_text.num_words * self.max_rate + 1e-9), self.min_threshold)
+        if len(current_text.attack_attrs["modified_indices"]) >= threshold:
+            return set()
+        return set(range(len(current_text.words)))
+
+
 class SentimentPolarityFilter(Constraint):
     """Refuses a word swap that may change a sentiment label: a curated antonym pair, words of opposite polarity
     in the lexicon, or a negation word added or removed (`fmaudit.robustness.text_polarity.swap_conflict`).
@@ -252,27 +266,39 @@ class MiniLMSentenceSimilarity(SentenceEncoder):
                          window_size=window_size, skip_text_shorter_than_window=skip_text_shorter_than_window)
         self.encoder = MiniLMSentenceEncoder()
         self.encoder_name = self.encoder.name
+        if not window_size:
+            # TextAttack turns "no window" into an infinite window, which compares the span from the first to the
+            # last word (leading / trailing punctuation, @ and # dropped). None here: the whole texts are compared.
+            self.window_size = None
 
     def encode(self, sentences: Sequence[str]) -> torch.Tensor:
         return torch.from_numpy(self.encoder.encode(list(sentences)))
+
+    def _sim_score(self, starting_text: Any, transformed_text: Any) -> torch.Tensor:
+        if self.window_size:
+            return super()._sim_score(starting_text, transformed_text)
+        emb = self.encode([starting_text.text, transformed_text.text])
+        return self.sim_metric(emb[:1], emb[1:])[0]
 
     def extra_repr_keys(self) -> list[str]:
         return ["encoder_name"] + super().extra_repr_keys()
 
 
 WIR_METHODS = ("delete", "unk", "gradient", "weighted-saliency")
+SEARCHES = WIR_METHODS + ("greedy", "beam")
+BEAM_WIDTH = 4
 
 
 def build_embedding_swap(wrapper: TargetModelWrapper, embedding: Any, *, max_candidates: int, min_cos_sim: float,
                          max_modification_rate: float, polarity_filter: bool = True,
                          sentence_similarity: float | None = 0.8, search: str = "delete") -> Any:
-    if search not in WIR_METHODS:
-        raise ValueError(f"unknown word-importance ranking {search!r}; one of {', '.join(WIR_METHODS)}")
+    if search not in SEARCHES:
+        raise ValueError(f"unknown search {search!r}; one of {', '.join(SEARCHES)}")
     transformation = WordSwapEmbedding(max_candidates=max_candidates, embedding=embedding)
     constraints = [
         RepeatModification(),
         StopwordModification(stopwords=set(NLTK_ENGLISH_STOPWORDS)),
-        MaxModificationRate(max_rate=float(max_modification_rate), min_threshold=1),
+        MaxModificationRateFloor(max_rate=float(max_modification_rate), min_threshold=1),
         WordEmbeddingDistance(embedding=embedding, min_cos_sim=float(min_cos_sim)),
     ]
     if polarity_filter:
@@ -280,7 +306,13 @@ def build_embedding_swap(wrapper: TargetModelWrapper, embedding: Any, *, max_can
     if sentence_similarity is not None:
         constraints.append(MiniLMSentenceSimilarity(threshold=float(sentence_similarity)))
     goal = UntargetedClassification(wrapper)
-    return Attack(goal, constraints, transformation, GreedyWordSwapWIR(wir_method=search))
+    if search == "greedy":  # every position and candidate at each step, the best kept (TextAttack's GreedySearch)
+        method: Any = GreedySearch()
+    elif search == "beam":
+        method = BeamSearch(beam_width=BEAM_WIDTH)
+    else:
+        method = GreedyWordSwapWIR(wir_method=search)
+    return Attack(goal, constraints, transformation, method)
 
 
 @contextlib.contextmanager
