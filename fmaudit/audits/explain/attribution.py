@@ -18,7 +18,9 @@ Quality of each explanation, cheap by default:
   of the model are re-initialized from the top down, one at a time and cumulatively (`cascade.py`), and the
   similarity curve (Spearman signed / absolute, SSIM for images) with the trained model's attributions is
   reported; a method whose attributions barely change after the deepest step is flagged;
-- integrated-gradients completeness: sum of attributions vs F(x) - F(baseline), within the convergence delta.
+- integrated-gradients completeness: sum of attributions vs F(x) - F(baseline), within the convergence delta
+  (absolute and relative gaps; the relative one is undefined where F(x) ~ F(baseline));
+- images, opt-in: ROAD (Rong et al. 2022), removal with noisy linear imputation instead of the baseline (`road.py`).
 
 Heavy imports (torch, captum, matplotlib) happen inside functions.
 """
@@ -39,7 +41,7 @@ from fmaudit.seeds import rng as stream_rng
 
 Method = Literal["integrated_gradients", "gradient_x_input", "feature_ablation", "occlusion", "saliency",
                  "gradient_shap"]
-MetricName = Literal["deletion", "insertion", "infidelity", "sensitivity", "randomization", "completeness"]
+MetricName = Literal["deletion", "insertion", "infidelity", "sensitivity", "randomization", "completeness", "road"]
 
 TEXT_CLS, IMAGE_CLS, CAUSAL_LM = "text-classification", "image-classification", "causal-lm"
 
@@ -630,6 +632,7 @@ class AttributionAudit(AuditModule):
                     "*.seconds_per_example", "integrated_gradients.convergence_delta",
                     "integrated_gradients.completeness_gap", "integrated_gradients.completeness_abs_gap",
                     "integrated_gradients.completeness_relative_error", "random.deletion_aopc",
+                    "*.road_morf", "*.road_lerf", "random.road",
                     "random.insertion_auc", "methods_failing_randomization", "num_examples")
 
     class Params(AuditParams):
@@ -682,6 +685,8 @@ class AttributionAudit(AuditModule):
                                                   "model's attributions is above this.")
         completeness_tolerance: float = Field(
             default=0.05, gt=0, description="Largest |sum(attr) - (F(x) - F(b))| / |F(x) - F(b)| accepted.")
+        road_noise: float = Field(default=0.01, ge=0, description="ROAD (images): std of the Gaussian noise added to "
+                                                                  "imputed pixels (Rong et al. 2022).")
         completeness_min_difference: float = Field(
             default=0.01, ge=0, description="|F(x) - F(baseline)| below this (logits / nats) counts as F(x) = "
                                             "F(baseline): the relative error is undefined there.")
@@ -723,6 +728,8 @@ class AttributionAudit(AuditModule):
             problems.append(f"dataset {data.name!r} has no texts")
         elif task != CAUSAL_LM and self.params.explain_label == "true" and data.labels is None:
             problems.append(f"explain_label: true needs labels, and dataset {data.name!r} has none")
+        if "road" in self.params.quality and task != IMAGE_CLS:
+            problems.append("quality: road (imputation of removed pixels) is for image classifiers only")
         if task in (TEXT_CLS, CAUSAL_LM):
             try:
                 baseline_token_id(target.tokenizer, self.params.text_baseline)
@@ -799,6 +806,8 @@ class AttributionAudit(AuditModule):
         per_method: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
         if "deletion" in q or "insertion" in q:
             self._curves(task, model, examples, attrs, per_method, out, ctx.seed)
+        if "road" in q and task_name == IMAGE_CLS:
+            self._road(task, model, examples, attrs, per_method, out, ctx.seed)
         if "infidelity" in q:
             for m in methods:
                 per_method[m]["infidelity"] = [self._infidelity(task, model, ex, a, ctx.seed + ex.pos)
@@ -819,9 +828,11 @@ class AttributionAudit(AuditModule):
         units = {"deletion_aopc": task.curve_unit, "insertion_auc": task.curve_unit, "infidelity": None,
                  "sensitivity_max": "relative", "randomization_spearman": "rank correlation",
                  "randomization_spearman_abs": "rank correlation", "randomization_ssim": "SSIM",
+                 "road_morf": "probability", "road_lerf": "probability",
                  "seconds_per_example": "seconds"}
         better = {"deletion_aopc": True, "insertion_auc": True, "infidelity": False, "sensitivity_max": False,
                   "randomization_spearman": False, "randomization_spearman_abs": False, "randomization_ssim": False,
+                  "road_morf": False, "road_lerf": True,
                   "seconds_per_example": False}
         desc = {
             "deletion_aopc": "Mean drop of the explained output as the most-attributed features are removed first "
@@ -837,6 +848,10 @@ class AttributionAudit(AuditModule):
                                       "groups re-initialized from the top down; low = depends on the weights).",
             "randomization_spearman_abs": "Same, on absolute attribution values.",
             "randomization_ssim": "Same, SSIM of the absolute attribution maps (images).",
+            "road_morf": "ROAD (Rong et al. 2022): mean probability of the explained class as the most-attributed "
+                         "features are removed first and re-imputed from their neighbours (lower = better; compare "
+                         "with random.road).",
+            "road_lerf": "ROAD: the same, least-attributed features removed first (higher = better).",
             "seconds_per_example": "Wall time of the attribution call per example.",
         }
         for m in methods:
@@ -858,6 +873,13 @@ class AttributionAudit(AuditModule):
                     out.finding("low", f"{m}: deleting its top features hurts no more than a random order",
                                 f"deletion AOPC {dm:.4g} vs random {rm:.4g}: its ranking carries no signal about "
                                 "what the model uses", metric=f"{m}.deletion_aopc")
+            if "road_morf" in per_method[m] and "random.road" in out.metrics:
+                dm, rm = out.metrics[f"{m}.road_morf"].value, out.metrics["random.road"].value
+                if dm is not None and rm is not None and dm >= rm:
+                    out.finding("low", f"{m}: removing its top features (ROAD imputation) hurts no more than a "
+                                       "random order",
+                                f"ROAD MoRF {dm:.4g} vs random {rm:.4g}, with removed pixels imputed from their "
+                                "neighbours rather than set to the baseline", metric=f"{m}.road_morf")
 
         # 5. report
         out.tables["explained_on"] = {"dataset": ctx.data.name, "subset": choice, "num_examples": len(examples),
@@ -939,6 +961,57 @@ class AttributionAudit(AuditModule):
                 out.curve(f"{m}.insertion", fr, np.mean(i_curve, 0), x_label="fraction of features inserted",
                           y_label=f"explained output ({task.curve_unit})",
                           description="Insertion curve: most-attributed features inserted first (mean over examples).")
+
+    def _road(self, task, model, examples, attrs, per_method, out, seed) -> None:
+        """ROAD (Rong et al. 2022), images: features removed most-attributed first (MoRF) and least first (LeRF),
+        removed pixels re-imputed from their neighbours (noisy linear imputation, `road.py`) instead of being
+        set to the baseline; fractions 0, 1/curve_steps, ..., (curve_steps - 1)/curve_steps (never all)."""
+        import torch
+
+        from fmaudit.audits.explain.road import noisy_linear_impute
+
+        p = self.params
+        steps = p.curve_steps
+        fr = np.arange(steps) / steps
+        rng = stream_rng(seed, Stream.ATTRIBUTION_CURVES, 1)
+
+        def curve(ex: Example, order: np.ndarray) -> np.ndarray:
+            h, w = ex.x.shape[-2:]
+            fmap = task.fmap(h, w).cpu().numpy()
+            x = ex.x[0].detach().double().cpu().numpy()
+            keep = keep_masks(order, ex.n_features, steps, insertion=False)[:-1]
+            imgs = np.stack([noisy_linear_impute(x, ~k[fmap].reshape(h, w), noise=p.road_noise, rng=rng)
+                             for k in keep])
+            xt = torch.as_tensor(imgs, dtype=ex.x.dtype, device=ex.x.device)
+            return task.logits(model, xt).softmax(-1)[:, ex.explained].double().cpu().numpy()
+
+        rand_vals, rand_curves = [], []
+        for ex in examples:
+            cs = [curve(ex, rng.permutation(ex.n_features)) for _ in range(p.random_orderings)]
+            rand_curves.append(np.mean(cs, 0))
+            rand_vals.append(float(np.mean(rand_curves[-1])))
+        v, ci = mean_ci(rand_vals, rounds=p.bootstrap, level=p.confidence, seed=seed)
+        out.metric("random.road", v, higher_is_better=None, ci=ci, ci_level=p.confidence, unit="probability",
+                   description="ROAD with random orderings of the same features (the reference for road_morf and "
+                               "road_lerf).")
+        out.curve("random.road", fr, np.mean(rand_curves, 0), x_label="fraction of features removed (imputed)",
+                  y_label="probability of the explained class", description="ROAD, random ordering.")
+        for m, alist in attrs.items():
+            morf, lerf, mc, lc = [], [], [], []
+            for ex, a in zip(examples, alist):
+                order = np.argsort(-a.features, kind="stable")
+                c1, c2 = curve(ex, order), curve(ex, order[::-1].copy())
+                mc.append(c1)
+                lc.append(c2)
+                morf.append(float(np.mean(c1)))
+                lerf.append(float(np.mean(c2)))
+            per_method[m]["road_morf"] = morf
+            per_method[m]["road_lerf"] = lerf
+            for name, cs in (("morf", mc), ("lerf", lc)):
+                out.curve(f"{m}.road_{name}", fr, np.mean(cs, 0), x_label="fraction of features removed (imputed)",
+                          y_label="probability of the explained class",
+                          description=f"ROAD, {'most' if name == 'morf' else 'least'}-attributed features removed "
+                                      "first, re-imputed from their neighbours (mean over examples).")
 
     def _infidelity(self, task, model, ex, a: Attribution, seed: int) -> float:
         import torch
