@@ -35,6 +35,18 @@ def _isolated_cache(tmp_path_factory):
         os.environ["FMAUDIT_CACHE_DIR"] = old
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module (use: `pytestmark = pytest.mark.usefixtures("one_torch_thread")`).
+    Attack and DP loops on tiny models are many times slower with two threads on a loaded 2-core machine."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def make_sentences(n: int, seed: int = 0) -> tuple[list[str], list[int]]:
     """Synthetic sentiment sentences: label 1 has positive words, label 0 negative ones."""
     rng = np.random.default_rng(seed)

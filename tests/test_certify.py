@@ -23,14 +23,7 @@ def _ctx(tmp_path, data, *, seed=0) -> AuditContext:
                         cache_dir=tmp_path, store_examples=False, data=data)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,7 @@ from fmaudit.privacy import DPConfigError, dp_finetune
 from fmaudit.privacy.dp import DPTrainingError, _fingerprints, _unmoved, dp_defaults, epsilon_for
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -21,16 +21,7 @@ def _ctx(tmp_path, data, *, store=True, seed=0) -> AuditContext:
                         cache_dir=tmp_path, store_examples=store, data=data)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared, busy CPU, two threads make these small models many times slower
-    (AutoAttack measured 10 s with one thread vs 450 s with two under load)."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # AutoAttack: 10 s with one thread, 450 s with two under load
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,7 @@ from fmaudit.audits.robustness.image_attack import ImageAttackAudit
 from fmaudit.data import load_digits
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _negative_logit_model():

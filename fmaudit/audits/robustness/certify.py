@@ -36,6 +36,7 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from fmaudit.audits.base import AuditContext, AuditModule, AuditParams, Outcome, select_examples
+from fmaudit.audits.robustness.image_checks import image_data_problems
 
 # Keys under Stream.EXAMPLE_SAMPLE (documented above and in docs/modules/robustness.certify.md).
 KEY_SELECT = 100
@@ -136,28 +137,10 @@ class CertifyAudit(AuditModule):
             problems.append(f"the number of classes of target {target.name!r} is unknown; set num_labels on it")
         elif target.num_labels < 2:
             problems.append(f"target {target.name!r} has {target.num_labels} class; certification needs at least 2")
-        if data is None or len(data) == 0:
-            return problems + ["no examples to certify"]
-        if data.images is None:
-            return problems + [f"dataset {data.name!r} has no images (robustness.certify needs an image dataset)"]
-        if data.labels is None:
-            problems.append(f"dataset {data.name!r} has no labels; certified accuracy needs them")
-        elif target.num_labels is not None and int(data.labels.max()) >= target.num_labels:
-            problems.append(f"dataset {data.name!r} has labels up to {int(data.labels.max())} but target "
-                            f"{target.name!r} has {target.num_labels} classes")
-        if data.images.ndim != 4:
-            problems.append(f"dataset {data.name!r}: images must be (N, C, H, W), got shape {data.images.shape}")
-        lo, hi = float(np.min(data.images)), float(np.max(data.images))
-        if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -1e-6 or hi > 1 + 1e-6:
-            problems.append(f"dataset {data.name!r} has pixel values in [{lo:.3g}, {hi:.3g}], outside [0, 1]; sigma "
-                            "and the radii are in [0, 1] pixel units: give the images scaled to [0, 1] and declare "
-                            "the model's normalization on the target")
-        split = getattr(target, "split", None)
-        same = split is not None and split.dataset.fingerprint == data.fingerprint
-        if self.params.split in ("members", "nonmembers") and not same:
-            problems.append(f"split: {self.params.split} needs a target fine-tuned on dataset {data.name!r}; "
-                            "use split: all")
-        return problems
+        return problems + image_data_problems(
+            target, data, split=self.params.split, purpose="certified accuracy", verb="certify",
+            pixel_hint="sigma and the radii are in [0, 1] pixel units: give the images scaled to [0, 1] and declare "
+                       "the model's normalization on the target")
 
     # -- run -----------------------------------------------------------------------------------------
     def run(self, target, ctx: AuditContext) -> Outcome:

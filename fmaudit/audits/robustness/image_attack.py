@@ -37,6 +37,7 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from fmaudit.audits.base import AuditContext, AuditModule, AuditParams, Outcome, select_examples
+from fmaudit.audits.robustness.image_checks import image_data_problems
 
 ATTACK_NAMES = ("fgsm", "pgd", "cw", "deepfool", "square", "autoattack")
 NORMED = ("pgd", "square", "autoattack")  # attacks with a `norm:` choice
@@ -308,36 +309,15 @@ class ImageAttackAudit(AuditModule):
                         f"attack {a.default_label!r}: AutoAttack needs at least {MIN_CLASSES} classes (its APGD-T "
                         f"stage uses the targeted DLR loss, which sorts 4 logits and is undefined below 4 classes); "
                         f"target {target.name!r} has {target.num_labels}. Use pgd, square, cw or deepfool instead")
-        if data is None or len(data) == 0:
-            return problems + ["no examples to attack"]
-        if data.images is None:
-            return problems + [f"dataset {data.name!r} has no images"]
-        if data.labels is None:
-            problems.append(f"dataset {data.name!r} has no labels; robust accuracy needs them")
-        elif target.num_labels is not None and int(data.labels.max()) >= target.num_labels:
-            problems.append(f"dataset {data.name!r} has labels up to {int(data.labels.max())} but target "
-                            f"{target.name!r} has {target.num_labels} classes")
-        if data.images.ndim != 4:
-            problems.append(f"dataset {data.name!r}: images must be (N, C, H, W), got shape {data.images.shape}")
-        lo, hi = float(np.min(data.images)), float(np.max(data.images))
-        if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -1e-6 or hi > 1 + 1e-6:
-            if target.normalized_inside:
-                problems.append(
-                    f"dataset {data.name!r} has pixel values in [{lo:.3g}, {hi:.3g}], outside [0, 1]; attacks and "
-                    f"budgets work in [0, 1] pixel space and target {target.name!r} already normalizes inside, so "
-                    "give the data unnormalized, scaled to [0, 1]")
-            else:
-                problems.append(
-                    f"dataset {data.name!r} has pixel values in [{lo:.3g}, {hi:.3g}], outside [0, 1], and target "
-                    f"{target.name!r} declares no normalization; attacks work in [0, 1] pixel space: scale the "
-                    "images to [0, 1] and declare the model's normalization on the target (normalize_mean / "
+        if target.normalized_inside:
+            hint = (f"attacks and budgets work in [0, 1] pixel space and target {target.name!r} already normalizes "
+                    "inside, so give the data unnormalized, scaled to [0, 1]")
+        else:
+            hint = (f"target {target.name!r} declares no normalization; attacks work in [0, 1] pixel space: scale "
+                    "the images to [0, 1] and declare the model's normalization on the target (normalize_mean / "
                     "normalize_std, or the checkpoint's preprocessor_config.json)")
-        split = getattr(target, "split", None)
-        same = split is not None and split.dataset.fingerprint == data.fingerprint
-        if self.params.split in ("members", "nonmembers") and not same:
-            problems.append(f"split: {self.params.split} needs a target fine-tuned on dataset {data.name!r}; "
-                            "use split: all")
-        return problems
+        return problems + image_data_problems(target, data, split=self.params.split, purpose="robust accuracy",
+                                              pixel_hint=hint)
 
     # -- run -----------------------------------------------------------------------------------------
     def run(self, target, ctx: AuditContext) -> Outcome:
