@@ -144,3 +144,23 @@ def test_bundled_smollm2_scores_natural_text_better_than_scrambled():
     scrambled = " ".join(words[::-1])
     loss = t.per_example_loss(text_data([sentence, scrambled]))
     assert np.exp(loss[0]) < 300 < np.exp(loss[1])
+
+
+def test_weights_hash_handles_scalar_parameters():
+    """A 0-dimensional parameter (a learned temperature) once crashed the hash (`view(torch.uint8)`)."""
+    import torch
+
+    from fmaudit.targets.base import state_dict_sha256
+
+    class WithTemperature(torch.nn.Module):
+        def __init__(self, t: float):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+            self.temperature = torch.nn.Parameter(torch.tensor(t))
+
+    torch.manual_seed(0)
+    a = WithTemperature(1.0)
+    torch.manual_seed(0)
+    b = WithTemperature(2.0)
+    assert state_dict_sha256(a) != state_dict_sha256(b)
+    assert state_dict_sha256(a) == state_dict_sha256(a)
