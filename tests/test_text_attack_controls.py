@@ -18,6 +18,8 @@ from torch import nn
 from fmaudit.audits.base import AuditContext
 from fmaudit.audits.robustness.text_attack import TextAttackAudit
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 FILLER = ["the", "movie", "was", "really", "today", "so", "this", "my", "weekend", "food", "show", "it"]
 # keyword -> (class scores): "good" decides positive, "bad" negative; "dull" / "fine" are weak opposite cues,
 # so that removing the keyword flips the prediction in both classes.
