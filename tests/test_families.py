@@ -1,0 +1,169 @@
+"""Every model family through every module that accepts it (issue 19, item 8).
+
+Tiny DistilBERT-, RoBERTa-, BERT-, GPT-2-, Llama- and ViT-style checkpoints are built from their Hugging Face
+configs and saved as real local checkpoints (with a tokenizer / image processor), then run through one small
+recipe each with the real runner: utility, DP fine-tuning (producing a DP twin), membership inference (loss +
+RMIA with two reference models) on the source target and on its DP twin, the canary audit, the task's
+robustness modules and attribution. Architecture differences (no `token_type_ids`, RoBERTa's position ids
+starting after the padding index, GPT-2's Conv1D layers and tied embeddings under Opacus, one-channel
+images) must fail here before they fail a user. One test per family, so `-n auto` spreads them over workers
+and a failure names the family and each failing unit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TEXT_CLS, CAUSAL_LM, IMAGE_CLS = "text-classification", "causal-lm", "image-classification"
+MAX_LENGTH = 24
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+FAMILIES: dict[str, str] = {
+    "distilbert": TEXT_CLS, "roberta": TEXT_CLS, "bert": TEXT_CLS,
+    "gpt2": CAUSAL_LM, "llama": CAUSAL_LM, "vit": IMAGE_CLS,
+}
+
+
+def _wordpiece(minilm_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_dir)
+
+
+def build_checkpoint(family: str, root: Path, minilm_dir: Path) -> Path:
+    """A tiny, randomly initialized checkpoint of `family`, saved under root/family with its preprocessor."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    d = root / family
+    if family == "vit":
+        cfg = tf.ViTConfig(image_size=8, patch_size=4, num_channels=1, num_labels=10, **SMALL)
+        tf.ViTForImageClassification(cfg).save_pretrained(d)
+        tf.ViTImageProcessor(do_resize=False, do_rescale=False, image_mean=[0.5], image_std=[0.5]).save_pretrained(d)
+        return d
+    # Every text family takes MiniLM's WordPiece tokenizer (these architectures accept any vocabulary).
+    tok = _wordpiece(minilm_dir)
+    vocab, pad = tok.vocab_size, tok.pad_token_id
+    if family == "distilbert":
+        cfg = tf.DistilBertConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                  max_position_embeddings=64, pad_token_id=pad, num_labels=2)
+        model = tf.DistilBertForSequenceClassification(cfg)
+    elif family == "roberta":
+        # position ids start at padding_idx + 1: the table must hold max_length + padding_idx + 1 rows
+        cfg = tf.RobertaConfig(vocab_size=vocab, max_position_embeddings=MAX_LENGTH + pad + 2, pad_token_id=pad,
+                               bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id, type_vocab_size=1,
+                               num_labels=2, **SMALL)
+        model = tf.RobertaForSequenceClassification(cfg)
+    elif family == "bert":
+        cfg = tf.BertConfig(vocab_size=vocab, max_position_embeddings=64, pad_token_id=pad, num_labels=2, **SMALL)
+        model = tf.BertForSequenceClassification(cfg)
+    elif family == "gpt2":
+        # GPT-2 has no pad token of its own: the checkpoint's tokenizer and config name one
+        cfg = tf.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2, n_inner=64,
+                            pad_token_id=pad, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
+        model = tf.GPT2LMHeadModel(cfg)  # tied input / output embeddings
+    elif family == "llama":
+        cfg = tf.LlamaConfig(vocab_size=vocab, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=pad,
+                             **SMALL)
+        model = tf.LlamaForCausalLM(cfg)
+    else:  # pragma: no cover
+        raise ValueError(family)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def family_recipe(family: str, model_dir: Path, csv_path: Path, out: Path) -> dict[str, Any]:
+    task = FAMILIES[family]
+    dp = f"{family}-dp"
+    if task == IMAGE_CLS:
+        data = {"source": "bundled:digits", "limit": 100}
+        finetune = {"data": "d", "epochs": 1, "batch_size": 16, "lr": 3e-3}
+    else:
+        data = {"source": str(csv_path), "id_column": "id", "limit": 80}
+        if task == CAUSAL_LM:
+            data["label_column"] = None
+        finetune = {"data": "d", "epochs": 1, "batch_size": 16, "lr": 1e-3}
+    target: dict[str, Any] = {"model": str(model_dir), "task": task, "finetune": finetune}
+    if task != IMAGE_CLS:
+        target["max_length"] = MAX_LENGTH
+    audits: list[dict[str, Any]] = [
+        {"use": "utility", "target": family, "params": {"bootstrap": 0}},
+        # trainable: all (the default): every parameter gets per-example gradients, embeddings included
+        {"use": "privacy.dp_finetune", "target": family, "produces": dp,
+         "params": {"target_epsilon": 8.0, "epochs": 1, "accountant": "rdp", "lr": 1e-2, "eval_examples": 40}},
+        {"use": "privacy.membership", "target": [family, dp],
+         "params": {"attacks": ["loss", "rmia"], "reference_models": 2, "reference_trainable": "head",
+                    "bootstrap": 0, "null_permutations": 0, "evidence": 2}},
+    ]
+    canary: dict[str, Any] = {"num_canaries": 20, "max_members": 40}
+    if task == CAUSAL_LM:
+        canary.update(secret_digits=4, exposure_candidates=50)
+    audits.append({"use": "privacy.canary_audit", "target": family, "params": canary})
+    explain = {"num_examples": 2, "quality": ["deletion", "randomization"], "bootstrap": 0, "curve_steps": 3,
+               "random_orderings": 1, "sensitivity_examples": 0, "n_steps": 4, "internal_batch_size": 8}
+    if task == TEXT_CLS:
+        audits.append({"use": "robustness.text_attack", "target": family,
+                       "params": {"attack": "deepwordbug", "num_examples": 2, "max_evidence": 2}})
+        explain["methods"] = ["integrated_gradients", "gradient_x_input"]
+    elif task == CAUSAL_LM:
+        explain["methods"] = ["feature_ablation", "integrated_gradients"]
+    else:
+        audits.append({"use": "robustness.image_attack", "target": family,
+                       "params": {"attacks": ["fgsm", {"name": "pgd", "steps": 5}], "epsilons": [0.1],
+                                  "num_examples": 4, "num_images": 0}})
+        audits.append({"use": "robustness.certify", "target": family,
+                       "params": {"n0": 10, "n": 50, "predict_n": 20, "batch_size": 50, "num_examples": 2,
+                                  "radii": [0.25], "attack_steps": 2, "attack_noise_samples": 2}})
+        explain["methods"] = ["integrated_gradients", "saliency"]
+        explain["heatmaps"] = False
+    audits.append({"use": "explain.attribution", "target": family, "params": explain})
+    return {"version": 1, "name": f"family-{family}", "seed": 0, "output_dir": str(out),
+            "data": {"d": data}, "targets": {family: target}, "audits": audits}
+
+
+# Units a module may refuse in check() for a documented reason (family, module) -> reason fragment.
+EXPECTED_SKIPS: dict[tuple[str, str], str] = {}
+
+EXPECTED_UNITS: dict[str, set[tuple[str, str]]] = {}
+for _f, _task in FAMILIES.items():
+    _units = {("utility", _f), ("privacy.dp_finetune", _f), ("privacy.membership", _f),
+              ("privacy.membership", f"{_f}-dp"), ("privacy.canary_audit", _f), ("explain.attribution", _f)}
+    if _task == TEXT_CLS:
+        _units.add(("robustness.text_attack", _f))
+    if _task == IMAGE_CLS:
+        _units |= {("robustness.image_attack", _f), ("robustness.certify", _f)}
+    EXPECTED_UNITS[_f] = _units
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_through_every_module(family, tmp_path, minilm_tokenizer_dir, sentiment_csv):
+    from fmaudit.runner import run_recipe
+
+    model_dir = build_checkpoint(family, tmp_path / "models", minilm_tokenizer_dir)
+    report = run_recipe(family_recipe(family, model_dir, sentiment_csv, tmp_path / "reports"))
+
+    units = {(r.module, r.target): r for r in report.audits}
+    assert set(units) == EXPECTED_UNITS[family]
+    problems = []
+    for key, res in sorted(units.items()):
+        expected_skip = EXPECTED_SKIPS.get((family, key[0]))
+        if expected_skip is not None:
+            if res.status != "skipped" or expected_skip not in (res.skip_reason or ""):
+                problems.append(f"{key}: expected skipped ({expected_skip}), got {res.status}")
+        elif res.status != "ok":
+            err = res.error
+            detail = f"{err.type}: {err.message}\n{err.traceback or ''}" if err is not None else str(res.skip_reason)
+            problems.append(f"{family} / {key[0]} on {key[1]}: {res.status}: {detail}")
+    assert not problems, "\n\n".join(problems)
+
+    # The DP twin really is another model, built from this family's architecture.
+    src, dp = report.targets[family], report.targets[f"{family}-dp"]
+    assert dp.architecture == src.architecture and dp.weights_sha256 != src.weights_sha256
+    assert units[("privacy.dp_finetune", family)].metrics["epsilon"].value <= 8.0 + 1e-6
