@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -35,14 +35,27 @@ def _print_problems(exc) -> None:
     err.print("Fix these and run `fmaudit validate` again; `fmaudit schema recipe` prints the full recipe schema.")
 
 
+ALLOW_CODE_HELP = ("Also allow python: targets to import code from this folder (or file); repeatable. By default "
+                   "only the recipe's folder and installed packages are allowed.")
+
+
+def _print_code(loaded, console: Console) -> None:
+    """Say that the recipe runs code, which, and from where (python: targets)."""
+    for name, code in loaded.code.items():
+        console.print(f"[bold yellow]this recipe runs code:[/] {escape(code.ref)} (target {escape(name)}, from "
+                      f"{escape(str(code.file))}; allowed: {escape(code.allowed_by or '?')})", highlight=False,
+                      soft_wrap=True)
+
+
 @app.command()
 def validate(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+             allow_code_from: Optional[List[Path]] = typer.Option(None, "--allow-code-from", help=ALLOW_CODE_HELP),
              debug: bool = typer.Option(False, "--debug", help="Print the traceback of an unexpected error.")) -> None:
     """Check a recipe without loading any model: lists every problem with its path and line (exit 2)."""
     from fmaudit.recipe import RecipeError, load_recipe
 
     try:
-        loaded = load_recipe(recipe)
+        loaded = load_recipe(recipe, allow_code_from=allow_code_from or ())
     except RecipeError as exc:
         _print_problems(exc)
         raise typer.Exit(2)
@@ -53,6 +66,7 @@ def validate(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
     n_units = sum(len(a.target) for a in r.audits)
     out.print(f"[green]OK[/] {recipe}: {len(r.data)} dataset(s), {len(r.targets)} target(s), "
               f"{len(r.audits)} audit(s) ({n_units} unit(s)); recipe sha256 {r.sha256[:12]}")
+    _print_code(loaded, out)
 
 
 class _RichProgress:
@@ -84,6 +98,7 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     executor: Optional[str] = typer.Option(None, "--executor", help="Where independent units run: local | ray "
                                            "(default: the recipe's executor; ray needs `pip install 'fmaudit\\[ray]'`)."),
+    allow_code_from: Optional[List[Path]] = typer.Option(None, "--allow-code-from", help=ALLOW_CODE_HELP),
     debug: bool = typer.Option(False, "--debug", help="Print the full traceback of an unexpected error."),
 ) -> None:
     """Run a recipe: fine-tune targets (cached), run each audit, write reports/<run-id>/report.json.
@@ -91,7 +106,7 @@ def run(
     state: dict = {}
     old_term = _sigterm_as_interrupt()
     try:
-        _run(recipe, output_dir, resume, resume_from, quiet, executor, state)
+        _run(recipe, output_dir, resume, resume_from, quiet, executor, state, allow_code_from or [])
     except (typer.Exit, typer.Abort, SystemExit):
         raise
     except KeyboardInterrupt:
@@ -165,14 +180,15 @@ def _print_crash(exc: BaseException, debug: bool, run_dir: Optional[Path]) -> No
 
 
 def _run(recipe: Path, output_dir: Optional[Path], resume: bool, resume_from: Optional[Path], quiet: bool,
-         executor: Optional[str], state: dict) -> None:
+         executor: Optional[str], state: dict, allow_code_from: Optional[List[Path]] = None) -> None:
     from fmaudit.recipe import RecipeError, load_recipe
 
     try:
-        loaded = load_recipe(recipe)
+        loaded = load_recipe(recipe, allow_code_from=allow_code_from or ())
     except RecipeError as exc:
         _print_problems(exc)
         raise typer.Exit(2)
+    _print_code(loaded, err)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fmaudit.runner import PreparationError, Runner, latest_run

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: targets[].code (the code a python: target imported)
 
 Severity = Literal["info", "low", "medium", "high", "critical"]
 Status = Literal["ok", "error", "skipped"]
@@ -141,6 +141,18 @@ class SplitInfo(_Strict):
     nonmember_ids: list[str]
 
 
+class CodeInfo(_Strict):
+    """Code a `python:package.module:factory` target imported (ran) to build its model."""
+
+    ref: str = Field(description="The recipe's reference, python:package.module:factory.")
+    module: str
+    factory: str
+    file: str = Field(description="The module file that was imported (symlinks resolved).")
+    sha256: str = Field(description="sha256 of that file as it was imported.")
+    allowed_by: str | None = Field(default=None, description="Why it was allowed to run: the recipe's folder, an "
+                                                             "installed package, or --allow-code-from PATH.")
+
+
 class TargetInfo(_Strict):
     name: str
     kind: str = Field(description="text-classification | causal-lm | image-classification | torch-module")
@@ -155,6 +167,7 @@ class TargetInfo(_Strict):
     split: SplitInfo | None = None
     produced_by: str | None = None
     cache_hit: bool | None = None
+    code: CodeInfo | None = Field(default=None, description="python: targets: the code imported to build the model.")
 
 
 class HostInfo(_Strict):

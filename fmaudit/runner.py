@@ -210,7 +210,8 @@ class Session:
                 label_names=data.label_names if data is not None else None, device=self.device,
                 max_length=spec.max_length, gguf_file=spec.gguf_file, weights=spec.weights,
                 trust_remote_code=spec.trust_remote_code, normalize_mean=spec.normalize_mean,
-                normalize_std=spec.normalize_std, base_dir=self.loaded.base_dir, seed=self.recipe.seed)
+                normalize_std=spec.normalize_std, base_dir=self.loaded.base_dir, seed=self.recipe.seed,
+                allow_code_from=getattr(self.loaded, "allow_code_from", ()))
         except TargetError as exc:
             raise PreparationError(f"targets.{name}: {exc}") from exc
 
@@ -314,6 +315,17 @@ def run_error_info(exc: BaseException) -> ErrorInfo:
                      hint="results completed before the failure are kept; re-run with --resume, and report this "
                           "with the traceback (`--debug`) if it persists",
                      traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=30)))
+
+
+def _describe(target: Any) -> Any:
+    """The target's TargetInfo, with the code a `python:` target imported (file, sha256) when it ran any."""
+    from fmaudit.report import CodeInfo
+
+    info = target.describe()
+    code = getattr(target, "code_info", None)
+    if code:
+        info.code = CodeInfo(**code)
+    return info
 
 
 def _unit_seed(run_seed: int, unit_id: str) -> int:
@@ -559,7 +571,7 @@ class Runner:
         report.audits = [results[u.unit_id] for u in units if u.unit_id in results]
         try:
             report.datasets = {n: d.info() for n, d in session.datasets.items()}
-            report.targets = {n: t.describe() for n, t in session.targets.items()}
+            report.targets = {n: _describe(t) for n, t in session.targets.items()}
         except Exception as exc:
             failure = failure or exc
         report.gates_passed = all(g.passed for r in report.audits for g in r.gates)

@@ -71,12 +71,15 @@ def load_target(*, model: str, task: str | None = None, name: str | None = None,
                 label_names: Sequence[str] | None = None, device: str = "cpu", max_length: int = 128,
                 gguf_file: str | None = None, weights: str | None = None, trust_remote_code: bool = False,
                 normalize_mean: Sequence[float] | None = None, normalize_std: Sequence[float] | None = None,
-                base_dir: str | Path | None = None, seed: int = 0) -> Target:
+                base_dir: str | Path | None = None, seed: int = 0,
+                allow_code_from: Sequence[str | Path] = ()) -> Target:
     """Load a model as a Target.
 
     `model` is a bundled name (`bundled:minilm`, `bundled:smollm2`, `bundled:digits-cnn`, `bundled:digits-vit`),
     a local Hugging Face checkpoint folder, or `python:package.module:factory` (a function returning an
-    `nn.Module` that maps [0, 1] images to logits; `weights` loads a state dict into it).
+    `nn.Module` that maps [0, 1] images to logits; `weights` loads a state dict into it). A `python:` module
+    is imported only from under `base_dir` (the recipe's folder), an installed package, or one of
+    `allow_code_from`; the target's `code_info` records the file imported and its sha256.
     Newly initialized heads are seeded with `seed`, so the same call gives the same weights.
     """
     import torch
@@ -119,7 +122,8 @@ def load_target(*, model: str, task: str | None = None, name: str | None = None,
                                label_names=labels)
     if model.startswith("python:"):
         return _python_module(model, name=name, task=task, weights=weights, base=base, num_labels=num_labels,
-                              labels=labels, device=device, mean=normalize_mean, std=normalize_std)
+                              labels=labels, device=device, mean=normalize_mean, std=normalize_std,
+                              allow_code_from=allow_code_from)
 
     path = Path(model).expanduser()
     path = path if path.is_absolute() else base / path
@@ -210,25 +214,63 @@ def _hf_image_classifier(path: Path, *, name: str, num_labels: int | None, label
 
 def _python_module(ref: str, *, name: str, task: str, weights: str | None, base: Path, num_labels: int | None,
                    labels: list[str] | None, device: str, mean: Sequence[float] | None,
-                   std: Sequence[float] | None) -> Target:
+                   std: Sequence[float] | None, allow_code_from: Sequence[str | Path] = ()) -> Target:
+    from fmaudit.recipe import CodeRefError, refused_code_message, resolve_code_ref
+
     from .base import call_with_supported_kwargs
     from .vision import ImageClassifier, PixelClassifier
 
     if task != IMAGE_CLASSIFICATION:
         raise TargetError("python: models are image classifiers (task: image-classification)")
-    mod_name, _, fn_name = ref.split(":", 1)[1].partition(":")
+    # Checked again here (validate checked it too): whatever calls load_target, code runs only from the
+    # allowed places, and the report says which file ran.
     try:
-        factory = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as exc:
-        raise TargetError(f"cannot import {mod_name}:{fn_name}: {exc}") from exc
-    kwargs = {"num_labels": num_labels} if num_labels is not None else {}
-    module = call_with_supported_kwargs(factory, **kwargs)
+        code = resolve_code_ref(ref, base_dir=base, allow_code_from=allow_code_from)
+    except CodeRefError as exc:
+        raise TargetError(f"{ref}: {exc}") from exc
+    if code.allowed_by is None:
+        raise TargetError(refused_code_message(code, base))
+    info = code.as_dict()  # sha256 of the file as it is imported
+    with _recipe_folder_on_path(base if code.from_recipe_folder else None):
+        try:
+            imported = importlib.import_module(code.module)
+            factory = getattr(imported, code.factory)
+        except (ImportError, AttributeError) as exc:
+            raise TargetError(f"cannot import {code.module}:{code.factory}: {exc}") from exc
+        got = getattr(imported, "__file__", None)
+        if got is None or Path(got).resolve() != code.file:
+            raise TargetError(f"{ref}: importing {code.module} loaded {got}, not {code.file} (found when the recipe "
+                              "was checked); refused")
+        kwargs = {"num_labels": num_labels} if num_labels is not None else {}
+        module = call_with_supported_kwargs(factory, **kwargs)
     if weights:
         wpath = Path(weights).expanduser()
         wpath = wpath if wpath.is_absolute() else base / wpath
         module.load_state_dict(load_state_dict_file(wpath))
-    return ImageClassifier(name=name, model=PixelClassifier(module, mean=mean, std=std), source=ref,
-                           kind="torch-module", device=device, label_names=labels, num_classes=num_labels)
+    target = ImageClassifier(name=name, model=PixelClassifier(module, mean=mean, std=std), source=ref,
+                             kind="torch-module", device=device, label_names=labels, num_classes=num_labels)
+    target.code_info = info
+    return target
+
+
+@contextlib.contextmanager
+def _recipe_folder_on_path(folder: Path | None):
+    """A module found only in the recipe's folder is imported with that folder at the END of sys.path (it
+    never shadows an installed module) for the import and the factory call."""
+    import sys
+
+    entry = str(Path(folder).resolve()) if folder is not None else None
+    if entry is None or entry in sys.path:
+        yield
+        return
+    sys.path.append(entry)
+    try:
+        yield
+    finally:
+        try:
+            sys.path.remove(entry)
+        except ValueError:
+            pass
 
 
 def load_state_dict_file(path: Path) -> dict[str, Any]:
