@@ -142,11 +142,59 @@ for _f, _task in FAMILIES.items():
     EXPECTED_UNITS[_f] = _units
 
 
+TEXTS = ["the movie was good 1", "bad day today really so bad and boring 2", "love it 3"]
+
+
+def assert_default_inputs(family: str, model_dir: Path) -> None:
+    """The target (and the DP API's module wrapper) feed the model what its own forward would build by default:
+    the explicit position / token type ids they pass (for Opacus' per-example gradients) change nothing.
+    RoBERTa numbers positions from padding_idx + 1; GPT-2 embeds token_type_ids with its word embeddings."""
+    import torch
+
+    from fmaudit.data import Dataset
+    from fmaudit.privacy.dp import module_target
+    from fmaudit.targets import load_target
+
+    task = FAMILIES[family]
+    target = load_target(model=str(model_dir), task=task, max_length=MAX_LENGTH)
+    model = target.model
+    if task == IMAGE_CLS:
+        x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ref = model.inner(pixel_values=(x - 0.5) / 0.5).logits.double().numpy()
+        assert abs(target.logits_images(x) - ref).max() < 1e-5
+        return
+    ref_rows, got_rows = [], []
+    wrapped = module_target(model, task=task, pad_id=target.tokenizer.pad_token_id)
+    for text in TEXTS:  # one at a time: no padding in the reference
+        enc = target.tokenizer([text], truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+        enc = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        with torch.no_grad():
+            out = model(**enc, **({"labels": enc["input_ids"]} if task == CAUSAL_LM else {}))
+            ref_rows.append(float(out.loss) if task == CAUSAL_LM else out.logits[0].double().numpy())
+            item = {"input_ids": enc["input_ids"][0]}
+            batch = wrapped.collate([item])
+            assert set(batch) <= {"input_ids", "attention_mask", "position_ids", "token_type_ids"}
+            got = wrapped.forward(model, batch)
+            if task != CAUSAL_LM:
+                got_rows.append(got.logits[0].double().numpy())
+    data = Dataset("texts", "texts", "text", [str(i) for i in range(len(TEXTS))], texts=TEXTS)
+    if task == CAUSAL_LM:  # padded batch: the per-sequence mean next-token loss of each text
+        diff = abs(target.per_example_loss(data) - ref_rows).max()
+    else:
+        import numpy as np
+
+        diff = max(abs(target.logits_texts(TEXTS) - np.stack(ref_rows)).max(),
+                   abs(np.stack(got_rows) - np.stack(ref_rows)).max())
+    assert diff < 1e-5, f"{family}: the target's inputs change the model's output by {diff:.2e}"
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_through_every_module(family, tmp_path, minilm_tokenizer_dir, sentiment_csv):
     from fmaudit.runner import run_recipe
 
     model_dir = build_checkpoint(family, tmp_path / "models", minilm_tokenizer_dir)
+    assert_default_inputs(family, model_dir)
     report = run_recipe(family_recipe(family, model_dir, sentiment_csv, tmp_path / "reports"))
 
     units = {(r.module, r.target): r for r in report.audits}

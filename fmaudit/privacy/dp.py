@@ -814,8 +814,11 @@ def _module_target_class() -> type:
             self._var_kw = any(p.kind is p.VAR_KEYWORD for p in fwd.values())
             self._accepts = set(fwd)
             # Explicit position / token type ids, built with repeat (per-example rows for per-sample gradients)
+            from fmaudit.targets.text import position_offset, uses_token_types
+
             self._pass_position_ids = "position_ids" in fwd
-            self._pass_token_type_ids = "token_type_ids" in fwd
+            self._position_offset = position_offset(model)  # RoBERTa-style: positions start at padding_idx + 1
+            self._pass_token_type_ids = "token_type_ids" in fwd and uses_token_types(model)
             # accuracy needs the default forward and labels; `_dry_run` says whether they work with a custom loss
             self.accuracy_from_forward = task != "causal-lm" and loss_fn is None
 
@@ -839,7 +842,8 @@ def _module_target_class() -> type:
             if ids is not None and ids.dim() == 2:
                 n, length = ids.shape
                 if self._pass_position_ids and "position_ids" not in batch:
-                    batch["position_ids"] = torch.arange(length, dtype=torch.long).repeat(n, 1)
+                    off = self._position_offset
+                    batch["position_ids"] = torch.arange(off, off + length, dtype=torch.long).repeat(n, 1)
                 if self._pass_token_type_ids and "token_type_ids" not in batch:
                     batch["token_type_ids"] = torch.zeros((n, length), dtype=torch.long)
             return batch

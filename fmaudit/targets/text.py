@@ -14,6 +14,23 @@ from fmaudit.tasks import CAUSAL_LM, TEXT_CLASSIFICATION
 from fmaudit.targets.base import ClassifierTarget, Target, TargetError
 
 
+def position_offset(model: nn.Module) -> int:
+    """First position id of a sequence as the model numbers positions itself: RoBERTa-style embeddings
+    (RoBERTa, XLM-R, CamemBERT, ...) start after the padding index (`padding_idx + 1`), others at 0."""
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None) or model
+    emb = getattr(base, "embeddings", None)
+    pad = getattr(emb, "padding_idx", None)
+    if isinstance(pad, int) and isinstance(getattr(emb, "position_embeddings", None), nn.Embedding):
+        return pad + 1
+    return 0
+
+
+def uses_token_types(model: nn.Module) -> bool:
+    """Whether the model has its own token type (segment) embeddings, whose default input is all zeros.
+    GPT-2 also takes `token_type_ids` but embeds them with its word embeddings: zeros there are not its default."""
+    return any(name.endswith("token_type_embeddings") for name, _ in model.named_modules())
+
+
 class _TokenizedDataset(torch.utils.data.Dataset):
     def __init__(self, input_ids: list[list[int]], labels: np.ndarray | None):
         self.input_ids = input_ids
@@ -41,7 +58,8 @@ class _TextMixin:
         # Explicit position_ids: Opacus' per-sample gradients of position embeddings need them
         # (built with arange().repeat(), not expand(), which breaks ghost clipping).
         self._pass_position_ids = "position_ids" in fwd
-        self._pass_token_type_ids = "token_type_ids" in fwd
+        self._position_offset = position_offset(self.model)
+        self._pass_token_type_ids = "token_type_ids" in fwd and uses_token_types(self.model)
         if self.tokenizer.pad_token_id is None:
             if self.tokenizer.eos_token_id is None:
                 raise TargetError("the tokenizer has neither a pad token nor an eos token to pad with")
@@ -74,7 +92,8 @@ class _TextMixin:
             mask[i, : len(s)] = 1
         batch = {"input_ids": ids, "attention_mask": mask}
         if self._pass_position_ids:
-            batch["position_ids"] = torch.arange(length, dtype=torch.long).repeat(n, 1)
+            off = self._position_offset
+            batch["position_ids"] = torch.arange(off, off + length, dtype=torch.long).repeat(n, 1)
         if self._pass_token_type_ids:
             batch["token_type_ids"] = torch.zeros((n, length), dtype=torch.long)
         return batch
