@@ -26,6 +26,7 @@ SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, interme
 FAMILIES: dict[str, str] = {
     "distilbert": TEXT_CLS, "roberta": TEXT_CLS, "bert": TEXT_CLS,
     "gpt2": CAUSAL_LM, "llama": CAUSAL_LM, "vit": IMAGE_CLS,
+    "gpt2-cls": TEXT_CLS,  # GPT-2 as a sequence classifier: last-token pooling, no token type embeddings
 }
 
 
@@ -68,6 +69,12 @@ def build_checkpoint(family: str, root: Path, minilm_dir: Path) -> Path:
         cfg = tf.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2, n_inner=64,
                             pad_token_id=pad, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
         model = tf.GPT2LMHeadModel(cfg)  # tied input / output embeddings
+    elif family == "gpt2-cls":
+        # GPT2ForSequenceClassification pools the last non-pad token: it needs pad_token_id in its config
+        cfg = tf.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2, n_inner=64,
+                            pad_token_id=pad, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+                            num_labels=2)
+        model = tf.GPT2ForSequenceClassification(cfg)
     elif family == "llama":
         cfg = tf.LlamaConfig(vocab_size=vocab, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=pad,
                              **SMALL)
@@ -197,6 +204,7 @@ def test_family_through_every_module(family, tmp_path, minilm_tokenizer_dir, sen
     assert_default_inputs(family, model_dir)
     report = run_recipe(family_recipe(family, model_dir, sentiment_csv, tmp_path / "reports"))
 
+    assert report.error is None, f"{report.error.type}: {report.error.message}\n{report.error.traceback}"
     units = {(r.module, r.target): r for r in report.audits}
     assert set(units) == EXPECTED_UNITS[family]
     problems = []
