@@ -321,6 +321,15 @@ def text_attack_part(report: RunReport, r: AuditResult) -> Part:
     if unverified:
         level = worse(level, "high")
         text += f"; {unverified:.0f} reported successes did not hold when re-run"
+    degenerate = any(f.title.startswith("Degenerate target") for f in r.findings)
+    if degenerate and level == "ok":
+        # a near-constant classifier cannot be flipped: 0% success says nothing about robustness
+        share = _val(r, "top_predicted_class_share")
+        text += (f"; but the target is degenerate (one class takes {_pct(share)} of predictions, or accuracy is "
+                 "at the majority rate), so this says nothing about robustness" if share is not None else
+                 "; but the target is degenerate, so this says nothing about robustness")
+        return Part("medium", text, f"Not assessed by {attack} (degenerate target)", (r.unit_id,), weight=0.0,
+                    key=(r.module, r.target, attack))
     headline = f"Fooled by {kind}" if level in ("high", "medium", "low") else f"Resists {kind}"
     return Part(level, text, headline, (r.unit_id,), weight=rate, key=(r.module, r.target, attack))
 

@@ -349,3 +349,15 @@ def test_dp_training_alone_is_not_a_privacy_test():
     v = by_area(report([dp_finetune("bert", "bert-dp")], [target("bert"), target("bert-dp")]))["privacy"]
     assert v.level == "ok" and v.headline == "No privacy attack run"
     assert "DP twin bert-dp trained at ε=8" in v.text
+
+
+def test_zero_flips_on_a_degenerate_target_is_not_resistance():
+    """robustness.text_attack flags a near-constant classifier; its 0% success must not read 'Resists'."""
+    u = text_attack("bert", "deepwordbug", 0.0)
+    u = u.model_copy(update={
+        "metrics": u.metrics | {"top_predicted_class_share": metric(0.97)},
+        "findings": [Finding(severity="high", title="Degenerate target: this attack result says nothing about "
+                                                   "robustness", detail="one class takes 97% of predictions")]})
+    v = by_area(report([u]))["robustness"]
+    assert v.level == "medium" and v.headline.startswith("Not assessed by deepwordbug")
+    assert "97%" in v.text and "says nothing about robustness" in v.text
