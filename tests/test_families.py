@@ -106,7 +106,7 @@ def family_recipe(family: str, model_dir: Path, csv_path: Path, out: Path) -> di
         {"use": "privacy.dp_finetune", "target": family, "produces": dp,
          "params": {"target_epsilon": 8.0, "epochs": 1, "accountant": "rdp", "lr": 1e-2, "eval_examples": 40}},
         {"use": "privacy.membership", "target": [family, dp],
-         "params": {"attacks": ["loss", "rmia"], "reference_models": 2, "reference_trainable": "head",
+         "params": {"attacks": ["loss", "rmia"], "reference_models": 2,  # default: last block + head train
                     "bootstrap": 0, "null_permutations": 0, "evidence": 2}},
     ]
     canary: dict[str, Any] = {"num_canaries": 20, "max_members": 40}
@@ -152,10 +152,11 @@ for _f, _task in FAMILIES.items():
 TEXTS = ["the movie was good 1", "bad day today really so bad and boring 2", "love it 3"]
 
 
-def assert_default_inputs(family: str, model_dir: Path) -> None:
-    """The target (and the DP API's module wrapper) feed the model what its own forward would build by default:
-    the explicit position / token type ids they pass (for Opacus' per-example gradients) change nothing.
-    RoBERTa numbers positions from padding_idx + 1; GPT-2 embeds token_type_ids with its word embeddings."""
+def assert_default_inputs(family: str, model_dir: Path) -> bool:
+    """The target (and the DP API's module wrapper) feed the model what its own forward builds by default: the
+    explicit position / token type ids they pass (for Opacus' per-example gradients) change nothing. RoBERTa
+    numbers positions from padding_idx + 1; GPT-2 embeds token_type_ids with its word embeddings.
+    Returns whether the model ties its input and output embeddings."""
     import torch
 
     from fmaudit.data import Dataset
@@ -170,7 +171,7 @@ def assert_default_inputs(family: str, model_dir: Path) -> None:
         with torch.no_grad():
             ref = model.inner(pixel_values=(x - 0.5) / 0.5).logits.double().numpy()
         assert abs(target.logits_images(x) - ref).max() < 1e-5
-        return
+        return False
     ref_rows, got_rows = [], []
     wrapped = module_target(model, task=task, pad_id=target.tokenizer.pad_token_id)
     for text in TEXTS:  # one at a time: no padding in the reference
@@ -194,6 +195,8 @@ def assert_default_inputs(family: str, model_dir: Path) -> None:
         diff = max(abs(target.logits_texts(TEXTS) - np.stack(ref_rows)).max(),
                    abs(np.stack(got_rows) - np.stack(ref_rows)).max())
     assert diff < 1e-5, f"{family}: the target's inputs change the model's output by {diff:.2e}"
+    out_emb = model.get_output_embeddings()
+    return out_emb is not None and out_emb.weight is model.get_input_embeddings().weight  # tied weights
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -201,7 +204,8 @@ def test_family_through_every_module(family, tmp_path, minilm_tokenizer_dir, sen
     from fmaudit.runner import run_recipe
 
     model_dir = build_checkpoint(family, tmp_path / "models", minilm_tokenizer_dir)
-    assert_default_inputs(family, model_dir)
+    tied = assert_default_inputs(family, model_dir)
+    assert tied == (family == "gpt2")  # GPT-2's LM head is its input embedding matrix
     report = run_recipe(family_recipe(family, model_dir, sentiment_csv, tmp_path / "reports"))
 
     assert report.error is None, f"{report.error.type}: {report.error.message}\n{report.error.traceback}"
@@ -219,7 +223,17 @@ def test_family_through_every_module(family, tmp_path, minilm_tokenizer_dir, sen
             problems.append(f"{family} / {key[0]} on {key[1]}: {res.status}: {detail}")
     assert not problems, "\n\n".join(problems)
 
-    # The DP twin really is another model, built from this family's architecture.
+    # The DP twin really is another model of this family's architecture, trained on the same members.
     src, dp = report.targets[family], report.targets[f"{family}-dp"]
     assert dp.architecture == src.architecture and dp.weights_sha256 != src.weights_sha256
-    assert units[("privacy.dp_finetune", family)].metrics["epsilon"].value <= 8.0 + 1e-6
+    assert dp.split.member_ids == src.split.member_ids
+    dp_unit = units[("privacy.dp_finetune", family)]
+    assert dp_unit.metrics["epsilon"].value <= 8.0 + 1e-6
+    # trainable: all means every parameter (nothing of the architecture silently frozen: ViT's class token and
+    # position embeddings are bare parameters, GPT-2's Conv1D weights are transposed, tied weights count once) ...
+    params = dp_unit.tables["dp_parameters"]
+    assert params["num_trainable_parameters"] == src.num_parameters
+    # ... and weights shared between modules (GPT-2's tied input / output embeddings) switch clipping from
+    # ghost clipping (per-module norms: wrong for a shared parameter) to per-sample gradient hooks.
+    assert params["clipping"] == ("hooks" if tied else "ghost")
+
