@@ -26,12 +26,14 @@ from fmaudit.audits.base import AuditCheckError, AuditContext, AuditModule, Outc
 from fmaudit.cache_lock import entry_lock
 from fmaudit.data import DataError, Dataset, Split, load_dataset, member_split
 from fmaudit.executor import Executor, NotSendable, TaskFailed, local_only, make_executor
+from fmaudit.quiet import library_output_to_log
 from fmaudit.recipe import AuditSpec, LoadedRecipe, Problem, RecipeError, load_recipe
 from fmaudit.registry import registry
 from fmaudit.report import (AuditResult, ErrorInfo, EventLog, GateResult, HostInfo, RunReport, load_report,
                             write_json_atomic, write_report)
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_INVALID, EXIT_MODULE_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+RUN_LOG = "run.log"  # library output (progress bars, warnings, logging) captured during a run
 
 TRACKED_PACKAGES = ("torch", "transformers", "opacus", "captum", "textattack", "torchattacks", "scikit-learn",
                     "scipy", "numpy", "pydantic", "peft", "safetensors", "tokenizers", "streamlit",
@@ -326,6 +328,11 @@ def _describe(target: Any) -> Any:
     if code:
         info.code = CodeInfo(**code)
     return info
+
+
+def _log_path(run_dir: Path | None) -> Path | None:
+    """The run's log of library output (`run.log`), or None when there is no run folder (yet)."""
+    return Path(run_dir) / RUN_LOG if run_dir is not None and Path(run_dir).is_dir() else None
 
 
 def _unit_seed(run_seed: int, unit_id: str) -> int:
@@ -658,7 +665,8 @@ class Runner:
         targets that loaded, so input problems surface (RecipeError, exit 2) before any audit runs."""
         for name in self.recipe.targets:
             try:
-                session.target(name)
+                with library_output_to_log(_log_path(self.run_dir), f"preparing target {name}"):
+                    session.target(name)
             except TargetUnavailable as exc:
                 self.log(f"target {name} unavailable: {exc.info.message}")
                 if events is not None:
@@ -794,6 +802,11 @@ class UnitJob:
                     params={}, seed=_unit_seed(self.recipe.seed, u.unit_id), started_at=_now())
 
     def __call__(self, u: Unit) -> tuple[AuditResult, Any]:
+        # Library progress bars, prints and logging go to run.log; guarantee warnings still reach the terminal.
+        with library_output_to_log(_log_path(self.run_dir), f"unit {u.unit_id}"):
+            return self._call(u)
+
+    def _call(self, u: Unit) -> tuple[AuditResult, Any]:
         cls = self._cls(u)
         base = self._base(u, cls)
         seed = base["seed"]
