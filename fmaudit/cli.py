@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -45,6 +46,10 @@ def _print_code(loaded, console: Console) -> None:
         console.print(f"[bold yellow]this recipe runs code:[/] {escape(code.ref)} (target {escape(name)}, from "
                       f"{escape(str(code.file))}; allowed: {escape(code.allowed_by or '?')})", highlight=False,
                       soft_wrap=True)
+    for name, spec in loaded.recipe.targets.items():
+        if spec.trust_remote_code:
+            console.print(f"[bold yellow]this recipe runs code:[/] the Python files shipped with {escape(spec.model)} "
+                          f"(target {escape(name)}, trust_remote_code: true)", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -215,6 +220,9 @@ def _run(recipe: Path, output_dir: Optional[Path], resume: bool, resume_from: Op
     runner = Runner(loaded, output_dir=out_dir, resume=resume_dir, progress=_RichProgress(progress),
                     log=lambda m: None, executor=chosen)
     state["runner"] = runner
+    # fmaudit's own progress writes to the terminal stream as it is now: while a unit runs, sys.stderr goes to
+    # run.log (fmaudit.quiet), and a console that looked sys.stderr up on each write would follow it there.
+    err.file = sys.stderr
     try:
         with progress:
             report = runner.run()
@@ -224,6 +232,8 @@ def _run(recipe: Path, output_dir: Optional[Path], resume: bool, resume_from: Op
     except PreparationError as exc:
         err.print(f"[bold red]Cannot prepare the run:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2)
+    finally:
+        err.file = None  # back to following sys.stderr
     _print_summary(report)
     if report.error is not None:
         err.print(f"[bold red]The run failed:[/] {escape(report.error.type)}: {escape(report.error.message)} "
@@ -238,39 +248,117 @@ def _fmt(v: float | None) -> str:
     return f"{v:.4g}"
 
 
-def _print_summary(report) -> None:
-    table = Table(title=f"{report.name} — run {report.run_id}", show_lines=False)
-    table.add_column("module", overflow="fold", max_width=20)
-    table.add_column("target", overflow="fold", max_width=12)
-    table.add_column("status", no_wrap=True)
-    table.add_column("headline metrics", overflow="fold", min_width=20)
-    table.add_column("findings", overflow="fold", max_width=10)
+# The metric a module's row shows in the terminal summary: the first of these (fnmatch patterns) that the
+# result has a value for; modules not listed show their first undotted metric. `fmaudit report RUN --full`
+# prints every metric.
+HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
+    "utility": ("accuracy", "perplexity"),
+    "privacy.membership": ("tpr_at_1pct_fpr", "auc"),
+    "privacy.dp_finetune": ("epsilon",),
+    "privacy.canary_audit": ("epsilon_lb",),
+    "robustness.text_attack": ("attack_success_rate",),
+    "robustness.image_attack": ("worst_robust_accuracy.*", "robust_accuracy.*", "clean_accuracy"),
+    "robustness.certify": ("certified_accuracy@*",),
+    "explain.attribution": ("integrated_gradients.deletion_aopc", "*.deletion_aopc"),
+}
+SUMMARY_WIDTH = 80
+SEVERITY_ORDER = ("critical", "high", "medium", "low", "info")
+
+
+def headline_metric(result) -> tuple[str, object] | None:
+    """(name, Metric) of the unit's headline metric, or None when it has no metric with a value."""
+    import fnmatch
+
+    valued = [(k, m) for k, m in result.metrics.items() if m.value is not None]
+    for pattern in HEADLINE_METRICS.get(result.module, ()):
+        for k, m in valued:
+            if fnmatch.fnmatchcase(k, pattern):
+                return k, m
+    undotted = [(k, m) for k, m in valued if "." not in k]
+    return (undotted or valued or [None])[0]
+
+
+def _metric_text(name: str, m) -> str:
+    ci = f" [{_fmt(m.ci_low)}, {_fmt(m.ci_high)}]" if m.ci_low is not None and m.ci_high is not None else ""
+    return f"{name} {_fmt(m.value)}{ci}"
+
+
+def _findings_text(result) -> str:
+    counts: dict[str, int] = {}
+    for f in result.findings:
+        counts[f.severity] = counts.get(f.severity, 0) + 1
+    colour = {"critical": "bold red", "high": "red", "medium": "yellow", "low": "cyan", "info": "dim"}
+    parts = [f"[{colour[s]}]{counts[s]}{s[0].upper()}[/]" for s in SEVERITY_ORDER if counts.get(s)]
+    return " ".join(parts) or "—"
+
+
+def _print_summary(report, full: bool = False) -> None:
+    """One row per unit (module, target, its headline metric, findings by severity: C/H/M/L/I), then the
+    verdict per area and the gates, within 80 columns. `full`: every metric of every unit after it."""
+    from rich import box
+
+    width = min(out.width, SUMMARY_WIDTH)
+    rows = []
     for r in report.audits:
-        # Headline metrics (per-attack / per-method breakdowns use dotted names; see the report for them).
-        head = [(k, m) for k, m in r.metrics.items() if "." not in k and m.value is not None][:4]
-        metrics = "\n".join(f"{k}={_fmt(m.value)}" for k, m in head)
         if r.status == "error" and r.error:
-            metrics = f"[red]{escape(r.error.type)}: {escape(r.error.message[:80])}[/]"
+            text, style = f"error: {r.error.type}: {' '.join(r.error.message.split())}", "red"
         elif r.status == "skipped" and r.error:
-            metrics = f"[yellow]{escape(r.error.message[:80])}[/]"
-        sev = {}
-        for f in r.findings:
-            sev[f.severity] = sev.get(f.severity, 0) + 1
-        status = {"ok": "[green]ok[/]", "error": "[red]error[/]", "skipped": "[yellow]skipped[/]"}[r.status]
-        table.add_row(r.module, r.target, status, metrics, "\n".join(f"{v} {k}" for k, v in sev.items()) or "—")
-    out.print(table)
+            text, style = " ".join(r.error.message.split()), "yellow"
+        else:
+            head = headline_metric(r)
+            text, style = (_metric_text(*head) if head is not None else "—"), ""
+        rows.append((r.module, r.target, text, style, _findings_text(r)))
+    # Column widths: a metric name is never cut (the headline column is at least as wide as the longest one);
+    # module and target names give way first (ellipsis). One space between columns.
+    plain = [len(re.sub(r"\[[^\]]*\]", "", f)) for *_, f in rows]
+    find_w = max([8, *plain])
+    head_min = max([8, *(len(t.split(" ")[0]) for _, _, t, st, _ in rows if not st)])
+    mod_w = min(max([6, *(len(m) for m, *_ in rows)]), 23)
+    tgt_w = min(max([6, *(len(t) for _, t, *_ in rows)]), 14)
+    spare = width - 3 - find_w - head_min - mod_w - tgt_w
+    if spare < 0:  # narrow: targets, then modules, shrink (never below 6)
+        cut = min(-spare, tgt_w - 6)
+        tgt_w, spare = tgt_w - cut, spare + cut
+        mod_w = max(6, mod_w + spare) if spare < 0 else mod_w
+    head_w = max(head_min, width - 3 - find_w - mod_w - tgt_w)
+    table = Table(title=escape(f"{report.name} — run {report.run_id}"), box=box.SIMPLE_HEAD, padding=(0, 0),
+                  show_edge=False, title_justify="left", caption_justify="left",
+                  caption="findings: C critical, H high, M medium, L low, I info; `fmaudit report RUN --full` "
+                          "prints every metric")
+    table.add_column("module", no_wrap=True, overflow="ellipsis", width=mod_w)
+    table.add_column("target", no_wrap=True, overflow="ellipsis", width=tgt_w)
+    table.add_column("headline", overflow="fold", width=head_w)
+    table.add_column("findings", no_wrap=True, width=find_w)
+    for module, tgt, text, style, findings in rows:
+        if style:
+            text = text if len(text) <= 2 * head_w else text[: 2 * head_w - 1] + "…"  # two lines at most
+        cell = f"[{style}]{escape(text)}[/]" if style else escape(text)
+        table.add_row(escape(module), escape(tgt), cell, findings)
+    out.print(table, width=width)
+    if full:
+        _print_all_metrics(report)
     from fmaudit.verdict import verdict_lines
 
     out.print("[bold]Verdict per area[/]")
-    for line in verdict_lines(report, width=min(out.width, 80), markup=True):
+    for line in verdict_lines(report, width=width, markup=True):
         out.print(line, soft_wrap=True, highlight=False)
     failed = [g for r in report.audits for g in r.gates if not g.passed]
     if failed:
         out.print(f"[bold red]{len(failed)} gate(s) failed:[/]")
         for g in failed:
-            out.print(f"  - {g.message}")
+            out.print(f"  - {escape(g.message)}", highlight=False)
     elif any(r.gates for r in report.audits):
         out.print("[green]All gates passed.[/]")
+
+
+def _print_all_metrics(report) -> None:
+    for r in report.audits:
+        out.print(f"[bold]{escape(r.unit_id)}[/] ({r.status})", highlight=False)
+        for name, m in r.metrics.items():
+            unit = f" {m.unit}" if m.unit else ""
+            out.print(f"  {escape(_metric_text(name, m))}{escape(unit)}", highlight=False, soft_wrap=True)
+        for f in r.findings:
+            out.print(f"  [{f.severity}] {escape(f.title)}", highlight=False, soft_wrap=True)
 
 
 @app.command("list")
@@ -323,6 +411,7 @@ def report(
     run_dir: Path = typer.Argument(..., help="A run folder (or its report.json)."),
     html: Optional[Path] = typer.Option(None, "--html", help="Also write the dashboard's views of this run as one "
                                         "self-contained HTML file (plots, images and scripts inlined)."),
+    full: bool = typer.Option(False, "--full", help="Print every metric of every unit (and its findings)."),
 ) -> None:
     """Summarize a finished run's report in the terminal (and export it as HTML with --html)."""
     from fmaudit.report import ReportError, load_report
@@ -345,7 +434,7 @@ def report(
         refuse(str(exc))
     except (OSError, UnicodeError) as exc:  # a folder where report.json should be, no permission...
         refuse(f"cannot read the report in {run_dir}: {exc}")
-    _print_summary(rep)
+    _print_summary(rep, full=full)
     if html is not None:
         _dashboard_package()
         from dashboard.export import ExportError, export_html

@@ -130,3 +130,18 @@ def test_unresolvable_module_is_a_recipe_problem(tmp_path):
     path = _recipe(tmp_path / "recipe", "python:fm_no_such_module_xyz:make")
     res = cli.invoke(app, ["validate", str(path)])
     assert res.exit_code == 2 and "cannot find module" in res.output
+
+
+def test_trust_remote_code_is_said_too(tiny_bert_dir, sentiment_csv, tmp_path):
+    from conftest import tiny_text_recipe
+
+    recipe = tiny_text_recipe(tiny_bert_dir, sentiment_csv, tmp_path)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    res = cli.invoke(app, ["validate", str(path)])
+    assert res.exit_code == 0 and "runs code" not in res.output  # off by default: nothing runs
+    recipe["targets"]["bert"]["trust_remote_code"] = True
+    path.write_text(yaml.safe_dump(recipe))
+    res = cli.invoke(app, ["validate", str(path)])
+    assert res.exit_code == 0, res.output
+    assert "this recipe runs code" in res.output and "trust_remote_code: true" in res.output
