@@ -237,3 +237,80 @@ def test_family_through_every_module(family, tmp_path, minilm_tokenizer_dir, sen
     # ghost clipping (per-module norms: wrong for a shared parameter) to per-sample gradient hooks.
     assert params["clipping"] == ("hooks" if tied else "ghost")
 
+
+
+def _no_dropout(model) -> None:
+    """Dropout off in training mode (Opacus' hooks only fire in training mode): batch and single passes agree."""
+    from torch import nn
+
+    for key, value in model.config.to_dict().items() if hasattr(model, "config") else ():
+        if isinstance(value, float) and ("dropout" in key or key.endswith("_pdrop")):
+            setattr(model.config, key, 0.0)
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        for key, value in list(vars(m).items()):
+            if isinstance(value, float) and "dropout" in key:
+                setattr(m, key, 0.0)
+
+
+@pytest.mark.parametrize("clipping", ["hooks", "ghost"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_per_example_gradient_norms(family, clipping, tmp_path, minilm_tokenizer_dir):
+    """What DP-SGD clips: the per-example gradient norm Opacus computes on a padded batch (per-sample gradients
+    with hooks, or ghost clipping's norms), with the inputs the DP loop feeds (the target's collate and the
+    broadcast-id hooks), equals the norm of each example's gradient computed alone, for every family: tied
+    weights sum both uses, GPT-2's Conv1D, ViT's bare class-token / position parameters and RoBERTa's shifted
+    positions included. Tied weights under ghost clipping are refused by the DP pre-flight instead."""
+    import torch
+    from opacus import GradSampleModule
+    from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleModuleFastGradientClipping
+
+    from fmaudit.privacy.dp import _repeat_broadcast_ids, preflight
+    from fmaudit.targets import load_target
+
+    model_dir = build_checkpoint(family, tmp_path, minilm_tokenizer_dir)
+    task = FAMILIES[family]
+    target = load_target(model=str(model_dir), task=task, max_length=MAX_LENGTH)
+    model = target.model
+    _no_dropout(model)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    problems, _notes, mode = preflight(target, clipping=clipping)
+    tied = family == "gpt2"
+    if clipping == "ghost" and tied:
+        assert any("shared between modules" in p for p in problems), problems
+        return
+    assert not problems and mode == clipping
+
+    if task == IMAGE_CLS:
+        x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+        items = [{"pixels": x[i], "label": i} for i in range(3)]
+    else:
+        texts = ["good day", "awful awful movie today 2", "so happy with the show 3"]  # three lengths: padding
+        items = [{"input_ids": ids, **({"label": i % 2} if task == TEXT_CLS else {})}
+                 for i, ids in enumerate(target.tokenize(texts))]
+    single = []
+    for item in items:  # each example alone (no padding)
+        model.zero_grad()
+        target.loss(model, target.collate([item]), reduction="sum").backward()
+        single.append(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params if p.grad is not None)))
+    model.zero_grad()
+    batch = target.collate(items)
+    handles = _repeat_broadcast_ids(model)
+    try:
+        if clipping == "hooks":
+            gsm = GradSampleModule(model, loss_reduction="sum")
+            target.loss(gsm, batch, reduction="sum").backward()
+            norms = torch.sqrt(sum((p.grad_sample.double().reshape(len(items), -1) ** 2).sum(1) for p in params))
+        else:
+            gsm = GradSampleModuleFastGradientClipping(model, loss_reduction="sum", use_ghost_clipping=True,
+                                                       max_grad_norm=1.0)
+            target.loss(gsm, batch, reduction="sum").backward()
+            norms = gsm.get_norm_sample().double()
+        gsm._close()
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(norms, torch.stack(single), rtol=1e-3, atol=1e-6,
+                               msg=lambda m: f"{family} / {clipping}: per-example gradient norms differ: {m}")
