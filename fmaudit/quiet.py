@@ -61,6 +61,10 @@ class LogWriter(io.TextIOBase):
     def writable(self) -> bool:
         return True
 
+    @property
+    def encoding(self) -> str:  # type: ignore[override]  # tqdm and others look at it
+        return "utf-8"
+
     def isatty(self) -> bool:
         return False
 
