@@ -105,6 +105,10 @@ def family_recipe(family: str, model_dir: Path, csv_path: Path, out: Path) -> di
         # trainable: all (the default): every parameter gets per-example gradients, embeddings included
         {"use": "privacy.dp_finetune", "target": family, "produces": dp,
          "params": {"target_epsilon": 8.0, "epochs": 1, "accountant": "rdp", "lr": 1e-2, "eval_examples": 40}},
+        # LoRA adapters on the attention projections, found by their names in each family
+        {"use": "privacy.dp_finetune", "target": family, "produces": f"{family}-dp-lora",
+         "params": {"target_epsilon": 8.0, "epochs": 1, "accountant": "rdp", "lr": 1e-2, "eval_examples": 20,
+                    "trainable": "lora", "lora_r": 2}},
         {"use": "privacy.membership", "target": [family, dp],
          "params": {"attacks": ["loss", "rmia"], "reference_models": 2,  # default: last block + head train
                     "bootstrap": 0, "null_permutations": 0, "evidence": 2}},
@@ -140,7 +144,7 @@ EXPECTED_SKIPS: dict[tuple[str, str], str] = {}
 
 EXPECTED_UNITS: dict[str, set[tuple[str, str]]] = {}
 for _f, _task in FAMILIES.items():
-    _units = {("utility", _f), ("privacy.dp_finetune", _f), ("privacy.membership", _f),
+    _units = {("utility", _f), ("privacy.dp_finetune", _f), ("privacy.dp_finetune#lora", _f), ("privacy.membership", _f),
               ("privacy.membership", f"{_f}-dp"), ("privacy.canary_audit", _f), ("explain.attribution", _f)}
     if _task == TEXT_CLS:
         _units.add(("robustness.text_attack", _f))
@@ -209,7 +213,8 @@ def test_family_through_every_module(family, tmp_path, minilm_tokenizer_dir, sen
     report = run_recipe(family_recipe(family, model_dir, sentiment_csv, tmp_path / "reports"))
 
     assert report.error is None, f"{report.error.type}: {report.error.message}\n{report.error.traceback}"
-    units = {(r.module, r.target): r for r in report.audits}
+    units = {(r.module + ("#lora" if r.produces and r.produces.endswith("-lora") else ""), r.target): r
+             for r in report.audits}
     assert set(units) == EXPECTED_UNITS[family]
     problems = []
     for key, res in sorted(units.items()):
@@ -236,6 +241,8 @@ def test_family_through_every_module(family, tmp_path, minilm_tokenizer_dir, sen
     # ... and weights shared between modules (GPT-2's tied input / output embeddings) switch clipping from
     # ghost clipping (per-module norms: wrong for a shared parameter) to per-sample gradient hooks.
     assert params["clipping"] == ("hooks" if tied else "ghost")
+    lora = units[("privacy.dp_finetune#lora", family)].tables["dp_parameters"]
+    assert lora["trainable"] == "lora" and 0 < lora["num_trainable_parameters"] < src.num_parameters / 2
 
 
 

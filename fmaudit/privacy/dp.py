@@ -460,13 +460,21 @@ def _default_lora_modules(model) -> list[str]:
     """Attention projections by name (q/k/v/o, query/key/value, c_attn...), else every Linear in blocks."""
     from torch import nn
 
+    def linear(m) -> bool:
+        return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
     names = set()
     for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D":
+        if linear(m):
             leaf = name.rsplit(".", 1)[-1]
             if leaf in ("q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value", "c_attn", "qkv", "q", "k",
-                        "v", "out_proj"):
+                        "v", "out_proj", "q_lin", "k_lin", "v_lin", "out_lin"):  # q_lin ...: DistilBERT
                 names.add(leaf)
+    if not names:  # unknown naming: every linear layer inside the repeated blocks (the largest ModuleList),
+        # by full name (a short leaf name like "0" would also match unrelated modules)
+        blocks = max((m for m in model.modules() if isinstance(m, nn.ModuleList)), key=len, default=None)
+        inside = {id(m) for m in blocks.modules()} if blocks is not None else set()
+        names = {name for name, m in model.named_modules() if id(m) in inside and linear(m)}
     return sorted(names)
 
 
