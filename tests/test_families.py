@@ -36,6 +36,19 @@ def _wordpiece(minilm_dir: Path):
     return AutoTokenizer.from_pretrained(minilm_dir)
 
 
+def _byte_level_bpe():
+    """A small byte-level BPE tokenizer (GPT-2's kind) trained on the synthetic sentences; eos only, no pad."""
+    from conftest import make_sentences
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2TokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(make_sentences(400)[0], vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"],
+                            show_progress=False)
+    eos = "<|endoftext|>"
+    return GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=eos, eos_token=eos, unk_token=eos)
+
+
 def build_checkpoint(family: str, root: Path, minilm_dir: Path) -> Path:
     """A tiny, randomly initialized checkpoint of `family`, saved under root/family with its preprocessor."""
     import torch
@@ -48,7 +61,19 @@ def build_checkpoint(family: str, root: Path, minilm_dir: Path) -> Path:
         tf.ViTForImageClassification(cfg).save_pretrained(d)
         tf.ViTImageProcessor(do_resize=False, do_rescale=False, image_mean=[0.5], image_std=[0.5]).save_pretrained(d)
         return d
-    # Every text family takes MiniLM's WordPiece tokenizer (these architectures accept any vocabulary).
+    if family in ("gpt2", "gpt2-cls"):
+        # GPT-2 as it ships: a byte-level BPE tokenizer with no pad token, and no pad_token_id in its config
+        # (the target pads with the eos token; last-token pooling needs the config to know it)
+        tok = _byte_level_bpe()
+        cfg = tf.GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2, n_inner=64,
+                            bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, num_labels=2)
+        assert tok.pad_token_id is None and cfg.pad_token_id is None
+        # GPT2LMHeadModel ties its input / output embeddings; GPT2ForSequenceClassification pools the last token
+        model = tf.GPT2LMHeadModel(cfg) if family == "gpt2" else tf.GPT2ForSequenceClassification(cfg)
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+        return d
+    # The other text families take MiniLM's WordPiece tokenizer (these architectures accept any vocabulary).
     tok = _wordpiece(minilm_dir)
     vocab, pad = tok.vocab_size, tok.pad_token_id
     if family == "distilbert":
@@ -64,17 +89,6 @@ def build_checkpoint(family: str, root: Path, minilm_dir: Path) -> Path:
     elif family == "bert":
         cfg = tf.BertConfig(vocab_size=vocab, max_position_embeddings=64, pad_token_id=pad, num_labels=2, **SMALL)
         model = tf.BertForSequenceClassification(cfg)
-    elif family == "gpt2":
-        # GPT-2 has no pad token of its own: the checkpoint's tokenizer and config name one
-        cfg = tf.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2, n_inner=64,
-                            pad_token_id=pad, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
-        model = tf.GPT2LMHeadModel(cfg)  # tied input / output embeddings
-    elif family == "gpt2-cls":
-        # GPT2ForSequenceClassification pools the last non-pad token: it needs pad_token_id in its config
-        cfg = tf.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2, n_inner=64,
-                            pad_token_id=pad, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
-                            num_labels=2)
-        model = tf.GPT2ForSequenceClassification(cfg)
     elif family == "llama":
         cfg = tf.LlamaConfig(vocab_size=vocab, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=pad,
                              **SMALL)

@@ -64,6 +64,11 @@ class _TextMixin:
             if self.tokenizer.eos_token_id is None:
                 raise TargetError("the tokenizer has neither a pad token nor an eos token to pad with")
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        cfg = getattr(self.model, "config", None)
+        if cfg is not None and getattr(cfg, "pad_token_id", 0) is None:
+            # Sequence classifiers that pool the last token (GPT-2, Llama, ...) find it by the config's pad id;
+            # without one they refuse every batch of more than one text
+            cfg.pad_token_id = self.tokenizer.pad_token_id
         self._cache: dict[str, list[list[int]]] = {}
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
