@@ -335,3 +335,46 @@ def test_per_example_gradient_norms(family, clipping, tmp_path, minilm_tokenizer
             h.remove()
     torch.testing.assert_close(norms, torch.stack(single), rtol=1e-3, atol=1e-6,
                                msg=lambda m: f"{family} / {clipping}: per-example gradient norms differ: {m}")
+
+
+def test_random_token_canaries_from_byte_level_bpe(tmp_path, minilm_tokenizer_dir):
+    """random_tokens canaries draw whole words from the vocabulary: byte-level BPE (GPT-2, RoBERTa) spells a
+    word's start 'Ġword', which the word filter dropped, so every such tokenizer was refused at run time, after
+    fine-tuning. Now: its words are used; a vocabulary with too few words is refused in the pre-flight check."""
+    import numpy as np
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2TokenizerFast
+
+    from fmaudit.audits.privacy.canary import CanaryAudit
+    from fmaudit.data import Split
+    from fmaudit.privacy.canary import make_canaries, random_token_words
+    from fmaudit.targets import load_target
+
+    rng = np.random.default_rng(0)
+    words = sorted({"".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=5)) for _ in range(300)})
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([" " + " ".join(words)] * 3, vocab_size=2000, min_frequency=1,
+                            special_tokens=["<|endoftext|>"], show_progress=False)
+    eos = "<|endoftext|>"
+    tok = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=eos, eos_token=eos, unk_token=eos)
+    assert f"\u0120{words[0]}" in tok.get_vocab()
+    found = random_token_words(tok)
+    assert len(found) >= 100 and set(words) <= set(found)  # every word, and word-start pieces ('Ġabh'), no middles
+    assert all(any(w.startswith(f) for w in words) for f in found)
+
+    class _Target:  # what make_canaries reads of a target
+        tokenizer = tok
+
+    canaries = make_canaries("random_tokens", m=10, seed=0, pool=None, target=_Target(), num_labels=2)
+    assert len(canaries) == 10 and all(len(t.split()) == 8 and set(t.split()) <= set(found) for t in canaries.texts)
+
+    # pre-flight: the tiny GPT-2 classifier's vocabulary (a few dozen words) is refused before any training
+    small = load_target(model=str(build_checkpoint("gpt2-cls", tmp_path, minilm_tokenizer_dir)),
+                        task=TEXT_CLS, max_length=MAX_LENGTH)
+    small.split = Split.__new__(Split)  # stands for a recipe fine-tune (the check only asks whether there is one)
+    problems = CanaryAudit({"kind": "random_tokens"}).check(small, None)
+    assert len(problems) == 1 and "fewer than 100" in problems[0], problems
+    bert = load_target(model=str(build_checkpoint("bert", tmp_path, minilm_tokenizer_dir)), task=TEXT_CLS,
+                       max_length=MAX_LENGTH)
+    bert.split = small.split
+    assert CanaryAudit({"kind": "random_tokens"}).check(bert, None) == []

@@ -95,6 +95,21 @@ def _flip(labels: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     return (labels + rng.integers(1, k, size=len(labels))) % k
 
 
+MIN_RANDOM_TOKEN_WORDS = 100
+
+
+def random_token_words(tokenizer: Any) -> list[str]:
+    """Lowercase words (3+ letters) that are single tokens of a tokenizer's vocabulary, for random_tokens canaries.
+    Byte-level BPE (GPT-2, RoBERTa: 'Ġword') and SentencePiece ('▁word') mark a word's start: there only marked
+    tokens count (unmarked ones are word middles), the marker dropped. WordPiece words are unmarked."""
+    marked, plain = set(), set()
+    for w in tokenizer.get_vocab():
+        hit = re.fullmatch(r"([\u0120\u2581]?)([a-z]{3,})", w)
+        if hit:
+            (marked if hit.group(1) else plain).add(hit.group(2))
+    return sorted(marked if marked else plain)
+
+
 def make_canaries(kind: str, *, m: int, seed: int, pool: Dataset | None, target: Any, num_labels: int | None,
                   secret_digits: int = 6) -> Dataset:
     """m canaries of `kind`, drawn from the CANARY_MAKE stream of `seed`. `pool` (examples the target never
@@ -116,8 +131,8 @@ def make_canaries(kind: str, *, m: int, seed: int, pool: Dataset | None, target:
         return Dataset("canaries", f"canary:{kind}", chosen.modality, [f"canary:{i}" for i in chosen.ids], labels,
                        texts=chosen.texts, images=images, label_names=chosen.label_names)
     if kind == "random_tokens":
-        vocab = sorted(w for w in target.tokenizer.get_vocab() if re.fullmatch(r"[a-z]{3,}", w))
-        if len(vocab) < 100 or not num_labels:
+        vocab = random_token_words(target.tokenizer)
+        if len(vocab) < MIN_RANDOM_TOKEN_WORDS or not num_labels:
             raise ValueError("random_tokens canaries need a word-piece vocabulary and labels")
         words = np.asarray(vocab)  # once, not per canary (choice on a list converts it every call)
         texts = [" ".join(rng.choice(words, size=8)) for _ in range(m)]

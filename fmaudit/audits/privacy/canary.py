@@ -60,6 +60,13 @@ class CanaryAudit(AuditModule):
               "image-classification": {"auto", "mislabel", "pattern"}}[target.task]
         if kind not in ok:
             problems.append(f"canary kind {kind!r} does not fit a {target.task} target (use {', '.join(sorted(ok))})")
+        elif kind == "random_tokens":  # refused here, not after the target's fine-tuning
+            from fmaudit.privacy.canary import MIN_RANDOM_TOKEN_WORDS, random_token_words
+
+            have = len(random_token_words(target.tokenizer))
+            if have < MIN_RANDOM_TOKEN_WORDS:
+                problems.append(f"random_tokens canaries draw whole words from the tokenizer's vocabulary: it has "
+                                f"{have}, fewer than {MIN_RANDOM_TOKEN_WORDS}; use kind: flipped_label")
         from fmaudit.privacy.canary import check_delta
 
         delta_problem = check_delta(self.params.delta, (target.finetune_info or {}).get("dp"))
