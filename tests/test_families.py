@@ -218,14 +218,36 @@ def assert_default_inputs(family: str, model_dir: Path) -> bool:
     return out_emb is not None and out_emb.weight is model.get_input_embeddings().weight  # tied weights
 
 
+def _run_in_subprocess(recipe: dict, tmp_path: Path):
+    """`run_recipe` in a fresh interpreter, as a user's `fmaudit run` would: under pytest's output capture,
+    a run that follows a test which imported Google's dp-accounting (absl logging) in the same worker ended
+    with pytest's captured stderr closed (seen only in that combination, never in a real process), which
+    then failed every later test in the worker. A fresh process keeps each family independent of test order."""
+    import json
+    import subprocess
+    import sys
+
+    from fmaudit import load_report
+
+    spec = tmp_path / "recipe.json"
+    spec.write_text(json.dumps(recipe))
+    code = ("import json, sys, torch\n"
+            "torch.set_num_threads(1)\n"
+            "from fmaudit.runner import run_recipe\n"
+            "report = run_recipe(json.load(open(sys.argv[1])))\n"
+            "print(report.run_id)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(spec)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (run_dir,) = [p for p in Path(recipe["output_dir"]).iterdir() if (p / "report.json").exists()]
+    return load_report(run_dir)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_through_every_module(family, tmp_path, minilm_tokenizer_dir, sentiment_csv):
-    from fmaudit.runner import run_recipe
-
     model_dir = build_checkpoint(family, tmp_path / "models", minilm_tokenizer_dir)
     tied = assert_default_inputs(family, model_dir)
     assert tied == (family == "gpt2")  # GPT-2's LM head is its input embedding matrix
-    report = run_recipe(family_recipe(family, model_dir, sentiment_csv, tmp_path / "reports"))
+    report = _run_in_subprocess(family_recipe(family, model_dir, sentiment_csv, tmp_path / "reports"), tmp_path)
 
     assert report.error is None, f"{report.error.type}: {report.error.message}\n{report.error.traceback}"
     units = {(r.module + ("#lora" if r.produces and r.produces.endswith("-lora") else ""), r.target): r
