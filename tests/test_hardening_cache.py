@@ -184,11 +184,12 @@ def test_finetune_cached_serializes_builders_of_one_entry_and_publishes_atomical
         return TrainStats(steps=1, examples_seen=2, duration_s=0.3)
 
     results = []
+    targets = [Tiny() for _ in range(3)]  # built here: torch's global seed is not thread-safe
 
-    def build():
-        results.append(finetune_cached(Tiny(), split, TrainConfig(seed=0), cache_dir=tmp_path, train_fn=train_fn))
+    def build(target):
+        results.append(finetune_cached(target, split, TrainConfig(seed=0), cache_dir=tmp_path, train_fn=train_fn))
 
-    threads = [threading.Thread(target=build) for _ in range(3)]
+    threads = [threading.Thread(target=build, args=(t,)) for t in targets]
     for t in threads:
         t.start()
     for t in threads:
