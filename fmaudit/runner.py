@@ -233,6 +233,11 @@ class Session:
         if spec.num_labels is not None and data.num_labels is not None and data.num_labels > spec.num_labels:
             raise PreparationError(f"targets.{name}: num_labels is {spec.num_labels} but dataset {ft.data!r} has "
                                    f"{data.num_labels} labels; set num_labels: {data.num_labels} (or drop it)")
+        self._split(name, ft, data)
+
+    def _split(self, name: str, ft, data):
+        """The recorded member / non-member split of target `name`'s fine-tune, with enough members for
+        one batch; a clear PreparationError otherwise."""
         try:
             split = member_split(data, member_fraction=ft.member_fraction, seed=self.recipe.seed)
         except DataError as exc:
@@ -240,6 +245,7 @@ class Session:
         if len(split.member_idx) < ft.batch_size:
             raise PreparationError(f"targets.{name}.finetune: {len(split.member_idx)} training examples is fewer "
                                    f"than batch_size {ft.batch_size}; use more data or a smaller batch")
+        return split
 
     def target(self, name: str):
         """Recipe target `name`, loaded and fine-tuned once. A failure is remembered: this and every later
@@ -273,13 +279,7 @@ class Session:
             if data.num_labels is not None and target.num_labels is not None and data.num_labels > target.num_labels:
                 raise PreparationError(f"targets.{name}: the model has {target.num_labels} outputs but dataset "
                                        f"{ft.data!r} has {data.num_labels} labels; set num_labels")
-            try:
-                split = member_split(data, member_fraction=ft.member_fraction, seed=self.recipe.seed)
-            except DataError as exc:
-                raise PreparationError(f"targets.{name}.finetune: {exc}") from exc
-            if len(split.member_idx) < ft.batch_size:
-                raise PreparationError(f"targets.{name}.finetune: {len(split.member_idx)} training examples is fewer "
-                                       f"than batch_size {ft.batch_size}; use more data or a smaller batch")
+            split = self._split(name, ft, data)
             config = TrainConfig.from_spec(ft, seed=self.recipe.seed)
             base_sha = target.weights_sha256()
             phase[0] = "finetune"
