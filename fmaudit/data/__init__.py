@@ -74,6 +74,15 @@ class Dataset:
             label_names=self.label_names,
         )
 
+    def sample(self, n: int | None, seed: int, stream: int, *keys: int) -> "Dataset":
+        """At most `n` examples drawn without replacement from the seeded stream `stream` (a
+        `fmaudit.seeds.Stream`), kept in dataset order; the dataset itself when n is None or >= len."""
+        if n is None or n >= len(self):
+            return self
+        from fmaudit.seeds import rng
+
+        return self.subset(np.sort(rng(seed, stream, *keys).choice(len(self), size=int(n), replace=False)))
+
     def select_ids(self, ids: Sequence[str]) -> "Dataset":
         pos = {x: i for i, x in enumerate(self.ids)}
         missing = [x for x in ids if x not in pos]
@@ -295,12 +304,11 @@ def load_table(path: Path, *, text_column: str, label_column: str | None, id_col
     columns = set(rows[0])
     for col in [text_column] + ([label_column] if label_column else []) + ([id_column] if id_column else []):
         if col not in columns:
-            from fmaudit.registry import suggest
+            from fmaudit.hints import did_you_mean
 
-            close = suggest(col, columns)
             raise DataError(
                 f"{path} has no column {col!r} (columns: {sorted(columns)})"
-                + (f"; did you mean {close[0]!r}?" if close else "")
+                + did_you_mean(col, columns)
                 + " — set text_column / label_column in the recipe's data entry"
             )
     texts = [str(r[text_column]) for r in rows]
@@ -402,11 +410,11 @@ def load_dataset(name: str, spec: Any, *, base_dir: Path | None = None, seed: in
     else:
         ds = load_table(resolve(source), text_column=spec.text_column, label_column=spec.label_column,
                         id_column=spec.id_column, name=name)
-    if spec.limit is not None and len(ds) > spec.limit:
+    if spec.limit is not None:
         # A seeded, stratification-free sample keeps both classes in proportion on large sets.
-        from fmaudit.seeds import Stream, rng
+        from fmaudit.seeds import Stream
 
-        ds = ds.subset(np.sort(rng(seed, Stream.DATA_LIMIT).choice(len(ds), size=spec.limit, replace=False)))
+        ds = ds.sample(spec.limit, seed, Stream.DATA_LIMIT)
     if len(ds) == 0:
         raise DataError(f"dataset {name!r} ({source}) is empty")
     return ds
