@@ -47,7 +47,7 @@ def child(mode: str, variant: str, steps: int, warmup: int, threads: int, batch:
 
     torch.set_num_threads(threads)
     from fmaudit.data import load_tweets
-    from fmaudit.privacy.dp import _apply_trainable
+    from fmaudit.privacy.dp import apply_trainable
     from fmaudit.targets import load_target
 
     target = load_target(model="bundled:minilm", num_labels=2, max_length=seq, seed=0)
@@ -66,7 +66,7 @@ def child(mode: str, variant: str, steps: int, warmup: int, threads: int, batch:
     assert tuple(fixed["input_ids"].shape) == (batch, seq)
 
     lora = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["query", "value"]} if mode == "lora" else None
-    _apply_trainable(target, mode, 2, lora)
+    apply_trainable(target, mode, 2, lora)
     model = target.model
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -13,7 +13,8 @@ from conftest import make_sentences
 from torch import nn
 
 from fmaudit.privacy import DPConfigError, dp_finetune
-from fmaudit.privacy.dp import DPTrainingError, _fingerprints, _unmoved, dp_defaults, epsilon_for
+from fmaudit.privacy.dp import DPTrainingError, dp_defaults, epsilon_for
+from fmaudit.privacy.dp.training import _fingerprints, _unmoved
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -188,7 +188,7 @@ def test_noise_only_step_moves_the_weights():
     """An empty batch is a DP-SGD step: noise reaches the update (skipping it would reveal the empty batch)."""
     from opacus import PrivacyEngine
 
-    from fmaudit.privacy.dp import _noise_only_step
+    from fmaudit.privacy.dp.clipping import noise_only_step
 
     for mode in ("hooks", "ghost"):
         model = _linear()
@@ -204,7 +204,7 @@ def test_noise_only_step_moves_the_weights():
                 engine.make_private(**kw)
         gsm, dp_opt = out[0], out[1]
         before = [p.detach().clone() for p in gsm.parameters()]
-        _noise_only_step(dp_opt, mode == "ghost")
+        noise_only_step(dp_opt, mode)
         assert all(not torch.equal(b, p) for b, p in zip(before, gsm.parameters()))
         assert engine.accountant.history == [(1.0, 1 / 4, 1)]
 
@@ -259,7 +259,7 @@ def test_repeated_position_ids_give_true_per_example_gradients(tiny_distilbert_d
     the gradient of each example's loss alone."""
     from opacus import GradSampleModule
 
-    from fmaudit.privacy.dp import _repeat_broadcast_ids
+    from fmaudit.privacy.dp.training import _repeat_broadcast_ids
     from fmaudit.targets import load_target
 
     target = load_target(model=str(tiny_distilbert_dir), task="text-classification", num_labels=2, max_length=24)
@@ -353,7 +353,7 @@ def test_training_and_dp_seeds_come_from_named_streams(monkeypatch):
 
 
 def test_utility_sample_uses_its_stream():
-    from fmaudit.privacy.dp import _utility
+    from fmaudit.privacy.dp import utility_summary
     from fmaudit.seeds import rng
     from fmaudit.targets.vision import ImageClassifier, PixelClassifier
 
@@ -361,4 +361,5 @@ def test_utility_sample_uses_its_stream():
     target = ImageClassifier(name="m", model=PixelClassifier(_linear()), source="python", kind="torch-module",
                              device="cpu", label_names=data.label_names, num_classes=10)
     pick = np.sort(rng(4, Stream.EXAMPLE_SAMPLE).choice(60, 25, replace=False))
-    assert _utility(target, data, max_examples=25, seed=4) == _utility(target, data.subset(pick), max_examples=25)
+    assert utility_summary(target, data, max_examples=25, seed=4) == utility_summary(target, data.subset(pick),
+                                                                                    max_examples=25)
