@@ -5,7 +5,9 @@ Reads reports only through `fmaudit.report` (pydantic + standard library): nothi
 so the dashboard starts in seconds on a machine that only has the reports.
 
 Layout: `runs` finds and loads run folders (never a crash: old schema, corrupt and partial runs become
-notices); `figures` builds plotly figures and small HTML fragments; `views` writes each view into a
-`Sink`; `sinks` has the Streamlit sink and the HTML sink; `export` writes the self-contained HTML file;
-`app` is the Streamlit entry point.
+notices); `figures` builds plotly figures, `colours` gives each target its hue, `fragments` builds small
+HTML pieces (token heatmaps, verdicts); `views` writes the generic views (run list, overview, category
+views) into a `Sink`, `compare_view` the Compare view; `generic` renders any module's result, and
+`renderers` holds the per-module renderers, registered by module name; `sinks` has the Streamlit sink and
+the HTML sink; `export` writes the self-contained HTML file; `app` is the Streamlit entry point.
 """

@@ -19,10 +19,11 @@ if _REPO not in sys.path:  # `streamlit run dashboard/app.py` puts only dashboar
 
 import streamlit as st  # noqa: E402
 
-from dashboard import figures as F  # noqa: E402
+from dashboard.colours import colour_scope  # noqa: E402
+from dashboard.compare_view import view_compare  # noqa: E402
 from dashboard.runs import RunEntry, scan_runs  # noqa: E402
 from dashboard.sinks import StreamlitSink  # noqa: E402
-from dashboard.views import CATEGORY_OF_VIEW, VIEWS, view_category, view_compare, view_overview, view_runs  # noqa: E402
+from dashboard.views import CATEGORY_OF_VIEW, VIEWS, view_category, view_overview, view_runs  # noqa: E402
 
 
 def reports_dir() -> Path:
@@ -124,9 +125,10 @@ def main() -> None:
         return
     want_run = params.get("run")
     default = labels.index(want_run) if want_run in by_label else 0
-    if view == "Compare":
-        a = st.sidebar.selectbox("Run A", labels, index=min(1, len(labels) - 1) if len(labels) > 1 else 0, key="run_a",
-                                 help="The baseline.")
+    if view == "Compare":  # ?view=Compare&a=<baseline>&run=<run>; A defaults to the second newest
+        want_a = params.get("a")
+        a_index = labels.index(want_a) if want_a in by_label else min(1, len(labels) - 1)
+        a = st.sidebar.selectbox("Run A", labels, index=a_index, key="run_a", help="The baseline.")
         b = st.sidebar.selectbox("Run B", labels, index=default, key="run_b", help="Compared against A.")
         view_compare(sink, by_label[a], by_label[b])
         return
@@ -135,7 +137,7 @@ def main() -> None:
     if view == "Runs":
         _runs_page(sink, entries)
     elif view in ("Run overview", *CATEGORY_OF_VIEW):
-        with F.colour_scope(entry.report):  # one colour per target in every plot; a DP twin a lighter hue
+        with colour_scope(entry.report):  # one colour per target in every plot; a DP twin a lighter hue
             if view == "Run overview":
                 view_overview(sink, entry)
             else:

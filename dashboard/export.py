@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 
-from dashboard import figures as F
+from dashboard.colours import colour_scope
 from dashboard.runs import RunEntry, load_entry
 from dashboard.sinks import HtmlSink
 from dashboard.views import CATEGORY_OF_VIEW, view_category, view_overview, view_runs
@@ -80,8 +80,8 @@ def render_entry_html(entry: RunEntry) -> str:
     for view in CATEGORY_OF_VIEW:
         views.append((view.lower(), view, lambda s, v=view: view_category(s, entry, v)))
     # One colour per target in every view of the document (a DP twin: its source's hue, lighter).
-    with F.colour_scope(entry.report if entry.report is not None else
-                        SimpleNamespace(targets={}, audits=entry.results)):
+    with colour_scope(entry.report if entry.report is not None else
+                      SimpleNamespace(targets={}, audits=entry.results)):
         for anchor, title, fn in views:
             sink = HtmlSink()
             fn(sink)

@@ -1,23 +1,19 @@
-"""Plotly figures and small HTML fragments built from report data (pure functions, no Streamlit).
+"""Plotly figures built from report data (pure functions, no Streamlit).
 
-Every hover shows the unit and what the number means; report text is escaped before it becomes HTML.
+Every hover shows the unit and what the number means; report text is escaped before it reaches a label. Target
+colours come from `dashboard.colours`, HTML fragments (token heatmaps, verdicts) live in `dashboard.fragments`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import difflib
 import html
 import math
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Sequence
 
 import plotly.graph_objects as go
 
+from dashboard.colours import PALETTE, series_colours
 from fmaudit.report import Curve
-
-PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-           "#17becf")
 
 
 def fmt(v: float | None, unit: str | None = None) -> str:
@@ -137,80 +133,6 @@ def _clean_xy(x: Sequence[float | None], y: Sequence[float | None], log_x: bool,
         xs.append(a)
         ys.append(b)
     return xs, ys
-
-
-# ---------------------------------------------------------------------------------------------------
-# Colours: one hue per target, the same in every view of a run; a DP twin gets its source's hue, lighter.
-
-_SCOPE: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("fmaudit_target_colours",
-                                                                               default=None)
-
-
-def lighten(colour: str, amount: float = 0.5) -> str:
-    """'#1f77b4' mixed with white (amount 0 = unchanged, 1 = white)."""
-    c = colour.lstrip("#")
-    r, g, b = (int(c[i: i + 2], 16) for i in (0, 2, 4))
-    mix = [round(v + (255 - v) * amount) for v in (r, g, b)]
-    return "#" + "".join(f"{v:02x}" for v in mix)
-
-
-def target_colours(report: Any) -> dict[str, str]:
-    """target name -> colour for a run: its source targets take the palette in the report's order; a target
-    produced by DP fine-tuning takes its source's colour, lightened."""
-    if report is None:
-        return {}
-    from fmaudit.verdict import dp_twins
-
-    twins = dp_twins(report)
-    names = list(getattr(report, "targets", {}) or {})
-    for r in getattr(report, "audits", []):
-        for n in (r.target, r.produces):
-            if n and n not in names:
-                names.append(n)
-    out: dict[str, str] = {}
-    for n in names:
-        if n not in twins:
-            out[n] = PALETTE[len(out) % len(PALETTE)]
-    for twin, src in twins.items():
-        root = src
-        while root in twins:  # a twin of a twin keeps the first source's hue
-            root = twins[root]
-        out[twin] = lighten(out.get(root, PALETTE[len(out) % len(PALETTE)]), 0.5)
-    return out
-
-
-@contextlib.contextmanager
-def colour_scope(report: Any) -> Iterator[dict[str, str]]:
-    """Within this block every figure colours a trace that names a target of `report` with that target's colour."""
-    colours = target_colours(report)
-    token = _SCOPE.set(colours)
-    try:
-        yield colours
-    finally:
-        _SCOPE.reset(token)
-
-
-def target_of(name: str, targets: Iterable[str]) -> str | None:
-    """The target a trace / bar group / label names: the longest target name it starts with as a word."""
-    import re
-
-    best = None
-    for t in targets:
-        if re.match(re.escape(t) + r"($|[\s(·:,@—-])", name) and (best is None or len(t) > len(best)):
-            best = t
-    return best
-
-
-def series_colours(names: Sequence[str], *, distinct: bool = True) -> list[str]:
-    """Colours for traces named `names`: the targets' colours (in a colour_scope) when every name maps to a
-    target (a different one for each name, when `distinct`: legend entries must stay apart), else the
-    palette in order (one target's attacks or methods)."""
-    scope = _SCOPE.get()
-    if scope:
-        ts = [target_of(str(n), scope) for n in names]
-        if all(ts) and (not distinct or len(set(ts)) == len(ts)):
-            return [scope[t] for t in ts]  # type: ignore[index]
-    return [PALETTE[i % len(PALETTE)] for i in range(len(names))]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -401,65 +323,6 @@ def image_figure(pixels: Sequence[Sequence[Any]], title: str | None = None, *, d
     return fig
 
 
-# ---------------------------------------------------------------------------------------------------
-# HTML fragments (escaped)
-
-
-def token_heatmap_html(tokens: Sequence[Any], scores: Sequence[Any], title: str = "") -> str:
-    """Tokens coloured by attribution: red pushes towards the predicted class, blue against it."""
-    vals = [float(s) if isinstance(s, (int, float)) and math.isfinite(s) else 0.0 for s in scores]
-    m = max((abs(v) for v in vals), default=0.0) or 1.0
-    spans = []
-    for tok, v in zip(tokens, vals):
-        a = min(abs(v) / m, 1.0)
-        rgb = "214,39,40" if v >= 0 else "31,119,180"
-        spans.append(f'<span class="tok" style="background: rgba({rgb},{a:.2f}); padding:1px 3px; margin:1px; '
-                     f'border-radius:3px; display:inline-block" title="attribution {v:+.4g}">'
-                     f"{html.escape(str(tok))}</span>")
-    head = f'<div class="caption">{html.escape(title)}</div>' if title else ""
-    return f'<div class="tokens" style="line-height:1.9">{head}{"".join(spans)}</div>'
-
-
-def word_diff_html(original: str, adversarial: str) -> tuple[str, str, int]:
-    """Both texts with the words that differ highlighted; returns (original_html, adversarial_html, changed)."""
-    a, b = str(original).split(), str(adversarial).split()
-    sm = difflib.SequenceMatcher(a=a, b=b, autojunk=False)
-    out_a, out_b, changed = [], [], 0
-    for op, i1, i2, j1, j2 in sm.get_opcodes():
-        wa, wb = [html.escape(w) for w in a[i1:i2]], [html.escape(w) for w in b[j1:j2]]
-        if op == "equal":
-            out_a += wa
-            out_b += wb
-        else:
-            changed += max(i2 - i1, j2 - j1)
-            out_a += [f'<del style="background:#fdd; text-decoration:line-through">{w}</del>' for w in wa]
-            out_b += [f'<mark style="background:#fbd38d">{w}</mark>' for w in wb]
-    return " ".join(out_a), " ".join(out_b), changed
-
-
-def marked_or_diff_html(original: str, adversarial: str) -> tuple[str, str, int]:
-    """Texts whose changed words are marked [[like this]] (robustness.text_attack's evidence) are shown with
-    those words highlighted; unmarked texts fall back to a word diff."""
-    import re
-
-    mark = re.compile(r"\[\[(.+?)\]\]")
-    if not (mark.search(original) or mark.search(adversarial)):
-        return word_diff_html(original, adversarial)
-
-    def render(text: str, style: str, tag: str) -> tuple[str, int]:
-        parts, last, n = [], 0, 0
-        for m in mark.finditer(text):
-            parts.append(html.escape(text[last:m.start()]))
-            parts.append(f'<{tag} style="{style}">{html.escape(m.group(1))}</{tag}>')
-            last, n = m.end(), n + 1
-        parts.append(html.escape(text[last:]))
-        return "".join(parts), n
-
-    a, na = render(original, "background:#fdd; text-decoration:line-through", "del")
-    b, nb = render(adversarial, "background:#fbd38d", "mark")
-    return a, b, max(na, nb)
-
-
 def diff_figure(rows: list[dict[str, Any]]) -> go.Figure:
     """Relative change (B − A) / |A| of the metrics both runs have, green when better, red when worse."""
     colour = {"better in B": "#2ca02c", "worse in B": "#d62728"}
@@ -474,42 +337,3 @@ def diff_figure(rows: list[dict[str, Any]]) -> go.Figure:
     fig.update_yaxes(autorange="reversed")
     return _layout(fig, "Relative change, B vs A (green better, red worse, orange no direction)", "(B − A) / |A|", "",
                    False, False, height=max(220, 60 + 26 * len(rows)))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Verdicts (fmaudit.verdict): one coloured line per area
-
-
-def _level_badge(level: str) -> str:
-    from fmaudit.verdict import COLOURS, LEVEL_WORDS
-
-    c = COLOURS.get(level, "#8c8c8c")
-    return (f'<span class="vlevel" style="display:inline-block; min-width:64px; text-align:center; background:{c}; '
-            f'color:#fff; border-radius:4px; padding:1px 6px; font-size:0.8em; font-weight:600">'
-            f"{html.escape(LEVEL_WORDS.get(level, level))}</span>")
-
-
-def verdict_block_html(verdicts: Sequence[Any]) -> str:
-    """The verdict block: per area a coloured badge, the area, and its line (headline, then the numbers)."""
-    rows = []
-    for v in verdicts:
-        head, _, rest = v.text.partition(": ")
-        rows.append(
-            f'<div class="verdict {html.escape(v.level)}" data-area="{html.escape(v.area)}" data-level="'
-            f'{html.escape(v.level)}" style="border-left:5px solid {v.colour}; padding:5px 10px; margin:4px 0; '
-            f'background:#fafafa">{_level_badge(v.level)} <b style="display:inline-block; min-width:110px">'
-            f"{html.escape(v.area)}</b> <b>{html.escape(head)}</b>{': ' + html.escape(rest) if rest else ''}</div>")
-    return '<div class="verdicts">' + "".join(rows) + "</div>"
-
-
-def verdict_compare_html(rows: Sequence[tuple[str, tuple[str, str], tuple[str, str]]]) -> str:
-    """Verdicts of two runs side by side: rows of (area, (level A, text A), (level B, text B))."""
-    from fmaudit.verdict import COLOURS
-
-    body = []
-    for area, (la, ta), (lb, tb) in rows:
-        cells = "".join(f'<td style="border-left:5px solid {COLOURS.get(lvl, "#8c8c8c")}">{_level_badge(lvl)} '
-                        f"{html.escape(t)}</td>" for lvl, t in ((la, ta), (lb, tb)))
-        body.append(f"<tr><td><b>{html.escape(area)}</b></td>{cells}</tr>")
-    return ('<table class="verdicts-compare" style="width:100%"><thead><tr><th>area</th><th>verdict in A</th>'
-            "<th>verdict in B</th></tr></thead><tbody>" + "".join(body) + "</tbody></table>")

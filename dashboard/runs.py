@@ -7,7 +7,6 @@ was given: symlinks that lead out of it are ignored and every path handed in is 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path

@@ -150,7 +150,7 @@ def test_verdicts_of_an_interrupted_run_come_from_its_finished_units(tmp_path):
 
 
 def test_html_figures_colour_targets_alike_and_keep_legends_below(tmp_path):
-    from dashboard import figures as F
+    from dashboard.colours import target_colours
     from dashboard.export import export_html
     from test_verdict import leaky_report
 
@@ -159,7 +159,7 @@ def test_html_figures_colour_targets_alike_and_keep_legends_below(tmp_path):
     plots = [(json.loads(d), json.loads(lay)) for d, lay in
              re.findall(r'Plotly\.newPlot\(\s*"[^"]+",\s*(\[.*?\]),\s*(\{.*?\}),\s*\{"displaylogo"', doc, flags=re.S)]
     assert plots
-    colours = F.target_colours(rep)
+    colours = target_colours(rep)
     utility = next(data for data, lay in plots if "private vs non-private" in json.dumps(lay.get("title")))
     assert {t["name"]: t["marker"]["color"] for t in utility} == {"bert (non-private)": colours["bert"],
                                                                    "bert-dp (private, DP)": colours["bert-dp"]}

@@ -1,4 +1,4 @@
-"""Plot layout rules (dashboard/figures.py): legends below the plot, axis units, a how-to-read caption, log-log ROC
+"""Plot layout rules (dashboard/figures.py, dashboard/colours.py): legends below the plot, axis units, a how-to-read caption, log-log ROC
 with the chance diagonal, one colour per target (a DP twin lighter, same hue). Figure objects only: fast."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import html
 
 import pytest
 
+from dashboard import colours as C
 from dashboard import figures as F
 from fmaudit.report import Curve
 from test_verdict import leaky_report
@@ -93,10 +94,10 @@ def test_bars_and_intervals_keep_the_legend_off_the_data():
 
 def test_one_colour_per_target_and_the_dp_twin_lighter():
     rep = leaky_report()
-    colours = F.target_colours(rep)
-    assert colours["bert"] == F.PALETTE[0] and colours["bert-dp"] == F.lighten(F.PALETTE[0], 0.5)
+    colours = C.target_colours(rep)
+    assert colours["bert"] == C.PALETTE[0] and colours["bert-dp"] == C.lighten(C.PALETTE[0], 0.5)
     assert colours["bert-dp"] != colours["bert"]
-    with F.colour_scope(rep):
+    with C.colour_scope(rep):
         bars = F.bar_figure([{"x": "accuracy", "y": 0.9, "group": "bert (non-private)"},
                              {"x": "accuracy", "y": 0.8, "group": "bert-dp (private, DP)"}], "Utility", "fraction")
         ledger = F.curves_figure([("bert-dp (epsilon_ledger)", curve("step", "epsilon"))])
@@ -106,13 +107,13 @@ def test_one_colour_per_target_and_the_dp_twin_lighter():
     assert [t.marker.color for t in bars.data] == [colours["bert"], colours["bert-dp"]]
     assert ledger.data[0].line.color == colours["bert-dp"]
     assert [t.marker.color for t in auc.data] == [colours["bert"], colours["bert"], colours["bert-dp"]]
-    assert [t.line.color for t in attacks.data] == list(F.PALETTE[:2])
+    assert [t.line.color for t in attacks.data] == list(C.PALETTE[:2])
     # Outside a scope nothing is coloured by target.
     bars = F.bar_figure([{"x": "a", "y": 1, "group": "bert-dp (private, DP)"}], "t", "fraction")
-    assert bars.data[0].marker.color == F.PALETTE[0]
+    assert bars.data[0].marker.color == C.PALETTE[0]
 
 
 def test_target_of_matches_whole_names_only():
-    assert F.target_of("bert-dp (private, DP)", ["bert", "bert-dp"]) == "bert-dp"
-    assert F.target_of("bert · rmia", ["bert", "bert-dp"]) == "bert"
-    assert F.target_of("bertha", ["bert"]) is None
+    assert C.target_of("bert-dp (private, DP)", ["bert", "bert-dp"]) == "bert-dp"
+    assert C.target_of("bert · rmia", ["bert", "bert-dp"]) == "bert"
+    assert C.target_of("bertha", ["bert"]) is None
