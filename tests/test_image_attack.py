@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from fmaudit.audits.base import AuditContext
-from fmaudit.audits.robustness import image_attack as ia
 from fmaudit.audits.robustness.image_attack import ImageAttackAudit
 from fmaudit.data import Dataset, load_digits
 
@@ -334,10 +333,11 @@ def test_zero_gradients_and_black_box_win_are_flagged(cnn, eval_set, tmp_path):
 
 def test_rising_curve_is_flagged():
     from fmaudit.audits.base import Outcome
+    from fmaudit.audits.robustness.image_attack_sanity import sanity_attacks
 
     out = Outcome()
     runs = [{"name": "pgd", "label": "pgd_linf", "norm": "Linf", "epsilons": [0.1, 0.2], "acc": [0.2, 0.5]}]
-    ImageAttackAudit()._sanity_attacks(runs, 0.9, 100, out)
+    sanity_attacks(runs, 0.9, 100, out)
     assert [f.title for f in out.findings] == ["Robust accuracy under pgd_linf rises with epsilon (non-monotone)"]
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from fmaudit.audits.base import AuditContext
 from fmaudit.audits.robustness.image_attack import ImageAttackAudit
+from fmaudit.audits.robustness.image_attack_specs import ATTACKS
 from fmaudit.data import Dataset, load_digits
 
 
@@ -203,15 +204,18 @@ def test_attacks_are_built_on_the_models_device_not_a_stale_target_device(cnn, e
     assert atk.device == torch.device("cpu") and next(small.parameters()).device.type == "meta"
 
     built = []
-    real = ImageAttackAudit._build
 
-    def spy(module, spec, model, eps, n_classes, seed, device=None):
-        atk, used = real(module, spec, model, eps, n_classes, seed, device)
-        built.append((spec.name, device, getattr(atk, "device", None),
-                      getattr(getattr(atk, "aa", None), "device", None)))
-        return atk, used
+    def spy(real):
+        def build(spec, model, *, eps, n_classes, seed, device, batch_size):
+            atk, used = real(spec, model, eps=eps, n_classes=n_classes, seed=seed, device=device,
+                             batch_size=batch_size)
+            built.append((spec.name, device, getattr(atk, "device", None),
+                          getattr(getattr(atk, "aa", None), "device", None)))
+            return atk, used
+        return build
 
-    monkeypatch.setattr(ImageAttackAudit, "_build", spy)
+    for cls in ATTACKS.values():  # each spec builds its own attack
+        monkeypatch.setattr(cls, "build", spy(cls.build))
     stale = copy.copy(cnn)
     stale.device = "cuda:0"  # a CPU-only torch cannot even create a tensor there
     data = eval_set.subset(np.arange(8))
