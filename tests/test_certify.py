@@ -4,7 +4,6 @@ distance), and against the expectation-over-noise PGD on the smoothed classifier
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np

@@ -35,8 +35,10 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from fmaudit.audits.base import AuditContext, AuditModule, AuditParams, Outcome, select_examples
+from fmaudit.audits.base import AuditContext, AuditModule, AuditParams, Outcome
 from fmaudit.audits.robustness.image_checks import image_data_problems
+from fmaudit.audits.robustness.image_run import ImageRun, eval_mode, prepare_images
+from fmaudit.batching import batched_forward
 
 # Keys under Stream.EXAMPLE_SAMPLE (documented above and in docs/modules/robustness.certify.md).
 KEY_SELECT = 100
@@ -147,25 +149,16 @@ class CertifyAudit(AuditModule):
         import torch
 
         from fmaudit.robustness import smoothing as sm
-        from fmaudit.robustness.devices import model_device
 
         p = self.params
-        data, choice = select_examples(ctx, p.split, p.num_examples)
-        model = target.model
-        device = model_device(model, target.device)
-        n_classes = int(target.num_labels)
-        x = torch.as_tensor(np.ascontiguousarray(data.images), dtype=torch.float32)
-        y = np.asarray(data.labels, dtype=np.int64)
+        images = prepare_images(target, ctx, split=p.split, num_examples=p.num_examples)
+        model, device, n_classes, x, y = images.model, images.device, images.n_classes, images.x, images.y
         n = len(x)
-        keys = [zlib.crc32(str(i).encode("utf-8")) for i in data.ids]
+        keys = [zlib.crc32(str(i).encode("utf-8")) for i in images.data.ids]
         out = Outcome()
-        was_training = model.training
-        saved_grads = [(q, q.grad) for q in model.parameters()]
-        model.eval()
-        try:
-            with torch.no_grad():
-                base_logits = torch.cat([model(x[i: i + p.batch_size].to(device)).float().cpu()
-                                         for i in range(0, n, p.batch_size)])
+        out.tables["evaluated_on"] = images.evaluated_on(ctx, target)
+        with eval_mode(model):
+            base_logits = batched_forward(model, x, p.batch_size, device=device, dtype=torch.float32)
             if base_logits.shape != (n, n_classes):
                 raise ValueError(f"the model must return one (N, {n_classes}) logits tensor; got shape "
                                  f"{tuple(base_logits.shape)}")
@@ -194,12 +187,8 @@ class CertifyAudit(AuditModule):
                 t1 = time.perf_counter()
                 attack = self._attack(model, x, y, smoothed_correct, keys, radii, n_classes, device, ctx)
                 attack["seconds"] = time.perf_counter() - t1
-        finally:
-            for q, g in saved_grads:
-                q.grad = g
-            model.train(was_training)
-        self._report(data, choice, ctx, target, device, x, y, base_correct, cert_pred, cert_radius, pa_lower,
-                     counts_top, clean_pred, attack, certify_seconds, out)
+        self._report(images, ctx, base_correct, cert_pred, cert_radius, pa_lower, counts_top, clean_pred, attack,
+                     certify_seconds, out)
         return out
 
     # -- sampling ------------------------------------------------------------------------------------
@@ -216,18 +205,10 @@ class CertifyAudit(AuditModule):
     def _counts(self, model, x1, num: int, gen, n_classes: int, device) -> np.ndarray:
         """Class counts of the base classifier on `num` noisy copies of one image (noise drawn on the CPU
         from `gen`, so the numbers do not depend on the device)."""
-        import torch
+        from fmaudit.robustness.smoothing_noise import noisy_counts
 
-        counts = np.zeros(n_classes, dtype=np.int64)
-        left = int(num)
-        with torch.no_grad():
-            while left > 0:
-                b = min(self.params.batch_size, left)
-                noise = torch.randn((b, *x1.shape), generator=gen, dtype=torch.float32) * self.params.sigma
-                pred = model((x1.unsqueeze(0) + noise).to(device)).argmax(1).cpu().numpy()
-                counts += np.bincount(pred, minlength=n_classes)[:n_classes]
-                left -= b
-        return counts
+        return noisy_counts(model, x1, num, gen, n_classes=n_classes, sigma=self.params.sigma,
+                            batch_size=self.params.batch_size, device=device)
 
     # -- empirical side: expectation-over-noise PGD-L2 on the smoothed classifier, judged by PREDICT --
     def _attack(self, model, x, y, smoothed_correct, keys, radii, n_classes, device, ctx) -> dict[str, Any]:
@@ -283,56 +264,29 @@ class CertifyAudit(AuditModule):
         return {"robust": robust, "wrong_class": wrong_class, "invalid": invalid}
 
     def _pgd(self, model, xb, yb, radius: float, keys: list[int], ri: int, restart: int, device, seed: int):
-        """PGD-L2 on the soft smoothed classifier: maximize -log(mean_k softmax(f(x' + noise_k))_y) over
-        ||x' - x||_2 <= radius, x' in [0, 1]; normalized-gradient steps of size step * radius, k fresh noise
-        draws per step (per example, from its own generator)."""
-        import torch
+        """Expectation-over-noise PGD-L2 on the soft smoothed classifier within `radius` (steps a fraction of
+        the radius); restarts after the first start from a random point of the ball. Each example's noise comes
+        from its own generator (KEY_ATTACK_NOISE, its key, the radius index, the restart)."""
+        from fmaudit.robustness.smoothing_noise import smoothed_pgd_l2
 
         p = self.params
-        k = p.attack_noise_samples
         step = (p.attack_step_size if p.attack_step_size is not None else 2.5 / p.attack_steps) * radius
         gens = [self._gen(seed, KEY_ATTACK_NOISE, key, ri, restart) for key in keys]
-        b = len(xb)
-        x0 = xb.clone()
-        delta = torch.zeros_like(x0)
-        if restart > 0:  # a random point of the ball (uniform direction, radius * U^(1/d)), kept in [0, 1]
-            u = torch.cat([torch.randn((1, *x0.shape[1:]), generator=g) for g in gens])
-            u = u / u.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x0.dim() - 1)))
-            rad = torch.cat([torch.rand(1, generator=g) for g in gens]) ** (1.0 / u[0].numel()) * radius
-            delta = (x0 + u * rad.view(-1, *([1] * (x0.dim() - 1)))).clamp(0, 1) - x0
-        shape = (-1, *([1] * (x0.dim() - 1)))
-        yb = yb.to(device)
-        with torch.enable_grad():
-            for _ in range(p.attack_steps):
-                noise = torch.cat([torch.randn((k, *x0.shape[1:]), generator=g) for g in gens]) * p.sigma
-                adv = (x0 + delta).to(device).requires_grad_(True)
-                logits = model(adv.repeat_interleave(k, dim=0) + noise.to(device))
-                probs = torch.softmax(logits.float(), dim=1).view(b, k, -1).mean(1)
-                loss = torch.nn.functional.nll_loss(torch.log(probs.clamp_min(1e-20)), yb, reduction="sum")
-                (g,) = torch.autograd.grad(loss, adv)
-                g = g.detach().cpu().float()
-                gn = g.flatten(1).norm(dim=1).view(shape)
-                g = torch.where(gn > 0, g / gn.clamp_min(1e-20), torch.zeros_like(g))
-                delta = delta + step * g
-                norm = delta.flatten(1).norm(dim=1).view(shape)
-                delta = delta * torch.clamp(radius / norm.clamp_min(1e-20), max=1.0)
-                delta = (x0 + delta).clamp(0, 1) - x0  # clipping to the box only shortens delta
-        return (x0 + delta).detach()
+        return smoothed_pgd_l2(model, xb, yb, radius, gens, sigma=p.sigma, steps=p.attack_steps,
+                               noise_samples=p.attack_noise_samples, step_size=step, random_start=restart > 0,
+                               device=device)
 
     # -- report --------------------------------------------------------------------------------------
-    def _report(self, data, choice, ctx, target, device, x, y, base_correct, cert_pred, cert_radius, pa_lower,
+    def _report(self, images: ImageRun, ctx: AuditContext, base_correct, cert_pred, cert_radius, pa_lower,
                 counts_top, clean_pred, attack, certify_seconds, out: Outcome) -> None:
         from fmaudit.robustness import smoothing as sm
         from fmaudit.robustness.intervals import clopper_pearson
 
         p = self.params
+        data, y = images.data, images.y
         n = len(y)
         radii = p.radii
         max_r = p.max_radius
-        out.tables["evaluated_on"] = {"dataset": ctx.data.name, "subset": choice, "num_examples": n,
-                                      "num_classes": int(target.num_labels), "image_shape": list(x.shape[1:]),
-                                      "normalization_inside_model": bool(target.normalized_inside),
-                                      "device": str(device), "ids": list(data.ids)}
         out.tables["settings"] = {
             "sigma": p.sigma, "n0": p.n0, "n": p.n, "alpha": p.alpha, "predict_n": p.predict_n,
             "batch_size": p.batch_size, "radii": radii, "max_certifiable_radius": max_r,
