@@ -19,6 +19,7 @@ from pydantic import Field, field_validator, model_validator
 from fmaudit.audits.base import AuditContext, AuditModule, AuditParams, Outcome, select_examples
 from fmaudit.audits.robustness.text_attack_recipes import (ALL_ATTACKS, EMBEDDING_SWAP, MASKED_LM_DEFAULTS,
                                                            NATIVE_ATTACKS, canonical)
+from fmaudit.hints import did_you_mean
 
 
 class TextAttackAudit(AuditModule):
@@ -74,11 +75,7 @@ class TextAttackAudit(AuditModule):
         def _known_attack(cls, v: str) -> str:
             name = canonical(v)
             if name not in ALL_ATTACKS:
-                from fmaudit.registry import suggest
-
-                close = suggest(name, ALL_ATTACKS)
-                raise ValueError(f"unknown attack {v!r}" + (f"; did you mean {' or '.join(map(repr, close))}?"
-                                                            if close else "")
+                raise ValueError(f"unknown attack {v!r}" + did_you_mean(name, ALL_ATTACKS, n=3)
                                  + f" (offline: {', '.join(sorted(NATIVE_ATTACKS))}; TextAttack recipes: "
                                  + ", ".join(a for a in ALL_ATTACKS if a not in NATIVE_ATTACKS) + ")")
             return name
