@@ -69,3 +69,21 @@ def test_ledger_points_and_default_delta():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert epsilon_for(noise_multiplier=1.0, sample_rate=0.1, steps=0, delta=1e-5, accountant="rdp") == 0.0
+
+
+def test_accountant_names_come_from_the_registry():
+    """Validation, the accountant's epsilon and noise search all read one registry; an unknown name is an error
+    that suggests the close one (it never silently falls back to another accountant)."""
+    from fmaudit.privacy.dp.accounting import ACCOUNTANT_KINDS, ACCOUNTANTS
+    from fmaudit.privacy.dp.settings import validate_settings
+
+    assert ACCOUNTANTS == tuple(ACCOUNTANT_KINDS) == ("prv", "rdp", "gdp")
+    assert ACCOUNTANT_KINDS["gdp"].paired_with == "prv"  # GDP is always claimed together with PRV
+    for fn in (epsilon_for, noise_for):
+        kw = {"noise_multiplier": 1.0} if fn is epsilon_for else {"target_epsilon": 1.0}
+        with pytest.raises(ValueError, match="did you mean 'prv'"):
+            fn(sample_rate=0.1, steps=10, delta=1e-5, accountant="pvr", **kw)
+    problems = validate_settings(n=100, target_epsilon=1.0, noise_multiplier=None, delta=None, max_grad_norm=1.0,
+                                 epochs=1, batch_size=10, lr=1e-3, accountant="pvr", trainable="all",
+                                 clipping="auto", max_physical_batch_size=None, n_layers=2)
+    assert problems == ["accountant must be one of prv, rdp, gdp, got 'pvr'"]
