@@ -10,11 +10,12 @@ in the group ``fmaudit.audits``::
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
+
+from fmaudit.hints import did_you_mean
 
 if TYPE_CHECKING:  # pragma: no cover
     from fmaudit.audits.base import AuditModule
@@ -35,11 +36,7 @@ BUILTIN_AUDITS: dict[str, str] = {
 
 
 class RegistryError(LookupError):
-    pass
-
-
-def suggest(name: str, candidates: list[str] | set[str] | Any, n: int = 3) -> list[str]:
-    return difflib.get_close_matches(name, sorted(candidates), n=n, cutoff=0.5)
+    """An unknown audit module name, two plugins declaring one name, or an entry that does not import."""
 
 
 @dataclass
@@ -106,11 +103,8 @@ class Registry:
     def get(self, name: str) -> type[AuditModule]:
         entries = self._discover()
         if name not in entries:
-            close = suggest(name, entries)
-            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-            raise RegistryError(
-                f"unknown audit module {name!r}{hint} (`fmaudit list` shows the {len(entries)} available)"
-            )
+            raise RegistryError(f"unknown audit module {name!r}{did_you_mean(name, entries, n=3)} "
+                                f"(`fmaudit list` shows the {len(entries)} available)")
         entry = entries[name]
         if entry.loaded is None:
             mod_name, _, attr = entry.ref.partition(":")
