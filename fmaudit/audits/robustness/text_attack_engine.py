@@ -6,12 +6,13 @@ without changing the environment), so only import it inside functions.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import random
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -285,8 +286,15 @@ class MiniLMSentenceSimilarity(SentenceEncoder):
 
 
 WIR_METHODS = ("delete", "unk", "gradient", "weighted-saliency")
-SEARCHES = WIR_METHODS + ("greedy", "beam")
 BEAM_WIDTH = 4
+# embedding-swap search name -> its TextAttack search method: GreedyWordSwapWIR with each word-importance ranking;
+# greedy = every position and candidate at each step, the best kept (GreedySearch); beam = BeamSearch.
+SEARCH_METHODS: dict[str, Callable[[], Any]] = {
+    **{wir: functools.partial(GreedyWordSwapWIR, wir_method=wir) for wir in WIR_METHODS},
+    "greedy": GreedySearch,
+    "beam": functools.partial(BeamSearch, beam_width=BEAM_WIDTH),
+}
+SEARCHES = tuple(SEARCH_METHODS)
 
 
 def build_embedding_swap(wrapper: TargetModelWrapper, embedding: Any, *, max_candidates: int, min_cos_sim: float,
@@ -306,13 +314,7 @@ def build_embedding_swap(wrapper: TargetModelWrapper, embedding: Any, *, max_can
     if sentence_similarity is not None:
         constraints.append(MiniLMSentenceSimilarity(threshold=float(sentence_similarity)))
     goal = UntargetedClassification(wrapper)
-    if search == "greedy":  # every position and candidate at each step, the best kept (TextAttack's GreedySearch)
-        method: Any = GreedySearch()
-    elif search == "beam":
-        method = BeamSearch(beam_width=BEAM_WIDTH)
-    else:
-        method = GreedyWordSwapWIR(wir_method=search)
-    return Attack(goal, constraints, transformation, method)
+    return Attack(goal, constraints, transformation, SEARCH_METHODS[search]())
 
 
 @contextlib.contextmanager
