@@ -9,6 +9,7 @@ import textwrap
 import pytest
 
 from fmaudit.recipe import RecipeError, load_recipe
+from fmaudit.tasks import TEXT_CLASSIFICATION
 
 GOOD = """\
 version: 1
@@ -107,7 +108,7 @@ def test_cross_references(tmp_path):
 def test_missing_files_and_non_model_folder(tmp_path):
     (tmp_path / "notamodel").mkdir()
     text = GOOD.replace("source: bundled:tweets, limit: 100", "source: missing.csv") \
-        .replace("model: bundled:minilm", f"model: {tmp_path / 'notamodel'}\n    task: text-classification")
+        .replace("model: bundled:minilm", f"model: {tmp_path / 'notamodel'}\n    task: {TEXT_CLASSIFICATION}")
     probs, _ = problems(tmp_path, text)
     assert "does not exist" in probs["data.tweets.source"].message
     assert "no config.json" in probs["targets.minilm.model"].message

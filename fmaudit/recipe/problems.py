@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,6 +118,31 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> set[str] | None:
     return None
 
 
+def _unknown_key(err: Any, model: type[BaseModel]) -> str:
+    fields = _fields_at(model, tuple(err["loc"])[:-1]) or set()
+    msg = "unknown key" + did_you_mean(str(err["loc"][-1]), fields)
+    return msg + (f" (allowed: {', '.join(sorted(fields))})" if fields else "")
+
+
+def _missing_key(err: Any, model: type[BaseModel]) -> str:
+    return "required key is missing"
+
+
+def _not_a_choice(err: Any, model: type[BaseModel]) -> str:
+    expected = (err.get("ctx") or {}).get("expected", "").replace("'", "").split(" or ")
+    return err["msg"] + did_you_mean(str(err.get("input")), expected)
+
+
+# pydantic error type -> its message in recipe words; other types keep pydantic's message. Every message but
+# those of the _NO_VALUE types then ends with the offending value (when it is a scalar).
+ERROR_MESSAGES: dict[str, Callable[[Any, type[BaseModel]], str]] = {
+    "extra_forbidden": _unknown_key,
+    "missing": _missing_key,
+    "literal_error": _not_a_choice,
+}
+_NO_VALUE = ("extra_forbidden", "missing")
+
+
 def pydantic_problems(exc: ValidationError, model: type[BaseModel], prefix: tuple[Any, ...],
                       lines: Lines) -> list[Problem]:
     """One Problem per pydantic error of `model` validated at path `prefix`, in recipe words (unknown key,
@@ -124,19 +150,9 @@ def pydantic_problems(exc: ValidationError, model: type[BaseModel], prefix: tupl
     out = []
     for err in exc.errors(include_url=False):
         loc = prefix + tuple(err["loc"])
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            fields = _fields_at(model, tuple(err["loc"])[:-1]) or set()
-            msg = "unknown key" + did_you_mean(str(err["loc"][-1]), fields)
-            if fields:
-                msg += f" (allowed: {', '.join(sorted(fields))})"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        elif err["type"] == "literal_error":
-            expected = (err.get("ctx") or {}).get("expected", "").replace("'", "").split(" or ")
-            msg += did_you_mean(str(err.get("input")), expected)
-        if "input" in err and err["type"] not in ("missing", "extra_forbidden") and \
-                not isinstance(err["input"], (dict, list)):
+        explain = ERROR_MESSAGES.get(err["type"])
+        msg = explain(err, model) if explain is not None else err["msg"]
+        if "input" in err and err["type"] not in _NO_VALUE and not isinstance(err["input"], (dict, list)):
             msg += f" (got {err['input']!r})"
         out.append(problem_at(loc, msg, lines))
     return out
