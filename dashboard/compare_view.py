@@ -123,8 +123,10 @@ def _diff_html(df: pd.DataFrame) -> str:
         rows.append(f'<tr style="background:{colour.get(r["verdict"], "#fff")}" title="{html.escape(r["description"])}">'
                     f"<td>{html.escape(r['module'])}</td><td>{html.escape(r['target'])}</td>"
                     f"<td>{html.escape(r['metric'])}</td><td>{f(r['A'])}</td><td>{f(r['B'])}</td>"
-                    f"<td>{f(r['B − A'])}</td><td>{'±' + f(noise) if noise is not None and noise == noise else '—'}"
-                    f"</td><td>{html.escape(r['unit'])}</td><td><b>{html.escape(r['verdict'])}</b></td></tr>")
-    return ('<table class="diff" style="border-collapse:collapse; width:100%"><thead><tr><th>module</th><th>target'
+                    f"<td>{f(r['B − A'])}</td><td>{'±' + f(noise) if noise is not None and noise == noise else '—'}</td>"
+                    f"<td>{html.escape(r['unit'])}</td>"
+                    f"<td style=\"white-space:nowrap\"><b>{html.escape(r['verdict'])}</b></td></tr>")
+    return ('<table class="diff" style="border-collapse:collapse; width:100%; font-size:0.85em; '
+            'overflow-wrap:anywhere"><thead><tr><th>module</th><th>target'
             "</th><th>metric</th><th>A</th><th>B</th><th>B − A</th><th>noise bound</th><th>unit</th><th>verdict</th>"
             "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")

@@ -86,7 +86,7 @@ def legend_below(fig: go.Figure, names: Sequence[str] | None = None) -> go.Figur
     fig.update_layout(
         height=height,
         legend=dict(orientation="h" if one_row else "v", yref="container", y=0.0, yanchor="bottom", x=0.0,
-                    xanchor="left", xref="container", bgcolor="rgba(255,255,255,0)", traceorder="normal"),
+                    xanchor="left", xref="paper", bgcolor="rgba(255,255,255,0)", traceorder="normal"),
         margin=dict(l=margin.l if margin.l is not None else 60, r=margin.r if margin.r is not None else 20,
                     t=margin.t if margin.t is not None else 50, b=AXIS_TITLE_PX + legend_px))
     return fig
@@ -159,7 +159,7 @@ def how_to_read(series: Sequence[tuple[str, Curve]]) -> str | None:
                 "'random' = a more faithful explanation.")
     if x.startswith("number of guesses"):
         return "The audit's ε lower bound for each number of guesses r; the highest point is the bound it reports."
-    if x == "confidence" and "accuracy" in y:
+    if is_reliability(c):
         return "Accuracy per confidence bin: on the diagonal = calibrated, below it = over-confident."
     if "false positive rate" in x:
         return ROC_CAPTION
@@ -167,6 +167,11 @@ def how_to_read(series: Sequence[tuple[str, Curve]]) -> str | None:
     if d:
         return d if len(d) <= 140 else d[:139] + "…"
     return f"{c.y_label} against {c.x_label}."
+
+
+def is_reliability(c: Curve) -> bool:
+    """A reliability diagram: accuracy per confidence bin (the utility module's calibration curve)."""
+    return c.x_label.lower() == "confidence" and "accuracy" in c.y_label.lower()
 
 
 ROC_CAPTION = ("Members found (TPR) vs non-members wrongly flagged (FPR), log-log: above the dashed diagonal = "
@@ -194,13 +199,15 @@ def curves_figure(series: list[tuple[str, Curve]], title: str | None = None, *, 
                  + (f"<br>({dropped} point(s) at 0 not drawable on a log axis)" if dropped else "")
                  + "<extra>%{fullData.name}</extra>")
         dash = "dot" if name == "random" else None  # explain.attribution's reference ordering
-        fig.add_trace(go.Scatter(x=xs, y=ys, name=name, mode=mode,
+        fig.add_trace(go.Scatter(x=xs, y=ys, name=name, mode=mode if len(xs) > 1 else "markers",  # 1 point: no line
                                  line=dict(color="#7f7f7f" if name == "random" else colours[i], dash=dash),
                                  hovertemplate=hover))
     fig.update_layout(showlegend=True)  # name the attack / method even when there is one curve
-    if diagonal:
+    calibration = is_reliability(first)  # its caption reads "on the diagonal = calibrated": draw that diagonal
+    if diagonal or calibration:
         lo = 1e-5 if (lx or ly) else 0.0
-        fig.add_trace(go.Scatter(x=[lo, 1], y=[lo, 1], mode="lines", name="chance",
+        fig.add_trace(go.Scatter(x=[lo, 1], y=[lo, 1], mode="lines",
+                                 name="perfectly calibrated" if calibration else "chance",
                                  line=dict(dash="dash", color="#999"), hoverinfo="skip"))
     return _layout(fig, title, first.x_label, first.y_label, lx, ly,
                    caption=caption if caption is not None else how_to_read(series))

@@ -77,16 +77,21 @@ def _level_badge(level: str) -> str:
             f"{html.escape(LEVEL_WORDS.get(level, level))}</span>")
 
 
+def _headline_html(text: str) -> str:
+    """A verdict line with its headline (the part before the first ': ') in bold, then the numbers."""
+    head, _, rest = text.partition(": ")
+    return f"<b>{html.escape(head)}</b>" + (f": {html.escape(rest)}" if rest else "")
+
+
 def verdict_block_html(verdicts: Sequence[Any]) -> str:
     """The verdict block: per area a coloured badge, the area, and its line (headline, then the numbers)."""
     rows = []
     for v in verdicts:
-        head, _, rest = v.text.partition(": ")
         rows.append(
             f'<div class="verdict {html.escape(v.level)}" data-area="{html.escape(v.area)}" data-level="'
             f'{html.escape(v.level)}" style="border-left:5px solid {v.colour}; padding:5px 10px; margin:4px 0; '
             f'background:#fafafa">{_level_badge(v.level)} <b style="display:inline-block; min-width:110px">'
-            f"{html.escape(v.area)}</b> <b>{html.escape(head)}</b>{': ' + html.escape(rest) if rest else ''}</div>")
+            f"{html.escape(v.area)}</b> {_headline_html(v.text)}</div>")
     return '<div class="verdicts">' + "".join(rows) + "</div>"
 
 
@@ -97,7 +102,7 @@ def verdict_compare_html(rows: Sequence[tuple[str, tuple[str, str], tuple[str, s
     body = []
     for area, (la, ta), (lb, tb) in rows:
         cells = "".join(f'<td style="border-left:5px solid {COLOURS.get(lvl, "#8c8c8c")}">{_level_badge(lvl)} '
-                        f"{html.escape(t)}</td>" for lvl, t in ((la, ta), (lb, tb)))
+                        f"{_headline_html(t)}</td>" for lvl, t in ((la, ta), (lb, tb)))
         body.append(f"<tr><td><b>{html.escape(area)}</b></td>{cells}</tr>")
     return ('<table class="verdicts-compare" style="width:100%"><thead><tr><th>area</th><th>verdict in A</th>'
             "<th>verdict in B</th></tr></thead><tbody>" + "".join(body) + "</tbody></table>")

@@ -38,7 +38,7 @@ class Sink:  # pragma: no cover - interface
     def text(self, text: str) -> None: ...
     def caption(self, text: str) -> None: ...
     def notice(self, kind: str, text: str) -> None: ...
-    def cards(self, cards: list[Card]) -> None: ...
+    def cards(self, cards: list[Card], *, per_row: int = 5) -> None: ...
     def table(self, df: pd.DataFrame, *, help: dict[str, str] | None = None, key: str | None = None) -> None: ...
     def figure(self, fig: Any, key: str | None = None) -> None: ...
     def html(self, fragment: str) -> None: ...
@@ -76,11 +76,11 @@ class StreamlitSink(Sink):
     def notice(self, kind: str, text: str) -> None:
         getattr(self.c, kind if kind in NOTICE_KINDS else "info")(md_escape(text))
 
-    def cards(self, cards: list[Card]) -> None:
+    def cards(self, cards: list[Card], *, per_row: int = 5) -> None:
         if not cards:
             return
-        for row_start in range(0, len(cards), 5):
-            row = cards[row_start: row_start + 5]
+        for row_start in range(0, len(cards), per_row):  # a narrow column takes fewer, so no value is cut off
+            row = cards[row_start: row_start + per_row]
             cols = self.c.columns(len(row))
             for col, card in zip(cols, row):
                 col.metric(card.label, card.value, help=card.help)
@@ -153,8 +153,8 @@ class HtmlSink(Sink):
         kind = kind if kind in NOTICE_KINDS else "info"
         self.parts.append(f'<div class="notice {kind}">{html.escape(text)}</div>')
 
-    def cards(self, cards: list[Card]) -> None:
-        if not cards:
+    def cards(self, cards: list[Card], *, per_row: int = 5) -> None:
+        if not cards:  # the cards wrap to the page's width: `per_row` is the live app's
             return
         items = "".join(
             f'<div class="card" title="{html.escape(c.help or "")}"><div class="label">{html.escape(c.label)}'

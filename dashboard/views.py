@@ -77,7 +77,7 @@ def view_overview(sink: Sink, entry: RunEntry) -> None:
 
     sink.header("Verdict per area", level=2)
     sink.html(verdict_block_html(verdicts(rep) if rep is not None else verdicts_from_results(results)))
-    sink.caption("One line per area from the findings, gates and metrics (rules: fmaudit/verdict.py); colour = "
+    sink.caption("One line per area from the findings, gates and metrics (rules: fmaudit.verdict); colour = "
                  "the worst part: red high / critical, orange medium, yellow low, green nothing found, purple "
                  "errored, grey not run." + ("" if rep is not None else " From the units that finished."))
     if rep is not None:

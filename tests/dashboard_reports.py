@@ -8,6 +8,9 @@ One reports folder per test session, built once and shared by tests/test_dashboa
   built-in privacy / robustness / explain module that is registered (with small parameters);
 - `corrupt` (a real report cut short), `old-schema` (a real report marked with schema 0.x) and `partial`
   (events.jsonl only, as an interrupted run leaves it).
+
+`same_seed_rerun` copies a run as a second run of the same recipe and seed would leave it (timings differ,
+audit metrics only by float noise), for Compare's "zero changes" check.
 """
 
 from __future__ import annotations
@@ -188,6 +191,35 @@ def build(tmp_factory, model_dir: Path, csv_path: Path) -> dict[str, Any]:
                   modules=sorted({a["use"] for a in extra}), images=images,
                   images_dir=root / images.run_id if images else None)
     return _CACHE
+
+
+def same_seed_rerun(run_dir: Path, dest: Path, *, slower: float = 1.7, noise: float = 1e-9) -> Path:
+    """A second run of the same recipe and seed, as a re-run from the cache leaves it (issue 20's case): a copy of
+    `run_dir` with its own run id and a later start, every wall-clock and cost figure `slower` times the original
+    (another machine load, a cached fine-tune), and every fractional audit metric off by float noise (relative
+    `noise`, far below Compare's 1e-6 tolerance). Compare must show zero audit-metric changes between the two."""
+    from datetime import datetime, timedelta
+
+    from fmaudit.compare import is_cost_metric
+    from fmaudit.report import load_report, write_report
+
+    shutil.copytree(run_dir, dest)
+    rep = load_report(dest)
+    rep.run_id = dest.name
+    rep.created_at = (datetime.fromisoformat(rep.created_at) + timedelta(hours=1)).isoformat()
+    rep.timings = {k: v * slower for k, v in rep.timings.items()}
+    for r in rep.audits:
+        if r.duration_s is not None:
+            r.duration_s *= slower
+        for name, m in r.metrics.items():
+            if m.value is None:
+                continue
+            if is_cost_metric(name, m):
+                m.value *= slower
+            elif not float(m.value).is_integer():  # counts stay counts
+                m.value *= 1 + noise
+    write_report(rep, dest / "report.json")
+    return dest
 
 
 def _reuse(root: Path) -> dict[str, Any]:

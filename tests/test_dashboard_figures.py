@@ -31,6 +31,9 @@ def curve(x_label="x", y_label="y", **kw) -> Curve:
 def assert_legend_below(fig):
     lg = fig.layout.legend
     assert lg.yref == "container" and lg.y == 0 and lg.yanchor == "bottom"  # under everything, not on the data
+    # x on the plot's own axis: a legend placed on the container's x makes plotly reserve a LEFT margin as wide
+    # as a vertical legend, squeezing the plot to a sliver in a half-width column
+    assert lg.xref == "paper" and lg.x == 0 and lg.xanchor == "left"
     names = [t.name for t in fig.data if t.name and t.showlegend is not False]
     rows = 1 if lg.orientation == "h" else len(names)
     if lg.orientation == "h":
@@ -66,6 +69,16 @@ def test_every_builtin_curve_plot_has_units_and_a_caption(name):
     assert_legend_below(fig)
     assert fig.layout.legend.orientation == "h"  # two short names: one row
     assert fig.data[1].line.dash == "dot"  # the random ordering is the grey reference
+
+
+def test_reliability_diagram_draws_the_diagonal_its_caption_names_and_a_lone_bin_as_a_point():
+    one_bin = Curve(x=[0.51], y=[0.48], x_label="confidence", y_label="accuracy")
+    fig = F.curves_figure([("reliability", one_bin)])
+    assert fig.data[0].mode == "markers"  # a line through one point draws nothing
+    diag = [t for t in fig.data if t.name == "perfectly calibrated"]
+    assert len(diag) == 1 and list(diag[0].x) == list(diag[0].y) == [0.0, 1]
+    assert "diagonal" in fig.layout.meta["caption"]
+    assert F.curves_figure([("a", curve())]).data[0].mode == "lines"
 
 
 def test_unknown_curve_falls_back_to_its_description_and_keeps_its_log_axes():

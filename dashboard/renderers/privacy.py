@@ -85,7 +85,7 @@ def render_membership(sink: Sink, entry: RunEntry, results: list[AuditResult]) -
             cards = [metric_card(n, r.metrics[n]) for n in ("auc", "auc_null", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr",
                                                              "advantage", "advantage_null", "fpr_resolution",
                                                              "blind_baseline_auc") if n in r.metrics]
-            col.cards(cards)
+            col.cards(cards, per_row=3 if len(targets) > 1 else 5)
     if auc_rows:
         sink.figure(F.interval_figure(auc_rows, "Attack AUC with confidence intervals", "AUC", reference=0.5,
                                       reference_label="chance 0.5"), key="mia-auc")
