@@ -66,7 +66,8 @@ def run(
     resume_from: Optional[Path] = typer.Option(None, "--resume-from", help="Continue this run folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     executor: Optional[str] = typer.Option(None, "--executor", help="Where independent units run: local | ray "
-                                           "(default: the recipe's executor; ray needs `pip install 'fmaudit\\[ray]'`)."),
+                                           "(default: the recipe's executor; ray needs "
+                                           "`pip install 'fmaudit\\[ray]'`)."),
     allow_code_from: Optional[List[Path]] = typer.Option(None, "--allow-code-from", help=ALLOW_CODE_HELP),
     debug: bool = typer.Option(False, "--debug", help="Print the full traceback of an unexpected error."),
 ) -> None:
@@ -106,7 +107,8 @@ def list_modules(verbose: bool = typer.Option(False, "--verbose", "-v", help="Sh
         except RegistryError as exc:
             table.add_row(name, "?", f"[red]{escape(str(exc))}[/]", registry.origin(name))
             continue
-        needs = " ".join(filter(None, [", ".join(sorted(cls.requires)), f"({'/'.join(cls.tasks)})" if cls.tasks else ""]))
+        model_tasks = f"({'/'.join(cls.tasks)})" if cls.tasks else ""
+        needs = " ".join(filter(None, [", ".join(sorted(cls.requires)), model_tasks]))
         table.add_row(name, cls.category, needs or "—", registry.origin(name))
     out.print(table)
     if verbose:
