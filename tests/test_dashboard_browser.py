@@ -1,8 +1,9 @@
 """A real browser on the real server: `fmaudit dashboard` on a loopback port, driven by headless chromium
-(Debian's package, through Playwright).
+(Debian's package at /usr/bin/chromium, or $FMAUDIT_CHROMIUM, through Playwright; skipped when absent).
 
 Checks what a reviewer sees: the run list; the verdict block (one line per area) at the top of the overview;
-the privacy, robustness and explainability plots drawn with their legends outside the plotting area; and
+the privacy, robustness and explainability plots drawn with their legends outside the plotting area and no
+plot squeezed; and
 Compare on two runs of the same recipe and seed showing zero audit-metric changes, with the timing and cost
 figures in their own section. Screenshots of each view are saved to $FMAUDIT_SCREENSHOT_DIR (default
 reports/screenshots/, git-ignored) for a person to look at.
@@ -24,7 +25,7 @@ import pytest
 
 from dashboard_reports import REPO, build, same_seed_rerun
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = os.environ.get("FMAUDIT_CHROMIUM") or "/usr/bin/chromium"  # Debian's package
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 VIEWPORT = {"width": 1400, "height": 1000}
