@@ -7,9 +7,16 @@ import pytest
 from conftest import NEG_WORDS, POS_WORDS, make_sentences, tiny_text_recipe
 
 from fmaudit.audits.base import AuditContext
-from fmaudit.audits.explain import attribution as attr_mod
-from fmaudit.audits.explain.attribution import AttributionAudit, explain_texts, keep_masks, spearman
+from fmaudit.audits.explain.attribution import AttributionAudit, hook_count
 from fmaudit.data import Dataset, load_digits
+from fmaudit.explain.curves import keep_masks
+from fmaudit.explain.faithfulness import infidelity, sensitivity
+from fmaudit.explain.image import IMAGE_METHODS, ImageSpace
+from fmaudit.explain.lm import LMSpace
+from fmaudit.explain.similarity import spearman
+from fmaudit.explain.space import AttributionMethod, SpaceOptions
+from fmaudit.explain.text import TextSpace, explain_texts
+from fmaudit.tasks import CAUSAL_LM, IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION
 
 FAST = dict(n_steps=20, perturbations=4, sensitivity_examples=1, random_orderings=2, bootstrap=100,
             internal_batch_size=32)
@@ -21,7 +28,7 @@ def _ctx(tmp_path, data, *, store=False, seed=0) -> AuditContext:
 
 
 def _hooks(model) -> int:
-    return attr_mod._hook_count(model)
+    return hook_count(model)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +43,7 @@ def trained_bert(tiny_bert_dir, sentences):
     from fmaudit.targets import load_target
     from fmaudit.training import TrainConfig, train
 
-    target = load_target(model=str(tiny_bert_dir), task="text-classification", name="bert", max_length=32)
+    target = load_target(model=str(tiny_bert_dir), task=TEXT_CLASSIFICATION, name="bert", max_length=32)
     train(target, sentences, TrainConfig(epochs=3, batch_size=16, lr=3e-3, seed=0))
     return target
 
@@ -174,11 +181,11 @@ def test_sensitivity_embedding_twin_matches_layer_method(trained_bert):
     from captum.attr import IntegratedGradients
 
     (ex, a), = explain_texts(trained_bert, ["the show was awful today"], n_steps=30)
-    task = attr_mod._TextTask(trained_bert, AttributionAudit.Params(n_steps=30), "cpu")
+    space = TextSpace(trained_bert, SpaceOptions(n_steps=30), "cpu")
     emb = trained_bert.model.get_input_embeddings()
     with torch.no_grad():
         e, eb = emb(ex.x), emb(ex.baseline)
-    twin = IntegratedGradients(task._fwd(trained_bert.model, ex, embeds=True)).attribute(
+    twin = IntegratedGradients(space.forward(trained_bert.model, ex, embeds=True)).attribute(
         e, baselines=eb, target=ex.explained, additional_forward_args=tuple(ex.extra.values()), n_steps=30)
     np.testing.assert_allclose(twin.sum(-1)[0].numpy(), a.full, rtol=1e-4, atol=1e-7)
 
@@ -192,16 +199,12 @@ def test_image_randomization_flags_weight_independent_method(trained_cnn, digits
     is flagged; real integrated gradients on the same trained model pass."""
     import torch
 
-    real = attr_mod._ImageTask._raw
-
-    def fake_raw(self, method, model, x, baseline, target, seed=0):
-        if method != "saliency":
-            return real(self, method, model, x, baseline, target, seed)
+    def fake_saliency(space, model, x, baseline, target, seed):
         gx = torch.zeros_like(x)
         gx[..., 1:, :] = x[..., 1:, :] - x[..., :-1, :]
         return gx.abs() + 0.1 * x, None  # input-only "explanation"
 
-    monkeypatch.setattr(attr_mod._ImageTask, "_raw", fake_raw)
+    monkeypatch.setitem(IMAGE_METHODS, "saliency", AttributionMethod("Saliency", fake_saliency))
     sha = trained_cnn.weights_sha256()
     module = AttributionAudit({"num_examples": 6, "methods": ["integrated_gradients", "saliency"],
                                "quality": ["randomization", "completeness", "deletion"], "n_steps": 64,
@@ -227,7 +230,7 @@ def test_image_randomization_flags_weight_independent_method(trained_cnn, digits
 def test_image_audit_all_methods_vit(tiny_vit_dir, digits, tmp_path):
     from fmaudit.targets import load_target
 
-    target = load_target(model=str(tiny_vit_dir), task="image-classification", name="vit")
+    target = load_target(model=str(tiny_vit_dir), task=IMAGE_CLASSIFICATION, name="vit")
     sha = target.weights_sha256()
     grads = {n: p.requires_grad for n, p in target.model.named_parameters()}
     module = AttributionAudit({"num_examples": 3, "image_baseline": "blur", "blur_sigma": 1.5, **FAST})
@@ -256,7 +259,7 @@ def test_llm_attribution_tiny_llama(tiny_llama_dir, tmp_path):
 
     from fmaudit.targets import load_target
 
-    target = load_target(model=str(tiny_llama_dir), task="causal-lm", name="llama", max_length=32)
+    target = load_target(model=str(tiny_llama_dir), task=CAUSAL_LM, name="llama", max_length=32)
     texts, _ = make_sentences(6, seed=3)
     data = Dataset("lm", "test", "text", [f"t{i}" for i in range(6)], texts=texts)
     sha = target.weights_sha256()
@@ -273,13 +276,13 @@ def test_llm_attribution_tiny_llama(tiny_llama_dir, tmp_path):
     for row in comp["examples"]:
         assert row["gap"] <= 0.05 * abs(row["f_x"] - row["f_baseline"]) + 1e-4, row
     # Captum's LLMAttribution(FeatureAblation) equals the drop in our own continuation log-prob per token
-    task = attr_mod._LMTask(target, module.params, "cpu")
-    ex = task.example(0, "x", data.texts[int(np.random.default_rng(0).permutation(6)[0])])
-    fa = task.attribute("feature_ablation", target.model, ex)
+    space = LMSpace(target, SpaceOptions.from_params(module.params), "cpu")
+    ex = space.example(0, "x", data.texts[int(np.random.default_rng(0).permutation(6)[0])])
+    fa = space.attribute("feature_ablation", target.model, ex)
     n = ex.n_features
     keep = ~np.eye(n, dtype=bool)
-    full = task.explained_output(target.model, ex, np.ones((1, n), dtype=bool))
-    drops = (full - task.explained_output(target.model, ex, keep)).numpy()
+    full = space.explained_output(target.model, ex, np.ones((1, n), dtype=bool))
+    drops = (full - space.explained_output(target.model, ex, keep)).numpy()
     np.testing.assert_allclose(fa.features, drops, rtol=1e-3, atol=1e-5)
     assert isinstance(ex.extra["continuation"], torch.Tensor)
     assert _hooks(target.model) == 0
@@ -330,7 +333,7 @@ def test_layer_groups_cascade_is_cumulative_per_named_layer():
 
     import torch
 
-    from fmaudit.audits.explain import cascade
+    from fmaudit.explain import cascade
     from fmaudit.targets.vision import PixelClassifier, digits_cnn
 
     torch.manual_seed(0)
@@ -349,7 +352,7 @@ def test_layer_groups_cascade_is_cumulative_per_named_layer():
 
 
 def test_ssim_matches_windowed_definition():
-    from fmaudit.audits.explain.cascade import map_ssim, ssim
+    from fmaudit.explain.similarity import map_ssim, ssim
 
     rng = np.random.default_rng(0)
     a = rng.random((9, 10))
@@ -425,10 +428,10 @@ def test_cascade_unties_lm_head_from_input_embeddings(tied_gpt2_dir, tmp_path, m
 
     import torch
 
-    from fmaudit.audits.explain import cascade
+    from fmaudit.explain import cascade
     from fmaudit.targets import load_target
 
-    target = load_target(model=str(tied_gpt2_dir), task="causal-lm", name="gpt2", max_length=32)
+    target = load_target(model=str(tied_gpt2_dir), task=CAUSAL_LM, name="gpt2", max_length=32)
     tm = target.model
     assert tm.lm_head.weight is tm.transformer.wte.weight  # tied in the target
     emb0 = tm.transformer.wte.weight.detach().clone()
@@ -550,7 +553,7 @@ def test_completeness_still_flags_coarse_ig(tmp_path):
 
 
 def test_patch_feature_map_follows_model_resize():
-    from fmaudit.audits.explain.attribution import patch_feature_map
+    from fmaudit.explain.image import patch_feature_map
 
     # 16x16 input resized to the model's 8x8, patch 4: each 8x8 block of the input is one of 2x2 patches
     m = patch_feature_map(16, 16, (4, 4, 2, 2), (8, 8))
@@ -566,7 +569,7 @@ def test_vit_patch_features(tiny_vit_dir, digits, tmp_path):
 
     from fmaudit.targets import load_target
 
-    target = load_target(model=str(tiny_vit_dir), task="image-classification", name="vit")
+    target = load_target(model=str(tiny_vit_dir), task=IMAGE_CLASSIFICATION, name="vit")
     module = AttributionAudit({"num_examples": 2, "methods": ["integrated_gradients", "occlusion"], "n_steps": 16,
                                "quality": ["deletion", "insertion", "infidelity"], "bootstrap": 0,
                                "random_orderings": 1, "curve_steps": 4, "heatmaps": False})
@@ -578,28 +581,28 @@ def test_vit_patch_features(tiny_vit_dir, digits, tmp_path):
     assert "top_pixels" not in ev and len(ev["top_patches"]["occlusion"]) == 4
     assert all(0 <= r["row"] < 2 and 0 <= r["col"] < 2 for r in ev["top_patches"]["integrated_gradients"])
 
-    task = attr_mod._ImageTask(target, module.params, "cpu")
-    ex = task.example(0, "x", digits.images[0])
+    space = ImageSpace(target, SpaceOptions.from_params(module.params), "cpu")
+    ex = space.example(0, "x", digits.images[0])
     assert ex.n_features == 4
     with torch.no_grad():
         ex.explained = int(target.model(ex.x).argmax())
     # occlusion: one patch at a time, the same numbers as Captum's Occlusion with window = stride = patch
-    occ = task.attribute("occlusion", target.model, ex)
+    occ = space.attribute("occlusion", target.model, ex)
     direct = Occlusion(target.model).attribute(ex.x, sliding_window_shapes=(1, 4, 4), strides=(1, 4, 4),
                                                baselines=ex.baseline, target=ex.explained)[0].numpy()
     np.testing.assert_allclose(occ.full, direct, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(occ.features, direct[0, ::4, ::4].ravel() * 16, rtol=1e-5, atol=1e-6)
     # IG: a patch's score is the sum of its pixels' attributions
-    ig = task.attribute("integrated_gradients", target.model, ex)
+    ig = space.attribute("integrated_gradients", target.model, ex)
     np.testing.assert_allclose(ig.features, ig.full[0].reshape(2, 4, 2, 4).sum((1, 3)).ravel(), rtol=1e-9)
     # deletion / insertion remove whole patches
-    composed = task._compose(ex, np.array([[False, True, True, True]]))
+    composed = space.compose(ex, np.array([[False, True, True, True]]))
     assert torch.equal(composed[0, :, :4, :4], ex.baseline[0, :, :4, :4])
     assert torch.equal(composed[0, :, 4:, :], ex.x[0, :, 4:, :])
     assert torch.equal(composed[0, :, :4, 4:], ex.x[0, :, :4, 4:])
     # pixels on request; patches refused for a model without them
     assert AttributionAudit({"image_features": "pixels"}).check(target, digits) == []
-    assert attr_mod._ImageTask(target, AttributionAudit.Params(image_features="pixels"), "cpu").example(
+    assert ImageSpace(target, SpaceOptions(image_features="pixels"), "cpu").example(
         0, "x", digits.images[0]).n_features == 64
     cnn = load_target(model="bundled:digits-cnn", name="cnn")
     problems = AttributionAudit({"image_features": "patches"}).check(cnn, digits)
@@ -626,16 +629,16 @@ def test_infidelity_and_sensitivity_match_quantus(trained_cnn, digits, method):
 
     model = trained_cnn.model
     params = AttributionAudit.Params(perturbations=6, n_steps=16, sensitivity_radius=0.05)
-    module = AttributionAudit(params.model_dump())
-    task = attr_mod._ImageTask(trained_cnn, params, "cpu")
-    ex = task.example(0, "x", digits.images[3])
+    space = ImageSpace(trained_cnn, SpaceOptions.from_params(params), "cpu")
+    ex = space.example(0, "x", digits.images[3])
     with torch.no_grad():
         ex.explained = int(model(ex.x).argmax())
-    a = task.attribute(method, model, ex)
+    a = space.attribute(method, model, ex)
     seed = 7
 
     # infidelity
-    ours = module._infidelity(task, model, ex, a, seed)
+    ours = infidelity(space, model, ex, a, perturbations=params.perturbations, drop=params.infidelity_drop,
+                      batch_size=params.internal_batch_size or 64, seed=seed)
     gen = torch.Generator().manual_seed(derive(seed, Stream.ATTRIBUTION_PERTURB, 3))
     drops = iter((torch.rand((params.perturbations, ex.n_features), generator=gen, dtype=torch.float64)
                   < params.infidelity_drop).numpy())
@@ -645,7 +648,7 @@ def test_infidelity_and_sensitivity_match_quantus(trained_cnn, digits, method):
 
     class Presence(torch.nn.Module):
         def forward(self, z):
-            return task.logits(model, task._compose(ex, z.reshape(z.shape[0], -1) > 0.5)).double()
+            return space.logits(model, ex, space.compose(ex, z.reshape(z.shape[0], -1) > 0.5)).double()
 
     terms = []
 
@@ -667,7 +670,7 @@ def test_infidelity_and_sensitivity_match_quantus(trained_cnn, digits, method):
 
     # max-sensitivity
     n = 5
-    s_ours = task.sensitivity(method, model, ex, n, params.sensitivity_radius, seed)
+    s_ours = sensitivity(space, method, model, ex, samples=n, radius=params.sensitivity_radius, seed=seed)
     gen = torch.Generator().manual_seed(derive(seed, Stream.ATTRIBUTION_PERTURB, 2))
     noise = iter([((torch.rand((1, 1, 8, 8), generator=gen) * 2 - 1) * params.sensitivity_radius).numpy()
                   for _ in range(n)])
@@ -677,7 +680,7 @@ def test_infidelity_and_sensitivity_match_quantus(trained_cnn, digits, method):
 
     def explain(model, inputs, targets, **_):
         x = torch.as_tensor(np.asarray(inputs), dtype=torch.float32)
-        out, _ = task._raw(method, model, x, ex.baseline.expand(x.shape[0], -1, -1, -1), int(targets[0]), seed=seed)
+        out, _ = space.raw(method, model, x, ex.baseline.expand(x.shape[0], -1, -1, -1), int(targets[0]), seed=seed)
         return out.sum(1, keepdim=True).detach().numpy()
 
     ms = quantus.MaxSensitivity(nr_samples=n, perturb_func=perturb, disable_warnings=True)
@@ -695,16 +698,12 @@ def test_cascade_flags_method_that_only_tracks_the_first_layer(trained_cnn, digi
     that layer: it passes the gate (the last step is low) but gets the low finding the curve shape calls for."""
     import torch
 
-    real = attr_mod._ImageTask._raw
-
-    def first_layer_only(self, method, model, x, baseline, target, seed=0):
-        if method != "saliency":
-            return real(self, method, model, x, baseline, target, seed)
+    def first_layer_only(space, model, x, baseline, target, seed):
         conv = model.inner[0]
         with torch.no_grad():
             return torch.nn.functional.conv2d(x, conv.weight[:1], conv.bias[:1], padding=1), None
 
-    monkeypatch.setattr(attr_mod._ImageTask, "_raw", first_layer_only)
+    monkeypatch.setitem(IMAGE_METHODS, "saliency", AttributionMethod("Saliency", first_layer_only))
     module = AttributionAudit({"num_examples": 3, "methods": ["saliency"], "quality": ["randomization"],
                                "bootstrap": 0})
     out = module.run(trained_cnn, _ctx(tmp_path, digits))
@@ -719,7 +718,7 @@ def test_cascade_flags_method_that_only_tracks_the_first_layer(trained_cnn, digi
 
 
 def test_road_imputation_reproduces_linear_images():
-    from fmaudit.audits.explain.road import noisy_linear_impute
+    from fmaudit.explain.road import noisy_linear_impute
 
     h, w = 7, 9
     rr, cc = np.mgrid[0:h, 0:w]
