@@ -67,7 +67,7 @@ def main() -> int:
     from fmaudit.recipe import load_recipe
     from fmaudit.robustness.intervals import clopper_pearson
     from fmaudit.robustness.text_similarity import MiniLMSentenceEncoder
-    from fmaudit.runner import Session
+    from fmaudit.session import Session
     from fmaudit.training import default_cache_dir
 
     t0 = time.perf_counter()

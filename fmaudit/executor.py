@@ -17,14 +17,11 @@ Rules for a mapped function, so that it runs the same everywhere:
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from typing import Any, Callable, Protocol, Sequence, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-EXECUTOR_KINDS = ("local", "ray")
 RAY_EXTRA_HINT = "install it with: pip install 'fmaudit[ray]'"
 
 
@@ -112,31 +109,6 @@ def local_only(fn: Callable[..., Any] | None) -> Callable[..., Any] | None:
     if fn is None or isinstance(fn, LocalOnly):
         return fn
     return LocalOnly(fn)
-
-
-def ray_available() -> bool:
-    """Whether Ray can be imported, without importing it (`fmaudit validate` stays fast)."""
-    if "ray" in sys.modules:
-        return sys.modules["ray"] is not None
-    try:
-        return importlib.util.find_spec("ray") is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def make_executor(spec: Any) -> Executor:
-    """An executor from a recipe's `executor` block (an `ExecutorSpec`) or a kind name."""
-    kind = getattr(spec, "kind", spec) or "local"
-    if kind == "local":
-        return LocalExecutor()
-    if kind == "ray":
-        if not ray_available():
-            raise ExecutorUnavailable(f"the ray executor needs Ray, which is not installed; {RAY_EXTRA_HINT} "
-                                      "(or run with --executor local)")
-        from fmaudit.ray_executor import RayExecutor
-
-        return RayExecutor.from_spec(spec) if not isinstance(spec, str) else RayExecutor()
-    raise ValueError(f"unknown executor {kind!r} (available: {', '.join(EXECUTOR_KINDS)})")
 
 
 def shards(items: Sequence[T], shard_size: int) -> list[list[T]]:

@@ -101,23 +101,22 @@ def _stratified_split(data, seed: int):
 
 
 def _finetune(base, members, *, epochs: int, lr: float, seed: int, batch_size: int = 32):
+    from fmaudit.provenance import Provenance
     from fmaudit.training import TrainConfig, train
 
     target = base.copy("mlp-trained")
-    stats = train(target, members, TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, trainable="all",
-                                               seed=seed))
-    target.finetune_info = {"config": {"epochs": epochs, "batch_size": batch_size, "lr": lr},
-                            "train_seconds": stats.duration_s, "base_weights_sha256": base.weights_sha256()}
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, trainable="all", seed=seed)
+    stats = train(target, members, config)
+    target.provenance = Provenance(train=config, train_seconds=stats.duration_s,
+                                   base_weights_sha256=base.weights_sha256())
     return target
 
 
 def _ctx(work: Path, data, split, base, seed: int):
-    from fmaudit.audits.base import AuditContext
-    from fmaudit.executor import LocalExecutor
+    from fmaudit.testing import audit_context
 
-    return AuditContext(unit_id="known-answer:privacy.membership", seed=seed, device="cpu", run_dir=work,
-                        cache_dir=work / "cache", store_examples=False, data=data, split=split,
-                        extras={"executor": LocalExecutor(), "base_target": base})
+    return audit_context(work, data=data, split=split, base=base, seed=seed,
+                         unit_id="known-answer:privacy.membership")
 
 
 def _membership(target, ctx, *, attacks: list[str], references: int, params: dict[str, Any] | None = None):
@@ -205,6 +204,8 @@ def membership_planted_leak(seed: int = 0, work: Path | None = None, dp_epsilon:
         import warnings
 
         from fmaudit.privacy.dp import DPPrivacyWarning, dp_finetune
+        from fmaudit.provenance import Provenance
+        from fmaudit.training import TrainConfig
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DPPrivacyWarning)
@@ -213,8 +214,9 @@ def membership_planted_leak(seed: int = 0, work: Path | None = None, dp_epsilon:
                               split=split)
         twin = res.target
         twin.split = split
-        twin.finetune_info = {"config": {"epochs": 60, "batch_size": 32, "lr": 1e-2},
-                              "base_weights_sha256": base.weights_sha256()}
+        # reference models train like the non-private target (as the runner does for a DP twin)
+        twin.provenance = Provenance(train=TrainConfig(epochs=60, batch_size=32, lr=1e-2, trainable="all", seed=seed),
+                                     base_weights_sha256=base.weights_sha256())
         dp_out = _membership(twin, _ctx(work, data, split, base, seed), attacks=CLASSIFIER_ATTACKS, references=4)
         d = _headline(dp_out)
         c.expect(d["auc"] <= d["auc_null"] or d["auc_p"] > 0.05,

@@ -115,7 +115,10 @@ def test_a_delta_other_than_the_dp_runs_is_refused(base_and_members, delta):
 def test_module_check_refuses_a_mismatched_delta():
     from fmaudit.audits.privacy.canary import CanaryAudit
 
-    target = SimpleNamespace(split=object(), task="text-classification", finetune_info={"dp": dict(RECORD)})
+    from fmaudit.provenance import DPRecord, Provenance
+
+    target = SimpleNamespace(split=object(), task="text-classification",
+                             provenance=Provenance(dp=DPRecord.from_params(RECORD)))
     problems = CanaryAudit({"delta": 1e-6}).check(target, None)
     assert any("use the DP run's delta" in p for p in problems), problems
     assert CanaryAudit({}).check(target, None) == []

@@ -105,7 +105,7 @@ def test_recipe_gdp_fallback_seed_statement_and_recorded_settings(tiny_bert_dir,
     assert "secret" in params["guarantee_requires_secret_seed"] and params["run_seed"] == dp.seed  # the unit's seed
     assert "not stored" in params["noise_seed"]
     # the produced target records every setting needed to re-run exactly this procedure
-    recorded = report.targets["bert-dp"].finetune["dp"]  # the produced target's finetune_info["dp"]
+    recorded = report.targets["bert-dp"].finetune["dp"]  # the produced target's provenance.dp
     for key in DP_RERUN_KEYS:
         assert key in recorded, key
     assert recorded["lr"] == 1e-2 and recorded["weight_decay"] == 0.01 and recorded["trainable"] == "head"

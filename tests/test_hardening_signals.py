@@ -207,7 +207,7 @@ def test_event_log_keeps_the_lines_after_a_torn_one(tmp_path):
 def test_interrupts_hold_signals_inside_critical_sections():
     import threading
 
-    from fmaudit.runner import Interrupts
+    from fmaudit.interrupts import Interrupts
 
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signals are delivered to the main thread only")

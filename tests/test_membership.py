@@ -13,7 +13,9 @@ from conftest import make_sentences, tiny_text_recipe
 from fmaudit.audits.base import AuditContext
 from fmaudit.audits.privacy.membership import MembershipAudit
 from fmaudit.data import Dataset, Split, load_digits, member_split
-from fmaudit.executor import LocalExecutor
+from fmaudit.provenance import Provenance
+from fmaudit.testing import audit_context
+from fmaudit.training import TrainConfig
 
 
 def _mlp_target(seed: int = 0):
@@ -39,24 +41,18 @@ def _noisy_digits(n: int, noise: float, seed: int = 0) -> Dataset:
 
 
 def _ctx(tmp_path: Path, data, split, base=None, **kw) -> AuditContext:
-    extras = {"executor": LocalExecutor()}
-    if base is not None:
-        extras["base_target"] = base
-    return AuditContext(unit_id="0:privacy.membership@t", seed=0, device="cpu", run_dir=tmp_path,
-                        cache_dir=tmp_path / "cache", store_examples=kw.pop("store_examples", False), data=data,
-                        split=split, extras=extras)
+    return audit_context(tmp_path, data=data, split=split, base=base, unit_id="0:privacy.membership@t",
+                         store_examples=kw.pop("store_examples", False))
 
 
 def _finetuned(base, split: Split, epochs: int, lr: float, batch_size: int = 16):
     from fmaudit.training import TrainConfig, train
 
     target = base.copy("mlp")
-    stats = train(target, split.members, TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, trainable="all",
-                                                     seed=0))
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, trainable="all", seed=0)
+    stats = train(target, split.members, cfg)
     target.split = split
-    target.finetune_info = {"config": {"epochs": epochs, "batch_size": batch_size, "lr": lr},
-                            "train_seconds": stats.duration_s,
-                            "base_weights_sha256": base.weights_sha256()}
+    target.provenance = Provenance(train=cfg, train_seconds=stats.duration_s, base_weights_sha256=base.weights_sha256())
     return target
 
 
@@ -174,8 +170,8 @@ def test_untrained_model_shows_no_membership_signal(tmp_path):
     base = _mlp_target(seed=1)
     target = base.copy("untrained")
     target.split = split
-    target.finetune_info = {"config": {"epochs": 3, "batch_size": 32, "lr": 3e-3},
-                            "base_weights_sha256": base.weights_sha256()}
+    target.provenance = Provenance(train=TrainConfig(epochs=3, batch_size=32, lr=3e-3, trainable="all"),
+                                   base_weights_sha256=base.weights_sha256())
     attacks = ["loss", "confidence", "entropy", "lira_online", "rmia"]
     mod = MembershipAudit({"attacks": attacks, "reference_models": 2, "reference_trainable": "all", "bootstrap": 300})
     out = mod.run(target, _ctx(tmp_path, data, split, base))
@@ -332,8 +328,7 @@ def test_causal_lm_attacks_on_an_overfitted_lm(tiny_llama_dir, tmp_path):
     cfg = TrainConfig(epochs=12, batch_size=8, lr=3e-3, trainable="all", seed=0)
     stats = train(target, split.members, cfg)
     target.split = split
-    target.finetune_info = {"config": {"epochs": 12, "batch_size": 8, "lr": 3e-3}, "train_seconds": stats.duration_s,
-                            "base_weights_sha256": base.weights_sha256()}
+    target.provenance = Provenance(train=cfg, train_seconds=stats.duration_s, base_weights_sha256=base.weights_sha256())
     attacks = ["loss", "zlib", "min_k", "min_k_pp", "calibrated_loss", "quantile", "rmia"]
     mod = MembershipAudit({"attacks": attacks, "reference_models": 2, "reference_trainable": "all",
                            "reference_epochs": 6, "bootstrap": 200, "evidence": 3})

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from conftest import tiny_text_recipe
 from fmaudit.cli import app
-from fmaudit.executor import (ExecutorUnavailable, LocalExecutor, LocalOnly, TaskFailed, make_executor, map_sharded,
-                              ray_available)
+from fmaudit.executor import ExecutorUnavailable, LocalExecutor, LocalOnly, TaskFailed, map_sharded
+from fmaudit.executor_factory import make_executor, ray_available
 from fmaudit.recipe import RecipeError, load_recipe
 
 

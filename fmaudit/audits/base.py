@@ -20,7 +20,9 @@ from pydantic import BaseModel, ConfigDict
 from fmaudit.report import Curve, Finding, GateResult, Metric
 
 if TYPE_CHECKING:  # pragma: no cover
+    from fmaudit.audits.services import RunServices
     from fmaudit.data import Dataset, Split
+    from fmaudit.executor import Executor
     from fmaudit.targets.base import Target
 
 T = TypeVar("T")
@@ -113,7 +115,9 @@ class AuditContext:
     split: "Split | None" = None  # the target's member / non-member split, when it was fine-tuned here
     produces: str | None = None
     progress: Callable[[str, int], "ProgressHandle"] | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    executor: "Executor | None" = None  # where independent work (reference models) runs; None: in this process
+    services: "RunServices | None" = None  # the run's other targets and base weights (fmaudit.audits.services)
+    run_seed: int | None = None  # the recipe's seed (member splits are drawn from it); None: use `seed`
 
     def artifact_dir(self) -> Path:
         d = self.run_dir / "artifacts" / self.unit_id.replace(":", "_").replace("@", "_")
@@ -151,46 +155,18 @@ class ProgressHandle:
         pass
 
 
-def source_recipe_target(target: "Target", ctx: AuditContext) -> str | None:
-    """The recipe target this target is, or was produced from (following `produced_by` = 'i:module@name')."""
-    session = ctx.extras.get("session")
-    if session is None:
-        return None
-    recipe_targets = session.recipe.targets
-    name = ctx.extras.get("target_name", target.name)
-    if name in recipe_targets:
-        return name
-    current, seen = target, set()
-    while True:
-        pb = getattr(current, "produced_by", None) or ""
-        if "@" not in pb:
-            return None
-        src = pb.rsplit("@", 1)[1]
-        if src in recipe_targets:
-            return src
-        if src in seen or src not in session.targets:
-            return None
-        seen.add(src)
-        current = session.targets[src]
-
-
 def base_target(target: "Target", ctx: AuditContext) -> "Target":
     """A fresh copy of `target`'s BASE weights (before the recipe fine-tuned it), for modules that train
-    from the same start (reference models, DP, canary runs): `ctx.extras['base_target']`, or reloaded
-    through the run's Session (a produced target leads back to the recipe target it came from). Checked
-    against the recorded base-weights hash."""
-    base = ctx.extras.get("base_target")
-    session = ctx.extras.get("session")
-    if base is None and session is not None:
-        source = source_recipe_target(target, ctx)
-        if source is not None:
-            base = session.base_target(source)
-            base.name = source
-    if base is None:
+    from the same start (reference models, DP, canary runs): asked of `ctx.services` for the recipe target
+    this one is or was produced from, and checked against the recorded base-weights hash."""
+    source = ctx.services.source_of(target) if ctx.services is not None else None
+    if source is None:
         raise ValueError(f"the base (pre-fine-tune) weights of target {target.name!r} are not known: run this module "
-                         "on a target that the recipe fine-tunes (or one produced from such a target), or pass "
-                         "ctx.extras['base_target']")
-    recorded = (target.finetune_info or {}).get("base_weights_sha256")
+                         "on a target that the recipe fine-tunes (or one produced from such a target), or give "
+                         "ctx.services (fmaudit.audits.services.FixedServices) its base")
+    base = ctx.services.base_target(source)
+    base.name = source
+    recorded = target.provenance.base_weights_sha256 if target.provenance is not None else None
     if recorded and base.weights_sha256() != recorded:
         raise ValueError(f"the base weights found for {target.name!r} (sha256 {base.weights_sha256()[:12]}) are not "
                          f"the ones it was fine-tuned from ({recorded[:12]}); models trained from them would not "
@@ -204,8 +180,6 @@ def select_examples(ctx: AuditContext, split: str = "auto", max_examples: int | 
     """The examples a module works on: `split` auto (the target's held-out non-members when it was fine-tuned
     on this data, else all of it) | nonmembers | members | all, then a seeded sample of at most
     `max_examples`. Returns (dataset, the subset chosen)."""
-    import numpy as np
-
     data, sp = ctx.data, ctx.split
     if data is None:
         raise ValueError("no data for this audit: name a dataset with `data:` or fine-tune the target")
@@ -218,7 +192,7 @@ def select_examples(ctx: AuditContext, split: str = "auto", max_examples: int | 
     if len(data) == 0:
         raise ValueError(f"no examples in the {choice} subset of {ctx.data.name!r}")
     if max_examples is not None and len(data) > max_examples:
-        from fmaudit.seeds import Stream, rng
+        from fmaudit.seeds import Stream
 
-        data = data.subset(np.sort(rng(ctx.seed, Stream.EXAMPLE_SAMPLE).choice(len(data), max_examples, replace=False)))
+        data = data.sample(max_examples, ctx.seed, Stream.EXAMPLE_SAMPLE)
     return data, choice

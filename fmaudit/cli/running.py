@@ -93,7 +93,7 @@ def execute_run(recipe: Path, *, output_dir: Path | None, resume: bool, resume_f
             err.print(f"[yellow]No earlier run of this recipe in {out_dir}; starting a new one.[/]")
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=err, disable=quiet, transient=False)
-    from fmaudit.executor import EXECUTOR_KINDS, make_executor
+    from fmaudit.executor_factory import EXECUTOR_KINDS, make_executor
 
     spec = loaded.recipe.executor
     if executor is not None and executor not in EXECUTOR_KINDS:

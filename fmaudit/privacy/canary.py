@@ -242,7 +242,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {"epochs": 1, "batch_size": 16, "lr": 5e-5, "we
 
 def dp_rerun_settings(dp: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """`dp_finetune` keyword arguments that re-run the DP procedure recorded in `dp` (a DP target's
-    `finetune_info["dp"]`), and the keys it did not record (their privacy.dp_finetune defaults are used:
+    `provenance.dp`), and the keys it did not record (their privacy.dp_finetune defaults are used:
     then the canary run may not be the audited procedure, and the caller should say so)."""
     missing = [k for k in DP_REQUIRED if dp.get(k) is None]
     if missing:
@@ -307,7 +307,7 @@ def canary_audit(*, base: Any, members: Dataset, train: dict[str, Any], num_cana
     (kind 'canary'), apart from every other cached model.
 
     Non-private runs re-run `train` (a fine-tune config: epochs, batch_size, lr, weight_decay, trainable,
-    n_layers). DP runs re-run `dp` (a DP target's `finetune_info["dp"]`: epochs, batch_size, noise_multiplier,
+    n_layers). DP runs re-run `dp` (a DP target's `provenance.dp`: epochs, batch_size, noise_multiplier,
     delta, max_grad_norm, accountant, lr, weight_decay, trainable, n_layers, lora, clipping,
     max_physical_batch_size) with the same noise multiplier on the canary run's data; `train` is not used
     then. Keys the record lacks fall back to the defaults and are listed in `result.rerun["defaulted"]`.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -13,6 +13,9 @@ from torch import nn
 
 from fmaudit.data import Dataset, Split
 from fmaudit.tasks import CAPABILITIES
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fmaudit.provenance import Provenance
 
 
 class TargetError(ValueError):
@@ -45,7 +48,7 @@ class Target:
         self.device = torch.device(device)
         self.label_names = label_names
         self.split: Split | None = None
-        self.finetune_info: dict[str, Any] | None = None
+        self.provenance: Provenance | None = None  # how the run trained it (None: used as given)
         self.cache_hit: bool | None = None
         self.produced_by: str | None = None
         self._sha: str | None = None
@@ -83,7 +86,7 @@ class Target:
             num_parameters=sum(p.numel() for p in params),
             num_trainable_parameters=sum(p.numel() for p in params if p.requires_grad),
             weights_sha256=self.weights_sha256(), capabilities=sorted(self.capabilities),
-            num_labels=self.num_labels, finetune=self.finetune_info,
+            num_labels=self.num_labels, finetune=self.provenance.to_report() if self.provenance is not None else None,
             split=self.split.info() if self.split is not None else None,
             produced_by=self.produced_by, cache_hit=self.cache_hit,
         )

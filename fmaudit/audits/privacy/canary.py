@@ -4,9 +4,9 @@ Mahloujifar, Melis & Chaudhuri 2025 on the same guesses)."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Literal
 
-import numpy as np
 from pydantic import Field
 
 from fmaudit.audits.base import AuditContext, AuditModule, AuditParams, Outcome, base_target
@@ -69,35 +69,23 @@ class CanaryAudit(AuditModule):
                                 f"{have}, fewer than {MIN_RANDOM_TOKEN_WORDS}; use kind: flipped_label")
         from fmaudit.privacy.canary import check_delta
 
-        delta_problem = check_delta(self.params.delta, (target.finetune_info or {}).get("dp"))
+        prov = target.provenance
+        delta_problem = check_delta(self.params.delta, prov.dp.as_dict() if prov is not None and prov.dp else None)
         if delta_problem:
             problems.append(delta_problem)
         return problems
 
-    @staticmethod
-    def _dp_record(info: dict) -> dict | None:
-        """The DP run's settings as recorded; older reports kept lr beside the dp dict."""
-        dp = info.get("dp")
-        if dp is None:
-            return None
-        dp = dict(dp)
-        if "lr" not in dp and info.get("lr") is not None:
-            dp["lr"] = info["lr"]
-        return dp
-
     def run(self, target, ctx: AuditContext) -> Outcome:
         from fmaudit.privacy.canary import canary_audit, canary_findings
-        from fmaudit.seeds import Stream, rng as stream_rng
+        from fmaudit.seeds import Stream
 
         p = self.params
-        info = target.finetune_info or {}
-        dp = self._dp_record(info)
-        train = dict(info.get("config") or {}) if dp is None else {}
+        prov = target.provenance
+        dp = prov.dp.as_dict() if prov is not None and prov.dp is not None else None
+        train = {k: v for k, v in asdict(prov.train).items() if k != "seed"} if dp is None and prov and prov.train else {}
         split = target.split
         members = split.members
-        if p.max_members is not None and len(members) > p.max_members:
-            rng = stream_rng(ctx.seed, Stream.CANARY_MEMBERS)
-            members = members.subset(np.sort(rng.choice(len(members), p.max_members, replace=False)))
+        members = members.sample(p.max_members, ctx.seed, Stream.CANARY_MEMBERS)
         base = base_target(target, ctx)
         res = canary_audit(base=base, members=members, train=train, num_canaries=p.num_canaries,
                            kind=None if p.kind == "auto" else p.kind, pool=split.nonmembers, dp=dp, score=p.score,

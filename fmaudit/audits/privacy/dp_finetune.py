@@ -68,8 +68,9 @@ class DPFinetuneAudit(AuditModule):
     # -- helpers ---------------------------------------------------------------------------------------
     def _settings(self, target) -> dict[str, Any]:
         p = self.params
-        ft = (target.finetune_info or {}).get("config") or {}
-        return dict(epochs=p.epochs or int(ft.get("epochs", 1)), batch_size=p.batch_size or int(ft.get("batch_size", 16)))
+        ft = target.provenance.train if target.provenance is not None else None
+        return dict(epochs=p.epochs or (ft.epochs if ft is not None else 1),
+                    batch_size=p.batch_size or (ft.batch_size if ft is not None else 16))
 
     def _train_data(self, target, data):
         split = target.split
@@ -106,7 +107,7 @@ class DPFinetuneAudit(AuditModule):
     def _base(self, target, ctx: AuditContext):
         """The target's weights BEFORE its non-private fine-tune (DP must start from them: weights that
         already saw the members void the guarantee), reloaded and checked by hash through `base_target`."""
-        if not target.finetune_info:
+        if target.provenance is None:
             return target.copy(), "the target as given (it was not fine-tuned in this recipe)"
         base = base_target(target, ctx)
         return base, "the pre-trained weights of the non-private target (same members, verified by sha256)"
@@ -116,14 +117,14 @@ class DPFinetuneAudit(AuditModule):
         import warnings
 
         from fmaudit.data import member_split
-        from fmaudit.privacy.dp import SEED_STATEMENT, DPPrivacyWarning, _utility, dp_finetune
+        from fmaudit.provenance import DPRecord, Provenance
+        from fmaudit.privacy.dp import SEED_STATEMENT, DPPrivacyWarning, dp_finetune, utility_summary
 
         p = self.params
         s = self._settings(target)
         split = target.split
         if split is None:
-            session = ctx.extras.get("session")
-            seed = session.recipe.seed if session is not None else ctx.seed
+            seed = ctx.run_seed if ctx.run_seed is not None else ctx.seed
             split = member_split(ctx.data, member_fraction=p.member_fraction, seed=seed)
         base, start = self._base(target, ctx)
         with warnings.catch_warnings():
@@ -141,12 +142,10 @@ class DPFinetuneAudit(AuditModule):
         produced.split = split
         produced.cache_hit = res.cache_hit
         produced.source = f"{target.source} (DP fine-tuned by {ctx.unit_id})"
-        produced.finetune_info = {
-            "dp": res.params(), "cache_key": res.cache_key, "start": start,
-            "base_weights_sha256": base.weights_sha256(), "lr": p.lr, "steps": res.steps,
-            "epoch_losses": res.epoch_losses, "train_seconds": round(res.train_seconds, 3),
-            "data": split.dataset.name, "seed": ctx.seed,
-        }
+        produced.provenance = Provenance(
+            data=split.dataset.name, dp=DPRecord.from_params(res.params()), base_weights_sha256=base.weights_sha256(),
+            cache_key=res.cache_key, seed=ctx.seed, steps=res.steps, epoch_losses=tuple(res.epoch_losses),
+            train_seconds=round(res.train_seconds, 3), start=start)
         out.produced = produced
 
         # Privacy ledger -------------------------------------------------------------------------------
@@ -181,10 +180,10 @@ class DPFinetuneAudit(AuditModule):
 
         # Utility beside the baseline -------------------------------------------------------------------
         held_out = split.nonmembers
-        dp_u = _utility(produced, held_out, max_examples=p.eval_examples, seed=ctx.seed)
-        base_u = _utility(target, held_out, max_examples=p.eval_examples, seed=ctx.seed)
+        dp_u = utility_summary(produced, held_out, max_examples=p.eval_examples, seed=ctx.seed)
+        base_u = utility_summary(target, held_out, max_examples=p.eval_examples, seed=ctx.seed)
         out.tables["utility"] = {"evaluated_on": f"{held_out.name} (non-members, up to {p.eval_examples})",
-                                 "dp": dp_u, "non_private": base_u, "non_private_target": ctx.extras.get("target_name"),
+                                 "dp": dp_u, "non_private": base_u, "non_private_target": target.name,
                                  "dp_train": res.train_utility}
         if "accuracy" in dp_u:
             out.metric("accuracy", dp_u["accuracy"], higher_is_better=True, unit="fraction",

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from fmaudit.audits.base import AuditContext, AuditModule, AuditParams, Outcome, base_target, source_recipe_target
+from fmaudit.audits.base import AuditContext, AuditModule, AuditParams, Outcome, base_target
 
 AttackName = Literal["loss", "confidence", "entropy", "zlib", "min_k", "min_k_pp", "calibrated_loss",
                      "lira_online", "lira_offline", "rmia", "rmia_offline", "quantile"]
@@ -191,7 +191,7 @@ class MembershipAudit(AuditModule):
         ref_train = float(sum(r.get("train_seconds") or 0.0 for r in refs))
         ref_score = float(sum(r.get("score_seconds") or 0.0 for r in refs))
         extra = {"calibrated_loss": timings.get("calibration_s", 0.0), "quantile": timings.get("quantile_s", 0.0)}
-        target_train = (target.finetune_info or {}).get("train_seconds")
+        target_train = target.provenance.train_seconds if target.provenance is not None else None
         for a in attacks:
             cost = timings.get("score_target_s", 0.0) + (ref_train + ref_score if a in REFERENCE_ATTACKS
                                                          else extra.get(a, 0.0))
@@ -262,10 +262,12 @@ class MembershipAudit(AuditModule):
         name = self.params.calibration_model
         if name == "base":
             return base_target(target, ctx), "base"
-        session = ctx.extras.get("session")
-        if session is None or (name not in session.targets and name not in session.recipe.targets):
-            raise ValueError(f"calibration_model {name!r} is not a target of this run")
-        cal = session.targets[name] if name in session.targets else session.target(name)
+        try:
+            if ctx.services is None:
+                raise KeyError(name)
+            cal = ctx.services.target(name)
+        except KeyError:
+            raise ValueError(f"calibration_model {name!r} is not a target of this run") from None
         if cal.task != target.task:
             raise ValueError(f"calibration_model {name!r} is a {cal.task} model; the target is {target.task}")
         return cal, name
@@ -298,21 +300,20 @@ class MembershipAudit(AuditModule):
         from fmaudit.training import TrainConfig
 
         p = self.params
-        cfg = dict((target.finetune_info or {}).get("config") or {})
-        source = source_recipe_target(target, ctx)
-        session = ctx.extras.get("session")
-        if not cfg and source is not None and session is not None and source in session.targets:
+        cfg = target.provenance.train if target.provenance is not None else None
+        source = ctx.services.source_of(target) if ctx.services is not None else None
+        if cfg is None and source is not None and source != target.name:
             # a produced target (e.g. DP fine-tuned): mimic its source's recipe fine-tune, so both targets
             # share the same (cached) reference models
-            cfg = dict((session.targets[source].finetune_info or {}).get("config") or {})
-        if not cfg:
+            src = ctx.services.target(source)
+            cfg = src.provenance.train if src.provenance is not None else None
+        if cfg is None:
             out.finding("low", "Reference models use default training settings",
                         f"target {target.name!r} records no fine-tune settings; reference models train with "
                         "epochs / lr / batch size from params or the defaults (1 epoch, lr 5e-5, batch 16)")
-        return TrainConfig(epochs=p.reference_epochs or int(cfg.get("epochs", 1)),
-                           batch_size=p.reference_batch_size or int(cfg.get("batch_size", 16)),
-                           lr=p.reference_lr or float(cfg.get("lr", 5e-5)),
-                           weight_decay=float(cfg.get("weight_decay", 0.0)), trainable=p.reference_trainable,
+        cfg = cfg or TrainConfig()
+        return TrainConfig(epochs=p.reference_epochs or cfg.epochs, batch_size=p.reference_batch_size or cfg.batch_size,
+                           lr=p.reference_lr or cfg.lr, weight_decay=cfg.weight_decay, trainable=p.reference_trainable,
                            n_layers=p.reference_n_layers, seed=seed)
 
     def _reference_signals(self, target, ctx: AuditContext, population, audit_idx: np.ndarray, is_clf: bool,
@@ -329,7 +330,7 @@ class MembershipAudit(AuditModule):
         configs = [self._train_config(target, seeds[r], out, ctx) for r in range(R)]
         out.findings = _dedupe_findings(out.findings)
         audit = population.subset(audit_idx, name=f"{population.name}[audit]")
-        executor = ctx.extras.get("executor") or LocalExecutor()
+        executor = ctx.executor or LocalExecutor()
         progress = ctx.progress
         try:  # a remote executor pickles what the function captures: progress bars stay in this process
             from fmaudit.executor import local_only  # type: ignore[attr-defined]
@@ -349,7 +350,7 @@ class MembershipAudit(AuditModule):
         ref_phi = np.stack([r["phi"] for r in results])
         ref_logp = np.stack([r["logp"] for r in results])
         in_mask = masks[:, audit_idx]
-        target_train = (target.finetune_info or {}).get("train_seconds")
+        target_train = target.provenance.train_seconds if target.provenance is not None else None
         rows = []
         overlap = reference_overlap(in_mask, is_member)
         for r in results:
