@@ -3,19 +3,14 @@ loading code runs) and small datasets written to disk."""
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from fmaudit.testing import save_tiny_bert, save_tiny_llama, save_tiny_vit, write_sentences_csv
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-POS_WORDS = ["good", "great", "happy", "love", "wonderful", "nice", "best", "fun", "excellent", "amazing"]
-NEG_WORDS = ["bad", "awful", "sad", "hate", "terrible", "worst", "boring", "poor", "ugly", "angry"]
-FILLER = ["the", "movie", "day", "was", "today", "really", "so", "this", "my", "weekend", "food", "show"]
-
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
@@ -47,19 +42,6 @@ def one_torch_thread():
     torch.set_num_threads(old)
 
 
-def make_sentences(n: int, seed: int = 0) -> tuple[list[str], list[int]]:
-    """Synthetic sentiment sentences: label 1 has positive words, label 0 negative ones."""
-    rng = np.random.default_rng(seed)
-    texts, labels = [], []
-    for i in range(n):
-        y = i % 2
-        words = list(rng.choice(FILLER, size=int(rng.integers(3, 7))))
-        words.insert(int(rng.integers(0, len(words) + 1)), str(rng.choice(POS_WORDS if y else NEG_WORDS)))
-        texts.append(" ".join(words) + f" {i}")  # the number keeps texts unique
-        labels.append(y)
-    return texts, labels
-
-
 @pytest.fixture(scope="session")
 def minilm_tokenizer_dir() -> Path:
     from fmaudit.targets import minilm_path
@@ -70,63 +52,25 @@ def minilm_tokenizer_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory, minilm_tokenizer_dir) -> Path:
     """A 2-layer, 32-wide BERT sequence classifier with MiniLM's tokenizer, saved as a checkpoint."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tiny-bert")
-    tok = AutoTokenizer.from_pretrained(minilm_tokenizer_dir)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128, num_labels=2)
-    BertForSequenceClassification(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), minilm_tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, minilm_tokenizer_dir) -> Path:
     """A 2-layer, 32-wide Llama causal LM (SmolLM2's architecture) with MiniLM's tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tok = AutoTokenizer.from_pretrained(minilm_tokenizer_dir)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                      pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), minilm_tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
 def tiny_vit_dir(tmp_path_factory) -> Path:
     """A 2-layer ViT for 8x8 one-channel images (digits), with a preprocessor config (mean/std 0.5)."""
-    import torch
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tiny-vit")
-    cfg = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2,
-                    num_attention_heads=2, intermediate_size=64, num_labels=10)
-    ViTForImageClassification(cfg).save_pretrained(d)
-    ViTImageProcessor(do_resize=False, do_rescale=False, image_mean=[0.5], image_std=[0.5]).save_pretrained(d)
-    return d
+    return save_tiny_vit(tmp_path_factory.mktemp("tiny-vit"))
 
 
 @pytest.fixture(scope="session")
 def sentiment_csv(tmp_path_factory) -> Path:
     """200 synthetic labelled sentences as CSV (columns: id, text, label)."""
-    d = tmp_path_factory.mktemp("data")
-    texts, labels = make_sentences(200)
-    path = d / "sentiment.csv"
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["id", "text", "label"])
-        for i, (t, y) in enumerate(zip(texts, labels)):
-            w.writerow([f"s{i}", t, y])
-    return path
+    return write_sentences_csv(tmp_path_factory.mktemp("data") / "sentiment.csv", 200)
 
 
 @pytest.fixture()
@@ -142,30 +86,16 @@ def write_recipe(tmp_path):
     return _write
 
 
-def tiny_text_recipe(model_dir: Path, csv_path: Path, tmp_path: Path, **overrides) -> dict:
-    """A small, fast recipe over the tiny BERT and the synthetic CSV."""
-    recipe = {
-        "version": 1,
-        "name": "tiny",
-        "seed": 0,
-        "output_dir": str(tmp_path / "reports"),
-        "data": {"sents": {"source": str(csv_path), "id_column": "id"}},
-        "targets": {"bert": {"model": str(model_dir), "task": "text-classification", "max_length": 32,
-                             "finetune": {"data": "sents", "epochs": 1, "batch_size": 16, "lr": 1e-3}}},
-        "audits": [{"use": "utility", "target": "bert"}],
-    }
-    recipe.update(overrides)
-    return recipe
-
-
 PLUGIN_DIR = Path(__file__).parent / "plugin_pkg"
 
 
-def make_plugin_dist(root: Path) -> Path:
+@pytest.fixture()
+def plugin_dist(tmp_path) -> Path:
     """A real installed-distribution layout (dist-info with entry_points.txt) that importlib.metadata
-    discovers when `root` is on sys.path: the same mechanism pip-installed plugins use."""
+    discovers when the returned folder is on sys.path: the same mechanism pip-installed plugins use."""
     import shutil
 
+    root = tmp_path / "site"
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(PLUGIN_DIR / "fmaudit_testplugin.py", root / "fmaudit_testplugin.py")
     info = root / "fmaudit_testplugin-0.1.dist-info"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import NEG_WORDS, POS_WORDS, make_sentences, tiny_text_recipe
+from fmaudit.testing import NEG_WORDS, POS_WORDS, make_sentences, tiny_text_recipe
 
 from fmaudit.audits.base import AuditContext
 from fmaudit.audits.explain.attribution import AttributionAudit, hook_count

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import tiny_text_recipe
+from fmaudit.testing import tiny_text_recipe
 from fmaudit.privacy.audit_bound import audit_curve, epsilon_lower_bound, guess, p_value
 
 

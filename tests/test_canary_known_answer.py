@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import make_sentences
+from fmaudit.testing import make_sentences
 from fmaudit.data import Dataset
 from fmaudit.privacy.audit_bound import bounds
 from fmaudit.privacy.canary import canary_audit, canary_findings, holdout_split

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import make_sentences
+from fmaudit.testing import make_sentences
 from fmaudit.data import Dataset
 from fmaudit.privacy.canary import canary_audit, check_delta, dp_rerun_settings
 from fmaudit.seeds import Stream, derive

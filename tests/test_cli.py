@@ -7,7 +7,7 @@ import json
 import yaml
 from typer.testing import CliRunner
 
-from conftest import tiny_text_recipe
+from fmaudit.testing import tiny_text_recipe
 from fmaudit.cli import app
 
 runner = CliRunner()

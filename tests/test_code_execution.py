@@ -133,7 +133,7 @@ def test_unresolvable_module_is_a_recipe_problem(tmp_path):
 
 
 def test_trust_remote_code_is_said_too(tiny_bert_dir, sentiment_csv, tmp_path):
-    from conftest import tiny_text_recipe
+    from fmaudit.testing import tiny_text_recipe
 
     recipe = tiny_text_recipe(tiny_bert_dir, sentiment_csv, tmp_path)
     path = tmp_path / "r.yaml"

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_sentences
+from fmaudit.testing import make_sentences
 from torch import nn
 
 from fmaudit.privacy import DPConfigError, dp_finetune

@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import make_sentences
+from fmaudit.testing import make_sentences
 from torch import nn
 
 from fmaudit.data import Dataset, member_split

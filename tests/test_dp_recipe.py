@@ -1,7 +1,7 @@
 """privacy.dp_finetune as a recipe step: produces a target that later audits use; cached like fine-tunes."""
 
 import pytest
-from conftest import tiny_text_recipe
+from fmaudit.testing import tiny_text_recipe
 
 from fmaudit.registry import registry
 from fmaudit.runner import run_recipe

@@ -41,7 +41,7 @@ def _wordpiece(minilm_dir: Path):
 
 def _byte_level_bpe():
     """A small byte-level BPE tokenizer (GPT-2's kind) trained on the synthetic sentences; eos only, no pad."""
-    from conftest import make_sentences
+    from fmaudit.testing import make_sentences
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2TokenizerFast
 

@@ -85,7 +85,7 @@ def test_publish_dir_replaces_an_entry_whole(tmp_path):
 
 
 def test_truncated_cache_entry_is_rebuilt_not_loaded(tiny_bert_dir, sentiment_csv, tmp_path):
-    from conftest import tiny_text_recipe
+    from fmaudit.testing import tiny_text_recipe
     from fmaudit.runner import run_recipe
 
     recipe = tiny_text_recipe(tiny_bert_dir, sentiment_csv, tmp_path, cache_dir=str(tmp_path / "cache"))

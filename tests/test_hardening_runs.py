@@ -13,7 +13,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import tiny_text_recipe
+from fmaudit.testing import tiny_text_recipe
 from fmaudit.cli import app
 from fmaudit.recipe import load_recipe
 from fmaudit.report import load_report

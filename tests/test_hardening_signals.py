@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_text_recipe
+from fmaudit.testing import tiny_text_recipe
 from fmaudit.report import EventLog, load_report
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")

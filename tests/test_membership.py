@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_sentences, tiny_text_recipe
+from fmaudit.testing import make_sentences, tiny_text_recipe
 from fmaudit.audits.base import AuditContext
 from fmaudit.audits.privacy.membership import MembershipAudit
 from fmaudit.data import Dataset, Split, load_digits, member_split

@@ -15,7 +15,7 @@ import pytest
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'fmaudit[ray]')")
 
 import ray_helpers  # noqa: E402
-from conftest import tiny_text_recipe  # noqa: E402
+from fmaudit.testing import tiny_text_recipe  # noqa: E402
 from fmaudit.executor import NotSendable, TaskFailed, map_sharded  # noqa: E402
 from fmaudit.ray_executor import RayExecutor  # noqa: E402
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from conftest import tiny_text_recipe
+from fmaudit.testing import tiny_text_recipe
 from fmaudit.cli import app
 from fmaudit.executor import ExecutorUnavailable, LocalExecutor, LocalOnly, TaskFailed, map_sharded
 from fmaudit.executor_factory import make_executor, ray_available

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 
-from conftest import make_plugin_dist
 from fmaudit.registry import Registry, RegistryError, registry
 
 
@@ -25,8 +24,8 @@ def test_unknown_name_suggests():
         registry.get("utilty")
 
 
-def test_entry_point_discovery(tmp_path, monkeypatch):
-    root = make_plugin_dist(tmp_path / "site")
+def test_entry_point_discovery(plugin_dist, monkeypatch):
+    root = plugin_dist
     monkeypatch.syspath_prepend(str(root))
     reg = Registry()
     assert "thirdparty.label_balance" in reg.names()
@@ -35,8 +34,8 @@ def test_entry_point_discovery(tmp_path, monkeypatch):
     assert cls.category == "utility"
 
 
-def test_entry_point_collision_is_an_error(tmp_path, monkeypatch):
-    root = make_plugin_dist(tmp_path / "site")
+def test_entry_point_collision_is_an_error(plugin_dist, monkeypatch):
+    root = plugin_dist
     ep = root / "fmaudit_testplugin-0.1.dist-info" / "entry_points.txt"
     ep.write_text("[fmaudit.audits]\nutility = fmaudit_testplugin:LabelBalance\n")
     monkeypatch.syspath_prepend(str(root))
@@ -57,15 +56,15 @@ def test_register_and_wrong_name(test_modules):
         reg3.get("x")
 
 
-def test_plugin_runs_from_cli_via_entry_point(tmp_path, tiny_bert_dir, sentiment_csv):
+def test_plugin_runs_from_cli_via_entry_point(tmp_path, tiny_bert_dir, sentiment_csv, plugin_dist):
     """A pip-style plugin (entry point) is usable in a recipe run from the command line."""
     import os
 
     import yaml
 
-    from conftest import tiny_text_recipe
+    from fmaudit.testing import tiny_text_recipe
 
-    root = make_plugin_dist(tmp_path / "site")
+    root = plugin_dist
     recipe = tiny_text_recipe(tiny_bert_dir, sentiment_csv, tmp_path)
     recipe["audits"] = [{"use": "thirdparty.label_balance", "target": "bert",
                          "fail_if": {"majority_fraction": {"gt": 0.9}}}]

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import tiny_text_recipe
+from fmaudit.testing import tiny_text_recipe
 from fmaudit.recipe import RecipeError
 from fmaudit.report import load_report
 from fmaudit.runner import EXIT_GATE_FAILED, EXIT_MODULE_ERROR, EXIT_OK, PreparationError, run_recipe

@@ -1,4 +1,4 @@
-from conftest import tiny_text_recipe
+from fmaudit.testing import tiny_text_recipe
 
 from fmaudit.runner import run_recipe
 

@@ -198,7 +198,7 @@ def test_unknown_attack_suggests():
 def test_cli_validate_exits_2(write_recipe, tiny_bert_dir, sentiment_csv, tmp_path):
     from typer.testing import CliRunner
 
-    from conftest import tiny_text_recipe
+    from fmaudit.testing import tiny_text_recipe
     from fmaudit.cli import app
 
     recipe = tiny_text_recipe(tiny_bert_dir, sentiment_csv, tmp_path)
@@ -240,7 +240,7 @@ def test_recipe_with_causal_lm_target_is_invalid(write_recipe, tiny_llama_dir, s
 
 
 def test_end_to_end_recipe_with_gate(tiny_bert_dir, sentiment_csv, tmp_path):
-    from conftest import tiny_text_recipe
+    from fmaudit.testing import tiny_text_recipe
     from fmaudit.runner import run_recipe
 
     recipe = tiny_text_recipe(tiny_bert_dir, sentiment_csv, tmp_path)

@@ -26,7 +26,7 @@ def test_wilson_interval_contains_estimate():
 
 
 def test_utility_matches_sklearn(tiny_bert_dir, sentiment_csv, tmp_path):
-    from conftest import tiny_text_recipe
+    from fmaudit.testing import tiny_text_recipe
     from fmaudit.data import load_dataset
     from fmaudit.recipe import DataSpec
     from fmaudit.runner import run_recipe
