@@ -11,12 +11,10 @@ from __future__ import annotations
 import pandas as pd
 
 from dashboard import figures as F
-from dashboard.compare_view import compare_frame, view_compare  # noqa: F401  re-export for tests/test_compare.py
 from dashboard.fragments import verdict_block_html
 from dashboard.generic import (notice_for_entry, private_targets, render_findings, render_generic, render_status,
                                result_title)
 from dashboard.renderers import RENDERERS, renderers_for
-from dashboard.renderers.robustness import render_certify  # noqa: F401  re-export for tests/test_certify.py
 from dashboard.runs import SEVERITIES, RunEntry, gate_verdict, run_rows
 from dashboard.sinks import Card, Sink
 from fmaudit.report import AuditResult

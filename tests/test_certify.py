@@ -354,7 +354,7 @@ def test_dashboard_overlays_certified_and_attacked_accuracy(tmp_path):
     """The dashboard's robustness view draws the two bounds of one result on one plot, with its caption."""
     from dashboard.runs import RunEntry
     from dashboard.sinks import HtmlSink
-    from dashboard.views import render_certify
+    from dashboard.renderers.robustness import render_certify
     from fmaudit.report import AuditResult, Curve, Metric
 
     r = AuditResult.model_construct(

@@ -115,7 +115,7 @@ def test_cost_metrics_are_recognised(name, unit_, cost):
 def test_dashboard_compare_frame_and_view_use_the_rule(tmp_path):
     from dashboard.runs import RunEntry
     from dashboard.sinks import HtmlSink
-    from dashboard.views import compare_frame, view_compare
+    from dashboard.compare_view import compare_frame, view_compare
 
     a = quickstart_like()
     b = noisy_twin(a)

@@ -306,7 +306,8 @@ def test_per_example_gradient_norms(family, clipping, tmp_path, minilm_tokenizer
     from opacus import GradSampleModule
     from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleModuleFastGradientClipping
 
-    from fmaudit.privacy.dp import _repeat_broadcast_ids, preflight
+    from fmaudit.privacy.dp import preflight
+    from fmaudit.privacy.dp.training import _repeat_broadcast_ids
     from fmaudit.targets import load_target
 
     model_dir = build_checkpoint(family, tmp_path, minilm_tokenizer_dir)

@@ -246,7 +246,7 @@ def test_validate_and_report_never_exit_1(tmp_path, monkeypatch):
 
     code = ("import sys, fmaudit.cli as c\n"
             "def boom(*a, **k):\n    raise RuntimeError('escaped a command')\n"
-            "c._print_summary = boom\nsys.argv = ['fmaudit', 'report', sys.argv[1]]\nc.main()\n")
+            "c.print_summary = boom\nsys.argv = ['fmaudit', 'report', sys.argv[1]]\nc.main()\n")
     good = tmp_path / "good"
     good.mkdir()
     from fmaudit.report import HostInfo, RunReport, write_report

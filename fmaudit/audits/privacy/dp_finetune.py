@@ -79,7 +79,7 @@ class DPFinetuneAudit(AuditModule):
         return (data, None) if data is not None else (None, None)
 
     def check(self, target, data) -> list[str]:
-        from fmaudit.privacy.dp import _validate_settings, preflight
+        from fmaudit.privacy.dp import preflight, validate_settings
 
         p = self.params
         s = self._settings(target)
@@ -87,7 +87,7 @@ class DPFinetuneAudit(AuditModule):
         n = None
         if members is not None:
             n = len(members) if target.split is not None else int(round(len(members) * p.member_fraction))
-        problems = _validate_settings(n=n, target_epsilon=p.target_epsilon, noise_multiplier=p.noise_multiplier,
+        problems = validate_settings(n=n, target_epsilon=p.target_epsilon, noise_multiplier=p.noise_multiplier,
                                       delta=p.delta, max_grad_norm=p.max_grad_norm, lr=p.lr, accountant=p.accountant,
                                       trainable=p.trainable, clipping=p.clipping,
                                       max_physical_batch_size=p.max_physical_batch_size, n_layers=p.n_layers, **s)

@@ -35,13 +35,8 @@ from fmaudit.privacy.dp.preflight import preflight
 from fmaudit.privacy.dp.settings import (DPSettings, default_delta, default_physical_batch, dp_defaults,
                                          validate_settings)
 from fmaudit.privacy.dp.trainable import TRAINABLE, apply_trainable
-from fmaudit.privacy.dp.training import _repeat_broadcast_ids as _repeat_ids
 from fmaudit.privacy.dp.utility import utility_summary
 
-# Old import paths still used outside this package (to be removed once those files import the new names):
-_repeat_broadcast_ids = _repeat_ids  # tests/test_families.py (new home: fmaudit.privacy.dp.training)
-_validate_settings = validate_settings  # fmaudit/audits/privacy/dp_finetune.py check()
-_utility = utility_summary  # fmaudit/audits/privacy/dp_finetune.py, until its edited import line is committed
 
 __all__ = ["ACCOUNTANTS", "CLIPPING", "SEED_STATEMENT", "TRAINABLE", "AccountantFailure", "Accounting", "DPConfigError",
            "DPInputs", "DPPrivacyWarning", "DPResult", "DPSettings", "DPTrainingError", "LossFunction", "TorchData",
