@@ -27,8 +27,6 @@ def test_wilson_interval_contains_estimate():
 
 def test_utility_matches_sklearn(tiny_bert_dir, sentiment_csv, tmp_path):
     from fmaudit.testing import tiny_text_recipe
-    from fmaudit.data import load_dataset
-    from fmaudit.recipe import DataSpec
     from fmaudit.runner import run_recipe
 
     recipe = tiny_text_recipe(tiny_bert_dir, sentiment_csv, tmp_path)
