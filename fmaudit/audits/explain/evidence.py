@@ -8,13 +8,17 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from fmaudit.audits.base import AuditContext
+from fmaudit.explain.image import ImageSpace
+from fmaudit.explain.lm import LMSpace
 from fmaudit.explain.space import Attribution, Example, FeatureSpace
+from fmaudit.explain.text import TextSpace
 from fmaudit.tasks import CAUSAL_LM, IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION
 
 Attrs = dict[str, list[Attribution]]
 
 
-def _image_part(space: Any, ex: Example, attrs: Attrs, store: bool, data: Any, heatmap: str | None) -> dict[str, Any]:
+def _image_part(space: ImageSpace, ex: Example, attrs: Attrs, store: bool, data: Any,
+                heatmap: str | None) -> dict[str, Any]:
     """The heatmap and the five strongest pixels (or patches) per method."""
     ev: dict[str, Any] = {"heatmap": heatmap}
     h, w = ex.x.shape[-2:]
@@ -29,7 +33,7 @@ def _image_part(space: Any, ex: Example, attrs: Attrs, store: bool, data: Any, h
     return ev
 
 
-def _token_part(space: Any, ex: Example, attrs: Attrs, store: bool) -> dict[str, Any]:
+def _token_part(space: TextSpace | LMSpace, ex: Example, attrs: Attrs, store: bool) -> dict[str, Any]:
     """Per method one `{position, token_id, score}` per feature token, and IG's convergence delta."""
     tok = space.target.tokenizer
     ids = ex.x[0].tolist()
@@ -48,14 +52,16 @@ def _token_part(space: Any, ex: Example, attrs: Attrs, store: bool) -> dict[str,
     return ev
 
 
-def _text_part(space: Any, ex: Example, attrs: Attrs, store: bool, data: Any, heatmap: str | None) -> dict[str, Any]:
+def _text_part(space: TextSpace, ex: Example, attrs: Attrs, store: bool, data: Any,
+               heatmap: str | None) -> dict[str, Any]:
     ev = _token_part(space, ex, attrs, store)
     if store:
         ev["text"] = data.texts[ex.meta["data_index"]]
     return ev
 
 
-def _lm_part(space: Any, ex: Example, attrs: Attrs, store: bool, data: Any, heatmap: str | None) -> dict[str, Any]:
+def _lm_part(space: LMSpace, ex: Example, attrs: Attrs, store: bool, data: Any,
+             heatmap: str | None) -> dict[str, Any]:
     ev = _token_part(space, ex, attrs, store)
     cont = ex.extra["continuation"].tolist()
     ev["continuation_token_ids"] = cont
@@ -93,7 +99,7 @@ def evidence(space: FeatureSpace, ex: Example, attrs: Attrs, *, names: Sequence[
     return ev
 
 
-def top_tokens(space: Any, examples: Sequence[Example], alist: Sequence[Attribution], *, count: int,
+def top_tokens(space: TextSpace | LMSpace, examples: Sequence[Example], alist: Sequence[Attribution], *, count: int,
                store: bool) -> dict[str, Any]:
     """Tokens with the largest mean attribution across the set (scores L1-normalized per example so long
     or confident examples don't dominate)."""
