@@ -111,13 +111,14 @@ class ImageClassifier(ClassifierTarget):
     def forward_logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(batch["pixels"])
 
-    @torch.no_grad()
     def logits_images(self, images: torch.Tensor | np.ndarray, batch_size: int = 128) -> np.ndarray:
+        from fmaudit.batching import batched_forward
+
         x = torch.as_tensor(images, dtype=torch.float32)
+        if len(x) == 0:
+            return np.zeros((0, self.num_labels or 0))
         self.model.eval()
-        outs = [self.model(x[i: i + batch_size].to(self.device)).double().cpu().numpy()
-                for i in range(0, len(x), batch_size)]
-        return np.concatenate(outs) if outs else np.zeros((0, self.num_labels or 0))
+        return batched_forward(self.model, x, batch_size, device=self.device, dtype=torch.float64).numpy()
 
 
 def digits_cnn(num_labels: int = 10, in_channels: int = 1) -> nn.Module:
