@@ -49,6 +49,8 @@ class AuditModule:
     class Params(AuditParams):
         pass
 
+    params: AuditParams  # a subclass declares `params: Params` after its own Params
+
     def __init__(self, params: AuditParams | dict[str, Any] | None = None):
         if params is None or isinstance(params, dict):
             params = self.Params.model_validate(params or {})

@@ -28,6 +28,8 @@ class UtilityAudit(AuditModule):
         bootstrap: int = Field(default=1000, ge=0, le=100_000, description="Bootstrap rounds for intervals (0: none).")
         confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
 
+    params: Params
+
     def check(self, target, data) -> list[str]:
         problems = []
         if data is None or len(data) == 0:

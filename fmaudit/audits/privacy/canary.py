@@ -48,6 +48,8 @@ class CanaryAudit(AuditModule):
         secret_digits: int = Field(default=6, ge=3, le=12, description="Causal LMs: digits per secret.")
         exposure_candidates: int = Field(default=300, ge=50, description="Random secrets for exposure ranks.")
 
+    params: Params
+
     def check(self, target, data) -> list[str]:
         problems = []
         if target.split is None:

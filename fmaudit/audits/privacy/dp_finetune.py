@@ -65,6 +65,8 @@ class DPFinetuneAudit(AuditModule):
                 raise ValueError("give exactly one of target_epsilon and noise_multiplier (set the other to null)")
             return self
 
+    params: Params
+
     # -- helpers ---------------------------------------------------------------------------------------
     def _settings(self, target) -> dict[str, Any]:
         p = self.params

@@ -128,6 +128,8 @@ class CertifyAudit(AuditModule):
 
             return certified_radius(pa_lower_bound(self.n, self.n, self.alpha), self.sigma) or 0.0
 
+    params: Params
+
     # -- pre-flight ----------------------------------------------------------------------------------
     def check(self, target, data) -> list[str]:
         problems: list[str] = []

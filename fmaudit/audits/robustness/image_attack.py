@@ -123,6 +123,8 @@ class ImageAttackAudit(AuditModule):
                 return spec.epsilons
             return self.epsilons if spec.norm_ == "Linf" else self.l2_epsilons
 
+    params: Params
+
     # -- pre-flight ----------------------------------------------------------------------------------
     def check(self, target, data) -> list[str]:
         problems: list[str] = []

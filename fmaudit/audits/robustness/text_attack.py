@@ -87,6 +87,8 @@ class TextAttackAudit(AuditModule):
                                  f"not by {self.attack!r}")
             return self
 
+    params: Params
+
     # ----------------------------------------------------------------------------------------------
     def check(self, target, data) -> list[str]:
         problems: list[str] = []
