@@ -149,15 +149,14 @@ def test_reference_training_ships_to_another_process(overfit):
     """What a remote executor does with a reference-model item: pickle the callable, run it elsewhere."""
     import pickle
 
-    from fmaudit.audits.privacy.membership import _TrainReference
-    from fmaudit.audits.privacy.membership_attacks import paired_halves
+    from fmaudit.privacy.membership.reference_models import TrainReference, paired_halves
     from fmaudit.training import TrainConfig
 
     out, target, data, split, base, tmp = overfit
-    fn = _TrainReference(base=base, population=data, audit=data, masks=paired_halves(len(data), 2, 0),
-                         seeds=[1, 2], configs=[TrainConfig(epochs=1, batch_size=16, lr=1e-2, seed=1)] * 2,
-                         is_clf=True, cache_dir=tmp / "cache-pickle", progress=None, batch_size=64, min_k=0.2,
-                         label="mlp")
+    fn = TrainReference(base=base, population=data, audit=data, masks=paired_halves(len(data), 2, 0),
+                        seeds=[1, 2], configs=[TrainConfig(epochs=1, batch_size=16, lr=1e-2, seed=1)] * 2,
+                        is_clf=True, cache_dir=tmp / "cache-pickle", progress=None, batch_size=64, min_k=0.2,
+                        label="mlp")
     here = fn(0)
     there = pickle.loads(pickle.dumps(fn))(0)
     assert "error" not in here and there["cache_hit"] and there["cache_key"] == here["cache_key"]

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, precision_score, roc_auc_score, roc_curve
 
-from fmaudit.audits.privacy.membership_attacks import (classifier_signals, in_out_means, lira_scores, logit_scale,
-                                                       paired_halves, rmia_scores, sequence_signals)
-from fmaudit.audits.privacy.membership_stats import (attack_metrics, auc_score, blind_baseline, curve_points, roc,
-                                                     summarize_levels, tpr_at_fpr)
+from fmaudit.privacy.membership.blind import blind_baseline
+from fmaudit.privacy.membership.reference_attacks import in_out_means, lira_scores, rmia_scores
+from fmaudit.privacy.membership.reference_models import paired_halves
+from fmaudit.privacy.membership.signals import classifier_signals, logit_scale, sequence_signals
+from fmaudit.privacy.membership.stats import attack_metrics, auc_score, curve_points, roc, summarize_levels, tpr_at_fpr
 
 
 def _scores(seed: int, n_mem: int = 300, n_non: int = 700, shift: float = 0.8, ties: bool = True):
@@ -229,7 +230,7 @@ def test_headline_on_pure_noise_is_calibrated():
     """Defect: the headline took the maximum over attacks on the same examples, so on a model that leaks
     nothing `auc > 0.55` fired ~10% of the time and max(TPR - FPR) looked like a leak. Now the attack is
     chosen on one half, measured on the other, and compared with a permutation null."""
-    from fmaudit.audits.privacy.membership_stats import calibrated_headlines
+    from fmaudit.privacy.membership.headline import calibrated_headlines
 
     n_trials, k = 120, 4
     old_max_auc, new_auc, p_small, adv_over_null, adv_ci_excludes_0 = [], [], 0, 0, 0
@@ -257,7 +258,7 @@ def test_headline_on_pure_noise_is_calibrated():
 
 
 def test_headline_finds_a_real_leak_and_measures_it_held_out():
-    from fmaudit.audits.privacy.membership_stats import calibrated_headlines
+    from fmaudit.privacy.membership.headline import calibrated_headlines
 
     g = np.random.default_rng(0)
     y = np.r_[np.ones(300, bool), np.zeros(300, bool)]
@@ -311,7 +312,7 @@ def test_lira_online_shrinkage_keeps_weak_references_useful():
 
 
 def test_headline_with_too_few_examples_to_split_says_it_is_optimistic():
-    from fmaudit.audits.privacy.membership_stats import calibrated_headlines
+    from fmaudit.privacy.membership.headline import calibrated_headlines
 
     y = np.array([True, True, True, False, False, False])
     scores = {"a": np.arange(6.0), "b": -np.arange(6.0)}
@@ -333,7 +334,7 @@ def _difficulty_world(seed: int, n: int = 1200, d: int = 8, leak: float = 0.6):
 def test_quantile_regression_calibrates_per_example_difficulty():
     """Bertran et al.'s point: a regression from features to the non-member signal replaces reference
     models. Here difficulty swamps the raw signal (AUC near 0.6), the calibrated score finds members."""
-    from fmaudit.audits.privacy.membership_attacks import quantile_regression_scores
+    from fmaudit.privacy.membership.quantile import quantile_regression_scores
 
     s, x, member = _difficulty_world(0)
     score, info = quantile_regression_scores(s, x, ~member, folds=5, seed=0)
@@ -345,7 +346,7 @@ def test_quantile_regression_calibrates_per_example_difficulty():
 
 
 def test_quantile_regression_null_and_out_of_fold():
-    from fmaudit.audits.privacy.membership_attacks import quantile_regression_scores
+    from fmaudit.privacy.membership.quantile import quantile_regression_scores
 
     # null: members drawn like non-members -> chance
     s, x, member = _difficulty_world(1, leak=0.0)
@@ -359,3 +360,36 @@ def test_quantile_regression_null_and_out_of_fold():
     assert abs(np.median(z_pub) - np.median(z_mem)) < 0.15
     with pytest.raises(ValueError, match="at least 10 known non-members"):
         quantile_regression_scores(s[:20], x[:20], np.r_[np.ones(5, bool), np.zeros(15, bool)], folds=5)
+
+
+def test_attack_registry_matches_params_and_needs():
+    """Every attack params accept has a scorer, and every need is one the module knows how to gather."""
+    from typing import get_args
+
+    from fmaudit.audits.privacy.membership import STAGES
+    from fmaudit.privacy.membership.attacks import ATTACKS, AttackName
+
+    assert list(get_args(AttackName)) == list(ATTACKS)
+    known = set(STAGES) | {"token_distribution"}
+    assert all(a.needs <= known and a.models for a in ATTACKS.values())
+
+
+def test_attack_scorers_read_what_they_need():
+    from fmaudit.privacy.membership.attacks import ATTACKS, AttackInputs, AttackSettings
+    from fmaudit.privacy.membership.reference_models import ReferenceSignals
+
+    rng = np.random.default_rng(0)
+    logits, labels = rng.normal(size=(40, 3)), rng.integers(0, 3, 40)
+    sig = classifier_signals(logits, labels)
+    is_member = np.arange(40) < 20
+    ref = ReferenceSignals(phi=rng.normal(size=(2, 40)), logp=-rng.random((2, 40)), in_mask=paired_halves(40, 2, 0))
+    x = AttackInputs(target=sig, is_member=is_member, seed=0, calibration={"loss": sig["loss"] + 1.0}, reference=ref)
+    s = AttackSettings(fixed_variance=True)
+    np.testing.assert_array_equal(ATTACKS["loss"].score(x, s), -sig["loss"])
+    np.testing.assert_allclose(ATTACKS["calibrated_loss"].score(x, s), np.ones(40))
+    online, offline, _ = lira_scores(sig["phi"], ref.phi, ref.in_mask, fixed_variance=True, shrink=True)
+    np.testing.assert_array_equal(ATTACKS["lira_online"].score(x, s), online)
+    np.testing.assert_array_equal(ATTACKS["lira_offline"].score(x, s), offline)
+    assert "lira" in x.details
+    np.testing.assert_array_equal(ATTACKS["rmia_offline"].score(x, s),
+                                  rmia_scores(sig["logp_true"], ref.logp, ref.in_mask, offline=True, a=0.3))
