@@ -126,24 +126,12 @@ class MembershipAudit(AuditModule):
                         "which lowers the measured leakage")
         attacks = list(dict.fromkeys(p.attacks))
         needs = set().union(*(ATTACKS[a].needs for a in attacks))
-        run = _Run(p=p, target=target, ctx=ctx, out=out, sets=sets, is_clf="classifier" in target.capabilities)
+        run = _Run(p=p, target=target, ctx=ctx, out=out, sets=sets, is_clf="classifier" in target.capabilities,
+                   inputs=AttackInputs(target={}, is_member=sets.is_member, seed=ctx.seed))
         with ctx.task("membership: scoring the target", 1) as bar:
-            sig = run.signals(target, token_distribution="token_distribution" in needs)
+            run.inputs.target = run.signals(target, token_distribution="token_distribution" in needs)
             bar.advance()
-        run.inputs = AttackInputs(target=sig, is_member=sets.is_member, seed=ctx.seed)
-        settings = self.settings()
-        scores = {a: ATTACKS[a].score(run.inputs, settings) for a in attacks if not ATTACKS[a].needs & STAGES.keys()}
-        timings = {"score_target_s": time.perf_counter() - t0}
-        for need, stage in STAGES.items():
-            wanted = [a for a in attacks if need in ATTACKS[a].needs]
-            if wanted:
-                t = time.perf_counter()
-                stage.prepare(run)
-                scores.update({a: ATTACKS[a].score(run.inputs, settings) for a in wanted})
-                timings[stage.timing] = time.perf_counter() - t
-                if stage.report is not None:
-                    stage.report(run, settings, timings[stage.timing])
-
+        scores, timings = _score(run, attacks, self.settings(), t0)
         report_scores(out, p=p, attacks=attacks, scores=scores, is_member=sets.is_member, audit=sets.audit,
                       seed=ctx.seed, store_examples=ctx.store_examples)
         out.tables["sets"] = {**sets.source, "num_members": int(sets.is_member.sum()),
@@ -171,7 +159,7 @@ class _Run:
     out: Outcome
     sets: AuditSets
     is_clf: bool
-    inputs: AttackInputs | None = None
+    inputs: AttackInputs
     feature_source: str = ""
 
     def signals(self, model: Any, *, token_distribution: bool = False) -> dict[str, np.ndarray]:
@@ -180,6 +168,24 @@ class _Run:
 
         return model_signals(model, self.sets.audit, is_clf=self.is_clf, token_distribution=token_distribution,
                              batch_size=self.p.batch_size, min_k=self.p.min_k)
+
+
+def _score(run: _Run, attacks: list[str], settings: AttackSettings, t0: float
+           ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Every attack's scores: first those that read only the target's signals, then, need by need in the order
+    of STAGES, the need gathered once and the attacks that read it. Returns (scores by attack, seconds by step)."""
+    scores = {a: ATTACKS[a].score(run.inputs, settings) for a in attacks if not ATTACKS[a].needs & STAGES.keys()}
+    timings = {"score_target_s": time.perf_counter() - t0}
+    for need, stage in STAGES.items():
+        wanted = [a for a in attacks if need in ATTACKS[a].needs]
+        if wanted:
+            t = time.perf_counter()
+            stage.prepare(run)
+            scores.update({a: ATTACKS[a].score(run.inputs, settings) for a in wanted})
+            timings[stage.timing] = time.perf_counter() - t
+            if stage.report is not None:
+                stage.report(run, settings, timings[stage.timing])
+    return {a: scores[a] for a in attacks}, timings  # in the order asked: the headline's ties go to the first
 
 
 def _costs(out: Outcome, target, attacks: list[str], timings: dict[str, float]) -> None:
@@ -207,14 +213,12 @@ def _base_features(run: _Run) -> None:
     """quantile: membership-independent features of every audit example from the base model."""
     from fmaudit.privacy.membership.outputs import base_features
 
-    assert run.inputs is not None
     run.inputs.base_features, run.feature_source = base_features(
         base_target(run.target, run.ctx), run.sets.audit, is_clf=run.is_clf, num_labels=run.target.num_labels,
         batch_size=run.p.batch_size)
 
 
 def _report_quantile(run: _Run, settings: AttackSettings, seconds: float) -> None:
-    assert run.inputs is not None
     run.out.tables["quantile_regression"] = run.inputs.details["quantile"] | {"feature_source": run.feature_source,
                                                                               "seconds": round(seconds, 3)}
 
@@ -233,7 +237,6 @@ def _calibration(run: _Run) -> None:
             raise ValueError(f"calibration_model {name!r} is not a target of this run") from None
         if cal.task != target.task:
             raise ValueError(f"calibration_model {name!r} is a {cal.task} model; the target is {target.task}")
-    assert run.inputs is not None
     run.inputs.calibration = run.signals(cal)
     run.out.tables["calibration_model"] = {"name": name, "weights_sha256": cal.weights_sha256()}
 
@@ -284,7 +287,6 @@ def _reference_models(run: _Run) -> None:
                                                                           for e in errors))
     results.sort(key=lambda r: r["index"])
     in_mask = masks[:, run.sets.audit_idx]
-    assert run.inputs is not None
     run.inputs.reference = ReferenceSignals(phi=np.stack([r["phi"] for r in results]),
                                             logp=np.stack([r["logp"] for r in results]), in_mask=in_mask)
     _report_reference_models(run, results, masks, base.weights_sha256(), config)
@@ -333,7 +335,7 @@ def _report_reference_models(run: _Run, results: list[dict[str, Any]], masks: np
 
 def _report_reference_attacks(run: _Run, settings: AttackSettings, seconds: float) -> None:
     """The reference attacks' settings (and LiRA's IN / OUT statistics), and examples lacking an IN or OUT model."""
-    assert run.inputs is not None and run.inputs.reference is not None
+    assert run.inputs.reference is not None
     in_mask, R = run.inputs.reference.in_mask, run.p.reference_models
     info: dict[str, Any] = {"fixed_variance": settings.fixed_variance}
     if "lira" in run.inputs.details:

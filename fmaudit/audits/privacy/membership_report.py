@@ -13,29 +13,48 @@ from fmaudit.privacy.membership.attacks import ATTACK_DESCRIPTIONS
 if TYPE_CHECKING:
     from fmaudit.audits.privacy.membership import MembershipAudit
     from fmaudit.data import Dataset
+    from fmaudit.privacy.membership.headline import Headline
+    from fmaudit.privacy.membership.stats import AttackMetrics
 
 
 def report_scores(out: Outcome, *, p: "MembershipAudit.Params", attacks: list[str], scores: dict[str, np.ndarray],
                   is_member: np.ndarray, audit: "Dataset", seed: int, store_examples: bool) -> None:
     """Add the metrics, curves, tables, findings and evidence of `scores` (attack -> score per audit example,
     in the order of `audit`) to `out`. Scores of +-inf are made finite first, keeping their order."""
-    from fmaudit.privacy.membership.blind import blind_baseline
-    from fmaudit.privacy.membership.headline import calibrated_headlines
-    from fmaudit.privacy.membership.stats import FPR_LEVELS, attack_metrics, curve_points, summarize_levels
+    n_mem, n_non = int(is_member.sum()), int((~is_member).sum())
+    results = _attack_metrics(out, p=p, attacks=attacks, scores=scores, is_member=is_member, seed=seed)
+    heads = _headline(out, p=p, attacks=attacks, scores=scores, is_member=is_member, audit=audit, seed=seed)
+    out.metric("num_members", n_mem, unit="examples", description="Members attacked.")
+    out.metric("num_nonmembers", n_non, unit="examples", description="Non-members attacked.")
+    out.tables["attacks"] = {a: {"auc": m.auc, "auc_ci": m.ci.get("auc"), "tpr": m.tpr,
+                                 "advantage": m.advantage, "balanced_accuracy": m.balanced_accuracy,
+                                 "ppv_at_1pct_fpr": m.ppv_at_1pct_fpr, "best_threshold": m.best_threshold,
+                                 "description": ATTACK_DESCRIPTIONS[a]} for a, m in results.items()}
+    out.tables["strongest_attack"] = {name: h.attack for name, h in heads.items()}
 
-    level = p.confidence
+    _resolution_findings(out, heads=heads, num_nonmembers=n_non)
+    _blind_baseline(out, p=p, is_member=is_member, audit=audit, seed=seed)
+    _verdict(out, p=p, heads=heads)
+    _examples(out, p=p, attacks=attacks, scores=scores, is_member=is_member, audit=audit,
+              store_examples=store_examples)
+
+
+def _attack_metrics(out: Outcome, *, p: "MembershipAudit.Params", attacks: list[str], scores: dict[str, np.ndarray],
+                    is_member: np.ndarray, seed: int) -> dict[str, "AttackMetrics"]:
+    """Each attack's metrics (intervals simultaneous over the attacks) and ROC curve; `scores` become float64 and
+    finite in place (the per-example table reports them so)."""
+    from fmaudit.privacy.membership.stats import FPR_LEVELS, attack_metrics, curve_points
+
     n_mem, n_non = int(is_member.sum()), int((~is_member).sum())
     results = {}
-    scores_used: dict[str, np.ndarray] = {}
-    per_level = 1.0 - (1.0 - level) / max(1, len(attacks))
+    per_level = 1.0 - (1.0 - p.confidence) / max(1, len(attacks))
     for a in attacks:
         s = np.nan_to_num(np.asarray(scores[a], dtype=np.float64), nan=-np.inf)
         finite = np.isfinite(s)
         if not finite.all():  # +-inf from saturated outputs: keep their order, make them finite
             lo, hi = (s[finite].min(), s[finite].max()) if finite.any() else (0.0, 0.0)
             s = np.where(s == np.inf, hi + 1.0, np.where(s == -np.inf, lo - 1.0, s))
-            scores[a] = s
-        scores_used[a] = s
+        scores[a] = s
         results[a] = attack_metrics(s, is_member, bootstrap=p.bootstrap, level=per_level, seed=seed)
     simult = (f" Intervals are simultaneous over the {len(attacks)} attacks (Bonferroni: each at "
               f"{per_level:.2%})." if len(attacks) > 1 else "")
@@ -59,10 +78,17 @@ def report_scores(out: Outcome, *, p: "MembershipAudit.Params", attacks: list[st
         fx, fy = curve_points(m.fpr, m.tpr_curve)
         out.curve(f"roc.{a}", fx, fy, x_label="false positive rate", y_label="true positive rate", log_x=True,
                   log_y=True, description=f"ROC of {a} (members positive); plot log-log for the low-FPR regime")
-    # headline: the strongest attack, chosen on one half and measured on the other, with a null
-    heads, sel = calibrated_headlines(scores_used, is_member, bootstrap=p.bootstrap, level=level,
+    return results
+
+
+def _headline(out: Outcome, *, p: "MembershipAudit.Params", attacks: list[str], scores: dict[str, np.ndarray],
+              is_member: np.ndarray, audit: "Dataset", seed: int) -> dict[str, "Headline"]:
+    """The headline metrics: the strongest attack, chosen on one half and measured on the other, with a null."""
+    from fmaudit.privacy.membership.headline import calibrated_headlines
+
+    level = p.confidence
+    heads, sel = calibrated_headlines(scores, is_member, bootstrap=p.bootstrap, level=level,
                                       null_rounds=p.null_permutations, seed=seed)
-    best_by = {name: h.attack for name, h in heads.items()}
     for name, h in heads.items():
         src = out.metrics[f"{h.attack}.{name}"]
         where = {"selection half": f"chosen as the strongest of {len(attacks)} attacks on a random half of the "
@@ -100,14 +126,14 @@ def report_scores(out: Outcome, *, p: "MembershipAudit.Params", attacks: list[st
                            "null_quantile": h.null_quantile, "p_value": h.p_value,
                            "num_members": h.num_members, "num_nonmembers": h.num_nonmembers}
                     for name, h in heads.items()}}
-    out.metric("num_members", n_mem, unit="examples", description="Members attacked.")
-    out.metric("num_nonmembers", n_non, unit="examples", description="Non-members attacked.")
-    out.tables["attacks"] = {a: {"auc": m.auc, "auc_ci": m.ci.get("auc"), "tpr": m.tpr,
-                                 "advantage": m.advantage, "balanced_accuracy": m.balanced_accuracy,
-                                 "ppv_at_1pct_fpr": m.ppv_at_1pct_fpr, "best_threshold": m.best_threshold,
-                                 "description": ATTACK_DESCRIPTIONS[a]} for a, m in results.items()}
-    out.tables["strongest_attack"] = best_by
+    return heads
 
+
+def _resolution_findings(out: Outcome, *, heads: dict[str, "Headline"], num_nonmembers: int) -> None:
+    """FPR levels too low to measure with the non-members the headline is measured on."""
+    from fmaudit.privacy.membership.stats import FPR_LEVELS, summarize_levels
+
+    n_non = num_nonmembers
     n_head = heads["auc"].num_nonmembers
     for suffix, lvl, needed in summarize_levels(FPR_LEVELS, n_head):
         where = (f"the headline is measured on {n_head} of the {n_non} non-members (the other half chose the "
@@ -118,7 +144,13 @@ def report_scores(out: Outcome, *, p: "MembershipAudit.Params", attacks: list[st
                     f"({2 * needed} with several attacks, since half of them choose the attack)",
                     metric=f"tpr_at_{suffix}_fpr")
 
-    # blind baseline: is there a shift a model-free attacker could exploit?
+
+def _blind_baseline(out: Outcome, *, p: "MembershipAudit.Params", is_member: np.ndarray, audit: "Dataset",
+                    seed: int) -> None:
+    """Is there a shift between members and non-members that a model-free attacker could exploit?"""
+    from fmaudit.privacy.membership.blind import blind_baseline
+
+    level = p.confidence
     if audit.texts is not None:
         lengths = np.array([len(t) for t in audit.texts], dtype=np.float64)
     else:
@@ -138,6 +170,10 @@ def report_scores(out: Outcome, *, p: "MembershipAudit.Params", attacks: list[st
                             f"[{c.ci[0]:.3f}, {c.ci[1]:.3f}]. A distribution shift inflates every attack's AUC "
                             "without any leak: compare against blind_baseline_auc", metric="blind_baseline_auc")
 
+
+def _verdict(out: Outcome, *, p: "MembershipAudit.Params", heads: dict[str, "Headline"]) -> None:
+    """The headline finding: the strongest attack, or indistinguishable from chance by its null reference."""
+    level = p.confidence
     head = out.metrics["auc"]
     h = heads["auc"]
     ci_txt = f" [{head.ci_low:.3f}, {head.ci_high:.3f}]" if head.ci_low is not None else ""
@@ -157,6 +193,10 @@ def report_scores(out: Outcome, *, p: "MembershipAudit.Params", attacks: list[st
         out.finding("info", f"Strongest attack: {h.attack} with AUC {head.value:.3f}{ci_txt}", detail + ptxt,
                     metric="auc")
 
+
+def _examples(out: Outcome, *, p: "MembershipAudit.Params", attacks: list[str], scores: dict[str, np.ndarray],
+              is_member: np.ndarray, audit: "Dataset", store_examples: bool) -> None:
+    """Scores by example id, and the members most exposed by the attack strongest at 1% FPR as evidence."""
     ids = list(audit.ids)
     if p.per_example_scores:
         table: dict[str, Any] = {"ids": ids, "is_member": [bool(x) for x in is_member],
@@ -165,7 +205,7 @@ def report_scores(out: Outcome, *, p: "MembershipAudit.Params", attacks: list[st
             table["texts"] = list(audit.texts)
         out.tables["per_example"] = table
     if p.evidence:
-        a = best_by.get("tpr_at_1pct_fpr") or attacks[0]
+        a = out.tables["strongest_attack"].get("tpr_at_1pct_fpr") or attacks[0]
         s = np.asarray(scores[a])
         order = [i for i in np.argsort(-s, kind="stable") if is_member[i]][: p.evidence]
         nonmember_top = float(np.max(s[~is_member]))
