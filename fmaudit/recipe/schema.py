@@ -48,6 +48,17 @@ class FinetuneSpec(_Strict):
     n_layers: int = Field(default=2, ge=1, description="With trainable: last_n_layers, how many blocks train.")
 
 
+class PromptSpec(_Strict):
+    """A causal LM used as a zero- / few-shot text classifier: the prompt around each text and the label words
+    scored as its next token (fmaudit.targets.prompted)."""
+
+    template: str = Field(description="The prompt, with {text} where the example goes and the cue after it, e.g. "
+                                      "'Tweet: {text}\\nSentiment:'. Few-shot examples go in the template.")
+    label_words: dict[str, str | list[str]] = Field(
+        description="Label -> its word(s), in the data's label order, e.g. {negative: [' negative'], positive: "
+                    "[' positive']}; each word is scored by its first token's next-token log-probability.")
+
+
 class TargetSpec(_Strict):
     """A model to audit."""
 
@@ -66,6 +77,8 @@ class TargetSpec(_Strict):
                                                                "you trust its author.")
     max_length: int = Field(default=128, ge=4, description="Text: tokens per example at inference.")
     finetune: FinetuneSpec | None = None
+    prompt: PromptSpec | None = Field(default=None, description="Causal LMs: use the model as a text classifier "
+                                                                "through this prompt and verbalizer.")
 
 
 class ExecutorSpec(_Strict):
@@ -138,6 +151,9 @@ class Recipe(_Strict):
         # as the old default, so hashes of existing recipes are unchanged.
         data = self.model_dump(mode="json")
         data["executor"] = {"kind": "local"}
+        for target in data["targets"].values():  # a target without a prompt hashes as before prompts existed
+            if target.get("prompt") is None:
+                target.pop("prompt", None)
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     @property

@@ -72,7 +72,7 @@ def load_target(*, model: str, task: str | None = None, name: str | None = None,
                 gguf_file: str | None = None, weights: str | None = None, trust_remote_code: bool = False,
                 normalize_mean: Sequence[float] | None = None, normalize_std: Sequence[float] | None = None,
                 base_dir: str | Path | None = None, seed: int = 0,
-                allow_code_from: Sequence[str | Path] = ()) -> Target:
+                allow_code_from: Sequence[str | Path] = (), prompt: Any = None) -> Target:
     """Load a model as a Target.
 
     `model` is a bundled name (`bundled:minilm`, `bundled:smollm2`, `bundled:digits-cnn`, `bundled:digits-vit`),
@@ -81,7 +81,13 @@ def load_target(*, model: str, task: str | None = None, name: str | None = None,
     is imported only from under `base_dir` (the recipe's folder), an installed package, or one of
     `allow_code_from`; the target's `code_info` records the file imported and its sha256.
     Newly initialized heads are seeded with `seed`, so the same call gives the same weights.
+    `prompt` (an object or mapping with `template` and `label_words`) turns a causal LM into a prompted text
+    classifier (fmaudit.targets.prompted); `label_names`, when given, must be its labels in order.
     """
+    if prompt is not None:
+        return _prompted(prompt, model=model, task=task, name=name, label_names=label_names, device=device,
+                         max_length=max_length, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
+                         base_dir=base_dir, seed=seed)
     import torch
 
     base = Path(base_dir) if base_dir is not None else Path.cwd()
@@ -139,6 +145,19 @@ def load_target(*, model: str, task: str | None = None, name: str | None = None,
         return _hf_image_classifier(path, name=name, num_labels=num_labels, labels=labels, device=device,
                                     mean=normalize_mean, std=normalize_std, trust_remote_code=trust_remote_code)
     raise TargetError(f"unknown task {task!r}")
+
+
+def _prompted(prompt: Any, *, model: str, task: str | None, name: str | None, label_names: Sequence[str] | None,
+              **load: Any) -> Target:
+    """A causal LM loaded as usual, then wrapped as a prompted classifier."""
+    from .prompted import prompted_from_causal_lm
+
+    get = prompt.get if isinstance(prompt, dict) else lambda key: getattr(prompt, key)
+    lm = load_target(model=model, task=task, name=name, **load)
+    if lm.task != CAUSAL_LM:
+        raise TargetError(f"a prompt turns a causal LM into a classifier; {model!r} is a {lm.task} model")
+    return prompted_from_causal_lm(lm, template=get("template"), label_words=get("label_words"),
+                                   label_names=label_names)
 
 
 def _hf_text_classifier(path: Path, *, name: str, source: str, num_labels: int | None, labels: list[str] | None,

@@ -1,5 +1,6 @@
 """Pass 2, section `targets`: each target's model (dispatched on its kind: bundled, python: code, local
-checkpoint folder), its model task, and its fine-tune (data exists, fits the task, enough rows for a batch)."""
+checkpoint folder), its model task, its fine-tune (data exists, fits the task, enough rows for a batch) and its
+prompt (a causal LM used as a classifier: template, label words, labels against the data)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from fmaudit.recipe.checks.data import source_kind
 from fmaudit.recipe.code_refs import CodeRefError, refused_code_message, resolve_code_ref
 from fmaudit.recipe.files import check_checkpoint_folder, check_weights_file, read_model_config
 from fmaudit.recipe.schema import FinetuneSpec, TargetSpec
-from fmaudit.tasks import BUNDLED_MODELS, IMAGE_CLASSIFICATION, MODALITY, TASKS
+from fmaudit.tasks import BUNDLED_MODELS, CAUSAL_LM, IMAGE_CLASSIFICATION, MODALITY, TASKS, TEXT_CLASSIFICATION
 
 # Bundled models that start from random weights: auditing them untrained measures nothing.
 RANDOM_INIT_MODELS = ("bundled:digits-cnn", "bundled:digits-vit")
@@ -130,10 +131,76 @@ def _check_finetune(ctx: CheckContext, name: str, ft: FinetuneSpec, task: str | 
             ctx.add(loc, f"a {task} target needs {want} data; {ft.data!r} is {have}")
 
 
+def _prompt_label_sets(ctx: CheckContext, name: str, spec: TargetSpec) -> dict[str, list[str]]:
+    """Dataset name -> its label names, for the datasets this target is fine-tuned on or audited with whose labels
+    are known without reading them (bundled:tweets)."""
+    from fmaudit.data import TWEET_LABELS
+
+    used = {spec.finetune.data} if spec.finetune is not None else set()
+    used |= {a.data for a in ctx.recipe.audits if a.data is not None and name in a.target}
+    out = {}
+    for d in sorted(used):
+        data = ctx.recipe.data.get(d)
+        if data is not None and data.source == "bundled:tweets":
+            out[d] = list(data.labels or (TWEET_LABELS[0], TWEET_LABELS[-1]))
+    return out
+
+
+def _prompt_tokenizer(ctx: CheckContext, spec: TargetSpec):
+    """The tokenizer of a local checkpoint folder (fast to load), or None: GGUF tokenizers (bundled:smollm2,
+    gguf_file) take seconds to read, so their label words are checked when the model loads."""
+    if spec.gguf_file or ":" in spec.model:
+        return None
+    folder = ctx.resolve(spec.model)
+    if not (folder / "config.json").exists():
+        return None  # reported by the folder check
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError):
+        return None  # the folder check reports missing tokenizer files
+
+
+def _check_prompt(ctx: CheckContext, name: str, spec: TargetSpec, task: str | None) -> str | None:
+    """A prompt on a causal LM makes a text classifier: template with {text} and a cue after it, label words that
+    tokenize to distinct first tokens, labels equal to the data's (in order). Returns the target's task."""
+    from fmaudit.targets.base import TargetError
+    from fmaudit.targets.prompted import label_first_tokens, normalize_label_words, split_template
+
+    loc = ("targets", name, "prompt")
+    if task is not None and task != CAUSAL_LM:
+        ctx.add(loc, f"a prompt turns a causal LM into a classifier; this is a {task} model")
+        return task
+    try:
+        split_template(spec.prompt.template)
+    except TargetError as exc:
+        ctx.add(loc + ("template",), str(exc))
+    try:
+        words = normalize_label_words(spec.prompt.label_words)
+    except TargetError as exc:
+        ctx.add(loc + ("label_words",), str(exc))
+        return TEXT_CLASSIFICATION
+    for d, labels in _prompt_label_sets(ctx, name, spec).items():
+        if list(words) != labels:
+            ctx.add(loc + ("label_words",), f"the labels {list(words)} must be those of dataset {d!r}, in its order: "
+                                            f"{labels}")
+    tok = _prompt_tokenizer(ctx, spec)
+    if tok is not None:
+        try:
+            label_first_tokens(tok, words)
+        except TargetError as exc:
+            ctx.add(loc + ("label_words",), str(exc))
+    return TEXT_CLASSIFICATION
+
+
 def check_targets(ctx: CheckContext) -> None:
-    """Every target's model (by kind), fine-tune and normalization; records each target's model task."""
+    """Every target's model (by kind), fine-tune, prompt and normalization; records each target's model task (a
+    prompted causal LM is a text classifier)."""
     for name, spec in ctx.recipe.targets.items():
         task = _model_check(spec.model)(ctx, name, spec)
+        if spec.prompt is not None:
+            task = _check_prompt(ctx, name, spec, task)
         ctx.target_tasks[name] = task
         if spec.finetune is not None:
             _check_finetune(ctx, name, spec.finetune, task)
