@@ -41,7 +41,7 @@ class AuditModule:
     category: ClassVar[str]  # "privacy" | "robustness" | "explain" | "utility" | anything a plugin needs
     description: ClassVar[str] = ""
     requires: ClassVar[frozenset[str]] = frozenset()  # capabilities from fmaudit.tasks.CAPABILITIES
-    tasks: ClassVar[tuple[str, ...]] = ()  # empty: any task that has the capabilities
+    tasks: ClassVar[tuple[str, ...]] = ()  # model tasks (fmaudit.tasks) it supports; empty: any with the capabilities
     needs_data: ClassVar[bool] = True  # needs a dataset (the audit's `data:` or the target's fine-tune data)
     produces_target: ClassVar[bool] = False
     metric_names: ClassVar[tuple[str, ...]] = ()  # names (fnmatch patterns) usable in `fail_if`; () = any
@@ -130,8 +130,8 @@ class AuditContext:
         return str(path.relative_to(self.run_dir))
 
     @contextlib.contextmanager
-    def task(self, description: str, total: int) -> Iterator["ProgressHandle"]:
-        """A progress bar for long work: `with ctx.task("attacking", n) as bar: ... bar.advance()`."""
+    def progress_bar(self, description: str, total: int) -> Iterator["ProgressHandle"]:
+        """A progress bar for long work: `with ctx.progress_bar("attacking", n) as bar: ... bar.advance()`."""
         handle = self.progress(description, total) if self.progress else ProgressHandle()
         try:
             yield handle
@@ -141,7 +141,7 @@ class AuditContext:
     def track(self, items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
         items = list(items) if total is None else items
         n = total if total is not None else len(items)  # type: ignore[arg-type]
-        with self.task(description, n) as bar:
+        with self.progress_bar(description, n) as bar:
             for item in items:
                 yield item
                 bar.advance()

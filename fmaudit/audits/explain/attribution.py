@@ -213,7 +213,7 @@ class AttributionAudit(AuditModule):
 
         examples = self._examples(space, model, data, stream_rng(ctx.seed, Stream.ATTRIBUTION_ORDER))
         attrs: dict[str, list[Attribution]] = {m: [] for m in methods}
-        with ctx.task("attributing", len(methods) * len(examples)) as bar:
+        with ctx.progress_bar("attributing", len(methods) * len(examples)) as bar:
             for m in methods:
                 for ex in examples:
                     attrs[m].append(space.attribute(m, model, ex))

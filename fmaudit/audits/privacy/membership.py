@@ -128,7 +128,7 @@ class MembershipAudit(AuditModule):
         needs = set().union(*(ATTACKS[a].needs for a in attacks))
         run = _Run(p=p, target=target, ctx=ctx, out=out, sets=sets, is_clf="classifier" in target.capabilities,
                    inputs=AttackInputs(target={}, is_member=sets.is_member, seed=ctx.seed))
-        with ctx.task("membership: scoring the target", 1) as bar:
+        with ctx.progress_bar("membership: scoring the target", 1) as bar:
             run.inputs.target = run.signals(target, token_distribution="token_distribution" in needs)
             bar.advance()
         scores, timings = _score(run, attacks, self.settings(), t0)

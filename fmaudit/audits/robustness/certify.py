@@ -171,7 +171,7 @@ class CertifyAudit(AuditModule):
             pa_lower = np.zeros(n)
             counts_top = np.zeros(n, dtype=np.int64)
             clean_pred = np.full(n, sm.ABSTAIN, dtype=np.int64)
-            with ctx.task("certifying (randomized smoothing)", n) as bar:
+            with ctx.progress_bar("certifying (randomized smoothing)", n) as bar:
                 for i in range(n):
                     c0 = self._counts(model, x[i], p.n0, self._gen(ctx.seed, KEY_SELECT, keys[i]), n_classes, device)
                     c1 = self._counts(model, x[i], p.n, self._gen(ctx.seed, KEY_ESTIMATE, keys[i]), n_classes, device)
@@ -231,7 +231,7 @@ class CertifyAudit(AuditModule):
         alive = smoothed_correct.copy()
         wrong = np.zeros(n, dtype=bool)
         per_batch = max(1, p.batch_size // p.attack_noise_samples)
-        with ctx.task("attacking the smoothed classifier (PGD-L2)", sum(1 for r in radii if r > 0)) as bar:
+        with ctx.progress_bar("attacking the smoothed classifier (PGD-L2)", sum(1 for r in radii if r > 0)) as bar:
             for ri, r in enumerate(radii):
                 if r <= 0:
                     continue

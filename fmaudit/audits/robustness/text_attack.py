@@ -134,7 +134,7 @@ class TextAttackAudit(AuditModule):
 
         texts, labels = list(data.texts), [int(y) for y in data.labels]
         results, seconds = [], []
-        with ctx.task(f"{p.attack} on {target.name}", len(texts)) as bar:
+        with ctx.progress_bar(f"{p.attack} on {target.name}", len(texts)) as bar:
             for i, (text, y) in enumerate(zip(texts, labels)):
                 engine.seed_all((ctx.seed + i) % (2**32))
                 t0 = time.perf_counter()
