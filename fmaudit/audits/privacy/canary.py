@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field
 
 from fmaudit.audits.base import AuditContext, AuditModule, AuditParams, Outcome, base_target
+from fmaudit.tasks import CAUSAL_LM, IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION
 
 
 class CanaryAudit(AuditModule):
@@ -58,8 +59,8 @@ class CanaryAudit(AuditModule):
         if any(not 0 < f <= 1 for f in self.params.guess_fractions):
             problems.append("guess_fractions must lie in (0, 1]")
         kind = self.params.kind
-        ok = {"text-classification": {"auto", "flipped_label", "random_tokens"}, "causal-lm": {"auto", "secret"},
-              "image-classification": {"auto", "mislabel", "pattern"}}[target.task]
+        ok = {TEXT_CLASSIFICATION: {"auto", "flipped_label", "random_tokens"}, CAUSAL_LM: {"auto", "secret"},
+              IMAGE_CLASSIFICATION: {"auto", "mislabel", "pattern"}}[target.task]
         if kind not in ok:
             problems.append(f"canary kind {kind!r} does not fit a {target.task} target (use {', '.join(sorted(ok))})")
         elif kind == "random_tokens":  # refused here, not after the target's fine-tuning
