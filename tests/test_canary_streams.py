@@ -107,3 +107,15 @@ def test_exposure_uses_the_skew_normal_fit_when_it_converges():
     assert estimator == "skewnorm"
     assert bits[0] > math.log2(301)  # extrapolates beyond the sample (6 sd below the mean)
     assert bits[1] == pytest.approx(1.0, abs=0.3)  # the median candidate: about half rank below
+
+
+def test_canary_kinds_registry_covers_every_task_and_names_unknown_kinds():
+    from fmaudit.privacy.canary import DEFAULT_KIND, KINDS, kinds_for
+    from fmaudit.tasks import CAUSAL_LM, IMAGE_CLASSIFICATION, TASKS, TEXT_CLASSIFICATION
+
+    assert set(DEFAULT_KIND) == set(TASKS) and all(DEFAULT_KIND[t] in kinds_for(t) for t in TASKS)
+    assert kinds_for(TEXT_CLASSIFICATION) == {"flipped_label", "random_tokens"}
+    assert kinds_for(CAUSAL_LM) == {"secret"} and kinds_for(IMAGE_CLASSIFICATION) == {"mislabel", "pattern"}
+    assert set().union(*(kinds_for(t) for t in TASKS)) == set(KINDS)
+    with pytest.raises(ValueError, match="unknown canary kind 'secrets'; did you mean 'secret'"):
+        make_canaries("secrets", m=10, seed=0, pool=None, target=None, num_labels=None)
