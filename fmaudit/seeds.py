@@ -52,6 +52,10 @@ class Stream(IntEnum):
     ATTRIBUTION_RANDOMIZE = 26  # attribution: re-initialized weights of the randomization check
     ATTRIBUTION_CURVES = 27  # attribution: random deletion / insertion orders
     QUANTILE_FOLDS = 28      # membership: cross-fitting folds of the quantile-regression attack
+    GRADIENT_CANARY_COORDS = 29   # DP-SGD gradient canaries: which parameter coordinates carry them
+    GRADIENT_CANARY_INCLUDE = 30  # DP-SGD gradient canaries: which are included (Bernoulli 1/2 each)
+    GRADIENT_CANARY_SAMPLE = 31   # DP-SGD gradient canaries: Poisson sampling of included ones per step
+    GRADIENT_CANARY_GUESS_SPLIT = 32  # DP-SGD gradient canaries: held out to choose the number of guesses
 
 
 def seed_sequence(seed: int, stream: Stream, *keys: int) -> np.random.SeedSequence:
