@@ -1,6 +1,8 @@
 """Per-example clipping modes as a registry: "ghost" (Opacus' fast gradient clipping: two backward passes, no
-per-sample gradients stored) and "hooks" (per-sample gradients from Opacus' hooks). "auto" is resolved by
-`preflight`: ghost clipping unless trainable parameters are shared between modules."""
+per-sample gradients stored), "hooks" (per-sample gradients from Opacus' hooks) and "bookkeeping" (book-keeping
+clipping, `bookkeeping`: one backward pass, norms and the clipped sum from the layers' stored activations and
+output gradients; a model with layers it does not handle falls back to hooks, with a warning). "auto" is
+resolved by `preflight`: ghost clipping unless trainable parameters are shared between modules."""
 
 from __future__ import annotations
 
@@ -42,6 +44,24 @@ def _hooks_empty(p: Any) -> None:
     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
 
 
+def _bookkeeping_private(engine: Any, kw: dict[str, Any]) -> tuple[Any, Any, Any]:
+    from fmaudit.privacy.dp import bookkeeping
+
+    return bookkeeping.make_private(engine, kw)
+
+
+def _bookkeeping_loss(gsm: Any, opt: Any, per_example: Any) -> Any:
+    from fmaudit.privacy.dp import bookkeeping
+
+    return bookkeeping.loss(gsm, opt, per_example)
+
+
+def _bookkeeping_empty(p: Any) -> None:
+    from fmaudit.privacy.dp import bookkeeping
+
+    bookkeeping.empty_grad(p)
+
+
 @dataclass(frozen=True)
 class ClippingMode:
     """One clipping mode: how Opacus makes the model private (`make_private(engine, kwargs)` -> (module,
@@ -56,6 +76,7 @@ class ClippingMode:
 CLIPPING_MODES: dict[str, ClippingMode] = {
     "ghost": ClippingMode(_ghost_private, _ghost_loss, _ghost_empty),
     "hooks": ClippingMode(_hooks_private, _hooks_loss, _hooks_empty),
+    "bookkeeping": ClippingMode(_bookkeeping_private, _bookkeeping_loss, _bookkeeping_empty),
 }
 CLIPPING = ("auto", *CLIPPING_MODES)
 

@@ -48,7 +48,8 @@ class DPSettings:
              max_physical_batch_size: int | None, seed: int) -> "DPSettings":
         """The run for validated settings on `n` examples: ceil(N / batch_size) Poisson steps per epoch at
         sample rate 1 / steps_per_epoch, and the noise the accountant picks for `target_epsilon` (unless a
-        noise multiplier is given). `clipping` is the resolved mode ("ghost" or "hooks", see `preflight`)."""
+        noise multiplier is given). `clipping` is the resolved mode ("ghost", "hooks" or "bookkeeping", see
+        `preflight` and `clipping.CLIPPING_MODES`)."""
         steps_per_epoch = math.ceil(n / batch_size)
         sample_rate = 1.0 / steps_per_epoch
         steps = epochs * steps_per_epoch
