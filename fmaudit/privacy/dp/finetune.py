@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
 
+from fmaudit.privacy import gradient_canaries as gc
 from fmaudit.privacy.dp.clipping import CLIPPING
 from fmaudit.privacy.dp.errors import DPConfigError, DPPrivacyWarning
 from fmaudit.privacy.dp.inputs import DPInputs, adapt_inputs
@@ -84,6 +85,9 @@ class DPResult:
     inputs: str = ""
     # Findings for the report: dicts with severity ("info" ... "critical"), title, detail.
     findings: list[dict[str, str]] = field(default_factory=list)
+    # White-box gradient canaries (dp_finetune(gradient_canaries=m)): fmaudit.privacy.gradient_canaries.audit's
+    # result, its `findings` and the run's `record`; None when off.
+    gradient_canaries: dict[str, Any] | None = None
 
     def params(self) -> dict[str, Any]:
         """The DP parameters as a JSON-ready dict (for reports, and for re-running the same procedure:
@@ -108,7 +112,7 @@ def dp_finetune(*, model: Any, train_data: Any, epochs: int | None = None, batch
                 clipping: Literal["auto", "ghost", "hooks"] = "auto", max_physical_batch_size: int | None = None,
                 weight_decay: float = 0.0, validation_data: Any = None, loss_fn: LossFunction | None = None,
                 seed: int = 0, cache_dir: str | Path | None = None, split: Any = None,
-                progress: Callable[[str, int], Any] | None = None) -> DPResult:
+                progress: Callable[[str, int], Any] | None = None, gradient_canaries: int = 0) -> DPResult:
     """Fine-tune a copy of `model` with DP-SGD (Opacus) and return the private model and its ledger.
 
     Args:
@@ -141,6 +145,9 @@ def dp_finetune(*, model: Any, train_data: Any, epochs: int | None = None, batch
             cross-entropy on the logits and labels, or the per-sequence next-token loss for causal LMs.
         cache_dir, split: cache the trained weights like fine-tunes (fmaudit data only; needs the member
             `split` of which `train_data` is `split.members`).
+        gradient_canaries: m > 0 audits the run itself with m white-box Dirac gradient canaries
+            (fmaudit.privacy.gradient_canaries; at least 10): `result.gradient_canaries` holds epsilon_lb, its
+            ceiling and epsilon_lb / epsilon. The m canary coordinates stay at their initial values.
 
     Returns:
         DPResult with the plain trained model, epsilon (total and per epoch), delta, noise multiplier, sample
@@ -182,6 +189,8 @@ def dp_finetune(*, model: Any, train_data: Any, epochs: int | None = None, batch
                                            clipping=clipping)
         problems += more
         notes += more_notes
+    if gradient_canaries and not gradient_canaries >= gc.MIN_CANARIES:
+        problems.append(f"gradient_canaries must be 0 (off) or at least {gc.MIN_CANARIES}, got {gradient_canaries}")
     if problems:
         raise DPConfigError(problems)
 
@@ -198,7 +207,8 @@ def dp_finetune(*, model: Any, train_data: Any, epochs: int | None = None, batch
                                    max_grad_norm=max_grad_norm, accountant=accountant, clipping=mode,
                                    trainable=trainable, n_layers=n_layers, lora=lora,
                                    max_physical_batch_size=max_physical_batch_size, seed=seed)
-        return _run(inputs, settings, notes=notes, picked=picked, cache_dir=cache_dir, split=split, progress=progress)
+        return _run(inputs, settings, notes=notes, picked=picked, cache_dir=cache_dir, split=split, progress=progress,
+                    gradient_canaries=int(gradient_canaries))
 
 
 @contextlib.contextmanager
@@ -214,7 +224,8 @@ def _quiet_opacus() -> Iterator[None]:
 
 
 def _run(inputs: DPInputs, s: DPSettings, *, notes: list[str], picked: dict[str, Any],
-         cache_dir: str | Path | None, split: Any, progress: Callable[[str, int], Any] | None) -> DPResult:
+         cache_dir: str | Path | None, split: Any, progress: Callable[[str, int], Any] | None,
+         gradient_canaries: int = 0) -> DPResult:
     """Train a copy of `inputs.target` as `s` says (through the fine-tune cache when `cache_dir` is given) and
     collect the result."""
     from fmaudit.training import TrainConfig, finetune_cached
@@ -225,7 +236,7 @@ def _run(inputs: DPInputs, s: DPSettings, *, notes: list[str], picked: dict[str,
                          seed=s.seed)
     work = inputs.target.copy()
     record: dict[str, Any] = {}
-    train_fn = make_train_fn(s, record)
+    train_fn = make_train_fn(s, record, gradient_canaries)
     t0 = time.perf_counter()
     key = None
     hit = False
@@ -233,6 +244,8 @@ def _run(inputs: DPInputs, s: DPSettings, *, notes: list[str], picked: dict[str,
         if split is None:
             raise DPConfigError(["cache_dir needs the member split (split=...) that train_data comes from"])
         key_extra = {"dp": asdict(s), "v": "dp-2"}  # 2: own Poisson loader, noise-only empty steps
+        if gradient_canaries:  # frozen canary coordinates change the weights; off: the key is unchanged
+            key_extra["gradient_canaries"] = gradient_canaries
         stats, hit, key = finetune_cached(work, split, config, cache_dir=Path(cache_dir), progress=progress,
                                           label="DP fine-tuning", kind="dp-finetune", key_extra=key_extra,
                                           train_fn=train_fn)
@@ -244,6 +257,10 @@ def _run(inputs: DPInputs, s: DPSettings, *, notes: list[str], picked: dict[str,
     by = {k: float(v) for k, v in (dp.get("epsilon_by_accountant") or {}).items()}
     findings = [dict(f) for f in dp.get("accounting_notes", [])] + [seed_statement(s.seed)]
     model_out, target_out = inputs.release(work)
+    canaries = None
+    if gradient_canaries:
+        canaries = gc.audit(stats.extra["gradient_canaries"], delta=s.delta, epsilon=float(dp["epsilon"]))
+        canaries.update(findings=gc.findings(canaries), record=stats.extra["gradient_canaries"])
     return DPResult(
         model=model_out, target=target_out, epsilon=float(dp["epsilon"]),
         epsilon_per_epoch=list(dp["epsilon_per_epoch"]),
@@ -262,4 +279,4 @@ def _run(inputs: DPInputs, s: DPSettings, *, notes: list[str], picked: dict[str,
         lora=dict(s.lora) if s.lora is not None else None, steps_per_epoch=s.steps_per_epoch, seed=s.seed,
         epsilon_by_accountant=by, epsilon_accountant=str(dp.get("epsilon_accountant", s.accountant)),
         epsilon_gdp=by.get("gdp") if s.accountant == "gdp" else None, empty_batches=int(dp.get("empty_batches", 0)),
-        findings=findings, picked_defaults=dict(picked), inputs=inputs.described)
+        findings=findings, picked_defaults=dict(picked), inputs=inputs.described, gradient_canaries=canaries)

@@ -142,15 +142,18 @@ def _unmoved(model: Any, before: Fingerprints, optimizer: Any) -> list[str]:
     return out
 
 
-def make_train_fn(s: DPSettings, record: dict[str, Any]) -> Callable[..., Any]:
+def make_train_fn(s: DPSettings, record: dict[str, Any], gradient_canaries: int = 0) -> Callable[..., Any]:
     """The `train_fn` for finetune_cached: the core loop with Opacus wrapped in. It sets `stats.extra["dp"]`
-    (epsilon, ledger, steps taken, accounting notes) and `record["stats"]`."""
+    (epsilon, ledger, steps taken, accounting notes) and `record["stats"]`; with `gradient_canaries` = m > 0, m
+    white-box Dirac canaries ride in the DP steps (fmaudit.privacy.gradient_canaries) and
+    `stats.extra["gradient_canaries"]` keeps their record."""
 
     def train_fn(t: Any, data: Any, config: Any, progress: Any = None, label: str = "DP fine-tuning") -> Any:
         import torch
         from opacus import PrivacyEngine
         from opacus.utils.batch_memory_manager import wrap_data_loader
 
+        from fmaudit.privacy.gradient_canaries import Inserter
         from fmaudit.seeds import Stream, derive
         from fmaudit.training import train
 
@@ -158,6 +161,8 @@ def make_train_fn(s: DPSettings, record: dict[str, Any]) -> Callable[..., Any]:
         apply_trainable(t, s.trainable, s.n_layers, s.lora)
         n_trainable = int(sum(p.numel() for p in t.model.parameters() if p.requires_grad))
         before = _fingerprints(t.model)
+        canaries = (Inserter(list(t.model.named_parameters()), gradient_canaries, seed=s.seed,
+                             sample_rate=s.sample_rate, max_grad_norm=s.max_grad_norm) if gradient_canaries else None)
         n = len(data)
         cfg = type(config)(**{**asdict(config), "trainable": "keep"})
         # secure_mode=False: Opacus warns "Secure RNG turned off" here; that warning is NOT silenced (it says the
@@ -186,6 +191,8 @@ def make_train_fn(s: DPSettings, record: dict[str, Any]) -> Callable[..., Any]:
             gsm.forbid_grad_accumulation()  # as Opacus does under Poisson sampling
             opt.expected_batch_size = n / s.steps_per_epoch  # the mean's denominator: E|batch| = N q, unrounded
             held.update(gsm=gsm, opt=opt)
+            if canaries is not None:
+                canaries.attach(opt)
             dl = wrap_data_loader(data_loader=dl, max_batch_size=s.max_physical_batch_size, optimizer=opt)
             return gsm, opt, dl
 
@@ -207,6 +214,8 @@ def make_train_fn(s: DPSettings, record: dict[str, Any]) -> Callable[..., Any]:
         finally:
             for h in handles:
                 h.remove()
+            if canaries is not None:
+                canaries.detach()
             _cleanup(held.get("gsm"), t.model)
             trainable_scope(s.trainable).finish(t, base_model)
             _cleanup(None, t.model)
@@ -215,6 +224,8 @@ def make_train_fn(s: DPSettings, record: dict[str, Any]) -> Callable[..., Any]:
                 p.requires_grad_(True)
             t.weights_changed()
         stats.extra = {"dp": _dp_record(s, history, stats.steps, empty[0], n_trainable)}
+        if canaries is not None:
+            stats.extra["gradient_canaries"] = canaries.record()
         record["stats"] = stats
         return stats
 
