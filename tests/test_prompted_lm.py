@@ -204,7 +204,8 @@ def test_validate_exits_2_on_a_bad_prompt(tmp_path, tiny_llama_dir):
     import subprocess
     import sys
 
-    bad = _recipe(tmp_path, tiny_llama_dir, "{template: 'no field', label_words: {negative: ' bad', positive: ' good'}}")
+    bad = _recipe(tmp_path, tiny_llama_dir,
+                  "{template: 'no field', label_words: {negative: ' bad', positive: ' good'}}")
     proc = subprocess.run([sys.executable, "-m", "fmaudit.cli", "validate", str(bad)], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "targets.lm.prompt.template" in proc.stdout + proc.stderr

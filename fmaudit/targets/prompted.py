@@ -95,7 +95,8 @@ def prompt_ids(tokenizer: Any, prefix: str, suffix: str) -> tuple[list[int], lis
         pre.pop()
     suf = list(tokenizer(suffix, add_special_tokens=False)["input_ids"]) if suffix else []
     if not pre:
-        raise TargetError("the prompt has no token before {text} and the tokenizer has no BOS / EOS token to start with")
+        raise TargetError("the prompt has no token before {text} and the tokenizer has no BOS / EOS token to "
+                          "start with")
     if not suf:
         raise TargetError(f"the template needs text after {TEXT_FIELD} (e.g. '\\nSentiment:'): the label words are "
                           "read right after it")
