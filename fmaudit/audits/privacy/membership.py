@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Literal, NamedTuple
 
 import numpy as np
 from pydantic import Field
@@ -27,6 +27,9 @@ from fmaudit.audits.base import AuditContext, AuditModule, AuditParams, Outcome,
 from fmaudit.privacy.membership.attacks import ATTACKS, REFERENCE_ATTACKS, AttackInputs, AttackName, AttackSettings
 from fmaudit.privacy.membership.reference_models import reference_overlap
 from fmaudit.privacy.membership.sets import AuditSets
+
+if TYPE_CHECKING:
+    from fmaudit.training import TrainConfig
 
 _PER_ATTACK = ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "tpr_at_0pct_fpr", "balanced_accuracy", "advantage",
                "ppv_at_1pct_fpr")
@@ -83,6 +86,8 @@ class MembershipAudit(AuditModule):
         per_example_scores: bool = Field(default=True, description="Scores by example id in the report's tables.")
         evidence: int = Field(default=10, ge=0, description="Most exposed members listed as evidence (ids; text "
                                                             "only when the recipe sets store_examples).")
+
+    params: Params
 
     def check(self, target, data) -> list[str]:
         p = self.params
@@ -241,7 +246,7 @@ def _calibration(run: _Run) -> None:
     run.out.tables["calibration_model"] = {"name": name, "weights_sha256": cal.weights_sha256()}
 
 
-def _reference_config(run: _Run):
+def _reference_config(run: _Run) -> TrainConfig:
     """The reference models' fine-tune settings: the target's recorded ones (a produced target, e.g. DP fine-tuned,
     mimics its source's, so both share the same cached reference models), overridden by params."""
     from fmaudit.training import TrainConfig
@@ -293,7 +298,7 @@ def _reference_models(run: _Run) -> None:
 
 
 def _report_reference_models(run: _Run, results: list[dict[str, Any]], masks: np.ndarray, base_sha256: str,
-                             config) -> None:
+                             config: TrainConfig) -> None:
     """Each reference model's record, their overlap with the target's split, and their cost."""
     p, out, target, population = run.p, run.out, run.target, run.sets.population
     R = p.reference_models

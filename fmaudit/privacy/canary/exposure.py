@@ -60,7 +60,7 @@ def secret_exposure(model: Any, canaries: Dataset, included: np.ndarray, *, seed
     """Exposure of each secret canary among `n_candidates` random secrets of the same form (CANARY_EXPOSURE
     stream), and its summary: mean and max over included canaries, mean over excluded ones."""
     rng = stream_rng(seed, Stream.CANARY_EXPOSURE)
-    taken = set(canaries.texts)
+    taken = set(canaries.texts or [])
     cands: list[str] = []
     while len(cands) < n_candidates:
         t = f"{SECRET_PREFIX} " + " ".join(str(d) for d in rng.integers(0, 10, size=digits))

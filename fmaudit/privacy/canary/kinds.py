@@ -25,7 +25,8 @@ def random_token_words(tokenizer: Any) -> list[str]:
     """Lowercase words (3+ letters) that are single tokens of a tokenizer's vocabulary, for random_tokens canaries.
     Byte-level BPE (GPT-2, RoBERTa: 'Ġword') and SentencePiece ('▁word') mark a word's start: there only marked
     tokens count (unmarked ones are word middles), the marker dropped. WordPiece words are unmarked."""
-    marked, plain = set(), set()
+    marked: set[str] = set()
+    plain: set[str] = set()
     for w in tokenizer.get_vocab():
         hit = re.fullmatch(r"([\u0120\u2581]?)([a-z]{3,})", w)
         if hit:

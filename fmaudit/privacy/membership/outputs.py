@@ -62,22 +62,21 @@ def penultimate_features(target: Any, data: Any, *, batch_size: int) -> np.ndarr
 
     model = target.model
     if getattr(target, "tokenizer", None) is not None and hasattr(model, "config"):
-        rows = []
+        pooled: list[np.ndarray] = []
         model.eval()
         with torch.no_grad():
             for _idx, batch in target.batches(data, batch_size):
                 out = model(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True)
                 h = out.hidden_states[-1].float()
                 w = batch.get("attention_mask", torch.ones(h.shape[:2], device=h.device)).to(h.dtype)
-                rows.append(((h * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)).double().cpu()
-                            .numpy())
-        return np.concatenate(rows)
+                pooled.append(((h * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)).double().cpu()
+                              .numpy())
+        return np.concatenate(pooled)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     if not linears:
         raise ValueError(f"target {target.name!r} has no linear layer to read features from")
     captured: dict[str, Any] = {}
     hook = linears[-1].register_forward_pre_hook(lambda _m, args: captured.__setitem__("x", args[0].detach()))
-    out = np.zeros((len(data), 0))
     rows: list[np.ndarray] = []
     is_lm = "causal_lm" in target.capabilities
     try:
@@ -96,8 +95,7 @@ def penultimate_features(target: Any, data: Any, *, batch_size: int) -> np.ndarr
                 rows.append(x.reshape(len(x), -1).double().cpu().numpy())
     finally:
         hook.remove()
-    out = np.concatenate(rows) if rows else out
-    return out
+    return np.concatenate(rows) if rows else np.zeros((len(data), 0))
 
 
 

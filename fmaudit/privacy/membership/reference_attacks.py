@@ -31,7 +31,7 @@ def in_out_means(ref: np.ndarray, in_mask: np.ndarray) -> tuple[np.ndarray, np.n
     in_mask = np.asarray(in_mask, dtype=bool)
     mu_in, n_in = _masked_mean(ref, in_mask)
     mu_out, n_out = _masked_mean(ref, ~in_mask)
-    info = {"imputed_in": int((n_in == 0).sum()), "imputed_out": int((n_out == 0).sum())}
+    info: dict[str, float] = {"imputed_in": int((n_in == 0).sum()), "imputed_out": int((n_out == 0).sum())}
     if (n_in == 0).any() or (n_out == 0).any():
         if not in_mask.any() or in_mask.all():
             raise ValueError("reference models need both IN and OUT observations to calibrate")

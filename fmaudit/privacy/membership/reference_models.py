@@ -67,7 +67,7 @@ class TrainReference:
     that shares the cache folder. Returns an error value instead of raising (the caller reports them all)."""
 
     def __init__(self, *, base: Any, population: Any, audit: Any, masks: np.ndarray, seeds: Sequence[int],
-                 configs: Sequence[Any], is_clf: bool, cache_dir: str | Path | None,
+                 configs: Sequence[Any], is_clf: bool, cache_dir: Path,
                  progress: Callable[..., Any] | None, batch_size: int, min_k: float, label: str):
         self.base, self.population, self.audit = base, population, audit
         self.masks, self.seeds, self.configs = masks, seeds, configs

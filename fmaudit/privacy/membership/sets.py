@@ -61,7 +61,8 @@ def audit_sets(*, members: list[str] | None, nonmembers: list[str] | None, data:
             non = np.nonzero(mask)[0]
         else:
             non = np.array([pos[x] for x in non_ids], dtype=np.int64)
-        population, source = data, {"source": "params"}
+        population = data
+        source: dict[str, Any] = {"source": "params"}
     else:
         if split is None:
             raise ValueError(f"target {target_name!r} has no member / non-member split; fine-tune it in the recipe "
