@@ -71,7 +71,8 @@ def test_exposure_falls_back_to_the_empirical_rank_when_the_fit_fails():
     with pytest.raises(Exception, match="outside the range allowed by the distribution"):
         skewnorm.fit(candidates)
     canaries = np.array([1.0, 2.0, 3.0])
-    bits, estimator = estimate_exposure(canary_losses=canaries, candidate_losses=candidates, space_bits=6 * math.log2(10))
+    bits, estimator = estimate_exposure(canary_losses=canaries, candidate_losses=candidates,
+                                        space_bits=6 * math.log2(10))
     assert estimator == "empirical_rank"
     # below every candidate: rank fraction 1/(n+1) -> log2(100) bits; tied or above: rank fraction 1 -> 0 bits
     assert bits == pytest.approx([math.log2(100), 0.0, 0.0])

@@ -52,8 +52,8 @@ def canary_findings(res: CanaryAuditResult) -> list[dict[str, str]]:
             add("high", f"Empirical epsilon exceeds {who} epsilon if the trade-off curve is Gaussian",
                 f"The f-DP analysis shows the training is not mu-GDP for mu <= {res.mu_lb:.3f}, i.e. epsilon >= "
                 f"{max(lb, fdp):.3f} at delta={res.delta:.3g} ({conf} confidence) for a mechanism with a Gaussian "
-                f"trade-off curve, above {who} epsilon {ref:.3f}{also}. The assumption-free Steinke-Nasr-Jagielski bound on "
-                f"the same guesses is {sjn:.3f}, within the claim. DP-SGD's curve is close to Gaussian, so the "
+                f"trade-off curve, above {who} epsilon {ref:.3f}{also}. The assumption-free Steinke-Nasr-Jagielski "
+                f"bound on the same guesses is {sjn:.3f}, within the claim. DP-SGD's curve is close to Gaussian, so the "
                 "guarantee is in doubt; a mechanism with another curve shape (randomized response, say) can be "
                 "(epsilon, delta)-DP below the f-DP number. A larger audit would settle it.")
         elif not math.isfinite(top):  # a result built without a ceiling: say nothing about reach
