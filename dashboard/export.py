@@ -6,6 +6,9 @@ styles are inline, and nothing is fetched from the network when the file is open
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import html
 from datetime import datetime, timezone
 from pathlib import Path
@@ -13,7 +16,7 @@ from types import SimpleNamespace
 
 from dashboard.colours import colour_scope
 from dashboard.runs import RunEntry, load_entry
-from dashboard.sinks import HtmlSink
+from dashboard.sinks import HtmlSink, Sink
 from dashboard.views import CATEGORY_OF_VIEW, view_category, view_overview, view_runs
 
 CSS = """
@@ -76,9 +79,10 @@ def render_entry_html(entry: RunEntry) -> str:
     from plotly.offline import get_plotlyjs
 
     sections = []
-    views = [("overview", "Run overview", lambda s: view_overview(s, entry))]
+    views: list[tuple[str, str, Callable[[Sink], None]]] = [("overview", "Run overview",
+                                                             lambda s: view_overview(s, entry))]
     for view in CATEGORY_OF_VIEW:
-        views.append((view.lower(), view, lambda s, v=view: view_category(s, entry, v)))
+        views.append((view.lower(), view, partial(view_category, entry=entry, view=view)))
     # One colour per target in every view of the document (a DP twin: its source's hue, lighter).
     with colour_scope(entry.report if entry.report is not None else
                       SimpleNamespace(targets={}, audits=entry.results)):

@@ -11,7 +11,7 @@ import html
 import itertools
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import pandas as pd
 
@@ -33,7 +33,7 @@ def md_escape(text: Any) -> str:
     return re.sub(r"([\\`*_\[\]#|<>~$:])", r"\\\1", str(text))
 
 
-class Sink:  # pragma: no cover - interface
+class Sink(Protocol):  # pragma: no cover - interface
     def header(self, text: str, level: int = 2) -> None: ...
     def text(self, text: str) -> None: ...
     def caption(self, text: str) -> None: ...
@@ -198,7 +198,7 @@ class HtmlSink(Sink):
         self.parts.append(f"<pre>{html.escape(text)}</pre>")
 
     def columns(self, n: int) -> list[Sink]:
-        sinks = [HtmlSink() for _ in range(n)]
+        sinks: list[Sink] = [HtmlSink() for _ in range(n)]
         self.parts.append(("columns", sinks))
         return sinks
 

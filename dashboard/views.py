@@ -181,8 +181,8 @@ def view_category(sink: Sink, entry: RunEntry, view: str) -> None:
             done.add(module)
     for i, r in enumerate(ok):  # every result generically; a module without a renderer expanded
         expanded = r.module not in done
-        renderer = RENDERERS.get(r.module)
-        skip = {n for n in r.curves if renderer is not None and renderer.draws(n)}
+        specific = RENDERERS.get(r.module)
+        skip = {n for n in r.curves if specific is not None and specific.draws(n)}
         title = f"{result_title(r)} — " + ("all metrics, curves and tables" if expanded else "more details")
         render_generic(sink.section(title, expanded=expanded), r, entry, key=f"{category}-{i}", show_status=False,
                        skip_curves=skip, images=expanded)

@@ -118,9 +118,9 @@ def diff_metric(module: str, target: str, name: str, a: Metric | None, b: Metric
     delta = vb - va if va is not None and vb is not None else None
     relative = delta / abs(va) if delta is not None and va not in (None, 0.0) else None
     noise = None
-    if a is None or b is None:
+    if a is None or b is None or m is None:
         verdict = "only in A" if b is None else "only in B"
-    elif delta is None:
+    elif va is None or vb is None or delta is None:
         verdict = "same" if va is None and vb is None else "changed"
     else:
         tol = tolerance(va, vb, rtol, atol)

@@ -101,7 +101,7 @@ class LocalOnly:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Callable[[], None], tuple[()]]:
         return (_none, ())
 
 

@@ -66,6 +66,7 @@ def _digits(n: int, seed: int, label_noise: float = 0.0):
     ds = load_digits()
     g = rng(seed, Stream.DATA_LIMIT)
     ds = ds.subset(np.sort(g.choice(len(ds), n, replace=False)))
+    assert ds.labels is not None  # digits are labelled
     labels = ds.labels.copy()
     if label_noise:
         flip = g.random(n) < label_noise  # atypical examples: only memorisation fits them
@@ -305,6 +306,7 @@ def dp_canary_consistency(seed: int = 0, work: Path | None = None) -> ScenarioRe
     honest = canary_audit(base=_mlp(seed), dp={**dp, "noise_multiplier": 4.0}, **common)
     broken = canary_audit(base=_mlp(seed), dp={**dp, "noise_multiplier": 1e-6},
                           claimed_epsilon=honest.accountant_epsilon, **common)
+    assert honest.accountant_epsilon is not None  # a DP run always has the accountant's epsilon
     c = _Checks()
     c.expect(honest.epsilon_lb <= honest.accountant_epsilon,
              f"honest run: epsilon_lb {honest.epsilon_lb:.3f} > accountant epsilon {honest.accountant_epsilon:.3f}")

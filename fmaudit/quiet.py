@@ -68,7 +68,7 @@ class LogWriter(io.TextIOBase):
     def isatty(self) -> bool:
         return False
 
-    def write(self, s: str) -> int:  # type: ignore[override]
+    def write(self, s: str) -> int:
         if not isinstance(s, str):
             s = str(s)
         if not self.active:

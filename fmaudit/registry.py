@@ -78,7 +78,7 @@ class Registry:
         """Forget what was discovered (after installing a plugin in the same process)."""
         self._entries = None
 
-    def register(self, cls: type, name: str | None = None) -> type:
+    def register(self, cls: type[AuditModule], name: str | None = None) -> type[AuditModule]:
         """Register a class directly (for notebooks and tests); the name must be new."""
         entries = self._discover()
         name = name or cls.name

@@ -19,6 +19,7 @@ SCHEMA_VERSION = "1.1"  # 1.1: targets[].code (the code a python: target importe
 
 Severity = Literal["info", "low", "medium", "high", "critical"]
 Status = Literal["ok", "error", "skipped"]
+GateOp = Literal["gt", "ge", "lt", "le", "eq", "ne"]
 
 
 class _Strict(BaseModel):
@@ -51,7 +52,7 @@ class GateResult(_Strict):
     """Outcome of one `fail_if` threshold from the recipe."""
 
     metric: str
-    op: Literal["gt", "ge", "lt", "le", "eq", "ne"]
+    op: GateOp
     threshold: float
     value: float | None
     passed: bool

@@ -275,7 +275,7 @@ class Runner:
                 pass
             write_report(report, run_dir / "report.json")
             events.emit("run_finished", run_id=run_id, status="failed", exit_code=EXIT_MODULE_ERROR,
-                        error=report.error.model_dump(mode="json"))
+                        error=run_error_info(exc).model_dump(mode="json"))
             self.run_dir = run_dir
             return run_dir
         except Exception:
@@ -406,7 +406,7 @@ class Runner:
 
     def _finish_unit(self, u: Unit, session: Session, events: EventLog, result: AuditResult, produced: Any
                      ) -> AuditResult:
-        if produced is not None:
+        if produced is not None and u.spec.produces is not None:
             session.targets[u.spec.produces] = produced
             session.target_data[u.spec.produces] = session.target_data.get(u.target)
         self._recorded[u.unit_id] = result  # before the event: a signal held by emit is raised as it ends

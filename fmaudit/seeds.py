@@ -68,7 +68,7 @@ def seed_sequence(seed: int, stream: Stream, *keys: int) -> np.random.SeedSequen
     return np.random.SeedSequence([int(Stream(stream)), len(keys) + 1, *(int(k) for k in keys), seed])
 
 
-def rng(seed: int, stream: "Stream | int", *keys: int) -> np.random.Generator:
+def rng(seed: int, stream: Stream, *keys: int) -> np.random.Generator:
     """A numpy Generator for `stream` under `seed`."""
     return np.random.default_rng(seed_sequence(seed, stream, *keys))
 

@@ -20,7 +20,7 @@ from fmaudit.executor import Executor, TaskFailed
 from fmaudit.quiet import library_output_to_log
 from fmaudit.recipe import AuditSpec
 from fmaudit.registry import registry
-from fmaudit.report import AuditResult, ErrorInfo, GateResult
+from fmaudit.report import AuditResult, ErrorInfo, GateOp, GateResult
 from fmaudit.run_errors import TargetUnavailable
 from fmaudit.session import Session
 
@@ -55,8 +55,8 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def evaluate_gates(fail_if: dict[str, dict[str, float]], outcome: Outcome) -> list[GateResult]:
-    ops = {"gt": (lambda a, b: a > b, ">"), "ge": (lambda a, b: a >= b, ">="), "lt": (lambda a, b: a < b, "<"),
+def evaluate_gates(fail_if: dict[str, dict[GateOp, float]], outcome: Outcome) -> list[GateResult]:
+    ops: dict[GateOp, tuple[Callable[[float, float], bool], str]] = {"gt": (lambda a, b: a > b, ">"), "ge": (lambda a, b: a >= b, ">="), "lt": (lambda a, b: a < b, "<"),
            "le": (lambda a, b: a <= b, "<="), "eq": (lambda a, b: a == b, "=="), "ne": (lambda a, b: a != b, "!=")}
     results = []
     for metric, conds in fail_if.items():

@@ -95,7 +95,9 @@ def render_text_attack(sink: Sink, entry: RunEntry, results: list[AuditResult]) 
         if texts:
             sink.header(f"Adversarial examples — {r.target} · {r.params.get('attack', '')}", level=3)
         for ev in texts[:20]:
-            orig, adv = _text_pair(ev)
+            pair = _text_pair(ev)
+            assert pair is not None  # kept above
+            orig, adv = pair
             a, b, changed = marked_or_diff_html(orig, adv)
             meta = ", ".join(f"{k}: {ev[k]}" for k in ("id", "status", "verified", "label", "original_prediction",
                                                          "adversarial_prediction", "queries") if k in ev)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, T
 
 from pydantic import BaseModel, ConfigDict
 
-from fmaudit.report import Curve, Finding, GateResult, Metric
+from fmaudit.report import Curve, Finding, GateResult, Metric, Severity
 
 if TYPE_CHECKING:  # pragma: no cover
     from fmaudit.audits.services import RunServices
@@ -93,7 +93,7 @@ class Outcome:
         self.metrics[name] = m
         return m
 
-    def finding(self, severity: str, title: str, detail: str = "", *, metric: str | None = None,
+    def finding(self, severity: Severity, title: str, detail: str = "", *, metric: str | None = None,
                 gate: GateResult | None = None) -> None:
         self.findings.append(Finding(severity=severity, title=title, detail=detail, metric=metric, gate=gate))
 
@@ -120,6 +120,12 @@ class AuditContext:
     executor: "Executor | None" = None  # where independent work (reference models) runs; None: in this process
     services: "RunServices | None" = None  # the run's other targets and base weights (fmaudit.audits.services)
     run_seed: int | None = None  # the recipe's seed (member splits are drawn from it); None: use `seed`
+
+    def require_data(self) -> "Dataset":
+        """The unit's dataset; a clear error when the recipe gave it none."""
+        if self.data is None:
+            raise ValueError("no data for this audit: name a dataset with `data:` or fine-tune the target")
+        return self.data
 
     def artifact_dir(self) -> Path:
         d = self.run_dir / "artifacts" / self.unit_id.replace(":", "_").replace("@", "_")
@@ -162,7 +168,7 @@ def base_target(target: "Target", ctx: AuditContext) -> "Target":
     from the same start (reference models, DP, canary runs): asked of `ctx.services` for the recipe target
     this one is or was produced from, and checked against the recorded base-weights hash."""
     source = ctx.services.source_of(target) if ctx.services is not None else None
-    if source is None:
+    if ctx.services is None or source is None:
         raise ValueError(f"the base (pre-fine-tune) weights of target {target.name!r} are not known: run this module "
                          "on a target that the recipe fine-tunes (or one produced from such a target), or give "
                          "ctx.services (fmaudit.audits.services.FixedServices) its base")
@@ -182,17 +188,15 @@ def select_examples(ctx: AuditContext, split: str = "auto", max_examples: int | 
     """The examples a module works on: `split` auto (the target's held-out non-members when it was fine-tuned
     on this data, else all of it) | nonmembers | members | all, then a seeded sample of at most
     `max_examples`. Returns (dataset, the subset chosen)."""
-    data, sp = ctx.data, ctx.split
-    if data is None:
-        raise ValueError("no data for this audit: name a dataset with `data:` or fine-tune the target")
+    data, sp = ctx.require_data(), ctx.split
     same = sp is not None and sp.dataset.fingerprint == data.fingerprint
     choice = "nonmembers" if split == "auto" and same else ("all" if split == "auto" else split)
     if choice in ("members", "nonmembers"):
-        if not same:
+        if sp is None or not same:
             raise ValueError(f"split: {choice} needs a target fine-tuned on dataset {data.name!r}; use split: all")
         data = sp.members if choice == "members" else sp.nonmembers
     if len(data) == 0:
-        raise ValueError(f"no examples in the {choice} subset of {ctx.data.name!r}")
+        raise ValueError(f"no examples in the {choice} subset of {data.name!r}")
     if max_examples is not None and len(data) > max_examples:
         from fmaudit.seeds import Stream
 

@@ -45,7 +45,7 @@ class UtilityAudit(AuditModule):
     def run(self, target, ctx: AuditContext) -> Outcome:
         data, choice = select_examples(ctx, self.params.split, self.params.max_examples)
         out = Outcome()
-        out.tables["evaluated_on"] = {"dataset": ctx.data.name, "subset": choice, "num_examples": len(data)}
+        out.tables["evaluated_on"] = {"dataset": ctx.require_data().name, "subset": choice, "num_examples": len(data)}
         p = self.params
         level = p.confidence
         if "classifier" in target.capabilities:

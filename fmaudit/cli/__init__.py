@@ -119,7 +119,7 @@ def list_modules(verbose: bool = typer.Option(False, "--verbose", "-v", help="Sh
                 continue
             out.print(f"\n[bold]{name}[/] ({cls.category}): {escape(cls.description)}", highlight=False)
             for fname, field in cls.Params.model_fields.items():
-                default = field.default if field.default_factory is None else field.default_factory()
+                default = field.get_default(call_default_factory=True, validated_data={})
                 out.print(f"  {fname} = {escape(repr(default))}: {escape(field.description or '')}", highlight=False)
 
 

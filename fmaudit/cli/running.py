@@ -120,10 +120,10 @@ def execute_run(recipe: Path, *, output_dir: Path | None, resume: bool, resume_f
         err.print(f"[bold red]Cannot prepare the run:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2)
     finally:
-        err.file = None  # back to following sys.stderr
+        err.file = None  # type: ignore[assignment]  # rich: None means follow sys.stderr again
     print_summary(report)
     if report.error is not None:
         err.print(f"[bold red]The run failed:[/] {escape(report.error.type)}: {escape(report.error.message)} "
                   "(results before the failure are kept; the traceback is in the report)", soft_wrap=True)
-    out.print(f"Report: [bold]{runner.run_dir / 'report.json'}[/]")
+    out.print(f"Report: [bold]{Path(runner.run_dir or '.') / 'report.json'}[/]")
     raise typer.Exit(report.exit_code or 0)

@@ -43,7 +43,7 @@ def headline_metric(result: Any) -> tuple[str, Any] | None:
             if fnmatch.fnmatchcase(k, pattern):
                 return k, m
     undotted = [(k, m) for k, m in valued if "." not in k]
-    return (undotted or valued or [None])[0]
+    return (undotted or valued)[0] if (undotted or valued) else None
 
 
 def metric_text(name: str, m: Any) -> str:

@@ -13,10 +13,13 @@ import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fmaudit.seeds import Stream
 
 class DataError(ValueError):
     """A dataset that cannot be used as the recipe asks (missing file, column, empty...)."""
@@ -74,7 +77,7 @@ class Dataset:
             label_names=self.label_names,
         )
 
-    def sample(self, n: int | None, seed: int, stream: int, *keys: int) -> "Dataset":
+    def sample(self, n: int | None, seed: int, stream: Stream, *keys: int) -> "Dataset":
         """At most `n` examples drawn without replacement from the seeded stream `stream` (a
         `fmaudit.seeds.Stream`), kept in dataset order; the dataset itself when n is None or >= len."""
         if n is None or n >= len(self):
@@ -113,7 +116,7 @@ class Dataset:
         return DatasetInfo(
             name=self.name,
             source=self.source,
-            modality=self.modality,  # type: ignore[arg-type]
+            modality=self.modality,
             num_examples=len(self),
             num_labels=self.num_labels,
             label_names=self.label_names,

@@ -122,7 +122,7 @@ def resolve_code_ref(ref: str, *, base_dir: Path, allow_code_from: typing.Sequen
             if spec is None:  # not on the Python path: the recipe's folder
                 spec = importlib.machinery.PathFinder.find_spec(name, [str(base_dir)])
                 from_recipe_folder = spec is not None
-        else:
+        elif spec is not None:
             locations = list(spec.submodule_search_locations or [])
             if not locations:
                 raise CodeRefError(f"{'.'.join(parts[:i])} is a module, not a package: cannot find {name}")

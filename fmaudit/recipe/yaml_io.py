@@ -18,6 +18,11 @@ MAX_YAML_DEPTH = 32            # nested mappings / sequences
 MAX_YAML_NODES = 20_000        # scalars + collections, counting every alias as the node it repeats
 
 
+def _line(event: yaml.Event) -> int | None:
+    """The 1-based line an event starts on (None when the parser gave no position)."""
+    return event.start_mark.line + 1 if event.start_mark is not None else None
+
+
 def _yaml_loader() -> type:
     return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -37,8 +42,8 @@ def check_yaml_limits(text: str) -> Problem | None:
         if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
             if len(stack) > MAX_YAML_DEPTH:
                 return Problem("", f"the recipe nests deeper than {MAX_YAML_DEPTH} levels; recipes are "
-                                   "limited to that depth", ev.start_mark.line + 1)
-            stack.append([1, ev.anchor, ev.start_mark.line + 1])
+                                   "limited to that depth", _line(ev))
+            stack.append([1, ev.anchor, _line(ev)])
             if ev.anchor is not None:
                 anchors[ev.anchor] = None
             continue
@@ -54,8 +59,8 @@ def check_yaml_limits(text: str) -> Problem | None:
             if ev.anchor in anchors and anchors[ev.anchor] is None:
                 return Problem("", f"the alias *{ev.anchor} is inside the collection &{ev.anchor} it repeats: a "
                                    "recursive document, refused (a recipe cannot contain itself)",
-                               ev.start_mark.line + 1)
-            size = anchors.get(ev.anchor) or 1  # an unknown anchor: the composer reports it
+                               _line(ev))
+            size = (anchors.get(ev.anchor) if ev.anchor is not None else None) or 1  # an unknown anchor: the composer reports it
         else:
             continue
         stack[-1][0] += size

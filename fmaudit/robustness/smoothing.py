@@ -18,6 +18,7 @@ import math
 from typing import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 ABSTAIN = -1
 
@@ -51,42 +52,42 @@ def certified_radius(pa_lower: float, sigma: float) -> float | None:
     return float(sigma * norm.ppf(pa_lower))
 
 
-def certify_from_counts(counts0: Sequence[int], counts: Sequence[int], sigma: float,
+def certify_from_counts(counts0: ArrayLike, counts: ArrayLike, sigma: float,
                         alpha: float) -> tuple[int, float | None, float]:
     """CERTIFY from the selection counts (n0 copies) and the estimation counts (n further copies, an
     independent sample): (class or ABSTAIN, radius or None, pA_lower). Ties in the selection go to the
     lowest class index (numpy argmax), as in the reference code."""
-    counts0 = np.asarray(counts0, dtype=np.int64)
-    counts = np.asarray(counts, dtype=np.int64)
-    if counts0.shape != counts.shape or counts.ndim != 1:
+    c0 = np.asarray(counts0, dtype=np.int64)
+    c = np.asarray(counts, dtype=np.int64)
+    if c0.shape != c.shape or c.ndim != 1:
         raise ValueError("counts0 and counts must be one count per class, the same length")
-    n = int(counts.sum())
-    c_hat = int(np.argmax(counts0))
-    pa = pa_lower_bound(int(counts[c_hat]), n, alpha)
+    n = int(c.sum())
+    c_hat = int(np.argmax(c0))
+    pa = pa_lower_bound(int(c[c_hat]), n, alpha)
     radius = certified_radius(pa, sigma)
     if radius is None:
         return ABSTAIN, None, pa
     return c_hat, radius, pa
 
 
-def predict_from_counts(counts: Sequence[int], alpha: float) -> tuple[int, float]:
+def predict_from_counts(counts: ArrayLike, alpha: float) -> tuple[int, float]:
     """PREDICT: (top class or ABSTAIN, p-value) from the counts of n noisy copies; abstains unless the
     two-sided binomial test of the top count nA against nA + nB (nB the runner-up) at p = 1/2 has p-value
     <= alpha (Cohen et al. abstain when it is > alpha)."""
     from scipy.stats import binomtest
 
-    counts = np.asarray(counts, dtype=np.int64)
-    if counts.ndim != 1 or len(counts) < 2:
+    c = np.asarray(counts, dtype=np.int64)
+    if c.ndim != 1 or len(c) < 2:
         raise ValueError("counts must be one count per class (at least two classes)")
-    order = np.argsort(-counts, kind="stable")
-    na, nb = int(counts[order[0]]), int(counts[order[1]])
+    order = np.argsort(-c, kind="stable")
+    na, nb = int(c[order[0]]), int(c[order[1]])
     if na + nb == 0:
         return ABSTAIN, 1.0
     p = float(binomtest(na, na + nb, 0.5).pvalue)
     return (int(order[0]) if p <= alpha else ABSTAIN), p
 
 
-def certified_accuracy(predictions: Sequence[int], radii: Sequence[float | None], labels: Sequence[int],
+def certified_accuracy(predictions: ArrayLike, radii: Sequence[float | None], labels: ArrayLike,
                        radius: float) -> np.ndarray:
     """Per example: certified correct at L2 radius `radius` (the certified class is the label and the
     certified radius is at least `radius`; abstentions are never certified). Cohen et al.'s

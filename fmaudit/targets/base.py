@@ -137,12 +137,12 @@ class Target:
         prefix = getattr(self.model, "base_model_prefix", None)
         if prefix and hasattr(self.model, prefix):
             base = getattr(self.model, prefix)
-            out = [m for n, m in self.model.named_children() if m is not base]
+            out: list[nn.Module] = [m for n, m in self.model.named_children() if m is not base]
             pooler = getattr(base, "pooler", None)
             if pooler is not None:
                 out.append(pooler)
             return out
-        linears = [m for m in self.model.modules() if isinstance(m, nn.Linear)]
+        linears: list[nn.Module] = [m for m in self.model.modules() if isinstance(m, nn.Linear)]
         return linears[-1:]
 
     def set_trainable(self, mode: str = "all", n_layers: int = 2) -> None:

@@ -146,7 +146,8 @@ class TextClassifier(_TextMixin, ClassifierTarget):
         return self.logits(data, batch_size)
 
     def embedding_layer(self) -> nn.Module:
-        return self.model.get_input_embeddings()
+        layer: nn.Module = self.model.get_input_embeddings()  # type: ignore[operator]  # an HF PreTrainedModel
+        return layer
 
 
 class CausalLM(_TextMixin, Target):

@@ -29,7 +29,7 @@ class PixelClassifier(nn.Module):
         self.image_size = image_size
         if (mean is None) != (std is None):
             raise TargetError("give both normalization mean and std, or neither")
-        if mean is not None:
+        if mean is not None and std is not None:
             self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
             self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
         else:
@@ -90,11 +90,12 @@ class ImageClassifier(ClassifierTarget):
 
     def head_modules(self) -> list[nn.Module]:
         inner = self.model.inner
+        assert isinstance(inner, nn.Module)
         prefix = getattr(inner, "base_model_prefix", None)
         if prefix and hasattr(inner, prefix):
             base = getattr(inner, prefix)
             return [m for _, m in inner.named_children() if m is not base]
-        linears = [m for m in inner.modules() if isinstance(m, nn.Linear)]
+        linears: list[nn.Module] = [m for m in inner.modules() if isinstance(m, nn.Linear)]
         return linears[-1:]
 
     def torch_dataset(self, data: Dataset) -> torch.utils.data.Dataset:

@@ -63,8 +63,7 @@ def area_verdict(report: RunReport, area: str) -> Verdict:
         return Verdict(area, level, head, f"{head}: " + "; ".join(p.text for p in parts), tuple(parts))
     assessed = [p for p in parts if p.level != "error"]
     level = worse("ok", *[p.level for p in assessed])
-    worst = [p for p in assessed if p.level == level and p.headline]
-    headline = worst[0].headline if worst else DEFAULT_HEADLINES[area]
+    headline = next((p.headline for p in assessed if p.level == level and p.headline), None) or DEFAULT_HEADLINES[area]
     if area == "privacy" and level == "ok" and all(r.module == "privacy.dp_finetune" for r in ok):
         headline = "No privacy attack run"  # DP training alone tests nothing
     if level == "ok" and errored:

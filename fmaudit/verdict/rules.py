@@ -42,6 +42,7 @@ The rules, per area (the worst part decides the area's level):
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from fmaudit.report import AuditResult, Metric, RunReport
 from fmaudit.verdict.levels import LEVEL_RANK, Part, worse
@@ -61,6 +62,16 @@ ATTACK_KINDS = {**{a: "character edits" for a in CHARACTER_ATTACKS}, **{a: "word
 # Privacy
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    """A report table that should be a mapping, or {} (older or hand-edited reports)."""
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    """A report table that should be a list, or []."""
+    return value if isinstance(value, list) else []
+
+
 def membership_part(report: RunReport, r: AuditResult) -> Part:
     who = target_name(report, r.target)
     auc, null, p = metric_value(r, "auc"), metric_value(r, "auc_null"), metric_value(r, "auc_p_value")
@@ -78,7 +89,7 @@ def membership_part(report: RunReport, r: AuditResult) -> Part:
     else:
         leak = None
     attack = ""
-    strongest = r.tables.get("strongest_attack") if isinstance(r.tables.get("strongest_attack"), dict) else {}
+    strongest = _dict(r.tables.get("strongest_attack"))
     if strongest.get("auc"):
         attack = f" ({strongest['auc']})"
     vs_null = f" vs chance {fmt_num(null)}" if null is not None else ""
@@ -203,7 +214,7 @@ def _norm_points(r: AuditResult) -> dict[str, list[tuple[float, float, Metric, s
     """norm -> [(epsilon, robust accuracy, metric, name)], the worst over attacks at each budget."""
     from collections import defaultdict
 
-    attacks = r.tables.get("attacks") if isinstance(r.tables.get("attacks"), list) else []
+    attacks = _list(r.tables.get("attacks"))
     norm_of = {str(a.get("label")): str(a.get("norm")) for a in attacks if isinstance(a, dict)}
     per: dict[tuple[str, float], tuple[float, Metric, str]] = {}
     for n, m in r.metrics.items():
@@ -265,7 +276,7 @@ def image_attack_part(report: RunReport, r: AuditResult) -> Part:
 def attribution_part(report: RunReport, r: AuditResult) -> Part:
     who = target_name(report, r.target)
     methods = sorted({n.split(".", 1)[0] for n in r.metrics if "." in n and not n.startswith("random.")})
-    rand = r.tables.get("randomization") if isinstance(r.tables.get("randomization"), dict) else {}
+    rand = _dict(r.tables.get("randomization"))
     failing = [str(m) for m in (rand.get("failing_methods") or [])]
     if not failing:
         failing = [f.title.split(" fails ", 1)[0] for f in r.findings if "randomization check" in f.title

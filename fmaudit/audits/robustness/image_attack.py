@@ -47,6 +47,10 @@ from fmaudit.batching import batched_forward
 from fmaudit.robustness.intervals import clopper_pearson
 
 
+def _default_attacks() -> list[AttackSpec]:
+    return [FGSMSpec(name="fgsm"), PGDSpec(name="pgd")]
+
+
 class ImageAttackAudit(AuditModule):
     name = "robustness.image_attack"
     category = "robustness"
@@ -60,7 +64,7 @@ class ImageAttackAudit(AuditModule):
 
     class Params(AuditParams):
         attacks: list[AttackSpec] = Field(
-            default_factory=lambda: [FGSMSpec(name="fgsm"), PGDSpec(name="pgd")], min_length=1,
+            default_factory=_default_attacks, min_length=1,
             description="Attacks to run: names (fgsm, pgd, pgd_l2, cw, deepfool, square, square_l2, autoattack, "
                         "autoattack_l2, autoattack_fast, autoattack_fast_l2) or mappings with `name:` and that "
                         "attack's settings.")

@@ -29,7 +29,7 @@ class ImageRun:
 
     def evaluated_on(self, ctx: AuditContext, target: Any) -> dict[str, Any]:
         """The `evaluated_on` table both modules report."""
-        return {"dataset": ctx.data.name, "subset": self.choice, "num_examples": len(self.x),
+        return {"dataset": ctx.require_data().name, "subset": self.choice, "num_examples": len(self.x),
                 "num_classes": self.n_classes, "image_shape": list(self.x.shape[1:]),
                 "normalization_inside_model": bool(target.normalized_inside), "device": str(self.device),
                 "ids": list(self.data.ids)}

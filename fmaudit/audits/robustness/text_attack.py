@@ -20,6 +20,7 @@ from fmaudit.audits.base import AuditContext, AuditModule, AuditParams, Outcome,
 from fmaudit.audits.robustness.text_attack_recipes import (ALL_ATTACKS, EMBEDDING_SWAP, MASKED_LM_DEFAULTS,
                                                            NATIVE_ATTACKS, canonical)
 from fmaudit.hints import did_you_mean
+from fmaudit.report import Severity
 
 
 class TextAttackAudit(AuditModule):
@@ -92,7 +93,7 @@ class TextAttackAudit(AuditModule):
     # ----------------------------------------------------------------------------------------------
     def check(self, target, data) -> list[str]:
         problems: list[str] = []
-        caps = getattr(target, "capabilities", frozenset())
+        caps: frozenset[str] = getattr(target, "capabilities", frozenset())
         if not {"text", "classifier"} <= set(caps) or not hasattr(target, "tokenize"):
             kind = getattr(target, "kind", type(target).__name__)
             problems.append(f"robustness.text_attack attacks text classifiers; target "
@@ -192,7 +193,7 @@ class TextAttackAudit(AuditModule):
             out.tables["attack"]["swaps_refused_by_polarity_filter"] = refused if p.polarity_filter else None
         out.tables["constraints"] = engine.constraint_table(attack)
         out.tables["predictions"] = deg["table"]
-        out.tables["evaluated_on"] = {"dataset": ctx.data.name, "subset": choice, "num_examples": n}
+        out.tables["evaluated_on"] = {"dataset": ctx.require_data().name, "subset": choice, "num_examples": n}
         out.tables["verification"] = {
             "claimed_successes": summary["num_claimed"], "verified": summary["num_verified"],
             "unverified": summary["num_unverified"],
@@ -211,7 +212,7 @@ class TextAttackAudit(AuditModule):
                         "TextAttack reported them as successful but the target's own forward pass disagrees; they "
                         "are counted as failures", metric="num_unverified")
         if rate is not None and not reduction:
-            sev = "high" if rate >= 0.5 else "medium" if rate >= 0.2 else "low" if rate > 0 else "info"
+            sev: Severity = "high" if rate >= 0.5 else "medium" if rate >= 0.2 else "low" if rate > 0 else "info"
             out.finding(sev, f"{p.attack} flips {rate:.0%} of correctly classified examples"
                         + (" (degenerate target: not evidence of robustness)" if deg["reasons"] else ""),
                         f"{summary['num_successes']} of {summary['num_attacked']} attacked examples (budget "

@@ -340,11 +340,11 @@ def _redirect_masked_lm(path: str | None) -> Iterator[None]:
 
     try:
         for m, lm, tok in saved:
-            m.AutoModelForMaskedLM, m.AutoTokenizer = _Redirect(lm), _Redirect(tok)
+            m.AutoModelForMaskedLM, m.AutoTokenizer = _Redirect(lm), _Redirect(tok)  # type: ignore[attr-defined]
         yield
     finally:
         for m, lm, tok in saved:
-            m.AutoModelForMaskedLM, m.AutoTokenizer = lm, tok
+            m.AutoModelForMaskedLM, m.AutoTokenizer = lm, tok  # type: ignore[attr-defined]
 
 
 def build_attack(name: str, wrapper: TargetModelWrapper, *, params: Any, target: Any, cache_dir: Path
