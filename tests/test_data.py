@@ -99,3 +99,43 @@ def test_duplicate_ids_rejected(tmp_path):
     p.write_text("id,text,label\n1,a,0\n1,b,1\n")
     with pytest.raises(DataError, match="not unique"):
         load_dataset("d", DataSpec(source=str(p), id_column="id"))
+
+
+def test_balance_keeps_the_same_number_of_each_class_seeded():
+    imbalanced = DataSpec(source="bundled:tweets", limit=601, balance=True)
+    a = load_dataset("t", imbalanced, seed=3)
+    assert np.bincount(a.labels).tolist() == [300, 300]  # 601 // 2 each; tweets are ~70% negative
+    assert a.ids == load_dataset("t", imbalanced, seed=3).ids  # same seed, same sample
+    assert a.ids != load_dataset("t", imbalanced, seed=4).ids
+    full = load_tweets()
+    assert set(a.ids) <= set(full.ids) and a.ids == sorted(a.ids, key=full.ids.index)  # dataset order
+    whole = load_dataset("t", DataSpec(source="bundled:tweets", balance=True), seed=0)
+    counts = np.bincount(whole.labels)
+    assert counts[0] == counts[1] == np.bincount(full.labels).min()  # no limit: the smallest class, all of it
+
+
+def test_balance_needs_labels_and_more_than_one_class(tmp_path):
+    from fmaudit.data import Dataset, balanced_sample
+
+    unlabelled = Dataset("u", "u", "text", ["a", "b"], texts=["x", "y"])
+    with pytest.raises(DataError, match="no labels"):
+        balanced_sample(unlabelled, None, 0)
+    one = Dataset("o", "o", "text", ["a", "b"], labels=np.array([1, 1]), texts=["x", "y"])
+    with pytest.raises(DataError, match="one class"):
+        balanced_sample(one, None, 0)
+    with pytest.raises(DataError, match="no example per class"):
+        balanced_sample(load_digits(), 5, 0)  # 10 classes
+
+
+def test_recipe_balance_without_labels_is_a_problem_with_its_path(tmp_path):
+    from fmaudit.recipe import RecipeError, load_recipe
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "a"}\n{"text": "b"}\n')
+    recipe = {"version": 1, "name": "b", "data": {"c": {"source": str(corpus), "label_column": None,
+                                                          "balance": True}},
+              "targets": {"t": {"model": "bundled:smollm2"}}, "audits": [{"use": "utility", "target": "t",
+                                                                           "data": "c"}]}
+    with pytest.raises(RecipeError) as info:
+        load_recipe(recipe)
+    assert any(p.path == "data.c.balance" for p in info.value.problems), info.value.problems

@@ -391,6 +391,25 @@ def load_hf_disk(path: Path, *, split: str | None, text_column: str, label_colum
     return Dataset(name, f"hf_disk:{path}", "text", ids, labels, texts=texts, label_names=label_names)
 
 
+def balanced_sample(ds: Dataset, limit: int | None, seed: int) -> Dataset:
+    """The same number of examples of every class: `limit // classes` each when `limit` is given (at most the
+    smallest class's size), a seeded sample per class (stream DATA_LIMIT, keyed by the class), in dataset order."""
+    from fmaudit.seeds import Stream, rng
+
+    if ds.labels is None:
+        raise DataError(f"dataset {ds.name!r} has no labels to balance")
+    classes, counts = np.unique(ds.labels, return_counts=True)
+    if len(classes) < 2:
+        raise DataError(f"dataset {ds.name!r} has one class ({int(classes[0]) if len(classes) else 'none'}): "
+                        "nothing to balance")
+    per = int(counts.min()) if limit is None else min(int(counts.min()), limit // len(classes))
+    if per < 1:
+        raise DataError(f"dataset {ds.name!r}: limit {limit} leaves no example per class ({len(classes)} classes)")
+    picks = [rng(seed, Stream.DATA_LIMIT, int(c) + 1).choice(np.flatnonzero(ds.labels == c), per, replace=False)
+             for c in classes]
+    return ds.subset(np.sort(np.concatenate(picks)))
+
+
 def load_dataset(name: str, spec: Any, *, base_dir: Path | None = None, seed: int = 0) -> Dataset:
     """Load the recipe's data entry `spec` (a recipe.DataSpec) under `name`."""
     source: str = spec.source
@@ -413,7 +432,9 @@ def load_dataset(name: str, spec: Any, *, base_dir: Path | None = None, seed: in
     else:
         ds = load_table(resolve(source), text_column=spec.text_column, label_column=spec.label_column,
                         id_column=spec.id_column, name=name)
-    if spec.limit is not None:
+    if getattr(spec, "balance", False):
+        ds = balanced_sample(ds, spec.limit, seed)
+    elif spec.limit is not None:
         # A seeded, stratification-free sample keeps both classes in proportion on large sets.
         from fmaudit.seeds import Stream
 

@@ -25,6 +25,9 @@ class DataSpec(_Strict):
     source: str = Field(description="bundled:tweets | bundled:digits | path/to.csv | path/to.jsonl | "
                                     "imagefolder:DIR | hf_disk:DIR (a Hugging Face dataset saved with save_to_disk)")
     limit: int | None = Field(default=None, gt=0, description="Keep a seeded random sample of at most this many.")
+    balance: bool = Field(default=False, description="Keep the same number of examples of every class (a seeded "
+                                                     "sample of each; with `limit`, limit // classes each), so the "
+                                                     "majority-class baseline is 1 / classes.")
     text_column: str = "text"
     label_column: str | None = "label"
     id_column: str | None = Field(default=None, description="Column with stable example ids (default: row number).")

@@ -45,7 +45,7 @@ def _check_table_file(ctx: CheckContext, name: str, spec: DataSpec) -> None:
         for msg in msgs:
             ctx.add(loc, msg)
         if rows is not None:
-            ctx.table_rows[name] = min(rows, spec.limit) if spec.limit else rows
+            ctx.table_rows[name] = min(rows, spec.limit) if spec.limit else rows  # balance: at most this
 
 
 @dataclass(frozen=True)
@@ -100,3 +100,5 @@ def check_data(ctx: CheckContext) -> None:
     """Every dataset's source, by kind."""
     for name, spec in ctx.recipe.data.items():
         source_kind(spec).check(ctx, name, spec)
+        if spec.balance and spec.label_column is None and not spec.source.startswith(("bundled:", "imagefolder:")):
+            ctx.add(("data", name, "balance"), "balance needs labels: set label_column (or drop balance)")
