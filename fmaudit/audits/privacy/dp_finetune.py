@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from fmaudit.audits.base import AuditContext, AuditModule, AuditParams, Outcome, base_target
+from fmaudit.privacy.gradient_canaries import MIN_CANARIES
 
 
 class DPFinetuneAudit(AuditModule):
@@ -21,7 +22,9 @@ class DPFinetuneAudit(AuditModule):
     produces_target = True
     metric_names = ("epsilon", "epsilon_gdp", "delta", "noise_multiplier", "sample_rate", "steps", "accuracy",
                     "baseline_accuracy", "accuracy_drop", "perplexity", "baseline_perplexity", "perplexity_ratio",
-                    "loss", "baseline_loss", "train_seconds", "num_trainable_parameters")
+                    "loss", "baseline_loss", "train_seconds", "num_trainable_parameters", "gradient_canary_epsilon_lb",
+                    "gradient_canary_epsilon_lb_fdp", "gradient_canary_epsilon_lb_ceiling",
+                    "gradient_canary_epsilon_lb_ratio", "gradient_canary_noise_multiplier")
 
     class Params(AuditParams):
         target_epsilon: float | None = Field(default=8.0, gt=0, description="Privacy budget; the accountant picks "
@@ -58,6 +61,10 @@ class DPFinetuneAudit(AuditModule):
         max_perplexity_ratio: float = Field(default=1.5, gt=1, description="Causal LMs: finding when DP "
                                                                           "perplexity / baseline exceeds it.")
         eval_examples: int = Field(default=1000, gt=0, description="Held-out examples for utility (seeded sample).")
+        gradient_canaries: int = Field(default=0, ge=0, description="White-box Dirac gradient canaries inserted "
+                                       "into the DP-SGD steps themselves (0: off; else at least 10): epsilon_lb of "
+                                       "this run, its ceiling, epsilon_lb / epsilon; critical finding when the DP "
+                                       "step is broken. The canary coordinates keep their pre-trained values.")
 
         @model_validator(mode="after")
         def _one_noise_source(self):
@@ -93,6 +100,8 @@ class DPFinetuneAudit(AuditModule):
                                       delta=p.delta, max_grad_norm=p.max_grad_norm, lr=p.lr, accountant=p.accountant,
                                       trainable=p.trainable, clipping=p.clipping,
                                       max_physical_batch_size=p.max_physical_batch_size, n_layers=p.n_layers, **s)
+        if 0 < p.gradient_canaries < MIN_CANARIES:
+            problems.append(f"gradient_canaries must be 0 (off) or at least {MIN_CANARIES}, got {p.gradient_canaries}")
         if members is None:
             problems.append("no training data: fine-tune the target in the recipe (its members are reused) or "
                             "name a dataset with `data:`")
@@ -138,7 +147,7 @@ class DPFinetuneAudit(AuditModule):
                 lora_r=p.lora_r, lora_alpha=p.lora_alpha, lora_target_modules=p.lora_target_modules,
                 clipping=p.clipping, max_physical_batch_size=p.max_physical_batch_size, seed=ctx.seed,
                 cache_dir=ctx.cache_dir, split=split,
-                progress=ctx.progress, **s)
+                progress=ctx.progress, gradient_canaries=p.gradient_canaries, **s)
         out = Outcome()
         produced = res.target
         produced.split = split
@@ -230,9 +239,30 @@ class DPFinetuneAudit(AuditModule):
                         "use the default delta", metric="delta")
         for f in res.findings:  # accounting notes (GDP pairing, accountant fallbacks, loose RDP) and the seed
             out.finding(f["severity"], f["title"], f["detail"], metric="epsilon")
+        if res.gradient_canaries is not None:
+            _report_canaries(out, res.gradient_canaries)
         out.finding("info", f"DP fine-tuned: epsilon {res.epsilon:.2f} at delta {res.delta:.2g}",
                     f"{how}, noise {res.noise_multiplier:.3f}, C={res.max_grad_norm:g}, "
                     f"sample rate {res.sample_rate:.4f}, {res.steps} steps, clipping {res.clipping}, trainable "
                     f"{res.trainable} ({res.num_trainable_parameters:,} parameters); started from {start}",
                     metric="epsilon")
         return out
+
+
+def _report_canaries(out: Outcome, g: dict[str, Any]) -> None:
+    """The gradient-canary audit of the DP run (fmaudit.privacy.gradient_canaries): metrics, table, findings."""
+    how = (f"{g['m']} Dirac gradient canaries in the DP-SGD steps ({g['audited']} audited, holdout choice of the "
+           f"guesses, {g['score']} score), delta={g['delta']:.3g}, {g['confidence']:.0%} confidence")
+    out.metric("gradient_canary_epsilon_lb", g["epsilon_lb"], higher_is_better=False, unit="epsilon",
+               description=f"Proven lower bound on epsilon (Steinke-Nasr-Jagielski) from {how}.")
+    out.metric("gradient_canary_epsilon_lb_fdp", g["epsilon_lb_fdp"], higher_is_better=False, unit="epsilon",
+               description="The same guesses under the f-DP analysis (Gaussian family; not the headline).")
+    out.metric("gradient_canary_epsilon_lb_ceiling", g["epsilon_lb_ceiling"], unit="epsilon",
+               description="The most this audit could prove: a perfect attack, same canaries and guess procedure.")
+    out.metric("gradient_canary_epsilon_lb_ratio", g["epsilon_lb_ratio"], unit="fraction",
+               description="Gradient-canary epsilon_lb / the accountant's epsilon (above 1: the DP step is broken).")
+    out.metric("gradient_canary_noise_multiplier", g["measured_noise_multiplier"],
+               description=f"Noise multiplier the excluded canaries saw (claimed {g['noise_multiplier']:.4g}).")
+    out.tables["gradient_canaries"] = {k: v for k, v in g.items() if k not in ("record", "findings")}
+    for f in g["findings"]:
+        out.finding(f["severity"], f["title"], f["detail"], metric="gradient_canary_epsilon_lb")
