@@ -163,8 +163,8 @@ def test_planted_wrong_norm_is_caught(tiny_bert, monkeypatch):
     sees it, far above the tolerance."""
     rule = bookkeeping_layers.LAYER_RULES[nn.LayerNorm]
 
-    def wrong_norms(layer, calls):
-        sq, per_example = rule.norms(layer, calls)
+    def wrong_norms(layer, calls, grams):
+        sq, per_example = rule.norms(layer, calls, grams)
         return sq - per_example["bias"].pow(2).sum(1), per_example
 
     monkeypatch.setitem(bookkeeping_layers.LAYER_RULES, nn.LayerNorm,
@@ -258,3 +258,26 @@ def test_dp_finetune_bookkeeping_same_epsilon_as_hooks_and_learns():
     assert not any("forward" in m.__dict__ for m in bk.model.modules())
     assert not any(hasattr(p, a) for p in bk.model.parameters() for a in ("grad_sample", "summed_grad"))
     assert np.isfinite(bk.epoch_losses).all()
+
+
+def test_optimizer_update_is_opacus_bit_for_bit():
+    """The book-keeping optimizer (no copy of the clipped sum, noise added in place) gives exactly the update of
+    Opacus' fast-gradient-clipping optimizer for the same gradients and noise seed, and is accounted alike."""
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+
+    from fmaudit.privacy.dp.bookkeeping import _optimizer_class
+
+    torch.manual_seed(0)
+    grads = [torch.randn(5, 3), torch.randn(3)]
+    results = []
+    for cls in (DPOptimizerFastGradientClipping, _optimizer_class()):
+        params = [nn.Parameter(torch.ones_like(g)) for g in grads]
+        opt = cls(torch.optim.SGD(params, lr=0.5), noise_multiplier=1.3, max_grad_norm=0.7, expected_batch_size=4,
+                  generator=torch.Generator().manual_seed(1))
+        for _ in range(2):  # second round: a zero_grad() without set_to_none must not disturb the next step
+            opt.zero_grad(set_to_none=False)
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+        results.append([p.detach().clone() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*results))

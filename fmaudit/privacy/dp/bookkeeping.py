@@ -15,6 +15,7 @@ says so (`unsupported_layers`, `fallback_note`)."""
 from __future__ import annotations
 
 import warnings
+import weakref
 from types import MethodType
 from typing import Any
 
@@ -68,6 +69,7 @@ class BookkeepingModule(nn.Module):
         self._layers: list[tuple[str, nn.Module, LayerRule, list[Call]]] = []
         self._batch: int | None = None
         self._forbid_accumulation = False
+        self._given: dict[int, weakref.ref] = {}  # the .grad tensors the last backward set (see _add_grad)
         self.last_norms: torch.Tensor | None = None  # per-example gradient norms of the last backward (for checks)
         for name, m in module.named_modules():
             if any(p.requires_grad for p in m.parameters(recurse=False)):
@@ -114,9 +116,10 @@ class BookkeepingModule(nn.Module):
         per_example.sum().backward()
         sq = torch.zeros(per_example.shape[0], dtype=per_example.dtype, device=per_example.device)
         states = []
+        grams: dict[int, torch.Tensor] = {}
         for _name, layer, rule, book in self._layers:
             if book:
-                s, state = rule.norms(layer, book)
+                s, state = rule.norms(layer, book, grams)
                 sq = sq + s
                 states.append((layer, rule, state))
             book.clear()
@@ -136,13 +139,16 @@ class BookkeepingModule(nn.Module):
         return self.last_norms
 
     def _add_grad(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+        """p.grad += grad. Under `forbid_grad_accumulation`, a .grad that is still the one the previous backward
+        set (the optimizer has not taken it) is an error."""
         if p.grad is None:
             p.grad = grad.detach().to(p.dtype)
-        elif self._forbid_accumulation:
-            raise ValueError("book-keeping clipping: a second backward before optimizer.zero_grad() accumulates "
-                             "gradients across Poisson batches, which the accountant does not allow for")
+        elif self._forbid_accumulation and p.grad is (self._given[id(p)]() if id(p) in self._given else None):
+            raise ValueError("book-keeping clipping: a second backward before optimizer.step() / zero_grad() "
+                             "accumulates gradients across Poisson batches, which the accountant does not allow for")
         else:
             p.grad.add_(grad.detach())
+        self._given[id(p)] = weakref.ref(p.grad)
 
     def cleanup(self) -> None:
         """Restore the layers' own forwards and drop the books."""
@@ -173,12 +179,41 @@ class BookkeepingLoss:
         return float(self.detach())
 
 
+def _optimizer_class() -> type:
+    """Opacus' fast-gradient-clipping DP optimizer (it noises and scales the clipped sum in `p.grad`, as for ghost
+    clipping), without two full-model copies per step: it takes `p.grad` as the running sum instead of copying
+    it, and adds the noise in place. The noise is Opacus' own (`_generate_noise`, same generator, same order), so
+    the update is the parent's, bit for bit; the step needs one model-sized buffer less (peak memory) and skips
+    the copy (time)."""
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+    from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
+
+    class BookkeepingDPOptimizer(DPOptimizerFastGradientClipping):
+        def accumulate(self) -> None:
+            for p in self.params:
+                if p.summed_grad is not None:
+                    p.summed_grad.add_(p.grad)
+                else:
+                    p.summed_grad = p.grad
+                p.grad = None  # owned by summed_grad now: a zero_grad() without set_to_none must not clear it
+
+        def add_noise(self) -> None:
+            std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                noise = _generate_noise(std=std, reference=p.summed_grad, generator=self.generator,
+                                        secure_mode=self.secure_mode)
+                p.grad = p.summed_grad.add_(noise).view_as(p)
+                _mark_as_processed(p.summed_grad)
+
+    return BookkeepingDPOptimizer
+
+
 def make_private_bookkeeping(engine: Any, kw: dict[str, Any]) -> tuple[Any, Any, Any]:
     """Like Opacus' `make_private` for book-keeping clipping: the model wrapped in `BookkeepingModule`, Opacus'
-    fast-gradient-clipping DP optimizer (it noises and scales the clipped sum in `p.grad`, as for ghost
-    clipping) with the engine's accountant hooked to its steps, and the data loader (Poisson when asked)."""
+    fast-gradient-clipping DP optimizer (`_optimizer_class`) with the engine's accountant hooked to its steps,
+    and the data loader (Poisson when asked)."""
     from opacus.data_loader import DPDataLoader
-    from opacus.optimizers import DPOptimizerFastGradientClipping
 
     module, optimizer, loader = kw["module"], kw["optimizer"], kw["data_loader"]
     held = {id(p) for p in module.parameters()}
@@ -189,7 +224,7 @@ def make_private_bookkeeping(engine: Any, kw: dict[str, Any]) -> tuple[Any, Any,
         loader = DPDataLoader.from_data_loader(loader, generator=engine.secure_rng if engine.secure_mode else None)
         wrapped.forbid_grad_accumulation()
     sample_rate = 1 / len(loader)
-    dp_opt = DPOptimizerFastGradientClipping(
+    dp_opt = _optimizer_class()(
         optimizer, noise_multiplier=kw["noise_multiplier"], max_grad_norm=kw["max_grad_norm"],
         expected_batch_size=int(len(loader.dataset) * sample_rate), loss_reduction=kw.get("loss_reduction", "mean"),
         generator=engine.secure_rng if engine.secure_mode else kw.get("noise_generator"),

@@ -5,8 +5,9 @@ Each rule runs its layer through one autograd function that computes the layer's
 pass, the gradient of the layer's INPUT only (autograd never forms the weight gradient), and records the layer's
 input and output gradient (its "book"). After the one backward pass, from the book alone:
 
-- `norms(layer, calls)`: each example's squared gradient norm over the layer's trainable tensors, as (B,) plus a
-  state. Linear and Conv2d use the ghost norm, ||sum_t g_t a_t^T||^2 = sum_{t,s} (a_t . a_s)(g_t . g_s), where it
+- `norms(layer, calls, grams)`: each example's squared gradient norm over the layer's trainable tensors, as (B,)
+  plus a state (`grams`: activation Gram matrices of this backward pass by input tensor, so that layers reading
+  the same input, e.g. attention's query / key / value, share one). Linear and Conv2d use the ghost norm, ||sum_t g_t a_t^T||^2 = sum_{t,s} (a_t . a_s)(g_t . g_s), where it
   costs less than instantiating the per-example gradient (T (p + d) <= p d for T positions, d inputs, p outputs),
   else instantiate (the paper's hybrid); Embedding uses the ghost norm with token equality in place of a_t . a_s;
   LayerNorm instantiates (its per-example gradients are only 2 x width).
@@ -57,9 +58,25 @@ def _trainable(layer: nn.Module, name: str) -> bool:
     return isinstance(p, torch.Tensor) and p.requires_grad
 
 
-def _ghost(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """sum_{t,s} (a_t . a_s)(g_t . g_s) per example, for a: (B, T, d), g: (B, T, p): ||g^T a||_F^2 without it."""
-    return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+def _ghost(a: torch.Tensor, g: torch.Tensor, aa: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_{t,s} (a_t . a_s)(g_t . g_s) per example, for a: (B, T, d), g: (B, T, p): ||g^T a||_F^2 without it
+    (`aa`: a a^T when already known)."""
+    aa = torch.bmm(a, a.transpose(1, 2)) if aa is None else aa
+    return (aa * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+
+
+def _gram(a: torch.Tensor, calls: list["Call"], grams: dict[int, torch.Tensor]) -> torch.Tensor:
+    """a a^T per example, shared through `grams` between layers called once on the same input tensor."""
+    if len(calls) != 1:
+        return torch.bmm(a, a.transpose(1, 2))
+    key = id(calls[0][0])  # the saved input: alive (in the books) for the whole backward pass, so ids are unique
+    if key not in grams:
+        grams[key] = torch.bmm(a, a.transpose(1, 2))
+    return grams[key]
+
+
+def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
 def use_ghost(positions: int, d: int, p: int) -> bool:
@@ -74,7 +91,7 @@ class LayerRule:
 
     run: Callable[[Any, torch.Tensor], tuple[torch.Tensor, Any]]
     input_grad: Callable[[Any, Any, torch.Tensor], torch.Tensor | None]
-    norms: Callable[[Any, list[Call]], tuple[torch.Tensor, Any]]
+    norms: Callable[[Any, list[Call], dict[int, torch.Tensor]], tuple[torch.Tensor, Any]]
     grads: Callable[[Any, Any, torch.Tensor], Grads]
     unsupported: Callable[[Any], str | None]
 
@@ -90,15 +107,15 @@ def _linear_input_grad(layer: nn.Linear, _x: Any, g: torch.Tensor) -> torch.Tens
     return g.matmul(layer.weight)
 
 
-def _linear_norms(layer: nn.Linear, calls: list[Call]) -> tuple[torch.Tensor, Any]:
+def _linear_norms(layer: nn.Linear, calls: list[Call], grams: dict[int, torch.Tensor]) -> tuple[torch.Tensor, Any]:
     b, d, p = calls[0][1].shape[0], layer.in_features, layer.out_features
-    a = torch.cat([x.reshape(b, -1, d) for x, _ in calls], 1).to(calls[0][1].dtype)
-    g = torch.cat([go.reshape(b, -1, p) for _, go in calls], 1)
+    a = _cat([x.reshape(b, -1, d) for x, _ in calls], 1).to(calls[0][1].dtype)
+    g = _cat([go.reshape(b, -1, p) for _, go in calls], 1)
     sq = torch.zeros(b, dtype=g.dtype, device=g.device)
     per_example = None
     if _trainable(layer, "weight"):
         if use_ghost(a.shape[1], d, p):
-            sq += _ghost(a, g)
+            sq += _ghost(a, g, _gram(a, calls, grams))
         else:
             per_example = torch.bmm(g.transpose(1, 2), a)  # (B, p, d), kept for the clipped sum
             sq += per_example.pow(2).sum((1, 2))
@@ -135,10 +152,10 @@ def _embedding_run(layer: nn.Embedding, ids: torch.Tensor) -> tuple[torch.Tensor
     return F.embedding(ids, layer.weight, layer.padding_idx), ids
 
 
-def _embedding_norms(layer: nn.Embedding, calls: list[Call]) -> tuple[torch.Tensor, Any]:
+def _embedding_norms(layer: nn.Embedding, calls: list[Call], _grams: Any) -> tuple[torch.Tensor, Any]:
     b, d = calls[0][1].shape[0], layer.embedding_dim
-    ids = torch.cat([i.reshape(b, -1) for i, _ in calls], 1)
-    g = torch.cat([go.reshape(b, -1, d) for _, go in calls], 1)
+    ids = _cat([i.reshape(b, -1) for i, _ in calls], 1)
+    g = _cat([go.reshape(b, -1, d) for _, go in calls], 1)
     if layer.padding_idx is not None:  # the padding row gets no gradient (as in F.embedding's backward)
         g = g * (ids != layer.padding_idx).unsqueeze(-1).to(g.dtype)
     same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(g.dtype)
@@ -166,7 +183,7 @@ def _layernorm_input_grad(layer: nn.LayerNorm, saved: Any, g: torch.Tensor) -> t
                                                      layer.bias, [True, False, False])[0]
 
 
-def _layernorm_norms(layer: nn.LayerNorm, calls: list[Call]) -> tuple[torch.Tensor, Any]:
+def _layernorm_norms(layer: nn.LayerNorm, calls: list[Call], _grams: Any) -> tuple[torch.Tensor, Any]:
     b, shape = calls[0][1].shape[0], tuple(layer.normalized_shape)
     per_example: dict[str, torch.Tensor] = {}
     for (x, mean, rstd), g in calls:
@@ -209,14 +226,14 @@ def _conv_input_grad(layer: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> torc
     return _conv_backward(layer, x, g, [True, False, False])[0]
 
 
-def _conv_norms(layer: nn.Conv2d, calls: list[Call]) -> tuple[torch.Tensor, Any]:
+def _conv_norms(layer: nn.Conv2d, calls: list[Call], _grams: Any) -> tuple[torch.Tensor, Any]:
     b, p = calls[0][1].shape[0], layer.out_channels
-    g = torch.cat([go.reshape(b, p, -1) for _, go in calls], 2).transpose(1, 2)  # (B, L, P)
+    g = _cat([go.reshape(b, p, -1) for _, go in calls], 2).transpose(1, 2)  # (B, L, P)
     sq = torch.zeros(b, dtype=g.dtype, device=g.device)
     per_example = None
     if _trainable(layer, "weight"):
-        a = torch.cat([F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
-                       for x, _ in calls], 2).transpose(1, 2)  # (B, L, C k k)
+        a = _cat([F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+                  for x, _ in calls], 2).transpose(1, 2)  # (B, L, C k k)
         if use_ghost(a.shape[1], a.shape[2], p):
             sq += _ghost(a, g)
         else:
