@@ -151,11 +151,14 @@ def test_tiny_vit_matches_opacus(tiny_vit):
     assert check_against_opacus(tiny_vit, _image_loss, _digits(10)) <= TOL
 
 
-def test_both_norm_strategies_match_opacus(digits_cnn, monkeypatch):
+@pytest.mark.parametrize("which", ["cnn", "bert"])
+def test_both_norm_strategies_match_opacus(which, digits_cnn, tiny_bert, monkeypatch):
     """The hybrid picks ghost norms or instantiation per layer; force each everywhere: same result."""
+    model, loss_fn, batch = (digits_cnn, _image_loss, _digits(8)) if which == "cnn" else (tiny_bert[0], _bert_loss,
+                                                                                        tiny_bert[1])
     for ghost in (True, False):
         monkeypatch.setattr(bookkeeping_layers, "use_ghost", lambda *_a, _g=ghost: _g)
-        assert check_against_opacus(digits_cnn, _image_loss, _digits(8)) <= TOL
+        assert check_against_opacus(model, loss_fn, batch) <= TOL
 
 
 def test_planted_wrong_norm_is_caught(tiny_bert, monkeypatch):
@@ -259,6 +262,26 @@ def test_dp_finetune_bookkeeping_same_epsilon_as_hooks_and_learns():
     assert not any(hasattr(p, a) for p in bk.model.parameters() for a in ("grad_sample", "summed_grad"))
     assert np.isfinite(bk.epoch_losses).all()
 
+
+
+def test_dp_finetune_bookkeeping_bert_split_physical_batches(tiny_bert_dir):
+    """A text target with Poisson batches split into physical ones (BatchMemoryManager): the clipped sums of the
+    pieces accumulate into one noisy step per logical batch; the model comes back plain and moved."""
+    from fmaudit.testing import make_sentences
+
+    from fmaudit.data import Dataset
+    from fmaudit.privacy import dp_finetune
+    from fmaudit.targets import load_target
+
+    texts, labels = make_sentences(96)
+    data = Dataset("s", "synthetic", "text", [f"s{i}" for i in range(96)], np.array(labels), texts=texts)
+    bert = load_target(model=str(tiny_bert_dir), task="text-classification", num_labels=2, max_length=32)
+    res = dp_finetune(model=bert, train_data=data, noise_multiplier=1.0, epochs=1, batch_size=16, lr=1e-3,
+                      accountant="rdp", clipping="bookkeeping", max_physical_batch_size=6)
+    assert res.clipping == "bookkeeping" and res.steps == 6
+    assert res.target.weights_sha256() != bert.weights_sha256()
+    assert not any("forward" in m.__dict__ for m in res.model.modules())
+    assert np.isfinite(res.epoch_losses).all()
 
 def test_optimizer_update_is_opacus_bit_for_bit():
     """The book-keeping optimizer (no copy of the clipped sum, noise added in place) gives exactly the update of

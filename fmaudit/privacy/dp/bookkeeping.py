@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fmaudit.privacy.dp.bookkeeping_layers import Call, LayerRule, rule_for, tap
+from fmaudit.privacy.dp.bookkeeping_layers import Call, Grams, LayerRule, rule_for, tap
 
 CLIP_EPS = 1e-6  # Opacus' clip factor: min(1, C / (norm + 1e-6))
 
@@ -116,21 +116,24 @@ class BookkeepingModule(nn.Module):
         per_example.sum().backward()
         sq = torch.zeros(per_example.shape[0], dtype=per_example.dtype, device=per_example.device)
         states = []
-        grams: dict[int, torch.Tensor] = {}
+        grams: Grams = {}
         for _name, layer, rule, book in self._layers:
             if book:
                 s, state = rule.norms(layer, book, grams)
                 sq = sq + s
                 states.append((layer, rule, state))
             book.clear()
+        grams.clear()
         norms = sq.clamp(min=0).sqrt()
         c = (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)
         done: set[int] = set()
-        for layer, rule, state in states:
+        while states:  # popped: each layer's book is freed once its gradient is formed (peak memory)
+            layer, rule, state = states.pop()
             for pname, grad in rule.grads(layer, state, c.to(_dtype(layer))).items():
                 p = getattr(layer, pname)
                 self._add_grad(p, grad)
                 done.add(id(p))
+            del state
         for _name, layer, _rule, _book in self._layers:  # trainable but unused in this forward: zero gradient
             for p in layer.parameters(recurse=False):
                 if p.requires_grad and id(p) not in done:

@@ -6,7 +6,7 @@ pass, the gradient of the layer's INPUT only (autograd never forms the weight gr
 input and output gradient (its "book"). After the one backward pass, from the book alone:
 
 - `norms(layer, calls, grams)`: each example's squared gradient norm over the layer's trainable tensors, as (B,)
-  plus a state (`grams`: activation Gram matrices of this backward pass by input tensor, so that layers reading
+  plus a state (`grams`: activation Gram matrices of this backward pass by input memory, so that layers reading
   the same input, e.g. attention's query / key / value, share one). Linear and Conv2d use the ghost norm, ||sum_t g_t a_t^T||^2 = sum_{t,s} (a_t . a_s)(g_t . g_s), where it
   costs less than instantiating the per-example gradient (T (p + d) <= p d for T positions, d inputs, p outputs),
   else instantiate (the paper's hybrid); Embedding uses the ghost norm with token equality in place of a_t . a_s;
@@ -27,6 +27,7 @@ from torch import nn
 
 Call = tuple[Any, torch.Tensor]  # (what the forward saved, the output gradient) for one call of a layer
 Grads = dict[str, torch.Tensor]  # parameter name on the layer ("weight", "bias") -> clipped summed gradient
+Grams = dict[tuple, tuple[torch.Tensor, torch.Tensor]]  # activation Gram matrices of one backward pass (`_gram`)
 
 
 class _Tap(torch.autograd.Function):
@@ -65,14 +66,13 @@ def _ghost(a: torch.Tensor, g: torch.Tensor, aa: torch.Tensor | None = None) -> 
     return (aa * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
 
 
-def _gram(a: torch.Tensor, calls: list["Call"], grams: dict[int, torch.Tensor]) -> torch.Tensor:
-    """a a^T per example, shared through `grams` between layers called once on the same input tensor."""
-    if len(calls) != 1:
-        return torch.bmm(a, a.transpose(1, 2))
-    key = id(calls[0][0])  # the saved input: alive (in the books) for the whole backward pass, so ids are unique
+def _gram(a: torch.Tensor, grams: Grams) -> torch.Tensor:
+    """a a^T per example, shared through `grams` between layers that read the same memory as input. The entry
+    holds `a` itself, so its memory cannot be freed and reused by another input while the entry exists."""
+    key = (a.data_ptr(), tuple(a.shape), tuple(a.stride()), a.dtype)
     if key not in grams:
-        grams[key] = torch.bmm(a, a.transpose(1, 2))
-    return grams[key]
+        grams[key] = (a, torch.bmm(a, a.transpose(1, 2)))
+    return grams[key][1]
 
 
 def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
@@ -91,7 +91,7 @@ class LayerRule:
 
     run: Callable[[Any, torch.Tensor], tuple[torch.Tensor, Any]]
     input_grad: Callable[[Any, Any, torch.Tensor], torch.Tensor | None]
-    norms: Callable[[Any, list[Call], dict[int, torch.Tensor]], tuple[torch.Tensor, Any]]
+    norms: Callable[[Any, list[Call], Grams], tuple[torch.Tensor, Any]]
     grads: Callable[[Any, Any, torch.Tensor], Grads]
     unsupported: Callable[[Any], str | None]
 
@@ -107,7 +107,7 @@ def _linear_input_grad(layer: nn.Linear, _x: Any, g: torch.Tensor) -> torch.Tens
     return g.matmul(layer.weight)
 
 
-def _linear_norms(layer: nn.Linear, calls: list[Call], grams: dict[int, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+def _linear_norms(layer: nn.Linear, calls: list[Call], grams: Grams) -> tuple[torch.Tensor, Any]:
     b, d, p = calls[0][1].shape[0], layer.in_features, layer.out_features
     a = _cat([x.reshape(b, -1, d) for x, _ in calls], 1).to(calls[0][1].dtype)
     g = _cat([go.reshape(b, -1, p) for _, go in calls], 1)
@@ -115,7 +115,7 @@ def _linear_norms(layer: nn.Linear, calls: list[Call], grams: dict[int, torch.Te
     per_example = None
     if _trainable(layer, "weight"):
         if use_ghost(a.shape[1], d, p):
-            sq += _ghost(a, g, _gram(a, calls, grams))
+            sq += _ghost(a, g, _gram(a, grams))
         else:
             per_example = torch.bmm(g.transpose(1, 2), a)  # (B, p, d), kept for the clipped sum
             sq += per_example.pow(2).sum((1, 2))
