@@ -128,14 +128,17 @@ def test_text_classifier_modules_run_unchanged(tiny_llama_dir, sentiment_csv, tm
         "utility": {"bootstrap": 0},
         "robustness.text_attack": {"attack": "deepwordbug", "num_examples": 4, "max_evidence": 2},
         "explain.attribution": {"num_examples": 2, "methods": ["integrated_gradients", "feature_ablation"],
-                                "quality": ["deletion", "completeness"], "bootstrap": 0, "curve_steps": 3,
-                                "random_orderings": 1, "sensitivity_examples": 0, "n_steps": 8},
+                                "quality": ["deletion", "completeness", "randomization"], "bootstrap": 0,
+                                "curve_steps": 3, "random_orderings": 1, "sensitivity_examples": 0, "n_steps": 8},
     }
     for name, params in runs.items():
         module = registry.get(name)(params)
         assert module.check(target, data) == [], name
         out = module.run(target, ctx)
         assert out.metrics, name
+        if name == "robustness.text_attack":  # the module re-ran every claimed success through the target
+            assert out.metrics["num_unverified"].value == 0
+            assert out.metrics["num_verified"].value == out.metrics["num_successes"].value
     target.weights_changed()
     assert target.weights_sha256() == sha  # audits never change the target
 
