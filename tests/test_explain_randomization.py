@@ -14,7 +14,6 @@ from fmaudit.explain.space import AttributionMethod
 from fmaudit.tasks import CAUSAL_LM
 from fmaudit.testing import make_sentences
 
-
 # ---------------------------------------------------------------------------------------------------
 # layer groups, re-initialization, similarity
 
@@ -56,10 +55,10 @@ def test_ssim_matches_windowed_definition():
     vals = []
     for i in range(9 - 6):
         for j in range(10 - 6):
-            x, y = a[i: i + 7, j: j + 7].ravel(), b[i: i + 7, j: j + 7].ravel()
+            x, y = a[i : i + 7, j : j + 7].ravel(), b[i : i + 7, j : j + 7].ravel()
             mx, my = x.mean(), y.mean()
             vx, vy, cxy = x.var(ddof=1), y.var(ddof=1), np.cov(x, y, ddof=1)[0, 1]
-            vals.append((2 * mx * my + 1e-4) * (2 * cxy + 9e-4) / ((mx ** 2 + my ** 2 + 1e-4) * (vx + vy + 9e-4)))
+            vals.append((2 * mx * my + 1e-4) * (2 * cxy + 9e-4) / ((mx**2 + my**2 + 1e-4) * (vx + vy + 9e-4)))
     assert ssim(a, b) == pytest.approx(np.mean(vals), rel=1e-9)
     assert ssim(a, b) < 0.9 and ssim(a, 1 - a) < 0
     try:  # scikit-image's structural_similarity with its defaults, when installed
@@ -68,8 +67,9 @@ def test_ssim_matches_windowed_definition():
         return
     assert ssim(a, b) == pytest.approx(structural_similarity(a, b, data_range=1.0), rel=1e-9)
     small_a, small_b = a[:5, :6], b[:5, :6]  # window shrunk to 5 to fit
-    assert ssim(small_a, small_b) == pytest.approx(structural_similarity(small_a, small_b, data_range=1.0,
-                                                                         win_size=5), rel=1e-9)
+    assert ssim(small_a, small_b) == pytest.approx(
+        structural_similarity(small_a, small_b, data_range=1.0, win_size=5), rel=1e-9
+    )
     assert map_ssim(-3 * a, a) == pytest.approx(1.0)  # absolute values, each scaled by its own maximum
 
 
@@ -81,8 +81,15 @@ def test_cascade_digits_cnn_curve_per_layer(tmp_path):
     trained_cnn = trained_cnn_target()
     digits = digit_data()
     sha = trained_cnn.weights_sha256()
-    module = AttributionAudit({"num_examples": 3, "methods": ["integrated_gradients", "saliency"],
-                               "quality": ["randomization"], "n_steps": 16, "bootstrap": 50})
+    module = AttributionAudit(
+        {
+            "num_examples": 3,
+            "methods": ["integrated_gradients", "saliency"],
+            "quality": ["randomization"],
+            "n_steps": 16,
+            "bootstrap": 50,
+        }
+    )
     out = module.run(trained_cnn, ctx(tmp_path, digits))
     rnd = out.tables["randomization"]
     groups = [s["group"] for s in rnd["cascade"]]
@@ -94,7 +101,8 @@ def test_cascade_digits_cnn_curve_per_layer(tmp_path):
             assert c.x == [1.0, 2.0, 3.0, 4.0, 5.0] and len(c.y) == 5
         # the gated metric is the deepest step of the curve
         assert out.metrics[f"{m}.randomization_spearman"].value == pytest.approx(
-            out.curves[f"{m}.randomization_cascade"].y[-1])
+            out.curves[f"{m}.randomization_cascade"].y[-1]
+        )
         assert out.metrics[f"{m}.randomization_ssim"].value == pytest.approx(rnd["similarity"][m][-1]["ssim"])
     ig = out.curves["integrated_gradients.randomization_cascade"].y
     ig_ssim = out.curves["integrated_gradients.randomization_cascade_ssim"].y
@@ -122,9 +130,15 @@ def test_image_randomization_flags_weight_independent_method(tmp_path, monkeypat
 
     monkeypatch.setitem(IMAGE_METHODS, "saliency", AttributionMethod("Saliency", fake_saliency))
     sha = trained_cnn.weights_sha256()
-    module = AttributionAudit({"num_examples": 6, "methods": ["integrated_gradients", "saliency"],
-                               "quality": ["randomization", "completeness", "deletion"], "n_steps": 64,
-                               "bootstrap": 100})
+    module = AttributionAudit(
+        {
+            "num_examples": 6,
+            "methods": ["integrated_gradients", "saliency"],
+            "quality": ["randomization", "completeness", "deletion"],
+            "n_steps": 64,
+            "bootstrap": 100,
+        }
+    )
     out = module.run(trained_cnn, ctx(tmp_path, digits))
     rnd = out.tables["randomization"]
     assert rnd["failing_methods"] == ["saliency"]
@@ -157,8 +171,9 @@ def test_cascade_flags_method_that_only_tracks_the_first_layer(tmp_path, monkeyp
             return torch.nn.functional.conv2d(x, conv.weight[:1], conv.bias[:1], padding=1), None
 
     monkeypatch.setitem(IMAGE_METHODS, "saliency", AttributionMethod("Saliency", first_layer_only))
-    module = AttributionAudit({"num_examples": 3, "methods": ["saliency"], "quality": ["randomization"],
-                               "bootstrap": 0})
+    module = AttributionAudit(
+        {"num_examples": 3, "methods": ["saliency"], "quality": ["randomization"], "bootstrap": 0}
+    )
     out = module.run(trained_cnn, ctx(tmp_path, digits))
     curve = out.curves["saliency.randomization_cascade"].y
     assert curve[:4] == pytest.approx([1.0] * 4) and curve[4] < 0.5
@@ -174,8 +189,15 @@ def tied_gpt2_dir(tmp_path_factory, minilm_tokenizer_dir):
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("tied-gpt2")
     tok = AutoTokenizer.from_pretrained(minilm_tokenizer_dir)
-    cfg = GPT2Config(vocab_size=tok.vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=64,
-                     tie_word_embeddings=True, pad_token_id=tok.pad_token_id)
+    cfg = GPT2Config(
+        vocab_size=tok.vocab_size,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=64,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+    )
     GPT2LMHeadModel(cfg).save_pretrained(d)
     tok.save_pretrained(d)
     return d
@@ -211,20 +233,34 @@ def test_cascade_unties_lm_head_from_input_embeddings(tied_gpt2_dir, tmp_path, m
     def spy_reinit(group, hf):
         real_reinit(group, hf)
         m = seen["model"]
-        seen.setdefault("steps", []).append((group.name, torch.equal(m.transformer.wte.weight, emb0),
-                                             torch.equal(m.lm_head.weight, emb0)))
+        seen.setdefault("steps", []).append(
+            (group.name, torch.equal(m.transformer.wte.weight, emb0), torch.equal(m.lm_head.weight, emb0))
+        )
 
     monkeypatch.setattr(cascade, "untie_parameters", spy_untie)
     monkeypatch.setattr(cascade, "reinitialize", spy_reinit)
     texts, _ = make_sentences(4, seed=5)
     data = Dataset("lm", "test", "text", [f"t{i}" for i in range(4)], texts=texts)
-    module = AttributionAudit({"num_examples": 2, "continuation_tokens": 2, "methods": ["feature_ablation"],
-                               "quality": ["randomization"], "bootstrap": 0})
+    module = AttributionAudit(
+        {
+            "num_examples": 2,
+            "continuation_tokens": 2,
+            "methods": ["feature_ablation"],
+            "quality": ["randomization"],
+            "bootstrap": 0,
+        }
+    )
     out = module.run(target, ctx(tmp_path, data))
     rnd = out.tables["randomization"]
     assert rnd["untied"] == [{"kept": "transformer.wte.weight", "untied": "lm_head.weight"}]
-    assert [s["group"] for s in rnd["cascade"]] == ["lm_head", "transformer.ln_f", "transformer.h.1",
-                                                    "transformer.h.0", "transformer.wpe", "transformer.wte"]
+    assert [s["group"] for s in rnd["cascade"]] == [
+        "lm_head",
+        "transformer.ln_f",
+        "transformer.h.1",
+        "transformer.h.0",
+        "transformer.wpe",
+        "transformer.wte",
+    ]
     # step 1 re-initialized the head only: input embeddings unchanged, head changed
     assert seen["steps"][0] == ("lm_head", True, False)
     assert all(s[1] for s in seen["steps"][:-1]) and seen["steps"][-1] == ("transformer.wte", False, False)

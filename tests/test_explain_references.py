@@ -16,7 +16,6 @@ from fmaudit.explain.similarity import spearman
 from fmaudit.explain.space import SpaceOptions
 from fmaudit.explain.text import TextSpace, explain_texts
 
-
 # ---------------------------------------------------------------------------------------------------
 # helpers
 
@@ -71,16 +70,25 @@ def test_text_ig_completeness_and_matches_captum(tiny_bert_dir):
         assert ex.x[0, 0].item() == trained_bert.tokenizer.cls_token_id == ex.baseline[0, 0].item()
         assert (ex.baseline[0, 1:-1] == trained_bert.tokenizer.pad_token_id).all()
 
-        def fwd(ids, *extra):
-            return trained_bert.forward_logits(model, {"input_ids": ids, **dict(zip(ex.extra, extra))})
+        def fwd(ids, *extra, keys=tuple(ex.extra)):
+            return trained_bert.forward_logits(model, {"input_ids": ids, **dict(zip(keys, extra))})
 
-        direct = LayerIntegratedGradients(fwd, model.get_input_embeddings()).attribute(
-            ex.x, baselines=ex.baseline, target=ex.explained, additional_forward_args=tuple(ex.extra.values()),
-            n_steps=50).sum(-1)[0].numpy()
+        direct = (
+            LayerIntegratedGradients(fwd, model.get_input_embeddings())
+            .attribute(
+                ex.x,
+                baselines=ex.baseline,
+                target=ex.explained,
+                additional_forward_args=tuple(ex.extra.values()),
+                n_steps=50,
+            )
+            .sum(-1)[0]
+            .numpy()
+        )
         np.testing.assert_allclose(a.full, direct, rtol=1e-4, atol=1e-7)
     # more steps: the gap shrinks (the Riemann sum converges to the integral)
     worst = int(np.argmax(rel))
-    (ex, a), = explain_texts(trained_bert, [texts[worst]], n_steps=200)
+    ((ex, a),) = explain_texts(trained_bert, [texts[worst]], n_steps=200)
     assert abs(a.delta) <= 0.25 * abs(pairs[worst][1].delta) + 1e-6
     assert hooks(model) == 0
 
@@ -91,13 +99,14 @@ def test_sensitivity_embedding_twin_matches_layer_method(tiny_bert_dir):
     from captum.attr import IntegratedGradients
 
     trained_bert = trained_bert_target(str(tiny_bert_dir))
-    (ex, a), = explain_texts(trained_bert, ["the show was awful today"], n_steps=30)
+    ((ex, a),) = explain_texts(trained_bert, ["the show was awful today"], n_steps=30)
     space = TextSpace(trained_bert, SpaceOptions(n_steps=30), "cpu")
     emb = trained_bert.model.get_input_embeddings()
     with torch.no_grad():
         e, eb = emb(ex.x), emb(ex.baseline)
     twin = IntegratedGradients(space.forward(trained_bert.model, ex, embeds=True)).attribute(
-        e, baselines=eb, target=ex.explained, additional_forward_args=tuple(ex.extra.values()), n_steps=30)
+        e, baselines=eb, target=ex.explained, additional_forward_args=tuple(ex.extra.values()), n_steps=30
+    )
     np.testing.assert_allclose(twin.sum(-1)[0].numpy(), a.full, rtol=1e-4, atol=1e-7)
 
 
@@ -131,11 +140,23 @@ def test_infidelity_and_sensitivity_match_quantus(method):
     seed = 7
 
     # infidelity
-    ours = infidelity(space, model, ex, a, perturbations=params.perturbations, drop=params.infidelity_drop,
-                      batch_size=params.internal_batch_size or 64, seed=seed)
+    ours = infidelity(
+        space,
+        model,
+        ex,
+        a,
+        perturbations=params.perturbations,
+        drop=params.infidelity_drop,
+        batch_size=params.internal_batch_size or 64,
+        seed=seed,
+    )
     gen = torch.Generator().manual_seed(derive(seed, Stream.ATTRIBUTION_PERTURB, 3))
-    drops = iter((torch.rand((params.perturbations, ex.n_features), generator=gen, dtype=torch.float64)
-                  < params.infidelity_drop).numpy())
+    drops = iter(
+        (
+            torch.rand((params.perturbations, ex.n_features), generator=gen, dtype=torch.float64)
+            < params.infidelity_drop
+        ).numpy()
+    )
 
     def drop(arr, indices, **_):
         return arr * (1 - next(drops).reshape(arr.shape))
@@ -150,24 +171,37 @@ def test_infidelity_and_sensitivity_match_quantus(method):
         terms.append((np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()))
         return ((a - b) ** 2).mean(-1)
 
-    q = quantus.Infidelity(loss_func=loss, perturb_patch_sizes=[8], n_perturb_samples=params.perturbations,
-                           perturb_func=drop, disable_warnings=True)
+    q = quantus.Infidelity(
+        loss_func=loss,
+        perturb_patch_sizes=[8],
+        n_perturb_samples=params.perturbations,
+        perturb_func=drop,
+        disable_warnings=True,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        raw = q(model=Presence().eval(), x_batch=np.ones((1, 1, 8, 8)), y_batch=np.array([ex.explained]),
-                a_batch=a.features.reshape(1, 1, 8, 8), device="cpu", softmax=False, channel_first=True)
+        raw = q(
+            model=Presence().eval(),
+            x_batch=np.ones((1, 1, 8, 8)),
+            y_batch=np.array([ex.explained]),
+            a_batch=a.features.reshape(1, 1, 8, 8),
+            device="cpu",
+            softmax=False,
+            channel_first=True,
+        )
     df, asum = (np.concatenate(t) for t in zip(*terms))
     assert len(df) == params.perturbations  # one whole-image "patch" per sample: our random subsets
     assert raw[0] == pytest.approx(np.mean((asum - df) ** 2), rel=1e-9)
-    beta = (df * asum).sum() / (asum ** 2).sum()
+    beta = (df * asum).sum() / (asum**2).sum()
     assert ours == pytest.approx(np.mean((beta * asum - df) ** 2), rel=1e-4)
 
     # max-sensitivity
     n = 5
     s_ours = sensitivity(space, method, model, ex, samples=n, radius=params.sensitivity_radius, seed=seed)
     gen = torch.Generator().manual_seed(derive(seed, Stream.ATTRIBUTION_PERTURB, 2))
-    noise = iter([((torch.rand((1, 1, 8, 8), generator=gen) * 2 - 1) * params.sensitivity_radius).numpy()
-                  for _ in range(n)])
+    noise = iter(
+        [((torch.rand((1, 1, 8, 8), generator=gen) * 2 - 1) * params.sensitivity_radius).numpy() for _ in range(n)]
+    )
 
     def perturb(arr, indices, **_):
         return arr + next(noise).reshape(arr.shape)
@@ -180,9 +214,16 @@ def test_infidelity_and_sensitivity_match_quantus(method):
     ms = quantus.MaxSensitivity(nr_samples=n, perturb_func=perturb, disable_warnings=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        s_q = ms(model=model, x_batch=ex.x.numpy(), y_batch=np.array([ex.explained]),
-                 a_batch=explain(model, ex.x.numpy(), [ex.explained]), explain_func=explain, device="cpu",
-                 softmax=False, channel_first=True)[0]
+        s_q = ms(
+            model=model,
+            x_batch=ex.x.numpy(),
+            y_batch=np.array([ex.explained]),
+            a_batch=explain(model, ex.x.numpy(), [ex.explained]),
+            explain_func=explain,
+            device="cpu",
+            softmax=False,
+            channel_first=True,
+        )[0]
     assert s_ours == pytest.approx(s_q, rel=1e-4)
     assert 0 < s_ours < 1.5  # (Captum 0.9 with a bare-tensor explanation gave per-row norms: 2.3 for saliency)
 

@@ -18,7 +18,7 @@ from fmaudit.explain.space import Attribution, AttributionMethod, Example, Featu
 from fmaudit.tasks import CAUSAL_LM, IMAGE_CLASSIFICATION, TASKS, TEXT_CLASSIFICATION
 
 
-def _exact(space: "LinearSpace", model: Any, ex: Example) -> Attribution:
+def _exact(space: LinearSpace, model: Any, ex: Example) -> Attribution:
     """Gradient x input of a linear model: exactly each feature's contribution against a zero baseline."""
     w = model.weight.detach()[0].double()
     a = (w * ex.x[0].double()).numpy()
@@ -71,7 +71,7 @@ class ToyTarget:
     def __init__(self, model: Any, name: str = "toy"):
         self.model, self.name = model, name
 
-    def copy(self, name: str) -> "ToyTarget":
+    def copy(self, name: str) -> ToyTarget:
         return ToyTarget(copy.deepcopy(self.model), name)
 
     def weights_changed(self) -> None:
@@ -103,8 +103,16 @@ def test_metrics_over_a_new_space(toy):
         s = sensitivity(space, "exact", model, ex, samples=4, radius=0.01, seed=0)
         assert s == sensitivity(space, "exact", model, ex, samples=4, radius=0.01, seed=0) and 0 < s < 1
     # deletion / insertion: the curves run from F(x) to F(baseline) and back; the exact order beats random
-    curves = removal_curves(space, model, examples, attrs, kinds=["deletion", "insertion"], steps=4, orderings=3,
-                            rng=np.random.default_rng(0))
+    curves = removal_curves(
+        space,
+        model,
+        examples,
+        attrs,
+        kinds=["deletion", "insertion"],
+        steps=4,
+        orderings=3,
+        rng=np.random.default_rng(0),
+    )
     d, i = curves["deletion"], curves["insertion"]
     fx, fb = np.mean([ex.meta["f_x"] for ex in examples]), np.mean([ex.meta["f_b"] for ex in examples])
     dc, ic = d.methods["exact"].curve, i.methods["exact"].curve

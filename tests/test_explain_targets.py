@@ -4,7 +4,7 @@ learned, which the other files' assertions about "what the model uses" rely on."
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -16,8 +16,9 @@ from fmaudit.tasks import TEXT_CLASSIFICATION
 from fmaudit.testing import audit_context, make_sentences
 
 # Small but real settings for audit runs in tests.
-FAST: dict[str, Any] = dict(n_steps=20, perturbations=4, sensitivity_examples=1, random_orderings=2, bootstrap=100,
-                            internal_batch_size=32)
+FAST: dict[str, Any] = dict(
+    n_steps=20, perturbations=4, sensitivity_examples=1, random_orderings=2, bootstrap=100, internal_batch_size=32
+)
 
 
 def ctx(tmp_path, data, *, store: bool = False, seed: int = 0) -> AuditContext:
@@ -29,14 +30,21 @@ def hooks(model) -> int:
     return hook_count(model)
 
 
-@lru_cache(maxsize=None)
+@cache
 def sentence_data() -> Dataset:
     texts, labels = make_sentences(160, seed=1)
-    return Dataset("sents", "test", "text", [f"s{i}" for i in range(len(texts))], np.array(labels), texts=texts,
-                   label_names=["neg", "pos"])
+    return Dataset(
+        "sents",
+        "test",
+        "text",
+        [f"s{i}" for i in range(len(texts))],
+        np.array(labels),
+        texts=texts,
+        label_names=["neg", "pos"],
+    )
 
 
-@lru_cache(maxsize=None)
+@cache
 def trained_bert_target(model_dir: str) -> Any:
     """The tiny BERT of `model_dir` (conftest's tiny_bert_dir) fine-tuned on `sentence_data()`."""
     from fmaudit.targets import load_target
@@ -47,12 +55,12 @@ def trained_bert_target(model_dir: str) -> Any:
     return target
 
 
-@lru_cache(maxsize=None)
+@cache
 def digit_data() -> Dataset:
     return load_digits().subset(np.arange(600))
 
 
-@lru_cache(maxsize=None)
+@cache
 def trained_cnn_target() -> Any:
     """The bundled digits CNN trained on `digit_data()`."""
     from fmaudit.targets import load_target

@@ -21,8 +21,9 @@ measures are `similarity.py`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass
@@ -76,8 +77,12 @@ def _block_list(model: Any) -> Any | None:
 
     best = None
     for mod in model.modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and any(True for _ in mod.parameters()) \
-                and (best is None or len(mod) > len(best)):
+        if (
+            isinstance(mod, nn.ModuleList)
+            and len(mod) > 0
+            and any(True for _ in mod.parameters())
+            and (best is None or len(mod) > len(best))
+        ):
             best = mod
     return best
 
@@ -93,8 +98,9 @@ def layer_groups(model: Any) -> list[LayerGroup]:
     def visit(mod: Any, name: str) -> None:
         if blocks is not None and mod is blocks:
             for cname, child in mod.named_children():
-                groups.append(LayerGroup(f"{name}.{cname}" if name else cname, owners(child),
-                                         kind=type(child).__name__))
+                groups.append(
+                    LayerGroup(f"{name}.{cname}" if name else cname, owners(child), kind=type(child).__name__)
+                )
             return
         contains = blocks is not None and any(m is blocks for m in mod.modules())
         if blocks is not None and not contains:
@@ -126,10 +132,12 @@ def forward_order(model: Any, groups: list[LayerGroup], probe: Callable[[], Any]
     handles = []
     for gi, g in enumerate(groups):
         for o in g.owners:
+
             def hook(_m, _inp, gi=gi):
                 if gi not in first:
                     first[gi] = counter[0]
                 counter[0] += 1
+
             handles.append(o.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():

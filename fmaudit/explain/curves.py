@@ -8,8 +8,9 @@ The reference is the same curves for random orderings of the same features.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -67,9 +68,17 @@ def _curve(space: FeatureSpace, model: Any, ex: Example, order: np.ndarray, step
     return space.curve_output(model, ex, keep).double().cpu().numpy()
 
 
-def removal_curves(space: FeatureSpace, model: Any, examples: Sequence[Example], attrs: dict[str, list[Attribution]],
-                   *, kinds: Sequence[str], steps: int, orderings: int,
-                   rng: np.random.Generator) -> dict[str, RemovalCurves]:
+def removal_curves(
+    space: FeatureSpace,
+    model: Any,
+    examples: Sequence[Example],
+    attrs: dict[str, list[Attribution]],
+    *,
+    kinds: Sequence[str],
+    steps: int,
+    orderings: int,
+    rng: np.random.Generator,
+) -> dict[str, RemovalCurves]:
     """Deletion and / or insertion curves (`kinds`) of the random reference (`orderings` random orders per
     example, shared by the kinds, drawn from `rng`) and of each method in `attrs`."""
     fractions = np.linspace(0, 1, steps + 1)

@@ -12,8 +12,9 @@ completeness of integrated gradients.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -21,8 +22,17 @@ from fmaudit.explain.space import Attribution, Example, FeatureSpace
 from fmaudit.seeds import Stream, derive
 
 
-def infidelity(space: FeatureSpace, model: Any, ex: Example, a: Attribution, *, perturbations: int, drop: float,
-               batch_size: int, seed: int) -> float:
+def infidelity(
+    space: FeatureSpace,
+    model: Any,
+    ex: Example,
+    a: Attribution,
+    *,
+    perturbations: int,
+    drop: float,
+    batch_size: int,
+    seed: int,
+) -> float:
     """Captum's normalized infidelity of `a` in the presence space of `ex`'s features (module docstring)."""
     import torch
     from captum.metrics import infidelity as captum_infidelity
@@ -39,13 +49,21 @@ def infidelity(space: FeatureSpace, model: Any, ex: Example, a: Attribution, *, 
         return space.explained_output(model, ex, (z > 0.5).cpu()).double().cpu()
 
     attributions = torch.as_tensor(a.features, dtype=torch.float64).view(1, n)
-    val = captum_infidelity(forward, perturb, ones, attributions, n_perturb_samples=perturbations,
-                            max_examples_per_batch=min(batch_size, perturbations), normalize=True)
+    val = captum_infidelity(
+        forward,
+        perturb,
+        ones,
+        attributions,
+        n_perturb_samples=perturbations,
+        max_examples_per_batch=min(batch_size, perturbations),
+        normalize=True,
+    )
     return float(val[0])
 
 
-def sensitivity(space: FeatureSpace, method: str, model: Any, ex: Example, *, samples: int, radius: float,
-                seed: int) -> float:
+def sensitivity(
+    space: FeatureSpace, method: str, model: Any, ex: Example, *, samples: int, radius: float, seed: int
+) -> float:
     """Captum's sensitivity_max of `method` on `ex`: `samples` uniform perturbations of radius `radius` (scaled
     as the space says) of what the space perturbs."""
     import torch
@@ -62,8 +80,11 @@ def sensitivity(space: FeatureSpace, method: str, model: Any, ex: Example, *, sa
         inputs = inputs[0] if isinstance(inputs, tuple) else inputs
         return (noisy.explain(inputs),)  # a tuple: Captum 0.9 iterates a bare tensor of explanations row by row
 
-    return float(sensitivity_max(explain, noisy.inputs, perturb_func=perturb, n_perturb_samples=samples,
-                                 max_examples_per_batch=1).max())
+    return float(
+        sensitivity_max(
+            explain, noisy.inputs, perturb_func=perturb, n_perturb_samples=samples, max_examples_per_batch=1
+        ).max()
+    )
 
 
 @dataclass
@@ -85,8 +106,11 @@ class Completeness:
         """Whether the measured gap is the reported convergence delta (None without deltas)."""
         if not self.has_delta:
             return None
-        return all(abs(g - d) <= 1e-4 + 1e-3 * abs(r["f_x"] - r["f_baseline"])
-                   for g, d, r in zip(self.gaps, self.deltas, self.rows) if np.isfinite(d))
+        return all(
+            abs(g - d) <= 1e-4 + 1e-3 * abs(r["f_x"] - r["f_baseline"])
+            for g, d, r in zip(self.gaps, self.deltas, self.rows)
+            if np.isfinite(d)
+        )
 
 
 def completeness(examples: Sequence[Example], attrs: Sequence[Attribution], *, min_difference: float) -> Completeness:
@@ -104,6 +128,15 @@ def completeness(examples: Sequence[Example], attrs: Sequence[Attribution], *, m
             c.relative.append(r)
         else:
             c.undefined.append(ex.ex_id)
-        c.rows.append({"id": ex.ex_id, "sum_attributions": total, "f_x": ex.meta["f_x"], "f_baseline": ex.meta["f_b"],
-                       "gap": gap, "relative_error": r, "convergence_delta": a.delta})
+        c.rows.append(
+            {
+                "id": ex.ex_id,
+                "sum_attributions": total,
+                "f_x": ex.meta["f_x"],
+                "f_baseline": ex.meta["f_b"],
+                "gap": gap,
+                "relative_error": r,
+                "convergence_delta": a.delta,
+            }
+        )
     return c

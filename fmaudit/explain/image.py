@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fmaudit.batching import batched_forward
-from fmaudit.explain.space import (Attribution, AttributionMethod, ClassifierSpace, Example, NoisyInput,
-                                   SpaceOptions)
+from fmaudit.explain.space import Attribution, AttributionMethod, ClassifierSpace, Example, NoisyInput, SpaceOptions
 from fmaudit.seeds import Stream, derive
 from fmaudit.tasks import IMAGE_CLASSIFICATION
 
@@ -57,37 +56,50 @@ def patch_feature_map(h: int, w: int, grid: tuple[int, int, int, int], model_siz
 # Methods: (space, model, inputs (B, C, H, W), baselines, explained class, seed) -> (attributions, delta | None)
 
 
-def _integrated_gradients(space: "ImageSpace", model: Any, x: Any, baseline: Any, target: int,
-                          seed: int) -> tuple[Any, float | None]:
+def _integrated_gradients(
+    space: ImageSpace, model: Any, x: Any, baseline: Any, target: int | None, seed: int
+) -> tuple[Any, float | None]:
     from captum.attr import IntegratedGradients
 
-    a, d = IntegratedGradients(model).attribute(x, baselines=baseline, target=target, n_steps=space.options.n_steps,
-                                                internal_batch_size=space.options.internal_batch_size,
-                                                return_convergence_delta=True)
+    a, d = IntegratedGradients(model).attribute(
+        x,
+        baselines=baseline,
+        target=target,
+        n_steps=space.options.n_steps,
+        internal_batch_size=space.options.internal_batch_size,
+        return_convergence_delta=True,
+    )
     return a, float(d.abs().max())
 
 
-def _saliency(space: "ImageSpace", model: Any, x: Any, baseline: Any, target: int,
-              seed: int) -> tuple[Any, float | None]:
+def _saliency(
+    space: ImageSpace, model: Any, x: Any, baseline: Any, target: int | None, seed: int
+) -> tuple[Any, float | None]:
     from captum.attr import Saliency
 
     return Saliency(model).attribute(x, target=target), None
 
 
-def _gradient_shap(space: "ImageSpace", model: Any, x: Any, baseline: Any, target: int,
-                   seed: int) -> tuple[Any, float | None]:
+def _gradient_shap(
+    space: ImageSpace, model: Any, x: Any, baseline: Any, target: int | None, seed: int
+) -> tuple[Any, float | None]:
     import torch
     from captum.attr import GradientShap
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive(seed, Stream.ATTRIBUTION_SHAP))
-        return GradientShap(model).attribute(x, baselines=baseline[:1], target=target,
-                                             n_samples=space.options.gradient_shap_samples,
-                                             stdevs=space.options.gradient_shap_stdevs), None
+        return GradientShap(model).attribute(
+            x,
+            baselines=baseline[:1],
+            target=target,
+            n_samples=space.options.gradient_shap_samples,
+            stdevs=space.options.gradient_shap_stdevs,
+        ), None
 
 
-def _occlusion(space: "ImageSpace", model: Any, x: Any, baseline: Any, target: int,
-               seed: int) -> tuple[Any, float | None]:
+def _occlusion(
+    space: ImageSpace, model: Any, x: Any, baseline: Any, target: int | None, seed: int
+) -> tuple[Any, float | None]:
     from captum.attr import FeatureAblation, Occlusion
 
     c, h, w = x.shape[1:]
@@ -95,16 +107,24 @@ def _occlusion(space: "ImageSpace", model: Any, x: Any, baseline: Any, target: i
     if space.patch_occlusion(h, w):
         # one ViT patch at a time (= Occlusion with window = stride = patch when the grid is aligned)
         mask = space.fmap(h, w).view(1, 1, h, w).expand(x.shape[0], c, h, w)
-        return FeatureAblation(model).attribute(x, baselines=baseline, target=target, feature_mask=mask,
-                                                perturbations_per_eval=per_eval), None
+        return FeatureAblation(model).attribute(
+            x, baselines=baseline, target=target, feature_mask=mask, perturbations_per_eval=per_eval
+        ), None
     win = space.options.occlusion_window or max(1, min(h, w) // 4)
     stride = max(1, win // 2)
-    return Occlusion(model).attribute(x, sliding_window_shapes=(c, win, win), strides=(c, stride, stride),
-                                      baselines=baseline, target=target, perturbations_per_eval=per_eval), None
+    return Occlusion(model).attribute(
+        x,
+        sliding_window_shapes=(c, win, win),
+        strides=(c, stride, stride),
+        baselines=baseline,
+        target=target,
+        perturbations_per_eval=per_eval,
+    ), None
 
 
-def _gradient_x_input(space: "ImageSpace", model: Any, x: Any, baseline: Any, target: int,
-                      seed: int) -> tuple[Any, float | None]:
+def _gradient_x_input(
+    space: ImageSpace, model: Any, x: Any, baseline: Any, target: int | None, seed: int
+) -> tuple[Any, float | None]:
     from captum.attr import InputXGradient
 
     return InputXGradient(model).attribute(x, target=target), None
@@ -144,10 +164,15 @@ class ImageSpace(ClassifierSpace):
         grid = self._grid(h, w)
         if grid is None:
             return {"unit": "pixel", "num_features": h * w}
-        return {"unit": "patch", "patch_size": [grid[0], grid[1]], "grid": [grid[2], grid[3]],
-                "num_features": grid[2] * grid[3], "source": "the model config's patch_size"}
+        return {
+            "unit": "patch",
+            "patch_size": [grid[0], grid[1]],
+            "grid": [grid[2], grid[3]],
+            "num_features": grid[2] * grid[3],
+            "source": "the model config's patch_size",
+        }
 
-    def fmap(self, h: int, w: int) -> "torch.Tensor":
+    def fmap(self, h: int, w: int) -> torch.Tensor:
         """Feature id of every pixel (flattened, torch long on the device): pixels, or ViT patches."""
         import torch
 
@@ -157,8 +182,12 @@ class ImageSpace(ClassifierSpace):
                 m = np.arange(h * w)
             else:
                 size = getattr(self.target.model, "image_size", None) or (grid[0] * grid[2])
-                m = patch_feature_map(h, w, grid, (int(size), int(size)) if not isinstance(size, (tuple, list))
-                                      else (int(size[0]), int(size[1]))).ravel()
+                m = patch_feature_map(
+                    h,
+                    w,
+                    grid,
+                    (int(size), int(size)) if not isinstance(size, (tuple, list)) else (int(size[0]), int(size[1])),
+                ).ravel()
             self._fmaps[(h, w)] = torch.as_tensor(m, dtype=torch.long, device=self.device)
         return self._fmaps[(h, w)]
 
@@ -180,7 +209,7 @@ class ImageSpace(ClassifierSpace):
         fm = self.fmap(*x.shape[-2:])
         return Example(pos=pos, ex_id=ex_id, x=x, baseline=b, n_features=int(fm.max()) + 1)
 
-    def compose(self, ex: Example, keep: Any) -> "torch.Tensor":
+    def compose(self, ex: Example, keep: Any) -> torch.Tensor:
         import torch
 
         keep = torch.as_tensor(keep, device=ex.x.device).bool()
@@ -189,11 +218,12 @@ class ImageSpace(ClassifierSpace):
         m = keep[:, self.fmap(h, w)].view(k, 1, h, w).to(ex.x.dtype)  # features (pixels / patches) -> pixels
         return ex.x * m + ex.baseline * (1 - m)
 
-    def logits(self, model: Any, ex: Example, x: Any) -> "torch.Tensor":
+    def logits(self, model: Any, ex: Example, x: Any) -> torch.Tensor:
         return batched_forward(model, x, self.options.internal_batch_size or 64)
 
-    def raw(self, method: str, model: Any, x: Any, baseline: Any, target: int,
-            seed: int = 0) -> tuple[Any, float | None]:
+    def raw(
+        self, method: str, model: Any, x: Any, baseline: Any, target: int | None, seed: int = 0
+    ) -> tuple[Any, float | None]:
         """The method's attributions of a batch of inputs, in input shape, and IG's convergence delta."""
         return self.method(method).attribute(self, model, x, baseline, target, seed)
 
@@ -208,9 +238,10 @@ class ImageSpace(ClassifierSpace):
     def noise_input(self, method: str, model: Any, ex: Example, radius: float, seed: int) -> NoisyInput:
         """Pixels, noise of `radius`; the attributions summed over channels."""
 
-        def explain(inputs: "torch.Tensor") -> "torch.Tensor":
-            a, _ = self.raw(method, model, inputs, ex.baseline.expand(inputs.shape[0], -1, -1, -1), ex.explained,
-                            seed=seed)
+        def explain(inputs: torch.Tensor) -> torch.Tensor:
+            a, _ = self.raw(
+                method, model, inputs, ex.baseline.expand(inputs.shape[0], -1, -1, -1), ex.explained, seed=seed
+            )
             return a.sum(1)
 
         return NoisyInput(inputs=ex.x, radius=radius, explain=explain, stream=2)

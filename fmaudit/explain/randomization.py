@@ -8,8 +8,9 @@ Spearman on signed and on absolute feature scores, and for images SSIM of the ab
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -41,8 +42,15 @@ def similarity_keys(space: FeatureSpace) -> tuple[str, ...]:
     return ("spearman", "spearman_abs") + (("ssim",) if isinstance(space, ImageSpace) else ())
 
 
-def randomization_cascade(target: Any, space: FeatureSpace, examples: Sequence[Example],
-                          attrs: dict[str, list[Attribution]], *, depth: int | None, seed: int) -> CascadeResult:
+def randomization_cascade(
+    target: Any,
+    space: FeatureSpace,
+    examples: Sequence[Example],
+    attrs: dict[str, list[Attribution]],
+    *,
+    depth: int | None,
+    seed: int,
+) -> CascadeResult:
     """Run the cascade (module docstring) on a copy of `target`, `depth` steps from the top (None: all);
     step k re-initializes under the seed stream ATTRIBUTION_RANDOMIZE, k. The target is never touched."""
     import torch
@@ -55,8 +63,9 @@ def randomization_cascade(target: Any, space: FeatureSpace, examples: Sequence[E
         untied = cascade.untie_parameters(model)
         groups = cascade.layer_groups(model)
         probe = examples[0]
-        used, unused = cascade.forward_order(model, groups, lambda: space.explained_output(
-            model, probe, np.ones((1, probe.n_features), dtype=bool)))
+        used, unused = cascade.forward_order(
+            model, groups, lambda: space.explained_output(model, probe, np.ones((1, probe.n_features), dtype=bool))
+        )
         steps = list(reversed(used))[: depth or None]
         if not steps:
             raise RuntimeError("the randomization check found no layer with parameters in the forward pass")

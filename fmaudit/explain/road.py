@@ -16,8 +16,9 @@ random orderings of the same features.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -25,12 +26,21 @@ from fmaudit.explain.curves import Scored, attribution_order, keep_masks
 from fmaudit.explain.image import ImageSpace
 from fmaudit.explain.space import Attribution, Example
 
-_OFFSETS = ((-1, 0, 1 / 6), (1, 0, 1 / 6), (0, -1, 1 / 6), (0, 1, 1 / 6),
-            (-1, -1, 1 / 12), (-1, 1, 1 / 12), (1, -1, 1 / 12), (1, 1, 1 / 12))
+_OFFSETS = (
+    (-1, 0, 1 / 6),
+    (1, 0, 1 / 6),
+    (0, -1, 1 / 6),
+    (0, 1, 1 / 6),
+    (-1, -1, 1 / 12),
+    (-1, 1, 1 / 12),
+    (1, -1, 1 / 12),
+    (1, 1, 1 / 12),
+)
 
 
-def noisy_linear_impute(image: np.ndarray, removed: np.ndarray, *, noise: float = 0.01,
-                        rng: np.random.Generator | None = None) -> np.ndarray:
+def noisy_linear_impute(
+    image: np.ndarray, removed: np.ndarray, *, noise: float = 0.01, rng: np.random.Generator | None = None
+) -> np.ndarray:
     """(C, H, W) image with the pixels where `removed` (H, W) is True re-imputed (see the module docstring)."""
     import scipy.sparse as sp
     from scipy.sparse.linalg import spsolve
@@ -63,9 +73,10 @@ def noisy_linear_impute(image: np.ndarray, removed: np.ndarray, *, noise: float 
         vals.append(np.full(len(i), -wt))
         k = np.flatnonzero(inside & ~nb_removed)
         rhs[k] += wt * img[:, rr[k], cc[k]].T
-    a = sp.csr_matrix((np.concatenate(vals + [diag]),
-                       (np.concatenate(rows + [np.arange(n)]), np.concatenate(cols + [np.arange(n)]))),
-                      shape=(n, n))
+    a = sp.csr_matrix(
+        (np.concatenate(vals + [diag]), (np.concatenate(rows + [np.arange(n)]), np.concatenate(cols + [np.arange(n)]))),
+        shape=(n, n),
+    )
     sol = np.asarray(spsolve(a.tocsc(), rhs)).reshape(n, c)
     if noise > 0:
         sol = sol + (rng if rng is not None else np.random.default_rng(0)).normal(0.0, noise, size=sol.shape)
@@ -83,8 +94,9 @@ class RoadCurves:
     methods: dict[str, dict[str, Scored]]
 
 
-def _road_curve(space: ImageSpace, model: Any, ex: Example, order: np.ndarray, *, steps: int, noise: float,
-                rng: np.random.Generator) -> np.ndarray:
+def _road_curve(
+    space: ImageSpace, model: Any, ex: Example, order: np.ndarray, *, steps: int, noise: float, rng: np.random.Generator
+) -> np.ndarray:
     import torch
 
     h, w = ex.x.shape[-2:]
@@ -96,13 +108,24 @@ def _road_curve(space: ImageSpace, model: Any, ex: Example, order: np.ndarray, *
     return space.logits(model, ex, xt).softmax(-1)[:, ex.explained].double().cpu().numpy()
 
 
-def road_curves(space: ImageSpace, model: Any, examples: Sequence[Example], attrs: dict[str, list[Attribution]], *,
-                steps: int, orderings: int, noise: float, rng: np.random.Generator) -> RoadCurves:
+def road_curves(
+    space: ImageSpace,
+    model: Any,
+    examples: Sequence[Example],
+    attrs: dict[str, list[Attribution]],
+    *,
+    steps: int,
+    orderings: int,
+    noise: float,
+    rng: np.random.Generator,
+) -> RoadCurves:
     """ROAD curves (see the module docstring); random orders and imputation noise both come from `rng`."""
     rand = []
     for ex in examples:
-        cs = [_road_curve(space, model, ex, rng.permutation(ex.n_features), steps=steps, noise=noise, rng=rng)
-              for _ in range(orderings)]
+        cs = [
+            _road_curve(space, model, ex, rng.permutation(ex.n_features), steps=steps, noise=noise, rng=rng)
+            for _ in range(orderings)
+        ]
         rand.append(np.mean(cs, 0))
     methods: dict[str, dict[str, Scored]] = {}
     for m, alist in attrs.items():

@@ -42,9 +42,9 @@ def ssim(a: np.ndarray, b: np.ndarray, *, data_range: float = 1.0, win_size: int
     vy = cov * (uniform_filter(b * b, w) - uy * uy)
     vxy = cov * (uniform_filter(a * b, w) - ux * uy)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux ** 2 + uy ** 2 + c1) * (vx + vy + c2))
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
     pad = (w - 1) // 2
-    return float(s[pad: s.shape[0] - pad, pad: s.shape[1] - pad].mean())
+    return float(s[pad : s.shape[0] - pad, pad : s.shape[1] - pad].mean())
 
 
 def map_ssim(a: np.ndarray, b: np.ndarray) -> float:

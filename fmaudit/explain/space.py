@@ -16,13 +16,20 @@ Attribution methods are per-space dict registries (name -> `AttributionMethod`),
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
 
 if TYPE_CHECKING:
     import torch
+
+
+TextBaseline = Literal["pad", "unk", "mask"]  # the token that replaces removed tokens
+ImageBaseline = Literal["black", "blur"]
+ImageFeatures = Literal["auto", "pixels", "patches"]  # auto: ViT patches when the model has them, else pixels
+Continuation = Literal["text", "generate"]  # causal LMs: the text's own last tokens, or the greedy continuation
 
 
 @dataclass(frozen=True)
@@ -32,19 +39,19 @@ class SpaceOptions:
 
     n_steps: int = 50  # integrated gradients: Riemann steps
     internal_batch_size: int | None = 32  # largest forward batch inside a Captum call or a metric
-    text_baseline: str = "pad"  # pad | unk | mask: the token that replaces removed tokens
-    image_baseline: str = "black"  # black | blur
-    image_features: str = "auto"  # auto (ViT patches when the model has them) | pixels | patches
+    text_baseline: TextBaseline = "pad"  # pad | unk | mask: the token that replaces removed tokens
+    image_baseline: ImageBaseline = "black"  # black | blur
+    image_features: ImageFeatures = "auto"  # auto (ViT patches when the model has them) | pixels | patches
     blur_sigma: float = 2.0
     occlusion_window: int | None = None  # tokens (default 3) or pixels (default side / 4)
     gradient_shap_samples: int = 10
     gradient_shap_stdevs: float = 0.1
-    continuation: str = "text"  # causal LMs: text | generate
+    continuation: Continuation = "text"  # causal LMs: text | generate
     continuation_tokens: int = 3
     max_prompt_tokens: int = 32
 
     @classmethod
-    def from_params(cls, params: Any) -> "SpaceOptions":
+    def from_params(cls, params: Any) -> SpaceOptions:
         """The options read off any object with the same attribute names (the audit's params)."""
         return cls(**{f.name: getattr(params, f.name) for f in dataclasses.fields(cls)})
 
@@ -117,8 +124,9 @@ class FeatureSpace:
         try:
             return self.methods[name]
         except KeyError:
-            raise ValueError(f"method {name!r} is not available for {self.model_task} targets "
-                             f"(available: {list(self.methods)})") from None
+            raise ValueError(
+                f"method {name!r} is not available for {self.model_task} targets (available: {list(self.methods)})"
+            ) from None
 
     def captum_name(self, method: str, ex: Example) -> str:
         """The Captum class behind `method` on inputs like `ex` (tables.methods)."""
@@ -132,15 +140,15 @@ class FeatureSpace:
         """Fill in what is explained (class or continuation) and F(x), F(baseline) in `ex.meta`."""
         raise NotImplementedError
 
-    def compose(self, ex: Example, keep: Any) -> "torch.Tensor":
+    def compose(self, ex: Example, keep: Any) -> torch.Tensor:
         """Inputs with the features where `keep` (K, n_features) is False set to the baseline: (K, ...)."""
         raise NotImplementedError
 
-    def explained_output(self, model: Any, ex: Example, keep: Any) -> "torch.Tensor":
+    def explained_output(self, model: Any, ex: Example, keep: Any) -> torch.Tensor:
         """The output the attributions explain, for each composed input: (K,)."""
         raise NotImplementedError
 
-    def curve_output(self, model: Any, ex: Example, keep: Any) -> "torch.Tensor":
+    def curve_output(self, model: Any, ex: Example, keep: Any) -> torch.Tensor:
         """The output deletion / insertion curves read (classifiers: probability of the explained class)."""
         return self.explained_output(model, ex, keep)
 
@@ -163,7 +171,7 @@ class FeatureSpace:
 class ClassifierSpace(FeatureSpace):
     """Classifiers: the explained output is the logit of the explained class; curves read its probability."""
 
-    def logits(self, model: Any, ex: Example, x: Any) -> "torch.Tensor":
+    def logits(self, model: Any, ex: Example, x: Any) -> torch.Tensor:
         """Logits of a batch of inputs shaped like `ex.x`, without gradients."""
         raise NotImplementedError
 
@@ -177,9 +185,8 @@ class ClassifierSpace(FeatureSpace):
         ex.meta["f_x"], ex.meta["f_b"] = float(lg[0, ex.explained]), float(lg[1, ex.explained])
         ex.meta["prob"] = float(lg[0].softmax(-1)[ex.explained])
 
-    def explained_output(self, model: Any, ex: Example, keep: Any) -> "torch.Tensor":
+    def explained_output(self, model: Any, ex: Example, keep: Any) -> torch.Tensor:
         return self.logits(model, ex, self.compose(ex, keep))[:, ex.explained]
 
-    def curve_output(self, model: Any, ex: Example, keep: Any) -> "torch.Tensor":
+    def curve_output(self, model: Any, ex: Example, keep: Any) -> torch.Tensor:
         return self.logits(model, ex, self.compose(ex, keep)).softmax(-1)[:, ex.explained]
-

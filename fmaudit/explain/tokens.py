@@ -16,8 +16,10 @@ def baseline_token_id(tokenizer: Any, kind: str) -> int:
     """The id of the `kind` (pad | unk | mask) token; a ValueError naming the choices when there is none."""
     tid = {"pad": tokenizer.pad_token_id, "unk": tokenizer.unk_token_id, "mask": tokenizer.mask_token_id}[kind]
     if tid is None:
-        raise ValueError(f"the tokenizer has no {kind} token to use as the attribution baseline; "
-                         "choose another text_baseline (pad | unk | mask)")
+        raise ValueError(
+            f"the tokenizer has no {kind} token to use as the attribution baseline; "
+            "choose another text_baseline (pad | unk | mask)"
+        )
     return int(tid)
 
 
@@ -29,7 +31,7 @@ class TokenBaseline:
         self.token_id = baseline_token_id(tokenizer, kind)
         self.special = sorted(set(int(i) for i in tokenizer.all_special_ids))
 
-    def compose(self, ex: "Example", keep: Any) -> "torch.Tensor":
+    def compose(self, ex: Example, keep: Any) -> torch.Tensor:
         """(K, length) token ids: `ex.x` with the features (tokens at `ex.feat_pos`) where `keep` is False set
         to the baseline token."""
         import torch

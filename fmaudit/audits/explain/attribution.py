@@ -23,8 +23,8 @@ Quality of each explanation, cheap by default, written once over that interface 
   (absolute and relative gaps; the relative one is undefined where F(x) ~ F(baseline)) (`faithfulness.py`);
 - images, opt-in: ROAD (Rong et al. 2022), removal with noisy linear imputation instead of the baseline (`road.py`).
 
-This module orchestrates; `quality.py` and `evidence.py` next to it turn results into the report. Heavy imports
-(torch, captum, matplotlib) happen inside functions.
+This module orchestrates; `quality.py`, `method_metrics.py` and `evidence.py` next to it write the report.
+Heavy imports (torch, captum, matplotlib) happen inside functions.
 """
 
 from __future__ import annotations
@@ -36,10 +36,20 @@ from pydantic import Field, model_validator
 
 from fmaudit.audits.base import AuditContext, AuditModule, AuditParams, Outcome, select_examples
 from fmaudit.audits.explain.evidence import evidence, heatmaps, top_tokens
-from fmaudit.audits.explain.quality import QualityRun, report_methods, run_quality
+from fmaudit.audits.explain.method_metrics import report_methods
+from fmaudit.audits.explain.quality import QualityRun, run_quality
 from fmaudit.explain.image import ImageSpace, patch_grid
 from fmaudit.explain.lm import LMSpace
-from fmaudit.explain.space import Attribution, Example, FeatureSpace, SpaceOptions
+from fmaudit.explain.space import (
+    Attribution,
+    Continuation,
+    Example,
+    FeatureSpace,
+    ImageBaseline,
+    ImageFeatures,
+    SpaceOptions,
+    TextBaseline,
+)
 from fmaudit.explain.text import TextSpace, explain_texts
 from fmaudit.explain.tokens import baseline_token_id
 from fmaudit.seeds import Stream
@@ -51,8 +61,9 @@ if TYPE_CHECKING:
 
 __all__ = ["AttributionAudit", "SPACES", "explain_texts", "hook_count"]
 
-Method = Literal["integrated_gradients", "gradient_x_input", "feature_ablation", "occlusion", "saliency",
-                 "gradient_shap"]
+Method = Literal[
+    "integrated_gradients", "gradient_x_input", "feature_ablation", "occlusion", "saliency", "gradient_shap"
+]
 MetricName = Literal["deletion", "insertion", "infidelity", "sensitivity", "randomization", "completeness", "road"]
 
 # Model task -> its feature space (its methods, in the order reports list them, and its default methods).
@@ -76,87 +87,134 @@ def hook_count(model: Any) -> int:
 class AttributionAudit(AuditModule):
     name = "explain.attribution"
     category = "explain"
-    description = ("Feature attributions via Captum (integrated gradients, gradient x input, ablation, occlusion, "
-                   "saliency, GradientShap; LLM attribution for causal LMs) with explanation-quality metrics: "
-                   "deletion / insertion AOPC vs random, infidelity, max-sensitivity, the model-parameter "
-                   "randomization sanity check and integrated-gradients completeness.")
+    description = (
+        "Feature attributions via Captum (integrated gradients, gradient x input, ablation, occlusion, "
+        "saliency, GradientShap; LLM attribution for causal LMs) with explanation-quality metrics: "
+        "deletion / insertion AOPC vs random, infidelity, max-sensitivity, the model-parameter "
+        "randomization sanity check and integrated-gradients completeness."
+    )
     requires = frozenset()
     tasks = tuple(SPACES)
-    metric_names = ("*.deletion_aopc", "*.insertion_auc", "*.infidelity", "*.sensitivity_max",
-                    "*.randomization_spearman", "*.randomization_spearman_abs", "*.randomization_ssim",
-                    "*.seconds_per_example", "integrated_gradients.convergence_delta",
-                    "integrated_gradients.completeness_gap", "integrated_gradients.completeness_abs_gap",
-                    "integrated_gradients.completeness_relative_error", "random.deletion_aopc",
-                    "*.road_morf", "*.road_lerf", "random.road",
-                    "random.insertion_auc", "methods_failing_randomization", "num_examples")
+    metric_names = (
+        "*.deletion_aopc",
+        "*.insertion_auc",
+        "*.infidelity",
+        "*.sensitivity_max",
+        "*.randomization_spearman",
+        "*.randomization_spearman_abs",
+        "*.randomization_ssim",
+        "*.seconds_per_example",
+        "integrated_gradients.convergence_delta",
+        "integrated_gradients.completeness_gap",
+        "integrated_gradients.completeness_abs_gap",
+        "integrated_gradients.completeness_relative_error",
+        "random.deletion_aopc",
+        "*.road_morf",
+        "*.road_lerf",
+        "random.road",
+        "random.insertion_auc",
+        "methods_failing_randomization",
+        "num_examples",
+    )
 
     class Params(AuditParams):
         methods: list[Method] | None = Field(
-            default=None, description="Attribution methods; default per task: text ig, gradient_x_input, "
-                                      "feature_ablation; images ig, saliency, gradient_shap, occlusion; causal LMs "
-                                      "feature_ablation, integrated_gradients. The first one drives the aggregates.")
+            default=None,
+            description="Attribution methods; default per task: text ig, gradient_x_input, "
+            "feature_ablation; images ig, saliency, gradient_shap, occlusion; causal LMs "
+            "feature_ablation, integrated_gradients. The first one drives the aggregates.",
+        )
         num_examples: int = Field(default=8, gt=0, le=10_000, description="Examples explained (seeded sample).")
         split: Literal["auto", "nonmembers", "members", "all"] = Field(
-            default="auto", description="auto = held-out non-members when the target was fine-tuned on this data.")
+            default="auto", description="auto = held-out non-members when the target was fine-tuned on this data."
+        )
         explain_label: Literal["predicted", "true"] = Field(
-            default="predicted", description="Classifiers: explain the predicted class or the true label.")
-        n_steps: int = Field(default=_OPTIONS.n_steps, gt=1, le=5000,
-                             description="Integrated gradients: Riemann steps.")
+            default="predicted", description="Classifiers: explain the predicted class or the true label."
+        )
+        n_steps: int = Field(
+            default=_OPTIONS.n_steps, gt=1, le=5000, description="Integrated gradients: Riemann steps."
+        )
         internal_batch_size: int | None = Field(
-            default=_OPTIONS.internal_batch_size, gt=0,
-            description="Upper bound on the forward batch inside a Captum call (memory).")
-        text_baseline: Literal["pad", "unk", "mask"] = Field(
-            default=_OPTIONS.text_baseline, description="Token that replaces removed tokens (special tokens are kept).")
-        image_baseline: Literal["black", "blur"] = Field(default=_OPTIONS.image_baseline, description="Image baseline.")
-        image_features: Literal["auto", "pixels", "patches"] = Field(
+            default=_OPTIONS.internal_batch_size,
+            gt=0,
+            description="Upper bound on the forward batch inside a Captum call (memory).",
+        )
+        text_baseline: TextBaseline = Field(
+            default=_OPTIONS.text_baseline, description="Token that replaces removed tokens (special tokens are kept)."
+        )
+        image_baseline: ImageBaseline = Field(default=_OPTIONS.image_baseline, description="Image baseline.")
+        image_features: ImageFeatures = Field(
             default=_OPTIONS.image_features,
             description="Features of images for occlusion / deletion / insertion / infidelity / rank correlations: "
-                        "auto = ViT patches (the config's patch_size) when the model has them, else pixels.")
-        blur_sigma: float = Field(default=_OPTIONS.blur_sigma, gt=0,
-                                  description="Gaussian blur sigma (pixels) of the blur baseline.")
+            "auto = ViT patches (the config's patch_size) when the model has them, else pixels.",
+        )
+        blur_sigma: float = Field(
+            default=_OPTIONS.blur_sigma, gt=0, description="Gaussian blur sigma (pixels) of the blur baseline."
+        )
         occlusion_window: int | None = Field(
-            default=_OPTIONS.occlusion_window, gt=0,
-            description="Occlusion window: tokens (default 3) or pixels (default side / 4).")
+            default=_OPTIONS.occlusion_window,
+            gt=0,
+            description="Occlusion window: tokens (default 3) or pixels (default side / 4).",
+        )
         gradient_shap_samples: int = Field(default=_OPTIONS.gradient_shap_samples, gt=0, le=1000)
         gradient_shap_stdevs: float = Field(default=_OPTIONS.gradient_shap_stdevs, ge=0)
-        continuation: Literal["text", "generate"] = Field(
+        continuation: Continuation = Field(
             default=_OPTIONS.continuation,
-            description="Causal LMs: attribute the text's own last tokens, or the greedy continuation.")
+            description="Causal LMs: attribute the text's own last tokens, or the greedy continuation.",
+        )
         continuation_tokens: int = Field(default=_OPTIONS.continuation_tokens, gt=0, le=64)
         max_prompt_tokens: int = Field(default=_OPTIONS.max_prompt_tokens, gt=0, le=4096)
         quality: list[MetricName] = Field(
             default=["deletion", "insertion", "infidelity", "sensitivity", "randomization", "completeness"],
-            description="Explanation-quality metrics to compute.")
+            description="Explanation-quality metrics to compute.",
+        )
         curve_steps: int = Field(default=10, ge=2, le=200, description="Points of the deletion / insertion curves - 1.")
         random_orderings: int = Field(default=3, ge=1, le=100, description="Random orderings averaged per example.")
         perturbations: int = Field(default=10, gt=0, le=1000, description="Infidelity / sensitivity perturbations.")
-        infidelity_drop: float = Field(default=0.25, gt=0, lt=1,
-                                       description="Probability that a feature is dropped in an infidelity perturbation.")
+        infidelity_drop: float = Field(
+            default=0.25, gt=0, lt=1, description="Probability that a feature is dropped in an infidelity perturbation."
+        )
         sensitivity_radius: float = Field(
-            default=0.02, gt=0, description="Uniform noise radius: pixels, or times the RMS of the word embeddings.")
+            default=0.02, gt=0, description="Uniform noise radius: pixels, or times the RMS of the word embeddings."
+        )
         sensitivity_examples: int = Field(default=4, ge=0, description="Examples with max-sensitivity (costly).")
-        randomization_examples: int | None = Field(default=None, gt=0, description="Examples for the randomization "
-                                                                                    "check (default: all).")
+        randomization_examples: int | None = Field(
+            default=None, gt=0, description="Examples for the randomization check (default: all)."
+        )
         randomization_depth: int | None = Field(
-            default=None, gt=0, description="Cascade steps (layer groups re-initialized from the top, cumulatively); "
-                                            "default: all of them, down to the embeddings / first layer.")
+            default=None,
+            gt=0,
+            description="Cascade steps (layer groups re-initialized from the top, cumulatively); "
+            "default: all of them, down to the embeddings / first layer.",
+        )
         randomization_threshold: float = Field(
-            default=0.5, gt=-1, lt=1, description="A method fails when its mean rank correlation with the randomized "
-                                                  "model's attributions is above this.")
+            default=0.5,
+            gt=-1,
+            lt=1,
+            description="A method fails when its mean rank correlation with the randomized "
+            "model's attributions is above this.",
+        )
         completeness_tolerance: float = Field(
-            default=0.05, gt=0, description="Largest |sum(attr) - (F(x) - F(b))| / |F(x) - F(b)| accepted.")
-        road_noise: float = Field(default=0.01, ge=0, description="ROAD (images): std of the Gaussian noise added to "
-                                                                  "imputed pixels (Rong et al. 2022).")
+            default=0.05, gt=0, description="Largest |sum(attr) - (F(x) - F(b))| / |F(x) - F(b)| accepted."
+        )
+        road_noise: float = Field(
+            default=0.01,
+            ge=0,
+            description="ROAD (images): std of the Gaussian noise added to imputed pixels (Rong et al. 2022).",
+        )
         completeness_min_difference: float = Field(
-            default=0.01, ge=0, description="|F(x) - F(baseline)| below this (logits / nats) counts as F(x) = "
-                                            "F(baseline): the relative error is undefined there.")
+            default=0.01,
+            ge=0,
+            description="|F(x) - F(baseline)| below this (logits / nats) counts as F(x) = "
+            "F(baseline): the relative error is undefined there.",
+        )
         top_tokens: int = Field(default=15, ge=0, le=1000, description="Most influential tokens listed.")
         heatmaps: bool = Field(default=True, description="Images: write heatmap PNGs to the run's artifacts.")
         bootstrap: int = Field(default=1000, ge=0, le=100_000)
         confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
 
         @model_validator(mode="after")
-        def _unique(self) -> "AttributionAudit.Params":
+        def _unique(self) -> AttributionAudit.Params:
             if self.methods is not None:
                 if not self.methods:
                     raise ValueError("methods: give at least one method, or leave it out for the defaults")
@@ -164,13 +222,15 @@ class AttributionAudit(AuditModule):
                     raise ValueError("methods: each method at most once")
             return self
 
+    params: Params
+
     # -- pre-flight ----------------------------------------------------------------------------------
     def methods_for(self, task: str) -> list[str]:
         if self.params.methods is not None:
             return list(self.params.methods)
         return list(SPACES[task].defaults) if task in SPACES else []
 
-    def check(self, target: Any, data: "Dataset | None") -> list[str]:
+    def check(self, target: Any, data: Dataset | None) -> list[str]:
         p = self.params
         task = getattr(target, "task", None)
         if task not in SPACES:
@@ -184,10 +244,15 @@ class AttributionAudit(AuditModule):
             problems.append("no examples to explain")
         elif getattr(data, space.data_field) is None:
             problems.append(f"dataset {data.name!r} has no {space.data_field}")
-        elif space is ImageSpace and p.image_features == "patches" \
-                and patch_grid(target, *np.asarray(data.images[0]).shape[-2:]) is None:
-            problems.append("image_features: patches needs a model whose config has a patch_size (ViT); "
-                            f"{getattr(target, 'architecture', '?')} has none (use auto or pixels)")
+        elif (
+            space is ImageSpace
+            and p.image_features == "patches"
+            and patch_grid(target, *np.asarray(getattr(data, space.data_field)[0]).shape[-2:]) is None
+        ):
+            problems.append(
+                "image_features: patches needs a model whose config has a patch_size (ViT); "
+                f"{getattr(target, 'architecture', '?')} has none (use auto or pixels)"
+            )
         elif task != CAUSAL_LM and p.explain_label == "true" and data.labels is None:
             problems.append(f"explain_label: true needs labels, and dataset {data.name!r} has none")
         if "road" in p.quality and space is not ImageSpace:
@@ -224,8 +289,14 @@ class AttributionAudit(AuditModule):
         run_quality(quality)
         report_methods(quality)
 
-        out.tables["explained_on"] = {"dataset": ctx.data.name, "subset": choice, "num_examples": len(examples),
-                                      "task": target.task, "explain_label": p.explain_label}
+        assert ctx.data is not None  # select_examples refuses a context without data
+        out.tables["explained_on"] = {
+            "dataset": ctx.data.name,
+            "subset": choice,
+            "num_examples": len(examples),
+            "task": target.task,
+            "explain_label": p.explain_label,
+        }
         out.tables["methods"] = {m: space.captum_name(m, examples[0]) for m in methods}
         features = space.describe_features(examples[0])
         if features is not None:
@@ -233,12 +304,22 @@ class AttributionAudit(AuditModule):
         out.tables["baseline"] = space.describe_baseline()
         paths = heatmaps(examples, attrs, ctx) if isinstance(space, ImageSpace) and p.heatmaps else []
         out.artifacts.extend(paths)
-        out.evidence = [evidence(space, ex, attrs, names=target.label_names or data.label_names,
-                                 store=ctx.store_examples, data=data, heatmap=paths[i] if paths else None)
-                        for i, ex in enumerate(examples)]
-        if not isinstance(space, ImageSpace) and p.top_tokens:
-            out.tables["top_tokens"] = top_tokens(space, examples, attrs[methods[0]], count=p.top_tokens,
-                                                  store=ctx.store_examples)
+        out.evidence = [
+            evidence(
+                space,
+                ex,
+                attrs,
+                names=target.label_names or data.label_names,
+                store=ctx.store_examples,
+                data=data,
+                heatmap=paths[i] if paths else None,
+            )
+            for i, ex in enumerate(examples)
+        ]
+        if isinstance(space, (TextSpace, LMSpace)) and p.top_tokens:
+            out.tables["top_tokens"] = top_tokens(
+                space, examples, attrs[methods[0]], count=p.top_tokens, store=ctx.store_examples
+            )
             out.tables["top_tokens"]["method"] = methods[0]
 
         # Invariants: no hook left behind, target weights untouched.
@@ -249,8 +330,9 @@ class AttributionAudit(AuditModule):
             raise RuntimeError("the target's weights changed while explaining it")
         return out
 
-    def _examples(self, space: FeatureSpace, model: Any, data: "Dataset",
-                  order_rng: np.random.Generator) -> list[Example]:
+    def _examples(
+        self, space: FeatureSpace, model: Any, data: Dataset, order_rng: np.random.Generator
+    ) -> list[Example]:
         """Up to num_examples explainable examples, in a seeded order, with what each explains and F(x), F(b)."""
         examples: list[Example] = []
         raw = getattr(data, space.data_field)

@@ -3,7 +3,8 @@ strings, texts, prompts, the input panel of a heatmap) only with `store_examples
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -17,17 +18,21 @@ from fmaudit.tasks import CAUSAL_LM, IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION
 Attrs = dict[str, list[Attribution]]
 
 
-def _image_part(space: ImageSpace, ex: Example, attrs: Attrs, store: bool, data: Any,
-                heatmap: str | None) -> dict[str, Any]:
+def _image_part(
+    space: ImageSpace, ex: Example, attrs: Attrs, store: bool, data: Any, heatmap: str | None
+) -> dict[str, Any]:
     """The heatmap and the five strongest pixels (or patches) per method."""
     ev: dict[str, Any] = {"heatmap": heatmap}
     h, w = ex.x.shape[-2:]
     unit = space.feature_unit(h, w)
     cols = unit["grid"][1] if unit["unit"] == "patch" else w
     ev["top_patches" if unit["unit"] == "patch" else "top_pixels"] = {
-        m: [{"row": int(k // cols), "col": int(k % cols), "score": float(a[ex.pos].features[k])}
-            for k in np.argsort(-np.abs(a[ex.pos].features))[:5]]
-        for m, a in attrs.items()}
+        m: [
+            {"row": int(k // cols), "col": int(k % cols), "score": float(a[ex.pos].features[k])}
+            for k in np.argsort(-np.abs(a[ex.pos].features))[:5]
+        ]
+        for m, a in attrs.items()
+    }
     if store:
         ev["image_shape"] = list(np.asarray(data.images[ex.meta["data_index"]]).shape)
     return ev
@@ -38,6 +43,7 @@ def _token_part(space: TextSpace | LMSpace, ex: Example, attrs: Attrs, store: bo
     tok = space.target.tokenizer
     ids = ex.x[0].tolist()
     ev: dict[str, Any] = {"num_tokens": len(ids), "attributions": {}}
+    assert ex.feat_pos is not None  # token spaces always set the features' positions
     for m, alist in attrs.items():
         a = alist[ex.pos]
         rows = []
@@ -52,16 +58,16 @@ def _token_part(space: TextSpace | LMSpace, ex: Example, attrs: Attrs, store: bo
     return ev
 
 
-def _text_part(space: TextSpace, ex: Example, attrs: Attrs, store: bool, data: Any,
-               heatmap: str | None) -> dict[str, Any]:
+def _text_part(
+    space: TextSpace, ex: Example, attrs: Attrs, store: bool, data: Any, heatmap: str | None
+) -> dict[str, Any]:
     ev = _token_part(space, ex, attrs, store)
     if store:
         ev["text"] = data.texts[ex.meta["data_index"]]
     return ev
 
 
-def _lm_part(space: LMSpace, ex: Example, attrs: Attrs, store: bool, data: Any,
-             heatmap: str | None) -> dict[str, Any]:
+def _lm_part(space: LMSpace, ex: Example, attrs: Attrs, store: bool, data: Any, heatmap: str | None) -> dict[str, Any]:
     ev = _token_part(space, ex, attrs, store)
     cont = ex.extra["continuation"].tolist()
     ev["continuation_token_ids"] = cont
@@ -81,8 +87,16 @@ EVIDENCE: dict[str, Callable[..., dict[str, Any]]] = {
 }
 
 
-def evidence(space: FeatureSpace, ex: Example, attrs: Attrs, *, names: Sequence[str] | None, store: bool, data: Any,
-             heatmap: str | None) -> dict[str, Any]:
+def evidence(
+    space: FeatureSpace,
+    ex: Example,
+    attrs: Attrs,
+    *,
+    names: Sequence[str] | None,
+    store: bool,
+    data: Any,
+    heatmap: str | None,
+) -> dict[str, Any]:
     """One example's evidence: labels, F(x), F(baseline), then the space's own part (`EVIDENCE`)."""
 
     def lab(i: int | None) -> Any:
@@ -90,17 +104,23 @@ def evidence(space: FeatureSpace, ex: Example, attrs: Attrs, *, names: Sequence[
             return None
         return names[i] if names and i < len(names) else i
 
-    ev: dict[str, Any] = {"id": ex.ex_id, "true_label": lab(ex.true_label), "predicted_label": lab(ex.predicted),
-                          "explained_label": lab(ex.explained), "f_x": ex.meta.get("f_x"),
-                          "f_baseline": ex.meta.get("f_b")}
+    ev: dict[str, Any] = {
+        "id": ex.ex_id,
+        "true_label": lab(ex.true_label),
+        "predicted_label": lab(ex.predicted),
+        "explained_label": lab(ex.explained),
+        "f_x": ex.meta.get("f_x"),
+        "f_baseline": ex.meta.get("f_b"),
+    }
     if ex.meta.get("prob") is not None:
         ev["explained_probability"] = ex.meta["prob"]
     ev.update(EVIDENCE[space.model_task](space, ex, attrs, store, data, heatmap))
     return ev
 
 
-def top_tokens(space: TextSpace | LMSpace, examples: Sequence[Example], alist: Sequence[Attribution], *, count: int,
-               store: bool) -> dict[str, Any]:
+def top_tokens(
+    space: TextSpace | LMSpace, examples: Sequence[Example], alist: Sequence[Attribution], *, count: int, store: bool
+) -> dict[str, Any]:
     """Tokens with the largest mean attribution across the set (scores L1-normalized per example so long
     or confident examples don't dominate)."""
     tok = space.target.tokenizer
@@ -108,6 +128,7 @@ def top_tokens(space: TextSpace | LMSpace, examples: Sequence[Example], alist: S
     for ex, a in zip(examples, alist):
         s = a.features / max(float(np.abs(a.features).sum()), 1e-12)
         ids = ex.x[0].tolist()
+        assert ex.feat_pos is not None
         for k, pos in enumerate(ex.feat_pos):
             agg.setdefault(int(ids[pos]), []).append(float(s[k]))
     stats = [(tid, float(np.mean(v)), len(v)) for tid, v in agg.items()]
@@ -121,9 +142,11 @@ def top_tokens(space: TextSpace | LMSpace, examples: Sequence[Example], alist: S
             out.append(r)
         return out
 
-    return {"towards_explained": rows(sorted(stats, key=lambda t: -t[1])),
-            "against_explained": rows(sorted(stats, key=lambda t: t[1])),
-            "normalization": "per-example L1"}
+    return {
+        "towards_explained": rows(sorted(stats, key=lambda t: -t[1])),
+        "against_explained": rows(sorted(stats, key=lambda t: t[1])),
+        "normalization": "per-example L1",
+    }
 
 
 def heatmaps(examples: Sequence[Example], attrs: Attrs, ctx: AuditContext) -> list[str]:
@@ -137,7 +160,7 @@ def heatmaps(examples: Sequence[Example], attrs: Attrs, ctx: AuditContext) -> li
     d = ctx.artifact_dir()
     paths = []
     for ex in examples:
-        panels = ([("input", ex.x[0].detach().cpu().numpy().mean(0), "gray")] if ctx.store_examples else [])
+        panels = [("input", ex.x[0].detach().cpu().numpy().mean(0), "gray")] if ctx.store_examples else []
         for m, alist in attrs.items():
             panels.append((m, alist[ex.pos].full.sum(0), "bwr"))
         fig, axes = plt.subplots(1, len(panels), figsize=(1.7 * len(panels), 1.9), dpi=80)

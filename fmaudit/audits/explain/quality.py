@@ -1,11 +1,13 @@
 """explain.attribution's quality steps: each runs one metric family from `fmaudit.explain` over the feature
 space and writes its metrics, curves, tables and findings into the outcome (the math lives there; the report
-lives here). `QUALITY_STEPS` runs them in report order; `report_methods` then writes the per-method metrics."""
+lives here). `QUALITY_STEPS` runs them in report order; `method_metrics.report_methods` then writes the
+per-method metrics."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,16 +25,20 @@ if TYPE_CHECKING:
     from fmaudit.audits.explain.attribution import AttributionAudit
 
 
-def mean_ci(values: Sequence[float | None], *, rounds: int, level: float,
-            seed: int) -> tuple[float, tuple[float, float] | None]:
+def mean_ci(
+    values: Sequence[float | None], *, rounds: int, level: float, seed: int
+) -> tuple[float, tuple[float, float] | None]:
     """Mean of the finite values and its bootstrap interval over examples (None with < 2 values or no rounds)."""
     from fmaudit.stats import bootstrap_ci
 
     v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
     if len(v) == 0:
         return float("nan"), None
-    ci = bootstrap_ci(lambda idx: float(v[idx].mean()), len(v), rounds=rounds, level=level, seed=seed) \
-        if rounds and len(v) > 1 else None
+    ci = (
+        bootstrap_ci(lambda idx: float(v[idx].mean()), len(v), rounds=rounds, level=level, seed=seed)
+        if rounds and len(v) > 1
+        else None
+    )
     return float(v.mean()), ci
 
 
@@ -40,7 +46,7 @@ def mean_ci(values: Sequence[float | None], *, rounds: int, level: float,
 class QualityRun:
     """What the quality steps read (the explained examples and their attributions) and write."""
 
-    params: "AttributionAudit.Params"
+    params: AttributionAudit.Params
     target: Any
     space: FeatureSpace
     model: Any
@@ -64,23 +70,46 @@ _VERB = {"deletion": "removed", "insertion": "inserted"}
 def _removal_curves(q: QualityRun) -> None:
     p, unit = q.params, q.space.curve_unit
     kinds = [k for k in CURVE_KINDS if k in p.quality]
-    curves = removal_curves(q.space, q.model, q.examples, q.attrs, kinds=kinds, steps=p.curve_steps,
-                            orderings=p.random_orderings, rng=stream_rng(q.seed, Stream.ATTRIBUTION_CURVES))
+    curves = removal_curves(
+        q.space,
+        q.model,
+        q.examples,
+        q.attrs,
+        kinds=kinds,
+        steps=p.curve_steps,
+        orderings=p.random_orderings,
+        rng=stream_rng(q.seed, Stream.ATTRIBUTION_CURVES),
+    )
     for k, c in curves.items():
         v, ci = q.ci(c.random.scores)
-        q.out.metric(f"random.{CURVE_KINDS[k].metric}", v, higher_is_better=True, ci=ci, ci_level=p.confidence,
-                     unit=unit,
-                     description=f"The {k} metric for a random ordering of the same features (the reference).")
-        q.out.curve(f"random.{k}", c.fractions, c.random.curve, x_label=f"fraction of features {_VERB[k]}",
-                    y_label=f"explained output ({unit})",
-                    description=f"{k.capitalize()} curve, random ordering (mean over examples).")
+        q.out.metric(
+            f"random.{CURVE_KINDS[k].metric}",
+            v,
+            higher_is_better=True,
+            ci=ci,
+            ci_level=p.confidence,
+            unit=unit,
+            description=f"The {k} metric for a random ordering of the same features (the reference).",
+        )
+        q.out.curve(
+            f"random.{k}",
+            c.fractions,
+            c.random.curve,
+            x_label=f"fraction of features {_VERB[k]}",
+            y_label=f"explained output ({unit})",
+            description=f"{k.capitalize()} curve, random ordering (mean over examples).",
+        )
     for m in q.attrs:
         for k, c in curves.items():
             q.per_method[m][CURVE_KINDS[k].metric] = c.methods[m].scores
-            q.out.curve(f"{m}.{k}", c.fractions, c.methods[m].curve, x_label=f"fraction of features {_VERB[k]}",
-                        y_label=f"explained output ({unit})",
-                        description=f"{k.capitalize()} curve: most-attributed features {_VERB[k]} first (mean over "
-                                    "examples).")
+            q.out.curve(
+                f"{m}.{k}",
+                c.fractions,
+                c.methods[m].curve,
+                x_label=f"fraction of features {_VERB[k]}",
+                y_label=f"explained output ({unit})",
+                description=f"{k.capitalize()} curve: most-attributed features {_VERB[k]} first (mean over examples).",
+            )
 
 
 def _road(q: QualityRun) -> None:
@@ -88,30 +117,66 @@ def _road(q: QualityRun) -> None:
     if not isinstance(q.space, ImageSpace):
         return
     p = q.params
-    r = road_curves(q.space, q.model, q.examples, q.attrs, steps=p.curve_steps, orderings=p.random_orderings,
-                    noise=p.road_noise, rng=stream_rng(q.seed, Stream.ATTRIBUTION_CURVES, 1))
+    r = road_curves(
+        q.space,
+        q.model,
+        q.examples,
+        q.attrs,
+        steps=p.curve_steps,
+        orderings=p.random_orderings,
+        noise=p.road_noise,
+        rng=stream_rng(q.seed, Stream.ATTRIBUTION_CURVES, 1),
+    )
     v, ci = q.ci(r.random.scores)
-    q.out.metric("random.road", v, higher_is_better=None, ci=ci, ci_level=p.confidence, unit="probability",
-                 description="ROAD with random orderings of the same features (the reference for road_morf and "
-                             "road_lerf).")
-    labels = {"x_label": "fraction of features removed (imputed)", "y_label": "probability of the explained class"}
-    q.out.curve("random.road", r.fractions, r.random.curve, description="ROAD, random ordering.", **labels)
+    q.out.metric(
+        "random.road",
+        v,
+        higher_is_better=None,
+        ci=ci,
+        ci_level=p.confidence,
+        unit="probability",
+        description="ROAD with random orderings of the same features (the reference for road_morf and road_lerf).",
+    )
+    x_label, y_label = "fraction of features removed (imputed)", "probability of the explained class"
+    q.out.curve(
+        "random.road",
+        r.fractions,
+        r.random.curve,
+        x_label=x_label,
+        y_label=y_label,
+        description="ROAD, random ordering.",
+    )
     for m, by_order in r.methods.items():
         for name, s in by_order.items():
             q.per_method[m][f"road_{name}"] = s.scores
         for name, s in by_order.items():
-            q.out.curve(f"{m}.road_{name}", r.fractions, s.curve, **labels,
-                        description=f"ROAD, {'most' if name == 'morf' else 'least'}-attributed features removed "
-                                    "first, re-imputed from their neighbours (mean over examples).")
+            q.out.curve(
+                f"{m}.road_{name}",
+                r.fractions,
+                s.curve,
+                x_label=x_label,
+                y_label=y_label,
+                description=f"ROAD, {'most' if name == 'morf' else 'least'}-attributed features removed "
+                "first, re-imputed from their neighbours (mean over examples).",
+            )
 
 
 def _infidelity(q: QualityRun) -> None:
     p = q.params
     for m, alist in q.attrs.items():
         q.per_method[m]["infidelity"] = [
-            infidelity(q.space, q.model, ex, a, perturbations=p.perturbations, drop=p.infidelity_drop,
-                       batch_size=p.internal_batch_size or 64, seed=q.seed + ex.pos)
-            for ex, a in zip(q.examples, alist)]
+            infidelity(
+                q.space,
+                q.model,
+                ex,
+                a,
+                perturbations=p.perturbations,
+                drop=p.infidelity_drop,
+                batch_size=p.internal_batch_size or 64,
+                seed=q.seed + ex.pos,
+            )
+            for ex, a in zip(q.examples, alist)
+        ]
 
 
 def _sensitivity(q: QualityRun) -> None:
@@ -120,9 +185,11 @@ def _sensitivity(q: QualityRun) -> None:
         return
     for m in q.attrs:
         q.per_method[m]["sensitivity_max"] = [
-            sensitivity(q.space, m, q.model, ex, samples=p.perturbations, radius=p.sensitivity_radius,
-                        seed=q.seed + ex.pos)
-            for ex in q.examples[: p.sensitivity_examples]]
+            sensitivity(
+                q.space, m, q.model, ex, samples=p.perturbations, radius=p.sensitivity_radius, seed=q.seed + ex.pos
+            )
+            for ex in q.examples[: p.sensitivity_examples]
+        ]
 
 
 _SIMILARITY_LABELS = {"spearman": "Spearman (signed)", "spearman_abs": "Spearman (absolute)", "ssim": "SSIM"}
@@ -147,43 +214,62 @@ def _randomization(q: QualityRun) -> None:
         similarity[m] = rows
         for k in res.keys:
             suffix = "" if k == "spearman" else "_" + k.replace("spearman_", "")
-            out.curve(f"{m}.randomization_cascade{suffix}", steps, [r[k] for r in rows],
-                      x_label="cascade step (layer groups re-initialized from the top)",
-                      y_label=f"{_SIMILARITY_LABELS[k]} vs trained model",
-                      description=f"Cascading randomization (Adebayo et al. 2018): {_SIMILARITY_LABELS[k]} between "
-                                  "the trained model's attributions and those after re-initializing the top "
-                                  "k layer groups (groups in tables.randomization.cascade).")
+            out.curve(
+                f"{m}.randomization_cascade{suffix}",
+                steps,
+                [r[k] for r in rows],
+                x_label="cascade step (layer groups re-initialized from the top)",
+                y_label=f"{_SIMILARITY_LABELS[k]} vs trained model",
+                description=f"Cascading randomization (Adebayo et al. 2018): {_SIMILARITY_LABELS[k]} between "
+                "the trained model's attributions and those after re-initializing the top "
+                "k layer groups (groups in tables.randomization.cascade).",
+            )
         for k in res.keys:  # the gated numbers: after the deepest step of the cascade
             q.per_method[m][f"randomization_{k}"] = sims[k][-1]
         last = sims["spearman"][-1]
         mean = float(np.nanmean(last)) if np.isfinite(last).any() else float("nan")
-        above = sum(1 for r in rows if r["spearman"] is not None and np.isfinite(r["spearman"])
-                    and r["spearman"] > threshold)
+        above = sum(
+            1 for r in rows if r["spearman"] is not None and np.isfinite(r["spearman"]) and r["spearman"] > threshold
+        )
         if np.isfinite(mean) and mean <= threshold and len(rows) > 1 and 2 * above >= len(rows):
-            out.finding("low", f"{m} changes only once the lower layers are re-initialized",
-                        f"its attributions keep a rank correlation above {threshold} for {above} of "
-                        f"{len(rows)} cascade steps (top first): they depend on the input layers more than on "
-                        "what the upper layers learned (Adebayo et al. 2018, Fig. 2)",
-                        metric=f"{m}.randomization_spearman")
+            out.finding(
+                "low",
+                f"{m} changes only once the lower layers are re-initialized",
+                f"its attributions keep a rank correlation above {threshold} for {above} of "
+                f"{len(rows)} cascade steps (top first): they depend on the input layers more than on "
+                "what the upper layers learned (Adebayo et al. 2018, Fig. 2)",
+                metric=f"{m}.randomization_spearman",
+            )
         if np.isfinite(mean) and mean > threshold:
             q.failing.append(m)
-            out.finding("high", f"{m} fails the model-parameter randomization check",
-                        f"its attributions keep a mean rank correlation of {mean:.3f} (> {threshold}) after "
-                        f"re-initializing {len(res.steps)} layer group(s) from the top down to {res.steps[-1].name}: "
-                        "they barely depend on what the model learned, so they cannot explain its decisions "
-                        "(Adebayo et al. 2018)", metric=f"{m}.randomization_spearman")
+            out.finding(
+                "high",
+                f"{m} fails the model-parameter randomization check",
+                f"its attributions keep a mean rank correlation of {mean:.3f} (> {threshold}) after "
+                f"re-initializing {len(res.steps)} layer group(s) from the top down to {res.steps[-1].name}: "
+                "they barely depend on what the model learned, so they cannot explain its decisions "
+                "(Adebayo et al. 2018)",
+                metric=f"{m}.randomization_spearman",
+            )
     out.tables["randomization"] = {
         "procedure": "cascading model-parameter randomization (Adebayo et al. 2018): layer groups of a copy "
-                     "re-initialized from the top down, cumulatively; attributions recomputed after each step",
-        "cascade": [{"step": i + 1, "group": g.name, "module": g.kind, "parameters": g.num_parameters, "init": g.init}
-                    for i, g in enumerate(res.steps)],
+        "re-initialized from the top down, cumulatively; attributions recomputed after each step",
+        "cascade": [
+            {"step": i + 1, "group": g.name, "module": g.kind, "parameters": g.num_parameters, "init": g.init}
+            for i, g in enumerate(res.steps)
+        ],
         "reinitialized_modules": [g.name for g in res.steps],
         "complete": res.complete,
-        "not_in_forward": res.unused, "untied": res.untied, "similarity": similarity,
-        "threshold": threshold, "failing_methods": q.failing, "num_examples": res.num_examples,
+        "not_in_forward": res.unused,
+        "untied": res.untied,
+        "similarity": similarity,
+        "threshold": threshold,
+        "failing_methods": q.failing,
+        "num_examples": res.num_examples,
         "statistic": "Spearman rank correlation of signed attributions after the deepest cascade step, mean "
-                     "over examples (gated); absolute-value Spearman"
-                     + (" and SSIM of the absolute maps" if "ssim" in res.keys else "") + " reported",
+        "over examples (gated); absolute-value Spearman"
+        + (" and SSIM of the absolute maps" if "ssim" in res.keys else "")
+        + " reported",
     }
 
 
@@ -197,41 +283,78 @@ def _completeness(q: QualityRun) -> None:
     c = completeness(q.examples, q.attrs["integrated_gradients"], min_difference=p.completeness_min_difference)
     if c.has_delta:
         v, ci = q.ci(c.deltas)
-        out.metric("integrated_gradients.convergence_delta", v, higher_is_better=False, ci=ci, ci_level=level,
-                   unit=unit, description="Mean |convergence delta| reported by Captum.")
+        out.metric(
+            "integrated_gradients.convergence_delta",
+            v,
+            higher_is_better=False,
+            ci=ci,
+            ci_level=level,
+            unit=unit,
+            description="Mean |convergence delta| reported by Captum.",
+        )
     v, ci = q.ci(c.gaps)
-    out.metric("integrated_gradients.completeness_gap", v, higher_is_better=False, ci=ci, ci_level=level, unit=unit,
-               description="Mean |sum of attributions - (F(x) - F(baseline))|, F measured separately.")
-    out.metric("integrated_gradients.completeness_abs_gap", float(np.max(c.gaps)), higher_is_better=False, unit=unit,
-               description="Largest |sum of attributions - (F(x) - F(baseline))| over the examples (defined "
-                           "even where F(x) = F(baseline)).")
+    out.metric(
+        "integrated_gradients.completeness_gap",
+        v,
+        higher_is_better=False,
+        ci=ci,
+        ci_level=level,
+        unit=unit,
+        description="Mean |sum of attributions - (F(x) - F(baseline))|, F measured separately.",
+    )
+    out.metric(
+        "integrated_gradients.completeness_abs_gap",
+        float(np.max(c.gaps)),
+        higher_is_better=False,
+        unit=unit,
+        description="Largest |sum of attributions - (F(x) - F(baseline))| over the examples (defined "
+        "even where F(x) = F(baseline)).",
+    )
     worst = float(np.max(c.relative)) if c.relative else None
-    out.metric("integrated_gradients.completeness_relative_error", worst, higher_is_better=False, unit="fraction",
-               description="Largest gap / |F(x) - F(baseline)| over the examples where F(x) and F(baseline) "
-                           "differ by at least completeness_min_difference (null when none does).")
+    out.metric(
+        "integrated_gradients.completeness_relative_error",
+        worst,
+        higher_is_better=False,
+        unit="fraction",
+        description="Largest gap / |F(x) - F(baseline)| over the examples where F(x) and F(baseline) "
+        "differ by at least completeness_min_difference (null when none does).",
+    )
     agree = c.gap_matches_delta
-    out.tables["completeness"] = {"examples": c.rows, "gap_matches_delta": agree, "tolerance": p.completeness_tolerance,
-                                  "min_difference": p.completeness_min_difference,
-                                  "relative_error_undefined": c.undefined}
+    out.tables["completeness"] = {
+        "examples": c.rows,
+        "gap_matches_delta": agree,
+        "tolerance": p.completeness_tolerance,
+        "min_difference": p.completeness_min_difference,
+        "relative_error_undefined": c.undefined,
+    }
     if worst is not None and worst > p.completeness_tolerance:
-        out.finding("medium", "Integrated gradients are not complete on some examples",
-                    f"sum of attributions misses F(x) - F(baseline) by up to {worst:.1%} (tolerance "
-                    f"{p.completeness_tolerance:.1%}); raise n_steps",
-                    metric="integrated_gradients.completeness_relative_error")
+        out.finding(
+            "medium",
+            "Integrated gradients are not complete on some examples",
+            f"sum of attributions misses F(x) - F(baseline) by up to {worst:.1%} (tolerance "
+            f"{p.completeness_tolerance:.1%}); raise n_steps",
+            metric="integrated_gradients.completeness_relative_error",
+        )
     if c.undefined:
         flat_gap = max(g for g, r in zip(c.gaps, c.rows) if r["relative_error"] is None)
-        out.finding("low", f"F(x) = F(baseline) on {len(c.undefined)} of {len(c.rows)} example(s): completeness is "
-                           "uninformative there",
-                    f"the explained output differs by less than {p.completeness_min_difference:g} {unit} between "
-                    "the input and the baseline, so integrated gradients must sum to about zero and the relative "
-                    f"error is undefined (absolute gaps up to {flat_gap:.3g} {unit}); the "
-                    "attributions only say how contributions cancel. A baseline the model scores differently "
-                    "(e.g. blur instead of black, another baseline token) explains more",
-                    metric="integrated_gradients.completeness_abs_gap")
+        out.finding(
+            "low",
+            f"F(x) = F(baseline) on {len(c.undefined)} of {len(c.rows)} example(s): completeness is "
+            "uninformative there",
+            f"the explained output differs by less than {p.completeness_min_difference:g} {unit} between "
+            "the input and the baseline, so integrated gradients must sum to about zero and the relative "
+            f"error is undefined (absolute gaps up to {flat_gap:.3g} {unit}); the "
+            "attributions only say how contributions cancel. A baseline the model scores differently "
+            "(e.g. blur instead of black, another baseline token) explains more",
+            metric="integrated_gradients.completeness_abs_gap",
+        )
     if agree is False:
-        out.finding("medium", "Integrated gradients' convergence delta disagrees with the measured gap",
-                    "the reported delta does not match sum(attr) - (F(x) - F(baseline)) measured separately",
-                    metric="integrated_gradients.completeness_gap")
+        out.finding(
+            "medium",
+            "Integrated gradients' convergence delta disagrees with the measured gap",
+            "the reported delta does not match sum(attr) - (F(x) - F(baseline)) measured separately",
+            metric="integrated_gradients.completeness_gap",
+        )
 
 
 # Quality names -> the step computing them, in the order the report lists their results.
@@ -251,62 +374,3 @@ def run_quality(q: QualityRun) -> None:
     for names, step in QUALITY_STEPS.items():
         if wanted.intersection(names):
             step(q)
-
-
-# Per-method metric suffix -> (unit, higher is better, description); the deletion / insertion unit is the space's.
-_METRICS: dict[str, tuple[str | None, bool | None, str]] = {
-    "deletion_aopc": (None, True, "Mean drop of the explained output as the most-attributed features are removed "
-                                  "first (AOPC; compare with random.deletion_aopc)."),
-    "insertion_auc": (None, True, "Mean explained output as the most-attributed features are inserted first into "
-                                  "the baseline (compare with random.insertion_auc)."),
-    "infidelity": (None, False, "Captum infidelity (normalized): squared error between attributions x dropped "
-                                "features and the output change, random subsets dropped to the baseline."),
-    "sensitivity_max": ("relative", False, "Captum sensitivity_max: largest relative change of the attributions "
-                                           "under small uniform input noise."),
-    "randomization_spearman": ("rank correlation", False,
-                               "Mean Spearman correlation between attributions of the trained model and of a copy "
-                               "after the deepest step of the randomization cascade (layer groups re-initialized "
-                               "from the top down; low = depends on the weights)."),
-    "randomization_spearman_abs": ("rank correlation", False, "Same, on absolute attribution values."),
-    "randomization_ssim": ("SSIM", False, "Same, SSIM of the absolute attribution maps (images)."),
-    "road_morf": ("probability", False,
-                  "ROAD (Rong et al. 2022): mean probability of the explained class as the most-attributed features "
-                  "are removed first and re-imputed from their neighbours (lower = better; compare with "
-                  "random.road)."),
-    "road_lerf": ("probability", True, "ROAD: the same, least-attributed features removed first (higher = better)."),
-    "seconds_per_example": ("seconds", False, "Wall time of the attribution call per example."),
-}
-
-
-def report_methods(q: QualityRun) -> None:
-    """Per-method metrics (mean and bootstrap interval over examples), the counts, and the findings of methods
-    that do no better than a random ordering."""
-    p, out = q.params, q.out
-    curve_units = {"deletion_aopc": q.space.curve_unit, "insertion_auc": q.space.curve_unit}
-    for m, alist in q.attrs.items():
-        q.per_method[m]["seconds_per_example"] = [a.seconds for a in alist]
-        for key, vals in q.per_method[m].items():
-            unit, better, desc = _METRICS[key]
-            v, ci = mean_ci(vals, rounds=p.bootstrap if key != "seconds_per_example" else 0, level=p.confidence,
-                            seed=q.seed)
-            out.metric(f"{m}.{key}", v, higher_is_better=better, ci=ci, ci_level=p.confidence,
-                       unit=curve_units.get(key, unit), description=desc)
-    out.metric("num_examples", len(q.examples), unit="examples", description="Examples explained.")
-    if "randomization" in p.quality:
-        out.metric("methods_failing_randomization", len(q.failing), higher_is_better=False, unit="methods",
-                   description="Methods whose attributions barely change when the layers are re-initialized "
-                               "(cascade from the top).")
-    for m in q.attrs:
-        if "deletion_aopc" in q.per_method[m] and "random.deletion_aopc" in out.metrics:
-            dm, rm = out.metrics[f"{m}.deletion_aopc"].value, out.metrics["random.deletion_aopc"].value
-            if dm is not None and rm is not None and dm <= rm:
-                out.finding("low", f"{m}: deleting its top features hurts no more than a random order",
-                            f"deletion AOPC {dm:.4g} vs random {rm:.4g}: its ranking carries no signal about "
-                            "what the model uses", metric=f"{m}.deletion_aopc")
-        if "road_morf" in q.per_method[m] and "random.road" in out.metrics:
-            dm, rm = out.metrics[f"{m}.road_morf"].value, out.metrics["random.road"].value
-            if dm is not None and rm is not None and dm >= rm:
-                out.finding("low", f"{m}: removing its top features (ROAD imputation) hurts no more than a "
-                                   "random order",
-                            f"ROAD MoRF {dm:.4g} vs random {rm:.4g}, with removed pixels imputed from their "
-                            "neighbours rather than set to the baseline", metric=f"{m}.road_morf")
