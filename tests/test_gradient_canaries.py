@@ -134,14 +134,14 @@ def test_too_few_canaries_or_coordinates(split):
 
 
 def test_module_reports_critical_on_broken_step(tiny_bert_dir, sentiment_csv, tmp_path, noise_off):
-    from fmaudit.testing import tiny_text_recipe
-
     from fmaudit.runner import run_recipe
+    from fmaudit.testing import tiny_text_recipe
 
     audits = [{"use": "privacy.dp_finetune", "target": "bert", "produces": "bert-dp",
                "params": {"accountant": "rdp", "lr": 1e-2, "target_epsilon": 1.0, "epochs": 3,
                           "gradient_canaries": 200}}]
-    report = run_recipe(tiny_text_recipe(tiny_bert_dir, sentiment_csv, tmp_path, audits=audits))
+    recipe = tiny_text_recipe(tiny_bert_dir, sentiment_csv, tmp_path, audits=audits)
+    report = run_recipe(recipe)
     dp = report.result("privacy.dp_finetune", "bert")
     assert dp.status == "ok", dp.error
     eps = dp.metrics["epsilon"].value
@@ -153,3 +153,7 @@ def test_module_reports_critical_on_broken_step(tiny_bert_dir, sentiment_csv, tm
     assert "Gradient canaries prove more leakage than the accountant's epsilon" in critical
     table = dp.tables["gradient_canaries"]
     assert table["m"] == 200 and "record" not in table and set(table["epsilon_lb_by_score"]) == set(gc.SCORES)
+    # warm run: the DP fine-tune and the canaries' record come from the cache, same numbers
+    again = run_recipe(recipe)
+    assert again.targets["bert-dp"].cache_hit is True
+    assert again.result("privacy.dp_finetune", "bert").tables["gradient_canaries"] == table

@@ -15,10 +15,12 @@ The game (m canaries, each included independently with probability 1/2):
   summed over the steps. The auditor knows the rest of the data (the DP adversary may), so it removes the part of
   that sum that the real examples' clipped gradients put there: score_c = sum_t (noisy_t[c] - data_t[c]) =
   C K_c + N(0, T sigma^2 C^2) with K_c ~ Bin(T, q) for an included canary and 0 otherwise (`score="residual"`,
-  default; `score="noisy"` keeps the raw sum, whose data part only adds spread);
+  the headline; "noisy", the raw sum, and "llr", the per-step likelihood ratio, are reported beside it: `scores`);
 - the guesses and both bounds are those of the canary audit (`fmaudit.privacy.audit_bound.audit`, holdout
   selection: 30% of the canaries, from their own stream, only choose the number of guesses), at the run's delta,
-  with the ceiling a perfect attack could reach for the same procedure (`audit_bound.procedure_ceiling`).
+  with the ceiling a perfect attack could reach for the same procedure (`audit_bound.procedure_ceiling`);
+- the excluded canaries' residuals are pure noise: their spread is the noise multiplier the run really applied
+  (`noise_check`), which catches missing noise even where the ceiling is below the accountant's epsilon.
 
 The model is not hurt: every canary coordinate is put back to its value before training after every optimizer
 step (`Inserter.restore`). Those m coordinates therefore never train, and nothing else depends on the canaries:
@@ -49,7 +51,8 @@ GUESS_FRACTIONS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.5, 1.0)  # as the canary
 HOLDOUT_FRACTION = 0.3
 MIN_CANARIES = 10
 NOISE_ALPHA = 1e-6  # the noise check flags a run only when this little noise has this chance under the claimed sigma
-SCORES = ("residual", "noisy", "llr")
+Score = Literal["residual", "noisy", "llr"]
+SCORES: tuple[Score, ...] = ("residual", "noisy", "llr")
 
 __all__ = ["GUESS_FRACTIONS", "HOLDOUT_FRACTION", "MIN_CANARIES", "NOISE_ALPHA", "SCORES", "Inserter", "audit",
            "choose_coordinates", "findings", "holdout_mask", "inclusion", "noise_check", "scores"]
@@ -199,7 +202,7 @@ class Inserter:
                 "llr": self.llr.tolist(), "sampled": self.sampled.tolist()}
 
 
-def scores(record: dict[str, Any], score: Literal["residual", "noisy", "llr"] = "residual") -> np.ndarray:
+def scores(record: dict[str, Any], score: Score = "residual") -> np.ndarray:
     """Per-canary scores from a run's record.
 
     residual (the headline): sum over steps of the noisy coordinate minus the real examples' clipped gradients
@@ -235,17 +238,18 @@ def noise_check(record: dict[str, Any]) -> dict[str, float]:
 
 def audit(record: dict[str, Any], *, delta: float, epsilon: float, confidence: float = 0.95,
           guess_fractions: Sequence[float] = GUESS_FRACTIONS, holdout_fraction: float = HOLDOUT_FRACTION,
-          score: Literal["residual", "noisy", "llr"] = "residual") -> dict[str, Any]:
+          score: Score = "residual") -> dict[str, Any]:
     """Both one-run bounds (headline: Steinke-Nasr-Jagielski) on the canaries' `score`, with the holdout choice of
     the number of guesses, the ceiling of the same procedure, epsilon_lb / epsilon for the run's `epsilon`, the
     headline bound of every other score beside it (`epsilon_lb_by_score`) and the noise check."""
     included = np.asarray(record["included"], dtype=bool)
     held = holdout_mask(len(included), int(record["seed"]), holdout_fraction)
-    kw = dict(delta=delta, confidence=confidence, guess_fractions=list(guess_fractions), selection="holdout",
-              holdout=held)
-    by = {name: audit_bound.audit(scores(record, name), included, **kw) for name in SCORES}  # type: ignore[arg-type]
+    fractions = list(guess_fractions)
+    by = {name: audit_bound.audit(scores(record, name), included, delta=delta, confidence=confidence,
+                                  guess_fractions=fractions, selection="holdout", holdout=held) for name in SCORES}
     head = by[score]
-    top = audit_bound.procedure_ceiling(included, **kw)  # type: ignore[arg-type]
+    top = audit_bound.procedure_ceiling(included, delta=delta, confidence=confidence, guess_fractions=fractions,
+                                        selection="holdout", holdout=held)
     sampled = np.asarray(record["sampled"])
     return {"m": int(record["m"]), "audited": int(head["m"]), "held_out": int(held.sum()), "r": head["r"],
             "v": head["v"], "k_plus": head["k_plus"], "k_minus": head["k_minus"], "guess_fraction": head["fraction"],
