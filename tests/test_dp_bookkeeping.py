@@ -267,11 +267,10 @@ def test_dp_finetune_bookkeeping_same_epsilon_as_hooks_and_learns():
 def test_dp_finetune_bookkeeping_bert_split_physical_batches(tiny_bert_dir):
     """A text target with Poisson batches split into physical ones (BatchMemoryManager): the clipped sums of the
     pieces accumulate into one noisy step per logical batch; the model comes back plain and moved."""
-    from fmaudit.testing import make_sentences
-
     from fmaudit.data import Dataset
     from fmaudit.privacy import dp_finetune
     from fmaudit.targets import load_target
+    from fmaudit.testing import make_sentences
 
     texts, labels = make_sentences(96)
     data = Dataset("s", "synthetic", "text", [f"s{i}" for i in range(96)], np.array(labels), texts=texts)

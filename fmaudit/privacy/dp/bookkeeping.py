@@ -254,7 +254,7 @@ def loss(module: Any, optimizer: Any, per_example: torch.Tensor) -> Any:
     return per_example.mean()
 
 
-def empty_grad(p: torch.Tensor) -> None:
+def empty_grad(p: Any) -> None:
     """An empty batch's gradient for either optimizer (fast-gradient-clipping reads .grad, hooks .grad_sample)."""
     p.grad = torch.zeros_like(p)
     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)

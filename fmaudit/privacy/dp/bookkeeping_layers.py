@@ -18,8 +18,9 @@ input and output gradient (its "book"). After the one backward pass, from the bo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,7 @@ class _Tap(torch.autograd.Function):
     The trainable tensors are inputs so that the output requires grad; their gradient is returned as None."""
 
     @staticmethod
-    def forward(ctx: Any, rule: "LayerRule", layer: nn.Module, book: list[Call], x: torch.Tensor,
+    def forward(ctx: Any, rule: LayerRule, layer: nn.Module, book: list[Call], x: torch.Tensor,
                 *params: torch.Tensor) -> torch.Tensor:
         out, saved = rule.run(layer, x)
         ctx.rule, ctx.layer, ctx.book, ctx.saved, ctx.n_params = rule, layer, book, saved, len(params)
@@ -48,7 +49,7 @@ class _Tap(torch.autograd.Function):
         return (None, None, None, gx, *([None] * ctx.n_params))
 
 
-def tap(rule: "LayerRule", layer: nn.Module, book: list[Call], x: torch.Tensor) -> torch.Tensor:
+def tap(rule: LayerRule, layer: nn.Module, book: list[Call], x: torch.Tensor) -> torch.Tensor:
     """Run `layer` on `x` through the rule's autograd function (its trainable tensors as inputs)."""
     params = [p for p in layer.parameters(recurse=False) if p.requires_grad]
     return _Tap.apply(rule, layer, book, x, *params)
@@ -194,7 +195,7 @@ def _layernorm_norms(layer: nn.LayerNorm, calls: list[Call], _grams: Any) -> tup
             parts["bias"] = g.reshape(b, -1, *shape).sum(1)
         for k, v in parts.items():
             per_example[k] = per_example[k] + v if k in per_example else v
-    sq = sum(v.reshape(b, -1).pow(2).sum(1) for v in per_example.values())
+    sq = torch.stack([v.reshape(b, -1).pow(2).sum(1) for v in per_example.values()]).sum(0)
     return sq, per_example
 
 
@@ -211,6 +212,11 @@ def _conv_unsupported(layer: nn.Conv2d) -> str | None:
     return None
 
 
+def _padding(layer: nn.Conv2d) -> tuple[int, ...]:
+    """The conv's padding as ints (string padding is unsupported: `_conv_unsupported`)."""
+    return tuple(int(v) for v in layer.padding)
+
+
 def _conv_run(layer: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
     return F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups), x
 
@@ -218,7 +224,7 @@ def _conv_run(layer: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
 def _conv_backward(layer: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, mask: list[bool]) -> tuple[Any, ...]:
     bias_sizes = [layer.out_channels] if layer.bias is not None else None
     return torch.ops.aten.convolution_backward(g, x, layer.weight, bias_sizes, list(layer.stride),
-                                               list(layer.padding), list(layer.dilation), False, [0, 0],
+                                               list(_padding(layer)), list(layer.dilation), False, [0, 0],
                                                layer.groups, mask)
 
 
@@ -232,7 +238,7 @@ def _conv_norms(layer: nn.Conv2d, calls: list[Call], _grams: Any) -> tuple[torch
     sq = torch.zeros(b, dtype=g.dtype, device=g.device)
     per_example = None
     if _trainable(layer, "weight"):
-        a = _cat([F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+        a = _cat([F.unfold(x, layer.kernel_size, layer.dilation, _padding(layer), layer.stride)
                   for x, _ in calls], 2).transpose(1, 2)  # (B, L, C k k)
         if use_ghost(a.shape[1], a.shape[2], p):
             sq += _ghost(a, g)
@@ -281,5 +287,5 @@ def rule_for(layer: nn.Module) -> LayerRule | None:
     for kind in type(layer).__mro__:
         rule = LAYER_RULES.get(kind)
         if rule is not None:
-            return rule if type(layer).forward is kind.forward else None
+            return rule if type(layer).forward is kind.__dict__.get("forward") else None
     return None

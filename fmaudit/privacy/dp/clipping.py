@@ -6,8 +6,9 @@ resolved by `preflight`: ghost clipping unless trainable parameters are shared b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 
 def _ghost_private(engine: Any, kw: dict[str, Any]) -> tuple[Any, Any, Any]:
