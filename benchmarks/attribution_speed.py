@@ -30,7 +30,7 @@ def main() -> None:
     import torch
     from captum.attr import LayerIntegratedGradients
 
-    from fmaudit.audits.explain.attribution import explain_texts
+    from fmaudit.explain.text import explain_texts
     from fmaudit.data import load_tweets
     from fmaudit.targets import load_target
 

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from fmaudit.compare import compare_results, diff_metric, is_cost_metric, summary
-from test_verdict import leaky_report, metric, text_attack, unit
+from report_fixtures import leaky_report, metric, text_attack, unit
 
 
 def noisy_twin(rep, *, scale_time: float = 5.8):

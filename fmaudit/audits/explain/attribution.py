@@ -50,7 +50,7 @@ from fmaudit.explain.space import (
     SpaceOptions,
     TextBaseline,
 )
-from fmaudit.explain.text import TextSpace, explain_texts
+from fmaudit.explain.text import TextSpace
 from fmaudit.explain.tokens import baseline_token_id
 from fmaudit.seeds import Stream
 from fmaudit.seeds import rng as stream_rng
@@ -59,7 +59,7 @@ from fmaudit.tasks import CAUSAL_LM, IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION
 if TYPE_CHECKING:
     from fmaudit.data import Dataset
 
-__all__ = ["AttributionAudit", "SPACES", "explain_texts", "hook_count"]
+__all__ = ["AttributionAudit", "SPACES", "hook_count"]
 
 Method = Literal[
     "integrated_gradients", "gradient_x_input", "feature_ablation", "occlusion", "saliency", "gradient_shap"

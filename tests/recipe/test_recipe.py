@@ -47,7 +47,7 @@ def test_good_recipe_loads(tmp_path):
 def test_quickstart_is_valid():
     from pathlib import Path
 
-    load_recipe(Path(__file__).parent.parent / "recipes" / "quickstart.yaml")
+    load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml")
 
 
 def test_malformed_yaml_reports_line(tmp_path):

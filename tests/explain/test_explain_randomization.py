@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_explain_targets import ctx, digit_data, hooks, trained_cnn_target
+from explain_fixtures import ctx, digit_data, hooks, trained_cnn_target
 
 from fmaudit.audits.explain.attribution import AttributionAudit
 from fmaudit.data import Dataset

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from pydantic import ValidationError
-from test_explain_targets import FAST, ctx, digit_data, hooks, sentence_data, trained_bert_target, trained_cnn_target
+from explain_fixtures import FAST, ctx, digit_data, hooks, sentence_data, trained_bert_target, trained_cnn_target
 
 from fmaudit.audits.explain.attribution import AttributionAudit
 from fmaudit.data import Dataset

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_explain_targets import digit_data, hooks, trained_bert_target, trained_cnn_target
+from explain_fixtures import digit_data, hooks, trained_bert_target, trained_cnn_target
 
 from fmaudit.audits.explain.attribution import AttributionAudit
 from fmaudit.explain.curves import keep_masks

@@ -325,7 +325,7 @@ def test_recipe_certify_digits(tmp_path):
 
     from fmaudit.runner import run_recipe
 
-    path = Path(__file__).resolve().parents[1] / "recipes" / "certify_digits.yaml"
+    path = Path(__file__).resolve().parents[3] / "recipes" / "certify_digits.yaml"
     recipe = yaml.safe_load(path.read_text())
     assert {t["model"] for t in recipe["targets"].values()} == {"bundled:digits-cnn", "bundled:digits-vit"}
     recipe["targets"]["cnn"]["finetune"]["epochs"] = 4

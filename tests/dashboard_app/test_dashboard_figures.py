@@ -10,7 +10,7 @@ import pytest
 from dashboard import colours as C
 from dashboard import figures as F
 from fmaudit.report import Curve
-from test_verdict import leaky_report
+from report_fixtures import leaky_report
 
 # The curves the built-in modules write (x_label, y_label), as in their source.
 BUILTIN_CURVES = {

@@ -110,7 +110,7 @@ def test_html_starts_with_the_verdict_per_area(tmp_path):
     from dashboard.export import export_html
     from fmaudit.report import Finding
     from fmaudit.verdict import COLOURS
-    from test_verdict import leaky_report, text_attack
+    from report_fixtures import leaky_report, text_attack
 
     rep = leaky_report()
     evil = text_attack("bert", "deepwordbug", 0.54, index=3)
@@ -136,7 +136,7 @@ def test_verdicts_of_an_interrupted_run_come_from_its_finished_units(tmp_path):
     from dashboard.runs import RunEntry
     from dashboard.sinks import HtmlSink
     from dashboard.views import view_overview
-    from test_verdict import leaky_report
+    from report_fixtures import leaky_report
 
     rep = leaky_report()
     entry = RunEntry(name="partial", path=tmp_path, state="partial", notice="No report.json: interrupted",
@@ -152,7 +152,7 @@ def test_verdicts_of_an_interrupted_run_come_from_its_finished_units(tmp_path):
 def test_html_figures_colour_targets_alike_and_keep_legends_below(tmp_path):
     from dashboard.colours import target_colours
     from dashboard.export import export_html
-    from test_verdict import leaky_report
+    from report_fixtures import leaky_report
 
     rep = leaky_report()
     doc = export_html(_constructed_run(tmp_path, rep), tmp_path / "r.html").read_text(encoding="utf-8")

@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 
 from fmaudit.cli import app
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 BASES = {p.name: yaml.safe_load(p.read_text(encoding="utf-8")) for p in RECIPES}
 MAX_SECONDS = 2.0

@@ -1,6 +1,6 @@
-"""The trained tiny targets and the helpers the explain tests share (test_attribution.py, test_explain_*.py):
-built once per test process (cached), so every file explains the same models. The test here checks that they
-learned, which the other files' assertions about "what the model uses" rely on."""
+"""The trained tiny targets and the helpers the explain tests share (tests/audits/explain, tests/explain): built
+once per test process (cached), so every file explains the same models. tests/explain/test_explain_targets.py
+checks that they learned, which the other files' assertions about "what the model uses" rely on."""
 
 from __future__ import annotations
 
@@ -69,11 +69,3 @@ def trained_cnn_target() -> Any:
     target = load_target(model="bundled:digits-cnn", name="cnn")
     train(target, digit_data(), TrainConfig(epochs=4, batch_size=32, lr=3e-3, seed=0))
     return target
-
-
-def test_trained_targets_learned(tiny_bert_dir):
-    bert, cnn = trained_bert_target(str(tiny_bert_dir)), trained_cnn_target()
-    data = sentence_data()
-    assert (bert.logits_texts(data.texts).argmax(1) == data.labels).mean() > 0.9
-    images = digit_data()
-    assert (cnn.logits_images(images.images).argmax(1) == images.labels).mean() > 0.9

@@ -78,7 +78,7 @@ def test_preparation_error_exit_2(tiny_bert_dir, sentiment_csv, tmp_path):
 
 
 def _summary_report():
-    from test_verdict import leaky_report, metric, unit
+    from report_fixtures import leaky_report, metric, unit
 
     from fmaudit.report import ErrorInfo, Finding
 
