@@ -136,7 +136,7 @@ class DPFinetuneAudit(AuditModule):
         split = target.split
         if split is None:
             seed = ctx.run_seed if ctx.run_seed is not None else ctx.seed
-            split = member_split(ctx.data, member_fraction=p.member_fraction, seed=seed)
+            split = member_split(ctx.require_data(), member_fraction=p.member_fraction, seed=seed)
         base, start = self._base(target, ctx)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DPPrivacyWarning)  # reported as a finding below

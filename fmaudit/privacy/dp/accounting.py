@@ -159,7 +159,7 @@ def account(*, noise_multiplier: float, sample_rate: float, steps: int, delta: f
     `Accounting`). Each number is Opacus' accountant's for (noise, rate, steps, delta)."""
     if steps <= 0:
         return Accounting(0.0, {accountant: 0.0}, accountant)
-    args = dict(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, delta=delta)
+    args: dict[str, Any] = dict(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, delta=delta)
     by: dict[str, float] = {}
     notes: list[Note] = []
     for kind in _claimed(accountant):
@@ -281,7 +281,8 @@ def epsilon_ledger(*, steps: int, steps_per_epoch: int, epochs: int, noise_multi
                    delta: float, accountant: str) -> Ledger:
     """The ledger of a run that took `steps` steps of a plan of `epochs` x `steps_per_epoch` (an epoch past the
     steps taken counts the steps taken)."""
-    kw = dict(noise_multiplier=noise_multiplier, sample_rate=sample_rate, delta=delta, accountant=accountant)
+    kw: dict[str, Any] = dict(noise_multiplier=noise_multiplier, sample_rate=sample_rate, delta=delta,
+                              accountant=accountant)
     total = account(steps=steps, **kw)
     notes = list(total.notes)
     xs = ledger_points(steps, steps_per_epoch, _kind(accountant).ledger_points)

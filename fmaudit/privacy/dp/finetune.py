@@ -201,6 +201,7 @@ def dp_finetune(*, model: Any, train_data: Any, epochs: int | None = None, batch
                f"example outright satisfies it; use delta <= {default_delta(n):.2g}")
         warnings.warn(msg, DPPrivacyWarning, stacklevel=2)
         notes.append(msg)
+    assert epochs is not None and batch_size is not None and lr is not None  # dp_defaults filled them (n > 0)
     with _quiet_opacus():
         settings = DPSettings.plan(n=n, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                                    target_epsilon=target_epsilon, noise_multiplier=noise_multiplier, delta=delta,
@@ -243,7 +244,7 @@ def _run(inputs: DPInputs, s: DPSettings, *, notes: list[str], picked: dict[str,
     if cache_dir is not None:
         if split is None:
             raise DPConfigError(["cache_dir needs the member split (split=...) that train_data comes from"])
-        key_extra = {"dp": asdict(s), "v": "dp-2"}  # 2: own Poisson loader, noise-only empty steps
+        key_extra: dict[str, Any] = {"dp": asdict(s), "v": "dp-2"}  # 2: own Poisson loader, noise-only empty steps
         if gradient_canaries:  # frozen canary coordinates change the weights; off: the key is unchanged
             key_extra["gradient_canaries"] = gradient_canaries
         stats, hit, key = finetune_cached(work, split, config, cache_dir=Path(cache_dir), progress=progress,

@@ -64,7 +64,7 @@ def _as_torch_data(obj: Any, role: str, problems: list[str], notes: list[str]) -
             problems.append(f"{role}: the DataLoader's dataset is an IterableDataset; DP-SGD's Poisson sampling "
                             "needs a map-style dataset (len and indexing)")
             return None, None, None
-        collate = loader.collate_fn
+        collate: Any = loader.collate_fn
         if collate is torch.utils.data.default_collate or getattr(collate, "__name__", "") == "default_collate":
             collate = None
         if role == "train_data":
@@ -237,8 +237,9 @@ def _pad_id(model: Any, inner: Any) -> int:
 
     cfg = getattr(inner, "config", None)
     pad_id = getattr(cfg, "pad_token_id", None)
-    if pad_id is None and isinstance(model, Target) and getattr(model, "tokenizer", None) is not None:
-        pad_id = model.tokenizer.pad_token_id
+    tokenizer = getattr(model, "tokenizer", None) if isinstance(model, Target) else None
+    if pad_id is None and tokenizer is not None:
+        pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = getattr(cfg, "eos_token_id", None) if cfg is not None else None
     if isinstance(pad_id, (list, tuple)):

@@ -162,7 +162,7 @@ def _module_target_class() -> type:
             return hasattr(self.model, "peft_config") and hasattr(self.model, "get_base_model")
 
         # -- data -------------------------------------------------------------------------------------
-        def torch_dataset(self, data: TorchData) -> Any:
+        def torch_dataset(self, data: TorchData) -> Any:  # type: ignore[override]  # torch data, not a Dataset
             return data.dataset
 
         def collate(self, items: Sequence[Any]) -> dict[str, Any]:
