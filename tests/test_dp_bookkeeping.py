@@ -1,6 +1,6 @@
 """Book-keeping clipping (clipping="bookkeeping"): the clipped, summed gradient of one backward pass equals the
-reference built from Opacus' per-sample gradients (clip each to C, sum) on a tiny BERT, the bundled digits CNN and
-a tiny ViT, before any noise; a planted wrong norm is caught by the same comparison; unsupported layers fall back
+reference built from Opacus' per-sample gradients (clip each to C, sum) on a tiny BERT, full MiniLM, the bundled
+digits CNN and a tiny ViT, before any noise; a planted wrong norm is caught by the same comparison; unsupported layers fall back
 to Opacus' hooks and say so; and dp_finetune with it spends the same epsilon as hooks and trains."""
 
 import copy
@@ -140,6 +140,20 @@ def tiny_vit(tiny_vit_dir):
 def test_tiny_bert_matches_opacus(tiny_bert, dtype):
     model, batch = tiny_bert
     assert check_against_opacus(model, _bert_loss, batch, dtype=dtype) <= TOL
+
+
+def test_full_minilm_matches_opacus(minilm_tokenizer_dir):
+    """The benchmark's model itself: all of pre-trained MiniLM (22.7M parameters) trainable, a padded batch."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    model = BertForSequenceClassification.from_pretrained(minilm_tokenizer_dir, num_labels=2, hidden_dropout_prob=0.0,
+                                                          attention_probs_dropout_prob=0.0)
+    enc = AutoTokenizer.from_pretrained(minilm_tokenizer_dir)(
+        ["a good film", "awful, slow and far too long for what it is", "fine", "the best day of my life so far"],
+        padding=True, return_tensors="pt")
+    b, length = enc["input_ids"].shape
+    batch = {**enc, "position_ids": torch.arange(length).repeat(b, 1), "labels": torch.tensor([1, 0, 1, 1])}
+    assert check_against_opacus(model, _bert_loss, batch) <= TOL
 
 
 def test_digits_cnn_matches_opacus(digits_cnn):
