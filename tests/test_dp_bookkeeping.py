@@ -317,3 +317,19 @@ def test_optimizer_update_is_opacus_bit_for_bit():
             opt.step()
         results.append([p.detach().clone() for p in params])
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_dp_finetune_says_when_bookkeeping_falls_back_to_hooks():
+    """The result names the mode that ran: a model with a layer book-keeping does not cover reports "hooks", and
+    its notes say why."""
+    import warnings
+
+    from fmaudit.privacy.dp import DPPrivacyWarning, dp_finetune
+
+    data = torch.utils.data.TensorDataset(torch.randn(64, 6), torch.randint(0, 2, (64,)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DPPrivacyWarning)
+        res = dp_finetune(model=_WithGroupNorm(), train_data=data, target_epsilon=8.0, epochs=1, batch_size=16,
+                          lr=1e-2, clipping="bookkeeping")
+    assert res.clipping == "hooks"
+    assert any("book-keeping clipping handles" in n and "norm (GroupNorm" in n for n in res.notes), res.notes

@@ -48,7 +48,9 @@ class DPFinetuneAudit(AuditModule):
         lora_r: int = Field(default=8, ge=1)
         lora_alpha: int = Field(default=16, ge=1)
         lora_target_modules: list[str] | None = None
-        clipping: Literal["auto", "ghost", "hooks"] = "auto"
+        clipping: Literal["auto", "ghost", "bookkeeping", "hooks"] = Field(
+            default="auto", description="auto (ghost), ghost (two backward passes), bookkeeping (one backward "
+                                        "pass; Linear / Embedding / LayerNorm / Conv2d, else hooks) or hooks.")
         member_fraction: float = Field(default=0.5, gt=0, lt=1, description="Only for targets that were not "
                                                                            "fine-tuned in the recipe: split the "
                                                                            "audit's data.")

@@ -109,7 +109,7 @@ def dp_finetune(*, model: Any, train_data: Any, epochs: int | None = None, batch
                 trainable: Literal["all", "last_n_layers", "head", "lora"] = "all", n_layers: int = 2,
                 lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,
                 lora_target_modules: Sequence[str] | None = None,
-                clipping: Literal["auto", "ghost", "hooks"] = "auto", max_physical_batch_size: int | None = None,
+                clipping: Literal["auto", "ghost", "bookkeeping", "hooks"] = "auto", max_physical_batch_size: int | None = None,
                 weight_decay: float = 0.0, validation_data: Any = None, loss_fn: LossFunction | None = None,
                 seed: int = 0, cache_dir: str | Path | None = None, split: Any = None,
                 progress: Callable[[str, int], Any] | None = None, gradient_canaries: int = 0) -> DPResult:
@@ -136,7 +136,9 @@ def dp_finetune(*, model: Any, train_data: Any, epochs: int | None = None, batch
             and the larger epsilon is claimed; `epsilon_gdp` keeps GDP's). A failing accountant falls back to RDP.
         trainable: "all", "last_n_layers" (+ head; `n_layers`), "head", or "lora" (peft adapters on attention
             projections, merged back at the end; mainly for causal LMs).
-        clipping: "auto" (ghost clipping unless trainable parameters are tied), "ghost" or "hooks".
+        clipping: "auto" (ghost clipping unless trainable parameters are tied), "ghost", "bookkeeping" (book-keeping
+            clipping, Bu et al. 2023: one backward pass; models with layers it does not cover use "hooks", and
+            `notes` says so) or "hooks".
         max_physical_batch_size: BatchMemoryManager's limit per forward/backward (default: batch_size +
             3 sqrt(batch_size), so a Poisson batch is rarely split).
         validation_data: held-out data for utility, of the same kind as `train_data`.

@@ -16,7 +16,8 @@ def preflight(target: Any, *, trainable: str = "all", n_layers: int = 2, lora: d
     """Check that DP-SGD can train `target` as asked, without changing it.
 
     Returns (problems, notes, clipping_mode): problems block training; notes are informational;
-    clipping_mode is "ghost" or "hooks" (what `clipping="auto"` resolves to).
+    clipping_mode is "ghost", "bookkeeping" or "hooks" (what will run: `clipping="auto"` resolves to ghost, and
+    book-keeping falls back to hooks for layers it does not cover).
     """
     import inspect
 
@@ -49,6 +50,13 @@ def preflight(target: Any, *, trainable: str = "all", n_layers: int = 2, lora: d
             problems.append(msg + "; use clipping='hooks' or freeze them (trainable='lora')")
         else:
             notes.append(msg + "; using per-sample gradient hooks")
+            mode = "hooks"
+    if mode == "bookkeeping":
+        from fmaudit.privacy.dp.bookkeeping import fallback_note, unsupported_layers
+
+        bad = unsupported_layers(model)
+        if bad:
+            notes.append(fallback_note(bad))
             mode = "hooks"
     if clipping == "auto" and mode == "ghost":
         notes.append("ghost clipping (two backward passes, no per-sample gradients stored)")
