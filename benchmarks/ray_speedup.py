@@ -85,7 +85,7 @@ def main() -> None:
         sys.exit("this benchmark needs Ray: pip install 'fmaudit[ray]'")
     import torch
 
-    from fmaudit.audits.privacy.membership_attacks import paired_halves
+    from fmaudit.privacy.membership.reference_models import paired_halves
     from fmaudit.data import load_digits
     from fmaudit.executor import LocalExecutor
     from fmaudit.ray_executor import RayExecutor

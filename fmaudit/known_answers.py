@@ -237,8 +237,8 @@ def seed_independence(seeds: int = 50, n: int = 1000, references: int = 4) -> Sc
     the fraction of the target's members (and non-members) in each reference half is 0.5 within chance,
     for every seed. (The old code put exactly the members in reference model 0 at seed 0.)"""
     t0 = time.perf_counter()
-    from fmaudit.audits.privacy.membership import reference_overlap
-    from fmaudit.audits.privacy.membership_attacks import paired_halves
+    from fmaudit.privacy.membership.reference_models import reference_overlap
+    from fmaudit.privacy.membership.reference_models import paired_halves
     from fmaudit.data import Dataset, member_split
 
     data = Dataset("ids", "ids", "text", [f"x{i}" for i in range(n)], texts=[f"t{i}" for i in range(n)])

@@ -362,6 +362,18 @@ def test_quantile_regression_null_and_out_of_fold():
         quantile_regression_scores(s[:20], x[:20], np.r_[np.ones(5, bool), np.zeros(15, bool)], folds=5)
 
 
+@pytest.mark.parametrize("folds", [2, 3, 4, 7])
+def test_quantile_regression_works_for_every_allowed_fold_count(folds):
+    """Each fold's spread model is fitted on two halves of the other folds: both halves must be non-empty for
+    every fold count the params allow (2 and 3 once left one half empty: parity of the fold number)."""
+    from fmaudit.privacy.membership.quantile import quantile_regression_scores
+
+    s, x, member = _difficulty_world(2)
+    score, info = quantile_regression_scores(s, x, ~member, folds=folds, seed=0)
+    assert info["folds"] == folds and np.isfinite(score).all()
+    assert auc_score(score, member) > auc_score(s, member) + 0.1
+
+
 def test_attack_registry_matches_params_and_needs():
     """Every attack params accept has a scorer, and every need is one the module knows how to gather."""
     from typing import get_args

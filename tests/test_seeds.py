@@ -49,8 +49,8 @@ def test_stream_ids_are_stable():
 def test_reference_halves_do_not_replay_the_member_split():
     """Defect: with reference_seed 0 and recipe seed 0, reference model 0 trained on exactly the target's
     members and model 1 on exactly its non-members."""
-    from fmaudit.audits.privacy.membership import reference_overlap
-    from fmaudit.audits.privacy.membership_attacks import paired_halves
+    from fmaudit.privacy.membership.reference_models import reference_overlap
+    from fmaudit.privacy.membership.reference_models import paired_halves
     from fmaudit.data import Dataset, member_split
 
     n = 400

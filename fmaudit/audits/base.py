@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Mapping, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -96,6 +96,12 @@ class Outcome:
     def finding(self, severity: Severity, title: str, detail: str = "", *, metric: str | None = None,
                 gate: GateResult | None = None) -> None:
         self.findings.append(Finding(severity=severity, title=title, detail=detail, metric=metric, gate=gate))
+
+    def findings_from(self, found: Iterable[Mapping[str, Any]], *, metric: str | None = None) -> None:
+        """Findings a library function returned as dicts (severity, title, detail[, metric]); validated like
+        `finding()` (an unknown severity is an error). `metric` applies where a dict names none."""
+        for f in found:
+            self.findings.append(Finding.model_validate({"detail": "", **f, "metric": f.get("metric", metric)}))
 
     def curve(self, name: str, x: Iterable[float], y: Iterable[float], *, x_label: str = "x", y_label: str = "y",
               log_x: bool = False, log_y: bool = False, description: str | None = None) -> None:

@@ -10,7 +10,6 @@ from typing import Literal
 from pydantic import Field
 
 from fmaudit.audits.base import AuditContext, AuditModule, AuditParams, Outcome, base_target
-from fmaudit.tasks import CAUSAL_LM, IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION
 
 
 class CanaryAudit(AuditModule):
@@ -59,8 +58,9 @@ class CanaryAudit(AuditModule):
         if any(not 0 < f <= 1 for f in self.params.guess_fractions):
             problems.append("guess_fractions must lie in (0, 1]")
         kind = self.params.kind
-        ok = {TEXT_CLASSIFICATION: {"auto", "flipped_label", "random_tokens"}, CAUSAL_LM: {"auto", "secret"},
-              IMAGE_CLASSIFICATION: {"auto", "mislabel", "pattern"}}[target.task]
+        from fmaudit.privacy.canary import kinds_for
+
+        ok = {"auto"} | kinds_for(target.task)
         if kind not in ok:
             problems.append(f"canary kind {kind!r} does not fit a {target.task} target (use {', '.join(sorted(ok))})")
         elif kind == "random_tokens":  # refused here, not after the target's fine-tuning
@@ -163,6 +163,5 @@ class CanaryAudit(AuditModule):
             if res.exposure is not None:
                 ev["exposure_bits"] = res.exposure["per_canary"][i]
             out.evidence.append(ev)
-        for f in canary_findings(res):
-            out.finding(f["severity"], f["title"], f["detail"], metric=f["metric"])
+        out.findings_from(canary_findings(res))
         return out

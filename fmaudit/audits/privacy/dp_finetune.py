@@ -239,8 +239,8 @@ class DPFinetuneAudit(AuditModule):
             out.finding("high", "delta is not below 1/N",
                         f"delta {res.delta:g} >= 1/{n}: the guarantee allows publishing a training example outright; "
                         "use the default delta", metric="delta")
-        for f in res.findings:  # accounting notes (GDP pairing, accountant fallbacks, loose RDP) and the seed
-            out.finding(f["severity"], f["title"], f["detail"], metric="epsilon")
+        # accounting notes (GDP pairing, accountant fallbacks, loose RDP) and the seed
+        out.findings_from(res.findings, metric="epsilon")
         if res.gradient_canaries is not None:
             _report_canaries(out, res.gradient_canaries)
         out.finding("info", f"DP fine-tuned: epsilon {res.epsilon:.2f} at delta {res.delta:.2g}",

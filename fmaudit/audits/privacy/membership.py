@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Callable, Literal, NamedTuple
 
 import numpy as np
@@ -35,6 +36,10 @@ _PER_ATTACK = ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "tpr_at_0pct_fpr",
                "ppv_at_1pct_fpr")
 
 
+def _default_attacks() -> list[AttackName]:
+    return ["loss", "rmia"]
+
+
 class MembershipAudit(AuditModule):
     name = "privacy.membership"
     category = "privacy"
@@ -48,7 +53,7 @@ class MembershipAudit(AuditModule):
 
     class Params(AuditParams):
         attacks: list[AttackName] = Field(
-            default_factory=lambda: ["loss", "rmia"], min_length=1,
+            default_factory=_default_attacks, min_length=1,
             description="Attacks to run. Classifiers: loss, confidence, entropy; causal LMs: loss, zlib, min_k, "
                         "min_k_pp; both: calibrated_loss, quantile, lira_online, lira_offline, rmia, rmia_offline.")
         reference_models: int = Field(default=2, ge=1, le=256,
@@ -175,7 +180,7 @@ class _Run:
                              batch_size=self.p.batch_size, min_k=self.p.min_k)
 
 
-def _score(run: _Run, attacks: list[str], settings: AttackSettings, t0: float
+def _score(run: _Run, attacks: Sequence[str], settings: AttackSettings, t0: float
            ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Every attack's scores: first those that read only the target's signals, then, need by need in the order
     of STAGES, the need gathered once and the attacks that read it. Returns (scores by attack, seconds by step)."""
@@ -193,7 +198,7 @@ def _score(run: _Run, attacks: list[str], settings: AttackSettings, t0: float
     return {a: scores[a] for a in attacks}, timings  # in the order asked: the headline's ties go to the first
 
 
-def _costs(out: Outcome, target, attacks: list[str], timings: dict[str, float]) -> None:
+def _costs(out: Outcome, target, attacks: Sequence[str], timings: dict[str, float]) -> None:
     """What each attack cost the auditor, in CPU-seconds of this run and in fine-tunes of the target:
     scoring the target, plus what the attack needs (reference models: their recorded training time, also
     when they came from the cache; quantile: base features and regressions; calibration: scoring)."""

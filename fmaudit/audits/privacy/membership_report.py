@@ -3,6 +3,7 @@ headline with its null reference, the blind baseline, per-example scores and the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
     from fmaudit.privacy.membership.stats import AttackMetrics
 
 
-def report_scores(out: Outcome, *, p: "MembershipAudit.Params", attacks: list[str], scores: dict[str, np.ndarray],
+def report_scores(out: Outcome, *, p: "MembershipAudit.Params", attacks: Sequence[str], scores: dict[str, np.ndarray],
                   is_member: np.ndarray, audit: "Dataset", seed: int, store_examples: bool) -> None:
     """Add the metrics, curves, tables, findings and evidence of `scores` (attack -> score per audit example,
     in the order of `audit`) to `out`. Scores of +-inf are made finite first, keeping their order."""
@@ -39,7 +40,7 @@ def report_scores(out: Outcome, *, p: "MembershipAudit.Params", attacks: list[st
               store_examples=store_examples)
 
 
-def _attack_metrics(out: Outcome, *, p: "MembershipAudit.Params", attacks: list[str], scores: dict[str, np.ndarray],
+def _attack_metrics(out: Outcome, *, p: "MembershipAudit.Params", attacks: Sequence[str], scores: dict[str, np.ndarray],
                     is_member: np.ndarray, seed: int) -> dict[str, "AttackMetrics"]:
     """Each attack's metrics (intervals simultaneous over the attacks) and ROC curve; `scores` become float64 and
     finite in place (the per-example table reports them so)."""
@@ -81,7 +82,7 @@ def _attack_metrics(out: Outcome, *, p: "MembershipAudit.Params", attacks: list[
     return results
 
 
-def _headline(out: Outcome, *, p: "MembershipAudit.Params", attacks: list[str], scores: dict[str, np.ndarray],
+def _headline(out: Outcome, *, p: "MembershipAudit.Params", attacks: Sequence[str], scores: dict[str, np.ndarray],
               is_member: np.ndarray, audit: "Dataset", seed: int) -> dict[str, "Headline"]:
     """The headline metrics: the strongest attack, chosen on one half and measured on the other, with a null."""
     from fmaudit.privacy.membership.headline import calibrated_headlines
@@ -194,7 +195,7 @@ def _verdict(out: Outcome, *, p: "MembershipAudit.Params", heads: dict[str, "Hea
                     metric="auc")
 
 
-def _examples(out: Outcome, *, p: "MembershipAudit.Params", attacks: list[str], scores: dict[str, np.ndarray],
+def _examples(out: Outcome, *, p: "MembershipAudit.Params", attacks: Sequence[str], scores: dict[str, np.ndarray],
               is_member: np.ndarray, audit: "Dataset", store_examples: bool) -> None:
     """Scores by example id, and the members most exposed by the attack strongest at 1% FPR as evidence."""
     ids = list(audit.ids)

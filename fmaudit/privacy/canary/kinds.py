@@ -50,9 +50,11 @@ def _relabelled(kind: str, *, m: int, rng: np.random.Generator, pool: Dataset | 
         raise ValueError(f"{kind} canaries need labelled data")
     # one generator for the choice and the new labels (a Dataset.sample would start the stream afresh)
     chosen = pool.subset(np.sort(rng.choice(len(pool), size=m, replace=False)))
+    assert chosen.labels is not None  # checked above
     labels = _flip(chosen.labels, num_labels, rng)
     images = chosen.images
-    if stamp:
+    if stamp:  # image canaries (pattern)
+        assert images is not None
         images = images.copy()
         images[:, :, :2, :2] = 1.0
     return Dataset("canaries", f"canary:{kind}", chosen.modality, [f"canary:{i}" for i in chosen.ids], labels,

@@ -54,6 +54,7 @@ class DPSettings:
         sample_rate = 1.0 / steps_per_epoch
         steps = epochs * steps_per_epoch
         if noise_multiplier is None:
+            assert target_epsilon is not None  # validated: exactly one of the two is given
             noise_multiplier = noise_for(target_epsilon=float(target_epsilon), sample_rate=sample_rate, steps=steps,
                                          delta=delta, accountant=accountant)
         return cls(noise_multiplier=float(noise_multiplier), max_grad_norm=float(max_grad_norm),

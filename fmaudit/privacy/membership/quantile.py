@@ -42,8 +42,10 @@ def quantile_regression_scores(target_signal: np.ndarray, features: np.ndarray, 
     def model():
         return make_pipeline(StandardScaler(), PCA(n_components=n_comp, random_state=0), RidgeCV(alphas=alphas))
 
-    fold_of = np.empty(len(pub), dtype=np.int64)
-    fold_of[rng(seed, Stream.QUANTILE_FOLDS).permutation(len(pub))] = np.arange(len(pub)) % folds
+    rank = np.empty(len(pub), dtype=np.int64)  # each known non-member's place in a seeded random order
+    rank[rng(seed, Stream.QUANTILE_FOLDS).permutation(len(pub))] = np.arange(len(pub))
+    fold_of = rank % folds
+    half_of = (rank // folds) % 2  # a second random split, balanced inside every fold (any number of folds)
     mu = np.zeros(len(s))
     log_sd = np.zeros(len(s))
     others = np.ones(len(s), dtype=bool)
@@ -52,7 +54,7 @@ def quantile_regression_scores(target_signal: np.ndarray, features: np.ndarray, 
         train, held = pub[fold_of != k], pub[fold_of == k]
         m_mu = model().fit(x[train], s[train])
         # the spread model learns from honest (out-of-sample) residuals: a second split inside the fold
-        half = fold_of[fold_of != k] % 2 == 0
+        half = half_of[fold_of != k] == 0
         a, b = train[half], train[~half]
         res = np.r_[s[b] - model().fit(x[a], s[a]).predict(x[b]), s[a] - model().fit(x[b], s[b]).predict(x[a])]
         log_res = np.log(np.abs(res) + 1e-6)
