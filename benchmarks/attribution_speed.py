@@ -30,8 +30,8 @@ def main() -> None:
     import torch
     from captum.attr import LayerIntegratedGradients
 
-    from fmaudit.explain.text import explain_texts
     from fmaudit.data import load_tweets
+    from fmaudit.explain.text import explain_texts
     from fmaudit.targets import load_target
 
     torch.set_num_threads(args.threads)
@@ -61,15 +61,22 @@ def main() -> None:
                 return model(input_ids=input_ids, **dict(zip(keys, rest))).logits
 
             lig = LayerIntegratedGradients(fwd, model.get_input_embeddings())
-            a, d = lig.attribute(ids, baselines=base, target=y, additional_forward_args=tuple(extra.values()),
-                                 n_steps=args.n_steps, internal_batch_size=args.internal_batch_size,
-                                 return_convergence_delta=True)
+            a, d = lig.attribute(
+                ids,
+                baselines=base,
+                target=y,
+                additional_forward_args=tuple(extra.values()),
+                n_steps=args.n_steps,
+                internal_batch_size=args.internal_batch_size,
+                return_convergence_delta=True,
+            )
             out.append(a.sum(-1).detach())
         return out
 
     def ours() -> list:
-        return explain_texts(target, texts, labels=labels, n_steps=args.n_steps,
-                             internal_batch_size=args.internal_batch_size)
+        return explain_texts(
+            target, texts, labels=labels, n_steps=args.n_steps, internal_batch_size=args.internal_batch_size
+        )
 
     # warm-up and a same-numbers check
     d0, o0 = direct(), ours()
@@ -78,14 +85,16 @@ def main() -> None:
 
     t_direct, t_ours = [], []
     for r in range(args.rounds):
-        for name, fn, bucket in (("direct", direct, t_direct), ("ours", ours, t_ours))[:: 1 if r % 2 == 0 else -1]:
+        for _name, fn, bucket in (("direct", direct, t_direct), ("ours", ours, t_ours))[:: 1 if r % 2 == 0 else -1]:
             t = time.perf_counter()
             fn()
             bucket.append(time.perf_counter() - t)
     md, mo = statistics.median(t_direct), statistics.median(t_ours)
-    print(f"MiniLM LayerIntegratedGradients, n_steps={args.n_steps}, internal_batch_size={args.internal_batch_size}, "
-          f"{args.n} tweets ({min(tokens)}-{max(tokens)} tokens, mean {np.mean(tokens):.1f}), {args.rounds} rounds, "
-          f"threads={args.threads}, device={args.device}")
+    print(
+        f"MiniLM LayerIntegratedGradients, n_steps={args.n_steps}, internal_batch_size={args.internal_batch_size}, "
+        f"{args.n} tweets ({min(tokens)}-{max(tokens)} tokens, mean {np.mean(tokens):.1f}), {args.rounds} rounds, "
+        f"threads={args.threads}, device={args.device}"
+    )
     print(f"  captum direct : {args.n / md:7.2f} attributions/s  (median {md / args.n * 1000:.0f} ms each)")
     print(f"  fmaudit module: {args.n / mo:7.2f} attributions/s  (median {mo / args.n * 1000:.0f} ms each)")
     print(f"  overhead      : {(mo / md - 1) * 100:+.1f}%   (goal: under +10%)")

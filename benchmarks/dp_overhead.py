@@ -84,6 +84,7 @@ def _setup(mode: str, variant: str, threads: int, batch: int, seq: int) -> tuple
     torch.manual_seed(0)
 
     if variant == "plain":
+
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
             target.loss(model, fixed).backward()
@@ -92,14 +93,25 @@ def _setup(mode: str, variant: str, threads: int, batch: int, seq: int) -> tuple
         from opacus import PrivacyEngine
 
         clipping = CLIPPING_MODES[variant]
-        gsm, dp_opt, _dl = clipping.make_private(PrivacyEngine(accountant="rdp"), dict(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
-            poisson_sampling=False, grad_sample_mode=variant, loss_reduction="mean"))
+        gsm, dp_opt, _dl = clipping.make_private(
+            PrivacyEngine(accountant="rdp"),
+            dict(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=1.0,
+                max_grad_norm=1.0,
+                poisson_sampling=False,
+                grad_sample_mode=variant,
+                loss_reduction="mean",
+            ),
+        )
 
         def step() -> None:
             dp_opt.zero_grad(set_to_none=True)
             clipping.loss(gsm, dp_opt, target.loss(gsm, fixed, reduction="none")).backward()
             dp_opt.step()
+
     return step, sum(p.numel() for p in params)
 
 
@@ -119,9 +131,18 @@ def child(mode: str, variant: str, warmup: int, threads: int, batch: int, seq: i
         step()
         print("@@" + json.dumps({"s": time.perf_counter() - t}), flush=True)
     peak = _rss_kb("VmHWM")
-    print("@@" + json.dumps({"peak_growth_mib": (peak - rss0) / 1024 if reset else None,
-                             "peak_rss_mib": peak / 1024, "baseline_rss_mib": rss0 / 1024,
-                             "trainable": trainable}), flush=True)
+    print(
+        "@@"
+        + json.dumps(
+            {
+                "peak_growth_mib": (peak - rss0) / 1024 if reset else None,
+                "peak_rss_mib": peak / 1024,
+                "baseline_rss_mib": rss0 / 1024,
+                "trainable": trainable,
+            }
+        ),
+        flush=True,
+    )
 
 
 def _read(proc: subprocess.Popen) -> dict:
@@ -135,10 +156,31 @@ def _read(proc: subprocess.Popen) -> dict:
 def run_interleaved(mode: str, variants: list[str], a: argparse.Namespace) -> dict[str, dict]:
     """All variants of one trainable setting at once, one process each, stepped in turn."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
-    procs = {v: subprocess.Popen([sys.executable, __file__, "--child", mode, v, "--warmup", str(a.warmup),
-                                  "--threads", str(a.threads), "--batch", str(a.batch), "--seq", str(a.seq)],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 env=env) for v in variants}
+    procs = {
+        v: subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                mode,
+                v,
+                "--warmup",
+                str(a.warmup),
+                "--threads",
+                str(a.threads),
+                "--batch",
+                str(a.batch),
+                "--seq",
+                str(a.seq),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for v in variants
+    }
     times: dict[str, list[float]] = {v: [] for v in variants}
     try:
         for v in variants:  # set up and warmed up one after the other (each then waits for its steps)
@@ -168,8 +210,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--modes", default=",".join(MODES))
-    ap.add_argument("--hooks", action="store_true", help="also time per-sample gradient hooks on the full model "
-                                                          "(slow, ~3x memory; reference)")
+    ap.add_argument(
+        "--hooks",
+        action="store_true",
+        help="also time per-sample gradient hooks on the full model (slow, ~3x memory; reference)",
+    )
     ap.add_argument("--child", nargs=2, metavar=("MODE", "VARIANT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -181,21 +226,30 @@ def main() -> None:
         variants = [v for v in VARIANTS if v != "hooks" or (a.hooks and mode == "all")]
         for v, r in run_interleaved(mode, variants, a).items():
             res[(mode, v)] = r
-            print(f"  {mode:14s} {v:11s} median step {r['median_s']:.3f} s  peak growth "
-                  f"{r['peak_growth_mib'] or float('nan'):7.1f} MiB  (peak RSS {r['peak_rss_mib']:.0f} MiB, "
-                  f"{r['trainable']:,} trainable)", flush=True)
+            print(
+                f"  {mode:14s} {v:11s} median step {r['median_s']:.3f} s  peak growth "
+                f"{r['peak_growth_mib'] or float('nan'):7.1f} MiB  (peak RSS {r['peak_rss_mib']:.0f} MiB, "
+                f"{r['trainable']:,} trainable)",
+                flush=True,
+            )
     load1 = os.getloadavg()
-    print(f"\nMiniLM, batch {a.batch} x seq {a.seq}, {a.threads} threads, interleaved, median of {a.steps} steps "
-          f"(after {a.warmup} warm-up); noise 1.0, C 1.0; {os.cpu_count()} CPUs, load average (1 min) "
-          f"{load0[0]:.1f} at start, {load1[0]:.1f} at end")
-    print(f"{'trainable':14s} {'DP mode':11s} {'time DP/non-DP':>15s} {'peak-growth ratio':>18s} {'peak-RSS ratio':>15s}")
+    print(
+        f"\nMiniLM, batch {a.batch} x seq {a.seq}, {a.threads} threads, interleaved, median of {a.steps} steps "
+        f"(after {a.warmup} warm-up); noise 1.0, C 1.0; {os.cpu_count()} CPUs, load average (1 min) "
+        f"{load0[0]:.1f} at start, {load1[0]:.1f} at end"
+    )
+    print(
+        f"{'trainable':14s} {'DP mode':11s} {'time DP/non-DP':>15s} {'peak-growth ratio':>18s} {'peak-RSS ratio':>15s}"
+    )
     for (mode, v), d in res.items():
         if v == "plain" or (mode, "plain") not in res:
             continue
         p = res[(mode, "plain")]
         grow = (d["peak_growth_mib"] / p["peak_growth_mib"]) if d["peak_growth_mib"] and p["peak_growth_mib"] else None
-        print(f"{mode:14s} {v:11s} {d['median_s'] / p['median_s']:14.2f}x "
-              f"{(f'{grow:.2f}x' if grow else 'n/a'):>18s} {d['peak_rss_mib'] / p['peak_rss_mib']:14.2f}x")
+        print(
+            f"{mode:14s} {v:11s} {d['median_s'] / p['median_s']:14.2f}x "
+            f"{(f'{grow:.2f}x' if grow else 'n/a'):>18s} {d['peak_rss_mib'] / p['peak_rss_mib']:14.2f}x"
+        )
     print(_goal_line(res, load0, load1))
 
 
@@ -213,10 +267,12 @@ def _goal_line(res: dict[tuple[str, str], dict], load0: tuple, load1: tuple) -> 
         misses.append(f"time {time_ratio:.2f}x > {GOAL_TIME}x")
     if rss_ratio > GOAL_MEMORY:
         misses.append(f"peak memory {rss_ratio:.2f}x > {GOAL_MEMORY}x")
-    return (f"goal (full MiniLM, book-keeping vs non-DP: time <= {GOAL_TIME}x, peak memory <= {GOAL_MEMORY}x): "
-            f"time {time_ratio:.2f}x, peak RSS {rss_ratio:.2f}x (growth from the first step "
-            f"{f'{grow:.2f}x' if grow else 'n/a'}); load {load0[0]:.1f}->{load1[0]:.1f} on {os.cpu_count()} CPUs: "
-            + ("MET" if met else "MISSED (" + ", ".join(misses) + ")"))
+    return (
+        f"goal (full MiniLM, book-keeping vs non-DP: time <= {GOAL_TIME}x, peak memory <= {GOAL_MEMORY}x): "
+        f"time {time_ratio:.2f}x, peak RSS {rss_ratio:.2f}x (growth from the first step "
+        f"{f'{grow:.2f}x' if grow else 'n/a'}); load {load0[0]:.1f}->{load1[0]:.1f} on {os.cpu_count()} CPUs: "
+        + ("MET" if met else "MISSED (" + ", ".join(misses) + ")")
+    )
 
 
 if __name__ == "__main__":

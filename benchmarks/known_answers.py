@@ -48,8 +48,10 @@ def main() -> int:
             results.append(r)
             print(r.line(), flush=True)
     bad = [r.name for r in results if not r.passed]
-    print(f"known answers: {len(results) - len(bad)}/{len(results)} scenarios right"
-          + (f"; wrong: {', '.join(bad)}" if bad else ""))
+    print(
+        f"known answers: {len(results) - len(bad)}/{len(results)} scenarios right"
+        + (f"; wrong: {', '.join(bad)}" if bad else "")
+    )
     return 1 if bad else 0
 
 

@@ -23,8 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def run_once(recipe: Path, cache: Path, out: Path) -> tuple[float, int]:
     env = dict(os.environ, FMAUDIT_CACHE_DIR=str(cache))
     t = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "fmaudit.cli", "run", str(recipe), "-q", "-o", str(out)], env=env,
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "fmaudit.cli", "run", str(recipe), "-q", "-o", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     dt = time.perf_counter() - t
     if res.returncode not in (0, 1):
         print(res.stdout[-3000:], res.stderr[-3000:], file=sys.stderr)
@@ -46,8 +50,10 @@ def main() -> None:
             warm.append(dt)
             print(f"warm run {i + 1}: {dt:6.1f} s (exit {rc})", flush=True)
     med = statistics.median(warm)
-    print(f"\nquickstart cold {cold:.1f} s (goal <= 300 s) | warm median {med:.1f} s (goal <= 90 s) | "
-          f"cold/warm {cold / med:.1f}x | cpus {os.cpu_count()}")
+    print(
+        f"\nquickstart cold {cold:.1f} s (goal <= 300 s) | warm median {med:.1f} s (goal <= 90 s) | "
+        f"cold/warm {cold / med:.1f}x | cpus {os.cpu_count()}"
+    )
 
 
 if __name__ == "__main__":

@@ -85,9 +85,9 @@ def main() -> None:
         sys.exit("this benchmark needs Ray: pip install 'fmaudit[ray]'")
     import torch
 
-    from fmaudit.privacy.membership.reference_models import paired_halves
     from fmaudit.data import load_digits
     from fmaudit.executor import LocalExecutor
+    from fmaudit.privacy.membership.reference_models import paired_halves
     from fmaudit.ray_executor import RayExecutor
     from fmaudit.targets.vision import ImageClassifier, PixelClassifier, digits_cnn
     from fmaudit.training import TrainConfig
@@ -95,8 +95,9 @@ def main() -> None:
     torch.manual_seed(0)
     population = load_digits()
     population = population.subset(np.arange(min(args.examples, len(population))))
-    base = ImageClassifier(name="cnn", model=PixelClassifier(digits_cnn(10)), source="benchmark", kind="torch-module",
-                           num_classes=10)
+    base = ImageClassifier(
+        name="cnn", model=PixelClassifier(digits_cnn(10)), source="benchmark", kind="torch-module", num_classes=10
+    )
     masks = paired_halves(len(population), args.models, 0)
     seeds = [int(np.random.SeedSequence([0, r]).generate_state(1)[0]) for r in range(args.models)]
     config = TrainConfig(epochs=args.epochs, batch_size=32, lr=1e-3, trainable="all", seed=0)
@@ -105,8 +106,9 @@ def main() -> None:
     ray.init(num_cpus=2, resources={"serial_slot": 1}, include_dashboard=False, logging_level="WARNING")
     print(f"ray.init: {time.perf_counter() - t:.1f} s", flush=True)
     settings = {
-        "ray, 1 worker x 1 CPU": RayExecutor(num_cpus_per_task=1, max_retries=0,
-                                             task_options={"resources": {"serial_slot": 1}}),
+        "ray, 1 worker x 1 CPU": RayExecutor(
+            num_cpus_per_task=1, max_retries=0, task_options={"resources": {"serial_slot": 1}}
+        ),
         "ray, 2 workers x 1 CPU": RayExecutor(num_cpus_per_task=1, max_retries=0),
     }
     t = time.perf_counter()
@@ -132,24 +134,33 @@ def main() -> None:
                 times[name].append(dt)
                 cpu = sum(m[2] for m in per_model)
                 cores[name].append(cpu / dt)
-                print(f"  repeat {rep + 1}: {name:24s} {dt:7.2f} s wall; {len({m[3] for m in per_model})} worker(s), "
-                      f"at most {max_overlap([(m[0], m[1]) for m in per_model])} at once; {cpu:6.2f} CPU-s "
-                      f"= {cpu / dt:.2f} cores busy", flush=True)
+                print(
+                    f"  repeat {rep + 1}: {name:24s} {dt:7.2f} s wall; {len({m[3] for m in per_model})} worker(s), "
+                    f"at most {max_overlap([(m[0], m[1]) for m in per_model])} at once; {cpu:6.2f} CPU-s "
+                    f"= {cpu / dt:.2f} cores busy",
+                    flush=True,
+                )
     ray.shutdown()
 
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"\n{args.models} reference models (digits CNN, {len(population)} examples, {args.epochs} epoch(s) each), "
-          f"median of {args.repeats}:")
+    print(
+        f"\n{args.models} reference models (digits CNN, {len(population)} examples, {args.epochs} epoch(s) each), "
+        f"median of {args.repeats}:"
+    )
     for k in settings:
-        print(f"  {k:24s} {med[k]:7.2f} s   ({med[k] / args.models:.2f} s per model; "
-              f"{statistics.median(cores[k]):.2f} cores busy)")
+        print(
+            f"  {k:24s} {med[k]:7.2f} s   ({med[k] / args.models:.2f} s per model; "
+            f"{statistics.median(cores[k]):.2f} cores busy)"
+        )
     one, two = med["ray, 1 worker x 1 CPU"], med["ray, 2 workers x 1 CPU"]
     speedup = one / two
     print(f"speed-up, 2 workers vs 1: {speedup:.2f}x (goal >= 1.7x){'' if speedup >= 1.7 else '  -- below goal'}")
     if "local, 1 thread" in med:
         print(f"Ray 1 worker / local in-process: {one / med['local, 1 thread']:.2f}x (scheduling + transfer overhead)")
-    print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs. Other processes on the "
-          "machine distort these timings: 2 workers can only go ~2x faster when they get ~2 cores busy.")
+    print(
+        f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs. Other processes on the "
+        "machine distort these timings: 2 workers can only go ~2x faster when they get ~2 cores busy."
+    )
 
 
 if __name__ == "__main__":

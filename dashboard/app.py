@@ -70,11 +70,16 @@ def _runs_page(sink: StreamlitSink, entries: list[RunEntry]) -> None:
     c1, c2, c3, c4 = st.columns(4)
     q = c1.text_input("Search", placeholder="run, recipe or target", help="Case-insensitive text filter.")
     pick_recipes = c2.multiselect("Recipe", recipes, help="Show only runs of these recipes.")
-    pick_gates = c3.multiselect("Gates", ["pass", "FAIL", "no gates", "unknown", "pass (partial)"],
-                                help="Overall verdict of the recipe's fail_if gates.")
+    pick_gates = c3.multiselect(
+        "Gates",
+        ["pass", "FAIL", "no gates", "unknown", "pass (partial)"],
+        help="Overall verdict of the recipe's fail_if gates.",
+    )
     pick_modules = c4.multiselect("Module", modules, help="Show only runs that ran one of these modules.")
-    errors_only = st.checkbox("Only runs with errors or notices",
-                              help="Errored modules; partial, corrupt, empty, too large, old- or newer-schema runs.")
+    errors_only = st.checkbox(
+        "Only runs with errors or notices",
+        help="Errored modules; partial, corrupt, empty, too large, old- or newer-schema runs.",
+    )
     from dashboard.runs import gate_verdict
 
     shown = []
@@ -104,8 +109,10 @@ def main() -> None:
     st.sidebar.title("fmaudit")
     st.sidebar.caption(f"Reports folder: {root.resolve()}")
     if not root.is_dir():
-        st.error(f"Reports folder {str(root)!r} does not exist. Start the dashboard with "
-                 "`fmaudit dashboard PATH/TO/REPORTS`.")
+        st.error(
+            f"Reports folder {str(root)!r} does not exist. Start the dashboard with "
+            "`fmaudit dashboard PATH/TO/REPORTS`."
+        )
         return
     if st.sidebar.button("Reload", help="Read the folder again (new runs are also picked up automatically)."):
         _load.clear()

@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
-PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-           "#17becf")
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 
-_SCOPE: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("fmaudit_target_colours",
-                                                                               default=None)
+_SCOPE: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("fmaudit_target_colours", default=None)
 
 
 def lighten(colour: str, amount: float = 0.5) -> str:
     """'#1f77b4' mixed with white (amount 0 = unchanged, 1 = white)."""
     c = colour.lstrip("#")
-    r, g, b = (int(c[i: i + 2], 16) for i in (0, 2, 4))
+    r, g, b = (int(c[i : i + 2], 16) for i in (0, 2, 4))
     mix = [round(v + (255 - v) * amount) for v in (r, g, b)]
     return "#" + "".join(f"{v:02x}" for v in mix)
 

@@ -6,11 +6,10 @@ styles are inline, and nothing is fetched from the network when the file is open
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
-
 import html
+from collections.abc import Callable
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -79,14 +78,14 @@ def render_entry_html(entry: RunEntry) -> str:
     from plotly.offline import get_plotlyjs
 
     sections = []
-    views: list[tuple[str, str, Callable[[Sink], None]]] = [("overview", "Run overview",
-                                                             lambda s: view_overview(s, entry))]
+    views: list[tuple[str, str, Callable[[Sink], None]]] = [
+        ("overview", "Run overview", lambda s: view_overview(s, entry))
+    ]
     for view in CATEGORY_OF_VIEW:
         views.append((view.lower(), view, partial(view_category, entry=entry, view=view)))
     # One colour per target in every view of the document (a DP twin: its source's hue, lighter).
-    with colour_scope(entry.report if entry.report is not None else
-                      SimpleNamespace(targets={}, audits=entry.results)):
-        for anchor, title, fn in views:
+    with colour_scope(entry.report if entry.report is not None else SimpleNamespace(targets={}, audits=entry.results)):
+        for anchor, _title, fn in views:
             sink = HtmlSink()
             fn(sink)
             sections.append(f'<section class="view" id="{anchor}">{sink.render()}</section>')
@@ -96,11 +95,11 @@ def render_entry_html(entry: RunEntry) -> str:
     title = f"fmaudit report — {entry.label}"
     made = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{html.escape(title)}</title>"
-        f"<style>{CSS}</style><script type=\"text/javascript\">{get_plotlyjs()}</script></head><body>"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{html.escape(title)}</title>'
+        f'<style>{CSS}</style><script type="text/javascript">{get_plotlyjs()}</script></head><body>'
         f"<header><b>{html.escape(title)}</b> &nbsp; {nav}</header><main>"
-        f"<p class=\"caption\">Exported by fmaudit at {made}. Hover a number or a column header for its unit and "
+        f'<p class="caption">Exported by fmaudit at {made}. Hover a number or a column header for its unit and '
         "meaning; click a column header to sort. The verdict per area comes first.</p>"
         f"{sections[0]}{runs.render()}{''.join(sections[1:])}"
         f"</main><script>{SORT_JS}</script></body></html>\n"

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import html
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import plotly.graph_objects as go
 
@@ -85,10 +86,24 @@ def legend_below(fig: go.Figure, names: Sequence[str] | None = None) -> go.Figur
     margin = fig.layout.margin
     fig.update_layout(
         height=height,
-        legend=dict(orientation="h" if one_row else "v", yref="container", y=0.0, yanchor="bottom", x=0.0,
-                    xanchor="left", xref="paper", bgcolor="rgba(255,255,255,0)", traceorder="normal"),
-        margin=dict(l=margin.l if margin.l is not None else 60, r=margin.r if margin.r is not None else 20,
-                    t=margin.t if margin.t is not None else 50, b=AXIS_TITLE_PX + legend_px))
+        legend=dict(
+            orientation="h" if one_row else "v",
+            yref="container",
+            y=0.0,
+            yanchor="bottom",
+            x=0.0,
+            xanchor="left",
+            xref="paper",
+            bgcolor="rgba(255,255,255,0)",
+            traceorder="normal",
+        ),
+        margin=dict(
+            l=margin.l if margin.l is not None else 60,
+            r=margin.r if margin.r is not None else 20,
+            t=margin.t if margin.t is not None else 50,
+            b=AXIS_TITLE_PX + legend_px,
+        ),
+    )
     return fig
 
 
@@ -101,19 +116,37 @@ def set_caption(fig: go.Figure, caption: str | None) -> go.Figure:
     title = fig.layout.title.text or " "
     # plotly does not wrap a subtitle: break it so it fits a half-width column.
     lines = textwrap.wrap(caption, width=CAPTION_CHARS) or [caption]
-    fig.update_layout(title=dict(text=title, subtitle=dict(text="<br>".join(html.escape(x) for x in lines),
-                                                           font=dict(size=11, color="#666"))),
-                      meta={"caption": caption})
+    fig.update_layout(
+        title=dict(
+            text=title, subtitle=dict(text="<br>".join(html.escape(x) for x in lines), font=dict(size=11, color="#666"))
+        ),
+        meta={"caption": caption},
+    )
     margin = fig.layout.margin
-    fig.update_layout(margin=dict(t=max(margin.t or 0, 52 + 15 * len(lines))),
-                      height=(fig.layout.height or 380) + 15 * len(lines))
+    fig.update_layout(
+        margin=dict(t=max(margin.t or 0, 52 + 15 * len(lines))), height=(fig.layout.height or 380) + 15 * len(lines)
+    )
     return fig
 
 
-def _layout(fig: go.Figure, title: str | None, x_label: str, y_label: str, log_x: bool, log_y: bool,
-            height: int = 380, *, caption: str | None = None, legend: bool = True) -> go.Figure:
-    fig.update_layout(title=title, height=height, margin=dict(l=60, r=20, t=50 if title else 20, b=AXIS_TITLE_PX),
-                      template="plotly_white")
+def _layout(
+    fig: go.Figure,
+    title: str | None,
+    x_label: str,
+    y_label: str,
+    log_x: bool,
+    log_y: bool,
+    height: int = 380,
+    *,
+    caption: str | None = None,
+    legend: bool = True,
+) -> go.Figure:
+    fig.update_layout(
+        title=title,
+        height=height,
+        margin=dict(l=60, r=20, t=50 if title else 20, b=AXIS_TITLE_PX),
+        template="plotly_white",
+    )
     # Only force log axes: forcing "linear" would turn a categorical axis (bars, intervals) into an empty one.
     fig.update_xaxes(title_text=axis_title(x_label), **({"type": "log"} if log_x else {}))
     fig.update_yaxes(title_text=axis_title(y_label), **({"type": "log"} if log_y else {}))
@@ -147,16 +180,22 @@ def how_to_read(series: Sequence[tuple[str, Curve]]) -> str | None:
     c = series[0][1]
     x, y = c.x_label.lower(), c.y_label.lower()
     if x.startswith("epsilon (") and "accuracy" in y:
-        return ("Accuracy as the attack budget ε grows (ε = 0: clean accuracy); the lower and sooner a curve "
-                "falls, the more easily the model is fooled.")
+        return (
+            "Accuracy as the attack budget ε grows (ε = 0: clean accuracy); the lower and sooner a curve "
+            "falls, the more easily the model is fooled."
+        )
     if x == "step" and y.startswith("epsilon"):
         return "Privacy spent as training proceeds: the accountant's ε (upper bound at its δ); lower = more private."
     if x.startswith("fraction of features removed"):
-        return ("Deletion: output as the most-attributed features are removed first; dropping faster than "
-                "'random' = a more faithful explanation.")
+        return (
+            "Deletion: output as the most-attributed features are removed first; dropping faster than "
+            "'random' = a more faithful explanation."
+        )
     if x.startswith("fraction of features inserted"):
-        return ("Insertion: output as the most-attributed features are inserted first; rising faster than "
-                "'random' = a more faithful explanation.")
+        return (
+            "Insertion: output as the most-attributed features are inserted first; rising faster than "
+            "'random' = a more faithful explanation."
+        )
     if x.startswith("number of guesses"):
         return "The audit's ε lower bound for each number of guesses r; the highest point is the bound it reports."
     if is_reliability(c):
@@ -174,13 +213,22 @@ def is_reliability(c: Curve) -> bool:
     return c.x_label.lower() == "confidence" and "accuracy" in c.y_label.lower()
 
 
-ROC_CAPTION = ("Members found (TPR) vs non-members wrongly flagged (FPR), log-log: above the dashed diagonal = "
-               "better than chance; read TPR at low FPR (left).")
+ROC_CAPTION = (
+    "Members found (TPR) vs non-members wrongly flagged (FPR), log-log: above the dashed diagonal = "
+    "better than chance; read TPR at low FPR (left)."
+)
 
 
-def curves_figure(series: list[tuple[str, Curve]], title: str | None = None, *, log_x: bool | None = None,
-                  log_y: bool | None = None, diagonal: bool = False, mode: str = "lines",
-                  caption: str | None = None) -> go.Figure:
+def curves_figure(
+    series: list[tuple[str, Curve]],
+    title: str | None = None,
+    *,
+    log_x: bool | None = None,
+    log_y: bool | None = None,
+    diagonal: bool = False,
+    mode: str = "lines",
+    caption: str | None = None,
+) -> go.Figure:
     """Several curves that share axes. Log axes come from the curves unless forced; on a log axis points
     at or below 0 are dropped (they cannot be drawn), which the hover of the trace states. Axis titles carry
     units, the legend sits under the plot, and the subtitle says how to read it (`caption`, else
@@ -193,24 +241,47 @@ def curves_figure(series: list[tuple[str, Curve]], title: str | None = None, *, 
     for i, (name, c) in enumerate(series):
         xs, ys = _clean_xy(c.x, c.y, lx, ly)
         dropped = len(c.x) - len(xs)
-        hover = (f"{html.escape(axis_title(c.x_label))}: %{{x:.4g}}<br>{html.escape(axis_title(c.y_label))}: "
-                 "%{y:.4g}"
-                 + (f"<br><i>{html.escape(c.description)}</i>" if c.description else "")
-                 + (f"<br>({dropped} point(s) at 0 not drawable on a log axis)" if dropped else "")
-                 + "<extra>%{fullData.name}</extra>")
+        hover = (
+            f"{html.escape(axis_title(c.x_label))}: %{{x:.4g}}<br>{html.escape(axis_title(c.y_label))}: "
+            "%{y:.4g}"
+            + (f"<br><i>{html.escape(c.description)}</i>" if c.description else "")
+            + (f"<br>({dropped} point(s) at 0 not drawable on a log axis)" if dropped else "")
+            + "<extra>%{fullData.name}</extra>"
+        )
         dash = "dot" if name == "random" else None  # explain.attribution's reference ordering
-        fig.add_trace(go.Scatter(x=xs, y=ys, name=name, mode=mode if len(xs) > 1 else "markers",  # 1 point: no line
-                                 line=dict(color="#7f7f7f" if name == "random" else colours[i], dash=dash),
-                                 hovertemplate=hover))
+        fig.add_trace(
+            go.Scatter(
+                x=xs,
+                y=ys,
+                name=name,
+                mode=mode if len(xs) > 1 else "markers",  # 1 point: no line
+                line=dict(color="#7f7f7f" if name == "random" else colours[i], dash=dash),
+                hovertemplate=hover,
+            )
+        )
     fig.update_layout(showlegend=True)  # name the attack / method even when there is one curve
     calibration = is_reliability(first)  # its caption reads "on the diagonal = calibrated": draw that diagonal
     if diagonal or calibration:
         lo = 1e-5 if (lx or ly) else 0.0
-        fig.add_trace(go.Scatter(x=[lo, 1], y=[lo, 1], mode="lines",
-                                 name="perfectly calibrated" if calibration else "chance",
-                                 line=dict(dash="dash", color="#999"), hoverinfo="skip"))
-    return _layout(fig, title, first.x_label, first.y_label, lx, ly,
-                   caption=caption if caption is not None else how_to_read(series))
+        fig.add_trace(
+            go.Scatter(
+                x=[lo, 1],
+                y=[lo, 1],
+                mode="lines",
+                name="perfectly calibrated" if calibration else "chance",
+                line=dict(dash="dash", color="#999"),
+                hoverinfo="skip",
+            )
+        )
+    return _layout(
+        fig,
+        title,
+        first.x_label,
+        first.y_label,
+        lx,
+        ly,
+        caption=caption if caption is not None else how_to_read(series),
+    )
 
 
 def tpr_at_fpr(curve: Curve, fpr: float) -> float | None:
@@ -234,26 +305,45 @@ def roc_figure(series: list[tuple[str, Curve, dict[str, float | None]]], title: 
         t1 = stats.get("tpr@1%") if stats.get("tpr@1%") is not None else tpr_at_fpr(c, 0.01)
         t01 = stats.get("tpr@0.1%") if stats.get("tpr@0.1%") is not None else tpr_at_fpr(c, 0.001)
         auc = stats.get("auc")
+
         def f3(v: float | None) -> str:
             return "—" if v is None else f"{v:.3f}"
 
-        label = f"{name} — TPR@1%FPR {f3(t1)}, TPR@0.1%FPR {f3(t01)}" + (f", AUC {auc:.3f}" if auc is not None
-                                                                          else "")
+        label = f"{name} — TPR@1%FPR {f3(t1)}, TPR@0.1%FPR {f3(t01)}" + (f", AUC {auc:.3f}" if auc is not None else "")
         xs, ys = _clean_xy(c.x, c.y, True, True)
         lowest = min([lowest, *xs, *ys])
-        fig.add_trace(go.Scatter(
-            x=xs, y=ys, name=label, mode="lines", line=dict(color=PALETTE[i % len(PALETTE)], shape="hv"),
-            hovertemplate="FPR %{x:.2e}<br>TPR %{y:.3f}<br><i>fraction of non-members (x) / members (y) "
-                          "flagged as members</i><extra>" + html.escape(name) + "</extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=xs,
+                y=ys,
+                name=label,
+                mode="lines",
+                line=dict(color=PALETTE[i % len(PALETTE)], shape="hv"),
+                hovertemplate="FPR %{x:.2e}<br>TPR %{y:.3f}<br><i>fraction of non-members (x) / members (y) "
+                "flagged as members</i><extra>" + html.escape(name) + "</extra>",
+            )
+        )
     lo = min(1e-3, 10 ** math.floor(math.log10(lowest))) if lowest > 0 else 1e-5
-    fig.add_trace(go.Scatter(x=[lo, 1], y=[lo, 1], mode="lines", name="chance (TPR = FPR)",
-                             line=dict(dash="dash", color="#999"), hoverinfo="skip"))
-    return _layout(fig, title, "false positive rate", "true positive rate", True, True, height=440,
-                   caption=ROC_CAPTION)
+    fig.add_trace(
+        go.Scatter(
+            x=[lo, 1],
+            y=[lo, 1],
+            mode="lines",
+            name="chance (TPR = FPR)",
+            line=dict(dash="dash", color="#999"),
+            hoverinfo="skip",
+        )
+    )
+    return _layout(fig, title, "false positive rate", "true positive rate", True, True, height=440, caption=ROC_CAPTION)
 
 
-def interval_figure(rows: list[dict[str, Any]], title: str | None, value_label: str,
-                    reference: float | None = None, reference_label: str = "") -> go.Figure:
+def interval_figure(
+    rows: list[dict[str, Any]],
+    title: str | None,
+    value_label: str,
+    reference: float | None = None,
+    reference_label: str = "",
+) -> go.Figure:
     """Points with confidence intervals, one per row: {'label', 'value', 'lo', 'hi', 'unit', 'help'}."""
     fig = go.Figure()
     colours = series_colours([str(r.get("label", "")) for r in rows], distinct=False)
@@ -266,11 +356,20 @@ def interval_figure(rows: list[dict[str, Any]], title: str | None, value_label: 
         if lo is not None and hi is not None:
             err = dict(type="data", symmetric=False, array=[max(hi - v, 0)], arrayminus=[max(v - lo, 0)])
         ci = f"<br>CI [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
-        fig.add_trace(go.Scatter(
-            x=[r["label"]], y=[v], error_y=err, mode="markers", marker=dict(size=11, color=colours[i]),
-            name=r["label"], showlegend=False,
-            hovertemplate=f"%{{x}}<br>{html.escape(value_label)}: %{{y:.4g}} {html.escape(r.get('unit') or '')}{ci}"
-                          + (f"<br><i>{html.escape(r['help'])}</i>" if r.get("help") else "") + "<extra></extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=[r["label"]],
+                y=[v],
+                error_y=err,
+                mode="markers",
+                marker=dict(size=11, color=colours[i]),
+                name=r["label"],
+                showlegend=False,
+                hovertemplate=f"%{{x}}<br>{html.escape(value_label)}: %{{y:.4g}} {html.escape(r.get('unit') or '')}{ci}"
+                + (f"<br><i>{html.escape(r['help'])}</i>" if r.get("help") else "")
+                + "<extra></extra>",
+            )
+        )
     if reference is not None:
         fig.add_hline(y=reference, line_dash="dash", line_color="#999", annotation_text=reference_label)
     return _layout(fig, title, "", value_label, False, False, height=340)
@@ -284,28 +383,52 @@ def bar_figure(rows: list[dict[str, Any]], title: str | None, y_label: str, grou
         groups.setdefault(str(r.get(group_key, "")), []).append(r)
     colours = series_colours(list(groups))
     for i, (g, rs) in enumerate(groups.items()):
-        fig.add_trace(go.Bar(
-            x=[r["x"] for r in rs], y=[r["y"] for r in rs], name=g, marker_color=colours[i],
-            texttemplate="%{y:.3g}", textposition="outside", cliponaxis=False,
-            customdata=[[r.get("unit") or "", r.get("help") or ""] for r in rs],
-            hovertemplate="%{x}<br>%{y:.4g} %{customdata[0]}<br><i>%{customdata[1]}</i><extra>" + html.escape(g)
-                          + "</extra>"))
+        fig.add_trace(
+            go.Bar(
+                x=[r["x"] for r in rs],
+                y=[r["y"] for r in rs],
+                name=g,
+                marker_color=colours[i],
+                texttemplate="%{y:.3g}",
+                textposition="outside",
+                cliponaxis=False,
+                customdata=[[r.get("unit") or "", r.get("help") or ""] for r in rs],
+                hovertemplate="%{x}<br>%{y:.4g} %{customdata[0]}<br><i>%{customdata[1]}</i><extra>"
+                + html.escape(g)
+                + "</extra>",
+            )
+        )
     fig.update_layout(barmode="group")
     return _layout(fig, title, "", y_label, False, False, height=340)
 
 
-def matrix_figure(matrix: Sequence[Sequence[float]], x_labels: Sequence[str], y_labels: Sequence[str],
-                  title: str | None, x_title: str, y_title: str) -> go.Figure:
-    fig = go.Figure(go.Heatmap(z=matrix, x=[str(v) for v in x_labels], y=[str(v) for v in y_labels],
-                               colorscale="Blues", text=matrix, texttemplate="%{text}",
-                               hovertemplate=f"{html.escape(y_title)}: %{{y}}<br>{html.escape(x_title)}: %{{x}}"
-                                             "<br>count: %{z}<extra></extra>"))
+def matrix_figure(
+    matrix: Sequence[Sequence[float]],
+    x_labels: Sequence[str],
+    y_labels: Sequence[str],
+    title: str | None,
+    x_title: str,
+    y_title: str,
+) -> go.Figure:
+    fig = go.Figure(
+        go.Heatmap(
+            z=matrix,
+            x=[str(v) for v in x_labels],
+            y=[str(v) for v in y_labels],
+            colorscale="Blues",
+            text=matrix,
+            texttemplate="%{text}",
+            hovertemplate=f"{html.escape(y_title)}: %{{y}}<br>{html.escape(x_title)}: %{{x}}"
+            "<br>count: %{z}<extra></extra>",
+        )
+    )
     fig.update_yaxes(autorange="reversed")
     return _layout(fig, title, x_title, y_title, False, False, height=340)
 
 
-def image_figure(pixels: Sequence[Sequence[Any]], title: str | None = None, *, diverging: bool = False,
-                 height: int = 220) -> go.Figure:
+def image_figure(
+    pixels: Sequence[Sequence[Any]], title: str | None = None, *, diverging: bool = False, height: int = 220
+) -> go.Figure:
     """A small image (H x W grayscale, or H x W x C in [0, 1] or [0, 255]) as a heatmap."""
     import numpy as np
 
@@ -319,12 +442,20 @@ def image_figure(pixels: Sequence[Sequence[Any]], title: str | None = None, *, d
         fig = go.Figure(go.Image(z=np.clip(arr / scale * 255.0, 0, 255)))
     else:
         m = float(np.nanmax(np.abs(arr))) or 1.0
-        fig = go.Figure(go.Heatmap(z=arr, colorscale="RdBu_r" if diverging else "gray",
-                                   zmin=-m if diverging else None, zmax=m if diverging else None, showscale=diverging,
-                                   hovertemplate="row %{y}, col %{x}: %{z:.3g}<extra></extra>"))
+        fig = go.Figure(
+            go.Heatmap(
+                z=arr,
+                colorscale="RdBu_r" if diverging else "gray",
+                zmin=-m if diverging else None,
+                zmax=m if diverging else None,
+                showscale=diverging,
+                hovertemplate="row %{y}, col %{x}: %{z:.3g}<extra></extra>",
+            )
+        )
         fig.update_yaxes(autorange="reversed")
-    fig.update_layout(title=title, height=height, margin=dict(l=5, r=5, t=30 if title else 5, b=5),
-                      template="plotly_white")
+    fig.update_layout(
+        title=title, height=height, margin=dict(l=5, r=5, t=30 if title else 5, b=5), template="plotly_white"
+    )
     fig.update_xaxes(visible=False, scaleanchor="y")
     fig.update_yaxes(visible=False)
     return fig
@@ -334,13 +465,25 @@ def diff_figure(rows: list[dict[str, Any]]) -> go.Figure:
     """Relative change (B − A) / |A| of the metrics both runs have, green when better, red when worse."""
     colour = {"better in B": "#2ca02c", "worse in B": "#d62728"}
     labels = [f"{r['module']} @ {r['target']} · {r['metric']}" for r in rows]
-    fig = go.Figure(go.Bar(
-        x=[r["relative"] for r in rows], y=labels, orientation="h",
-        marker_color=[colour.get(r["verdict"], "#ff7f0e") for r in rows],
-        customdata=[[r["A"], r["B"], r["unit"], r["verdict"], r["description"]] for r in rows],
-        hovertemplate="%{y}<br>A %{customdata[0]:.4g} → B %{customdata[1]:.4g} %{customdata[2]}"
-                      "<br>relative change %{x:+.1%} (%{customdata[3]})<br><i>%{customdata[4]}</i><extra></extra>"))
+    fig = go.Figure(
+        go.Bar(
+            x=[r["relative"] for r in rows],
+            y=labels,
+            orientation="h",
+            marker_color=[colour.get(r["verdict"], "#ff7f0e") for r in rows],
+            customdata=[[r["A"], r["B"], r["unit"], r["verdict"], r["description"]] for r in rows],
+            hovertemplate="%{y}<br>A %{customdata[0]:.4g} → B %{customdata[1]:.4g} %{customdata[2]}"
+            "<br>relative change %{x:+.1%} (%{customdata[3]})<br><i>%{customdata[4]}</i><extra></extra>",
+        )
+    )
     fig.update_xaxes(tickformat="+.0%")
     fig.update_yaxes(autorange="reversed")
-    return _layout(fig, "Relative change, B vs A (green better, red worse, orange no direction)", "(B − A) / |A|", "",
-                   False, False, height=max(220, 60 + 26 * len(rows)))
+    return _layout(
+        fig,
+        "Relative change, B vs A (green better, red worse, orange no direction)",
+        "(B − A) / |A|",
+        "",
+        False,
+        False,
+        height=max(220, 60 + 26 * len(rows)),
+    )

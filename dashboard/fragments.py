@@ -6,7 +6,8 @@ from __future__ import annotations
 import difflib
 import html
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 def token_heatmap_html(tokens: Sequence[Any], scores: Sequence[Any], title: str = "") -> str:
@@ -17,9 +18,11 @@ def token_heatmap_html(tokens: Sequence[Any], scores: Sequence[Any], title: str 
     for tok, v in zip(tokens, vals):
         a = min(abs(v) / m, 1.0)
         rgb = "214,39,40" if v >= 0 else "31,119,180"
-        spans.append(f'<span class="tok" style="background: rgba({rgb},{a:.2f}); padding:1px 3px; margin:1px; '
-                     f'border-radius:3px; display:inline-block" title="attribution {v:+.4g}">'
-                     f"{html.escape(str(tok))}</span>")
+        spans.append(
+            f'<span class="tok" style="background: rgba({rgb},{a:.2f}); padding:1px 3px; margin:1px; '
+            f'border-radius:3px; display:inline-block" title="attribution {v:+.4g}">'
+            f"{html.escape(str(tok))}</span>"
+        )
     head = f'<div class="caption">{html.escape(title)}</div>' if title else ""
     return f'<div class="tokens" style="line-height:1.9">{head}{"".join(spans)}</div>'
 
@@ -53,7 +56,7 @@ def marked_or_diff_html(original: str, adversarial: str) -> tuple[str, str, int]
     def render(text: str, style: str, tag: str) -> tuple[str, int]:
         parts, last, n = [], 0, 0
         for m in mark.finditer(text):
-            parts.append(html.escape(text[last:m.start()]))
+            parts.append(html.escape(text[last : m.start()]))
             parts.append(f'<{tag} style="{style}">{html.escape(m.group(1))}</{tag}>')
             last, n = m.end(), n + 1
         parts.append(html.escape(text[last:]))
@@ -72,9 +75,11 @@ def _level_badge(level: str) -> str:
     from fmaudit.verdict import COLOURS, LEVEL_WORDS
 
     c = COLOURS.get(level, "#8c8c8c")
-    return (f'<span class="vlevel" style="display:inline-block; min-width:64px; text-align:center; background:{c}; '
-            f'color:#fff; border-radius:4px; padding:1px 6px; font-size:0.8em; font-weight:600">'
-            f"{html.escape(LEVEL_WORDS.get(level, level))}</span>")
+    return (
+        f'<span class="vlevel" style="display:inline-block; min-width:64px; text-align:center; background:{c}; '
+        f'color:#fff; border-radius:4px; padding:1px 6px; font-size:0.8em; font-weight:600">'
+        f"{html.escape(LEVEL_WORDS.get(level, level))}</span>"
+    )
 
 
 def _headline_html(text: str) -> str:
@@ -91,7 +96,8 @@ def verdict_block_html(verdicts: Sequence[Any]) -> str:
             f'<div class="verdict {html.escape(v.level)}" data-area="{html.escape(v.area)}" data-level="'
             f'{html.escape(v.level)}" style="border-left:5px solid {v.colour}; padding:5px 10px; margin:4px 0; '
             f'background:#fafafa">{_level_badge(v.level)} <b style="display:inline-block; min-width:110px">'
-            f"{html.escape(v.area)}</b> {_headline_html(v.text)}</div>")
+            f"{html.escape(v.area)}</b> {_headline_html(v.text)}</div>"
+        )
     return '<div class="verdicts">' + "".join(rows) + "</div>"
 
 
@@ -101,8 +107,13 @@ def verdict_compare_html(rows: Sequence[tuple[str, tuple[str, str], tuple[str, s
 
     body = []
     for area, (la, ta), (lb, tb) in rows:
-        cells = "".join(f'<td style="border-left:5px solid {COLOURS.get(lvl, "#8c8c8c")}">{_level_badge(lvl)} '
-                        f"{_headline_html(t)}</td>" for lvl, t in ((la, ta), (lb, tb)))
+        cells = "".join(
+            f'<td style="border-left:5px solid {COLOURS.get(lvl, "#8c8c8c")}">{_level_badge(lvl)} '
+            f"{_headline_html(t)}</td>"
+            for lvl, t in ((la, ta), (lb, tb))
+        )
         body.append(f"<tr><td><b>{html.escape(area)}</b></td>{cells}</tr>")
-    return ('<table class="verdicts-compare" style="width:100%"><thead><tr><th>area</th><th>verdict in A</th>'
-            "<th>verdict in B</th></tr></thead><tbody>" + "".join(body) + "</tbody></table>")
+    return (
+        '<table class="verdicts-compare" style="width:100%"><thead><tr><th>area</th><th>verdict in A</th>'
+        "<th>verdict in B</th></tr></thead><tbody>" + "".join(body) + "</tbody></table>"
+    )

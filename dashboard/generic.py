@@ -58,12 +58,17 @@ def metrics_frame(metrics: dict[str, Metric], prefix: dict[str, Any] | None = No
     rows, tips = [], {}
     for i, (name, m) in enumerate(metrics.items()):
         row = dict(prefix or {})
-        row.update({
-            "metric": name, "value": m.value, "unit": m.unit or "",
-            "CI": (f"[{m.ci_low:.4g}, {m.ci_high:.4g}]" if m.ci_low is not None and m.ci_high is not None else ""),
-            "level": m.ci_level, "better": {True: "higher", False: "lower", None: "—"}[m.higher_is_better],
-            "description": m.description or "",
-        })
+        row.update(
+            {
+                "metric": name,
+                "value": m.value,
+                "unit": m.unit or "",
+                "CI": (f"[{m.ci_low:.4g}, {m.ci_high:.4g}]" if m.ci_low is not None and m.ci_high is not None else ""),
+                "level": m.ci_level,
+                "better": {True: "higher", False: "lower", None: "—"}[m.higher_is_better],
+                "description": m.description or "",
+            }
+        )
         rows.append(row)
         if m.description:
             tips[(i, "value")] = f"{m.description}" + (f" ({m.unit})" if m.unit else "")
@@ -83,13 +88,19 @@ def _jsonable(v: Any) -> str:
 def table_frame(value: Any) -> pd.DataFrame | None:
     """A module's table as a DataFrame when it has a tabular shape, else None."""
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-        rows = [{k: (v if isinstance(v, (int, float, str, bool)) or v is None else _jsonable(v))
-                 for k, v in row.items()} for row in value[:500]]
+        rows = [
+            {k: (v if isinstance(v, (int, float, str, bool)) or v is None else _jsonable(v)) for k, v in row.items()}
+            for row in value[:500]
+        ]
         return pd.DataFrame(rows)
     if isinstance(value, dict) and value and all(not isinstance(v, (dict, list)) for v in value.values()):
         return pd.DataFrame({"key": list(value), "value": [str(v) for v in value.values()]})
-    if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()) and \
-            all(all(not isinstance(x, (dict, list)) for x in v.values()) for v in value.values()):
+    if (
+        isinstance(value, dict)
+        and value
+        and all(isinstance(v, dict) for v in value.values())
+        and all(all(not isinstance(x, (dict, list)) for x in v.values()) for v in value.values())
+    ):
         rows = [{"name": k, **v} for k, v in value.items()]
         return pd.DataFrame(rows)
     return None
@@ -171,20 +182,40 @@ def render_findings(sink: Sink, findings: list[tuple[AuditResult, Any]], *, empt
         if empty:
             sink.caption(empty)
         return
-    ordered = sorted(findings, key=lambda rf: (0 if rf[1].gate is not None and not rf[1].gate.passed else 1,
-                                               SEVERITY_RANK.get(rf[1].severity, 9)))
-    rows = [{"severity": f.severity, "failed gate": "yes" if f.gate is not None and not f.gate.passed else "",
-             "module": r.module, "target": r.target, "title": f.title, "detail": f.detail, "metric": f.metric or ""}
-            for r, f in ordered]
-    sink.table(pd.DataFrame(rows), help={"severity": "critical > high > medium > low > info",
-                                         "failed gate": "This finding is a recipe fail_if gate that failed.",
-                                         "detail": "What was seen and why it matters."})
+    ordered = sorted(
+        findings,
+        key=lambda rf: (
+            0 if rf[1].gate is not None and not rf[1].gate.passed else 1,
+            SEVERITY_RANK.get(rf[1].severity, 9),
+        ),
+    )
+    rows = [
+        {
+            "severity": f.severity,
+            "failed gate": "yes" if f.gate is not None and not f.gate.passed else "",
+            "module": r.module,
+            "target": r.target,
+            "title": f.title,
+            "detail": f.detail,
+            "metric": f.metric or "",
+        }
+        for r, f in ordered
+    ]
+    sink.table(
+        pd.DataFrame(rows),
+        help={
+            "severity": "critical > high > medium > low > info",
+            "failed gate": "This finding is a recipe fail_if gate that failed.",
+            "detail": "What was seen and why it matters.",
+        },
+    )
 
 
 def render_curve_block(sink: Sink, name: str, c: Curve, key: str) -> None:
     roc = is_roc(name, c)
-    fig = F.roc_figure([(roc_attack_name(name), c, {})], title=name) if roc else \
-        F.curves_figure([(name, c)], title=name)
+    fig = (
+        F.roc_figure([(roc_attack_name(name), c, {})], title=name) if roc else F.curves_figure([(name, c)], title=name)
+    )
     sink.figure(fig, key=key)
     if c.description:
         sink.caption(c.description)
@@ -194,8 +225,14 @@ def render_table_block(sink: Sink, name: str, value: Any, key: str) -> None:
     if isinstance(value, dict) and "matrix" in value and isinstance(value.get("matrix"), list):
         labels = value.get("labels") or list(range(len(value["matrix"])))
         try:
-            fig = F.matrix_figure(value["matrix"], labels, labels, name, str(value.get("columns", "predicted")),
-                                  str(value.get("rows", "true")))
+            fig = F.matrix_figure(
+                value["matrix"],
+                labels,
+                labels,
+                name,
+                str(value.get("columns", "predicted")),
+                str(value.get("rows", "true")),
+            )
             sink.figure(fig, key=key)
             return
         except Exception:
@@ -209,8 +246,16 @@ def render_table_block(sink: Sink, name: str, value: Any, key: str) -> None:
         sink.code(json.dumps(value, indent=2, ensure_ascii=False)[:20000])
 
 
-def render_generic(sink: Sink, r: AuditResult, entry: RunEntry, *, key: str, show_status: bool = True,
-                   skip_curves: frozenset[str] | set[str] = frozenset(), images: bool = True) -> None:
+def render_generic(
+    sink: Sink,
+    r: AuditResult,
+    entry: RunEntry,
+    *,
+    key: str,
+    show_status: bool = True,
+    skip_curves: frozenset[str] | set[str] = frozenset(),
+    images: bool = True,
+) -> None:
     """Everything one result holds, for any module (curves a specific view already drew are skipped)."""
     if show_status and render_status(sink, r):
         return
@@ -242,7 +287,7 @@ def render_images(sink: Sink, entry: RunEntry, images: list[Any], limit: int = 2
     shown = 0
     for start in range(0, min(len(pairs), limit), per_row):
         cols = sink.columns(per_row)
-        for col, (rel, caption) in zip(cols, pairs[start: start + per_row]):
+        for col, (rel, caption) in zip(cols, pairs[start : start + per_row]):
             p = safe_child(entry.path, rel)
             if p is None:
                 col.caption(f"{rel}: not found inside the run folder")

@@ -12,15 +12,21 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from fmaudit.report import (MAX_REPORT_BYTES, SCHEMA_VERSION, AuditResult, EventLog, ReportError, RunReport,
-                            load_report)
+from fmaudit.report import MAX_REPORT_BYTES, SCHEMA_VERSION, AuditResult, EventLog, ReportError, RunReport, load_report
 
 # ok: a readable report; partial: events.jsonl only (interrupted or running); the rest cannot be shown:
 # old_schema / new_schema (written by another fmaudit), corrupt (cut short, not the schema), too_large,
 # empty (a folder in the reports folder with neither report.json nor events.jsonl).
 State = Literal["ok", "old_schema", "new_schema", "corrupt", "too_large", "partial", "empty"]
-STATE_LABELS = {"ok": "ok", "old_schema": "old schema", "new_schema": "newer schema", "corrupt": "corrupt",
-                "too_large": "too large", "partial": "partial", "empty": "empty"}
+STATE_LABELS = {
+    "ok": "ok",
+    "old_schema": "old schema",
+    "new_schema": "newer schema",
+    "corrupt": "corrupt",
+    "too_large": "too large",
+    "partial": "partial",
+    "empty": "empty",
+}
 
 SEVERITIES = ("critical", "high", "medium", "low", "info")
 SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
@@ -92,9 +98,14 @@ def load_entry(root: Path, run_dir: Path, *, empty_ok: bool = False) -> RunEntry
         except OSError:
             mtime = 0.0
         what = "empty" if not _any_child(run_dir) else "holds neither report.json nor events.jsonl"
-        return RunEntry(name=name, path=run_dir, state="empty", mtime=mtime,
-                        notice=f"This folder is {what}: not a run, or a run that was stopped before it started "
-                               "(nothing to show or resume).")
+        return RunEntry(
+            name=name,
+            path=run_dir,
+            state="empty",
+            mtime=mtime,
+            notice=f"This folder is {what}: not a run, or a run that was stopped before it started "
+            "(nothing to show or resume).",
+        )
     mtime = max((p.stat().st_mtime for p in (report_path, events_path) if p.is_file()), default=0.0)
     entry = RunEntry(name=name, path=run_dir, state="ok", mtime=mtime)
     if has_report:
@@ -104,17 +115,23 @@ def load_entry(root: Path, run_dir: Path, *, empty_ok: bool = False) -> RunEntry
             entry.schema_version = exc.version
             if exc.kind == "older_schema":
                 entry.state = "old_schema"
-                entry.notice = (f"This report uses schema {exc.version}; this dashboard reads schema "
-                                f"{SCHEMA_VERSION}. Re-run the recipe stored in it, or open it with the fmaudit "
-                                "version that wrote it.")
+                entry.notice = (
+                    f"This report uses schema {exc.version}; this dashboard reads schema "
+                    f"{SCHEMA_VERSION}. Re-run the recipe stored in it, or open it with the fmaudit "
+                    "version that wrote it."
+                )
             elif exc.kind == "newer_schema":
                 entry.state = "new_schema"
-                entry.notice = (f"This report uses schema {exc.version}, newer than this dashboard reads "
-                                f"({SCHEMA_VERSION}): it was written by a newer fmaudit; upgrade fmaudit to open it.")
+                entry.notice = (
+                    f"This report uses schema {exc.version}, newer than this dashboard reads "
+                    f"({SCHEMA_VERSION}): it was written by a newer fmaudit; upgrade fmaudit to open it."
+                )
             elif exc.kind == "too_large":
                 entry.state = "too_large"
-                entry.notice = (f"report.json is larger than {MAX_REPORT_BYTES // 2**20} MiB; not loaded (a report this size "
-                                "usually stores too many examples: re-run with fewer evidence items).")
+                entry.notice = (
+                    f"report.json is larger than {MAX_REPORT_BYTES // 2**20} MiB; not loaded (a report this size "
+                    "usually stores too many examples: re-run with fewer evidence items)."
+                )
             else:
                 entry.state = "corrupt"
                 entry.notice = f"report.json could not be read: {_short(_relative(str(exc), run_dir))}"
@@ -153,9 +170,11 @@ def _fill_from_events(entry: RunEntry, events_path: Path, has_report: bool) -> N
                 continue
     if not has_report:
         entry.state = "partial"
-        entry.notice = (f"No report.json: this run was interrupted or is still running. "
-                        f"{len(entry.partial_results)} completed unit(s) recovered from events.jsonl; "
-                        "`fmaudit run RECIPE --resume` finishes it.")
+        entry.notice = (
+            f"No report.json: this run was interrupted or is still running. "
+            f"{len(entry.partial_results)} completed unit(s) recovered from events.jsonl; "
+            "`fmaudit run RECIPE --resume` finishes it."
+        )
 
 
 def _any_child(folder: Path) -> bool:
@@ -168,7 +187,7 @@ def _any_child(folder: Path) -> bool:
 def _relative(message: str, run_dir: Path) -> str:
     """A report error without the absolute path in front (the entry already names the run)."""
     prefix = f"{run_dir / 'report.json'}: "
-    return message[len(prefix):] if message.startswith(prefix) else message
+    return message[len(prefix) :] if message.startswith(prefix) else message
 
 
 def _short(text: str, n: int = 600) -> str:
@@ -237,17 +256,19 @@ def run_rows(entries: list[RunEntry]) -> list[dict]:
         for r in results:
             for f in r.findings:
                 sev[f.severity] += 1
-        rows.append({
-            "run": e.label,
-            "date": format_date(e.created_at),
-            "recipe": e.recipe_name or "—",
-            "targets": ", ".join(e.report.targets) if e.report else ", ".join(sorted({r.target for r in results})),
-            "gates": gate_verdict(e),
-            "state": e.report.status if e.state == "ok" and e.report else STATE_LABELS.get(e.state, e.state),
-            "modules ok": sum(r.status == "ok" for r in results),
-            "modules errored": sum(r.status == "error" for r in results),
-            "critical/high findings": sev["critical"] + sev["high"],
-            "module statuses": module_statuses(results) or "—",
-            "notice": e.notice or "",
-        })
+        rows.append(
+            {
+                "run": e.label,
+                "date": format_date(e.created_at),
+                "recipe": e.recipe_name or "—",
+                "targets": ", ".join(e.report.targets) if e.report else ", ".join(sorted({r.target for r in results})),
+                "gates": gate_verdict(e),
+                "state": e.report.status if e.state == "ok" and e.report else STATE_LABELS.get(e.state, e.state),
+                "modules ok": sum(r.status == "ok" for r in results),
+                "modules errored": sum(r.status == "error" for r in results),
+                "critical/high findings": sev["critical"] + sev["high"],
+                "module statuses": module_statuses(results) or "—",
+                "notice": e.notice or "",
+            }
+        )
     return rows

@@ -44,8 +44,8 @@ class Sink(Protocol):  # pragma: no cover - interface
     def html(self, fragment: str) -> None: ...
     def image(self, png: bytes, caption: str = "") -> None: ...
     def code(self, text: str) -> None: ...
-    def columns(self, n: int) -> list["Sink"]: ...
-    def section(self, title: str, expanded: bool = True) -> "Sink": ...
+    def columns(self, n: int) -> list[Sink]: ...
+    def section(self, title: str, expanded: bool = True) -> Sink: ...
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -80,7 +80,7 @@ class StreamlitSink(Sink):
         if not cards:
             return
         for row_start in range(0, len(cards), per_row):  # a narrow column takes fewer, so no value is cut off
-            row = cards[row_start: row_start + per_row]
+            row = cards[row_start : row_start + per_row]
             cols = self.c.columns(len(row))
             for col, card in zip(cols, row):
                 col.metric(card.label, card.value, help=card.help)
@@ -135,8 +135,10 @@ class HtmlSink(Sink):
                     out.append(f'<div class="cols">{cells}</div>')
                 elif kind == "section":
                     title, sink, expanded = payload
-                    out.append(f'<details{" open" if expanded else ""}><summary>{html.escape(title)}</summary>'
-                               f"{sink.render()}</details>")
+                    out.append(
+                        f"<details{' open' if expanded else ''}><summary>{html.escape(title)}</summary>"
+                        f"{sink.render()}</details>"
+                    )
         return "".join(out)
 
     def header(self, text: str, level: int = 2) -> None:
@@ -158,13 +160,17 @@ class HtmlSink(Sink):
             return
         items = "".join(
             f'<div class="card" title="{html.escape(c.help or "")}"><div class="label">{html.escape(c.label)}'
-            f'{" (?)" if c.help else ""}</div><div class="value">{html.escape(c.value)}</div></div>' for c in cards)
+            f'{" (?)" if c.help else ""}</div><div class="value">{html.escape(c.value)}</div></div>'
+            for c in cards
+        )
         self.parts.append(f'<div class="cards">{items}</div>')
 
     def table(self, df: pd.DataFrame, *, help: dict[str, str] | None = None, key: str | None = None) -> None:
         help = help or {}
-        head = "".join(f'<th title="{html.escape(help.get(str(c), "click to sort"))}">{html.escape(str(c))}</th>'
-                       for c in df.columns)
+        head = "".join(
+            f'<th title="{html.escape(help.get(str(c), "click to sort"))}">{html.escape(str(c))}</th>'
+            for c in df.columns
+        )
         rows = []
         tips = df.attrs.get("tooltips") or {}
         for i, (_, row) in enumerate(df.iterrows()):
@@ -178,21 +184,27 @@ class HtmlSink(Sink):
                     sort = f' data-sort="{float(v)!r}"'
                 cells.append(f"<td{title}{sort}>{html.escape(_cell(v))}</td>")
             rows.append("<tr>" + "".join(cells) + "</tr>")
-        self.parts.append(f'<table class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}'
-                          "</tbody></table>")
+        self.parts.append(
+            f'<table class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+        )
 
     def figure(self, fig: Any, key: str | None = None) -> None:
         self.figures += 1
-        self.parts.append('<div class="fig">' + fig.to_html(full_html=False, include_plotlyjs=False,
-                                                            config={"displaylogo": False}) + "</div>")
+        self.parts.append(
+            '<div class="fig">'
+            + fig.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False})
+            + "</div>"
+        )
 
     def html(self, fragment: str) -> None:
         self.parts.append(fragment)
 
     def image(self, png: bytes, caption: str = "") -> None:
         data = base64.b64encode(png).decode("ascii")
-        self.parts.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
-                          f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        self.parts.append(
+            f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
 
     def code(self, text: str) -> None:
         self.parts.append(f"<pre>{html.escape(text)}</pre>")

@@ -12,8 +12,14 @@ import pandas as pd
 
 from dashboard import figures as F
 from dashboard.fragments import verdict_block_html
-from dashboard.generic import (notice_for_entry, private_targets, render_findings, render_generic, render_status,
-                               result_title)
+from dashboard.generic import (
+    notice_for_entry,
+    private_targets,
+    render_findings,
+    render_generic,
+    render_status,
+    result_title,
+)
 from dashboard.renderers import RENDERERS, renderers_for
 from dashboard.runs import SEVERITIES, RunEntry, gate_verdict, run_rows
 from dashboard.sinks import Card, Sink
@@ -37,7 +43,6 @@ RUN_HELP = {
 }
 
 
-
 # ---------------------------------------------------------------------------------------------------
 # Runs
 
@@ -47,9 +52,12 @@ def view_runs(sink: Sink, entries: list[RunEntry]) -> pd.DataFrame:
     if df.empty:
         sink.notice("info", "No runs in this folder: `fmaudit run RECIPE -o FOLDER` writes one run folder per run.")
         return df
-    help_ = {**RUN_HELP, "state": "complete / interrupted; otherwise why the run cannot be shown: 'partial' (no "
-                                  "report yet, units recovered from events.jsonl), 'corrupt', 'old schema', "
-                                  "'newer schema', 'too large' or 'empty' (see the notice column)."}
+    help_ = {
+        **RUN_HELP,
+        "state": "complete / interrupted; otherwise why the run cannot be shown: 'partial' (no "
+        "report yet, units recovered from events.jsonl), 'corrupt', 'old schema', "
+        "'newer schema', 'too large' or 'empty' (see the notice column).",
+    }
     sink.table(df, help=help_, key="runs-table")
     return df
 
@@ -68,26 +76,38 @@ def view_overview(sink: Sink, entry: RunEntry) -> None:
     rep = entry.report
     results = entry.results
     if rep is not None:
-        sink.caption(f"recipe {rep.name} · started {rep.created_at} · fmaudit {rep.fmaudit_version} · seed "
-                     f"{rep.seed} · {rep.host.device} on {rep.host.hostname} · recipe sha256 {rep.recipe_sha256[:12]}")
+        sink.caption(
+            f"recipe {rep.name} · started {rep.created_at} · fmaudit {rep.fmaudit_version} · seed "
+            f"{rep.seed} · {rep.host.device} on {rep.host.hostname} · recipe sha256 {rep.recipe_sha256[:12]}"
+        )
     # The verdict per area first: what a reviewer should conclude, with the numbers behind it.
     from fmaudit.verdict import verdicts, verdicts_from_results
 
     sink.header("Verdict per area", level=2)
     sink.html(verdict_block_html(verdicts(rep) if rep is not None else verdicts_from_results(results)))
-    sink.caption("One line per area from the findings, gates and metrics (rules: fmaudit.verdict); colour = "
-                 "the worst part: red high / critical, orange medium, yellow low, green nothing found, purple "
-                 "errored, grey not run." + ("" if rep is not None else " From the units that finished."))
+    sink.caption(
+        "One line per area from the findings, gates and metrics (rules: fmaudit.verdict); colour = "
+        "the worst part: red high / critical, orange medium, yellow low, green nothing found, purple "
+        "errored, grey not run." + ("" if rep is not None else " From the units that finished.")
+    )
     if rep is not None:
         verdict = gate_verdict(entry)
-        sink.cards([
-            Card("gates", verdict, "Overall verdict of the recipe's fail_if gates."),
-            Card("exit code", str(rep.exit_code), "0 all gates pass, 1 a gate failed, 3 a module errored, "
-                                                   "130 interrupted."),
-            Card("units", f"{sum(r.status == 'ok' for r in results)} ok / {len(results)}",
-                 "Audit units (module x target) that finished."),
-            Card("total time", F.fmt(rep.timings.get("total_s"), "s"), "Wall time of the whole run, seconds."),
-        ])
+        sink.cards(
+            [
+                Card("gates", verdict, "Overall verdict of the recipe's fail_if gates."),
+                Card(
+                    "exit code",
+                    str(rep.exit_code),
+                    "0 all gates pass, 1 a gate failed, 3 a module errored, 130 interrupted.",
+                ),
+                Card(
+                    "units",
+                    f"{sum(r.status == 'ok' for r in results)} ok / {len(results)}",
+                    "Audit units (module x target) that finished.",
+                ),
+                Card("total time", F.fmt(rep.timings.get("total_s"), "s"), "Wall time of the whole run, seconds."),
+            ]
+        )
     # Failed gates first.
     gates = [(r, g) for r in results for g in r.gates]
     failed = [(r, g) for r, g in gates if not g.passed]
@@ -110,18 +130,26 @@ def view_overview(sink: Sink, entry: RunEntry) -> None:
     priv = private_targets(rep)
     targets = list(rep.targets.values()) if rep is not None else []
     for t in targets:
-        row = {"target": t.name, "kind": t.kind, "architecture": t.architecture,
-               "parameters": t.num_parameters, "trainable": t.num_trainable_parameters,
-               "source": t.source, "private (DP)": "yes" if t.name in priv else "no",
-               "fine-tuned on": (t.finetune or {}).get("data", "—") if t.finetune else "—"}
+        row = {
+            "target": t.name,
+            "kind": t.kind,
+            "architecture": t.architecture,
+            "parameters": t.num_parameters,
+            "trainable": t.num_trainable_parameters,
+            "source": t.source,
+            "private (DP)": "yes" if t.name in priv else "no",
+            "fine-tuned on": (t.finetune or {}).get("data", "—") if t.finetune else "—",
+        }
         u = util.get(t.name)
         for k in UTILITY_KEYS:
             if u is not None and k in u.metrics:
                 row[k] = u.metrics[k].value
         rows.append(row)
     if rows:
-        help = {"parameters": "Number of parameters of the model.",
-                "private (DP)": "Produced by differentially private fine-tuning in this run."}
+        help = {
+            "parameters": "Number of parameters of the model.",
+            "private (DP)": "Produced by differentially private fine-tuning in this run.",
+        }
         if util:
             any_u = next(iter(util.values()))
             for k in UTILITY_KEYS:
@@ -130,16 +158,28 @@ def view_overview(sink: Sink, entry: RunEntry) -> None:
                     help[k] = f"{m.description or k} ({m.unit or 'no unit'}; from the utility module)"
         sink.table(pd.DataFrame(rows), help=help, key="targets-table")
         if not util:
-            sink.caption("No utility module in this run: add `- use: utility` to the recipe to see each target's "
-                         "clean performance here.")
+            sink.caption(
+                "No utility module in this run: add `- use: utility` to the recipe to see each target's "
+                "clean performance here."
+            )
     elif not targets:
         sink.caption("Targets are listed in report.json, which this run does not have.")
     # Module statuses.
     sink.header("Audit units", level=2)
-    srows = [{"unit": r.unit_id, "module": r.module, "category": r.category, "target": r.target,
-              "status": r.status, "duration (s)": r.duration_s, "findings": len(r.findings),
-              "gates": ("FAIL" if any(not g.passed for g in r.gates) else "pass") if r.gates else "—",
-              "error": f"{r.error.type}: {r.error.message}" if r.error else ""} for r in results]
+    srows = [
+        {
+            "unit": r.unit_id,
+            "module": r.module,
+            "category": r.category,
+            "target": r.target,
+            "status": r.status,
+            "duration (s)": r.duration_s,
+            "findings": len(r.findings),
+            "gates": ("FAIL" if any(not g.passed for g in r.gates) else "pass") if r.gates else "—",
+            "error": f"{r.error.type}: {r.error.message}" if r.error else "",
+        }
+        for r in results
+    ]
     if srows:
         sink.table(pd.DataFrame(srows), help={"duration (s)": "Wall time of the unit, seconds."}, key="units-table")
     for r in results:
@@ -184,5 +224,12 @@ def view_category(sink: Sink, entry: RunEntry, view: str) -> None:
         specific = RENDERERS.get(r.module)
         skip = {n for n in r.curves if specific is not None and specific.draws(n)}
         title = f"{result_title(r)} — " + ("all metrics, curves and tables" if expanded else "more details")
-        render_generic(sink.section(title, expanded=expanded), r, entry, key=f"{category}-{i}", show_status=False,
-                       skip_curves=skip, images=expanded)
+        render_generic(
+            sink.section(title, expanded=expanded),
+            r,
+            entry,
+            key=f"{category}-{i}",
+            show_status=False,
+            skip_curves=skip,
+            images=expanded,
+        )

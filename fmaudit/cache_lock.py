@@ -18,8 +18,8 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 class CacheLockTimeout(TimeoutError):
@@ -57,8 +57,9 @@ def _unlock_file(fd: int) -> None:
 
 
 @contextlib.contextmanager
-def entry_lock(parent: str | os.PathLike[str], name: str, *, timeout: float | None = None,
-               poll: float = 0.1) -> Iterator[Path]:
+def entry_lock(
+    parent: str | os.PathLike[str], name: str, *, timeout: float | None = None, poll: float = 0.1
+) -> Iterator[Path]:
     """Hold an exclusive lock for cache entry `parent/name` (lock file `parent/.name.lock`).
 
     Blocks until the lock is free (another process is building the same entry: waiting is cheaper than
@@ -74,8 +75,10 @@ def entry_lock(parent: str | os.PathLike[str], name: str, *, timeout: float | No
             deadline = time.monotonic() + timeout
             while not _lock_file(fd, blocking=False):
                 if time.monotonic() >= deadline:
-                    raise CacheLockTimeout(f"cache entry {parent / name} is locked by another process "
-                                           f"(waited {timeout:g} s; lock file {path})")
+                    raise CacheLockTimeout(
+                        f"cache entry {parent / name} is locked by another process "
+                        f"(waited {timeout:g} s; lock file {path})"
+                    )
                 time.sleep(poll)
         try:
             yield path

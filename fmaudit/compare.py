@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from fmaudit.report import AuditResult, Metric
 
@@ -39,8 +39,17 @@ RTOL = 1e-6
 ATOL = 1e-12
 
 TIME_UNITS = {"seconds", "second", "s", "sec", "secs", "ms", "milliseconds", "minutes", "min", "hours", "h"}
-COST_METRICS = {"reference_cost_ratio", "train_seconds", "wall_time_per_example_s", "duration_s", "total_s",
-                "images_per_second", "build_seconds", "attack_seconds", "canary_run_seconds"}
+COST_METRICS = {
+    "reference_cost_ratio",
+    "train_seconds",
+    "wall_time_per_example_s",
+    "duration_s",
+    "total_s",
+    "images_per_second",
+    "build_seconds",
+    "attack_seconds",
+    "canary_run_seconds",
+}
 _COST_NAME = re.compile(r"(_seconds|_s|_ms)$|seconds|wall_time|per_example|per_second|cost_ratio")
 _TIMEISH = re.compile(r"time|cost|speed|second")
 
@@ -110,8 +119,9 @@ def interval_bound(a: Metric, b: Metric) -> float | None:
     return math.sqrt(sum(x * x for x in arms))
 
 
-def diff_metric(module: str, target: str, name: str, a: Metric | None, b: Metric | None, *, rtol: float = RTOL,
-                atol: float = ATOL) -> MetricDiff:
+def diff_metric(
+    module: str, target: str, name: str, a: Metric | None, b: Metric | None, *, rtol: float = RTOL, atol: float = ATOL
+) -> MetricDiff:
     m = a or b
     kind = "cost" if is_cost_metric(name, m) else "audit"
     va, vb = _value(a), _value(b)
@@ -153,8 +163,9 @@ def index_metrics(results: Iterable[AuditResult]) -> dict[tuple[str, str, str], 
     return out
 
 
-def compare_results(a: Iterable[AuditResult], b: Iterable[AuditResult], *, rtol: float = RTOL,
-                    atol: float = ATOL) -> list[MetricDiff]:
+def compare_results(
+    a: Iterable[AuditResult], b: Iterable[AuditResult], *, rtol: float = RTOL, atol: float = ATOL
+) -> list[MetricDiff]:
     """Every metric of both runs, matched on (module, target, metric), sorted by that key."""
     ia, ib = index_metrics(a), index_metrics(b)
     return [diff_metric(*k, ia.get(k), ib.get(k), rtol=rtol, atol=atol) for k in sorted(set(ia) | set(ib))]

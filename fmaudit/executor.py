@@ -17,7 +17,8 @@ Rules for a mapped function, so that it runs the same everywhere:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -33,8 +34,17 @@ class TaskFailed(RuntimeError):
     """One item of a `map` could not be completed: `fn` raised, or (remote executors) its worker process
     died more often than the retries allow. `cause` is the original exception when there is one."""
 
-    def __init__(self, index: int, item: Any, message: str, *, cause: BaseException | None = None,
-                 crashed: bool = False, attempts: int = 1, remote_traceback: str | None = None):
+    def __init__(
+        self,
+        index: int,
+        item: Any,
+        message: str,
+        *,
+        cause: BaseException | None = None,
+        crashed: bool = False,
+        attempts: int = 1,
+        remote_traceback: str | None = None,
+    ):
         super().__init__(message)
         self.index = index
         self.item = item
@@ -116,11 +126,12 @@ def shards(items: Sequence[T], shard_size: int) -> list[list[T]]:
     if shard_size < 1:
         raise ValueError("shard_size must be at least 1")
     items = list(items)
-    return [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
+    return [items[i : i + shard_size] for i in range(0, len(items), shard_size)]
 
 
-def map_sharded(executor: Executor, fn: Callable[[list[T]], Sequence[R]], items: Sequence[T], *,
-                shard_size: int) -> list[R]:
+def map_sharded(
+    executor: Executor, fn: Callable[[list[T]], Sequence[R]], items: Sequence[T], *, shard_size: int
+) -> list[R]:
     """Sharded work: `fn(chunk) -> one result per item of chunk`, run over consecutive chunks through
     `executor`; results flattened back into item order. For modules that attack or score many examples:
     each shard is one task, what `fn` captures (the model) travels once."""

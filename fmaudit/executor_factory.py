@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from fmaudit.executor import RAY_EXTRA_HINT, Executor, ExecutorUnavailable, LocalExecutor
 
@@ -26,8 +27,9 @@ def _local(spec: Any) -> Executor:
 
 def _ray(spec: Any) -> Executor:
     if not ray_available():
-        raise ExecutorUnavailable(f"the ray executor needs Ray, which is not installed; {RAY_EXTRA_HINT} "
-                                  "(or run with --executor local)")
+        raise ExecutorUnavailable(
+            f"the ray executor needs Ray, which is not installed; {RAY_EXTRA_HINT} (or run with --executor local)"
+        )
     from fmaudit.ray_executor import RayExecutor
 
     return RayExecutor.from_spec(spec) if not isinstance(spec, str) else RayExecutor()

@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from fmaudit.report import EventLog
 
@@ -26,7 +27,7 @@ class Interrupts:
         self.pending: int | None = None
         self._old: dict[int, Any] = {}
 
-    def install(self) -> "Interrupts":
+    def install(self) -> Interrupts:
         if threading.current_thread() is not threading.main_thread():
             return self
         for sig in self.SIGNALS:

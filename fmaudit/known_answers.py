@@ -15,14 +15,23 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-__all__ = ["ScenarioResult", "membership_null", "membership_planted_leak", "dp_canary_consistency", "seed_independence",
-           "same_seed_same_numbers", "SCENARIOS", "run_all"]
+__all__ = [
+    "ScenarioResult",
+    "membership_null",
+    "membership_planted_leak",
+    "dp_canary_consistency",
+    "seed_independence",
+    "same_seed_same_numbers",
+    "SCENARIOS",
+    "run_all",
+]
 
 CLASSIFIER_ATTACKS = ["loss", "confidence", "entropy", "lira_online", "lira_offline", "rmia", "rmia_offline"]
 
@@ -83,8 +92,9 @@ def _mlp(seed: int, hidden: int = 128):
 
     torch.manual_seed(derive(seed, Stream.HEAD_INIT))
     net = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
-    return ImageClassifier(name="mlp", model=PixelClassifier(net), source="known-answer", kind="torch-module",
-                           num_classes=10)
+    return ImageClassifier(
+        name="mlp", model=PixelClassifier(net), source="known-answer", kind="torch-module", num_classes=10
+    )
 
 
 def _stratified_split(data, seed: int):
@@ -108,23 +118,30 @@ def _finetune(base, members, *, epochs: int, lr: float, seed: int, batch_size: i
     target = base.copy("mlp-trained")
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, trainable="all", seed=seed)
     stats = train(target, members, config)
-    target.provenance = Provenance(train=config, train_seconds=stats.duration_s,
-                                   base_weights_sha256=base.weights_sha256())
+    target.provenance = Provenance(
+        train=config, train_seconds=stats.duration_s, base_weights_sha256=base.weights_sha256()
+    )
     return target
 
 
 def _ctx(work: Path, data, split, base, seed: int):
     from fmaudit.testing import audit_context
 
-    return audit_context(work, data=data, split=split, base=base, seed=seed,
-                         unit_id="known-answer:privacy.membership")
+    return audit_context(work, data=data, split=split, base=base, seed=seed, unit_id="known-answer:privacy.membership")
 
 
 def _membership(target, ctx, *, attacks: list[str], references: int, params: dict[str, Any] | None = None):
     from fmaudit.audits.privacy.membership import MembershipAudit
 
-    mod = MembershipAudit({"attacks": attacks, "reference_models": references, "reference_trainable": "all",
-                           "bootstrap": 300, **(params or {})})
+    mod = MembershipAudit(
+        {
+            "attacks": attacks,
+            "reference_models": references,
+            "reference_trainable": "all",
+            "bootstrap": 300,
+            **(params or {}),
+        }
+    )
     problems = mod.check(target, ctx.data)
     if problems:
         raise ValueError("; ".join(problems))
@@ -133,10 +150,16 @@ def _membership(target, ctx, *, attacks: list[str], references: int, params: dic
 
 def _headline(out) -> dict[str, Any]:
     m = out.metrics
-    return {"auc": m["auc"].value, "auc_null": m["auc_null"].value, "auc_p": m["auc_p_value"].value,
-            "tpr@1%": m["tpr_at_1pct_fpr"].value, "tpr@1%_ci_high": m["tpr_at_1pct_fpr"].ci_high,
-            "advantage": m["advantage"].value, "advantage_null": m["advantage_null"].value,
-            "attack": out.tables["headline"]["metrics"]["auc"]["attack"]}
+    return {
+        "auc": m["auc"].value,
+        "auc_null": m["auc_null"].value,
+        "auc_p": m["auc_p_value"].value,
+        "tpr@1%": m["tpr_at_1pct_fpr"].value,
+        "tpr@1%_ci_high": m["tpr_at_1pct_fpr"].ci_high,
+        "advantage": m["advantage"].value,
+        "advantage_null": m["advantage_null"].value,
+        "attack": out.tables["headline"]["metrics"]["auc"]["attack"],
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -167,19 +190,27 @@ def membership_null(seed: int = 0, work: Path | None = None) -> ScenarioResult:
     for a, (lo, hi) in covers.items():
         c.expect(lo <= 0.5 <= hi, f"{a} AUC interval [{lo:.3f}, {hi:.3f}] excludes 0.5")
     h = _headline(out)
-    c.expect(h["auc"] <= h["auc_null"] or h["auc_p"] > 0.05,
-             f"headline AUC {h['auc']:.3f} exceeds its null reference {h['auc_null']:.3f} (p = {h['auc_p']:.3f})")
+    c.expect(
+        h["auc"] <= h["auc_null"] or h["auc_p"] > 0.05,
+        f"headline AUC {h['auc']:.3f} exceeds its null reference {h['auc_null']:.3f} (p = {h['auc_p']:.3f})",
+    )
     c.expect(h["auc"] <= 0.6, f"gate auc > 0.6 would fire (AUC {h['auc']:.3f})")
-    c.expect(any("Indistinguishable from chance" in f.title for f in out.findings) or h["auc_p"] > 0.05,
-             "no 'indistinguishable from chance' finding")
+    c.expect(
+        any("Indistinguishable from chance" in f.title for f in out.findings) or h["auc_p"] > 0.05,
+        "no 'indistinguishable from chance' finding",
+    )
     worst = max(abs(v.value - 0.5) for k, v in out.metrics.items() if k.endswith(".auc"))
-    return ScenarioResult("membership: null", not c.failures, {**h, "max_attack_auc_deviation": worst},
-                          "every AUC interval covers 0.5; headline <= null", c.failures,
-                          time.perf_counter() - t0)
+    return ScenarioResult(
+        "membership: null",
+        not c.failures,
+        {**h, "max_attack_auc_deviation": worst},
+        "every AUC interval covers 0.5; headline <= null",
+        c.failures,
+        time.perf_counter() - t0,
+    )
 
 
-def membership_planted_leak(seed: int = 0, work: Path | None = None, dp_epsilon: float | None = 1.0
-                            ) -> ScenarioResult:
+def membership_planted_leak(seed: int = 0, work: Path | None = None, dp_epsilon: float | None = 1.0) -> ScenarioResult:
     """A target that memorises (400 digits, 30% of them mislabelled, 60 epochs): the strongest attack
     must reach AUC >= 0.8 and TPR at 1% FPR well above 1%. Its DP twin (DP-SGD at `dp_epsilon` from the
     same base on the same members) must stay within its null reference."""
@@ -210,26 +241,52 @@ def membership_planted_leak(seed: int = 0, work: Path | None = None, dp_epsilon:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DPPrivacyWarning)
-            res = dp_finetune(model=base, train_data=split.members, target_epsilon=dp_epsilon, epochs=10,
-                              batch_size=64, lr=5e-3, max_grad_norm=1.0, seed=seed, cache_dir=work / "cache",
-                              split=split)
+            res = dp_finetune(
+                model=base,
+                train_data=split.members,
+                target_epsilon=dp_epsilon,
+                epochs=10,
+                batch_size=64,
+                lr=5e-3,
+                max_grad_norm=1.0,
+                seed=seed,
+                cache_dir=work / "cache",
+                split=split,
+            )
         twin = res.target
         twin.split = split
         # reference models train like the non-private target (as the runner does for a DP twin)
-        twin.provenance = Provenance(train=TrainConfig(epochs=60, batch_size=32, lr=1e-2, trainable="all", seed=seed),
-                                     base_weights_sha256=base.weights_sha256())
+        twin.provenance = Provenance(
+            train=TrainConfig(epochs=60, batch_size=32, lr=1e-2, trainable="all", seed=seed),
+            base_weights_sha256=base.weights_sha256(),
+        )
         dp_out = _membership(twin, _ctx(work, data, split, base, seed), attacks=CLASSIFIER_ATTACKS, references=4)
         d = _headline(dp_out)
-        c.expect(d["auc"] <= d["auc_null"] or d["auc_p"] > 0.05,
-                 f"DP twin (epsilon {res.epsilon:.2f}) headline AUC {d['auc']:.3f} exceeds its null "
-                 f"{d['auc_null']:.3f} (p = {d['auc_p']:.3f})")
-        c.expect(d["tpr@1%_ci_high"] is None or d["tpr@1%_ci_high"] >= 0.01,
-                 "DP twin TPR at 1% FPR interval excludes 1%")
-        numbers.update({"dp_epsilon": res.epsilon, "dp_auc": d["auc"], "dp_auc_null": d["auc_null"],
-                        "dp_auc_p": d["auc_p"], "dp_tpr@1%": d["tpr@1%"]})
-    return ScenarioResult("membership: planted leak", not c.failures, numbers,
-                          "AUC >= 0.8, TPR@1%FPR >= 5%; DP twin within its null", c.failures,
-                          time.perf_counter() - t0)
+        c.expect(
+            d["auc"] <= d["auc_null"] or d["auc_p"] > 0.05,
+            f"DP twin (epsilon {res.epsilon:.2f}) headline AUC {d['auc']:.3f} exceeds its null "
+            f"{d['auc_null']:.3f} (p = {d['auc_p']:.3f})",
+        )
+        c.expect(
+            d["tpr@1%_ci_high"] is None or d["tpr@1%_ci_high"] >= 0.01, "DP twin TPR at 1% FPR interval excludes 1%"
+        )
+        numbers.update(
+            {
+                "dp_epsilon": res.epsilon,
+                "dp_auc": d["auc"],
+                "dp_auc_null": d["auc_null"],
+                "dp_auc_p": d["auc_p"],
+                "dp_tpr@1%": d["tpr@1%"],
+            }
+        )
+    return ScenarioResult(
+        "membership: planted leak",
+        not c.failures,
+        numbers,
+        "AUC >= 0.8, TPR@1%FPR >= 5%; DP twin within its null",
+        c.failures,
+        time.perf_counter() - t0,
+    )
 
 
 def seed_independence(seeds: int = 50, n: int = 1000, references: int = 4) -> ScenarioResult:
@@ -237,9 +294,8 @@ def seed_independence(seeds: int = 50, n: int = 1000, references: int = 4) -> Sc
     the fraction of the target's members (and non-members) in each reference half is 0.5 within chance,
     for every seed. (The old code put exactly the members in reference model 0 at seed 0.)"""
     t0 = time.perf_counter()
-    from fmaudit.privacy.membership.reference_models import reference_overlap
-    from fmaudit.privacy.membership.reference_models import paired_halves
     from fmaudit.data import Dataset, member_split
+    from fmaudit.privacy.membership.reference_models import paired_halves, reference_overlap
 
     data = Dataset("ids", "ids", "text", [f"x{i}" for i in range(n)], texts=[f"t{i}" for i in range(n)])
     zs = []
@@ -258,9 +314,14 @@ def seed_independence(seeds: int = 50, n: int = 1000, references: int = 4) -> Sc
     c.expect(np.max(np.abs(zs_arr)) < 4.5, f"max |z| {np.max(np.abs(zs_arr)):.2f}")
     # under independence z ~ N(0, 1) (hypergeometric, slightly narrower): its spread must look like that
     c.expect(0.6 < np.std(zs_arr) < 1.3, f"z spread {np.std(zs_arr):.2f} is not that of chance")
-    return ScenarioResult("seeds: split vs references", not c.failures,
-                          {"seeds": seeds, "max_abs_z": float(np.max(np.abs(zs_arr))), "z_sd": float(np.std(zs_arr))},
-                          "overlap 0.5 within chance for every seed", c.failures, time.perf_counter() - t0)
+    return ScenarioResult(
+        "seeds: split vs references",
+        not c.failures,
+        {"seeds": seeds, "max_abs_z": float(np.max(np.abs(zs_arr))), "z_sd": float(np.std(zs_arr))},
+        "overlap 0.5 within chance for every seed",
+        c.failures,
+        time.perf_counter() - t0,
+    )
 
 
 def same_seed_same_numbers(seed: int = 0, work: Path | None = None) -> ScenarioResult:
@@ -277,15 +338,21 @@ def same_seed_same_numbers(seed: int = 0, work: Path | None = None) -> ScenarioR
         base = _mlp(seed)
         target = _finetune(base, split.members, epochs=10, lr=1e-2, seed=seed)
         target.split = split
-        out = _membership(target, _ctx(w, data, split, base, seed), attacks=["loss", "lira_online", "rmia"],
-                          references=2)
-        runs.append({k: (v.value, v.ci_low, v.ci_high) for k, v in out.metrics.items()
-                     if k != "reference_cost_ratio"})
+        out = _membership(
+            target, _ctx(w, data, split, base, seed), attacks=["loss", "lira_online", "rmia"], references=2
+        )
+        runs.append({k: (v.value, v.ci_low, v.ci_high) for k, v in out.metrics.items() if k != "reference_cost_ratio"})
     diff = sorted(k for k in runs[0] if runs[0][k] != runs[1].get(k))
     c = _Checks()
     c.expect(not diff, f"metrics differ between two same-seed runs: {diff[:5]}")
-    return ScenarioResult("seeds: same seed twice", not c.failures, {"metrics": len(runs[0]), "differing": len(diff)},
-                          "identical metrics", c.failures, time.perf_counter() - t0)
+    return ScenarioResult(
+        "seeds: same seed twice",
+        not c.failures,
+        {"metrics": len(runs[0]), "differing": len(diff)},
+        "identical metrics",
+        c.failures,
+        time.perf_counter() - t0,
+    )
 
 
 def dp_canary_consistency(seed: int = 0, work: Path | None = None) -> ScenarioResult:
@@ -299,29 +366,62 @@ def dp_canary_consistency(seed: int = 0, work: Path | None = None) -> ScenarioRe
     work = Path(work or tempfile.mkdtemp(prefix="fmaudit-ka-"))
     data = _digits(360, seed)
     members, pool = data.subset(np.arange(60)), data.subset(np.arange(60, 360))
-    dp = {"epochs": 12, "batch_size": 8, "delta": 1e-5, "max_grad_norm": 1.0, "lr": 5e-2, "weight_decay": 0.0,
-          "accountant": "rdp", "trainable": "all", "n_layers": 1, "clipping": "hooks"}
-    common = dict(members=members, pool=pool, train={}, num_canaries=200, kind="mislabel", score="loss", seed=seed,
-                  cache_dir=work / "cache")
+    dp = {
+        "epochs": 12,
+        "batch_size": 8,
+        "delta": 1e-5,
+        "max_grad_norm": 1.0,
+        "lr": 5e-2,
+        "weight_decay": 0.0,
+        "accountant": "rdp",
+        "trainable": "all",
+        "n_layers": 1,
+        "clipping": "hooks",
+    }
+    common = dict(
+        members=members,
+        pool=pool,
+        train={},
+        num_canaries=200,
+        kind="mislabel",
+        score="loss",
+        seed=seed,
+        cache_dir=work / "cache",
+    )
     honest = canary_audit(base=_mlp(seed), dp={**dp, "noise_multiplier": 4.0}, **common)
-    broken = canary_audit(base=_mlp(seed), dp={**dp, "noise_multiplier": 1e-6},
-                          claimed_epsilon=honest.accountant_epsilon, **common)
+    broken = canary_audit(
+        base=_mlp(seed), dp={**dp, "noise_multiplier": 1e-6}, claimed_epsilon=honest.accountant_epsilon, **common
+    )
     assert honest.accountant_epsilon is not None  # a DP run always has the accountant's epsilon
     c = _Checks()
-    c.expect(honest.epsilon_lb <= honest.accountant_epsilon,
-             f"honest run: epsilon_lb {honest.epsilon_lb:.3f} > accountant epsilon {honest.accountant_epsilon:.3f}")
-    c.expect(honest.accountant_epsilon < honest.epsilon_lb_ceiling,
-             f"the audit's ceiling {honest.epsilon_lb_ceiling:.3f} is below the claim: it could not have caught it")
+    c.expect(
+        honest.epsilon_lb <= honest.accountant_epsilon,
+        f"honest run: epsilon_lb {honest.epsilon_lb:.3f} > accountant epsilon {honest.accountant_epsilon:.3f}",
+    )
+    c.expect(
+        honest.accountant_epsilon < honest.epsilon_lb_ceiling,
+        f"the audit's ceiling {honest.epsilon_lb_ceiling:.3f} is below the claim: it could not have caught it",
+    )
     sev = [f["severity"] for f in canary_findings(broken)]
-    c.expect(broken.epsilon_lb > honest.accountant_epsilon and "critical" in sev,
-             f"mis-accounted run not flagged (epsilon_lb {broken.epsilon_lb:.3f}, findings {sev})")
+    c.expect(
+        broken.epsilon_lb > honest.accountant_epsilon and "critical" in sev,
+        f"mis-accounted run not flagged (epsilon_lb {broken.epsilon_lb:.3f}, findings {sev})",
+    )
     c.expect("critical" not in [f["severity"] for f in canary_findings(honest)], "honest run flagged critical")
-    return ScenarioResult("dp: canary consistency", not c.failures,
-                          {"honest_eps": honest.accountant_epsilon, "honest_eps_lb": honest.epsilon_lb,
-                           "ceiling": honest.epsilon_lb_ceiling, "broken_eps_lb": broken.epsilon_lb,
-                           "broken_canary_auc": broken.canary_auc},
-                          "honest: eps_lb <= eps < ceiling; noise off with eps claimed: critical", c.failures,
-                          time.perf_counter() - t0)
+    return ScenarioResult(
+        "dp: canary consistency",
+        not c.failures,
+        {
+            "honest_eps": honest.accountant_epsilon,
+            "honest_eps_lb": honest.epsilon_lb,
+            "ceiling": honest.epsilon_lb_ceiling,
+            "broken_eps_lb": broken.epsilon_lb,
+            "broken_canary_auc": broken.canary_auc,
+        },
+        "honest: eps_lb <= eps < ceiling; noise off with eps claimed: critical",
+        c.failures,
+        time.perf_counter() - t0,
+    )
 
 
 SCENARIOS: dict[str, Callable[[], ScenarioResult]] = {

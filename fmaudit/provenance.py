@@ -47,7 +47,7 @@ class DPRecord:
     empty_batches: int = 0
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> "DPRecord":
+    def from_params(cls, params: Mapping[str, Any]) -> DPRecord:
         """From `DPResult.params()` (or a report's `finetune.dp`); unknown keys are ignored."""
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in params.items() if k in known}
@@ -84,9 +84,15 @@ class Provenance:
 
     def to_report(self) -> dict[str, Any]:
         """The report's `targets[].finetune`."""
-        out: dict[str, Any] = {"data": self.data, "seed": self.seed, "base_weights_sha256": self.base_weights_sha256,
-                               "cache_key": self.cache_key, "steps": self.steps,
-                               "epoch_losses": list(self.epoch_losses), "train_seconds": self.train_seconds}
+        out: dict[str, Any] = {
+            "data": self.data,
+            "seed": self.seed,
+            "base_weights_sha256": self.base_weights_sha256,
+            "cache_key": self.cache_key,
+            "steps": self.steps,
+            "epoch_losses": list(self.epoch_losses),
+            "train_seconds": self.train_seconds,
+        }
         if self.train is not None:
             out["config"] = {k: v for k, v in asdict(self.train).items() if k != "seed"}
         if self.dp is not None:

@@ -26,16 +26,17 @@ import logging
 import re
 import sys
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, TextIO
 
 # Text that says a privacy or robustness guarantee may not hold: shown on the terminal even inside a unit.
 GUARANTEE_PATTERNS = (
-    r"Secure RNG turned off",              # Opacus: noise from a non-cryptographic generator
-    r"GDP accounting is experimental",     # Opacus: the GDP accountant can underestimate epsilon
-    r"\bDPPrivacyWarning\b",               # fmaudit.privacy.dp's own guarantee warnings
+    r"Secure RNG turned off",  # Opacus: noise from a non-cryptographic generator
+    r"GDP accounting is experimental",  # Opacus: the GDP accountant can underestimate epsilon
+    r"\bDPPrivacyWarning\b",  # fmaudit.privacy.dp's own guarantee warnings
 )
 _GUARANTEE = re.compile("|".join(GUARANTEE_PATTERNS))
 
@@ -106,8 +107,9 @@ def _terminal_streams() -> list[Any]:
 def _handlers_to_move() -> list[logging.StreamHandler]:
     """Logging handlers that write to the terminal (or to an earlier capture's writer)."""
     streams = _terminal_streams()
-    loggers = [logging.getLogger()] + [lg for lg in list(logging.Logger.manager.loggerDict.values())
-                                       if isinstance(lg, logging.Logger)]
+    loggers = [logging.getLogger()] + [
+        lg for lg in list(logging.Logger.manager.loggerDict.values()) if isinstance(lg, logging.Logger)
+    ]
     out = []
     for lg in loggers:
         for h in list(lg.handlers):
@@ -123,8 +125,11 @@ def library_output_to_log(log_path: str | Path | None, label: str | None = None)
     """Send library output (stdout, stderr, terminal logging handlers) to `log_path` for the block; guarantee
     warnings still reach the terminal. Re-entrant (an inner block is a no-op) and best-effort: when the log
     cannot be opened, or outside the main thread, the block runs unchanged."""
-    if log_path is None or getattr(_state, "active", False) or \
-            threading.current_thread() is not threading.main_thread():
+    if (
+        log_path is None
+        or getattr(_state, "active", False)
+        or threading.current_thread() is not threading.main_thread()
+    ):
         yield
         return
     try:

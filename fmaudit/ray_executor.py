@@ -19,7 +19,8 @@ How a `map(fn, items)` runs:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from fmaudit.executor import RAY_EXTRA_HINT, ExecutorUnavailable, NotSendable, OnError, TaskFailed
 
@@ -86,9 +87,16 @@ class RayExecutor:
     name = "ray"
     remote = True
 
-    def __init__(self, *, address: str | None = None, num_cpus_per_task: float = 1.0, num_gpus_per_task: float = 0.0,
-                 max_retries: int = 3, init_kwargs: dict[str, Any] | None = None,
-                 task_options: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        *,
+        address: str | None = None,
+        num_cpus_per_task: float = 1.0,
+        num_gpus_per_task: float = 0.0,
+        max_retries: int = 3,
+        init_kwargs: dict[str, Any] | None = None,
+        task_options: dict[str, Any] | None = None,
+    ):
         if num_cpus_per_task <= 0:
             raise ValueError("num_cpus_per_task must be positive")
         if num_gpus_per_task < 0 or max_retries < 0:
@@ -102,15 +110,22 @@ class RayExecutor:
         self._started_ray = False
 
     @classmethod
-    def from_spec(cls, spec: Any) -> "RayExecutor":
-        return cls(address=getattr(spec, "address", None), num_cpus_per_task=getattr(spec, "num_cpus_per_task", 1.0),
-                   num_gpus_per_task=getattr(spec, "num_gpus_per_task", 0.0),
-                   max_retries=getattr(spec, "max_retries", 3))
+    def from_spec(cls, spec: Any) -> RayExecutor:
+        return cls(
+            address=getattr(spec, "address", None),
+            num_cpus_per_task=getattr(spec, "num_cpus_per_task", 1.0),
+            num_gpus_per_task=getattr(spec, "num_gpus_per_task", 0.0),
+            max_retries=getattr(spec, "max_retries", 3),
+        )
 
     def settings(self) -> dict[str, Any]:
-        return {"address": self.address, "num_cpus_per_task": self.num_cpus_per_task,
-                "num_gpus_per_task": self.num_gpus_per_task, "max_retries": self.max_retries,
-                "task_options": self.task_options}
+        return {
+            "address": self.address,
+            "num_cpus_per_task": self.num_cpus_per_task,
+            "num_gpus_per_task": self.num_gpus_per_task,
+            "max_retries": self.max_retries,
+            "task_options": self.task_options,
+        }
 
     def __repr__(self) -> str:
         return "RayExecutor(" + ", ".join(f"{k}={v!r}" for k, v in self.settings().items()) + ")"
@@ -153,10 +168,15 @@ class RayExecutor:
             raise NotSendable(
                 f"the Ray executor could not send {getattr(fn, '__qualname__', fn)!r} to its workers: {exc}. "
                 "Everything a mapped function captures is pickled; wrap process-local helpers (progress bars, "
-                "loggers) in fmaudit.executor.LocalOnly") from exc
-        task = _remote_call(ray).options(num_cpus=self.num_cpus_per_task, num_gpus=self.num_gpus_per_task,
-                                         max_retries=self.max_retries, retry_exceptions=False,
-                                         **self.task_options)
+                "loggers) in fmaudit.executor.LocalOnly"
+            ) from exc
+        task = _remote_call(ray).options(
+            num_cpus=self.num_cpus_per_task,
+            num_gpus=self.num_gpus_per_task,
+            max_retries=self.max_retries,
+            retry_exceptions=False,
+            **self.task_options,
+        )
         refs = [task.remote([fn_ref], item) for item in items]
         where = {ref: i for i, ref in enumerate(refs)}
         results: list[Any] = [None] * len(items)
@@ -190,10 +210,23 @@ class RayExecutor:
         attempts = self.max_retries + 1
         if isinstance(exc, ray.exceptions.RayTaskError):  # fn raised: not retried
             cause = exc.cause
-            return TaskFailed(i, item, f"{type(cause).__name__}: {cause}", cause=cause, attempts=1,
-                              remote_traceback=getattr(exc, "traceback_str", None))
-        crashed = isinstance(exc, (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError,
-                                   ray.exceptions.NodeDiedError, ray.exceptions.LocalRayletDiedError))
+            return TaskFailed(
+                i,
+                item,
+                f"{type(cause).__name__}: {cause}",
+                cause=cause,
+                attempts=1,
+                remote_traceback=getattr(exc, "traceback_str", None),
+            )
+        crashed = isinstance(
+            exc,
+            (
+                ray.exceptions.WorkerCrashedError,
+                ray.exceptions.OutOfMemoryError,
+                ray.exceptions.NodeDiedError,
+                ray.exceptions.LocalRayletDiedError,
+            ),
+        )
         what = "its worker process died" if crashed else "Ray could not complete it"
         msg = f"task {i} failed: {what} on each of {attempts} attempt(s) ({type(exc).__name__}: {str(exc).strip()})"
         return TaskFailed(i, item, msg, cause=exc, crashed=crashed, attempts=attempts)
@@ -201,4 +234,3 @@ class RayExecutor:
 
 def _rebuild(settings: dict[str, Any]) -> RayExecutor:
     return RayExecutor(**settings)
-

@@ -103,8 +103,10 @@ class Registry:
     def get(self, name: str) -> type[AuditModule]:
         entries = self._discover()
         if name not in entries:
-            raise RegistryError(f"unknown audit module {name!r}{did_you_mean(name, entries, n=3)} "
-                                f"(`fmaudit list` shows the {len(entries)} available)")
+            raise RegistryError(
+                f"unknown audit module {name!r}{did_you_mean(name, entries, n=3)} "
+                f"(`fmaudit list` shows the {len(entries)} available)"
+            )
         entry = entries[name]
         if entry.loaded is None:
             mod_name, _, attr = entry.ref.partition(":")

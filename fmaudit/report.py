@@ -150,8 +150,10 @@ class CodeInfo(_Strict):
     factory: str
     file: str = Field(description="The module file that was imported (symlinks resolved).")
     sha256: str = Field(description="sha256 of that file as it was imported.")
-    allowed_by: str | None = Field(default=None, description="Why it was allowed to run: the recipe's folder, an "
-                                                             "installed package, or --allow-code-from PATH.")
+    allowed_by: str | None = Field(
+        default=None,
+        description="Why it was allowed to run: the recipe's folder, an installed package, or --allow-code-from PATH.",
+    )
 
 
 class TargetInfo(_Strict):
@@ -188,8 +190,10 @@ class RunReport(_Strict):
     created_at: str
     finished_at: str | None = None
     status: Literal["complete", "interrupted", "failed"] = Field(
-        default="complete", description="complete | interrupted (resume it) | failed (stopped by an error outside "
-                                        "any unit: see `error`; the units before it are kept)")
+        default="complete",
+        description="complete | interrupted (resume it) | failed (stopped by an error outside "
+        "any unit: see `error`; the units before it are kept)",
+    )
     exit_code: int | None = None
     error: ErrorInfo | None = Field(default=None, description="Why a `failed` run stopped.")
     seed: int
@@ -285,33 +289,48 @@ def load_report(path: str | os.PathLike[str], *, max_bytes: int | None = None) -
     limit = MAX_REPORT_BYTES if max_bytes is None else max_bytes
     size = path.stat().st_size  # FileNotFoundError when missing
     if size > limit:
-        raise ReportError(f"{path}: {size / 2**20:.0f} MiB, larger than the {limit / 2**20:.0f} MiB a report may be; "
-                          "not loaded", kind="too_large")
+        raise ReportError(
+            f"{path}: {size / 2**20:.0f} MiB, larger than the {limit / 2**20:.0f} MiB a report may be; not loaded",
+            kind="too_large",
+        )
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        hint = " (cut short: an interrupted copy or write?)" if isinstance(exc, json.JSONDecodeError) and (
-            exc.pos >= len(exc.doc.rstrip()) - 1 or exc.msg.startswith("Unterminated")) else ""
+        hint = (
+            " (cut short: an interrupted copy or write?)"
+            if isinstance(exc, json.JSONDecodeError)
+            and (exc.pos >= len(exc.doc.rstrip()) - 1 or exc.msg.startswith("Unterminated"))
+            else ""
+        )
         raise ReportError(f"{path}: not valid JSON{hint}: {_short(str(exc))}") from exc
     if not isinstance(raw, dict):
         raise ReportError(f"{path}: a report is a JSON object")
     version = str(raw.get("schema_version", "?"))
     relation = schema_relation(version)
     if relation == "newer":
-        raise ReportError(f"{path}: report schema {version} is newer than this fmaudit reads (schema "
-                          f"{SCHEMA_VERSION}); upgrade fmaudit to open it", kind="newer_schema", version=version)
+        raise ReportError(
+            f"{path}: report schema {version} is newer than this fmaudit reads (schema "
+            f"{SCHEMA_VERSION}); upgrade fmaudit to open it",
+            kind="newer_schema",
+            version=version,
+        )
     if relation in ("older", "unknown"):
         raise ReportError(
             f"{path}: report schema {version} is not readable by this fmaudit (schema {SCHEMA_VERSION}); "
             "re-run the recipe stored in it, or open it with the fmaudit version that wrote it",
-            kind="older_schema", version=version)
+            kind="older_schema",
+            version=version,
+        )
     try:
         return RunReport.model_validate(raw)
     except Exception as exc:  # pydantic.ValidationError
         if relation == "same-newer":  # e.g. 1.3 with fields this version does not know
-            raise ReportError(f"{path}: report schema {version} is newer than this fmaudit reads (schema "
-                              f"{SCHEMA_VERSION}) and has fields it does not know; upgrade fmaudit to open it",
-                              kind="newer_schema", version=version) from exc
+            raise ReportError(
+                f"{path}: report schema {version} is newer than this fmaudit reads (schema "
+                f"{SCHEMA_VERSION}) and has fields it does not know; upgrade fmaudit to open it",
+                kind="newer_schema",
+                version=version,
+            ) from exc
         raise ReportError(f"{path}: does not match the report schema: {_short(str(exc))}") from exc
 
 

@@ -34,25 +34,36 @@ def target_error_info(name: str, spec: Any, phase: str, exc: BaseException) -> E
     cause = one_line(exc)
     if phase == "load":
         message = f"target {name!r} could not be loaded from {spec.model}: {cause}"
-        hint = ("check the checkpoint: config.json, complete weights (model.safetensors / pytorch_model.bin, not "
-                "truncated), and tokenizer files for text models; re-save it with save_pretrained and run "
-                "`fmaudit validate` again")
+        hint = (
+            "check the checkpoint: config.json, complete weights (model.safetensors / pytorch_model.bin, not "
+            "truncated), and tokenizer files for text models; re-save it with save_pretrained and run "
+            "`fmaudit validate` again"
+        )
     elif phase == "finetune":
         data = spec.finetune.data if spec.finetune is not None else "?"
         message = f"target {name!r} failed while fine-tuning on {data!r}: {cause}"
-        hint = ("check that the data matches what the model expects (image channels: `grayscale: true` for "
-                "1-channel models; image size; vocabulary; num_labels), then re-run with --resume")
+        hint = (
+            "check that the data matches what the model expects (image channels: `grayscale: true` for "
+            "1-channel models; image size; vocabulary; num_labels), then re-run with --resume"
+        )
     else:
         message = f"target {name!r} could not be prepared: {cause}"
         hint = "fix the target or its data in the recipe, then re-run with --resume"
-    return ErrorInfo(type=type(exc).__name__, message=message, hint=hint,
-                     traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=20)))
+    return ErrorInfo(
+        type=type(exc).__name__,
+        message=message,
+        hint=hint,
+        traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=20)),
+    )
 
 
 def run_error_info(exc: BaseException) -> ErrorInfo:
     """The report entry of an exception that stopped the run outside any unit (a bug, or a fault the
     per-unit isolation does not cover)."""
-    return ErrorInfo(type=type(exc).__name__, message=one_line(exc),
-                     hint="results completed before the failure are kept; re-run with --resume, and report this "
-                          "with the traceback (`--debug`) if it persists",
-                     traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=30)))
+    return ErrorInfo(
+        type=type(exc).__name__,
+        message=one_line(exc),
+        hint="results completed before the failure are kept; re-run with --resume, and report this "
+        "with the traceback (`--debug`) if it persists",
+        traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=30)),
+    )

@@ -9,9 +9,10 @@ import shutil
 import signal
 import socket
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fmaudit import __version__
 from fmaudit.data import DataError, Dataset
@@ -22,8 +23,16 @@ from fmaudit.interrupts import GuardedEventLog, Interrupts
 from fmaudit.quiet import library_output_to_log
 from fmaudit.recipe import LoadedRecipe, Problem, RecipeError, load_recipe
 from fmaudit.registry import registry
-from fmaudit.report import (AuditResult, ErrorInfo, EventLog, HostInfo, RunReport, load_report, write_json_atomic,
-                            write_report)
+from fmaudit.report import (
+    AuditResult,
+    ErrorInfo,
+    EventLog,
+    HostInfo,
+    RunReport,
+    load_report,
+    write_json_atomic,
+    write_report,
+)
 from fmaudit.run_errors import PreparationError, TargetUnavailable, run_error_info
 from fmaudit.session import ProgressFactory, Session
 from fmaudit.unit_job import Unit, UnitJob, log_path, now_iso, unit_data
@@ -46,9 +55,16 @@ def _describe(target: Any) -> Any:
 
 
 class Runner:
-    def __init__(self, loaded: LoadedRecipe, *, output_dir: str | Path | None = None, resume: str | Path | None = None,
-                 progress: ProgressFactory | None = None, executor: Executor | None = None,
-                 log: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        loaded: LoadedRecipe,
+        *,
+        output_dir: str | Path | None = None,
+        resume: str | Path | None = None,
+        progress: ProgressFactory | None = None,
+        executor: Executor | None = None,
+        log: Callable[[str], None] | None = None,
+    ):
         from fmaudit.training import default_cache_dir
 
         self.loaded = loaded
@@ -69,15 +85,19 @@ class Runner:
         if self.resume_dir is not None:
             run_dir = self.resume_dir
             if not (run_dir / "events.jsonl").is_file():
-                raise PreparationError(f"{run_dir} is not an fmaudit run folder (no events.jsonl); give a folder "
-                                       "made by `fmaudit run`, or drop --resume-from to start a new run")
+                raise PreparationError(
+                    f"{run_dir} is not an fmaudit run folder (no events.jsonl); give a folder "
+                    "made by `fmaudit run`, or drop --resume-from to start a new run"
+                )
             events = EventLog(run_dir / "events.jsonl")
             started = [e for e in events.read() if e.get("entry_type") == "run_started"]
             if not started:
                 raise PreparationError(f"{run_dir} is not an fmaudit run folder (no run_started event in events.jsonl)")
             if started[0].get("recipe_sha256") != self.recipe.sha256:
-                raise PreparationError(f"{run_dir} was made by a different recipe (sha256 {started[0].get('recipe_sha256', '?')[:12]}"
-                                       f" vs {self.recipe.sha256[:12]}); resume with the same recipe or start a new run")
+                raise PreparationError(
+                    f"{run_dir} was made by a different recipe (sha256 {started[0].get('recipe_sha256', '?')[:12]}"
+                    f" vs {self.recipe.sha256[:12]}); resume with the same recipe or start a new run"
+                )
             for stale in run_dir.glob(".report.json.*.tmp"):  # a write cut short by SIGKILL (report.json is intact)
                 try:
                     stale.unlink()
@@ -97,8 +117,9 @@ class Runner:
                 k += 1
                 run_id = f"{base_id}-{k}"
             except OSError as exc:
-                raise PreparationError(f"cannot create the run folder {run_dir}: {exc}; choose another folder "
-                                       "with -o / output_dir") from exc
+                raise PreparationError(
+                    f"cannot create the run folder {run_dir}: {exc}; choose another folder with -o / output_dir"
+                ) from exc
         return run_dir, run_id, {}
 
     # -- main ------------------------------------------------------------------------------------------
@@ -146,8 +167,14 @@ class Runner:
             self.run_dir = run_dir
             events = GuardedEventLog(run_dir / "events.jsonl", interrupts)
             if fresh:
-                events.emit("run_started", run_id=run_id, recipe_sha256=self.recipe.sha256, recipe=self.loaded.raw,
-                            fmaudit_version=__version__, executor=self.executor.name)
+                events.emit(
+                    "run_started",
+                    run_id=run_id,
+                    recipe_sha256=self.recipe.sha256,
+                    recipe=self.loaded.raw,
+                    fmaudit_version=__version__,
+                    executor=self.executor.name,
+                )
             else:
                 events.emit("run_resumed", run_id=run_id, completed=sorted(done))
         session.notify = local_only(events.emit)
@@ -196,31 +223,60 @@ class Runner:
                 # that did not finish, and in earlier ones) are kept.
                 for uid, res in [*self._recorded.items(), *done.items()]:
                     results.setdefault(uid, res)
-            report = self._assemble(run_id, created, device, units, results, session, failure, interrupted,
-                                    prep_s, t0)
+            report = self._assemble(run_id, created, device, units, results, session, failure, interrupted, prep_s, t0)
             write_report(report, run_dir / "report.json")
-            events.emit("run_finished", run_id=run_id, status=report.status, exit_code=report.exit_code,
-                        **({"error": report.error.model_dump(mode="json")} if report.error else {}))
+            events.emit(
+                "run_finished",
+                run_id=run_id,
+                status=report.status,
+                exit_code=report.exit_code,
+                **({"error": report.error.model_dump(mode="json")} if report.error else {}),
+            )
         if interrupted:
             interrupts.pending = None
             raise KeyboardInterrupt
         if interrupts.pending is not None:  # arrived while the complete report was written: nothing to stop
-            self.log(f"{signal.Signals(interrupts.pending).name} received after the run finished; the report is complete")
+            self.log(
+                f"{signal.Signals(interrupts.pending).name} received after the run finished; the report is complete"
+            )
             interrupts.pending = None
         return report
 
-    def _assemble(self, run_id: str, created: str, device: str, units: list[Unit], results: dict[str, AuditResult],
-                  session: Session, failure: BaseException | None, interrupted: bool, prep_s: float,
-                  t0: float) -> RunReport:
+    def _assemble(
+        self,
+        run_id: str,
+        created: str,
+        device: str,
+        units: list[Unit],
+        results: dict[str, AuditResult],
+        session: Session,
+        failure: BaseException | None,
+        interrupted: bool,
+        prep_s: float,
+        t0: float,
+    ) -> RunReport:
         import torch
 
         report = RunReport(
-            run_id=run_id, name=self.recipe.name, fmaudit_version=__version__, created_at=created,
-            seed=self.recipe.seed, recipe=self.loaded.raw, recipe_sha256=self.recipe.sha256,
+            run_id=run_id,
+            name=self.recipe.name,
+            fmaudit_version=__version__,
+            created_at=created,
+            seed=self.recipe.seed,
+            recipe=self.loaded.raw,
+            recipe_sha256=self.recipe.sha256,
             recipe_path=str(self.loaded.path) if self.loaded.path else None,
-            host=HostInfo(hostname=socket.gethostname(), platform=platform.platform(), python=platform.python_version(),
-                          cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), device=device),
-            versions=library_versions(), status="interrupted")
+            host=HostInfo(
+                hostname=socket.gethostname(),
+                platform=platform.platform(),
+                python=platform.python_version(),
+                cpu_count=os.cpu_count(),
+                torch_threads=torch.get_num_threads(),
+                device=device,
+            ),
+            versions=library_versions(),
+            status="interrupted",
+        )
         report.audits = [results[u.unit_id] for u in units if u.unit_id in results]
         try:
             report.datasets = {n: d.info() for n, d in session.datasets.items()}
@@ -257,25 +313,50 @@ class Runner:
             events = EventLog(run_dir / "events.jsonl")
             run_id = run_dir.name
             if not events.read():
-                events.emit("run_started", run_id=run_id, recipe_sha256=self.recipe.sha256, recipe=self.loaded.raw,
-                            fmaudit_version=__version__, executor=getattr(self.executor, "name", "?"))
+                events.emit(
+                    "run_started",
+                    run_id=run_id,
+                    recipe_sha256=self.recipe.sha256,
+                    recipe=self.loaded.raw,
+                    fmaudit_version=__version__,
+                    executor=getattr(self.executor, "name", "?"),
+                )
             report = RunReport(
-                run_id=run_id, name=self.recipe.name, fmaudit_version=__version__, created_at=now_iso(),
-                finished_at=now_iso(), status="failed", exit_code=EXIT_MODULE_ERROR, seed=self.recipe.seed,
-                recipe=self.loaded.raw, recipe_sha256=self.recipe.sha256,
+                run_id=run_id,
+                name=self.recipe.name,
+                fmaudit_version=__version__,
+                created_at=now_iso(),
+                finished_at=now_iso(),
+                status="failed",
+                exit_code=EXIT_MODULE_ERROR,
+                seed=self.recipe.seed,
+                recipe=self.loaded.raw,
+                recipe_sha256=self.recipe.sha256,
                 recipe_path=str(self.loaded.path) if self.loaded.path else None,
-                host=HostInfo(hostname=socket.gethostname(), platform=platform.platform(),
-                              python=platform.python_version(), cpu_count=os.cpu_count(), device=self.recipe.device),
-                versions={"python": platform.python_version(), "fmaudit": __version__}, gates_passed=True,
-                error=run_error_info(exc))
+                host=HostInfo(
+                    hostname=socket.gethostname(),
+                    platform=platform.platform(),
+                    python=platform.python_version(),
+                    cpu_count=os.cpu_count(),
+                    device=self.recipe.device,
+                ),
+                versions={"python": platform.python_version(), "fmaudit": __version__},
+                gates_passed=True,
+                error=run_error_info(exc),
+            )
             try:  # units completed earlier (a resumed run) stay in the report: nothing is lost
                 report.audits = list(events.completed_results().values())
                 report.gates_passed = all(g.passed for r in report.audits for g in r.gates)
             except Exception:
                 pass
             write_report(report, run_dir / "report.json")
-            events.emit("run_finished", run_id=run_id, status="failed", exit_code=EXIT_MODULE_ERROR,
-                        error=run_error_info(exc).model_dump(mode="json"))
+            events.emit(
+                "run_finished",
+                run_id=run_id,
+                status="failed",
+                exit_code=EXIT_MODULE_ERROR,
+                error=run_error_info(exc).model_dump(mode="json"),
+            )
             self.run_dir = run_dir
             return run_dir
         except Exception:
@@ -341,25 +422,40 @@ class Runner:
             if info is None:
                 return None
             job = self._job(session, run_dir, [u])
-            return AuditResult(**job._base(u, job._cls(u)), status="error", duration_s=0.0,
-                               error=info.model_copy())
+            return AuditResult(**job._base(u, job._cls(u)), status="error", duration_s=0.0, error=info.model_copy())
         if u.target in session.targets:
             return None
-        producers = [f"{i}:{a.use}@{a.target[0]}" for i, a in enumerate(self.recipe.audits)
-                     if a.produces == u.target and i < u.index]
+        producers = [
+            f"{i}:{a.use}@{a.target[0]}"
+            for i, a in enumerate(self.recipe.audits)
+            if a.produces == u.target and i < u.index
+        ]
         job = self._job(session, run_dir, [u])
-        return AuditResult(**job._base(u, job._cls(u)), status="skipped", duration_s=0.0,
-                           error=ErrorInfo(type="Skipped", message=f"{SKIPPED_UPSTREAM} "
-                                           f"({producers[-1] if producers else '?'} did not produce {u.target!r})",
-                                           hint="fix the unit that produces this target, then re-run with --resume"))
+        return AuditResult(
+            **job._base(u, job._cls(u)),
+            status="skipped",
+            duration_s=0.0,
+            error=ErrorInfo(
+                type="Skipped",
+                message=f"{SKIPPED_UPSTREAM} ({producers[-1] if producers else '?'} did not produce {u.target!r})",
+                hint="fix the unit that produces this target, then re-run with --resume",
+            ),
+        )
 
     def unit_data(self, u: Unit, session: Session) -> Dataset | None:
         return unit_data(u, session)
 
-    def _job(self, session: Session, run_dir: Path, units: list[Unit]) -> "UnitJob":
-        return UnitJob(recipe=self.recipe, session=session, run_dir=run_dir, cache_dir=self.cache_dir,
-                       executor=self.executor, progress=local_only(self.progress), log=local_only(self.log),
-                       classes={u.spec.use: registry.get(u.spec.use) for u in units})
+    def _job(self, session: Session, run_dir: Path, units: list[Unit]) -> UnitJob:
+        return UnitJob(
+            recipe=self.recipe,
+            session=session,
+            run_dir=run_dir,
+            cache_dir=self.cache_dir,
+            executor=self.executor,
+            progress=local_only(self.progress),
+            log=local_only(self.log),
+            classes={u.spec.use: registry.get(u.spec.use) for u in units},
+        )
 
     def _run_unit(self, u: Unit, session: Session, run_dir: Path, events: EventLog) -> AuditResult:
         events.emit("audit_started", unit_id=u.unit_id, module=u.spec.use, target=u.target)
@@ -377,9 +473,13 @@ class Runner:
             if res is None:
                 out.append(next(ran))
             else:
-                events.emit("audit_skipped" if res.status == "skipped" else "audit_started", unit_id=u.unit_id,
-                            module=u.spec.use, target=u.target,
-                            **({"reason": res.error.message} if res.status == "skipped" and res.error else {}))
+                events.emit(
+                    "audit_skipped" if res.status == "skipped" else "audit_started",
+                    unit_id=u.unit_id,
+                    module=u.spec.use,
+                    target=u.target,
+                    **({"reason": res.error.message} if res.status == "skipped" and res.error else {}),
+                )
                 self._recorded[u.unit_id] = res  # before the event: a signal held by emit is raised as it ends
                 events.emit("audit_result", unit_id=u.unit_id, result=res.model_dump(mode="json"))
                 out.append(res)
@@ -404,8 +504,9 @@ class Runner:
             outs = [job(u) for u in todo]
         return [self._finish_unit(u, session, events, res, produced) for u, (res, produced) in zip(todo, outs)]
 
-    def _finish_unit(self, u: Unit, session: Session, events: EventLog, result: AuditResult, produced: Any
-                     ) -> AuditResult:
+    def _finish_unit(
+        self, u: Unit, session: Session, events: EventLog, result: AuditResult, produced: Any
+    ) -> AuditResult:
         if produced is not None and u.spec.produces is not None:
             session.targets[u.spec.produces] = produced
             session.target_data[u.spec.produces] = session.target_data.get(u.target)
@@ -414,9 +515,14 @@ class Runner:
         return result
 
 
-def run_recipe(recipe: str | Path | dict[str, Any], *, output_dir: str | Path | None = None,
-               resume: str | Path | None = None, progress: ProgressFactory | None = None,
-               base_dir: str | Path | None = None) -> RunReport:
+def run_recipe(
+    recipe: str | Path | dict[str, Any],
+    *,
+    output_dir: str | Path | None = None,
+    resume: str | Path | None = None,
+    progress: ProgressFactory | None = None,
+    base_dir: str | Path | None = None,
+) -> RunReport:
     """Validate and run a recipe (a YAML path or a dict); returns the report (also on disk under
     `output_dir/<run_id>/report.json`). Raises RecipeError / PreparationError for bad input."""
     loaded = load_recipe(recipe, base_dir=Path(base_dir) if base_dir else None)
@@ -442,4 +548,12 @@ def latest_run(output_dir: Path, recipe_sha256: str | None = None) -> Path | Non
     return best[1] if best else None
 
 
-__all__ = ["run_recipe", "Runner", "PreparationError", "TargetUnavailable", "load_report", "write_json_atomic", "latest_run"]
+__all__ = [
+    "run_recipe",
+    "Runner",
+    "PreparationError",
+    "TargetUnavailable",
+    "load_report",
+    "write_json_atomic",
+    "latest_run",
+]

@@ -4,9 +4,10 @@ modules reach through `ctx.services` (base weights, other targets, where a produ
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fmaudit.cache_lock import entry_lock
 from fmaudit.data import DataError, Dataset, Split, load_dataset, member_split
@@ -55,13 +56,22 @@ class Session:
         data = self.dataset(ft.data) if ft is not None else None
         try:
             return load_target(
-                model=spec.model, task=spec.task, name=as_name or f"{name}-base",
+                model=spec.model,
+                task=spec.task,
+                name=as_name or f"{name}-base",
                 num_labels=spec.num_labels or (data.num_labels if data is not None else None),
-                label_names=data.label_names if data is not None else None, device=self.device,
-                max_length=spec.max_length, gguf_file=spec.gguf_file, weights=spec.weights,
-                trust_remote_code=spec.trust_remote_code, normalize_mean=spec.normalize_mean,
-                normalize_std=spec.normalize_std, base_dir=self.loaded.base_dir, seed=self.recipe.seed,
-                allow_code_from=getattr(self.loaded, "allow_code_from", ()))
+                label_names=data.label_names if data is not None else None,
+                device=self.device,
+                max_length=spec.max_length,
+                gguf_file=spec.gguf_file,
+                weights=spec.weights,
+                trust_remote_code=spec.trust_remote_code,
+                normalize_mean=spec.normalize_mean,
+                normalize_std=spec.normalize_std,
+                base_dir=self.loaded.base_dir,
+                seed=self.recipe.seed,
+                allow_code_from=getattr(self.loaded, "allow_code_from", ()),
+            )
         except TargetError as exc:
             raise PreparationError(f"targets.{name}: {exc}") from exc
 
@@ -79,8 +89,10 @@ class Session:
         if data.labels is None and task is not None and "classifier" in CAPABILITIES[task]:
             raise PreparationError(f"targets.{name}.finetune: dataset {ft.data!r} has no labels to train on")
         if spec.num_labels is not None and data.num_labels is not None and data.num_labels > spec.num_labels:
-            raise PreparationError(f"targets.{name}: num_labels is {spec.num_labels} but dataset {ft.data!r} has "
-                                   f"{data.num_labels} labels; set num_labels: {data.num_labels} (or drop it)")
+            raise PreparationError(
+                f"targets.{name}: num_labels is {spec.num_labels} but dataset {ft.data!r} has "
+                f"{data.num_labels} labels; set num_labels: {data.num_labels} (or drop it)"
+            )
         self._split(name, ft, data)
 
     def _split(self, name: str, ft, data):
@@ -91,8 +103,10 @@ class Session:
         except DataError as exc:
             raise PreparationError(f"targets.{name}.finetune: {exc}") from exc
         if len(split.member_idx) < ft.batch_size:
-            raise PreparationError(f"targets.{name}.finetune: {len(split.member_idx)} training examples is fewer "
-                                   f"than batch_size {ft.batch_size}; use more data or a smaller batch")
+            raise PreparationError(
+                f"targets.{name}.finetune: {len(split.member_idx)} training examples is fewer "
+                f"than batch_size {ft.batch_size}; use more data or a smaller batch"
+            )
         return split
 
     def target(self, name: str):
@@ -102,7 +116,9 @@ class Session:
         if name in self.targets:
             return self.targets[name]
         if name not in self.recipe.targets:
-            raise KeyError(f"no target {name!r} in this run (targets: {sorted(set(self.recipe.targets) | set(self.targets))})")
+            raise KeyError(
+                f"no target {name!r} in this run (targets: {sorted(set(self.recipe.targets) | set(self.targets))})"
+            )
         if name in self.target_errors:
             raise TargetUnavailable(name, self.target_errors[name])
         phase = ["load"]
@@ -146,8 +162,10 @@ class Session:
             if data.labels is None and "classifier" in target.capabilities:
                 raise PreparationError(f"targets.{name}.finetune: dataset {ft.data!r} has no labels to train on")
             if data.num_labels is not None and target.num_labels is not None and data.num_labels > target.num_labels:
-                raise PreparationError(f"targets.{name}: the model has {target.num_labels} outputs but dataset "
-                                       f"{ft.data!r} has {data.num_labels} labels; set num_labels")
+                raise PreparationError(
+                    f"targets.{name}: the model has {target.num_labels} outputs but dataset "
+                    f"{ft.data!r} has {data.num_labels} labels; set num_labels"
+                )
             split = self._split(name, ft, data)
             config = TrainConfig.from_spec(ft, seed=self.recipe.seed)
             base_sha = target.weights_sha256()
@@ -157,14 +175,21 @@ class Session:
             # Two runs sharing the cache wait for each other on the same fine-tune instead of both training
             # it (and one replacing the entry the other is reading): the second one finds the entry and loads it.
             with entry_lock(Path(self.cache_dir) / "locks", _finetune_lock_name(base_sha, split, config, target.task)):
-                stats, hit, key = finetune_cached(target, split, config, cache_dir=self.cache_dir,
-                                                  progress=self.progress, label=f"fine-tuning {name}")
+                stats, hit, key = finetune_cached(
+                    target, split, config, cache_dir=self.cache_dir, progress=self.progress, label=f"fine-tuning {name}"
+                )
             target.split = split
             target.cache_hit = hit
-            target.provenance = Provenance(data=ft.data, train=config, seed=self.recipe.seed,
-                                           base_weights_sha256=base_sha, cache_key=key, steps=stats.steps,
-                                           epoch_losses=tuple(stats.epoch_losses),
-                                           train_seconds=round(stats.duration_s, 3))
+            target.provenance = Provenance(
+                data=ft.data,
+                train=config,
+                seed=self.recipe.seed,
+                base_weights_sha256=base_sha,
+                cache_key=key,
+                steps=stats.steps,
+                epoch_losses=tuple(stats.epoch_losses),
+                train_seconds=round(stats.duration_s, 3),
+            )
         self.targets[name] = target
         self.target_data[name] = ft.data if ft is not None else None
         return target
@@ -175,6 +200,9 @@ def _finetune_lock_name(base_sha: str, split: Split, config: Any, task: str) -> 
     import dataclasses
     import json
 
-    payload = json.dumps([base_sha, split.dataset.fingerprint, [int(i) for i in split.member_idx],
-                          dataclasses.asdict(config), task], sort_keys=True, default=str)
+    payload = json.dumps(
+        [base_sha, split.dataset.fingerprint, [int(i) for i in split.member_idx], dataclasses.asdict(config), task],
+        sort_keys=True,
+        default=str,
+    )
     return "finetune-" + hashlib.sha256(payload.encode()).hexdigest()[:32]

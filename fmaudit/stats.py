@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -21,8 +21,9 @@ def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float,
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def bootstrap_ci(stat: Callable[[np.ndarray], float], n: int, *, rounds: int = 1000, level: float = 0.95,
-                 seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    stat: Callable[[np.ndarray], float], n: int, *, rounds: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap over example indices: `stat(indices) -> value`."""
     if n == 0 or rounds <= 0:
         return (float("nan"), float("nan"))
@@ -44,8 +45,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15
-                               ) -> tuple[float, list[float], list[float], list[int]]:
+def expected_calibration_error(
+    probs: np.ndarray, labels: np.ndarray, bins: int = 15
+) -> tuple[float, list[float], list[float], list[int]]:
     """ECE with equal-width confidence bins (Guo et al. 2017). Returns (ece, bin confidence,
     bin accuracy, bin counts) for a reliability diagram."""
     conf = probs.max(axis=1)

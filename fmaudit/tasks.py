@@ -16,11 +16,7 @@ CAPABILITIES: dict[str, frozenset[str]] = {
 }
 
 # Which dataset modality each task consumes.
-MODALITY: dict[str, str] = {
-    TEXT_CLASSIFICATION: "text",
-    CAUSAL_LM: "text",
-    IMAGE_CLASSIFICATION: "image",
-}
+MODALITY: dict[str, str] = {TEXT_CLASSIFICATION: "text", CAUSAL_LM: "text", IMAGE_CLASSIFICATION: "image"}
 
 BUNDLED_MODELS: dict[str, str] = {
     "bundled:minilm": TEXT_CLASSIFICATION,

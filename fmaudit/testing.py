@@ -1,7 +1,7 @@
 """A kit for module authors: run a module outside a recipe.
 
-    from fmaudit.testing import audit_context
-    outcome = MyModule({"max_examples": 8}).run(target, audit_context(tmp_path, data=my_data))
+from fmaudit.testing import audit_context
+outcome = MyModule({"max_examples": 8}).run(target, audit_context(tmp_path, data=my_data))
 """
 
 from __future__ import annotations
@@ -15,10 +15,20 @@ if TYPE_CHECKING:
     from fmaudit.targets.base import Target
 
 
-def audit_context(work: str | Path, *, data: "Dataset | None" = None, split: "Split | None" = None,
-                  base: "Target | None" = None, targets: dict[str, "Target"] | None = None, seed: int = 0,
-                  unit_id: str = "0:module@target", store_examples: bool = False, device: str = "cpu",
-                  executor: Any = None, progress: Any = None) -> "AuditContext":
+def audit_context(
+    work: str | Path,
+    *,
+    data: Dataset | None = None,
+    split: Split | None = None,
+    base: Target | None = None,
+    targets: dict[str, Target] | None = None,
+    seed: int = 0,
+    unit_id: str = "0:module@target",
+    store_examples: bool = False,
+    device: str = "cpu",
+    executor: Any = None,
+    progress: Any = None,
+) -> AuditContext:
     """An AuditContext writing under `work` (artifacts in work/, cache in work/cache). `base`: the weights the
     audited target was fine-tuned from (reference models, DP twins and canary runs start there);
     `targets`: other targets a module may name. Work runs in this process unless `executor` is given."""
@@ -28,9 +38,19 @@ def audit_context(work: str | Path, *, data: "Dataset | None" = None, split: "Sp
 
     work = Path(work)
     services = FixedServices(base=base, targets=targets) if base is not None or targets else None
-    return AuditContext(unit_id=unit_id, seed=seed, device=device, run_dir=work, cache_dir=work / "cache",
-                        store_examples=store_examples, data=data, split=split, progress=progress,
-                        executor=executor or LocalExecutor(), services=services)
+    return AuditContext(
+        unit_id=unit_id,
+        seed=seed,
+        device=device,
+        run_dir=work,
+        cache_dir=work / "cache",
+        store_examples=store_examples,
+        data=data,
+        split=split,
+        progress=progress,
+        executor=executor or LocalExecutor(),
+        services=services,
+    )
 
 
 # -- tiny data and models ----------------------------------------------------------------------------------
@@ -79,8 +99,15 @@ def save_tiny_bert(folder: str | Path, tokenizer_dir: str | Path, *, num_labels:
     torch.manual_seed(seed)
     folder = Path(folder)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128, num_labels=num_labels)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=num_labels,
+    )
     BertForSequenceClassification(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
@@ -94,27 +121,44 @@ def save_tiny_llama(folder: str | Path, tokenizer_dir: str | Path, *, seed: int 
     torch.manual_seed(seed)
     folder = Path(folder)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                      pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+    )
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 
 
-def save_tiny_vit(folder: str | Path, *, image_size: int = 8, channels: int = 1, num_labels: int = 10,
-                  seed: int = 0) -> Path:
+def save_tiny_vit(
+    folder: str | Path, *, image_size: int = 8, channels: int = 1, num_labels: int = 10, seed: int = 0
+) -> Path:
     """A 2-layer ViT (patch 4) for small images, with a preprocessor config (mean / std 0.5, no resize)."""
     import torch
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     torch.manual_seed(seed)
     folder = Path(folder)
-    cfg = ViTConfig(image_size=image_size, patch_size=4, num_channels=channels, hidden_size=32, num_hidden_layers=2,
-                    num_attention_heads=2, intermediate_size=64, num_labels=num_labels)
+    cfg = ViTConfig(
+        image_size=image_size,
+        patch_size=4,
+        num_channels=channels,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=num_labels,
+    )
     ViTForImageClassification(cfg).save_pretrained(folder)
-    ViTImageProcessor(do_resize=False, do_rescale=False, image_mean=[0.5] * channels,
-                      image_std=[0.5] * channels).save_pretrained(folder)
+    ViTImageProcessor(
+        do_resize=False, do_rescale=False, image_mean=[0.5] * channels, image_std=[0.5] * channels
+    ).save_pretrained(folder)
     return folder
 
 
@@ -129,8 +173,14 @@ def tiny_text_recipe(model_dir: str | Path, csv_path: str | Path, work: str | Pa
         "seed": 0,
         "output_dir": str(Path(work) / "reports"),
         "data": {"sents": {"source": str(csv_path), "id_column": "id"}},
-        "targets": {"bert": {"model": str(model_dir), "task": TEXT_CLASSIFICATION, "max_length": 32,
-                             "finetune": {"data": "sents", "epochs": 1, "batch_size": 16, "lr": 1e-3}}},
+        "targets": {
+            "bert": {
+                "model": str(model_dir),
+                "task": TEXT_CLASSIFICATION,
+                "max_length": 32,
+                "finetune": {"data": "sents", "epochs": 1, "batch_size": 16, "lr": 1e-3},
+            }
+        },
         "audits": [{"use": "utility", "target": "bert"}],
     }
     recipe.update(overrides)

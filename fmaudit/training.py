@@ -9,9 +9,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -33,9 +34,16 @@ class TrainConfig:
     seed: int = 0
 
     @classmethod
-    def from_spec(cls, spec: Any, seed: int) -> "TrainConfig":
-        return cls(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, weight_decay=spec.weight_decay,
-                   trainable=spec.trainable, n_layers=spec.n_layers, seed=seed)
+    def from_spec(cls, spec: Any, seed: int) -> TrainConfig:
+        return cls(
+            epochs=spec.epochs,
+            batch_size=spec.batch_size,
+            lr=spec.lr,
+            weight_decay=spec.weight_decay,
+            trainable=spec.trainable,
+            n_layers=spec.n_layers,
+            seed=seed,
+        )
 
 
 @dataclass
@@ -53,10 +61,19 @@ Wrap = Callable[[Any, Any, Any], tuple[Any, Any, Any]]
 LossFn = Callable[[Any, dict], Any]
 
 
-def train(target: Any, data: Dataset, config: TrainConfig, *, progress: Callable[[str, int], Any] | None = None,
-          wrap: Wrap | None = None, on_step: Callable[[int, float], None] | None = None,
-          label: str = "fine-tuning", loss_fn: LossFn | None = None, on_empty: Callable[[], None] | None = None,
-          torch_stream: Any = None) -> TrainStats:
+def train(
+    target: Any,
+    data: Dataset,
+    config: TrainConfig,
+    *,
+    progress: Callable[[str, int], Any] | None = None,
+    wrap: Wrap | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    label: str = "fine-tuning",
+    loss_fn: LossFn | None = None,
+    on_empty: Callable[[], None] | None = None,
+    torch_stream: Any = None,
+) -> TrainStats:
     """Train `target.model` in place on `data` with AdamW. Deterministic for a given seed.
 
     `wrap` may replace the model, optimizer and data loader (DP-SGD does); the loop stays the same.
@@ -78,8 +95,9 @@ def train(target: Any, data: Dataset, config: TrainConfig, *, progress: Callable
         target.set_trainable(config.trainable, config.n_layers)
     model = target.model
     gen = torch.Generator().manual_seed(derive(config.seed, Stream.TRAIN_SHUFFLE))
-    loader = torch.utils.data.DataLoader(target.torch_dataset(data), batch_size=config.batch_size, shuffle=True,
-                                         generator=gen, collate_fn=target.collate)
+    loader = torch.utils.data.DataLoader(
+        target.torch_dataset(data), batch_size=config.batch_size, shuffle=True, generator=gen, collate_fn=target.collate
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     if wrap is not None:
@@ -134,39 +152,71 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "fmaudit"
 
 
-def cache_key(*, base_sha: str, split: Split, config: TrainConfig, task: str, kind: str = "finetune",
-              extra: dict[str, Any] | None = None) -> str:
+def cache_key(
+    *,
+    base_sha: str,
+    split: Split,
+    config: TrainConfig,
+    task: str,
+    kind: str = "finetune",
+    extra: dict[str, Any] | None = None,
+) -> str:
     """`extra`: more settings that change the weights (DP parameters); absent from the payload when None,
     so existing keys are unchanged."""
     ids = hashlib.sha256("\n".join(split.dataset.ids[i] for i in split.member_idx).encode()).hexdigest()
-    payload = {"v": TRAINING_VERSION, "kind": kind, "base": base_sha, "data": split.dataset.fingerprint,
-               "members": ids, "config": asdict(config), "task": task}
+    payload = {
+        "v": TRAINING_VERSION,
+        "kind": kind,
+        "base": base_sha,
+        "data": split.dataset.fingerprint,
+        "members": ids,
+        "config": asdict(config),
+        "task": task,
+    }
     if extra is not None:
         payload["extra"] = extra
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def finetune_cached(target: Any, split: Split, config: TrainConfig, *, cache_dir: Path,
-                    progress: Callable[[str, int], Any] | None = None, label: str = "fine-tuning",
-                    kind: str = "finetune", key_extra: dict[str, Any] | None = None,
-                    train_fn: Callable[..., TrainStats] | None = None) -> tuple[TrainStats, bool, str]:
+def finetune_cached(
+    target: Any,
+    split: Split,
+    config: TrainConfig,
+    *,
+    cache_dir: Path,
+    progress: Callable[[str, int], Any] | None = None,
+    label: str = "fine-tuning",
+    kind: str = "finetune",
+    key_extra: dict[str, Any] | None = None,
+    train_fn: Callable[..., TrainStats] | None = None,
+) -> tuple[TrainStats, bool, str]:
     """Fine-tune `target` in place on `split.members`, or load the cached result. Returns
     (stats, cache_hit, key). Cached weights are safetensors; metadata is JSON.
 
     `train_fn(target, data, config, progress=, label=)` replaces `train` (DP fine-tuning calls `train` with
     its wrap and fills `stats.extra`, which is cached too); `key_extra` goes into the cache key."""
-    key = cache_key(base_sha=target.weights_sha256(), split=split, config=config, task=target.task, kind=kind,
-                    extra=key_extra)
+    key = cache_key(
+        base_sha=target.weights_sha256(), split=split, config=config, task=target.task, kind=kind, extra=key_extra
+    )
     folder = Path(cache_dir) / kind / key[:32]
     # one process builds an entry at a time: a second one waits, then loads what the first wrote
     with entry_lock(Path(cache_dir) / kind, key[:32]):
-        return _finetune_locked(target, split, config, key=key, folder=folder, progress=progress, label=label,
-                                train_fn=train_fn)
+        return _finetune_locked(
+            target, split, config, key=key, folder=folder, progress=progress, label=label, train_fn=train_fn
+        )
 
 
-def _finetune_locked(target: Any, split: Split, config: TrainConfig, *, key: str, folder: Path,
-                     progress: Callable[[str, int], Any] | None, label: str,
-                     train_fn: Callable[..., TrainStats] | None) -> tuple[TrainStats, bool, str]:
+def _finetune_locked(
+    target: Any,
+    split: Split,
+    config: TrainConfig,
+    *,
+    key: str,
+    folder: Path,
+    progress: Callable[[str, int], Any] | None,
+    label: str,
+    train_fn: Callable[..., TrainStats] | None,
+) -> tuple[TrainStats, bool, str]:
     from safetensors.torch import load_model, save_model
 
     weights, meta_path = folder / "weights.safetensors", folder / "meta.json"
@@ -188,8 +238,13 @@ def _finetune_locked(target: Any, split: Split, config: TrainConfig, *, key: str
     tmp = Path(tempfile.mkdtemp(prefix=f".{key[:12]}.", dir=folder.parent))
     try:
         save_model(target.model, str(tmp / "weights.safetensors"))
-        meta = {"key": key, "weights_sha256": target.weights_sha256(), "stats": asdict(stats),
-                "config": asdict(config), "member_count": int(len(split.member_idx))}
+        meta = {
+            "key": key,
+            "weights_sha256": target.weights_sha256(),
+            "stats": asdict(stats),
+            "config": asdict(config),
+            "member_count": int(len(split.member_idx)),
+        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         publish_dir(tmp, folder)  # the old entry is renamed aside first: never a half-written folder
     finally:

@@ -7,10 +7,11 @@ import hashlib
 import random
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -56,8 +57,14 @@ def _seed_everything(seed: int) -> None:
 
 
 def evaluate_gates(fail_if: dict[str, dict[GateOp, float]], outcome: Outcome) -> list[GateResult]:
-    ops: dict[GateOp, tuple[Callable[[float, float], bool], str]] = {"gt": (lambda a, b: a > b, ">"), "ge": (lambda a, b: a >= b, ">="), "lt": (lambda a, b: a < b, "<"),
-           "le": (lambda a, b: a <= b, "<="), "eq": (lambda a, b: a == b, "=="), "ne": (lambda a, b: a != b, "!=")}
+    ops: dict[GateOp, tuple[Callable[[float, float], bool], str]] = {
+        "gt": (lambda a, b: a > b, ">"),
+        "ge": (lambda a, b: a >= b, ">="),
+        "lt": (lambda a, b: a < b, "<"),
+        "le": (lambda a, b: a <= b, "<="),
+        "eq": (lambda a, b: a == b, "=="),
+        "ne": (lambda a, b: a != b, "!="),
+    }
     results = []
     for metric, conds in fail_if.items():
         m = outcome.metrics.get(metric)
@@ -71,8 +78,9 @@ def evaluate_gates(fail_if: dict[str, dict[GateOp, float]], outcome: Outcome) ->
                 hit = fn(value, threshold)
                 passed = not hit
                 msg = f"{metric} = {value:.6g} {'(fails: ' if hit else '(passes: not '}{sym} {threshold:g})"
-            results.append(GateResult(metric=metric, op=op, threshold=threshold, value=value, passed=passed,
-                                      message=msg))
+            results.append(
+                GateResult(metric=metric, op=op, threshold=threshold, value=value, passed=passed, message=msg)
+            )
     return results
 
 
@@ -110,8 +118,16 @@ class UnitJob:
         return self.classes.get(u.spec.use) or registry.get(u.spec.use)
 
     def _base(self, u: Unit, cls: type[AuditModule]) -> dict[str, Any]:
-        return dict(unit_id=u.unit_id, audit_index=u.index, module=u.spec.use, category=cls.category, target=u.target,
-                    params={}, seed=_unit_seed(self.recipe.seed, u.unit_id), started_at=now_iso())
+        return dict(
+            unit_id=u.unit_id,
+            audit_index=u.index,
+            module=u.spec.use,
+            category=cls.category,
+            target=u.target,
+            params={},
+            seed=_unit_seed(self.recipe.seed, u.unit_id),
+            started_at=now_iso(),
+        )
 
     def __call__(self, u: Unit) -> tuple[AuditResult, Any]:
         # Library progress bars, prints and logging go to run.log; guarantee warnings still reach the terminal.
@@ -133,10 +149,21 @@ class UnitJob:
             problems = module.check(target, data)
             if problems:
                 raise AuditCheckError(problems)
-            ctx = AuditContext(unit_id=u.unit_id, seed=seed, device=session.device, run_dir=self.run_dir,
-                               cache_dir=self.cache_dir, store_examples=self.recipe.store_examples, data=data,
-                               split=getattr(target, "split", None), produces=u.spec.produces, progress=self.progress,
-                               executor=self.executor, services=session, run_seed=self.recipe.seed)
+            ctx = AuditContext(
+                unit_id=u.unit_id,
+                seed=seed,
+                device=session.device,
+                run_dir=self.run_dir,
+                cache_dir=self.cache_dir,
+                store_examples=self.recipe.store_examples,
+                data=data,
+                split=getattr(target, "split", None),
+                produces=u.spec.produces,
+                progress=self.progress,
+                executor=self.executor,
+                services=session,
+                run_seed=self.recipe.seed,
+            )
             _seed_everything(seed)
             if self.log is not None:
                 self.log(f"running {u.unit_id}")
@@ -144,30 +171,49 @@ class UnitJob:
             gates = evaluate_gates(u.spec.fail_if, outcome)
             for g in gates:
                 if not g.passed:
-                    outcome.finding("high", f"Gate failed: {g.metric} {g.op} {g.threshold:g}", g.message,
-                                    metric=g.metric, gate=g)
+                    outcome.finding(
+                        "high", f"Gate failed: {g.metric} {g.op} {g.threshold:g}", g.message, metric=g.metric, gate=g
+                    )
             if u.spec.produces:
                 if outcome.produced is None:
                     raise RuntimeError(f"module {u.spec.use!r} did not produce a target")
                 outcome.produced.name = u.spec.produces
                 outcome.produced.produced_by = u.unit_id
-            result = AuditResult(**base, status="ok", duration_s=round(time.perf_counter() - t, 4),
-                                 metrics=outcome.metrics, findings=outcome.findings, curves=outcome.curves,
-                                 tables=outcome.tables, evidence=outcome.evidence, artifacts=outcome.artifacts,
-                                 produces=u.spec.produces, gates=gates)
+            result = AuditResult(
+                **base,
+                status="ok",
+                duration_s=round(time.perf_counter() - t, 4),
+                metrics=outcome.metrics,
+                findings=outcome.findings,
+                curves=outcome.curves,
+                tables=outcome.tables,
+                evidence=outcome.evidence,
+                artifacts=outcome.artifacts,
+                produces=u.spec.produces,
+                gates=gates,
+            )
             produced = outcome.produced if u.spec.produces else None
         except KeyboardInterrupt:
             raise
         except TargetUnavailable as exc:
-            result = AuditResult(**base, status="error", duration_s=round(time.perf_counter() - t, 4),
-                                 error=exc.info.model_copy())
+            result = AuditResult(
+                **base, status="error", duration_s=round(time.perf_counter() - t, 4), error=exc.info.model_copy()
+            )
         except Exception as exc:  # one module failing never loses the others' results
             hint = None
             if isinstance(exc, AuditCheckError):
                 hint = "fix the recipe or the target so the module's pre-flight check passes"
-            result = AuditResult(**base, status="error", duration_s=round(time.perf_counter() - t, 4),
-                                 error=ErrorInfo(type=type(exc).__name__, message=str(exc) or type(exc).__name__,
-                                                 hint=hint, traceback=traceback.format_exc(limit=20)))
+            result = AuditResult(
+                **base,
+                status="error",
+                duration_s=round(time.perf_counter() - t, 4),
+                error=ErrorInfo(
+                    type=type(exc).__name__,
+                    message=str(exc) or type(exc).__name__,
+                    hint=hint,
+                    traceback=traceback.format_exc(limit=20),
+                ),
+            )
         return result, produced
 
     def failed(self, u: Unit, exc: TaskFailed) -> AuditResult:
@@ -175,8 +221,13 @@ class UnitJob:
         base = self._base(u, self._cls(u))
         hint = None
         if exc.crashed:
-            hint = ("the process running this unit died (killed, out of memory, or its node was lost) on every "
-                    "attempt; check memory per task, or raise the executor's max_retries")
-        return AuditResult(**base, status="error", duration_s=0.0,
-                           error=ErrorInfo(type=exc.error_type, message=str(exc), hint=hint,
-                                           traceback=exc.remote_traceback))
+            hint = (
+                "the process running this unit died (killed, out of memory, or its node was lost) on every "
+                "attempt; check memory per task, or raise the executor's max_retries"
+            )
+        return AuditResult(
+            **base,
+            status="error",
+            duration_s=0.0,
+            error=ErrorInfo(type=exc.error_type, message=str(exc), hint=hint, traceback=exc.remote_traceback),
+        )

@@ -12,6 +12,7 @@ from fmaudit.testing import save_tiny_bert, save_tiny_llama, save_tiny_vit, writ
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
     """Fine-tune caches of the test session live in a temporary folder."""
@@ -22,7 +23,9 @@ def _isolated_cache(tmp_path_factory):
     # Under pytest-xdist (`-n auto`) every worker gets one thread: the workers already fill the cores,
     # and oversubscribed threads make small-batch torch code many times slower.
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers) if workers > 1 else max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(
+        max(1, (os.cpu_count() or 1) // workers) if workers > 1 else max(1, min(2, os.cpu_count() or 1))
+    )
     yield
     if old is None:
         os.environ.pop("FMAUDIT_CACHE_DIR", None)
@@ -102,7 +105,8 @@ def plugin_dist(tmp_path) -> Path:
     info.mkdir(exist_ok=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fmaudit-testplugin\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(
-        "[fmaudit.audits]\nthirdparty.label_balance = fmaudit_testplugin:LabelBalance\n")
+        "[fmaudit.audits]\nthirdparty.label_balance = fmaudit_testplugin:LabelBalance\n"
+    )
     return root
 
 

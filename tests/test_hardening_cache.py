@@ -13,7 +13,7 @@ import pytest
 
 from fmaudit.cache_lock import CacheLockTimeout, entry_lock, publish_dir
 
-WORKER = textwrap.dedent('''
+WORKER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from fmaudit.cache_lock import entry_lock
@@ -34,7 +34,7 @@ WORKER = textwrap.dedent('''
             bump()
     else:
         bump()
-''')
+""")
 
 
 def _race(tmp_path: Path, use_lock: bool) -> int:
@@ -42,8 +42,9 @@ def _race(tmp_path: Path, use_lock: bool) -> int:
     root.mkdir()
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    procs = [subprocess.Popen([sys.executable, str(script), str(root), "1" if use_lock else "0", str(i)])
-             for i in range(2)]
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(root), "1" if use_lock else "0", str(i)]) for i in range(2)
+    ]
     assert all(p.wait(timeout=60) == 0 for p in procs)
     return int((root / "counter.txt").read_text())
 
@@ -55,9 +56,11 @@ def test_two_processes_serialize_on_the_entry_lock(tmp_path):
 
 def test_lock_timeout_and_release(tmp_path):
     with entry_lock(tmp_path, "k"):
-        code = ("import sys\nfrom fmaudit.cache_lock import entry_lock, CacheLockTimeout\n"
-                "try:\n    with entry_lock(sys.argv[1], 'k', timeout=0.3): pass\n"
-                "except CacheLockTimeout as e:\n    print('timeout', e); sys.exit(7)\n")
+        code = (
+            "import sys\nfrom fmaudit.cache_lock import entry_lock, CacheLockTimeout\n"
+            "try:\n    with entry_lock(sys.argv[1], 'k', timeout=0.3): pass\n"
+            "except CacheLockTimeout as e:\n    print('timeout', e); sys.exit(7)\n"
+        )
         t0 = time.perf_counter()
         res = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
         assert res.returncode == 7 and "locked by another process" in res.stdout
@@ -85,8 +88,8 @@ def test_publish_dir_replaces_an_entry_whole(tmp_path):
 
 
 def test_truncated_cache_entry_is_rebuilt_not_loaded(tiny_bert_dir, sentiment_csv, tmp_path):
-    from fmaudit.testing import tiny_text_recipe
     from fmaudit.runner import run_recipe
+    from fmaudit.testing import tiny_text_recipe
 
     recipe = tiny_text_recipe(tiny_bert_dir, sentiment_csv, tmp_path, cache_dir=str(tmp_path / "cache"))
     first = run_recipe(recipe)
@@ -109,17 +112,33 @@ def test_two_concurrent_runs_share_one_fine_tune_and_keep_separate_run_folders(t
 
     import yaml
 
-    recipe = {"version": 1, "name": "conc", "output_dir": str(tmp_path / "reports"),
-              "cache_dir": str(tmp_path / "cache"),
-              "data": {"digits": {"source": "bundled:digits", "limit": 600}},
-              "targets": {"cnn": {"model": "bundled:digits-cnn",
-                                  "finetune": {"data": "digits", "epochs": 60, "batch_size": 32, "lr": 3.0e-3}}},
-              "audits": [{"use": "utility", "target": "cnn"}]}
+    recipe = {
+        "version": 1,
+        "name": "conc",
+        "output_dir": str(tmp_path / "reports"),
+        "cache_dir": str(tmp_path / "cache"),
+        "data": {"digits": {"source": "bundled:digits", "limit": 600}},
+        "targets": {
+            "cnn": {
+                "model": "bundled:digits-cnn",
+                "finetune": {"data": "digits", "epochs": 60, "batch_size": 32, "lr": 3.0e-3},
+            }
+        },
+        "audits": [{"use": "utility", "target": "cnn"}],
+    }
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-m", "fmaudit.cli", "run", str(path), "-q"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "fmaudit.cli", "run", str(path), "-q"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     folders = sorted((tmp_path / "reports").iterdir())
@@ -156,8 +175,9 @@ def test_finetune_cached_serializes_builders_of_one_entry_and_publishes_atomical
         def weights_sha256(self):
             import hashlib
 
-            return hashlib.sha256(b"".join(v.detach().numpy().tobytes()
-                                           for v in self.model.state_dict().values())).hexdigest()
+            return hashlib.sha256(
+                b"".join(v.detach().numpy().tobytes() for v in self.model.state_dict().values())
+            ).hexdigest()
 
         def weights_changed(self):
             pass

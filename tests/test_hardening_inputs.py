@@ -11,9 +11,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from fmaudit.testing import tiny_text_recipe
 from fmaudit.cli import app
 from fmaudit.data import DataError, load_image_folder, load_table
+from fmaudit.testing import tiny_text_recipe
 
 cli = CliRunner()
 
@@ -76,8 +76,9 @@ def test_checkpoint_without_tokenizer_weights_or_valid_config(tiny_bert_dir, sen
     _both_refuse(tiny_text_recipe(model, sentiment_csv, tmp_path), tmp_path, "has no tokenizer files")
     (model / "model.safetensors").unlink()
     (model / "config.json").write_text("{not json")
-    out = _both_refuse(tiny_text_recipe(model, sentiment_csv, tmp_path), tmp_path, "has no weights",
-                       "cannot be read as JSON")
+    out = _both_refuse(
+        tiny_text_recipe(model, sentiment_csv, tmp_path), tmp_path, "has no weights", "cannot be read as JSON"
+    )
     assert "hasnotokenizerfiles" in out  # every problem listed at once
 
 
@@ -88,8 +89,12 @@ def test_tokenizer_larger_than_the_model_vocabulary(tiny_bert_dir, sentiment_csv
     cfg = json.loads((model / "config.json").read_text())
     cfg["vocab_size"] = 1000
     (model / "config.json").write_text(json.dumps(cfg))
-    _both_refuse(tiny_text_recipe(model, sentiment_csv, tmp_path), tmp_path, "produces token ids up to 30,521",
-                 "vocab_size 1,000")
+    _both_refuse(
+        tiny_text_recipe(model, sentiment_csv, tmp_path),
+        tmp_path,
+        "produces token ids up to 30,521",
+        "vocab_size 1,000",
+    )
 
 
 def test_csv_missing_column_non_utf8_and_too_small(tiny_bert_dir, sentiment_csv, tmp_path):
@@ -99,13 +104,11 @@ def test_csv_missing_column_non_utf8_and_too_small(tiny_bert_dir, sentiment_csv,
 
     latin = tmp_path / "latin.csv"
     latin.write_bytes(sentiment_csv.read_bytes().replace(b"movie", b"caf\xe9", 1))
-    _both_refuse(tiny_text_recipe(tiny_bert_dir, latin, tmp_path), tmp_path, "latin.csv is not UTF-8 text",
-                 "line")
+    _both_refuse(tiny_text_recipe(tiny_bert_dir, latin, tmp_path), tmp_path, "latin.csv is not UTF-8 text", "line")
 
     small = tmp_path / "small.csv"
     small.write_text("id,text,label\n" + "".join(f"s{i},word {i},{i % 2}\n" for i in range(20)))
-    _both_refuse(tiny_text_recipe(tiny_bert_dir, small, tmp_path), tmp_path,
-                 "is fewer than batch_size 16")
+    _both_refuse(tiny_text_recipe(tiny_bert_dir, small, tmp_path), tmp_path, "is fewer than batch_size 16")
     one = tmp_path / "one.csv"
     one.write_text("id,text,label\ns0,only one,1\n")
     _both_refuse(tiny_text_recipe(tiny_bert_dir, one, tmp_path), tmp_path, "needs at least 2")
@@ -124,17 +127,30 @@ def _image_folder(root: Path, n: int = 12, size: int = 8) -> Path:
 
 
 def _vit_recipe(vit_dir: Path, images: Path, tmp_path: Path, grayscale: bool) -> dict:
-    return {"version": 1, "name": "vit", "output_dir": str(tmp_path / "reports"),
-            "data": {"imgs": {"source": f"imagefolder:{images}", "grayscale": grayscale}},
-            "targets": {"vit": {"model": str(vit_dir), "task": "image-classification",
-                                "finetune": {"data": "imgs", "epochs": 1, "batch_size": 4, "lr": 1e-3}}},
-            "audits": [{"use": "utility", "target": "vit"}]}
+    return {
+        "version": 1,
+        "name": "vit",
+        "output_dir": str(tmp_path / "reports"),
+        "data": {"imgs": {"source": f"imagefolder:{images}", "grayscale": grayscale}},
+        "targets": {
+            "vit": {
+                "model": str(vit_dir),
+                "task": "image-classification",
+                "finetune": {"data": "imgs", "epochs": 1, "batch_size": 4, "lr": 1e-3},
+            }
+        },
+        "audits": [{"use": "utility", "target": "vit"}],
+    }
 
 
 def test_one_channel_model_on_rgb_images_is_caught_by_validate(tiny_vit_dir, tmp_path):
     images = _image_folder(tmp_path / "imgs")
-    _both_refuse(_vit_recipe(tiny_vit_dir, images, tmp_path, grayscale=False), tmp_path,
-                 "takes 1-channel images", "grayscale: true")
+    _both_refuse(
+        _vit_recipe(tiny_vit_dir, images, tmp_path, grayscale=False),
+        tmp_path,
+        "takes 1-channel images",
+        "grayscale: true",
+    )
     path = tmp_path / "ok.yaml"
     path.write_text(yaml.safe_dump(_vit_recipe(tiny_vit_dir, images, tmp_path, grayscale=True)))
     assert cli.invoke(app, ["validate", str(path)]).exit_code == 0

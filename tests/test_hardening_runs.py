@@ -9,15 +9,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import yaml
 from typer.testing import CliRunner
 
-from fmaudit.testing import tiny_text_recipe
 from fmaudit.cli import app
 from fmaudit.recipe import load_recipe
 from fmaudit.report import load_report
 from fmaudit.runner import EXIT_MODULE_ERROR, SKIPPED_UPSTREAM, Runner
+from fmaudit.testing import tiny_text_recipe
 
 cli = CliRunner()
 
@@ -69,8 +68,7 @@ def test_truncated_weights_after_validation_fail_only_their_units(tiny_bert_dir,
     assert "broken" not in report.targets and "bert" in report.targets
 
 
-def test_vit_channel_mismatch_at_fine_tune_keeps_the_text_target(tiny_vit_dir, tiny_bert_dir, sentiment_csv,
-                                                                   tmp_path):
+def test_vit_channel_mismatch_at_fine_tune_keeps_the_text_target(tiny_vit_dir, tiny_bert_dir, sentiment_csv, tmp_path):
     """The issue's four-target run in small: a real 1-channel ViT fine-tuned on RGB images fails inside its
     forward pass; the text target's results survive (validate refuses this recipe, so the data entry is
     changed after validation to reach the run-time path)."""
@@ -83,8 +81,11 @@ def test_vit_channel_mismatch_at_fine_tune_keeps_the_text_target(tiny_vit_dir, t
             Image.fromarray((rng.random((8, 8, 3)) * 255).astype("uint8")).save(tmp_path / "imgs" / c / f"{i}.png")
     recipe = tiny_text_recipe(tiny_bert_dir, sentiment_csv, tmp_path)
     recipe["data"]["imgs"] = {"source": f"imagefolder:{tmp_path / 'imgs'}", "grayscale": True}
-    recipe["targets"]["vit"] = {"model": str(tiny_vit_dir), "task": "image-classification",
-                                "finetune": {"data": "imgs", "epochs": 1, "batch_size": 4}}
+    recipe["targets"]["vit"] = {
+        "model": str(tiny_vit_dir),
+        "task": "image-classification",
+        "finetune": {"data": "imgs", "epochs": 1, "batch_size": 4},
+    }
     recipe["audits"] = [{"use": "utility", "target": ["vit", "bert"]}]
     loaded = load_recipe(recipe)
     loaded.recipe.data["imgs"].grayscale = False  # RGB from here on
@@ -98,18 +99,26 @@ def test_vit_channel_mismatch_at_fine_tune_keeps_the_text_target(tiny_vit_dir, t
 
 def _digits_recipe(tmp_path: Path) -> dict:
     ft = {"data": "digits", "epochs": 1, "batch_size": 32, "lr": 3e-3}
-    return {"version": 1, "name": "isolation", "output_dir": str(tmp_path / "reports"),
-            "data": {"digits": {"source": "bundled:digits", "limit": 120}},
-            "targets": {"good": {"model": "bundled:digits-cnn", "finetune": ft},
-                        "bad": {"model": "python:fm_hardening_bad:make", "task": "image-classification",
-                                "finetune": ft}},
-            "audits": [{"use": "test.produce_copy", "target": "bad", "produces": "bad-copy"},
-                       {"use": "utility", "target": ["good", "bad"]},
-                       {"use": "utility", "target": "bad-copy"}]}
+    return {
+        "version": 1,
+        "name": "isolation",
+        "output_dir": str(tmp_path / "reports"),
+        "data": {"digits": {"source": "bundled:digits", "limit": 120}},
+        "targets": {
+            "good": {"model": "bundled:digits-cnn", "finetune": ft},
+            "bad": {"model": "python:fm_hardening_bad:make", "task": "image-classification", "finetune": ft},
+        },
+        "audits": [
+            {"use": "test.produce_copy", "target": "bad", "produces": "bad-copy"},
+            {"use": "utility", "target": ["good", "bad"]},
+            {"use": "utility", "target": "bad-copy"},
+        ],
+    }
 
 
-def test_cli_fine_tune_failure_exit_3_other_target_kept_and_unproduced_target_skipped(tmp_path, monkeypatch,
-                                                                                     test_modules):
+def test_cli_fine_tune_failure_exit_3_other_target_kept_and_unproduced_target_skipped(
+    tmp_path, monkeypatch, test_modules
+):
     (tmp_path / "fm_hardening_bad.py").write_text(BAD_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "fm_hardening_bad", raising=False)
@@ -121,8 +130,12 @@ def test_cli_fine_tune_failure_exit_3_other_target_kept_and_unproduced_target_sk
     assert "Traceback" not in res.output
     report = load_report(_run_dir(tmp_path))
     status = {r.unit_id: r.status for r in report.audits}
-    assert status == {"0:test.produce_copy@bad": "error", "1:utility@good": "ok", "1:utility@bad": "error",
-                      "2:utility@bad-copy": "skipped"}
+    assert status == {
+        "0:test.produce_copy@bad": "error",
+        "1:utility@good": "ok",
+        "1:utility@bad": "error",
+        "2:utility@bad-copy": "skipped",
+    }
     bad = report.result("utility", "bad")
     assert "failed while fine-tuning on 'digits'" in bad.error.message and "expected input" in bad.error.message
     skipped = report.result("utility", "bad-copy")
@@ -145,8 +158,10 @@ def test_producer_error_skips_consumer_not_keyerror(tiny_bert_dir, sentiment_csv
     registry.register(ProduceFails)
     try:
         recipe = tiny_text_recipe(tiny_bert_dir, sentiment_csv, tmp_path)
-        recipe["audits"] = [{"use": "test.produce_fails", "target": "bert", "produces": "bert-dp"},
-                            {"use": "utility", "target": ["bert", "bert-dp"]}]
+        recipe["audits"] = [
+            {"use": "test.produce_fails", "target": "bert", "produces": "bert-dp"},
+            {"use": "utility", "target": ["bert", "bert-dp"]},
+        ]
         report = Runner(load_recipe(recipe)).run()
     finally:
         registry.unregister(ProduceFails.name)
@@ -175,8 +190,7 @@ def test_uncaught_exception_exit_3_recorded_in_report(tiny_bert_dir, sentiment_c
     assert res.exit_code == 0
 
 
-def test_exception_before_the_run_starts_gets_a_minimal_report(tiny_bert_dir, sentiment_csv, tmp_path,
-                                                              monkeypatch):
+def test_exception_before_the_run_starts_gets_a_minimal_report(tiny_bert_dir, sentiment_csv, tmp_path, monkeypatch):
     recipe = tiny_text_recipe(tiny_bert_dir, sentiment_csv, tmp_path)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -194,8 +208,9 @@ def test_exception_before_the_run_starts_gets_a_minimal_report(tiny_bert_dir, se
     assert res.exit_code == 3 and "Traceback" in res.output
 
 
-def test_failure_on_resume_keeps_completed_units_and_bad_output_dirs_exit_2(tiny_bert_dir, sentiment_csv, tmp_path,
-                                                                          monkeypatch):
+def test_failure_on_resume_keeps_completed_units_and_bad_output_dirs_exit_2(
+    tiny_bert_dir, sentiment_csv, tmp_path, monkeypatch
+):
     recipe = tiny_text_recipe(tiny_bert_dir, sentiment_csv, tmp_path)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -229,7 +244,9 @@ def test_validate_and_report_never_exit_1(tmp_path, monkeypatch):
     import fmaudit.recipe
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("version: 1\nname: x\ntargets: {t: {model: bundled:minilm}}\naudits: [{use: utility, target: t}]\n")
+    recipe.write_text(
+        "version: 1\nname: x\ntargets: {t: {model: bundled:minilm}}\naudits: [{use: utility, target: t}]\n"
+    )
 
     def broken_check(*a, **k):
         raise AttributeError("injected bug in a check")
@@ -244,16 +261,29 @@ def test_validate_and_report_never_exit_1(tmp_path, monkeypatch):
     res = cli.invoke(app, ["report", str(run_dir)])
     assert res.exit_code == 2 and "cannot read the report" in " ".join(res.output.split())
 
-    code = ("import sys, fmaudit.cli as c\n"
-            "def boom(*a, **k):\n    raise RuntimeError('escaped a command')\n"
-            "c.print_summary = boom\nsys.argv = ['fmaudit', 'report', sys.argv[1]]\nc.main()\n")
+    code = (
+        "import sys, fmaudit.cli as c\n"
+        "def boom(*a, **k):\n    raise RuntimeError('escaped a command')\n"
+        "c.print_summary = boom\nsys.argv = ['fmaudit', 'report', sys.argv[1]]\nc.main()\n"
+    )
     good = tmp_path / "good"
     good.mkdir()
     from fmaudit.report import HostInfo, RunReport, write_report
 
-    write_report(RunReport(run_id="r", name="x", fmaudit_version="0", created_at="now", seed=0, recipe={},
-                           recipe_sha256="0", host=HostInfo(hostname="h", platform="p", python="3", cpu_count=1,
-                                                            device="cpu"), versions={}), good / "report.json")
+    write_report(
+        RunReport(
+            run_id="r",
+            name="x",
+            fmaudit_version="0",
+            created_at="now",
+            seed=0,
+            recipe={},
+            recipe_sha256="0",
+            host=HostInfo(hostname="h", platform="p", python="3", cpu_count=1, device="cpu"),
+            versions={},
+        ),
+        good / "report.json",
+    )
     res = subprocess.run([sys.executable, "-c", code, str(good)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 3, res.stderr
     assert "escaped a command" in res.stderr and "Traceback" not in res.stderr

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from fmaudit.testing import tiny_text_recipe
 from fmaudit.report import EventLog, load_report
+from fmaudit.testing import tiny_text_recipe
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
 
@@ -53,8 +53,11 @@ def _recipe(tiny_bert_dir, sentiment_csv, tmp_path):
     recipe["targets"]["bert"]["finetune"]["epochs"] = 3
     recipe["audits"] = [
         {"use": "utility", "target": "bert", "params": {"bootstrap": 50}},
-        {"use": "privacy.membership", "target": "bert",
-         "params": {"attacks": ["loss"], "bootstrap": 50, "null_permutations": 20, "evidence": 2}},
+        {
+            "use": "privacy.membership",
+            "target": "bert",
+            "params": {"attacks": ["loss"], "bootstrap": 50, "null_permutations": 20, "evidence": 2},
+        },
         {"use": "utility", "target": "bert", "params": {"split": "members", "bootstrap": 0}},
     ]
     return recipe
@@ -64,13 +67,26 @@ class Run:
     """One `fmaudit run` subprocess."""
 
     def __init__(self, recipe: Path, cache: Path, *extra: str, slow_dump: float | None = None):
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-                   FMAUDIT_CACHE_DIR=str(cache), PYTHONPATH=str(REPO), COLUMNS="200")
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS="1",
+            MKL_NUM_THREADS="1",
+            TOKENIZERS_PARALLELISM="false",
+            FMAUDIT_CACHE_DIR=str(cache),
+            PYTHONPATH=str(REPO),
+            COLUMNS="200",
+        )
         env.pop("SLOW_DUMP", None)
         if slow_dump is not None:
             env["SLOW_DUMP"] = str(slow_dump)
-        self.proc = subprocess.Popen([sys.executable, "-c", CLI, "run", str(recipe), "-q", *extra], env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=recipe.parent)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CLI, "run", str(recipe), "-q", *extra],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=recipe.parent,
+        )
 
     def wait_for(self, what, timeout: float = 240.0):
         """Poll until what() is true; fail (with the output) if the process ends first."""
@@ -104,6 +120,7 @@ def _has_event(reports: Path, kind: str, n: int = 1):
             if sum(e.get("entry_type") == kind for e in _events(d)) >= n:
                 return d
         return None
+
     return check
 
 
@@ -116,7 +133,8 @@ def _metrics(report) -> dict[str, dict[str, float | None]]:
 
 
 def test_runs_stopped_by_signals_at_every_point_resume_to_the_uninterrupted_metrics(
-        tiny_bert_dir, sentiment_csv, tmp_path, write_recipe):
+    tiny_bert_dir, sentiment_csv, tmp_path, write_recipe
+):
     import yaml
 
     recipe = _recipe(tiny_bert_dir, sentiment_csv, tmp_path)

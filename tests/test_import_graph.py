@@ -24,7 +24,8 @@ def _modules() -> dict[str, Path]:
 def _is_type_checking(node: ast.If) -> bool:
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _imports(tree: ast.AST, module: str, is_package: bool, known: set[str]) -> set[str]:
@@ -59,8 +60,10 @@ def _imports(tree: ast.AST, module: str, is_package: bool, known: set[str]) -> s
 def _graph() -> dict[str, set[str]]:
     mods = _modules()
     known = set(mods)
-    return {name: _imports(ast.parse(path.read_text(encoding="utf-8")), name, path.name == "__init__.py", known)
-            for name, path in mods.items()}
+    return {
+        name: _imports(ast.parse(path.read_text(encoding="utf-8")), name, path.name == "__init__.py", known)
+        for name, path in mods.items()
+    }
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -106,14 +109,17 @@ def test_the_cycle_finder_finds_a_planted_cycle():
 
 
 def test_relative_and_function_level_imports_are_seen():
-    tree = ast.parse("from . import x\ndef f():\n    from fmaudit.y import z\nif TYPE_CHECKING:\n    import fmaudit.w\n")
-    assert _imports(tree, "fmaudit.p", True, {"fmaudit.p.x", "fmaudit.y", "fmaudit.y.z", "fmaudit.w"}) == \
-        {"fmaudit.p.x", "fmaudit.y.z"}
+    tree = ast.parse(
+        "from . import x\ndef f():\n    from fmaudit.y import z\nif TYPE_CHECKING:\n    import fmaudit.w\n"
+    )
+    assert _imports(tree, "fmaudit.p", True, {"fmaudit.p.x", "fmaudit.y", "fmaudit.y.z", "fmaudit.w"}) == {
+        "fmaudit.p.x",
+        "fmaudit.y.z",
+    }
 
 
 def test_fmaudit_has_no_import_cycles():
     graph = _graph()
     assert len(graph) > 50
     cycles = _cycles(graph)
-    assert not cycles, "import cycles (module-level or inside functions): " + "; ".join(
-        " <-> ".join(c) for c in cycles)
+    assert not cycles, "import cycles (module-level or inside functions): " + "; ".join(" <-> ".join(c) for c in cycles)

@@ -3,8 +3,6 @@ small models. Each returns its numbers and a verdict; these tests hold the audit
 
 from __future__ import annotations
 
-import pytest
-
 from fmaudit import known_answers as ka
 
 

@@ -38,12 +38,12 @@ class Noisy(AuditModule):
             pass
         logging.getLogger("textattack").info("TEXTATTACK-CHATTER")
         print("PRINTED-NOISE")
-        warnings.warn("HARMLESS-LIBRARY-WARNING", FutureWarning)
+        warnings.warn("HARMLESS-LIBRARY-WARNING", FutureWarning, stacklevel=1)
         if self.params.guarantee:
             from fmaudit.privacy.dp import DPPrivacyWarning
 
-            warnings.warn("Secure RNG turned off. (test)", UserWarning)
-            warnings.warn("noise below the target (test)", DPPrivacyWarning)
+            warnings.warn("Secure RNG turned off. (test)", UserWarning, stacklevel=1)
+            warnings.warn("noise below the target (test)", DPPrivacyWarning, stacklevel=1)
         out = Outcome()
         out.metric("one", 1.0)
         return out
@@ -67,11 +67,20 @@ def test_unit_noise_goes_to_run_log_guarantee_warnings_to_the_terminal(tmp_path,
     ta.propagate = False
     registry.unregister(Noisy.name)
     registry.register(Noisy)
-    recipe = {"version": 1, "name": "quiet", "output_dir": str(tmp_path / "reports"),
-              "data": {"digits": {"source": "bundled:digits", "limit": 40}},
-              "targets": {"cnn": {"model": "python:fmaudit.targets.vision:digits_cnn",
-                                  "task": "image-classification", "num_labels": 10}},
-              "audits": [{"use": "test.noisy", "target": "cnn", "data": "digits"}]}
+    recipe = {
+        "version": 1,
+        "name": "quiet",
+        "output_dir": str(tmp_path / "reports"),
+        "data": {"digits": {"source": "bundled:digits", "limit": 40}},
+        "targets": {
+            "cnn": {
+                "model": "python:fmaudit.targets.vision:digits_cnn",
+                "task": "image-classification",
+                "num_labels": 10,
+            }
+        },
+        "audits": [{"use": "test.noisy", "target": "cnn", "data": "digits"}],
+    }
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
@@ -90,13 +99,20 @@ def test_unit_noise_goes_to_run_log_guarantee_warnings_to_the_terminal(tmp_path,
     assert "Secure RNG turned off" in captured.err and "DPPrivacyWarning" in captured.err
     (run_dir,) = (tmp_path / "reports").iterdir()
     log = (run_dir / "run.log").read_text()
-    for text in ("NOISY-BAR", "TEXTATTACK-CHATTER", "PRINTED-NOISE", "HARMLESS-LIBRARY-WARNING",
-                 "Secure RNG turned off", "DPPrivacyWarning", "unit 0:test.noisy@cnn"):
+    for text in (
+        "NOISY-BAR",
+        "TEXTATTACK-CHATTER",
+        "PRINTED-NOISE",
+        "HARMLESS-LIBRARY-WARNING",
+        "Secure RNG turned off",
+        "DPPrivacyWarning",
+        "unit 0:test.noisy@cnn",
+    ):
         assert text in log, text
     assert handler.stream is sys.stderr  # the library's handler is back on its own stream
 
 
-NOISY_MODEL = '''
+NOISY_MODEL = """
 import logging
 import sys
 import warnings
@@ -117,23 +133,32 @@ def make(num_labels=10):
     print("PRINTED-NOISE")
     warnings.warn("Secure RNG turned off. (test)")
     return nn.Sequential(nn.Flatten(), nn.Linear(64, num_labels))
-'''
+"""
 
 
 def test_real_process_target_preparation_noise_in_run_log(tmp_path):
     """`fmaudit run` as a user runs it: the loading noise of a target (a GGUF-style tqdm bar, logger chatter,
     a print) is in run.log only; the Secure-RNG warning reaches stderr (and the log)."""
     (tmp_path / "fm_noisy_model.py").write_text(NOISY_MODEL)
-    recipe = {"version": 1, "name": "quiet", "output_dir": str(tmp_path / "reports"),
-              "data": {"digits": {"source": "bundled:digits", "limit": 40}},
-              "targets": {"net": {"model": "python:fm_noisy_model:make", "task": "image-classification",
-                                  "num_labels": 10}},
-              "audits": [{"use": "utility", "target": "net", "data": "digits"}]}
+    recipe = {
+        "version": 1,
+        "name": "quiet",
+        "output_dir": str(tmp_path / "reports"),
+        "data": {"digits": {"source": "bundled:digits", "limit": 40}},
+        "targets": {"net": {"model": "python:fm_noisy_model:make", "task": "image-classification", "num_labels": 10}},
+        "audits": [{"use": "utility", "target": "net", "data": "digits"}],
+    }
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="80")
-    res = subprocess.run([str(REPO / ".venv" / "bin" / "fmaudit"), "run", str(path)], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "fmaudit"), "run", str(path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     terminal = res.stdout + res.stderr
     for noise in ("de-quantizing", "TEXTATTACK-CHATTER", "PRINTED-NOISE"):
@@ -141,8 +166,13 @@ def test_real_process_target_preparation_noise_in_run_log(tmp_path):
     assert "Secure RNG turned off" in res.stderr
     (run_dir,) = (tmp_path / "reports").iterdir()
     log = (run_dir / "run.log").read_text()
-    for text in ("de-quantizing", "TEXTATTACK-CHATTER", "PRINTED-NOISE", "Secure RNG turned off",
-                 "preparing target net"):
+    for text in (
+        "de-quantizing",
+        "TEXTATTACK-CHATTER",
+        "PRINTED-NOISE",
+        "Secure RNG turned off",
+        "preparing target net",
+    ):
         assert text in log, text
 
 

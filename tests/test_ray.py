@@ -15,9 +15,10 @@ import pytest
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'fmaudit[ray]')")
 
 import ray_helpers  # noqa: E402
-from fmaudit.testing import tiny_text_recipe  # noqa: E402
+
 from fmaudit.executor import NotSendable, TaskFailed, map_sharded  # noqa: E402
 from fmaudit.ray_executor import RayExecutor  # noqa: E402
+from fmaudit.testing import tiny_text_recipe  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -72,13 +73,25 @@ def test_reference_models_on_ray_match_local(ray_cluster, tiny_bert_dir, sentime
     from fmaudit.recipe import load_recipe
     from fmaudit.runner import run_recipe
 
-    audit = {"use": "privacy.membership", "target": "bert",
-             "params": {"attacks": ["loss", "rmia", "lira_offline"], "reference_models": 2, "bootstrap": 50}}
-    local = run_recipe(tiny_text_recipe(tiny_bert_dir, sentiment_csv, tmp_path / "local", audits=[audit],
-                                        cache_dir=str(tmp_path / "cache-local")))
+    audit = {
+        "use": "privacy.membership",
+        "target": "bert",
+        "params": {"attacks": ["loss", "rmia", "lira_offline"], "reference_models": 2, "bootstrap": 50},
+    }
+    local = run_recipe(
+        tiny_text_recipe(
+            tiny_bert_dir, sentiment_csv, tmp_path / "local", audits=[audit], cache_dir=str(tmp_path / "cache-local")
+        )
+    )
     ray.get(ray_cluster)  # workers ready (imports done while the local run trained)
-    recipe = tiny_text_recipe(tiny_bert_dir, sentiment_csv, tmp_path / "ray", audits=[audit],
-                              cache_dir=str(tmp_path / "cache-ray"), executor={"kind": "ray", "max_retries": 1})
+    recipe = tiny_text_recipe(
+        tiny_bert_dir,
+        sentiment_csv,
+        tmp_path / "ray",
+        audits=[audit],
+        cache_dir=str(tmp_path / "cache-ray"),
+        executor={"kind": "ray", "max_retries": 1},
+    )
     on_ray = run_recipe(recipe)
 
     (lr,), (rr,) = local.audits, on_ray.audits
@@ -124,12 +137,21 @@ def crash_module(test_modules):
 
 
 def _digits_recipe(tmp_path: Path, **kw) -> dict:
-    return {"version": 1, "name": "wave", "seed": 0, "output_dir": str(tmp_path / "reports"),
-            "cache_dir": str(tmp_path / "cache"),
-            "data": {"digits": {"source": "bundled:digits", "limit": 200}},
-            "targets": {"cnn": {"model": "bundled:digits-cnn",
-                                "finetune": {"data": "digits", "epochs": 1, "batch_size": 32, "lr": 1e-3}}},
-            **kw}
+    return {
+        "version": 1,
+        "name": "wave",
+        "seed": 0,
+        "output_dir": str(tmp_path / "reports"),
+        "cache_dir": str(tmp_path / "cache"),
+        "data": {"digits": {"source": "bundled:digits", "limit": 200}},
+        "targets": {
+            "cnn": {
+                "model": "bundled:digits-cnn",
+                "finetune": {"data": "digits", "epochs": 1, "batch_size": 32, "lr": 1e-3},
+            }
+        },
+        **kw,
+    }
 
 
 def test_cli_executor_flag_runs_on_ray(ray_cluster, write_recipe, tmp_path):
@@ -137,8 +159,9 @@ def test_cli_executor_flag_runs_on_ray(ray_cluster, write_recipe, tmp_path):
 
     from fmaudit.cli import app
 
-    path = write_recipe(_digits_recipe(tmp_path, audits=[{"use": "utility", "target": "cnn"},
-                                                         {"use": "utility", "target": "cnn"}]))
+    path = write_recipe(
+        _digits_recipe(tmp_path, audits=[{"use": "utility", "target": "cnn"}, {"use": "utility", "target": "cnn"}])
+    )
     res = CliRunner().invoke(app, ["run", str(path), "-q", "--executor", "ray"])
     assert res.exit_code == 0, res.output
     (run_dir,) = (tmp_path / "reports").iterdir()
@@ -146,17 +169,17 @@ def test_cli_executor_flag_runs_on_ray(ray_cluster, write_recipe, tmp_path):
     assert first["executor"] == "ray"
 
 
-def test_wave_units_run_as_tasks_and_a_dying_unit_is_its_own_error(ray_cluster, crash_module, tmp_path,
-                                                                     one_thread):
+def test_wave_units_run_as_tasks_and_a_dying_unit_is_its_own_error(ray_cluster, crash_module, tmp_path, one_thread):
     from fmaudit.runner import EXIT_MODULE_ERROR, run_recipe
 
-    audits = [{"use": "test.produce_copy", "target": "cnn", "produces": "cnn2"},
-              {"use": "utility", "target": "cnn"},
-              {"use": "test.crash_worker", "target": "cnn"},
-              {"use": "utility", "target": "cnn2"}]  # next wave: needs the product of a remote unit
+    audits = [
+        {"use": "test.produce_copy", "target": "cnn", "produces": "cnn2"},
+        {"use": "utility", "target": "cnn"},
+        {"use": "test.crash_worker", "target": "cnn"},
+        {"use": "utility", "target": "cnn2"},
+    ]  # next wave: needs the product of a remote unit
     local = run_recipe(_digits_recipe(tmp_path / "local", audits=[a for a in audits if "crash" not in a["use"]]))
-    report = run_recipe(_digits_recipe(tmp_path / "ray", audits=audits,
-                                       executor={"kind": "ray", "max_retries": 1}))
+    report = run_recipe(_digits_recipe(tmp_path / "ray", audits=audits, executor={"kind": "ray", "max_retries": 1}))
 
     by = {(r.module, r.target): r for r in report.audits}
     crashed = by[("test.crash_worker", "cnn")]
@@ -181,8 +204,11 @@ def test_wave_units_run_as_tasks_and_a_dying_unit_is_its_own_error(ray_cluster, 
 def test_a_wave_that_cannot_travel_runs_in_the_driver(ray_cluster, tmp_path):
     from fmaudit.runner import run_recipe
 
-    recipe = _digits_recipe(tmp_path, audits=[{"use": "utility", "target": "cnn"}, {"use": "utility", "target": "cnn"}],
-                            executor={"kind": "ray"})
+    recipe = _digits_recipe(
+        tmp_path,
+        audits=[{"use": "utility", "target": "cnn"}, {"use": "utility", "target": "cnn"}],
+        executor={"kind": "ray"},
+    )
     recipe["targets"]["cnn"].update(model="python:ray_helpers:locked_cnn", task="image-classification")
     report = run_recipe(recipe)
     assert [r.status for r in report.audits] == ["ok", "ok"], [r.error for r in report.audits]
@@ -195,8 +221,9 @@ def test_a_wave_that_cannot_travel_runs_in_the_driver(ray_cluster, tmp_path):
 def test_nested_maps_and_shards(ray_cluster):
     ex = RayExecutor(max_retries=0)
     assert ex.map(ray_helpers.Nested(ex), [2, 3]) == [[0, 1], [0, 1, 4]]
-    assert map_sharded(ex, lambda chunk: [x * 2 for x in chunk], list(range(7)), shard_size=3) == \
-        [x * 2 for x in range(7)]
+    assert map_sharded(ex, lambda chunk: [x * 2 for x in chunk], list(range(7)), shard_size=3) == [
+        x * 2 for x in range(7)
+    ]
     assert ex.map(ray_helpers.square, []) == []
 
 
@@ -224,8 +251,11 @@ def test_a_killed_task_is_retried_and_succeeds(ray_cluster, tmp_path):
 def test_a_task_that_keeps_dying_is_that_items_error(ray_cluster, tmp_path):
     ex = RayExecutor(max_retries=1)
     failed = []
-    out = ex.map(ray_helpers.CrashOn(str(tmp_path), bad=2), [1, 2, 3],
-                 on_error=lambda item, exc: failed.append((item, exc)) or -1)
+    out = ex.map(
+        ray_helpers.CrashOn(str(tmp_path), bad=2),
+        [1, 2, 3],
+        on_error=lambda item, exc: failed.append((item, exc)) or -1,
+    )
     assert out == [2, -1, 4]
     ((item, exc),) = failed
     assert item == 2 and isinstance(exc, TaskFailed) and exc.crashed and exc.attempts == 2
@@ -240,8 +270,9 @@ def test_a_task_that_keeps_dying_is_that_items_error(ray_cluster, tmp_path):
 
 
 def test_an_exception_is_reported_not_retried(ray_cluster, tmp_path):
-    out = RayExecutor(max_retries=3).map(ray_helpers.RaiseOn(str(tmp_path), bad=1), [0, 1],
-                                         on_error=lambda item, exc: exc)
+    out = RayExecutor(max_retries=3).map(
+        ray_helpers.RaiseOn(str(tmp_path), bad=1), [0, 1], on_error=lambda item, exc: exc
+    )
     assert out[0] == 0
     exc = out[1]
     assert isinstance(exc, TaskFailed) and isinstance(exc.cause, ValueError) and not exc.crashed

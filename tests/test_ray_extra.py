@@ -8,11 +8,11 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from fmaudit.testing import tiny_text_recipe
 from fmaudit.cli import app
 from fmaudit.executor import ExecutorUnavailable, LocalExecutor, LocalOnly, TaskFailed, map_sharded
 from fmaudit.executor_factory import make_executor, ray_available
 from fmaudit.recipe import RecipeError, load_recipe
+from fmaudit.testing import tiny_text_recipe
 
 
 @pytest.fixture()
@@ -58,16 +58,30 @@ def test_missing_extra_message_from_recipe_and_flag(no_ray, write_recipe, tmp_pa
 
 
 def test_executor_block_is_validated(tmp_path, tiny_bert_dir, sentiment_csv):
-    ok = load_recipe(_recipe(tmp_path, tiny_bert_dir, sentiment_csv,
-                             executor={"kind": "ray", "address": "ray://head:10001", "num_gpus_per_task": 0.5,
-                                       "num_cpus_per_task": 2, "max_retries": 0})).recipe
+    ok = load_recipe(
+        _recipe(
+            tmp_path,
+            tiny_bert_dir,
+            sentiment_csv,
+            executor={
+                "kind": "ray",
+                "address": "ray://head:10001",
+                "num_gpus_per_task": 0.5,
+                "num_cpus_per_task": 2,
+                "max_retries": 0,
+            },
+        )
+    ).recipe
     assert ok.executor.kind == "ray" and ok.executor.num_gpus_per_task == 0.5
     plain = load_recipe(_recipe(tmp_path, tiny_bert_dir, sentiment_csv)).recipe
     assert ok.sha256 == plain.sha256  # where it runs is not part of what it computes
-    for bad, path in [({"kind": "spark"}, "executor.kind"), ({"kind": "ray", "max_retries": -1}, "executor.max_retries"),
-                      ({"kind": "ray", "num_cpus_per_task": 0}, "executor.num_cpus_per_task"),
-                      ({"kind": "local", "address": "auto"}, "executor"),
-                      ({"kind": "ray", "adress": "auto"}, "executor.adress")]:
+    for bad, path in [
+        ({"kind": "spark"}, "executor.kind"),
+        ({"kind": "ray", "max_retries": -1}, "executor.max_retries"),
+        ({"kind": "ray", "num_cpus_per_task": 0}, "executor.num_cpus_per_task"),
+        ({"kind": "local", "address": "auto"}, "executor"),
+        ({"kind": "ray", "adress": "auto"}, "executor.adress"),
+    ]:
         with pytest.raises(RecipeError) as info:
             load_recipe(_recipe(tmp_path, tiny_bert_dir, sentiment_csv, executor=bad))
         assert [p.path for p in info.value.problems] == [path], bad

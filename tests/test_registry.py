@@ -11,10 +11,12 @@ from fmaudit.registry import Registry, RegistryError, registry
 
 
 def test_builtins_are_lazy():
-    code = ("import sys\nfrom fmaudit.registry import registry\nnames = registry.names()\n"
-            "assert 'utility' in names\nassert 'fmaudit.audits.utility' not in sys.modules\n"
-            "registry.get('utility')\nassert 'fmaudit.audits.utility' in sys.modules\n"
-            "assert 'torch' not in sys.modules\n")
+    code = (
+        "import sys\nfrom fmaudit.registry import registry\nnames = registry.names()\n"
+        "assert 'utility' in names\nassert 'fmaudit.audits.utility' not in sys.modules\n"
+        "registry.get('utility')\nassert 'fmaudit.audits.utility' in sys.modules\n"
+        "assert 'torch' not in sys.modules\n"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
 
@@ -66,13 +68,15 @@ def test_plugin_runs_from_cli_via_entry_point(tmp_path, tiny_bert_dir, sentiment
 
     root = plugin_dist
     recipe = tiny_text_recipe(tiny_bert_dir, sentiment_csv, tmp_path)
-    recipe["audits"] = [{"use": "thirdparty.label_balance", "target": "bert",
-                         "fail_if": {"majority_fraction": {"gt": 0.9}}}]
+    recipe["audits"] = [
+        {"use": "thirdparty.label_balance", "target": "bert", "fail_if": {"majority_fraction": {"gt": 0.9}}}
+    ]
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     env = dict(os.environ, PYTHONPATH=str(root))
-    res = subprocess.run([sys.executable, "-m", "fmaudit.cli", "run", str(path), "-q"], capture_output=True,
-                         text=True, env=env)
+    res = subprocess.run(
+        [sys.executable, "-m", "fmaudit.cli", "run", str(path), "-q"], capture_output=True, text=True, env=env
+    )
     assert res.returncode == 0, res.stderr + res.stdout
     from fmaudit.report import load_report
 

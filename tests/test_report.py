@@ -7,23 +7,46 @@ import math
 
 import pytest
 
-from fmaudit.report import (SCHEMA_VERSION, AuditResult, EventLog, HostInfo, Metric, ReportError, RunReport,
-                            load_report, report_json_schema, write_json_atomic, write_report)
+from fmaudit.report import (
+    SCHEMA_VERSION,
+    AuditResult,
+    EventLog,
+    HostInfo,
+    Metric,
+    ReportError,
+    RunReport,
+    load_report,
+    report_json_schema,
+    write_json_atomic,
+    write_report,
+)
 
 
 def make_report(**kw) -> RunReport:
-    base = dict(run_id="r1", name="t", fmaudit_version="0.1.0", created_at="2026-01-01T00:00:00+00:00", seed=0,
-                recipe={"version": 1}, recipe_sha256="0" * 64,
-                host=HostInfo(hostname="h", platform="p", python="3.11", cpu_count=2, device="cpu"),
-                versions={"torch": "2.13.0"})
+    base = dict(
+        run_id="r1",
+        name="t",
+        fmaudit_version="0.1.0",
+        created_at="2026-01-01T00:00:00+00:00",
+        seed=0,
+        recipe={"version": 1},
+        recipe_sha256="0" * 64,
+        host=HostInfo(hostname="h", platform="p", python="3.11", cpu_count=2, device="cpu"),
+        versions={"torch": "2.13.0"},
+    )
     base.update(kw)
     return RunReport(**base)
 
 
 def test_round_trip(tmp_path):
-    res = AuditResult(unit_id="0:utility@m", audit_index=0, module="utility", target="m", status="ok",
-                      metrics={"accuracy": Metric(value=0.9, higher_is_better=True, ci_low=0.8, ci_high=0.95,
-                                                  ci_level=0.95)})
+    res = AuditResult(
+        unit_id="0:utility@m",
+        audit_index=0,
+        module="utility",
+        target="m",
+        status="ok",
+        metrics={"accuracy": Metric(value=0.9, higher_is_better=True, ci_low=0.8, ci_high=0.95, ci_level=0.95)},
+    )
     rep = make_report(audits=[res])
     write_report(rep, tmp_path / "report.json")
     back = load_report(tmp_path)

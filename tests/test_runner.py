@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from fmaudit.testing import tiny_text_recipe
 from fmaudit.recipe import RecipeError
 from fmaudit.report import load_report
 from fmaudit.runner import EXIT_GATE_FAILED, EXIT_MODULE_ERROR, EXIT_OK, PreparationError, run_recipe
+from fmaudit.testing import tiny_text_recipe
 
 
 @pytest.fixture()
@@ -24,8 +24,10 @@ def _run_dir(tmp_path):
 
 
 def test_failure_isolation_keeps_other_results(recipe, tmp_path, test_modules):
-    recipe["audits"] = [{"use": "test.always_fails", "target": "bert", "params": {"message": "kaboom"}},
-                        {"use": "utility", "target": "bert"}]
+    recipe["audits"] = [
+        {"use": "test.always_fails", "target": "bert", "params": {"message": "kaboom"}},
+        {"use": "utility", "target": "bert"},
+    ]
     report = run_recipe(recipe)
     assert [r.status for r in report.audits] == ["error", "ok"]
     assert report.audits[0].error.message == "kaboom" and "RuntimeError" in report.audits[0].error.type
@@ -106,8 +108,10 @@ def test_resume_refuses_a_different_recipe(recipe, tmp_path):
 
 
 def test_produced_targets_are_audited(recipe, test_modules):
-    recipe["audits"] = [{"use": "test.produce_copy", "target": "bert", "produces": "bert-copy"},
-                        {"use": "utility", "target": ["bert", "bert-copy"]}]
+    recipe["audits"] = [
+        {"use": "test.produce_copy", "target": "bert", "produces": "bert-copy"},
+        {"use": "utility", "target": ["bert", "bert-copy"]},
+    ]
     report = run_recipe(recipe)
     assert [r.status for r in report.audits] == ["ok", "ok", "ok"]
     a, b = report.result("utility", "bert"), report.result("utility", "bert-copy")

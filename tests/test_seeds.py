@@ -26,10 +26,12 @@ def test_streams_never_coincide():
 
 def test_stream_with_key_zero_is_not_the_bare_seed():
     for s in (0, 3):
-        assert not np.array_equal(rng(s, Stream.REFERENCE_HALVES, 0).permutation(100),
-                                  np.random.default_rng(s).permutation(100))
-        assert not np.array_equal(rng(s, Stream.REFERENCE_HALVES, 0).permutation(100),
-                                  rng(s, Stream.SPLIT).permutation(100))
+        assert not np.array_equal(
+            rng(s, Stream.REFERENCE_HALVES, 0).permutation(100), np.random.default_rng(s).permutation(100)
+        )
+        assert not np.array_equal(
+            rng(s, Stream.REFERENCE_HALVES, 0).permutation(100), rng(s, Stream.SPLIT).permutation(100)
+        )
 
 
 def test_reproducible_and_bounded():
@@ -49,9 +51,8 @@ def test_stream_ids_are_stable():
 def test_reference_halves_do_not_replay_the_member_split():
     """Defect: with reference_seed 0 and recipe seed 0, reference model 0 trained on exactly the target's
     members and model 1 on exactly its non-members."""
-    from fmaudit.privacy.membership.reference_models import reference_overlap
-    from fmaudit.privacy.membership.reference_models import paired_halves
     from fmaudit.data import Dataset, member_split
+    from fmaudit.privacy.membership.reference_models import paired_halves, reference_overlap
 
     n = 400
     data = Dataset("d", "d", "text", [f"x{i}" for i in range(n)], texts=[f"t{i}" for i in range(n)])

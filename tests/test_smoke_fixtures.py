@@ -1,6 +1,5 @@
-from fmaudit.testing import tiny_text_recipe
-
 from fmaudit.runner import run_recipe
+from fmaudit.testing import tiny_text_recipe
 
 
 def test_tiny_recipe_end_to_end(tiny_bert_dir, sentiment_csv, tmp_path):

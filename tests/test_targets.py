@@ -12,8 +12,14 @@ from fmaudit.targets.vision import PixelClassifier
 
 
 def text_data(texts, labels=None):
-    return Dataset("d", "test", "text", [str(i) for i in range(len(texts))],
-                   None if labels is None else np.array(labels), texts=list(texts))
+    return Dataset(
+        "d",
+        "test",
+        "text",
+        [str(i) for i in range(len(texts))],
+        None if labels is None else np.array(labels),
+        texts=list(texts),
+    )
 
 
 def test_text_classifier_dynamic_padding_matches_single(tiny_bert_dir):
@@ -88,13 +94,21 @@ def test_python_module_with_safetensors_and_refusal_of_pickles(tmp_path, monkeyp
     net = digits_cnn(10)
     save_file(net.state_dict(), str(tmp_path / "w.safetensors"))
     torch.save(net.state_dict(), tmp_path / "w.pt")
-    t = load_target(model="python:fmaudit.targets.vision:digits_cnn", task="image-classification",
-                    weights=str(tmp_path / "w.safetensors"), num_labels=10)
+    t = load_target(
+        model="python:fmaudit.targets.vision:digits_cnn",
+        task="image-classification",
+        weights=str(tmp_path / "w.safetensors"),
+        num_labels=10,
+    )
     x = torch.rand(2, 1, 8, 8)
     with torch.no_grad():
         np.testing.assert_allclose(t.logits_images(x), net(x).double().numpy(), atol=1e-6)
-    t2 = load_target(model="python:fmaudit.targets.vision:digits_cnn", task="image-classification",
-                     weights=str(tmp_path / "w.pt"), num_labels=10)
+    t2 = load_target(
+        model="python:fmaudit.targets.vision:digits_cnn",
+        task="image-classification",
+        weights=str(tmp_path / "w.pt"),
+        num_labels=10,
+    )
     assert t2.weights_sha256() == t.weights_sha256()
     # A pickle that carries an arbitrary object is refused (weights_only=True).
 
@@ -104,8 +118,11 @@ def test_python_module_with_safetensors_and_refusal_of_pickles(tmp_path, monkeyp
 
     torch.save({"x": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(TargetError, match="refused"):
-        load_target(model="python:fmaudit.targets.vision:digits_cnn", task="image-classification",
-                    weights=str(tmp_path / "evil.pt"))
+        load_target(
+            model="python:fmaudit.targets.vision:digits_cnn",
+            task="image-classification",
+            weights=str(tmp_path / "evil.pt"),
+        )
 
 
 def test_not_a_model_folder(tmp_path):

@@ -8,8 +8,8 @@ renderer already drew. Adding a renderer for a new module is one function plus o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from dashboard.renderers.explain import render_attribution
 from dashboard.renderers.privacy import render_canary, render_dp, render_membership
@@ -32,8 +32,10 @@ class ModuleRenderer:
 
     def draws(self, curve: str) -> bool:
         """True when this renderer already drew the curve named `curve`."""
-        return any(curve == d or (d.endswith(".") and curve.startswith(d)) or (d.startswith(".") and curve.endswith(d))
-                   for d in self.curves)
+        return any(
+            curve == d or (d.endswith(".") and curve.startswith(d)) or (d.startswith(".") and curve.endswith(d))
+            for d in self.curves
+        )
 
 
 RENDERERS: dict[str, ModuleRenderer] = {

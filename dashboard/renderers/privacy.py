@@ -20,10 +20,13 @@ def render_dp(sink: Sink, entry: RunEntry, results: list[AuditResult]) -> None:
             if "epsilon" in f"{name} {c.y_label}".lower():
                 ledger.append((f"{r.produces or r.target} ({name})", c))
     if ledger:
-        sink.figure(F.curves_figure(ledger, title="Privacy ledger: epsilon spent vs training step", mode="lines"),
-                    key="dp-ledger")
-        sink.caption("The accountant's epsilon (an upper bound on privacy loss at the recorded delta) as training "
-                     "progresses.")
+        sink.figure(
+            F.curves_figure(ledger, title="Privacy ledger: epsilon spent vs training step", mode="lines"),
+            key="dp-ledger",
+        )
+        sink.caption(
+            "The accountant's epsilon (an upper bound on privacy loss at the recorded delta) as training progresses."
+        )
     for r in results:
         sink.header(f"{r.target} → {r.produces or '(no produced target)'}", level=3)
         sink.cards([metric_card(n, m) for n, m in r.metrics.items()][:12])
@@ -35,10 +38,24 @@ def render_dp(sink: Sink, entry: RunEntry, results: list[AuditResult]) -> None:
             dp, base = r.metrics.get(k), r.metrics.get(f"baseline_{k}")
             if dp is None or base is None or dp.value is None or base.value is None:
                 continue
-            rows.append({"x": k, "y": base.value, "group": f"{r.target} (non-private)", "unit": base.unit,
-                         "help": base.description or f"{k} of the non-private model"})
-            rows.append({"x": k, "y": dp.value, "group": f"{r.produces or r.target} (private, DP)", "unit": dp.unit,
-                         "help": dp.description or f"{k} of the DP model"})
+            rows.append(
+                {
+                    "x": k,
+                    "y": base.value,
+                    "group": f"{r.target} (non-private)",
+                    "unit": base.unit,
+                    "help": base.description or f"{k} of the non-private model",
+                }
+            )
+            rows.append(
+                {
+                    "x": k,
+                    "y": dp.value,
+                    "group": f"{r.produces or r.target} (private, DP)",
+                    "unit": dp.unit,
+                    "help": dp.description or f"{k} of the DP model",
+                }
+            )
     if not rows:
         util = {r.target: r for r in entry.results if r.module == "utility" and r.status == "ok"}
         for r in results:
@@ -47,8 +64,9 @@ def render_dp(sink: Sink, entry: RunEntry, results: list[AuditResult]) -> None:
                 for k in ("accuracy", "macro_f1", "perplexity"):
                     m = u.metrics.get(k) if u is not None else None
                     if m is not None and m.value is not None:
-                        rows.append({"x": k, "y": m.value, "group": f"{tname} ({kind})", "unit": m.unit,
-                                     "help": m.description})
+                        rows.append(
+                            {"x": k, "y": m.value, "group": f"{tname} ({kind})", "unit": m.unit, "help": m.description}
+                        )
     if rows:
         sink.figure(F.bar_figure(rows, "Utility: private vs non-private", "value"), key="dp-utility")
     elif results:
@@ -75,30 +93,56 @@ def render_membership(sink: Sink, entry: RunEntry, results: list[AuditResult]) -
                 stats = membership_stats(r.metrics, attack, single=len(rocs) == 1)
                 series.append((attack, c, stats))
                 if stats.get("auc") is not None:
-                    auc_rows.append({"label": f"{t} · {attack}", "value": stats["auc"], "lo": stats.get("auc_lo"),
-                                     "hi": stats.get("auc_hi"), "unit": "fraction", "help": stats.get("auc_help")})
+                    auc_rows.append(
+                        {
+                            "label": f"{t} · {attack}",
+                            "value": stats["auc"],
+                            "lo": stats.get("auc_lo"),
+                            "hi": stats.get("auc_hi"),
+                            "unit": "fraction",
+                            "help": stats.get("auc_help"),
+                        }
+                    )
         if series:
             col.figure(F.roc_figure(series, title=f"ROC — {label}"), key=f"mia-roc-{t}")
         else:
             col.caption(f"{label}: no ROC curve in this result")
         for r in by_target[t]:
-            cards = [metric_card(n, r.metrics[n]) for n in ("auc", "auc_null", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr",
-                                                             "advantage", "advantage_null", "fpr_resolution",
-                                                             "blind_baseline_auc") if n in r.metrics]
+            cards = [
+                metric_card(n, r.metrics[n])
+                for n in (
+                    "auc",
+                    "auc_null",
+                    "tpr_at_1pct_fpr",
+                    "tpr_at_0.1pct_fpr",
+                    "advantage",
+                    "advantage_null",
+                    "fpr_resolution",
+                    "blind_baseline_auc",
+                )
+                if n in r.metrics
+            ]
             col.cards(cards, per_row=3 if len(targets) > 1 else 5)
     if auc_rows:
-        sink.figure(F.interval_figure(auc_rows, "Attack AUC with confidence intervals", "AUC", reference=0.5,
-                                      reference_label="chance 0.5"), key="mia-auc")
-        sink.caption("AUC 0.5 = the attacker cannot tell members from non-members; error bars are the module's "
-                     "bootstrap intervals (simultaneous over a result's attacks). The headline `auc` is the attack "
-                     "chosen on half of the examples, measured on the other half; `auc_null` is what chance alone "
-                     "reaches on those examples (95% of label permutations stay below it).")
+        sink.figure(
+            F.interval_figure(
+                auc_rows, "Attack AUC with confidence intervals", "AUC", reference=0.5, reference_label="chance 0.5"
+            ),
+            key="mia-auc",
+        )
+        sink.caption(
+            "AUC 0.5 = the attacker cannot tell members from non-members; error bars are the module's "
+            "bootstrap intervals (simultaneous over a result's attacks). The headline `auc` is the attack "
+            "chosen on half of the examples, measured on the other half; `auc_null` is what chance alone "
+            "reaches on those examples (95% of label permutations stay below it)."
+        )
 
 
 def membership_stats(metrics: dict[str, Metric], attack: str | None, single: bool = True) -> dict[str, Any]:
     """AUC (with CI) and TPR at 1% / 0.1% FPR of one attack, from the metrics named '<attack>.auc',
     '<attack>.tpr_at_1pct_fpr', '<attack>.tpr_at_0.1pct_fpr' (privacy.membership), or the unprefixed names
     when the result has a single attack."""
+
     def get(name: str) -> Metric | None:
         if attack and f"{attack}.{name}" in metrics:
             return metrics[f"{attack}.{name}"]
@@ -130,33 +174,66 @@ def render_canary(sink: Sink, entry: RunEntry, results: list[AuditResult]) -> No
             if hit:
                 dp_eps[r.produces] = hit[1]
     for r in results:
-        lb = find_metric(r.metrics, "epsilon_lb") or find_metric(r.metrics, "epsilon", "lower") or \
-            find_metric(r.metrics, "eps_lb")
-        acc = find_metric(r.metrics, "accountant") or (("accountant epsilon", dp_eps[r.target])
-                                                        if r.target in dp_eps else None)
+        lb = (
+            find_metric(r.metrics, "epsilon_lb")
+            or find_metric(r.metrics, "epsilon", "lower")
+            or find_metric(r.metrics, "eps_lb")
+        )
+        acc = find_metric(r.metrics, "accountant") or (
+            ("accountant epsilon", dp_eps[r.target]) if r.target in dp_eps else None
+        )
         label = target_label(entry, r.target)
         top = r.metrics.get("epsilon_lb_ceiling")
         if lb:
-            rows.append({"x": label, "y": lb[1].value, "group": "audit lower bound (ε ≥)", "unit": lb[1].unit,
-                         "help": lb[1].description})
+            rows.append(
+                {
+                    "x": label,
+                    "y": lb[1].value,
+                    "group": "audit lower bound (ε ≥)",
+                    "unit": lb[1].unit,
+                    "help": lb[1].description,
+                }
+            )
         if top is not None and top.value is not None:
-            rows.append({"x": label, "y": top.value, "group": "audit ceiling (perfect attack)", "unit": top.unit,
-                         "help": top.description})
+            rows.append(
+                {
+                    "x": label,
+                    "y": top.value,
+                    "group": "audit ceiling (perfect attack)",
+                    "unit": top.unit,
+                    "help": top.description,
+                }
+            )
         if acc and acc[1].value is not None:
-            rows.append({"x": label, "y": acc[1].value, "group": "accountant upper bound (ε ≤)", "unit": acc[1].unit,
-                         "help": acc[1].description})
+            rows.append(
+                {
+                    "x": label,
+                    "y": acc[1].value,
+                    "group": "accountant upper bound (ε ≤)",
+                    "unit": acc[1].unit,
+                    "help": acc[1].description,
+                }
+            )
         parts = []
         if acc and acc[1].value is not None:
             parts.append(f"accountant says ε ≤ {F.fmt(acc[1].value)}")
         if lb:
             parts.append(f"audit shows ε ≥ {F.fmt(lb[1].value)}")
         if top is not None and top.value is not None:
-            parts.append(f"the audit's ceiling is {F.fmt(top.value)} (no attack could show more"
-                         + (", so it cannot confirm or refute the accountant's ε)" if acc and acc[1].value is not None
-                            and acc[1].value > top.value else ")"))
+            parts.append(
+                f"the audit's ceiling is {F.fmt(top.value)} (no attack could show more"
+                + (
+                    ", so it cannot confirm or refute the accountant's ε)"
+                    if acc and acc[1].value is not None and acc[1].value > top.value
+                    else ")"
+                )
+            )
         if parts:
-            kind = "error" if (lb and acc and acc[1].value is not None and lb[1].value is not None
-                               and lb[1].value > acc[1].value) else "info"
+            kind = (
+                "error"
+                if (lb and acc and acc[1].value is not None and lb[1].value is not None and lb[1].value > acc[1].value)
+                else "info"
+            )
             sink.notice(kind, f"{label}: " + "; ".join(parts))
     if rows:
         sink.figure(F.bar_figure(rows, "Epsilon: audit lower bound vs accountant", "epsilon"), key="canary-eps")

@@ -11,9 +11,10 @@ validating recipes stays fast.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -56,11 +57,11 @@ class AuditModule:
             params = self.Params.model_validate(params or {})
         self.params = params
 
-    def check(self, target: "Target", data: "Dataset | None") -> list[str]:
+    def check(self, target: Target, data: Dataset | None) -> list[str]:
         """Problems that would make `run` fail, found before it starts. Empty list = go."""
         return []
 
-    def run(self, target: "Target", ctx: "AuditContext") -> "Outcome":  # pragma: no cover - abstract
+    def run(self, target: Target, ctx: AuditContext) -> Outcome:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
@@ -82,19 +83,40 @@ class Outcome:
     tables: dict[str, Any] = field(default_factory=dict)
     evidence: list[dict[str, Any]] = field(default_factory=list)
     artifacts: list[str] = field(default_factory=list)
-    produced: "Target | None" = None
+    produced: Target | None = None
 
-    def metric(self, name: str, value: float | None, *, higher_is_better: bool | None = None,
-               ci: tuple[float, float] | None = None, ci_level: float | None = None, unit: str | None = None,
-               description: str | None = None) -> Metric:
-        m = Metric(value=None if value is None else float(value), higher_is_better=higher_is_better,
-                   ci_low=None if ci is None else float(ci[0]), ci_high=None if ci is None else float(ci[1]),
-                   ci_level=ci_level if ci is not None else None, unit=unit, description=description)
+    def metric(
+        self,
+        name: str,
+        value: float | None,
+        *,
+        higher_is_better: bool | None = None,
+        ci: tuple[float, float] | None = None,
+        ci_level: float | None = None,
+        unit: str | None = None,
+        description: str | None = None,
+    ) -> Metric:
+        m = Metric(
+            value=None if value is None else float(value),
+            higher_is_better=higher_is_better,
+            ci_low=None if ci is None else float(ci[0]),
+            ci_high=None if ci is None else float(ci[1]),
+            ci_level=ci_level if ci is not None else None,
+            unit=unit,
+            description=description,
+        )
         self.metrics[name] = m
         return m
 
-    def finding(self, severity: Severity, title: str, detail: str = "", *, metric: str | None = None,
-                gate: GateResult | None = None) -> None:
+    def finding(
+        self,
+        severity: Severity,
+        title: str,
+        detail: str = "",
+        *,
+        metric: str | None = None,
+        gate: GateResult | None = None,
+    ) -> None:
         self.findings.append(Finding(severity=severity, title=title, detail=detail, metric=metric, gate=gate))
 
     def findings_from(self, found: Iterable[Mapping[str, Any]], *, metric: str | None = None) -> None:
@@ -103,10 +125,27 @@ class Outcome:
         for f in found:
             self.findings.append(Finding.model_validate({"detail": "", **f, "metric": f.get("metric", metric)}))
 
-    def curve(self, name: str, x: Iterable[float], y: Iterable[float], *, x_label: str = "x", y_label: str = "y",
-              log_x: bool = False, log_y: bool = False, description: str | None = None) -> None:
-        self.curves[name] = Curve(x=[float(v) for v in x], y=[float(v) for v in y], x_label=x_label,
-                                  y_label=y_label, log_x=log_x, log_y=log_y, description=description)
+    def curve(
+        self,
+        name: str,
+        x: Iterable[float],
+        y: Iterable[float],
+        *,
+        x_label: str = "x",
+        y_label: str = "y",
+        log_x: bool = False,
+        log_y: bool = False,
+        description: str | None = None,
+    ) -> None:
+        self.curves[name] = Curve(
+            x=[float(v) for v in x],
+            y=[float(v) for v in y],
+            x_label=x_label,
+            y_label=y_label,
+            log_x=log_x,
+            log_y=log_y,
+            description=description,
+        )
 
 
 @dataclass
@@ -119,15 +158,15 @@ class AuditContext:
     run_dir: Path
     cache_dir: Path
     store_examples: bool
-    data: "Dataset | None" = None
-    split: "Split | None" = None  # the target's member / non-member split, when it was fine-tuned here
+    data: Dataset | None = None
+    split: Split | None = None  # the target's member / non-member split, when it was fine-tuned here
     produces: str | None = None
-    progress: Callable[[str, int], "ProgressHandle"] | None = None
-    executor: "Executor | None" = None  # where independent work (reference models) runs; None: in this process
-    services: "RunServices | None" = None  # the run's other targets and base weights (fmaudit.audits.services)
+    progress: Callable[[str, int], ProgressHandle] | None = None
+    executor: Executor | None = None  # where independent work (reference models) runs; None: in this process
+    services: RunServices | None = None  # the run's other targets and base weights (fmaudit.audits.services)
     run_seed: int | None = None  # the recipe's seed (member splits are drawn from it); None: use `seed`
 
-    def require_data(self) -> "Dataset":
+    def require_data(self) -> Dataset:
         """The unit's dataset; a clear error when the recipe gave it none."""
         if self.data is None:
             raise ValueError("no data for this audit: name a dataset with `data:` or fine-tune the target")
@@ -142,7 +181,7 @@ class AuditContext:
         return str(path.relative_to(self.run_dir))
 
     @contextlib.contextmanager
-    def progress_bar(self, description: str, total: int) -> Iterator["ProgressHandle"]:
+    def progress_bar(self, description: str, total: int) -> Iterator[ProgressHandle]:
         """A progress bar for long work: `with ctx.progress_bar("attacking", n) as bar: ... bar.advance()`."""
         handle = self.progress(description, total) if self.progress else ProgressHandle()
         try:
@@ -169,22 +208,26 @@ class ProgressHandle:
         pass
 
 
-def base_target(target: "Target", ctx: AuditContext) -> "Target":
+def base_target(target: Target, ctx: AuditContext) -> Target:
     """A fresh copy of `target`'s BASE weights (before the recipe fine-tuned it), for modules that train
     from the same start (reference models, DP, canary runs): asked of `ctx.services` for the recipe target
     this one is or was produced from, and checked against the recorded base-weights hash."""
     source = ctx.services.source_of(target) if ctx.services is not None else None
     if ctx.services is None or source is None:
-        raise ValueError(f"the base (pre-fine-tune) weights of target {target.name!r} are not known: run this module "
-                         "on a target that the recipe fine-tunes (or one produced from such a target), or give "
-                         "ctx.services (fmaudit.audits.services.FixedServices) its base")
+        raise ValueError(
+            f"the base (pre-fine-tune) weights of target {target.name!r} are not known: run this module "
+            "on a target that the recipe fine-tunes (or one produced from such a target), or give "
+            "ctx.services (fmaudit.audits.services.FixedServices) its base"
+        )
     base = ctx.services.base_target(source)
     base.name = source
     recorded = target.provenance.base_weights_sha256 if target.provenance is not None else None
     if recorded and base.weights_sha256() != recorded:
-        raise ValueError(f"the base weights found for {target.name!r} (sha256 {base.weights_sha256()[:12]}) are not "
-                         f"the ones it was fine-tuned from ({recorded[:12]}); models trained from them would not "
-                         "match it")
+        raise ValueError(
+            f"the base weights found for {target.name!r} (sha256 {base.weights_sha256()[:12]}) are not "
+            f"the ones it was fine-tuned from ({recorded[:12]}); models trained from them would not "
+            "match it"
+        )
     if "trainable" not in base.capabilities:
         raise ValueError(f"target {target.name!r} cannot be fine-tuned")
     return base

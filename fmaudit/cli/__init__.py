@@ -9,7 +9,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any
 
 import typer
 from rich.markup import escape
@@ -22,22 +22,26 @@ from fmaudit.cli.summary import print_summary
 app = typer.Typer(
     name="fmaudit",
     help="Privacy and robustness audits for foundation models, driven by a YAML recipe.\n\n"
-         "Start with:  fmaudit run recipes/quickstart.yaml\n\n"
-         "Exit codes: 0 all gates pass, 1 a gate failed, 2 invalid recipe, input or usage, 3 a module, a target "
-         "or the run errored (recorded in the report), 130 interrupted.",
+    "Start with:  fmaudit run recipes/quickstart.yaml\n\n"
+    "Exit codes: 0 all gates pass, 1 a gate failed, 2 invalid recipe, input or usage, 3 a module, a target "
+    "or the run errored (recorded in the report), 130 interrupted.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 
-ALLOW_CODE_HELP = ("Also allow python: targets to import code from this folder (or file); repeatable. By default "
-                   "only the recipe's folder and installed packages are allowed.")
+ALLOW_CODE_HELP = (
+    "Also allow python: targets to import code from this folder (or file); repeatable. By default "
+    "only the recipe's folder and installed packages are allowed."
+)
 
 
 @app.command()
-def validate(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
-             allow_code_from: Optional[List[Path]] = typer.Option(None, "--allow-code-from", help=ALLOW_CODE_HELP),
-             debug: bool = typer.Option(False, "--debug", help="Print the traceback of an unexpected error.")) -> None:
+def validate(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    allow_code_from: list[Path] | None = typer.Option(None, "--allow-code-from", help=ALLOW_CODE_HELP),
+    debug: bool = typer.Option(False, "--debug", help="Print the traceback of an unexpected error."),
+) -> None:
     """Check a recipe without loading any model: lists every problem with its path and line (exit 2)."""
     from fmaudit.recipe import RecipeError, load_recipe
 
@@ -45,30 +49,40 @@ def validate(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
         loaded = load_recipe(recipe, allow_code_from=allow_code_from or ())
     except RecipeError as exc:
         print_problems(exc)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     except Exception as exc:  # a bug in a check: exit 3 with one line, never a traceback or exit 1
         print_crash(exc, debug, None)
-        raise typer.Exit(3)
+        raise typer.Exit(3) from None
     r = loaded.recipe
     n_units = sum(len(a.target) for a in r.audits)
-    out.print(f"[green]OK[/] {recipe}: {len(r.data)} dataset(s), {len(r.targets)} target(s), "
-              f"{len(r.audits)} audit(s) ({n_units} unit(s)); recipe sha256 {r.sha256[:12]}")
+    out.print(
+        f"[green]OK[/] {recipe}: {len(r.data)} dataset(s), {len(r.targets)} target(s), "
+        f"{len(r.audits)} audit(s) ({n_units} unit(s)); recipe sha256 {r.sha256[:12]}"
+    )
     print_code(loaded, out)
 
 
 @app.command()
 def run(
     recipe: Path = typer.Argument(..., help="Recipe YAML file."),
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Where run folders go "
-                                              "(default: the recipe's output_dir, else ./reports)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the latest run of this recipe in the output "
-                                "folder, skipping modules already complete."),
-    resume_from: Optional[Path] = typer.Option(None, "--resume-from", help="Continue this run folder."),
+    output_dir: Path | None = typer.Option(
+        None, "--output-dir", "-o", help="Where run folders go (default: the recipe's output_dir, else ./reports)."
+    ),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Continue the latest run of this recipe in the output folder, skipping modules already complete.",
+    ),
+    resume_from: Path | None = typer.Option(None, "--resume-from", help="Continue this run folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
-    executor: Optional[str] = typer.Option(None, "--executor", help="Where independent units run: local | ray "
-                                           "(default: the recipe's executor; ray needs "
-                                           "`pip install 'fmaudit\\[ray]'`)."),
-    allow_code_from: Optional[List[Path]] = typer.Option(None, "--allow-code-from", help=ALLOW_CODE_HELP),
+    executor: str | None = typer.Option(
+        None,
+        "--executor",
+        help="Where independent units run: local | ray "
+        "(default: the recipe's executor; ray needs "
+        "`pip install 'fmaudit\\[ray]'`).",
+    ),
+    allow_code_from: list[Path] | None = typer.Option(None, "--allow-code-from", help=ALLOW_CODE_HELP),
     debug: bool = typer.Option(False, "--debug", help="Print the full traceback of an unexpected error."),
 ) -> None:
     """Run a recipe: fine-tune targets (cached), run each audit, write reports/<run-id>/report.json.
@@ -76,19 +90,27 @@ def run(
     state: dict[str, Any] = {}
     old_term = sigterm_as_interrupt()
     try:
-        execute_run(recipe, output_dir=output_dir, resume=resume, resume_from=resume_from, quiet=quiet,
-                    executor=executor, state=state, allow_code_from=allow_code_from or ())
+        execute_run(
+            recipe,
+            output_dir=output_dir,
+            resume=resume,
+            resume_from=resume_from,
+            quiet=quiet,
+            executor=executor,
+            state=state,
+            allow_code_from=allow_code_from or (),
+        )
     except (typer.Exit, typer.Abort, SystemExit):
         raise
     except KeyboardInterrupt:
         runner = state.get("runner")
         print_interrupted(recipe, getattr(runner, "run_dir", None))
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     except BaseException as exc:  # anything uncaught: exit 3 (never 1, which means a gate failed)
         runner = state.get("runner")
         run_dir = runner.write_failure_report(exc) if runner is not None else None
         print_crash(exc, debug, run_dir)
-        raise typer.Exit(3)
+        raise typer.Exit(3) from None
     finally:
         restore_sigterm(old_term)
 
@@ -151,8 +173,12 @@ def schema(which: str = typer.Argument("recipe", help="recipe | report")) -> Non
 @app.command()
 def report(
     run_dir: Path = typer.Argument(..., help="A run folder (or its report.json)."),
-    html: Optional[Path] = typer.Option(None, "--html", help="Also write the dashboard's views of this run as one "
-                                        "self-contained HTML file (plots, images and scripts inlined)."),
+    html: Path | None = typer.Option(
+        None,
+        "--html",
+        help="Also write the dashboard's views of this run as one "
+        "self-contained HTML file (plots, images and scripts inlined).",
+    ),
     full: bool = typer.Option(False, "--full", help="Print every metric of every unit (and its findings)."),
 ) -> None:
     """Summarize a finished run's report in the terminal (and export it as HTML with --html)."""
@@ -169,8 +195,10 @@ def report(
             refuse(f"{run_dir}: no such run folder")
         folder = run_dir if run_dir.is_dir() else run_dir.parent
         if (folder / "events.jsonl").is_file():
-            refuse(f"no report.json in {run_dir}: the run was interrupted before it wrote one; its finished units "
-                   f"are in events.jsonl, and `fmaudit run RECIPE --resume-from {folder}` completes it")
+            refuse(
+                f"no report.json in {run_dir}: the run was interrupted before it wrote one; its finished units "
+                f"are in events.jsonl, and `fmaudit run RECIPE --resume-from {folder}` completes it"
+            )
         refuse(f"no report.json in {run_dir}: not an fmaudit run folder (it has neither report.json nor events.jsonl)")
     except ReportError as exc:
         refuse(str(exc))
@@ -185,10 +213,10 @@ def report(
             path = export_html(run_dir, html)
         except (ExportError, FileNotFoundError) as exc:
             err.print(f"[red]{exc}[/]")
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
         except OSError as exc:
             err.print(f"[red]cannot write {html}: {exc}[/]")
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
         out.print(f"HTML report: [bold]{path}[/] ({path.stat().st_size / 2**20:.1f} MiB, self-contained)")
 
 
@@ -204,9 +232,11 @@ def _dashboard_package() -> Path:
 
         return Path(dashboard.export.__file__).resolve().parent
     except ImportError:
-        err.print("[red]The dashboard is not installed:[/] it ships in fmaudit's source tree (dashboard/); "
-                  "install fmaudit from a checkout with `pip install -e .`.")
-        raise typer.Exit(2)
+        err.print(
+            "[red]The dashboard is not installed:[/] it ships in fmaudit's source tree (dashboard/); "
+            "install fmaudit from a checkout with `pip install -e .`."
+        )
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -225,14 +255,28 @@ def dashboard(
         raise typer.Exit(2)
     app_py = _dashboard_package() / "app.py"
     env = dict(os.environ, FMAUDIT_REPORTS_DIR=str(reports_dir.resolve()))
-    cmd = [sys.executable, "-m", "streamlit", "run", str(app_py), "--server.address", host, "--server.port", str(port),
-           "--server.headless", "false" if open_browser else "true", "--browser.gatherUsageStats", "false",
-           "--", str(reports_dir.resolve())]
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(app_py),
+        "--server.address",
+        host,
+        "--server.port",
+        str(port),
+        "--server.headless",
+        "false" if open_browser else "true",
+        "--browser.gatherUsageStats",
+        "false",
+        "--",
+        str(reports_dir.resolve()),
+    ]
     out.print(f"fmaudit dashboard on http://{host}:{port} for {reports_dir.resolve()} (Ctrl+C stops it)")
     try:
         raise typer.Exit(subprocess.call(cmd, env=env))
     except KeyboardInterrupt:
-        raise typer.Exit(0)
+        raise typer.Exit(0) from None
 
 
 def main() -> None:

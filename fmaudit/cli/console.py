@@ -29,37 +29,62 @@ def print_problems(exc: RecipeError) -> None:
 def print_code(loaded: LoadedRecipe, console: Console) -> None:
     """Say that the recipe runs code, which, and from where (python: targets)."""
     for name, code in loaded.code.items():
-        console.print(f"[bold yellow]this recipe runs code:[/] {escape(code.ref)} (target {escape(name)}, from "
-                      f"{escape(str(code.file))}; allowed: {escape(code.allowed_by or '?')})", highlight=False,
-                      soft_wrap=True)
+        console.print(
+            f"[bold yellow]this recipe runs code:[/] {escape(code.ref)} (target {escape(name)}, from "
+            f"{escape(str(code.file))}; allowed: {escape(code.allowed_by or '?')})",
+            highlight=False,
+            soft_wrap=True,
+        )
     for name, spec in loaded.recipe.targets.items():
         if spec.trust_remote_code:
-            console.print(f"[bold yellow]this recipe runs code:[/] the Python files shipped with {escape(spec.model)} "
-                          f"(target {escape(name)}, trust_remote_code: true)", highlight=False, soft_wrap=True)
+            console.print(
+                f"[bold yellow]this recipe runs code:[/] the Python files shipped with {escape(spec.model)} "
+                f"(target {escape(name)}, trust_remote_code: true)",
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
 def print_interrupted(recipe: Path, run_dir: Path | None) -> None:
     """Where the partial results of an interrupted run are and how to continue it."""
     if run_dir is not None and (Path(run_dir) / "report.json").is_file():
-        err.print(f"[yellow]Interrupted.[/] Partial report (the units that finished): "
-                  f"{escape(str(Path(run_dir) / 'report.json'))}; continue with "
-                  f"`fmaudit run {escape(str(recipe))} --resume`.", highlight=False, soft_wrap=True)
+        err.print(
+            f"[yellow]Interrupted.[/] Partial report (the units that finished): "
+            f"{escape(str(Path(run_dir) / 'report.json'))}; continue with "
+            f"`fmaudit run {escape(str(recipe))} --resume`.",
+            highlight=False,
+            soft_wrap=True,
+        )
     elif run_dir is not None:
-        err.print(f"[yellow]Interrupted.[/] Partial results are in {escape(str(run_dir))}/events.jsonl; continue with "
-                  f"`fmaudit run {escape(str(recipe))} --resume`.", highlight=False, soft_wrap=True)
+        err.print(
+            f"[yellow]Interrupted.[/] Partial results are in {escape(str(run_dir))}/events.jsonl; continue with "
+            f"`fmaudit run {escape(str(recipe))} --resume`.",
+            highlight=False,
+            soft_wrap=True,
+        )
     else:
-        err.print("[yellow]Interrupted[/] before the run folder was created: nothing was written.", highlight=False,
-                  soft_wrap=True)
+        err.print(
+            "[yellow]Interrupted[/] before the run folder was created: nothing was written.",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def print_crash(exc: BaseException, debug: bool, run_dir: Path | None) -> None:
     """One line for an unexpected error (and where it was recorded); the traceback too with `debug`."""
     msg = " ".join((str(exc) or type(exc).__name__).split())[:300]
     where = f"; recorded in {run_dir / 'report.json'}" if run_dir is not None else ""
-    err.print(f"[bold red]fmaudit failed:[/] {escape(type(exc).__name__)}: {escape(msg)}{escape(where)}"
-              + ("" if debug else " (run with --debug for the traceback)"), highlight=False, soft_wrap=True)
+    err.print(
+        f"[bold red]fmaudit failed:[/] {escape(type(exc).__name__)}: {escape(msg)}{escape(where)}"
+        + ("" if debug else " (run with --debug for the traceback)"),
+        highlight=False,
+        soft_wrap=True,
+    )
     if debug:
         import traceback
 
-        err.print(escape("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))), highlight=False,
-                  soft_wrap=True)
+        err.print(
+            escape("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))),
+            highlight=False,
+            soft_wrap=True,
+        )

@@ -68,8 +68,17 @@ def restore_sigterm(old: Any) -> None:
             pass
 
 
-def execute_run(recipe: Path, *, output_dir: Path | None, resume: bool, resume_from: Path | None, quiet: bool,
-                executor: str | None, state: dict[str, Any], allow_code_from: Sequence[Path] = ()) -> None:
+def execute_run(
+    recipe: Path,
+    *,
+    output_dir: Path | None,
+    resume: bool,
+    resume_from: Path | None,
+    quiet: bool,
+    executor: str | None,
+    state: dict[str, Any],
+    allow_code_from: Sequence[Path] = (),
+) -> None:
     """Validate, run and summarize a recipe; always ends in typer.Exit with the run's exit code (2 for an
     invalid recipe, executor or preparation). `state["runner"]` holds the runner once there is one, so the
     caller can write a failure report or say where partial results are."""
@@ -79,7 +88,7 @@ def execute_run(recipe: Path, *, output_dir: Path | None, resume: bool, resume_f
         loaded = load_recipe(recipe, allow_code_from=allow_code_from)
     except RecipeError as exc:
         print_problems(exc)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     print_code(loaded, err)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -91,8 +100,15 @@ def execute_run(recipe: Path, *, output_dir: Path | None, resume: bool, resume_f
         resume_dir = latest_run(out_dir, loaded.recipe.sha256)
         if resume_dir is None:
             err.print(f"[yellow]No earlier run of this recipe in {out_dir}; starting a new one.[/]")
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=err, disable=quiet, transient=False)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        disable=quiet,
+        transient=False,
+    )
     from fmaudit.executor_factory import EXECUTOR_KINDS, make_executor
 
     spec = loaded.recipe.executor
@@ -103,9 +119,15 @@ def execute_run(recipe: Path, *, output_dir: Path | None, resume: bool, resume_f
         chosen = make_executor(spec if executor in (None, spec.kind) else spec.model_copy(update={"kind": executor}))
     except ValueError as exc:  # ExecutorUnavailable: the optional extra is not installed
         err.print(f"[bold red]Cannot use the {executor or spec.kind} executor:[/] {escape(str(exc))}")
-        raise typer.Exit(2)
-    runner = Runner(loaded, output_dir=out_dir, resume=resume_dir, progress=RichProgress(progress),
-                    log=lambda m: None, executor=chosen)
+        raise typer.Exit(2) from None
+    runner = Runner(
+        loaded,
+        output_dir=out_dir,
+        resume=resume_dir,
+        progress=RichProgress(progress),
+        log=lambda m: None,
+        executor=chosen,
+    )
     state["runner"] = runner
     # fmaudit's own progress writes to the terminal stream as it is now: while a unit runs, sys.stderr goes to
     # run.log (fmaudit.quiet), and a console that looked sys.stderr up on each write would follow it there.
@@ -115,15 +137,18 @@ def execute_run(recipe: Path, *, output_dir: Path | None, resume: bool, resume_f
             report = runner.run()
     except RecipeError as exc:
         print_problems(exc)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     except PreparationError as exc:
         err.print(f"[bold red]Cannot prepare the run:[/] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     finally:
         err.file = None  # type: ignore[assignment]  # rich: None means follow sys.stderr again
     print_summary(report)
     if report.error is not None:
-        err.print(f"[bold red]The run failed:[/] {escape(report.error.type)}: {escape(report.error.message)} "
-                  "(results before the failure are kept; the traceback is in the report)", soft_wrap=True)
+        err.print(
+            f"[bold red]The run failed:[/] {escape(report.error.type)}: {escape(report.error.message)} "
+            "(results before the failure are kept; the traceback is in the report)",
+            soft_wrap=True,
+        )
     out.print(f"Report: [bold]{Path(runner.run_dir or '.') / 'report.json'}[/]")
     raise typer.Exit(report.exit_code or 0)

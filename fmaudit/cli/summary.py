@@ -29,6 +29,8 @@ HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
 }
 SUMMARY_WIDTH = 80
 SEVERITY_ORDER = ("critical", "high", "medium", "low", "info")
+
+
 def _fmt(v: float | None) -> str:
     if v is None:
         return "—"
@@ -97,10 +99,16 @@ def print_summary(report: Any, full: bool = False) -> None:
         tgt_w, spare = tgt_w - cut, spare + cut
         mod_w = max(6, mod_w + spare) if spare < 0 else mod_w
     head_w = max(head_min, width - 3 - find_w - mod_w - tgt_w)
-    table = Table(title=escape(f"{report.name} — run {report.run_id}"), box=box.SIMPLE_HEAD, padding=(0, 0),
-                  show_edge=False, title_justify="left", caption_justify="left",
-                  caption="findings: C critical, H high, M medium, L low, I info; `fmaudit report RUN --full` "
-                          "prints every metric")
+    table = Table(
+        title=escape(f"{report.name} — run {report.run_id}"),
+        box=box.SIMPLE_HEAD,
+        padding=(0, 0),
+        show_edge=False,
+        title_justify="left",
+        caption_justify="left",
+        caption="findings: C critical, H high, M medium, L low, I info; `fmaudit report RUN --full` "
+        "prints every metric",
+    )
     table.add_column("module", no_wrap=True, overflow="ellipsis", width=mod_w)
     table.add_column("target", no_wrap=True, overflow="ellipsis", width=tgt_w)
     table.add_column("headline", overflow="fold", width=head_w)
@@ -136,4 +144,3 @@ def _print_all_metrics(report: Any) -> None:
             out.print(f"  {escape(metric_text(name, m))}{escape(unit)}", highlight=False, soft_wrap=True)
         for f in r.findings:
             out.print(f"  [{f.severity}] {escape(f.title)}", highlight=False, soft_wrap=True)
-

@@ -11,15 +11,16 @@ import hashlib
 import html
 import importlib.util
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-
 if TYPE_CHECKING:  # pragma: no cover
     from fmaudit.seeds import Stream
+
 
 class DataError(ValueError):
     """A dataset that cannot be used as the recipe asks (missing file, column, empty...)."""
@@ -64,7 +65,7 @@ class Dataset:
             return None
         return int(self.labels.max()) + 1
 
-    def subset(self, indices: Sequence[int] | np.ndarray, name: str | None = None) -> "Dataset":
+    def subset(self, indices: Sequence[int] | np.ndarray, name: str | None = None) -> Dataset:
         idx = np.asarray(indices, dtype=np.int64)
         return Dataset(
             name=name or self.name,
@@ -77,7 +78,7 @@ class Dataset:
             label_names=self.label_names,
         )
 
-    def sample(self, n: int | None, seed: int, stream: Stream, *keys: int) -> "Dataset":
+    def sample(self, n: int | None, seed: int, stream: Stream, *keys: int) -> Dataset:
         """At most `n` examples drawn without replacement from the seeded stream `stream` (a
         `fmaudit.seeds.Stream`), kept in dataset order; the dataset itself when n is None or >= len."""
         if n is None or n >= len(self):
@@ -86,7 +87,7 @@ class Dataset:
 
         return self.subset(np.sort(rng(seed, stream, *keys).choice(len(self), size=int(n), replace=False)))
 
-    def select_ids(self, ids: Sequence[str]) -> "Dataset":
+    def select_ids(self, ids: Sequence[str]) -> Dataset:
         pos = {x: i for i, x in enumerate(self.ids)}
         missing = [x for x in ids if x not in pos]
         if missing:
@@ -193,10 +194,10 @@ def _package_dir(dist_module: str) -> Path:
 # Known runs map back to ASCII punctuation; the remaining junk (Latin-1 supplement and C1 controls, which
 # no English tweet here uses legitimately) is dropped. Texts that are valid UTF-8 are decoded as such.
 _MOJIBAKE = {
-    "\xd5\xa2_\x8a\xce_\x86\xa2": "'",   # right single quote
-    "\xd5\xa2_\x8a\xce\x81\xd0": '"',    # left double quote
-    "\xd5\xa2_\x8a\xce\xeb\x9d": '"',    # right double quote
-    "\xd5\xa2_\x8a\xce_\x8e\xb2": "-",   # dash
+    "\xd5\xa2_\x8a\xce_\x86\xa2": "'",  # right single quote
+    "\xd5\xa2_\x8a\xce\x81\xd0": '"',  # left double quote
+    "\xd5\xa2_\x8a\xce\xeb\x9d": '"',  # right double quote
+    "\xd5\xa2_\x8a\xce_\x8e\xb2": "-",  # dash
     "\xd5\xa2_\x8a\xce_\x8e\xb1": "-",
     "\xd5\xa2_\x8a\xce\xf5": "...",
 }
@@ -256,8 +257,9 @@ def load_digits(*, name: str = "digits") -> Dataset:
     d = _load()
     images = (d.images.astype(np.float32) / 16.0)[:, None, :, :]
     ids = [f"digits:{i}" for i in range(len(images))]
-    return Dataset(name, "bundled:digits", "image", ids, d.target, images=images,
-                   label_names=[str(i) for i in range(10)])
+    return Dataset(
+        name, "bundled:digits", "image", ids, d.target, images=images, label_names=[str(i) for i in range(10)]
+    )
 
 
 def _labels_to_index(raw: list[Any], name: str) -> tuple[np.ndarray, list[str]]:
@@ -273,8 +275,7 @@ def _labels_to_index(raw: list[Any], name: str) -> tuple[np.ndarray, list[str]]:
     return np.array([index[str(v)] for v in raw], dtype=np.int64), names
 
 
-def load_table(path: Path, *, text_column: str, label_column: str | None, id_column: str | None,
-               name: str) -> Dataset:
+def load_table(path: Path, *, text_column: str, label_column: str | None, id_column: str | None, name: str) -> Dataset:
     """CSV or JSONL with a text column and (optionally) a label column."""
     if not path.exists():
         raise DataError(f"data file {path} does not exist")
@@ -296,8 +297,9 @@ def load_table(path: Path, *, text_column: str, label_column: str | None, id_col
         else:
             raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .csv or .jsonl")
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
-                        "re-save it as UTF-8") from exc
+        raise DataError(
+            f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); re-save it as UTF-8"
+        ) from exc
     except csv.Error as exc:
         raise DataError(f"{path}: malformed CSV ({exc})") from exc
     except OSError as exc:
@@ -356,12 +358,12 @@ def load_image_folder(root: Path, *, name: str, image_size: int | None, grayscal
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise DataError(f"images in {root} have different sizes {sorted(shapes)[:3]}; set image_size in the recipe")
-    return Dataset(name, f"imagefolder:{root}", "image", ids, np.array(ys), images=np.stack(arrays),
-                   label_names=classes)
+    return Dataset(
+        name, f"imagefolder:{root}", "image", ids, np.array(ys), images=np.stack(arrays), label_names=classes
+    )
 
 
-def load_hf_disk(path: Path, *, split: str | None, text_column: str, label_column: str | None,
-                 name: str) -> Dataset:
+def load_hf_disk(path: Path, *, split: str | None, text_column: str, label_column: str | None, name: str) -> Dataset:
     """A Hugging Face dataset saved with `save_to_disk` (read locally, never downloaded)."""
     if not path.exists():
         raise DataError(f"saved dataset {path} does not exist")
@@ -400,13 +402,16 @@ def balanced_sample(ds: Dataset, limit: int | None, seed: int) -> Dataset:
         raise DataError(f"dataset {ds.name!r} has no labels to balance")
     classes, counts = np.unique(ds.labels, return_counts=True)
     if len(classes) < 2:
-        raise DataError(f"dataset {ds.name!r} has one class ({int(classes[0]) if len(classes) else 'none'}): "
-                        "nothing to balance")
+        raise DataError(
+            f"dataset {ds.name!r} has one class ({int(classes[0]) if len(classes) else 'none'}): nothing to balance"
+        )
     per = int(counts.min()) if limit is None else min(int(counts.min()), limit // len(classes))
     if per < 1:
         raise DataError(f"dataset {ds.name!r}: limit {limit} leaves no example per class ({len(classes)} classes)")
-    picks = [rng(seed, Stream.DATA_LIMIT, int(c) + 1).choice(np.flatnonzero(ds.labels == c), per, replace=False)
-             for c in classes]
+    picks = [
+        rng(seed, Stream.DATA_LIMIT, int(c) + 1).choice(np.flatnonzero(ds.labels == c), per, replace=False)
+        for c in classes
+    ]
     return ds.subset(np.sort(np.concatenate(picks)))
 
 
@@ -424,14 +429,25 @@ def load_dataset(name: str, spec: Any, *, base_dir: Path | None = None, seed: in
     elif source == "bundled:digits":
         ds = load_digits(name=name)
     elif source.startswith("imagefolder:"):
-        ds = load_image_folder(resolve(source.split(":", 1)[1]), name=name, image_size=spec.image_size,
-                               grayscale=spec.grayscale)
+        ds = load_image_folder(
+            resolve(source.split(":", 1)[1]), name=name, image_size=spec.image_size, grayscale=spec.grayscale
+        )
     elif source.startswith("hf_disk:"):
-        ds = load_hf_disk(resolve(source.split(":", 1)[1]), split=spec.split, text_column=spec.text_column,
-                          label_column=spec.label_column, name=name)
+        ds = load_hf_disk(
+            resolve(source.split(":", 1)[1]),
+            split=spec.split,
+            text_column=spec.text_column,
+            label_column=spec.label_column,
+            name=name,
+        )
     else:
-        ds = load_table(resolve(source), text_column=spec.text_column, label_column=spec.label_column,
-                        id_column=spec.id_column, name=name)
+        ds = load_table(
+            resolve(source),
+            text_column=spec.text_column,
+            label_column=spec.label_column,
+            id_column=spec.id_column,
+            name=name,
+        )
     if getattr(spec, "balance", False):
         ds = balanced_sample(ds, spec.limit, seed)
     elif spec.limit is not None:

@@ -1,8 +1,8 @@
 """Privacy tools as a Python API (imported lazily: `import fmaudit.privacy` stays cheap).
 
-    from fmaudit.privacy import dp_finetune
-    result = dp_finetune(model=target, train_data=data, target_epsilon=8, epochs=2, batch_size=16, lr=5e-4)
-    result = dp_finetune(model=my_module, train_data=TensorDataset(x, y), validation_data=..., target_epsilon=2)
+from fmaudit.privacy import dp_finetune
+result = dp_finetune(model=target, train_data=data, target_epsilon=8, epochs=2, batch_size=16, lr=5e-4)
+result = dp_finetune(model=my_module, train_data=TensorDataset(x, y), validation_data=..., target_epsilon=2)
 """
 
 from __future__ import annotations

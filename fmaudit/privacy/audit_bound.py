@@ -81,13 +81,14 @@ def guess(scores: np.ndarray, included: np.ndarray, r: int) -> Guesses:
     k_plus = (r + 1) // 2
     k_minus = r - k_plus
     order = np.argsort(-scores, kind="stable")
-    top, bottom = order[:k_plus], order[m - k_minus:] if k_minus else np.array([], dtype=int)
+    top, bottom = order[:k_plus], order[m - k_minus :] if k_minus else np.array([], dtype=int)
     v = int(included[top].sum() + (~included[bottom]).sum())
     return Guesses(r=r, v=v, k_plus=k_plus, k_minus=k_minus)
 
 
-def audit_curve(scores: np.ndarray, included: np.ndarray, *, delta: float, confidence: float,
-                guess_counts: list[int]) -> dict:
+def audit_curve(
+    scores: np.ndarray, included: np.ndarray, *, delta: float, confidence: float, guess_counts: list[int]
+) -> dict:
     """epsilon_lb for each number of guesses, and a headline that stays valid over the whole grid:
     each point is tested at confidence 1 - (1 - confidence) / len(grid) (Bonferroni), so picking the best
     r after looking does not overstate the bound."""
@@ -97,10 +98,16 @@ def audit_curve(scores: np.ndarray, included: np.ndarray, *, delta: float, confi
     rows = []
     for r in grid:
         g = guess(scores, included, r)
-        rows.append({"r": g.r, "v": g.v, "k_plus": g.k_plus, "k_minus": g.k_minus,
-                     "epsilon_lb": epsilon_lower_bound(m=m, r=g.r, v=g.v, delta=delta, confidence=confidence),
-                     "epsilon_lb_corrected": epsilon_lower_bound(m=m, r=g.r, v=g.v, delta=delta,
-                                                                 confidence=corrected)})
+        rows.append(
+            {
+                "r": g.r,
+                "v": g.v,
+                "k_plus": g.k_plus,
+                "k_minus": g.k_minus,
+                "epsilon_lb": epsilon_lower_bound(m=m, r=g.r, v=g.v, delta=delta, confidence=confidence),
+                "epsilon_lb_corrected": epsilon_lower_bound(m=m, r=g.r, v=g.v, delta=delta, confidence=corrected),
+            }
+        )
     best = max(rows, key=lambda row: (row["epsilon_lb_corrected"], -row["r"]))
     return {"rows": rows, "best": best, "confidence": confidence, "per_point_confidence": corrected}
 
@@ -119,8 +126,9 @@ def ceiling(included: np.ndarray, *, delta: float, confidence: float, guess_coun
     return audit_curve(perfect, included, delta=delta, confidence=confidence, guess_counts=guess_counts)
 
 
-def epsilon_lb_ceiling(*, m: int, delta: float, confidence: float = 0.95, guess_counts: list[int],
-                       num_included: int | None = None) -> float:
+def epsilon_lb_ceiling(
+    *, m: int, delta: float, confidence: float = 0.95, guess_counts: list[int], num_included: int | None = None
+) -> float:
     """The headline epsilon_lb of a perfect attack with m canaries, num_included of them included
     (default m // 2, the balanced draw), the given guess grid, delta and confidence."""
     n_in = m // 2 if num_included is None else int(num_included)
@@ -129,7 +137,8 @@ def epsilon_lb_ceiling(*, m: int, delta: float, confidence: float = 0.95, guess_
     included = np.zeros(m, dtype=bool)
     included[:n_in] = True
     return ceiling(included, delta=delta, confidence=confidence, guess_counts=guess_counts)["best"][
-        "epsilon_lb_corrected"]
+        "epsilon_lb_corrected"
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -161,8 +170,9 @@ def guess_count(fraction: float, m: int) -> int:
     return int(min(m, max(1, int(round(fraction * m)))))
 
 
-def grid_rows(scores: np.ndarray, included: np.ndarray, *, fractions: list[float], delta: float,
-              confidence: float) -> list[dict]:
+def grid_rows(
+    scores: np.ndarray, included: np.ndarray, *, fractions: list[float], delta: float, confidence: float
+) -> list[dict]:
     """One row per distinct r = round(f m) (f in `fractions`, ascending) on these canaries: the guesses and both
     bounds at `confidence`."""
     m = len(scores)
@@ -173,14 +183,30 @@ def grid_rows(scores: np.ndarray, included: np.ndarray, *, fractions: list[float
             continue
         seen.add(r)
         g = guess(scores, included, r)
-        rows.append({"fraction": f, "m": m, "r": g.r, "v": g.v, "k_plus": g.k_plus, "k_minus": g.k_minus,
-                     **bounds(m=m, r=g.r, v=g.v, delta=delta, confidence=confidence)})
+        rows.append(
+            {
+                "fraction": f,
+                "m": m,
+                "r": g.r,
+                "v": g.v,
+                "k_plus": g.k_plus,
+                "k_minus": g.k_minus,
+                **bounds(m=m, r=g.r, v=g.v, delta=delta, confidence=confidence),
+            }
+        )
     return rows
 
 
-def audit(scores: np.ndarray, included: np.ndarray, *, delta: float, confidence: float,
-          guess_fractions: list[float] | tuple[float, ...], selection: str = "holdout",
-          holdout: np.ndarray | None = None) -> dict:
+def audit(
+    scores: np.ndarray,
+    included: np.ndarray,
+    *,
+    delta: float,
+    confidence: float,
+    guess_fractions: list[float] | tuple[float, ...],
+    selection: str = "holdout",
+    holdout: np.ndarray | None = None,
+) -> dict:
     """The audit's headline: both bounds (`bounds`) at one number of guesses, chosen by `selection`:
 
     - "bonferroni": every r = round(f m) of the grid is tried on all m canaries, each at confidence
@@ -208,9 +234,17 @@ def audit(scores: np.ndarray, included: np.ndarray, *, delta: float, confidence:
         conf = 1.0 - (1.0 - confidence) / n_grid
         rows = tried(np.arange(m_all), conf)
         best = max(rows, key=lambda row: (row["epsilon_lb"], -row["r"]))
-        return {**best, "selection": "bonferroni", "delta": delta, "confidence": confidence,
-                "test_confidence": conf, "num_included": int(included.sum()), "rows": rows,
-                "audited": list(range(m_all)), "held_out": []}
+        return {
+            **best,
+            "selection": "bonferroni",
+            "delta": delta,
+            "confidence": confidence,
+            "test_confidence": conf,
+            "num_included": int(included.sum()),
+            "rows": rows,
+            "audited": list(range(m_all)),
+            "held_out": [],
+        }
     if selection != "holdout":
         raise ValueError(f"selection must be 'holdout' or 'bonferroni', got {selection!r}")
     if holdout is None:
@@ -225,16 +259,34 @@ def audit(scores: np.ndarray, included: np.ndarray, *, delta: float, confidence:
     chosen = max(rows, key=lambda row: (row["epsilon_lb"], -row["r"]))["fraction"]
     r = guess_count(chosen, len(aud))
     g = guess(scores[aud], included[aud], r)
-    return {"fraction": chosen, "m": len(aud), "r": g.r, "v": g.v, "k_plus": g.k_plus, "k_minus": g.k_minus,
-            **bounds(m=len(aud), r=g.r, v=g.v, delta=delta, confidence=confidence),
-            "selection": "holdout", "delta": delta, "confidence": confidence, "test_confidence": confidence,
-            "num_included": int(included[aud].sum()), "rows": rows, "audited": aud.tolist(),
-            "held_out": sel.tolist()}
+    return {
+        "fraction": chosen,
+        "m": len(aud),
+        "r": g.r,
+        "v": g.v,
+        "k_plus": g.k_plus,
+        "k_minus": g.k_minus,
+        **bounds(m=len(aud), r=g.r, v=g.v, delta=delta, confidence=confidence),
+        "selection": "holdout",
+        "delta": delta,
+        "confidence": confidence,
+        "test_confidence": confidence,
+        "num_included": int(included[aud].sum()),
+        "rows": rows,
+        "audited": aud.tolist(),
+        "held_out": sel.tolist(),
+    }
 
 
-def procedure_ceiling(included: np.ndarray, *, delta: float, confidence: float,
-                      guess_fractions: list[float] | tuple[float, ...], selection: str = "holdout",
-                      holdout: np.ndarray | None = None) -> dict:
+def procedure_ceiling(
+    included: np.ndarray,
+    *,
+    delta: float,
+    confidence: float,
+    guess_fractions: list[float] | tuple[float, ...],
+    selection: str = "holdout",
+    holdout: np.ndarray | None = None,
+) -> dict:
     """The largest headline this audit could report, for the same inclusion draw, guess fractions, selection
     procedure, holdout split, delta and confidence: a PERFECT attack (every included canary scored above every
     excluded one) gets the most correct guesses possible at every r, and both bounds grow with v.
@@ -246,8 +298,15 @@ def procedure_ceiling(included: np.ndarray, *, delta: float, confidence: float,
     included = np.asarray(included, dtype=bool)
     perfect = included.astype(np.float64)
     if selection != "holdout":
-        out = audit(perfect, included, delta=delta, confidence=confidence, guess_fractions=guess_fractions,
-                    selection=selection, holdout=holdout)
+        out = audit(
+            perfect,
+            included,
+            delta=delta,
+            confidence=confidence,
+            guess_fractions=guess_fractions,
+            selection=selection,
+            holdout=holdout,
+        )
         out["epsilon_lb_sjn"] = max(row["epsilon_lb_sjn"] for row in out["rows"])
         out["epsilon_lb_fdp"] = max(row["epsilon_lb_fdp"] for row in out["rows"])
         return out
@@ -256,11 +315,24 @@ def procedure_ceiling(included: np.ndarray, *, delta: float, confidence: float,
     holdout = np.asarray(holdout, dtype=bool)
     aud = ~holdout
     # the audited canaries alone, every fraction tried (at the stated confidence: one r is used in the end)
-    rows = grid_rows(perfect[aud], included[aud], fractions=sorted({float(f) for f in guess_fractions}), delta=delta,
-                     confidence=confidence)
+    rows = grid_rows(
+        perfect[aud],
+        included[aud],
+        fractions=sorted({float(f) for f in guess_fractions}),
+        delta=delta,
+        confidence=confidence,
+    )
     best = max(rows, key=lambda row: (row["epsilon_lb"], -row["r"]))
-    return {**best, "selection": "holdout", "delta": delta, "confidence": confidence,
-            "test_confidence": confidence, "num_included": int(included[aud].sum()), "rows": rows,
-            "audited": np.flatnonzero(aud).tolist(), "held_out": np.flatnonzero(holdout).tolist(),
-            "epsilon_lb_sjn": max(row["epsilon_lb_sjn"] for row in rows),
-            "epsilon_lb_fdp": max(row["epsilon_lb_fdp"] for row in rows)}
+    return {
+        **best,
+        "selection": "holdout",
+        "delta": delta,
+        "confidence": confidence,
+        "test_confidence": confidence,
+        "num_included": int(included[aud].sum()),
+        "rows": rows,
+        "audited": np.flatnonzero(aud).tolist(),
+        "held_out": np.flatnonzero(holdout).tolist(),
+        "epsilon_lb_sjn": max(row["epsilon_lb_sjn"] for row in rows),
+        "epsilon_lb_fdp": max(row["epsilon_lb_fdp"] for row in rows),
+    }

@@ -41,8 +41,7 @@ import math
 import numpy as np
 from scipy.special import ndtr, ndtri
 
-__all__ = ["gdp_delta", "gdp_epsilon", "forced_mass", "rejects", "p_value", "mu_lower_bound",
-           "epsilon_lower_bound"]
+__all__ = ["gdp_delta", "gdp_epsilon", "forced_mass", "rejects", "p_value", "mu_lower_bound", "epsilon_lower_bound"]
 
 
 def _check(m: int, r: int, v: int) -> None:
@@ -55,8 +54,8 @@ def forced_mass(*, m: int, r: int, v: int, tau: float | np.ndarray, mu: float | 
     Broadcasts over tau and mu (arrays of the same shape, or scalars)."""
     _check(m, r, v)
     tau, mu = np.broadcast_arrays(np.asarray(tau, dtype=np.float64), np.asarray(mu, dtype=np.float64))
-    rr = tau * (v / m)           # r_v
-    hh = tau * ((r - v) / m)     # h_v
+    rr = tau * (v / m)  # r_v
+    hh = tau * ((r - v) / m)  # h_v
     for i in range(v - 1, -1, -1):
         h_new = np.maximum(hh, ndtr(ndtri(np.clip(rr, 0.0, 1.0)) - mu))
         rr = rr + (i / (r - i)) * (h_new - hh)

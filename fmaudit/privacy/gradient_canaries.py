@@ -39,8 +39,9 @@ the per-step sampling (GRADIENT_CANARY_SAMPLE).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
@@ -54,8 +55,21 @@ NOISE_ALPHA = 1e-6  # the noise check flags a run only when this little noise ha
 Score = Literal["residual", "noisy", "llr"]
 SCORES: tuple[Score, ...] = ("residual", "noisy", "llr")
 
-__all__ = ["GUESS_FRACTIONS", "HOLDOUT_FRACTION", "MIN_CANARIES", "NOISE_ALPHA", "SCORES", "Inserter", "audit",
-           "choose_coordinates", "findings", "holdout_mask", "inclusion", "noise_check", "scores"]
+__all__ = [
+    "GUESS_FRACTIONS",
+    "HOLDOUT_FRACTION",
+    "MIN_CANARIES",
+    "NOISE_ALPHA",
+    "SCORES",
+    "Inserter",
+    "audit",
+    "choose_coordinates",
+    "findings",
+    "holdout_mask",
+    "inclusion",
+    "noise_check",
+    "scores",
+]
 
 
 def choose_coordinates(sizes: Sequence[tuple[str, int, int]], m: int, seed: int) -> list[tuple[str, int]]:
@@ -65,8 +79,10 @@ def choose_coordinates(sizes: Sequence[tuple[str, int, int]], m: int, seed: int)
     pool = [(n, k) for n, k, d in sizes if d >= 2 and k >= 2] or [(n, k) for n, k, _ in sizes if k >= 2]
     caps = np.array([k // 2 for _, k in pool], dtype=np.int64)
     if m > int(caps.sum()):
-        raise ValueError(f"{m} gradient canaries need {m} distinct coordinates, at most half of each trainable "
-                         f"tensor: only {int(caps.sum())} available")
+        raise ValueError(
+            f"{m} gradient canaries need {m} distinct coordinates, at most half of each trainable "
+            f"tensor: only {int(caps.sum())} available"
+        )
     g = rng(seed, Stream.GRADIENT_CANARY_COORDS)
     counts = g.multivariate_hypergeometric(caps, m) if m else np.zeros(len(pool), dtype=np.int64)
     out = []
@@ -93,10 +109,10 @@ def holdout_mask(m: int, seed: int, fraction: float = HOLDOUT_FRACTION) -> np.nd
 class _Group:
     """The canaries that sit on one parameter tensor."""
 
-    param: Any           # the nn.Parameter the optimizer updates
-    index: Any           # LongTensor of flat indices, on the parameter's device
-    ids: np.ndarray      # canary numbers, aligned with `index`
-    initial: Any         # the coordinates' values before training
+    param: Any  # the nn.Parameter the optimizer updates
+    index: Any  # LongTensor of flat indices, on the parameter's device
+    ids: np.ndarray  # canary numbers, aligned with `index`
+    initial: Any  # the coordinates' values before training
 
 
 class Inserter:
@@ -105,8 +121,9 @@ class Inserter:
     included canaries, add C to their coordinates of the clipped summed gradient, let Opacus add the noise, read
     the noisy coordinates; after the optimizer's step, put the canary coordinates back."""
 
-    def __init__(self, named_params: Sequence[tuple[str, Any]], m: int, *, seed: int, sample_rate: float,
-                 max_grad_norm: float):
+    def __init__(
+        self, named_params: Sequence[tuple[str, Any]], m: int, *, seed: int, sample_rate: float, max_grad_norm: float
+    ):
         import torch
 
         trainable = [(n, p) for n, p in named_params if p.requires_grad]
@@ -116,9 +133,9 @@ class Inserter:
         self.coordinates = coords
         self.included = inclusion(m, seed)
         self._sampler = rng(seed, Stream.GRADIENT_CANARY_SAMPLE)
-        self.noisy = np.zeros(m)      # sum over steps of the noisy summed gradient's coordinate
-        self.data = np.zeros(m)       # sum over steps of the real examples' clipped gradients there (no canary)
-        self.llr = np.zeros(m)        # sum over steps of the per-step log-likelihood ratio (see `scores`)
+        self.noisy = np.zeros(m)  # sum over steps of the noisy summed gradient's coordinate
+        self.data = np.zeros(m)  # sum over steps of the real examples' clipped gradients there (no canary)
+        self.llr = np.zeros(m)  # sum over steps of the per-step log-likelihood ratio (see `scores`)
         self._step_data = np.zeros(m)
         self.sigma = 0.0
         self.sampled = np.zeros(m, dtype=np.int64)
@@ -170,8 +187,9 @@ class Inserter:
                 self._step_data[g.ids] = flat[g.index].double().cpu().numpy()
                 h = torch.as_tensor(hits[g.ids], device=flat.device)
                 if bool(h.any()):
-                    flat.index_add_(0, g.index[h], torch.full((int(h.sum()),), self.c, dtype=flat.dtype,
-                                                               device=flat.device))
+                    flat.index_add_(
+                        0, g.index[h], torch.full((int(h.sum()),), self.c, dtype=flat.dtype, device=flat.device)
+                    )
 
     def _observe(self) -> None:
         import torch
@@ -183,7 +201,7 @@ class Inserter:
         self.noisy += noisy
         self.data += self._step_data
         # log [(1 - q) N(x; 0, s^2) + q N(x; C, s^2)] / N(x; 0, s^2), x the step's residual, s = sigma C
-        z = ((noisy - self._step_data) * self.c - self.c ** 2 / 2) / max(self.sigma * self.c, 1e-12) ** 2
+        z = ((noisy - self._step_data) * self.c - self.c**2 / 2) / max(self.sigma * self.c, 1e-12) ** 2
         self.llr += np.logaddexp(math.log1p(-self.q), math.log(self.q) + z)
 
     def restore(self) -> None:
@@ -196,10 +214,20 @@ class Inserter:
 
     def record(self) -> dict[str, Any]:
         """What the run keeps (JSON-ready, cached with the weights): enough to recompute every score and bound."""
-        return {"m": self.m, "seed": self.seed, "sample_rate": self.q, "max_grad_norm": self.c, "steps": self.steps,
-                "coordinates": [[n, i] for n, i in self.coordinates], "included": self.included.tolist(),
-                "noise_multiplier": self.sigma, "noisy_sum": self.noisy.tolist(), "data_sum": self.data.tolist(),
-                "llr": self.llr.tolist(), "sampled": self.sampled.tolist()}
+        return {
+            "m": self.m,
+            "seed": self.seed,
+            "sample_rate": self.q,
+            "max_grad_norm": self.c,
+            "steps": self.steps,
+            "coordinates": [[n, i] for n, i in self.coordinates],
+            "included": self.included.tolist(),
+            "noise_multiplier": self.sigma,
+            "noisy_sum": self.noisy.tolist(),
+            "data_sum": self.data.tolist(),
+            "llr": self.llr.tolist(),
+            "sampled": self.sampled.tolist(),
+        }
 
 
 def scores(record: dict[str, Any], score: Score = "residual") -> np.ndarray:
@@ -231,36 +259,75 @@ def noise_check(record: dict[str, Any]) -> dict[str, float]:
     t, c, sigma = int(record["steps"]), float(record["max_grad_norm"]), float(record["noise_multiplier"])
     if not len(residual) or t == 0 or sigma <= 0:
         return {"measured_noise_multiplier": math.nan, "noise_p_value": 1.0, "excluded": int(len(residual))}
-    stat = float(np.sum(residual ** 2)) / (t * (sigma * c) ** 2)
-    return {"measured_noise_multiplier": math.sqrt(float(np.mean(residual ** 2)) / t) / c,
-            "noise_p_value": float(chi2.cdf(stat, len(residual))), "excluded": int(len(residual))}
+    stat = float(np.sum(residual**2)) / (t * (sigma * c) ** 2)
+    return {
+        "measured_noise_multiplier": math.sqrt(float(np.mean(residual**2)) / t) / c,
+        "noise_p_value": float(chi2.cdf(stat, len(residual))),
+        "excluded": int(len(residual)),
+    }
 
 
-def audit(record: dict[str, Any], *, delta: float, epsilon: float, confidence: float = 0.95,
-          guess_fractions: Sequence[float] = GUESS_FRACTIONS, holdout_fraction: float = HOLDOUT_FRACTION,
-          score: Score = "residual") -> dict[str, Any]:
+def audit(
+    record: dict[str, Any],
+    *,
+    delta: float,
+    epsilon: float,
+    confidence: float = 0.95,
+    guess_fractions: Sequence[float] = GUESS_FRACTIONS,
+    holdout_fraction: float = HOLDOUT_FRACTION,
+    score: Score = "residual",
+) -> dict[str, Any]:
     """Both one-run bounds (headline: Steinke-Nasr-Jagielski) on the canaries' `score`, with the holdout choice of
     the number of guesses, the ceiling of the same procedure, epsilon_lb / epsilon for the run's `epsilon`, the
     headline bound of every other score beside it (`epsilon_lb_by_score`) and the noise check."""
     included = np.asarray(record["included"], dtype=bool)
     held = holdout_mask(len(included), int(record["seed"]), holdout_fraction)
     fractions = list(guess_fractions)
-    by = {name: audit_bound.audit(scores(record, name), included, delta=delta, confidence=confidence,
-                                  guess_fractions=fractions, selection="holdout", holdout=held) for name in SCORES}
+    by = {
+        name: audit_bound.audit(
+            scores(record, name),
+            included,
+            delta=delta,
+            confidence=confidence,
+            guess_fractions=fractions,
+            selection="holdout",
+            holdout=held,
+        )
+        for name in SCORES
+    }
     head = by[score]
-    top = audit_bound.procedure_ceiling(included, delta=delta, confidence=confidence, guess_fractions=fractions,
-                                        selection="holdout", holdout=held)
+    top = audit_bound.procedure_ceiling(
+        included, delta=delta, confidence=confidence, guess_fractions=fractions, selection="holdout", holdout=held
+    )
     sampled = np.asarray(record["sampled"])
-    return {"m": int(record["m"]), "audited": int(head["m"]), "held_out": int(held.sum()), "r": head["r"],
-            "v": head["v"], "k_plus": head["k_plus"], "k_minus": head["k_minus"], "guess_fraction": head["fraction"],
-            "num_included": int(head["num_included"]), "delta": delta, "confidence": confidence, "score": score,
-            "epsilon": epsilon, "epsilon_lb": head["epsilon_lb"], "epsilon_lb_fdp": head["epsilon_lb_fdp"],
-            "mu_lb": head["mu_lb"], "epsilon_lb_ceiling": top["epsilon_lb_sjn"], "ceiling_fdp": top["epsilon_lb_fdp"],
-            "epsilon_lb_ratio": head["epsilon_lb"] / epsilon if epsilon > 0 else math.inf,
-            "epsilon_lb_by_score": {name: b["epsilon_lb"] for name, b in by.items()},
-            "steps": int(record["steps"]), "sample_rate": float(record["sample_rate"]),
-            "max_grad_norm": float(record["max_grad_norm"]), "noise_multiplier": float(record["noise_multiplier"]),
-            "mean_times_sampled": float(sampled[included].mean()) if included.any() else 0.0, **noise_check(record)}
+    return {
+        "m": int(record["m"]),
+        "audited": int(head["m"]),
+        "held_out": int(held.sum()),
+        "r": head["r"],
+        "v": head["v"],
+        "k_plus": head["k_plus"],
+        "k_minus": head["k_minus"],
+        "guess_fraction": head["fraction"],
+        "num_included": int(head["num_included"]),
+        "delta": delta,
+        "confidence": confidence,
+        "score": score,
+        "epsilon": epsilon,
+        "epsilon_lb": head["epsilon_lb"],
+        "epsilon_lb_fdp": head["epsilon_lb_fdp"],
+        "mu_lb": head["mu_lb"],
+        "epsilon_lb_ceiling": top["epsilon_lb_sjn"],
+        "ceiling_fdp": top["epsilon_lb_fdp"],
+        "epsilon_lb_ratio": head["epsilon_lb"] / epsilon if epsilon > 0 else math.inf,
+        "epsilon_lb_by_score": {name: b["epsilon_lb"] for name, b in by.items()},
+        "steps": int(record["steps"]),
+        "sample_rate": float(record["sample_rate"]),
+        "max_grad_norm": float(record["max_grad_norm"]),
+        "noise_multiplier": float(record["noise_multiplier"]),
+        "mean_times_sampled": float(sampled[included].mean()) if included.any() else 0.0,
+        **noise_check(record),
+    }
 
 
 def findings(result: dict[str, Any]) -> list[dict[str, str]]:
@@ -269,30 +336,50 @@ def findings(result: dict[str, Any]) -> list[dict[str, str]]:
     or sampling is not what the accountant assumed); high when only the f-DP (Gaussian) number exceeds epsilon;
     info otherwise."""
     eps, lb, fdp, top = result["epsilon"], result["epsilon_lb"], result["epsilon_lb_fdp"], result["epsilon_lb_ceiling"]
-    what = (f"{result['m']} Dirac gradient canaries ({result['audited']} audited, {result['r']} guesses, "
-            f"{result['v']} right, {result['score']} score) prove epsilon >= {lb:.3f} at delta {result['delta']:.2g} "
-            f"with {result['confidence']:.0%} confidence (f-DP analysis: {fdp:.3f}); a perfect attack could prove at "
-            f"most {top:.3f} here; the accountant claims {eps:.3f}")
+    what = (
+        f"{result['m']} Dirac gradient canaries ({result['audited']} audited, {result['r']} guesses, "
+        f"{result['v']} right, {result['score']} score) prove epsilon >= {lb:.3f} at delta {result['delta']:.2g} "
+        f"with {result['confidence']:.0%} confidence (f-DP analysis: {fdp:.3f}); a perfect attack could prove at "
+        f"most {top:.3f} here; the accountant claims {eps:.3f}"
+    )
     out = []
     if lb > eps + 1e-9:
-        out.append({"severity": "critical", "title": "Gradient canaries prove more leakage than the accountant's "
-                                                     "epsilon",
-                    "detail": what + ". The DP-SGD step does not do what the accountant assumes (noise, clipping or "
-                                     "sampling is broken): do not trust this epsilon."})
+        out.append(
+            {
+                "severity": "critical",
+                "title": "Gradient canaries prove more leakage than the accountant's epsilon",
+                "detail": what + ". The DP-SGD step does not do what the accountant assumes (noise, clipping or "
+                "sampling is broken): do not trust this epsilon.",
+            }
+        )
     if result["noise_p_value"] < NOISE_ALPHA:
-        out.append({"severity": "critical", "title": "DP-SGD adds less noise than the accountant assumes",
-                    "detail": f"the {result['excluded']} excluded gradient canaries saw noise multiplier "
-                              f"{result['measured_noise_multiplier']:.4g} (sum over {result['steps']} steps), the "
-                              f"accountant assumes {result['noise_multiplier']:.4g} (chi-square p = "
-                              f"{result['noise_p_value']:.2g}): epsilon {eps:.3f} does not hold."})
+        out.append(
+            {
+                "severity": "critical",
+                "title": "DP-SGD adds less noise than the accountant assumes",
+                "detail": f"the {result['excluded']} excluded gradient canaries saw noise multiplier "
+                f"{result['measured_noise_multiplier']:.4g} (sum over {result['steps']} steps), the "
+                f"accountant assumes {result['noise_multiplier']:.4g} (chi-square p = "
+                f"{result['noise_p_value']:.2g}): epsilon {eps:.3f} does not hold.",
+            }
+        )
     if out:
         return out
     if fdp > eps + 1e-9:
-        return [{"severity": "high", "title": "The f-DP analysis of the gradient canaries exceeds the accountant's "
-                                              "epsilon",
-                 "detail": what + ". Only the Gaussian-family analysis exceeds it; DP-SGD is close to Gaussian, so the "
-                                  "guarantee is in doubt."}]
+        return [
+            {
+                "severity": "high",
+                "title": "The f-DP analysis of the gradient canaries exceeds the accountant's epsilon",
+                "detail": what + ". Only the Gaussian-family analysis exceeds it; DP-SGD is close to Gaussian, so the "
+                "guarantee is in doubt.",
+            }
+        ]
     ratio = f"epsilon_lb / epsilon = {lb / eps:.2f}" if eps > 0 else "epsilon 0"
-    return [{"severity": "info", "title": f"Gradient canaries: epsilon >= {lb:.2f} proven ({ratio})",
-             "detail": what + f"; noise multiplier seen {result['measured_noise_multiplier']:.3f} (claimed "
-                              f"{result['noise_multiplier']:.3f}): consistent with the accountant."}]
+    return [
+        {
+            "severity": "info",
+            "title": f"Gradient canaries: epsilon >= {lb:.2f} proven ({ratio})",
+            "detail": what + f"; noise multiplier seen {result['measured_noise_multiplier']:.3f} (claimed "
+            f"{result['noise_multiplier']:.3f}): consistent with the accountant.",
+        }
+    ]

@@ -61,8 +61,9 @@ class LoadedRecipe:
     code: dict[str, CodeRef] = field(default_factory=dict)  # python: targets -> the code they import
 
 
-def load_recipe(source: str | Path | dict[str, Any], *, base_dir: Path | None = None,
-                allow_code_from: Sequence[str | Path] = ()) -> LoadedRecipe:
+def load_recipe(
+    source: str | Path | dict[str, Any], *, base_dir: Path | None = None, allow_code_from: Sequence[str | Path] = ()
+) -> LoadedRecipe:
     """Read and fully validate a recipe (a YAML path, YAML text via a dict, or a dict).
 
     Raises RecipeError listing every problem. Loads no model and no dataset, and imports no code: the code
@@ -80,8 +81,16 @@ def load_recipe(source: str | Path | dict[str, Any], *, base_dir: Path | None = 
     if base_dir is None:
         base_dir = path.parent.resolve() if path is not None else Path.cwd()
     if not isinstance(raw, dict):
-        raise RecipeError([Problem("", "a recipe is a YAML mapping with version, name, targets and audits "
-                                       f"(got {type(raw).__name__}); see recipes/quickstart.yaml")], label)
+        raise RecipeError(
+            [
+                Problem(
+                    "",
+                    "a recipe is a YAML mapping with version, name, targets and audits "
+                    f"(got {type(raw).__name__}); see recipes/quickstart.yaml",
+                )
+            ],
+            label,
+        )
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
@@ -98,10 +107,37 @@ def load_recipe(source: str | Path | dict[str, Any], *, base_dir: Path | None = 
 
 
 __all__ = [
-    "MAX_RECIPE_BYTES", "MAX_SCANNED_TABLE_BYTES", "MAX_YAML_DEPTH", "MAX_YAML_NODES", "RECIPE_VERSION",
-    "TOKENIZER_FILES", "AuditSpec", "CodeRef", "CodeRefError", "DataSpec", "ExecutorSpec", "FinetuneSpec", "GateOp",
-    "LoadedRecipe", "Problem", "Recipe", "RecipeError", "TargetSpec", "check_checkpoint_folder", "check_recipe",
-    "check_safetensors_file", "check_torch_file", "check_weights_file", "check_yaml_limits", "format_path",
-    "load_recipe", "parse_yaml", "read_model_config", "recipe_json_schema", "refused_code_message",
-    "resolve_code_ref", "table_summary", "tokenizer_vocab_size",
+    "MAX_RECIPE_BYTES",
+    "MAX_SCANNED_TABLE_BYTES",
+    "MAX_YAML_DEPTH",
+    "MAX_YAML_NODES",
+    "RECIPE_VERSION",
+    "TOKENIZER_FILES",
+    "AuditSpec",
+    "CodeRef",
+    "CodeRefError",
+    "DataSpec",
+    "ExecutorSpec",
+    "FinetuneSpec",
+    "GateOp",
+    "LoadedRecipe",
+    "Problem",
+    "Recipe",
+    "RecipeError",
+    "TargetSpec",
+    "check_checkpoint_folder",
+    "check_recipe",
+    "check_safetensors_file",
+    "check_torch_file",
+    "check_weights_file",
+    "check_yaml_limits",
+    "format_path",
+    "load_recipe",
+    "parse_yaml",
+    "read_model_config",
+    "recipe_json_schema",
+    "refused_code_message",
+    "resolve_code_ref",
+    "table_summary",
+    "tokenizer_vocab_size",
 ]

@@ -22,10 +22,10 @@ _MODULE_NAME = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
 class CodeRef:
     """Where the code of a `python:` target comes from (resolved without importing it)."""
 
-    ref: str                # python:pkg.module:factory
+    ref: str  # python:pkg.module:factory
     module: str
     factory: str
-    file: Path              # the module's file (resolved, symlinks followed)
+    file: Path  # the module's file (resolved, symlinks followed)
     files: tuple[Path, ...]  # every file importing it runs first: parent packages' __init__.py, then the module
     allowed_by: str | None  # "recipe folder (DIR)" | "installed package" | "--allow-code-from DIR"; None: refused
     from_recipe_folder: bool = False  # found only in the recipe's folder (imported with it appended to sys.path)
@@ -35,8 +35,14 @@ class CodeRef:
         return hashlib.sha256(self.file.read_bytes()).hexdigest()
 
     def as_dict(self) -> dict[str, Any]:
-        return {"ref": self.ref, "module": self.module, "factory": self.factory, "file": str(self.file),
-                "sha256": self.sha256(), "allowed_by": self.allowed_by}
+        return {
+            "ref": self.ref,
+            "module": self.module,
+            "factory": self.factory,
+            "file": str(self.file),
+            "sha256": self.sha256(),
+            "allowed_by": self.allowed_by,
+        }
 
 
 class CodeRefError(ValueError):
@@ -78,8 +84,9 @@ def _editable_root_for(top: str, file: Path) -> str | None:
         except (OSError, ValueError):
             continue
         url = info.get("url", "") if isinstance(info, dict) else ""
-        if not (isinstance(info.get("dir_info"), dict) and info["dir_info"].get("editable")) or \
-                not url.startswith("file:"):
+        if not (isinstance(info.get("dir_info"), dict) and info["dir_info"].get("editable")) or not url.startswith(
+            "file:"
+        ):
             continue
         root = Path(unquote(urlparse(url).path)).resolve()
         if not _under(file, root):
@@ -128,8 +135,7 @@ def resolve_code_ref(ref: str, *, base_dir: Path, allow_code_from: typing.Sequen
                 raise CodeRefError(f"{'.'.join(parts[:i])} is a module, not a package: cannot find {name}")
             spec = importlib.machinery.PathFinder.find_spec(name, locations)
         if spec is None:
-            raise CodeRefError(f"cannot find module {name!r} on the Python path or in the recipe's folder "
-                               f"({base_dir})")
+            raise CodeRefError(f"cannot find module {name!r} on the Python path or in the recipe's folder ({base_dir})")
         origin = getattr(loaded, "__file__", None) if loaded is not None else None
         origin = origin or spec.origin
         if origin in ("built-in", "frozen"):
@@ -155,14 +161,22 @@ def resolve_code_ref(ref: str, *, base_dir: Path, allow_code_from: typing.Sequen
 
     verdicts = [allowed(f) for f in files]
     refused = next((f for f, v in zip(files, verdicts) if v is None), None)
-    return CodeRef(ref=f"python:{mod_name}:{fn_name}", module=mod_name, factory=fn_name, file=module_file,
-                   files=tuple(files), allowed_by=None if refused is not None else verdicts[-1],
-                   from_recipe_folder=from_recipe_folder, refused=refused)
+    return CodeRef(
+        ref=f"python:{mod_name}:{fn_name}",
+        module=mod_name,
+        factory=fn_name,
+        file=module_file,
+        files=tuple(files),
+        allowed_by=None if refused is not None else verdicts[-1],
+        from_recipe_folder=from_recipe_folder,
+        refused=refused,
+    )
 
 
 def refused_code_message(code: CodeRef, base_dir: Path) -> str:
     bad = code.refused or code.file
-    return (f"{code.ref} would import (run) {bad}, which is outside the recipe's folder ({Path(base_dir).resolve()}) "
-            f"and the installed packages; refused before anything ran. If you trust that code, allow it with "
-            f"`--allow-code-from {bad.parent}` (fmaudit validate / run)")
-
+    return (
+        f"{code.ref} would import (run) {bad}, which is outside the recipe's folder ({Path(base_dir).resolve()}) "
+        f"and the installed packages; refused before anything ran. If you trust that code, allow it with "
+        f"`--allow-code-from {bad.parent}` (fmaudit validate / run)"
+    )

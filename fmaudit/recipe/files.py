@@ -12,8 +12,15 @@ from fmaudit.hints import did_you_mean
 from fmaudit.recipe.schema import DataSpec
 from fmaudit.tasks import MODALITY
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
-                   "spiece.model", "sentencepiece.bpe.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 MAX_SCANNED_TABLE_BYTES = 256 << 20  # CSV / JSONL files up to this size are read through in validate
 
 
@@ -27,8 +34,10 @@ def check_safetensors_file(path: Path) -> str | None:
                 return f"{path} is truncated ({size} bytes; not even a safetensors header)"
             n = int.from_bytes(head, "little")
             if n <= 0 or n > min(size - 8, 100 << 20):
-                return (f"{path} is truncated or corrupt: its header claims {n:,} bytes but the file has {size:,} "
-                        "(a half-copied checkpoint?)")
+                return (
+                    f"{path} is truncated or corrupt: its header claims {n:,} bytes but the file has {size:,} "
+                    "(a half-copied checkpoint?)"
+                )
             header = json.loads(fh.read(n).decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         return f"{path} is not a valid safetensors file ({type(exc).__name__}: {exc})"
@@ -43,8 +52,10 @@ def check_safetensors_file(path: Path) -> str | None:
             return f"{path} is not a valid safetensors file (tensor {k!r} has no data_offsets)"
         end = max(end, offsets[1])
     if 8 + n + end > size:
-        return (f"{path} is truncated: its tensors need {8 + n + end:,} bytes but the file has {size:,} "
-                "(a half-copied checkpoint?); copy or save it again")
+        return (
+            f"{path} is truncated: its tensors need {8 + n + end:,} bytes but the file has {size:,} "
+            "(a half-copied checkpoint?); copy or save it again"
+        )
     return None
 
 
@@ -115,29 +126,36 @@ def check_checkpoint_folder(folder: Path, task: str | None, gguf_file: str | Non
             if bad:
                 problems.append(bad)
         return problems
-    weights = sorted([*folder.glob("*.safetensors"), *folder.glob("*.bin"), *folder.glob("*.pt"),
-                      *folder.glob("*.pth")])
-    weights = [w for w in weights if w.name not in ("training_args.bin", "optimizer.pt", "scheduler.pt",
-                                                    "rng_state.pth")]
+    weights = sorted(
+        [*folder.glob("*.safetensors"), *folder.glob("*.bin"), *folder.glob("*.pt"), *folder.glob("*.pth")]
+    )
+    weights = [
+        w for w in weights if w.name not in ("training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth")
+    ]
     if not weights:
-        problems.append(f"{folder} has no weights (model.safetensors or pytorch_model.bin); save the model with "
-                        "`save_pretrained`")
+        problems.append(
+            f"{folder} has no weights (model.safetensors or pytorch_model.bin); save the model with `save_pretrained`"
+        )
     for w in weights:
         bad = check_weights_file(w)
         if bad:
             problems.append(bad)
     if MODALITY.get(task or "") == "text":  # text models need their tokenizer
         if not any((folder / f).exists() for f in TOKENIZER_FILES):
-            problems.append(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); save the "
-                            "tokenizer next to the model with `tokenizer.save_pretrained`")
+            problems.append(
+                f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); save the "
+                "tokenizer next to the model with `tokenizer.save_pretrained`"
+            )
         else:
             cfg, _ = read_model_config(folder)
             rows = cfg.get("vocab_size") if cfg else None
             n = tokenizer_vocab_size(folder)
             if isinstance(rows, int) and n is not None and n > rows:
-                problems.append(f"the tokenizer in {folder} produces token ids up to {n - 1:,} but the model's "
-                                f"embedding has vocab_size {rows:,} rows (config.json); save the tokenizer that "
-                                "belongs to this model")
+                problems.append(
+                    f"the tokenizer in {folder} produces token ids up to {n - 1:,} but the model's "
+                    f"embedding has vocab_size {rows:,} rows (config.json); save the tokenizer that "
+                    "belongs to this model"
+                )
     return problems
 
 
@@ -148,8 +166,13 @@ def tokenizer_vocab_size(folder: Path) -> int | None:
         if (folder / "tokenizer.json").is_file():
             tok = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
             vocab = (tok.get("model") or {}).get("vocab")
-            ids = (list(vocab.values()) if isinstance(vocab, dict) else
-                   list(range(len(vocab))) if isinstance(vocab, list) else [])
+            ids = (
+                list(vocab.values())
+                if isinstance(vocab, dict)
+                else list(range(len(vocab)))
+                if isinstance(vocab, list)
+                else []
+            )
             ids += [a.get("id", -1) for a in tok.get("added_tokens") or [] if isinstance(a, dict)]
             ids = [i for i in ids if isinstance(i, int)]
             return max(ids) + 1 if ids else None
@@ -220,8 +243,10 @@ def _utf8_problem(path: Path) -> str | None:
                 except UnicodeDecodeError as exc:
                     pos = offset + exc.start
                     line += chunk[: exc.start].count(b"\n")
-                    return (f"{path} is not UTF-8 text (byte 0x{chunk[exc.start]:02x} at offset {pos}, line {line}); "
-                            "re-save it as UTF-8")
+                    return (
+                        f"{path} is not UTF-8 text (byte 0x{chunk[exc.start]:02x} at offset {pos}, line {line}); "
+                        "re-save it as UTF-8"
+                    )
                 line += chunk.count(b"\n")
                 offset += len(chunk)
             dec.decode(b"", final=True)
@@ -250,8 +275,9 @@ def table_summary(path: Path, spec: DataSpec) -> tuple[list[str], int | None]:
     problems = []
     for col in wanted:
         if col not in (columns or set()):
-            problems.append(f"{path} has no column {col!r} (columns: {sorted(columns or [])})"
-                            + did_you_mean(col, columns or set())
-                            + " — set text_column / label_column / id_column in the recipe's data entry")
+            problems.append(
+                f"{path} has no column {col!r} (columns: {sorted(columns or [])})"
+                + did_you_mean(col, columns or set())
+                + " — set text_column / label_column / id_column in the recipe's data entry"
+            )
     return problems, rows
-

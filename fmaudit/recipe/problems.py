@@ -143,8 +143,9 @@ ERROR_MESSAGES: dict[str, Callable[[Any, type[BaseModel]], str]] = {
 _NO_VALUE = ("extra_forbidden", "missing")
 
 
-def pydantic_problems(exc: ValidationError, model: type[BaseModel], prefix: tuple[Any, ...],
-                      lines: Lines) -> list[Problem]:
+def pydantic_problems(
+    exc: ValidationError, model: type[BaseModel], prefix: tuple[Any, ...], lines: Lines
+) -> list[Problem]:
     """One Problem per pydantic error of `model` validated at path `prefix`, in recipe words (unknown key,
     required key is missing) with did-you-mean hints."""
     out = []

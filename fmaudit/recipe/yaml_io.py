@@ -13,9 +13,9 @@ from fmaudit.recipe.problems import Lines, Problem, RecipeError, line_map
 # laughs" document of nested aliases expands to 9**9 nodes, and deeply nested flow collections exhaust the
 # recursion limit). Anchors and aliases stay allowed (they are handy for repeated params), but the document
 # as expanded must stay small: a real recipe has a few hundred nodes.
-MAX_RECIPE_BYTES = 1 << 20     # 1 MiB
-MAX_YAML_DEPTH = 32            # nested mappings / sequences
-MAX_YAML_NODES = 20_000        # scalars + collections, counting every alias as the node it repeats
+MAX_RECIPE_BYTES = 1 << 20  # 1 MiB
+MAX_YAML_DEPTH = 32  # nested mappings / sequences
+MAX_YAML_NODES = 20_000  # scalars + collections, counting every alias as the node it repeats
 
 
 def _line(event: yaml.Event) -> int | None:
@@ -34,15 +34,21 @@ def check_yaml_limits(text: str) -> Problem | None:
     and everything that walks it would recurse forever). Stops at the first limit exceeded, so hostile input
     costs at most one linear scan."""
     if len(text) > MAX_RECIPE_BYTES:
-        return Problem("", f"the recipe is {len(text):,} characters; recipes are limited to "
-                           f"{MAX_RECIPE_BYTES:,} bytes (a real recipe is a few KiB)")
+        return Problem(
+            "",
+            f"the recipe is {len(text):,} characters; recipes are limited to "
+            f"{MAX_RECIPE_BYTES:,} bytes (a real recipe is a few KiB)",
+        )
     stack: list[list[Any]] = [[0, None, None]]  # per open collection: [expanded size, anchor, start line]
     anchors: dict[str, int | None] = {}  # None: the anchored collection is still open
     for ev in yaml.parse(text, Loader=_yaml_loader()):
         if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
             if len(stack) > MAX_YAML_DEPTH:
-                return Problem("", f"the recipe nests deeper than {MAX_YAML_DEPTH} levels; recipes are "
-                                   "limited to that depth", _line(ev))
+                return Problem(
+                    "",
+                    f"the recipe nests deeper than {MAX_YAML_DEPTH} levels; recipes are limited to that depth",
+                    _line(ev),
+                )
             stack.append([1, ev.anchor, _line(ev)])
             if ev.anchor is not None:
                 anchors[ev.anchor] = None
@@ -57,17 +63,26 @@ def check_yaml_limits(text: str) -> Problem | None:
                 anchors[ev.anchor] = 1
         elif isinstance(ev, yaml.AliasEvent):
             if ev.anchor in anchors and anchors[ev.anchor] is None:
-                return Problem("", f"the alias *{ev.anchor} is inside the collection &{ev.anchor} it repeats: a "
-                                   "recursive document, refused (a recipe cannot contain itself)",
-                               _line(ev))
-            size = (anchors.get(ev.anchor) if ev.anchor is not None else None) or 1  # an unknown anchor: the composer reports it
+                return Problem(
+                    "",
+                    f"the alias *{ev.anchor} is inside the collection &{ev.anchor} it repeats: a "
+                    "recursive document, refused (a recipe cannot contain itself)",
+                    _line(ev),
+                )
+            size = (
+                anchors.get(ev.anchor) if ev.anchor is not None else None
+            ) or 1  # an unknown anchor: the composer reports it
         else:
             continue
         stack[-1][0] += size
         if stack[-1][0] > MAX_YAML_NODES or sum(s[0] for s in stack) > MAX_YAML_NODES:
-            return Problem("", f"the recipe expands to more than {MAX_YAML_NODES:,} YAML nodes (aliases "
-                               "count as the nodes they repeat); refused to protect against alias bombs "
-                               '("billion laughs")', getattr(ev.start_mark, "line", -1) + 1 or None)
+            return Problem(
+                "",
+                f"the recipe expands to more than {MAX_YAML_NODES:,} YAML nodes (aliases "
+                "count as the nodes they repeat); refused to protect against alias bombs "
+                '("billion laughs")',
+                getattr(ev.start_mark, "line", -1) + 1 or None,
+            )
     return None
 
 
@@ -92,8 +107,16 @@ def read_recipe_file(path: Path, label: str) -> str:
     """The text of a recipe file; a RecipeError when it is missing, unreadable or over MAX_RECIPE_BYTES."""
     try:
         if path.is_file() and path.stat().st_size > MAX_RECIPE_BYTES:
-            raise RecipeError([Problem("", f"the recipe file is {path.stat().st_size:,} bytes; recipes are "
-                                           f"limited to {MAX_RECIPE_BYTES:,} bytes")], label)
+            raise RecipeError(
+                [
+                    Problem(
+                        "",
+                        f"the recipe file is {path.stat().st_size:,} bytes; recipes are "
+                        f"limited to {MAX_RECIPE_BYTES:,} bytes",
+                    )
+                ],
+                label,
+            )
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError([Problem("", f"recipe file {path} does not exist")], label) from None

@@ -29,10 +29,22 @@ from typing import Any
 from fmaudit.robustness.devices import model_device
 
 MIN_CLASSES = 4  # targeted DLR (APGD-T) sorts 4 logits
-REFERENCE = {"attacks_to_run": ["apgd-ce", "apgd-t", "fab-t", "square"], "apgd_n_iter": 100, "apgd_n_restarts": 1,
-             "apgd_rho": 0.75, "apgd_eot_iter": 1, "apgd_t_n_iter": 100, "apgd_t_n_target_classes": 9,
-             "apgd_t_n_restarts": 1, "fab_n_iter": 100, "fab_n_target_classes": 9, "fab_n_restarts": 1,
-             "square_n_queries": 5000, "square_p_init": 0.8, "square_n_restarts": 1}
+REFERENCE = {
+    "attacks_to_run": ["apgd-ce", "apgd-t", "fab-t", "square"],
+    "apgd_n_iter": 100,
+    "apgd_n_restarts": 1,
+    "apgd_rho": 0.75,
+    "apgd_eot_iter": 1,
+    "apgd_t_n_iter": 100,
+    "apgd_t_n_target_classes": 9,
+    "apgd_t_n_restarts": 1,
+    "fab_n_iter": 100,
+    "fab_n_target_classes": 9,
+    "fab_n_restarts": 1,
+    "square_n_queries": 5000,
+    "square_p_init": 0.8,
+    "square_n_restarts": 1,
+}
 
 
 def zero_gradients(x) -> None:
@@ -79,41 +91,64 @@ class _Reference:
             return self.aa.run_standard_evaluation(images.to(dev), labels.to(dev), bs=self.batch_size)
 
 
-def reference(model, *, norm: str, eps: float, n_classes: int, seed: int, batch_size: int = 250,
-              device: Any = None) -> tuple[_Reference, dict[str, Any]]:
+def reference(
+    model, *, norm: str, eps: float, n_classes: int, seed: int, batch_size: int = 250, device: Any = None
+) -> tuple[_Reference, dict[str, Any]]:
     """fra31's AutoAttack, version 'standard', built now (after the model is on its device)."""
     autoattack = _import_autoattack()
     if seed is None:
         raise ValueError("AutoAttack needs an explicit seed (seed=None seeds every stage from the clock)")
     if n_classes < MIN_CLASSES:
-        raise ValueError(f"AutoAttack needs at least {MIN_CLASSES} classes (APGD-T's targeted DLR loss); got "
-                         f"{n_classes}")
+        raise ValueError(
+            f"AutoAttack needs at least {MIN_CLASSES} classes (APGD-T's targeted DLR loss); got {n_classes}"
+        )
     dev = model_device(model, "cpu") if device is None else device
-    aa = autoattack.AutoAttack(model, norm=norm, eps=float(eps), seed=int(seed), version="standard",
-                               verbose=False, device=str(dev))
+    aa = autoattack.AutoAttack(
+        model, norm=norm, eps=float(eps), seed=int(seed), version="standard", verbose=False, device=str(dev)
+    )
     targets = min(9, n_classes - 1)
     aa.apgd_targeted.n_target_classes = targets
     aa.fab.n_target_classes = targets
     settings = reference_settings(aa)
-    settings.update({"implementation": "fra31/auto-attack (autoattack package installed by torchattacks 3.3.0)",
-                     "version": "standard", "norm": norm, "n_classes": n_classes, "device": str(dev),
-                     "target_classes_note": None if targets == 9 else
-                     f"{n_classes} classes: {targets} target classes (the reference's 9 need >= 10 classes)"})
+    settings.update(
+        {
+            "implementation": "fra31/auto-attack (autoattack package installed by torchattacks 3.3.0)",
+            "version": "standard",
+            "norm": norm,
+            "n_classes": n_classes,
+            "device": str(dev),
+            "target_classes_note": None
+            if targets == 9
+            else f"{n_classes} classes: {targets} target classes (the reference's 9 need >= 10 classes)",
+        }
+    )
     return _Reference(aa, batch_size), settings
 
 
 def reference_settings(aa) -> dict[str, Any]:
     """Every setting of a built `autoattack.AutoAttack`, read from the object."""
-    return {"attacks_to_run": list(aa.attacks_to_run), "seed": aa.seed,
-            "apgd_n_iter": aa.apgd.n_iter, "apgd_n_restarts": aa.apgd.n_restarts, "apgd_rho": aa.apgd.thr_decr,
-            "apgd_eot_iter": aa.apgd.eot_iter, "apgd_t_n_iter": aa.apgd_targeted.n_iter,
-            "apgd_t_n_target_classes": aa.apgd_targeted.n_target_classes,
-            "apgd_t_n_restarts": aa.apgd_targeted.n_restarts, "fab_n_iter": aa.fab.n_iter,
-            "fab_n_target_classes": aa.fab.n_target_classes, "fab_n_restarts": aa.fab.n_restarts,
-            "fab_alpha_max": aa.fab.alpha_max, "fab_eta": aa.fab.eta, "fab_beta": aa.fab.beta,
-            "square_n_queries": aa.square.n_queries, "square_p_init": aa.square.p_init,
-            "square_n_restarts": aa.square.n_restarts, "square_resc_schedule": aa.square.rescale_schedule,
-            "restarts": 1}
+    return {
+        "attacks_to_run": list(aa.attacks_to_run),
+        "seed": aa.seed,
+        "apgd_n_iter": aa.apgd.n_iter,
+        "apgd_n_restarts": aa.apgd.n_restarts,
+        "apgd_rho": aa.apgd.thr_decr,
+        "apgd_eot_iter": aa.apgd.eot_iter,
+        "apgd_t_n_iter": aa.apgd_targeted.n_iter,
+        "apgd_t_n_target_classes": aa.apgd_targeted.n_target_classes,
+        "apgd_t_n_restarts": aa.apgd_targeted.n_restarts,
+        "fab_n_iter": aa.fab.n_iter,
+        "fab_n_target_classes": aa.fab.n_target_classes,
+        "fab_n_restarts": aa.fab.n_restarts,
+        "fab_alpha_max": aa.fab.alpha_max,
+        "fab_eta": aa.fab.eta,
+        "fab_beta": aa.fab.beta,
+        "square_n_queries": aa.square.n_queries,
+        "square_p_init": aa.square.p_init,
+        "square_n_restarts": aa.square.n_restarts,
+        "square_resc_schedule": aa.square.rescale_schedule,
+        "restarts": 1,
+    }
 
 
 def fast(model, *, norm: str, eps: float, n_classes: int, seed: int):
@@ -123,17 +158,28 @@ def fast(model, *, norm: str, eps: float, n_classes: int, seed: int):
     if seed is None:
         raise ValueError("AutoAttack needs an explicit seed (seed=None seeds every stage from the clock)")
     if n_classes < MIN_CLASSES:
-        raise ValueError(f"AutoAttack needs at least {MIN_CLASSES} classes (APGD-T's targeted DLR loss); got "
-                         f"{n_classes}")
+        raise ValueError(
+            f"AutoAttack needs at least {MIN_CLASSES} classes (APGD-T's targeted DLR loss); got {n_classes}"
+        )
     atk = torchattacks.AutoAttack(model, norm=norm, eps=eps, version="standard", n_classes=n_classes, seed=int(seed))
     stages = atk._autoattack.attacks
     apgd, apgdt, fab, square = stages
-    settings = {"implementation": "torchattacks 3.3.0 AutoAttack (NOT the reference: 10 iterations)",
-                "version": "fast", "norm": norm, "n_classes": n_classes, "seed": int(seed),
-                "device": str(atk.device),
-                "attacks_to_run": ["apgd-ce", "apgd-t", "fab-t", "square"],
-                "apgd_n_iter": apgd.steps, "apgd_n_restarts": apgd.n_restarts,
-                "apgd_t_n_iter": apgdt.steps, "apgd_t_n_target_classes": apgdt.n_target_classes,
-                "fab_n_iter": fab.steps, "fab_n_target_classes": fab.n_target_classes,
-                "square_n_queries": square.n_queries, "square_p_init": square.p_init, "restarts": 1}
+    settings = {
+        "implementation": "torchattacks 3.3.0 AutoAttack (NOT the reference: 10 iterations)",
+        "version": "fast",
+        "norm": norm,
+        "n_classes": n_classes,
+        "seed": int(seed),
+        "device": str(atk.device),
+        "attacks_to_run": ["apgd-ce", "apgd-t", "fab-t", "square"],
+        "apgd_n_iter": apgd.steps,
+        "apgd_n_restarts": apgd.n_restarts,
+        "apgd_t_n_iter": apgdt.steps,
+        "apgd_t_n_target_classes": apgdt.n_target_classes,
+        "fab_n_iter": fab.steps,
+        "fab_n_target_classes": fab.n_target_classes,
+        "square_n_queries": square.n_queries,
+        "square_p_init": square.p_init,
+        "restarts": 1,
+    }
     return atk, settings

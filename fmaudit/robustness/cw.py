@@ -37,8 +37,17 @@ class CarliniWagnerL2:
     Images in [0, 1]; the model returns logits. Gradients are taken with `torch.autograd.grad` with respect
     to w only, so the model's parameters' `.grad` is never touched."""
 
-    def __init__(self, model, *, c: float = 1e-3, kappa: float = 0.0, steps: int = 1000, lr: float = 0.01,
-                 binary_steps: int = 9, abort_early: bool = True):
+    def __init__(
+        self,
+        model,
+        *,
+        c: float = 1e-3,
+        kappa: float = 0.0,
+        steps: int = 1000,
+        lr: float = 0.01,
+        binary_steps: int = 9,
+        abort_early: bool = True,
+    ):
         if c <= 0 or kappa < 0 or steps < 1 or lr <= 0 or binary_steps < 1:
             raise ValueError("need c > 0, kappa >= 0, steps >= 1, lr > 0, binary_steps >= 1")
         self.model = model
@@ -48,9 +57,17 @@ class CarliniWagnerL2:
 
     @property
     def settings(self) -> dict[str, Any]:
-        return {"c_initial": self.c, "kappa": self.kappa, "steps": self.steps, "lr": self.lr,
-                "binary_steps": self.binary_steps, "abort_early": self.abort_early, "loss": "margin, true class "
-                "masked to -inf", "box": "tanh change of variables", "restarts": 1}
+        return {
+            "c_initial": self.c,
+            "kappa": self.kappa,
+            "steps": self.steps,
+            "lr": self.lr,
+            "binary_steps": self.binary_steps,
+            "abort_early": self.abort_early,
+            "loss": "margin, true class masked to -inf",
+            "box": "tanh change of variables",
+            "restarts": 1,
+        }
 
     def __call__(self, images, labels):
         import torch

@@ -15,7 +15,7 @@ turn counts into bounds, radii and accuracies, and are tested against scipy and 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -52,8 +52,9 @@ def certified_radius(pa_lower: float, sigma: float) -> float | None:
     return float(sigma * norm.ppf(pa_lower))
 
 
-def certify_from_counts(counts0: ArrayLike, counts: ArrayLike, sigma: float,
-                        alpha: float) -> tuple[int, float | None, float]:
+def certify_from_counts(
+    counts0: ArrayLike, counts: ArrayLike, sigma: float, alpha: float
+) -> tuple[int, float | None, float]:
     """CERTIFY from the selection counts (n0 copies) and the estimation counts (n further copies, an
     independent sample): (class or ABSTAIN, radius or None, pA_lower). Ties in the selection go to the
     lowest class index (numpy argmax), as in the reference code."""
@@ -87,8 +88,9 @@ def predict_from_counts(counts: ArrayLike, alpha: float) -> tuple[int, float]:
     return (int(order[0]) if p <= alpha else ABSTAIN), p
 
 
-def certified_accuracy(predictions: ArrayLike, radii: Sequence[float | None], labels: ArrayLike,
-                       radius: float) -> np.ndarray:
+def certified_accuracy(
+    predictions: ArrayLike, radii: Sequence[float | None], labels: ArrayLike, radius: float
+) -> np.ndarray:
     """Per example: certified correct at L2 radius `radius` (the certified class is the label and the
     certified radius is at least `radius`; abstentions are never certified). Cohen et al.'s
     `(correct & (radius >= r)).mean()`."""

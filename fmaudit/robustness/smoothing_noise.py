@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 
 
-def noisy_counts(model: Any, x1: Any, num: int, gen: Any, *, n_classes: int, sigma: float, batch_size: int,
-                 device: Any) -> np.ndarray:
+def noisy_counts(
+    model: Any, x1: Any, num: int, gen: Any, *, n_classes: int, sigma: float, batch_size: int, device: Any
+) -> np.ndarray:
     """Class counts of `model` on `num` copies of one image `x1` plus N(0, sigma^2 I) noise from `gen`, in
     forward passes of at most `batch_size` copies."""
     import torch
@@ -31,8 +32,20 @@ def noisy_counts(model: Any, x1: Any, num: int, gen: Any, *, n_classes: int, sig
     return counts
 
 
-def smoothed_pgd_l2(model: Any, xb: Any, yb: Any, radius: float, gens: list[Any], *, sigma: float, steps: int,
-                    noise_samples: int, step_size: float, random_start: bool, device: Any) -> Any:
+def smoothed_pgd_l2(
+    model: Any,
+    xb: Any,
+    yb: Any,
+    radius: float,
+    gens: list[Any],
+    *,
+    sigma: float,
+    steps: int,
+    noise_samples: int,
+    step_size: float,
+    random_start: bool,
+    device: Any,
+) -> Any:
     """PGD-L2 on the soft smoothed classifier: maximize -log(mean_k softmax(f(x' + noise_k))_y) over
     ||x' - x||_2 <= radius, x' in [0, 1]; normalized-gradient steps of `step_size` (absolute), k =
     `noise_samples` fresh noise draws per step, each example's from its own generator in `gens`. With

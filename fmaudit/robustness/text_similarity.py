@@ -10,7 +10,8 @@ word pieces (the model's `max_seq_length`). No TextAttack import here.
 from __future__ import annotations
 
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -53,9 +54,14 @@ class MiniLMSentenceEncoder:
         order = np.argsort([len(t) for t in texts], kind="stable")
         with torch.inference_mode():
             for s in range(0, len(texts), self.batch_size):
-                idx = order[s:s + self.batch_size]
-                enc = self.tokenizer([texts[int(i)] for i in idx], padding=True, truncation=True,
-                                     max_length=MAX_SEQ_LENGTH, return_tensors="pt")
+                idx = order[s : s + self.batch_size]
+                enc = self.tokenizer(
+                    [texts[int(i)] for i in idx],
+                    padding=True,
+                    truncation=True,
+                    max_length=MAX_SEQ_LENGTH,
+                    return_tensors="pt",
+                )
                 hidden = self.model(**enc).last_hidden_state
                 mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 emb = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
@@ -69,4 +75,4 @@ class MiniLMSentenceEncoder:
         if len(a) != len(b):
             raise ValueError("similarity needs two lists of the same length")
         emb = self.encode(list(a) + list(b))
-        return np.sum(emb[: len(a)] * emb[len(a):], axis=1)
+        return np.sum(emb[: len(a)] * emb[len(a) :], axis=1)

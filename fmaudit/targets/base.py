@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,8 +41,9 @@ class Target:
     task: str
     kind: str
 
-    def __init__(self, *, name: str, model: nn.Module, source: str, device: str = "cpu",
-                 label_names: list[str] | None = None):
+    def __init__(
+        self, *, name: str, model: nn.Module, source: str, device: str = "cpu", label_names: list[str] | None = None
+    ):
         self.name = name
         self.model = model
         self.source = source
@@ -82,16 +84,22 @@ class Target:
 
         params = list(self.model.parameters())
         return TargetInfo(
-            name=self.name, kind=self.kind, source=self.source, architecture=self.architecture,
+            name=self.name,
+            kind=self.kind,
+            source=self.source,
+            architecture=self.architecture,
             num_parameters=sum(p.numel() for p in params),
             num_trainable_parameters=sum(p.numel() for p in params if p.requires_grad),
-            weights_sha256=self.weights_sha256(), capabilities=sorted(self.capabilities),
-            num_labels=self.num_labels, finetune=self.provenance.to_report() if self.provenance is not None else None,
+            weights_sha256=self.weights_sha256(),
+            capabilities=sorted(self.capabilities),
+            num_labels=self.num_labels,
+            finetune=self.provenance.to_report() if self.provenance is not None else None,
             split=self.split.info() if self.split is not None else None,
-            produced_by=self.produced_by, cache_hit=self.cache_hit,
+            produced_by=self.produced_by,
+            cache_hit=self.cache_hit,
         )
 
-    def copy(self, name: str | None = None) -> "Target":
+    def copy(self, name: str | None = None) -> Target:
         """A deep copy (weights included) that can be trained without touching this target."""
         new = copy.copy(self)
         new.model = copy.deepcopy(self.model)

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from fmaudit.data import Dataset
-from fmaudit.tasks import CAUSAL_LM, TEXT_CLASSIFICATION
 from fmaudit.targets.base import ClassifierTarget, Target, TargetError
+from fmaudit.tasks import CAUSAL_LM, TEXT_CLASSIFICATION
 
 
 def position_offset(model: nn.Module) -> int:
@@ -72,8 +73,7 @@ class _TextMixin:
         self._cache: dict[str, list[list[int]]] = {}
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length,
-                             add_special_tokens=True)
+        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, add_special_tokens=True)
         return [list(x) for x in enc["input_ids"]]
 
     def _ids_for(self, data: Dataset) -> list[list[int]]:
@@ -118,7 +118,7 @@ class _TextMixin:
         order = np.argsort([len(s) for s in ids], kind="stable")  # similar lengths together: less padding
         ds = self.torch_dataset(data)
         for start in range(0, len(order), batch_size):
-            idx = order[start: start + batch_size]
+            idx = order[start : start + batch_size]
             yield idx, self.to_device(self.collate([ds[int(i)] for i in idx]))  # type: ignore[attr-defined]
 
 
@@ -128,8 +128,17 @@ class TextClassifier(_TextMixin, ClassifierTarget):
     task = TEXT_CLASSIFICATION
     kind = TEXT_CLASSIFICATION
 
-    def __init__(self, *, name: str, model: nn.Module, tokenizer: Any, source: str, device: str = "cpu",
-                 max_length: int = 128, label_names: list[str] | None = None):
+    def __init__(
+        self,
+        *,
+        name: str,
+        model: nn.Module,
+        tokenizer: Any,
+        source: str,
+        device: str = "cpu",
+        max_length: int = 128,
+        label_names: list[str] | None = None,
+    ):
         super().__init__(name=name, model=model, source=source, device=device, label_names=label_names)
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -156,8 +165,9 @@ class CausalLM(_TextMixin, Target):
     task = CAUSAL_LM
     kind = CAUSAL_LM
 
-    def __init__(self, *, name: str, model: nn.Module, tokenizer: Any, source: str, device: str = "cpu",
-                 max_length: int = 128):
+    def __init__(
+        self, *, name: str, model: nn.Module, tokenizer: Any, source: str, device: str = "cpu", max_length: int = 128
+    ):
         super().__init__(name=name, model=model, source=source, device=device)
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -175,9 +185,10 @@ class CausalLM(_TextMixin, Target):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         logits = model(**inputs).logits[:, :-1, :].float()
         targets = batch["labels"][:, 1:]
-        mask = (targets != -100)
-        nll = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.clamp_min(0).reshape(-1),
-                                          reduction="none").view_as(targets)
+        mask = targets != -100
+        nll = nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), targets.clamp_min(0).reshape(-1), reduction="none"
+        ).view_as(targets)
         return nll * mask, mask
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:

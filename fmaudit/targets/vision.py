@@ -3,15 +3,16 @@ so attacks and attributions work in pixel space."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from fmaudit.data import Dataset
-from fmaudit.tasks import IMAGE_CLASSIFICATION
 from fmaudit.targets.base import ClassifierTarget, TargetError
+from fmaudit.tasks import IMAGE_CLASSIFICATION
 
 
 class PixelClassifier(nn.Module):
@@ -21,8 +22,15 @@ class PixelClassifier(nn.Module):
     unwraps Hugging Face outputs (`.logits`), so torchattacks, Captum and Opacus see a plain classifier.
     """
 
-    def __init__(self, inner: nn.Module, *, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 image_size: int | None = None, hf: bool = False):
+    def __init__(
+        self,
+        inner: nn.Module,
+        *,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        image_size: int | None = None,
+        hf: bool = False,
+    ):
         super().__init__()
         self.inner = inner
         self.hf = hf
@@ -39,8 +47,9 @@ class PixelClassifier(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels
         if self.image_size is not None and x.shape[-1] != self.image_size:
-            x = nn.functional.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
-                                          align_corners=False)
+            x = nn.functional.interpolate(
+                x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+            )
         if self.mean is not None:
             x = (x - self.mean) / self.std
         out = self.inner(pixel_values=x) if self.hf else self.inner(x)
@@ -67,8 +76,17 @@ class ImageClassifier(ClassifierTarget):
 
     task = IMAGE_CLASSIFICATION
 
-    def __init__(self, *, name: str, model: PixelClassifier, source: str, kind: str = IMAGE_CLASSIFICATION,
-                 device: str = "cpu", label_names: list[str] | None = None, num_classes: int | None = None):
+    def __init__(
+        self,
+        *,
+        name: str,
+        model: PixelClassifier,
+        source: str,
+        kind: str = IMAGE_CLASSIFICATION,
+        device: str = "cpu",
+        label_names: list[str] | None = None,
+        num_classes: int | None = None,
+    ):
         super().__init__(name=name, model=model, source=source, device=device, label_names=label_names)
         self.kind = kind
         self._num_classes = num_classes
@@ -125,10 +143,18 @@ class ImageClassifier(ClassifierTarget):
 def digits_cnn(num_labels: int = 10, in_channels: int = 1) -> nn.Module:
     """The bundled small CNN for 8x8 digits (about 20k parameters)."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 2 * 2, 64), nn.ReLU(), nn.Linear(64, num_labels),
+        nn.Conv2d(in_channels, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 2 * 2, 64),
+        nn.ReLU(),
+        nn.Linear(64, num_labels),
     )
 
 
@@ -136,6 +162,15 @@ def digits_vit_config(num_labels: int = 10, image_size: int = 8, channels: int =
     """A small ViT for 8x8 digits (HF ViTForImageClassification, built from this config)."""
     from transformers import ViTConfig
 
-    return ViTConfig(image_size=image_size, patch_size=2, num_channels=channels, hidden_size=64,
-                     num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, num_labels=num_labels,
-                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return ViTConfig(
+        image_size=image_size,
+        patch_size=2,
+        num_channels=channels,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=128,
+        num_labels=num_labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )

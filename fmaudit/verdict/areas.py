@@ -3,8 +3,8 @@ failed gates and errored units added, the worst part deciding the area's level a
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Iterable
 
 from fmaudit.report import AuditResult, RunReport
 from fmaudit.verdict.levels import AREAS, LEVEL_RANK, LEVELS, Part, Verdict, worse
@@ -15,8 +15,7 @@ from fmaudit.verdict.rules import DEFAULT_HEADLINES, RULES, generic_part
 def _order_key(report: RunReport, r: AuditResult) -> tuple[int, int, str]:
     # DP twins after their source; modules in RULES order.
     mods = list(RULES)
-    return (mods.index(r.module) if r.module in mods else len(mods), 1 if r.target in dp_twins(report) else 0,
-            r.target)
+    return (mods.index(r.module) if r.module in mods else len(mods), 1 if r.target in dp_twins(report) else 0, r.target)
 
 
 def _merge(parts: list[Part]) -> list[Part]:
@@ -30,8 +29,7 @@ def _merge(parts: list[Part]) -> list[Part]:
             out.extend(ps)
             continue
         w = min(ps, key=lambda p: (LEVEL_RANK[p.level], -p.weight))
-        out.append(replace(w, text=f"{w.text} (worst of {len(ps)} units)",
-                           units=tuple(u for p in ps for u in p.units)))
+        out.append(replace(w, text=f"{w.text} (worst of {len(ps)} units)", units=tuple(u for p in ps for u in p.units)))
     return out
 
 
@@ -52,8 +50,9 @@ def area_verdict(report: RunReport, area: str) -> Verdict:
     for r in units:
         for g in r.gates:
             if not g.passed:
-                parts.append(Part("high", f"gate failed: {r.module}@{r.target} {g.message}", "Gate failed",
-                                  (r.unit_id,)))
+                parts.append(
+                    Part("high", f"gate failed: {r.module}@{r.target} {g.message}", "Gate failed", (r.unit_id,))
+                )
     if errored:
         names = ", ".join(f"{r.module}@{r.target}" + (f" ({r.error.type})" if r.error else "") for r in errored)
         parts.append(Part("error", f"incomplete: {names} errored", "Not assessed", tuple(r.unit_id for r in errored)))

@@ -6,20 +6,46 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 AREAS = ("privacy", "robustness", "explainability", "utility")
-AREA_OF_CATEGORY = {"privacy": "privacy", "robustness": "robustness", "explain": "explainability",
-                    "explainability": "explainability", "utility": "utility"}
+AREA_OF_CATEGORY = {
+    "privacy": "privacy",
+    "robustness": "robustness",
+    "explain": "explainability",
+    "explainability": "explainability",
+    "utility": "utility",
+}
 
 # Levels, worst first. critical..low are the report's severities; ok = assessed and nothing found;
 # error = every unit of the area errored; none = no module covered the area.
 LEVELS = ("critical", "high", "medium", "low", "error", "ok", "none")
 LEVEL_RANK = {lvl: i for i, lvl in enumerate(LEVELS)}
-COLOURS = {"critical": "#8b0000", "high": "#d62728", "medium": "#ff7f0e", "low": "#c9a227", "error": "#6b21a8",
-           "ok": "#2ca02c", "none": "#8c8c8c"}
+COLOURS = {
+    "critical": "#8b0000",
+    "high": "#d62728",
+    "medium": "#ff7f0e",
+    "low": "#c9a227",
+    "error": "#6b21a8",
+    "ok": "#2ca02c",
+    "none": "#8c8c8c",
+}
 # Colour of the level in a terminal (rich markup styles).
-TERMINAL_STYLES = {"critical": "bold white on red", "high": "bold red", "medium": "dark_orange", "low": "yellow",
-                   "error": "magenta", "ok": "green", "none": "dim"}
-LEVEL_WORDS = {"critical": "CRITICAL", "high": "HIGH", "medium": "MEDIUM", "low": "LOW", "error": "ERROR", "ok": "OK",
-               "none": "—"}
+TERMINAL_STYLES = {
+    "critical": "bold white on red",
+    "high": "bold red",
+    "medium": "dark_orange",
+    "low": "yellow",
+    "error": "magenta",
+    "ok": "green",
+    "none": "dim",
+}
+LEVEL_WORDS = {
+    "critical": "CRITICAL",
+    "high": "HIGH",
+    "medium": "MEDIUM",
+    "low": "LOW",
+    "error": "ERROR",
+    "ok": "OK",
+    "none": "—",
+}
 
 
 @dataclass(frozen=True)

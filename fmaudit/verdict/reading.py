@@ -4,10 +4,11 @@ a target is named (a DP twin next to its source). Standard library and `fmaudit.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 from fmaudit.report import AuditResult, Finding, Metric, RunReport
 from fmaudit.verdict.levels import AREA_OF_CATEGORY, LEVEL_RANK
+
 
 def metric_value(r: AuditResult, name: str) -> float | None:
     m = r.metrics.get(name)
@@ -80,4 +81,3 @@ def target_name(report: RunReport, target: str) -> str:
 
 def who_prefix(who: str) -> str:
     return f"{who}: " if who else ""
-

@@ -24,8 +24,10 @@ def verdict_lines(report: RunReport, width: int | None = None, *, markup: bool =
         if width:
             # An interval "[8, 16]" is never cut in two: its space is held while wrapping.
             held = re.sub(r"\[[^\]\s]*, [^\]\s]*\]", lambda m: m.group(0).replace(" ", "\x00"), body)
-            wrapped = [w.replace("\x00", " ") for w in
-                       textwrap.wrap(held, width=width, subsequent_indent=" " * 9, break_on_hyphens=False)]
+            wrapped = [
+                w.replace("\x00", " ")
+                for w in textwrap.wrap(held, width=width, subsequent_indent=" " * 9, break_on_hyphens=False)
+            ]
         else:
             wrapped = [body]
         if markup:
@@ -33,6 +35,6 @@ def verdict_lines(report: RunReport, width: int | None = None, *, markup: bool =
 
             style = TERMINAL_STYLES[v.level]
             wrapped = [escape(w) for w in wrapped]
-            wrapped[0] = f"[{style}]{escape(word)}[/]" + wrapped[0][len(word):]
+            wrapped[0] = f"[{style}]{escape(word)}[/]" + wrapped[0][len(word) :]
         lines.extend(wrapped)
     return lines

@@ -46,14 +46,37 @@ from typing import Any
 
 from fmaudit.report import AuditResult, Metric, RunReport
 from fmaudit.verdict.levels import LEVEL_RANK, Part, worse
-from fmaudit.verdict.reading import (dp_epsilon, fmt_num, fmt_pct, fmt_pct_ci, level_of, metric_value, target_name,
-                                     who_prefix, worst_finding)
+from fmaudit.verdict.reading import (
+    dp_epsilon,
+    fmt_num,
+    fmt_pct,
+    fmt_pct_ci,
+    level_of,
+    metric_value,
+    target_name,
+    who_prefix,
+    worst_finding,
+)
 
 FLIP_HIGH, FLIP_MEDIUM = 0.5, 0.2  # share of correct predictions flipped (as robustness.text_attack's findings)
 
 CHARACTER_ATTACKS = {"deepwordbug", "pruthi", "hotflip"}
-WORD_ATTACKS = {"embedding-swap", "textfooler", "pwws", "bae", "bert-attack", "alzantot", "faster-alzantot", "iga",
-                "pso", "clare", "kuleshov", "checklist", "a2t", "textbugger"}
+WORD_ATTACKS = {
+    "embedding-swap",
+    "textfooler",
+    "pwws",
+    "bae",
+    "bert-attack",
+    "alzantot",
+    "faster-alzantot",
+    "iga",
+    "pso",
+    "clare",
+    "kuleshov",
+    "checklist",
+    "a2t",
+    "textbugger",
+}
 # What each text attack changes, as the headline names it ("Fooled by word substitutions").
 ATTACK_KINDS = {**{a: "character edits" for a in CHARACTER_ATTACKS}, **{a: "word substitutions" for a in WORD_ATTACKS}}
 
@@ -97,13 +120,18 @@ def membership_part(report: RunReport, r: AuditResult) -> Part:
     caveats = []
     level: str
     if leak is None:
-        return Part("low", f"{who_prefix(who)}membership attack has no usable headline (no AUC with a null or an interval)",
-                    units=(r.unit_id,))
+        return Part(
+            "low",
+            f"{who_prefix(who)}membership attack has no usable headline (no AUC with a null or an interval)",
+            units=(r.unit_id,),
+        )
     if leak:
         confident = tpr_m is not None and tpr_m.ci_low is not None and tpr_m.ci_low > 0.01
         level = "high" if confident else "medium"
-        text = (f"{who_prefix(who)}best attack TPR {fmt_pct(tpr)} at 1% FPR{fmt_pct_ci(tpr_m)}, AUC {fmt_num(auc)}{vs_null}{ptxt}"
-                + attack)
+        text = (
+            f"{who_prefix(who)}best attack TPR {fmt_pct(tpr)} at 1% FPR{fmt_pct_ci(tpr_m)}, AUC {fmt_num(auc)}{vs_null}{ptxt}"
+            + attack
+        )
         headline = "Leaks membership"
     else:
         level = "ok"
@@ -112,8 +140,11 @@ def membership_part(report: RunReport, r: AuditResult) -> Part:
     for f in r.findings:
         low = f.title.lower()
         if low.startswith("members and non-members differ"):
-            caveats.append("member/non-member split is shifted (" + f.title.split(" in ", 1)[-1]
-                           + f", blind AUC {fmt_num(metric_value(r, 'blind_baseline_auc'))}): part of the signal may be the shift")
+            caveats.append(
+                "member/non-member split is shifted ("
+                + f.title.split(" in ", 1)[-1]
+                + f", blind AUC {fmt_num(metric_value(r, 'blind_baseline_auc'))}): part of the signal may be the shift"
+            )
         if low.startswith("reference models are correlated"):
             level = worse(level, "high")
             caveats.append("reference models know the answer: LiRA / RMIA numbers not valid")
@@ -124,27 +155,55 @@ def membership_part(report: RunReport, r: AuditResult) -> Part:
 
 def canary_part(report: RunReport, r: AuditResult) -> Part:
     who = target_name(report, r.target)
-    lb, top, acc = metric_value(r, "epsilon_lb"), metric_value(r, "epsilon_lb_ceiling"), metric_value(r, "accountant_epsilon")
+    lb, top, acc = (
+        metric_value(r, "epsilon_lb"),
+        metric_value(r, "epsilon_lb_ceiling"),
+        metric_value(r, "accountant_epsilon"),
+    )
     ref = acc if acc is not None else dp_epsilon(report, r.target)
     f = worst_finding(r.findings, metric="epsilon_lb")
     level = level_of(f)
     ceiling = f", ceiling {fmt_num(top)}" if top is not None else ""
     if level == "critical":
-        return Part(level, f"{who_prefix(who)}canary audit proves ε ≥ {fmt_num(lb)} > ε {fmt_num(ref)} claimed"
-                           f" — the DP guarantee does not hold", "DP guarantee broken", (r.unit_id,))
+        return Part(
+            level,
+            f"{who_prefix(who)}canary audit proves ε ≥ {fmt_num(lb)} > ε {fmt_num(ref)} claimed"
+            f" — the DP guarantee does not hold",
+            "DP guarantee broken",
+            (r.unit_id,),
+        )
     if level == "medium":
-        return Part(level, f"{who_prefix(who)}canary audit proves ε ≥ {fmt_num(lb)}{ceiling} (memorizes single examples)",
-                    "Memorizes training examples", (r.unit_id,))
+        return Part(
+            level,
+            f"{who_prefix(who)}canary audit proves ε ≥ {fmt_num(lb)}{ceiling} (memorizes single examples)",
+            "Memorizes training examples",
+            (r.unit_id,),
+        )
     if level == "low" and ref is not None and top is not None and ref > top:
-        return Part(level, f"{who_prefix(who)}canary audit cannot test ε = {fmt_num(ref)} (its ceiling is {fmt_num(top)}; "
-                           f"shows ε ≥ {fmt_num(lb)})", "Privacy claim untested", (r.unit_id,))
+        return Part(
+            level,
+            f"{who_prefix(who)}canary audit cannot test ε = {fmt_num(ref)} (its ceiling is {fmt_num(top)}; "
+            f"shows ε ≥ {fmt_num(lb)})",
+            "Privacy claim untested",
+            (r.unit_id,),
+        )
     if level not in ("ok",):
-        return Part(level, f"{who_prefix(who)}canary audit: {f.title}" if f else f"{who_prefix(who)}canary audit", f.title if f else None,
-                    (r.unit_id,))
+        return Part(
+            level,
+            f"{who_prefix(who)}canary audit: {f.title}" if f else f"{who_prefix(who)}canary audit",
+            f.title if f else None,
+            (r.unit_id,),
+        )
     if ref is not None:
-        return Part("ok", f"{who_prefix(who)}canary audit consistent with ε ≤ {fmt_num(ref)} (shows ε ≥ {fmt_num(lb)}{ceiling})",
-                    None, (r.unit_id,))
-    return Part("ok", f"{who_prefix(who)}canary audit found no privacy loss (ε ≥ {fmt_num(lb)}{ceiling})", None, (r.unit_id,))
+        return Part(
+            "ok",
+            f"{who_prefix(who)}canary audit consistent with ε ≤ {fmt_num(ref)} (shows ε ≥ {fmt_num(lb)}{ceiling})",
+            None,
+            (r.unit_id,),
+        )
+    return Part(
+        "ok", f"{who_prefix(who)}canary audit found no privacy loss (ε ≥ {fmt_num(lb)}{ceiling})", None, (r.unit_id,)
+    )
 
 
 def dp_part(report: RunReport, r: AuditResult) -> Part:
@@ -181,12 +240,21 @@ def text_attack_part(report: RunReport, r: AuditResult) -> Part:
     n = metric_value(r, "num_attacked")
     if attack == "input-reduction":
         words = metric_value(r, "avg_perturbed_word_pct")
-        return Part("ok", f"{who_prefix(who)}input reduction keeps {fmt_pct(rate)} of correct predictions after removing "
-                          f"{fmt_num(words, 2)}% of words on average", None, (r.unit_id,))
+        return Part(
+            "ok",
+            f"{who_prefix(who)}input reduction keeps {fmt_pct(rate)} of correct predictions after removing "
+            f"{fmt_num(words, 2)}% of words on average",
+            None,
+            (r.unit_id,),
+        )
     if rate is None:
-        return Part("medium", f"{who_prefix(who)}nothing to attack with {attack} (no correctly classified example)", None,
-                    (r.unit_id,))
-    level = ("high" if rate >= FLIP_HIGH else "medium" if rate >= FLIP_MEDIUM else "low" if rate > 0 else "ok")
+        return Part(
+            "medium",
+            f"{who_prefix(who)}nothing to attack with {attack} (no correctly classified example)",
+            None,
+            (r.unit_id,),
+        )
+    level = "high" if rate >= FLIP_HIGH else "medium" if rate >= FLIP_MEDIUM else "low" if rate > 0 else "ok"
     kind = _attack_kind(attack)
     text = f"{who_prefix(who)}{fmt_pct(rate)} of correct predictions flipped by {attack}"
     if n is not None:
@@ -201,11 +269,20 @@ def text_attack_part(report: RunReport, r: AuditResult) -> Part:
     if degenerate and level == "ok":
         # a near-constant classifier cannot be flipped: 0% success says nothing about robustness
         share = metric_value(r, "top_predicted_class_share")
-        text += (f"; but the target is degenerate (one class takes {fmt_pct(share)} of predictions, or accuracy is "
-                 "at the majority rate), so this says nothing about robustness" if share is not None else
-                 "; but the target is degenerate, so this says nothing about robustness")
-        return Part("medium", text, f"Not assessed by {attack} (degenerate target)", (r.unit_id,), weight=0.0,
-                    key=(r.module, r.target, attack))
+        text += (
+            f"; but the target is degenerate (one class takes {fmt_pct(share)} of predictions, or accuracy is "
+            "at the majority rate), so this says nothing about robustness"
+            if share is not None
+            else "; but the target is degenerate, so this says nothing about robustness"
+        )
+        return Part(
+            "medium",
+            text,
+            f"Not assessed by {attack} (degenerate target)",
+            (r.unit_id,),
+            weight=0.0,
+            key=(r.module, r.target, attack),
+        )
     headline = f"Fooled by {kind}" if level in ("high", "medium", "low") else f"Resists {kind}"
     return Part(level, text, headline, (r.unit_id,), weight=rate, key=(r.module, r.target, attack))
 
@@ -221,10 +298,10 @@ def _norm_points(r: AuditResult) -> dict[str, list[tuple[float, float, Metric, s
         if m.value is None or "@" not in n:
             continue
         if n.startswith("robust_accuracy.") and "large_budget" not in n:
-            lab, eps_s = n[len("robust_accuracy."):].rsplit("@", 1)
+            lab, eps_s = n[len("robust_accuracy.") :].rsplit("@", 1)
             norm = norm_of.get(lab, "?")
         elif n.startswith("worst_robust_accuracy."):
-            norm_s, eps_s = n[len("worst_robust_accuracy."):].rsplit("@", 1)
+            norm_s, eps_s = n[len("worst_robust_accuracy.") :].rsplit("@", 1)
             norm = next((v for v in norm_of.values() if v.lower() == norm_s), norm_s)
         else:
             continue
@@ -250,12 +327,21 @@ def image_attack_part(report: RunReport, r: AuditResult) -> Part:
             chosen = next((p for p in pts if 1 - p[1] / clean >= FLIP_HIGH), pts[-1])
             eps, acc, m, _ = chosen
             flipped = max(0.0, 1 - acc / clean)
-            lvl = ("high" if flipped >= FLIP_HIGH else "medium" if flipped >= FLIP_MEDIUM else "low" if flipped > 0
-                   else "ok")
+            lvl = (
+                "high"
+                if flipped >= FLIP_HIGH
+                else "medium"
+                if flipped >= FLIP_MEDIUM
+                else "low"
+                if flipped > 0
+                else "ok"
+            )
             if LEVEL_RANK[lvl] < LEVEL_RANK[level]:
                 level, headline = lvl, f"Fooled by {norm} perturbations"
-            pieces.append(f"{fmt_pct(flipped)} of correct predictions flipped at {norm} ε={eps:g} "
-                          f"(robust accuracy {fmt_pct(acc)}{fmt_pct_ci(m)} vs {fmt_pct(clean)} clean)")
+            pieces.append(
+                f"{fmt_pct(flipped)} of correct predictions flipped at {norm} ε={eps:g} "
+                f"(robust accuracy {fmt_pct(acc)}{fmt_pct_ci(m)} vs {fmt_pct(clean)} clean)"
+            )
     if not pieces:
         pieces.append("no robust accuracy to compare with clean accuracy")
         level = "low"
@@ -279,8 +365,11 @@ def attribution_part(report: RunReport, r: AuditResult) -> Part:
     rand = _dict(r.tables.get("randomization"))
     failing = [str(m) for m in (rand.get("failing_methods") or [])]
     if not failing:
-        failing = [f.title.split(" fails ", 1)[0] for f in r.findings if "randomization check" in f.title
-                   and f.severity in ("high", "critical")]
+        failing = [
+            f.title.split(" fails ", 1)[0]
+            for f in r.findings
+            if "randomization check" in f.title and f.severity in ("high", "critical")
+        ]
     rnd = r.metrics.get("random.deletion_aopc")
     faithful = []
     for m in methods:
@@ -295,13 +384,17 @@ def attribution_part(report: RunReport, r: AuditResult) -> Part:
     pieces = []
     if failing:
         level = worse(level, "high")
-        pieces.append(f"{', '.join(failing)} fail{'s' if len(failing) == 1 else ''} the randomization check "
-                      "(attributions barely depend on the weights)")
+        pieces.append(
+            f"{', '.join(failing)} fail{'s' if len(failing) == 1 else ''} the randomization check "
+            "(attributions barely depend on the weights)"
+        )
     elif rand:
         pieces.append(f"all {len(methods)} method(s) pass the randomization check")
     if rnd is not None and methods:
-        pieces.append(f"{len(faithful)} of {len(methods)} beat a random ordering on deletion"
-                      + (f" ({', '.join(faithful)})" if faithful and len(faithful) < len(methods) else ""))
+        pieces.append(
+            f"{len(faithful)} of {len(methods)} beat a random ordering on deletion"
+            + (f" ({', '.join(faithful)})" if faithful and len(faithful) < len(methods) else "")
+        )
     others = [f.title for f in bad if "randomization check" not in f.title]
     if others:
         pieces.append(others[0] + (f" (+{len(others) - 1} more)" if len(others) > 1 else ""))
@@ -340,8 +433,12 @@ def utility_part(report: RunReport, r: AuditResult) -> Part:
         pieces.append(f"ECE {fmt_num(ece, 2)}")
     if not pieces:
         pieces.append("no headline metric")
-    return Part(level, f"{who_prefix(who)}" + ", ".join(pieces), "No better than chance" if level == "high" else None,
-                (r.unit_id,))
+    return Part(
+        level,
+        f"{who_prefix(who)}" + ", ".join(pieces),
+        "No better than chance" if level == "high" else None,
+        (r.unit_id,),
+    )
 
 
 def generic_part(report: RunReport, r: AuditResult) -> Part:
@@ -370,4 +467,3 @@ DEFAULT_HEADLINES = {
     "explainability": "Attributions track the model",
     "utility": "Clean performance",
 }
-

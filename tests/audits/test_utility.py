@@ -26,12 +26,14 @@ def test_wilson_interval_contains_estimate():
 
 
 def test_utility_matches_sklearn(tiny_bert_dir, sentiment_csv, tmp_path):
-    from fmaudit.testing import tiny_text_recipe
     from fmaudit.runner import run_recipe
+    from fmaudit.testing import tiny_text_recipe
 
     recipe = tiny_text_recipe(tiny_bert_dir, sentiment_csv, tmp_path)
-    recipe["audits"] = [{"use": "utility", "target": "bert", "params": {"bootstrap": 50}},
-                        {"use": "utility", "target": "bert", "params": {"split": "members", "bootstrap": 0}}]
+    recipe["audits"] = [
+        {"use": "utility", "target": "bert", "params": {"bootstrap": 50}},
+        {"use": "utility", "target": "bert", "params": {"split": "members", "bootstrap": 0}},
+    ]
     report = run_recipe(recipe)
     held, mem = report.audits
     assert held.tables["evaluated_on"]["subset"] == "nonmembers"
@@ -53,10 +55,14 @@ def test_utility_matches_sklearn(tiny_bert_dir, sentiment_csv, tmp_path):
 def test_perplexity_is_exp_of_token_weighted_nll(tiny_llama_dir, sentiment_csv, tmp_path):
     from fmaudit.runner import run_recipe
 
-    recipe = {"version": 1, "name": "lm", "output_dir": str(tmp_path / "r"),
-              "data": {"s": {"source": str(sentiment_csv), "limit": 20}},
-              "targets": {"lm": {"model": str(tiny_llama_dir), "task": "causal-lm"}},
-              "audits": [{"use": "utility", "target": "lm", "data": "s", "params": {"bootstrap": 20}}]}
+    recipe = {
+        "version": 1,
+        "name": "lm",
+        "output_dir": str(tmp_path / "r"),
+        "data": {"s": {"source": str(sentiment_csv), "limit": 20}},
+        "targets": {"lm": {"model": str(tiny_llama_dir), "task": "causal-lm"}},
+        "audits": [{"use": "utility", "target": "lm", "data": "s", "params": {"bootstrap": 20}}],
+    }
     report = run_recipe(recipe)
     res = report.audits[0]
     assert res.status == "ok", res.error

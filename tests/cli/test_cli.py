@@ -7,8 +7,8 @@ import json
 import yaml
 from typer.testing import CliRunner
 
-from fmaudit.testing import tiny_text_recipe
 from fmaudit.cli import app
+from fmaudit.testing import tiny_text_recipe
 
 runner = CliRunner()
 
@@ -84,20 +84,45 @@ def _summary_report():
 
     rep = leaky_report()
     rep.audits += [
-        unit("robustness.image_attack", "a-very-long-target-name", {
-            "clean_accuracy": metric(0.97, better=True),
-            "robust_accuracy.fgsm": metric(0.61, ci=(0.55, 0.66), better=True),
-            "worst_robust_accuracy.pgd": metric(0.42, ci=(0.36, 0.48), better=True)},
-            [Finding(severity="high", title="Fooled by small perturbations"),
-             Finding(severity="medium", title="m1"), Finding(severity="medium", title="m2"),
-             Finding(severity="low", title="l")], index=3),
-        unit("explain.attribution", "bert", {
-            "integrated_gradients.completeness_relative_error": metric(0.01, better=False),
-            "integrated_gradients.deletion_aopc": metric(0.31, ci=(0.25, 0.37), better=True)}, index=4),
-        unit("robustness.text_attack", "bert", status="error", index=5,
-             error=ErrorInfo(type="RuntimeError", message="stack expects each tensor to be equal size " * 4)),
-        unit("utility", "bert-dp-dp", status="skipped", index=6,
-             error=ErrorInfo(type="Skipped", message="skipped: the audit that produces this target failed")),
+        unit(
+            "robustness.image_attack",
+            "a-very-long-target-name",
+            {
+                "clean_accuracy": metric(0.97, better=True),
+                "robust_accuracy.fgsm": metric(0.61, ci=(0.55, 0.66), better=True),
+                "worst_robust_accuracy.pgd": metric(0.42, ci=(0.36, 0.48), better=True),
+            },
+            [
+                Finding(severity="high", title="Fooled by small perturbations"),
+                Finding(severity="medium", title="m1"),
+                Finding(severity="medium", title="m2"),
+                Finding(severity="low", title="l"),
+            ],
+            index=3,
+        ),
+        unit(
+            "explain.attribution",
+            "bert",
+            {
+                "integrated_gradients.completeness_relative_error": metric(0.01, better=False),
+                "integrated_gradients.deletion_aopc": metric(0.31, ci=(0.25, 0.37), better=True),
+            },
+            index=4,
+        ),
+        unit(
+            "robustness.text_attack",
+            "bert",
+            status="error",
+            index=5,
+            error=ErrorInfo(type="RuntimeError", message="stack expects each tensor to be equal size " * 4),
+        ),
+        unit(
+            "utility",
+            "bert-dp-dp",
+            status="skipped",
+            index=6,
+            error=ErrorInfo(type="Skipped", message="skipped: the audit that produces this target failed"),
+        ),
     ]
     return rep
 
@@ -108,8 +133,13 @@ def _report_cli(run_dir, *args, columns="80"):
     import sys
 
     env = dict(os.environ, COLUMNS=columns, TERM="dumb")
-    return subprocess.run([sys.executable, "-m", "fmaudit.cli", "report", str(run_dir), *args], env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "fmaudit.cli", "report", str(run_dir), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_summary_fits_80_columns_one_row_per_unit_with_its_headline(tmp_path):
@@ -124,15 +154,19 @@ def test_summary_fits_80_columns_one_row_per_unit_with_its_headline(tmp_path):
         assert max(len(line) for line in lines) <= 80, "\n".join(line for line in lines if len(line) > 80)
         text = res.stdout
         # the headline named for each module, its name never cut: privacy.membership -> tpr_at_1pct_fpr, ...
-        for head in ("tpr_at_1pct_fpr 0.12", "epsilon 8", "accuracy 0.9", "worst_robust_accuracy.pgd 0.42",
-                     "integrated_gradients.deletion_aopc"):
+        for head in (
+            "tpr_at_1pct_fpr 0.12",
+            "epsilon 8",
+            "accuracy 0.9",
+            "worst_robust_accuracy.pgd 0.42",
+            "integrated_gradients.deletion_aopc",
+        ):
             assert head in text, head
         assert "1H 2M 1L" in text  # findings by severity
         assert "error: RuntimeError" in text and "skipped: the audit" in text
         assert "Verdict per area" in text and "privacy" in text
         # one row per unit: each unit's module starts one line of the table
-        rows = [line for line in lines if line.split()[:1] and line.split()[0] in
-                {r.module for r in rep.audits}]
+        rows = [line for line in lines if line.split()[:1] and line.split()[0] in {r.module for r in rep.audits}]
         assert len(rows) == len(rep.audits)
         assert "reference_cost_ratio" not in text  # not a headline: only with --full
 

@@ -54,14 +54,28 @@ class LossProbe(AuditModule):
         score = -np.r_[loss_m, loss_n]
         fpr, tpr, _ = roc_curve(y, score)
         out = Outcome()
-        out.metric("auc", roc_auc_score(y, score), higher_is_better=False, unit="fraction",
-                   description="ROC AUC of the loss attack (0.5 = no leak).")
+        out.metric(
+            "auc",
+            roc_auc_score(y, score),
+            higher_is_better=False,
+            unit="fraction",
+            description="ROC AUC of the loss attack (0.5 = no leak).",
+        )
         out.metric("mean_member_loss", float(loss_m.mean()), unit="nats", description="Mean loss on members.")
-        out.curve("roc_loss", fpr, tpr, x_label="false positive rate", y_label="true positive rate", log_x=True,
-                  log_y=True, description="Loss attack ROC.")
+        out.curve(
+            "roc_loss",
+            fpr,
+            tpr,
+            x_label="false positive rate",
+            y_label="true positive rate",
+            log_x=True,
+            log_y=True,
+            description="Loss attack ROC.",
+        )
         out.tables["counts"] = {"members": int(len(loss_m)), "nonmembers": int(len(loss_n))}
-        out.tables["per_example"] = [{"id": split.dataset.ids[i], "loss": float(l)}
-                                     for i, l in zip(split.member_idx[:5], loss_m[:5])]
+        out.tables["per_example"] = [
+            {"id": split.dataset.ids[i], "loss": float(loss)} for i, loss in zip(split.member_idx[:5], loss_m[:5])
+        ]
         out.evidence = [{"id": split.dataset.ids[i], "member": True} for i in split.member_idx[:3]]
         # Markup in report text must reach the page as text (a report is data, not HTML).
         out.finding("info", "Loss probe ran <script>alert('probe')</script>", f"{len(y)} examples scored")
@@ -71,19 +85,45 @@ class LossProbe(AuditModule):
 # Small parameters for the built-in modules that exist in this checkout (others are building them; a
 # module that is not registered is simply not in the recipe, and its view must then show nothing).
 OPTIONAL_AUDITS: list[dict[str, Any]] = [
-    {"use": "privacy.dp_finetune", "target": "bert", "produces": "bert-dp",
-     "params": {"target_epsilon": 8.0, "epochs": 1, "trainable": "head", "accountant": "rdp", "lr": 1e-2,
-                "eval_examples": 50}},
+    {
+        "use": "privacy.dp_finetune",
+        "target": "bert",
+        "produces": "bert-dp",
+        "params": {
+            "target_epsilon": 8.0,
+            "epochs": 1,
+            "trainable": "head",
+            "accountant": "rdp",
+            "lr": 1e-2,
+            "eval_examples": 50,
+        },
+    },
     {"use": "utility", "target": "bert-dp", "params": {"bootstrap": 0}, "needs": "privacy.dp_finetune"},
-    {"use": "privacy.membership", "target": ["bert", "bert-dp"],
-     "params": {"attacks": ["loss", "confidence"], "bootstrap": 50, "evidence": 3}},
+    {
+        "use": "privacy.membership",
+        "target": ["bert", "bert-dp"],
+        "params": {"attacks": ["loss", "confidence"], "bootstrap": 50, "evidence": 3},
+    },
     {"use": "privacy.canary_audit", "target": "bert", "params": {"num_canaries": 20, "max_members": 60}},
-    {"use": "robustness.text_attack", "target": "bert",
-     "params": {"attack": "deepwordbug", "num_examples": 3, "max_evidence": 3}},
-    {"use": "explain.attribution", "target": "bert",
-     "params": {"methods": ["gradient_x_input"], "num_examples": 2, "quality": ["deletion", "randomization"],
-                "bootstrap": 0, "curve_steps": 4, "random_orderings": 1, "sensitivity_examples": 0,
-                "top_tokens": 5}},
+    {
+        "use": "robustness.text_attack",
+        "target": "bert",
+        "params": {"attack": "deepwordbug", "num_examples": 3, "max_evidence": 3},
+    },
+    {
+        "use": "explain.attribution",
+        "target": "bert",
+        "params": {
+            "methods": ["gradient_x_input"],
+            "num_examples": 2,
+            "quality": ["deletion", "randomization"],
+            "bootstrap": 0,
+            "curve_steps": 4,
+            "random_orderings": 1,
+            "sensitivity_examples": 0,
+            "top_tokens": 5,
+        },
+    },
 ]
 
 
@@ -96,14 +136,19 @@ def _usable(registry, audit: dict[str, Any]) -> bool:
     except Exception as exc:  # RegistryError, pydantic.ValidationError
         import warnings
 
-        warnings.warn(f"dashboard fixtures leave out {audit['use']}: {type(exc).__name__}: {str(exc)[:200]}")
+        warnings.warn(
+            f"dashboard fixtures leave out {audit['use']}: {type(exc).__name__}: {str(exc)[:200]}", stacklevel=2
+        )
         return False
 
 
 def available_optional(registry, candidates: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     names = {n for n in registry.names()}
-    audits = [dict(a) for a in (OPTIONAL_AUDITS if candidates is None else candidates)
-              if a["use"] in names and a.get("needs", a["use"]) in names and _usable(registry, a)]
+    audits = [
+        dict(a)
+        for a in (OPTIONAL_AUDITS if candidates is None else candidates)
+        if a["use"] in names and a.get("needs", a["use"]) in names and _usable(registry, a)
+    ]
     for a in audits:
         a.pop("needs", None)
     known = {"bert", "cnn"} | {a.get("produces") for a in audits}
@@ -113,17 +158,34 @@ def available_optional(registry, candidates: list[dict[str, Any]] | None = None)
     return [a for a in audits if a["target"] and (isinstance(a["target"], list) or a["target"] in known)]
 
 
-def recipe(model_dir: Path, csv_path: Path, out: Path, *, name: str, utility: dict[str, Any],
-           extra: list[dict[str, Any]]) -> dict[str, Any]:
+def recipe(
+    model_dir: Path, csv_path: Path, out: Path, *, name: str, utility: dict[str, Any], extra: list[dict[str, Any]]
+) -> dict[str, Any]:
     return {
-        "version": 1, "name": name, "seed": 0, "output_dir": str(out), "store_examples": True,
-        "data": {"sents": {"source": str(csv_path), "id_column": "id"},
-                 "other": {"source": str(csv_path), "id_column": "id", "limit": 60}},
-        "targets": {"bert": {"model": str(model_dir), "task": "text-classification", "max_length": 32,
-                             "finetune": {"data": "sents", "epochs": 1, "batch_size": 16, "lr": 1e-3}}},
+        "version": 1,
+        "name": name,
+        "seed": 0,
+        "output_dir": str(out),
+        "store_examples": True,
+        "data": {
+            "sents": {"source": str(csv_path), "id_column": "id"},
+            "other": {"source": str(csv_path), "id_column": "id", "limit": 60},
+        },
+        "targets": {
+            "bert": {
+                "model": str(model_dir),
+                "task": "text-classification",
+                "max_length": 32,
+                "finetune": {"data": "sents", "epochs": 1, "batch_size": 16, "lr": 1e-3},
+            }
+        },
         "audits": [
-            {"use": "utility", "target": "bert", "params": utility,
-             "fail_if": {"accuracy": {"le": 1.0}}},  # always fails: a failed gate to show first
+            {
+                "use": "utility",
+                "target": "bert",
+                "params": utility,
+                "fail_if": {"accuracy": {"le": 1.0}},
+            },  # always fails: a failed gate to show first
             {"use": "utility", "target": "bert", "data": "other", "params": {"split": "members"}},  # errors
             {"use": PROBE, "target": "bert"},
             *extra,
@@ -132,21 +194,44 @@ def recipe(model_dir: Path, csv_path: Path, out: Path, *, name: str, utility: di
 
 
 IMAGE_AUDITS: list[dict[str, Any]] = [
-    {"use": "robustness.image_attack", "target": "cnn",
-     "params": {"attacks": ["fgsm"], "epsilons": [0.1, 0.3], "num_examples": 16, "num_images": 2}},
-    {"use": "explain.attribution", "target": "cnn",
-     "params": {"methods": ["saliency"], "num_examples": 2, "quality": ["deletion"], "bootstrap": 0,
-                "curve_steps": 3, "random_orderings": 1, "sensitivity_examples": 0}},
+    {
+        "use": "robustness.image_attack",
+        "target": "cnn",
+        "params": {"attacks": ["fgsm"], "epsilons": [0.1, 0.3], "num_examples": 16, "num_images": 2},
+    },
+    {
+        "use": "explain.attribution",
+        "target": "cnn",
+        "params": {
+            "methods": ["saliency"],
+            "num_examples": 2,
+            "quality": ["deletion"],
+            "bootstrap": 0,
+            "curve_steps": 3,
+            "random_orderings": 1,
+            "sensitivity_examples": 0,
+        },
+    },
 ]
 
 
 def image_recipe(out: Path, audits: list[dict[str, Any]]) -> dict[str, Any]:
     """The bundled digits CNN, briefly fine-tuned on 200 digits: image grids and attribution overlays."""
-    return {"version": 1, "name": "dash-images", "seed": 0, "output_dir": str(out), "store_examples": True,
-            "data": {"digits": {"source": "bundled:digits", "limit": 200}},
-            "targets": {"cnn": {"model": "bundled:digits-cnn",
-                                "finetune": {"data": "digits", "epochs": 10, "batch_size": 32, "lr": 3e-3}}},
-            "audits": [{"use": "utility", "target": "cnn", "params": {"bootstrap": 0}}, *audits]}
+    return {
+        "version": 1,
+        "name": "dash-images",
+        "seed": 0,
+        "output_dir": str(out),
+        "store_examples": True,
+        "data": {"digits": {"source": "bundled:digits", "limit": 200}},
+        "targets": {
+            "cnn": {
+                "model": "bundled:digits-cnn",
+                "finetune": {"data": "digits", "epochs": 10, "batch_size": 32, "lr": 3e-3},
+            }
+        },
+        "audits": [{"use": "utility", "target": "cnn", "params": {"bootstrap": 0}}, *audits],
+    }
 
 
 _CACHE: dict[str, Any] = {}
@@ -168,8 +253,11 @@ def build(tmp_factory, model_dir: Path, csv_path: Path) -> dict[str, Any]:
     try:  # registered only while our recipes run, so other tests' contract checks never see it
         base = run_recipe(recipe(model_dir, csv_path, root, name="dash-base", utility={"bootstrap": 50}, extra=extra))
         # Same fine-tune (a cache hit), utility on another sample: Compare has differences to show.
-        other = run_recipe(recipe(model_dir, csv_path, root, name="dash-other",
-                                  utility={"bootstrap": 50, "max_examples": 37}, extra=[]))
+        other = run_recipe(
+            recipe(
+                model_dir, csv_path, root, name="dash-other", utility={"bootstrap": 50, "max_examples": 37}, extra=[]
+            )
+        )
     finally:
         registry.unregister(PROBE)
     image_audits = available_optional(registry, IMAGE_AUDITS)
@@ -187,9 +275,16 @@ def build(tmp_factory, model_dir: Path, csv_path: Path) -> dict[str, Any]:
     (root / "old-schema" / "report.json").write_text(json.dumps(raw))
     (root / "partial").mkdir()
     shutil.copy(base_dir / "events.jsonl", root / "partial" / "events.jsonl")
-    _CACHE.update(root=root, base=base, other=other, base_dir=base_dir, other_dir=other_dir,
-                  modules=sorted({a["use"] for a in extra}), images=images,
-                  images_dir=root / images.run_id if images else None)
+    _CACHE.update(
+        root=root,
+        base=base,
+        other=other,
+        base_dir=base_dir,
+        other_dir=other_dir,
+        modules=sorted({a["use"] for a in extra}),
+        images=images,
+        images_dir=root / images.run_id if images else None,
+    )
     return _CACHE
 
 
@@ -228,7 +323,14 @@ def _reuse(root: Path) -> dict[str, Any]:
     runs = {load_report(d).name: d for d in root.iterdir() if d.name.startswith("dash-")}
     base, other = load_report(runs["dash-base"]), load_report(runs["dash-other"])
     images = load_report(runs["dash-images"]) if "dash-images" in runs else None
-    _CACHE.update(root=root, base=base, other=other, base_dir=runs["dash-base"], other_dir=runs["dash-other"],
-                  modules=sorted({r.module for r in base.audits} - {"utility", PROBE}), images=images,
-                  images_dir=runs.get("dash-images"))
+    _CACHE.update(
+        root=root,
+        base=base,
+        other=other,
+        base_dir=runs["dash-base"],
+        other_dir=runs["dash-other"],
+        modules=sorted({r.module for r in base.audits} - {"utility", PROBE}),
+        images=images,
+        images_dir=runs.get("dash-images"),
+    )
     return _CACHE

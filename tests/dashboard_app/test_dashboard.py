@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from dashboard_reports import PROBE, REPO, build
 
 APP = REPO / "dashboard" / "app.py"
@@ -133,7 +132,9 @@ def test_privacy_view_draws_log_log_roc_from_the_report(app, reports):
     # Points at FPR = 0 cannot be drawn on a log axis and are dropped, the rest kept in order.
     assert trace["x"] == [x for x, y in zip(curve.x, curve.y) if x > 0 and y > 0]
     metrics = frame(at, "metric")
-    assert metrics.set_index("metric").loc["auc", "value"] == pytest.approx(base.result(PROBE, "bert").metrics["auc"].value)
+    assert metrics.set_index("metric").loc["auc", "value"] == pytest.approx(
+        base.result(PROBE, "bert").metrics["auc"].value
+    )
     assert "unit" in metrics.columns and "description" in metrics.columns
 
 
@@ -205,8 +206,13 @@ def test_robustness_view_uses_the_modules_real_keys(app, reports):
         assert any("<mark" in m.value for m in at.markdown)
 
 
-@pytest.mark.parametrize("view,modules", [("Robustness", ("robustness.text_attack", "robustness.image_attack")),
-                                          ("Explainability", ("explain.attribution",))])
+@pytest.mark.parametrize(
+    "view,modules",
+    [
+        ("Robustness", ("robustness.text_attack", "robustness.image_attack")),
+        ("Explainability", ("explain.attribution",)),
+    ],
+)
 def test_category_views_show_only_what_exists(app, reports, view, modules):
     at = app(view, run=reports["base_dir"].name)
     ran = [r for r in reports["base"].audits if r.module in modules]
@@ -326,8 +332,9 @@ export_html({str(reports["base_dir"])!r}, {str(reports["root"] / "x.html")!r})
 heavy = [m for m in ("torch", "transformers", "opacus", "captum", "textattack", "torchattacks") if m in sys.modules]
 print("HEAVY", heavy)
 """
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ))
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=dict(os.environ)
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "HEAVY []" in res.stdout, res.stdout
     (reports["root"] / "x.html").unlink()

@@ -17,24 +17,33 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlencode
 
 import pytest
-
 from dashboard_reports import REPO, build, same_seed_rerun
 
 CHROMIUM = os.environ.get("FMAUDIT_CHROMIUM") or "/usr/bin/chromium"  # Debian's package
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 VIEWPORT = {"width": 1400, "height": 1000}
 WAIT_MS = 90_000  # first page load compiles the app; later ones take a second or two
 
 pytestmark = [
-    pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                       reason=f"{CHROMIUM} is absent: install Debian's chromium (apt-get install chromium) to run the "
-                              "real-browser dashboard test"),
+    pytest.mark.skipif(
+        not Path(CHROMIUM).exists(),
+        reason=f"{CHROMIUM} is absent: install Debian's chromium (apt-get install chromium) to run the "
+        "real-browser dashboard test",
+    )
 ]
 
 
@@ -63,8 +72,12 @@ def server(tmp_path_factory, tiny_bert_dir, sentiment_csv) -> Iterator[dict[str,
     port = free_port()
     fmaudit = shutil.which("fmaudit", path=str(Path(sys.executable).parent)) or "fmaudit"
     log = open(tmp_path_factory.mktemp("dash-server") / "server.log", "w+")
-    proc = subprocess.Popen([fmaudit, "dashboard", str(root), "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path_factory.getbasetemp())
+    proc = subprocess.Popen(
+        [fmaudit, "dashboard", str(root), "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path_factory.getbasetemp(),
+    )
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -89,7 +102,9 @@ def server(tmp_path_factory, tiny_bert_dir, sentiment_csv) -> Iterator[dict[str,
 def context() -> Iterator[Any]:
     """One chromium and one browser context for the module: its HTTP cache keeps Streamlit's scripts and
     plotly.js between pages."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')"
+    )
     with sync_api.sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
@@ -146,8 +161,10 @@ def settle(page: Any, *, quiet_ms: int = 1000) -> None:
 def shoot(page: Any, name: str) -> Path:
     """A screenshot of the whole view. Streamlit scrolls inside its main block, not the page, so the viewport is
     grown to the content's height first (and restored after)."""
-    height = page.evaluate("() => { const m = document.querySelector('[data-testid=stMain]') || document.body;"
-                           " return Math.ceil(m.scrollHeight); }")
+    height = page.evaluate(
+        "() => { const m = document.querySelector('[data-testid=stMain]') || document.body;"
+        " return Math.ceil(m.scrollHeight); }"
+    )
     page.set_viewport_size({"width": VIEWPORT["width"], "height": min(max(height + 40, VIEWPORT["height"]), 16_000)})
     settle(page, quiet_ms=400)
     path = screenshot_dir() / name
@@ -177,9 +194,11 @@ PLOT_PROBLEMS = """() => [...document.querySelectorAll('.js-plotly-plot')].flatM
 
 def metric_cards(page: Any) -> dict[str, str]:
     """The st.metric cards on the page: label -> value."""
-    return page.evaluate("() => Object.fromEntries([...document.querySelectorAll('[data-testid=stMetric]')].map(m =>"
-                         " [m.querySelector('[data-testid=stMetricLabel]').innerText.trim(),"
-                         " m.querySelector('[data-testid=stMetricValue]').innerText.trim()]))")
+    return page.evaluate(
+        "() => Object.fromEntries([...document.querySelectorAll('[data-testid=stMetric]')].map(m =>"
+        " [m.querySelector('[data-testid=stMetricLabel]').innerText.trim(),"
+        " m.querySelector('[data-testid=stMetricValue]').innerText.trim()]))"
+    )
 
 
 def test_run_list_renders_every_run(server, page):
@@ -189,8 +208,10 @@ def test_run_list_renders_every_run(server, page):
     page.wait_for_function(
         "names => names.every(n => document.body.innerText.includes(n) || "
         "[...document.querySelectorAll('[data-testid=stDataFrame] *')].some(e => (e.textContent || '')"
-        ".includes(n)))", arg=[server["base_dir"].name, server["rerun_dir"].name, "corrupt", "old-schema"],
-        timeout=WAIT_MS)
+        ".includes(n)))",
+        arg=[server["base_dir"].name, server["rerun_dir"].name, "corrupt", "old-schema"],
+        timeout=WAIT_MS,
+    )
     shoot(page, "runs.png")
 
 
@@ -206,29 +227,39 @@ def test_overview_shows_one_verdict_per_area(server, page):
         headline = v.text.partition(": ")[0]
         assert headline in text and v.area in text, (v, text)
     # The verdicts come first, before the scorecard.
-    order = page.evaluate("() => { const t = document.body.innerText;"
-                          " return [t.indexOf('Verdict per area'), t.indexOf('Findings scorecard')]; }")
+    order = page.evaluate(
+        "() => { const t = document.body.innerText;"
+        " return [t.indexOf('Verdict per area'), t.indexOf('Findings scorecard')]; }"
+    )
     assert 0 <= order[0] < order[1]
     shoot(page, "overview.png")
 
 
-@pytest.mark.parametrize(("view", "heading", "shot"), [
-    ("Privacy", "Membership inference", "privacy.png"),
-    ("Robustness", "Adversarial text", "robustness.png"),
-    ("Explainability", "Attributions", "explainability.png"),
-])
+@pytest.mark.parametrize(
+    ("view", "heading", "shot"),
+    [
+        ("Privacy", "Membership inference", "privacy.png"),
+        ("Robustness", "Adversarial text", "robustness.png"),
+        ("Explainability", "Attributions", "explainability.png"),
+    ],
+)
 def test_category_views_draw_readable_plots(server, page, view, heading, shot):
     modules = {r.module for r in server["base"].audits}
-    wanted = {"Privacy": "privacy.membership", "Robustness": "robustness.text_attack",
-              "Explainability": "explain.attribution"}[view]
+    wanted = {
+        "Privacy": "privacy.membership",
+        "Robustness": "robustness.text_attack",
+        "Explainability": "explain.attribution",
+    }[view]
     if wanted not in modules:
         pytest.skip(f"{wanted} is not registered in this checkout, so the fixture run has no {view.lower()} plots")
     open_view(page, server["url"], heading, view=view, run=server["base_dir"].name)
     assert page.locator(".js-plotly-plot").count() >= 1
     assert page.locator(".js-plotly-plot .xaxislayer-above .xtick").count() > 0  # axes drawn
     if view == "Privacy":  # log-log ROC with TPR at low FPR in its legend
-        page.wait_for_function("() => [...document.querySelectorAll('.legendtext')]"
-                               ".some(e => e.textContent.includes('TPR@1%FPR'))", timeout=WAIT_MS)
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.legendtext')].some(e => e.textContent.includes('TPR@1%FPR'))",
+            timeout=WAIT_MS,
+        )
     assert page.evaluate(PLOT_PROBLEMS) == []
     shoot(page, shot)
     if view == "Privacy":
@@ -285,8 +316,10 @@ def test_exported_html_renders_offline_in_chromium(server, context, tmp_path):
     try:
         page.route("**/*", block)
         page.goto(doc.resolve().as_uri(), wait_until="load")
-        page.wait_for_function("() => [...document.querySelectorAll('.legendtext')]"
-                               ".some(e => e.textContent.includes('TPR@1%FPR'))", timeout=WAIT_MS)
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.legendtext')].some(e => e.textContent.includes('TPR@1%FPR'))",
+            timeout=WAIT_MS,
+        )
         assert page.locator(".js-plotly-plot").count() >= 2
         assert page.locator(".verdicts .verdict").count() == 4
         page.screenshot(path=str(screenshot_dir() / "export.png"), full_page=False)

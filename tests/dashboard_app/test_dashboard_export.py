@@ -6,9 +6,9 @@ import json
 import re
 
 import pytest
+from dashboard_reports import PROBE, build
 from typer.testing import CliRunner
 
-from dashboard_reports import PROBE, build
 from fmaudit.cli import app as cli
 
 
@@ -72,8 +72,9 @@ def test_report_text_is_escaped(exported):
     assert "&lt;script&gt;alert(" in doc
 
 
-@pytest.mark.parametrize("run,message", [("corrupt", "not valid JSON"), ("old-schema", "schema 0.3"),
-                                         ("partial", "no report.json")])
+@pytest.mark.parametrize(
+    "run,message", [("corrupt", "not valid JSON"), ("old-schema", "schema 0.3"), ("partial", "no report.json")]
+)
 def test_unreadable_runs_exit_2_with_a_message(reports, tmp_path, run, message):
     out = tmp_path / "x.html"
     res = CliRunner().invoke(cli, ["report", str(reports["root"] / run), "--html", str(out)])
@@ -107,15 +108,20 @@ def _constructed_run(tmp_path, rep):
 
 
 def test_html_starts_with_the_verdict_per_area(tmp_path):
+    from report_fixtures import leaky_report, text_attack
+
     from dashboard.export import export_html
     from fmaudit.report import Finding
     from fmaudit.verdict import COLOURS
-    from report_fixtures import leaky_report, text_attack
 
     rep = leaky_report()
     evil = text_attack("bert", "deepwordbug", 0.54, index=3)
-    evil = evil.model_copy(update={"params": {"attack": "<script>alert(1)</script>"},
-                                   "findings": [Finding(severity="high", title="flips <b>54%</b>")]})
+    evil = evil.model_copy(
+        update={
+            "params": {"attack": "<script>alert(1)</script>"},
+            "findings": [Finding(severity="high", title="flips <b>54%</b>")],
+        }
+    )
     rep = rep.model_copy(update={"audits": rep.audits + [evil]})
     doc = export_html(_constructed_run(tmp_path, rep), tmp_path / "r.html").read_text(encoding="utf-8")
     body = doc.split("<main>", 1)[1]
@@ -124,7 +130,7 @@ def test_html_starts_with_the_verdict_per_area(tmp_path):
     assert i < body.index('class="cards"') and i < body.index('class="sortable"')
     levels = re.findall(r'data-area="(\w+)" data-level="(\w+)"', body)
     assert levels == [("privacy", "high"), ("robustness", "high"), ("explainability", "none"), ("utility", "ok")]
-    block = body[i: body.index("</div></div>", i)]
+    block = body[i : body.index("</div></div>", i)]
     assert f"border-left:5px solid {COLOURS['high']}" in block and f"solid {COLOURS['ok']}" in block
     assert "Leaks membership" in block and "best attack TPR 12% at 1% FPR [8, 16]" in block
     assert "DP twin bert-dp (ε=8) indistinguishable from chance" in block
@@ -133,36 +139,53 @@ def test_html_starts_with_the_verdict_per_area(tmp_path):
 
 
 def test_verdicts_of_an_interrupted_run_come_from_its_finished_units(tmp_path):
+    from report_fixtures import leaky_report
+
     from dashboard.runs import RunEntry
     from dashboard.sinks import HtmlSink
     from dashboard.views import view_overview
-    from report_fixtures import leaky_report
 
     rep = leaky_report()
-    entry = RunEntry(name="partial", path=tmp_path, state="partial", notice="No report.json: interrupted",
-                     partial_results=[a for a in rep.audits if a.module == "utility"])
+    entry = RunEntry(
+        name="partial",
+        path=tmp_path,
+        state="partial",
+        notice="No report.json: interrupted",
+        partial_results=[a for a in rep.audits if a.module == "utility"],
+    )
     sink = HtmlSink()
     view_overview(sink, entry)
     doc = sink.render()
     assert re.findall(r'data-area="(\w+)" data-level="(\w+)"', doc) == [
-        ("privacy", "none"), ("robustness", "none"), ("explainability", "none"), ("utility", "ok")]
+        ("privacy", "none"),
+        ("robustness", "none"),
+        ("explainability", "none"),
+        ("utility", "ok"),
+    ]
     assert "From the units that finished." in doc
 
 
 def test_html_figures_colour_targets_alike_and_keep_legends_below(tmp_path):
+    from report_fixtures import leaky_report
+
     from dashboard.colours import target_colours
     from dashboard.export import export_html
-    from report_fixtures import leaky_report
 
     rep = leaky_report()
     doc = export_html(_constructed_run(tmp_path, rep), tmp_path / "r.html").read_text(encoding="utf-8")
-    plots = [(json.loads(d), json.loads(lay)) for d, lay in
-             re.findall(r'Plotly\.newPlot\(\s*"[^"]+",\s*(\[.*?\]),\s*(\{.*?\}),\s*\{"displaylogo"', doc, flags=re.S)]
+    plots = [
+        (json.loads(d), json.loads(lay))
+        for d, lay in re.findall(
+            r'Plotly\.newPlot\(\s*"[^"]+",\s*(\[.*?\]),\s*(\{.*?\}),\s*\{"displaylogo"', doc, flags=re.S
+        )
+    ]
     assert plots
     colours = target_colours(rep)
     utility = next(data for data, lay in plots if "private vs non-private" in json.dumps(lay.get("title")))
-    assert {t["name"]: t["marker"]["color"] for t in utility} == {"bert (non-private)": colours["bert"],
-                                                                   "bert-dp (private, DP)": colours["bert-dp"]}
+    assert {t["name"]: t["marker"]["color"] for t in utility} == {
+        "bert (non-private)": colours["bert"],
+        "bert-dp (private, DP)": colours["bert-dp"],
+    }
     for data, lay in plots:
         if any(t.get("name") and t.get("showlegend") is not False for t in data) and lay.get("showlegend") is not False:
             assert lay["legend"]["yref"] == "container" and lay["legend"]["yanchor"] == "bottom", lay.get("title")

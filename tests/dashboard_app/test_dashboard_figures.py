@@ -6,11 +6,11 @@ from __future__ import annotations
 import html
 
 import pytest
+from report_fixtures import leaky_report
 
 from dashboard import colours as C
 from dashboard import figures as F
 from fmaudit.report import Curve
-from report_fixtures import leaky_report
 
 # The curves the built-in modules write (x_label, y_label), as in their source.
 BUILTIN_CURVES = {
@@ -96,8 +96,14 @@ def test_many_long_entries_get_one_line_each():
 
 
 def test_bars_and_intervals_keep_the_legend_off_the_data():
-    bars = F.bar_figure([{"x": "accuracy", "y": 0.9, "group": "bert (non-private)"},
-                         {"x": "accuracy", "y": 0.8, "group": "bert-dp (private, DP)"}], "Utility", "fraction")
+    bars = F.bar_figure(
+        [
+            {"x": "accuracy", "y": 0.9, "group": "bert (non-private)"},
+            {"x": "accuracy", "y": 0.8, "group": "bert-dp (private, DP)"},
+        ],
+        "Utility",
+        "fraction",
+    )
     assert_legend_below(bars)
     one = F.bar_figure([{"x": "accuracy", "y": 0.9, "group": "bert"}], "Utility", "fraction")
     assert one.layout.showlegend is False and one.layout.margin.b == F.AXIS_TITLE_PX  # no room kept for nothing
@@ -111,11 +117,24 @@ def test_one_colour_per_target_and_the_dp_twin_lighter():
     assert colours["bert"] == C.PALETTE[0] and colours["bert-dp"] == C.lighten(C.PALETTE[0], 0.5)
     assert colours["bert-dp"] != colours["bert"]
     with C.colour_scope(rep):
-        bars = F.bar_figure([{"x": "accuracy", "y": 0.9, "group": "bert (non-private)"},
-                             {"x": "accuracy", "y": 0.8, "group": "bert-dp (private, DP)"}], "Utility", "fraction")
+        bars = F.bar_figure(
+            [
+                {"x": "accuracy", "y": 0.9, "group": "bert (non-private)"},
+                {"x": "accuracy", "y": 0.8, "group": "bert-dp (private, DP)"},
+            ],
+            "Utility",
+            "fraction",
+        )
         ledger = F.curves_figure([("bert-dp (epsilon_ledger)", curve("step", "epsilon"))])
-        auc = F.interval_figure([{"label": "bert · rmia", "value": 0.7}, {"label": "bert · loss", "value": 0.6},
-                                 {"label": "bert-dp · rmia", "value": 0.5}], "AUC", "AUC")
+        auc = F.interval_figure(
+            [
+                {"label": "bert · rmia", "value": 0.7},
+                {"label": "bert · loss", "value": 0.6},
+                {"label": "bert-dp · rmia", "value": 0.5},
+            ],
+            "AUC",
+            "AUC",
+        )
         attacks = F.curves_figure([("pgd", curve()), ("fgsm", curve())])  # one target's attacks: the palette
     assert [t.marker.color for t in bars.data] == [colours["bert"], colours["bert-dp"]]
     assert ledger.data[0].line.color == colours["bert-dp"]

@@ -23,25 +23,65 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from fmaudit.cli import app as cli  # noqa: E402
-from fmaudit.report import (MAX_REPORT_BYTES, AuditResult, ErrorInfo, EventLog, HostInfo, Metric,  # noqa: E402
-                            ReportError, RunReport, load_report, write_report)
+from fmaudit.report import (  # noqa: E402
+    MAX_REPORT_BYTES,
+    AuditResult,
+    ErrorInfo,
+    EventLog,
+    HostInfo,
+    Metric,
+    ReportError,
+    RunReport,
+    load_report,
+    write_report,
+)
 
-BROKEN = {"truncated": "corrupt", "newer-major": "newer schema", "newer-minor": "newer schema", "empty": "empty",
-          "huge": "too large"}
+BROKEN = {
+    "truncated": "corrupt",
+    "newer-major": "newer schema",
+    "newer-minor": "newer schema",
+    "empty": "empty",
+    "huge": "too large",
+}
 
 
 def _report(run_id: str) -> RunReport:
-    ok = AuditResult(unit_id="0:utility@bert", audit_index=0, module="utility", category="utility", target="bert",
-                     status="ok", metrics={"accuracy": Metric(value=0.8125, higher_is_better=True)})
-    skipped = AuditResult(unit_id="1:privacy.membership@bert-dp", audit_index=1, module="privacy.membership",
-                          category="privacy", target="bert-dp", status="skipped",
-                          error=ErrorInfo(type="Skipped", message="skipped: the audit that produces this target "
-                                          "failed (0:privacy.dp_finetune@bert did not produce 'bert-dp')",
-                                          hint="fix the unit that produces this target, then re-run with --resume"))
-    return RunReport(run_id=run_id, name="hardening", fmaudit_version="0.1.0",
-                     created_at="2026-01-01T00:00:00+00:00", seed=0, recipe={"version": 1}, recipe_sha256="0" * 64,
-                     host=HostInfo(hostname="h", platform="p", python="3.11", cpu_count=2, device="cpu"),
-                     versions={}, audits=[ok, skipped], exit_code=0)
+    ok = AuditResult(
+        unit_id="0:utility@bert",
+        audit_index=0,
+        module="utility",
+        category="utility",
+        target="bert",
+        status="ok",
+        metrics={"accuracy": Metric(value=0.8125, higher_is_better=True)},
+    )
+    skipped = AuditResult(
+        unit_id="1:privacy.membership@bert-dp",
+        audit_index=1,
+        module="privacy.membership",
+        category="privacy",
+        target="bert-dp",
+        status="skipped",
+        error=ErrorInfo(
+            type="Skipped",
+            message="skipped: the audit that produces this target "
+            "failed (0:privacy.dp_finetune@bert did not produce 'bert-dp')",
+            hint="fix the unit that produces this target, then re-run with --resume",
+        ),
+    )
+    return RunReport(
+        run_id=run_id,
+        name="hardening",
+        fmaudit_version="0.1.0",
+        created_at="2026-01-01T00:00:00+00:00",
+        seed=0,
+        recipe={"version": 1},
+        recipe_sha256="0" * 64,
+        host=HostInfo(hostname="h", platform="p", python="3.11", cpu_count=2, device="cpu"),
+        versions={},
+        audits=[ok, skipped],
+        exit_code=0,
+    )
 
 
 @pytest.fixture()
@@ -124,8 +164,9 @@ def test_appt_renders_good_runs_and_lists_broken_ones(broken_reports, monkeypatc
                 assert f"{run}:" in shown, (run, view)
     at.selectbox(key="run").set_value("good").run()
     at.radio(key="view").set_value("Run overview").run()
-    assert "0.8125" in " ".join(str(df.value.to_dict()) for df in at.dataframe) or \
-        "0.8125" in " ".join(m.value for m in at.metric)
+    assert "0.8125" in " ".join(str(df.value.to_dict()) for df in at.dataframe) or "0.8125" in " ".join(
+        m.value for m in at.metric
+    )
     # A skipped unit shows why it was skipped (not just "was skipped").
     at.radio(key="view").set_value("Privacy").run()
     info = _text(at.info)
@@ -136,9 +177,15 @@ def test_report_command_on_broken_runs_exits_2_with_one_line(broken_reports):
     runner = CliRunner()
     ok = runner.invoke(cli, ["report", str(broken_reports / "good")])
     assert ok.exit_code == 0, ok.output
-    expect = {"truncated": "cut short", "newer-major": "upgrade fmaudit", "newer-minor": "upgrade fmaudit",
-              "empty": "no report.json", "huge": "larger than", "partial": "--resume",
-              "does-not-exist": "no such run folder"}
+    expect = {
+        "truncated": "cut short",
+        "newer-major": "upgrade fmaudit",
+        "newer-minor": "upgrade fmaudit",
+        "empty": "no report.json",
+        "huge": "larger than",
+        "partial": "--resume",
+        "does-not-exist": "no such run folder",
+    }
     for name, words in expect.items():
         t = time.perf_counter()
         res = runner.invoke(cli, ["report", str(broken_reports / name)], terminal_width=80)
@@ -171,14 +218,21 @@ CHROMIUM = "/usr/bin/chromium"
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is absent (apt-get install chromium)")
 def test_broken_runs_listed_in_chromium(broken_reports, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')"
+    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     fmaudit = shutil.which("fmaudit", path=str(Path(sys.executable).parent)) or "fmaudit"
     log = open(tmp_path / "server.log", "w+")
-    proc = subprocess.Popen([fmaudit, "dashboard", str(broken_reports), "--port", str(port)], stdout=log,
-                            stderr=subprocess.STDOUT, cwd=tmp_path, env=dict(os.environ))
+    proc = subprocess.Popen(
+        [fmaudit, "dashboard", str(broken_reports), "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+        env=dict(os.environ),
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -191,8 +245,9 @@ def test_broken_runs_listed_in_chromium(broken_reports, tmp_path):
                     pytest.fail(f"the dashboard did not start:\n{log.read()[-3000:]}")
                 time.sleep(0.2)
         with sync_api.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                         args=["--headless", "--no-sandbox", "--disable-gpu"])
+            browser = pw.chromium.launch(
+                executable_path=CHROMIUM, headless=True, args=["--headless", "--no-sandbox", "--disable-gpu"]
+            )
             try:
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})
                 errors: list[str] = []
@@ -201,7 +256,10 @@ def test_broken_runs_listed_in_chromium(broken_reports, tmp_path):
                 # Each broken run's notice (st.error) names it and says why.
                 page.wait_for_function(
                     "names => names.every(n => [...document.querySelectorAll('[data-testid=stAlert]')]"
-                    ".some(e => e.innerText.includes(n + ':')))", arg=list(BROKEN), timeout=90_000)
+                    ".some(e => e.innerText.includes(n + ':')))",
+                    arg=list(BROKEN),
+                    timeout=90_000,
+                )
                 body = page.inner_text("body")
                 assert "upgrade fmaudit" in body and "not valid JSON" in body
                 assert "Traceback" not in body

@@ -7,9 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from fmaudit.data import DataError, load_digits, load_tweets, member_split
+from fmaudit.data import DataError, load_dataset, load_digits, load_tweets, member_split
 from fmaudit.recipe import DataSpec
-from fmaudit.data import load_dataset
 
 
 def test_bundled_tweets_are_clean_binary_and_unique():
@@ -83,14 +82,15 @@ def test_image_folder(tmp_path):
 
 def test_hf_dataset_saved_to_disk(tmp_path):
     datasets = pytest.importorskip("datasets")
-    ds = datasets.DatasetDict({
-        "train": datasets.Dataset.from_dict({"sentence": ["a b", "c d", "e f"], "y": [0, 1, 0]}),
-    })
+    ds = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"sentence": ["a b", "c d", "e f"], "y": [0, 1, 0]})}
+    )
     ds.save_to_disk(str(tmp_path / "hf"))
     with pytest.raises(DataError, match="name one with `split:`"):
         load_dataset("h", DataSpec(source=f"hf_disk:{tmp_path / 'hf'}", text_column="sentence", label_column="y"))
-    d = load_dataset("h", DataSpec(source=f"hf_disk:{tmp_path / 'hf'}", split="train", text_column="sentence",
-                                   label_column="y"))
+    d = load_dataset(
+        "h", DataSpec(source=f"hf_disk:{tmp_path / 'hf'}", split="train", text_column="sentence", label_column="y")
+    )
     assert d.texts == ["a b", "c d", "e f"] and list(d.labels) == [0, 1, 0]
 
 
@@ -132,10 +132,13 @@ def test_recipe_balance_without_labels_is_a_problem_with_its_path(tmp_path):
 
     corpus = tmp_path / "c.jsonl"
     corpus.write_text('{"text": "a"}\n{"text": "b"}\n')
-    recipe = {"version": 1, "name": "b", "data": {"c": {"source": str(corpus), "label_column": None,
-                                                          "balance": True}},
-              "targets": {"t": {"model": "bundled:smollm2"}}, "audits": [{"use": "utility", "target": "t",
-                                                                           "data": "c"}]}
+    recipe = {
+        "version": 1,
+        "name": "b",
+        "data": {"c": {"source": str(corpus), "label_column": None, "balance": True}},
+        "targets": {"t": {"model": "bundled:smollm2"}},
+        "audits": [{"use": "utility", "target": "t", "data": "c"}],
+    }
     with pytest.raises(RecipeError) as info:
         load_recipe(recipe)
     assert any(p.path == "data.c.balance" for p in info.value.problems), info.value.problems

@@ -74,7 +74,7 @@ def test_ceiling_respects_the_inclusion_draw_and_the_grid():
 
 def test_no_attack_exceeds_the_ceiling():
     rng = np.random.default_rng(0)
-    for trial in range(8):
+    for _ in range(8):
         m = int(rng.choice([50, 100, 200]))
         included = rng.random(m) < 0.5
         strength = rng.uniform(0, 6)
@@ -85,13 +85,29 @@ def test_no_attack_exceeds_the_ceiling():
         assert lb["epsilon_lb_corrected"] <= top["epsilon_lb_corrected"] + 1e-12
 
 
-def _result(*, lb: float, ceiling_: float, accountant: float | None, claimed: float | None = None,
-            m: int = 100) -> CanaryAuditResult:
-    return CanaryAuditResult(epsilon_lb=lb, confidence=0.95, delta=1e-5, num_canaries=m, num_included=m // 2,
-                             guesses=m, correct=m, rows=[], scores=np.zeros(m), included=np.zeros(m, bool),
-                             canary_ids=[], kind="flipped_label", score="loss_delta", accountant_epsilon=accountant,
-                             epsilon_lb_ceiling=ceiling_, ceiling_guesses=m, claimed_epsilon=claimed,
-                             guess_grid=_grid(m))
+def _result(
+    *, lb: float, ceiling_: float, accountant: float | None, claimed: float | None = None, m: int = 100
+) -> CanaryAuditResult:
+    return CanaryAuditResult(
+        epsilon_lb=lb,
+        confidence=0.95,
+        delta=1e-5,
+        num_canaries=m,
+        num_included=m // 2,
+        guesses=m,
+        correct=m,
+        rows=[],
+        scores=np.zeros(m),
+        included=np.zeros(m, bool),
+        canary_ids=[],
+        kind="flipped_label",
+        score="loss_delta",
+        accountant_epsilon=accountant,
+        epsilon_lb_ceiling=ceiling_,
+        ceiling_guesses=m,
+        claimed_epsilon=claimed,
+        guess_grid=_grid(m),
+    )
 
 
 def test_finding_when_the_claim_is_above_the_ceiling():

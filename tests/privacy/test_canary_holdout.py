@@ -37,8 +37,9 @@ def test_holdout_chooses_r_on_held_out_canaries_only_and_does_not_correct():
     hi = np.flatnonzero(held)
     order = np.argsort(-scores[hi])
     scores[hi[order[:3]]] += 10 * included[hi[order[:3]]] - 5
-    res = audit(scores, included, delta=1e-5, confidence=0.95, guess_fractions=FRACTIONS, selection="holdout",
-                holdout=held)
+    res = audit(
+        scores, included, delta=1e-5, confidence=0.95, guess_fractions=FRACTIONS, selection="holdout", holdout=held
+    )
     assert res["held_out"] == hi.tolist() and res["audited"] == np.flatnonzero(~held).tolist()
     assert all(row["m"] == len(hi) for row in res["rows"])
     best_row = max(res["rows"], key=lambda row: (row["epsilon_lb"], -row["r"]))
@@ -54,8 +55,9 @@ def test_holdout_chooses_r_on_held_out_canaries_only_and_does_not_correct():
     # changing the audited canaries' scores never changes the chosen fraction
     other = scores.copy()
     other[aud] = g.normal(size=len(aud)) * 100
-    res2 = audit(other, included, delta=1e-5, confidence=0.95, guess_fractions=FRACTIONS, selection="holdout",
-                 holdout=held)
+    res2 = audit(
+        other, included, delta=1e-5, confidence=0.95, guess_fractions=FRACTIONS, selection="holdout", holdout=held
+    )
     assert res2["fraction"] == res["fraction"] and res2["rows"] == res["rows"]
 
 
@@ -80,10 +82,12 @@ def test_no_attack_exceeds_the_ceiling_of_the_same_procedure(selection):
         included = g.random(m) < 0.5
         held = holdout_split(m, trial, 0.3) if selection == "holdout" else None
         scores = included * g.uniform(0, 6) + g.normal(size=m)
-        got = audit(scores, included, delta=1e-5, confidence=0.95, guess_fractions=FRACTIONS, selection=selection,
-                    holdout=held)
-        top = procedure_ceiling(included, delta=1e-5, confidence=0.95, guess_fractions=FRACTIONS,
-                                selection=selection, holdout=held)
+        got = audit(
+            scores, included, delta=1e-5, confidence=0.95, guess_fractions=FRACTIONS, selection=selection, holdout=held
+        )
+        top = procedure_ceiling(
+            included, delta=1e-5, confidence=0.95, guess_fractions=FRACTIONS, selection=selection, holdout=held
+        )
         for key in ("epsilon_lb", "epsilon_lb_sjn", "epsilon_lb_fdp"):
             assert got[key] <= top[key] + 1e-12
         assert top["audited"] == got["audited"]
@@ -94,8 +98,8 @@ def test_ceiling_of_a_perfect_balanced_holdout_audit():
     included = np.zeros(100, bool)
     held = np.zeros(100, bool)
     held[:30] = True
-    included[:15] = True      # held out: 15 in, 15 out
-    included[30:65] = True    # audited: 35 in, 35 out
+    included[:15] = True  # held out: 15 in, 15 out
+    included[30:65] = True  # audited: 35 in, 35 out
     top = procedure_ceiling(included, delta=1e-5, confidence=0.95, guess_fractions=FRACTIONS, holdout=held)
     assert (top["fraction"], top["m"], top["r"], top["v"]) == (1.0, 70, 70, 70)
     assert top["epsilon_lb"] == bounds(m=70, r=70, v=70, delta=1e-5, confidence=0.95)["epsilon_lb"]
@@ -103,11 +107,29 @@ def test_ceiling_of_a_perfect_balanced_holdout_audit():
 
 def _result(**kw) -> CanaryAuditResult:
     m = 100
-    base = dict(epsilon_lb=2.5, confidence=0.95, delta=1e-5, num_canaries=m, num_included=50, guesses=70, correct=70,
-                rows=[], scores=np.zeros(m), included=np.zeros(m, bool), canary_ids=[], kind="flipped_label",
-                score="loss_delta", accountant_epsilon=1.0, epsilon_lb_ceiling=8.0, ceiling_guesses=70,
-                epsilon_lb_sjn=2.0, epsilon_lb_fdp=2.5, bound="fdp", guess_selection="holdout",
-                record={"guess_selection": "holdout", "m": 70, "held_out_ids": [f"c{i}" for i in range(30)]})
+    base = dict(
+        epsilon_lb=2.5,
+        confidence=0.95,
+        delta=1e-5,
+        num_canaries=m,
+        num_included=50,
+        guesses=70,
+        correct=70,
+        rows=[],
+        scores=np.zeros(m),
+        included=np.zeros(m, bool),
+        canary_ids=[],
+        kind="flipped_label",
+        score="loss_delta",
+        accountant_epsilon=1.0,
+        epsilon_lb_ceiling=8.0,
+        ceiling_guesses=70,
+        epsilon_lb_sjn=2.0,
+        epsilon_lb_fdp=2.5,
+        bound="fdp",
+        guess_selection="holdout",
+        record={"guess_selection": "holdout", "m": 70, "held_out_ids": [f"c{i}" for i in range(30)]},
+    )
     base.update(kw)
     return CanaryAuditResult(**base)
 
@@ -118,8 +140,9 @@ def test_findings_name_the_procedure_and_the_analysis():
     assert "30 held out to choose r, the bound on the other 70 with r = 70" not in f["detail"]  # critical: no reach
     assert "f-DP analysis, which assumes a Gaussian trade-off curve" in f["detail"]
     assert "Steinke-Nasr-Jagielski bound on the same guesses is 2.000" in f["detail"]
-    (g,) = canary_findings(_result(epsilon_lb=0.5, epsilon_lb_sjn=0.5, epsilon_lb_fdp=0.1, bound="sjn",
-                                   accountant_epsilon=9.0))
+    (g,) = canary_findings(
+        _result(epsilon_lb=0.5, epsilon_lb_sjn=0.5, epsilon_lb_fdp=0.1, bound="sjn", accountant_epsilon=9.0)
+    )
     assert "30 held out to choose r, the bound on the other 70 with r = 70" in g["detail"]
     assert "assumes a Gaussian trade-off curve" not in g["detail"]
 
@@ -130,8 +153,15 @@ def test_f_dp_alone_above_the_claim_is_high_not_critical():
     mechanism. A claim between the two gets a 'high' finding that says so, not 'critical'."""
     b = bounds(m=1000, r=1000, v=881, delta=1e-5, confidence=0.95)
     assert b["epsilon_lb_sjn"] < 2.0 < b["epsilon_lb_fdp"]
-    res = _result(epsilon_lb=b["epsilon_lb"], epsilon_lb_sjn=b["epsilon_lb_sjn"], epsilon_lb_fdp=b["epsilon_lb_fdp"],
-                  mu_lb=b["mu_lb"], bound=b["bound"], accountant_epsilon=2.0, epsilon_lb_ceiling=12.0)
+    res = _result(
+        epsilon_lb=b["epsilon_lb"],
+        epsilon_lb_sjn=b["epsilon_lb_sjn"],
+        epsilon_lb_fdp=b["epsilon_lb_fdp"],
+        mu_lb=b["mu_lb"],
+        bound=b["bound"],
+        accountant_epsilon=2.0,
+        epsilon_lb_ceiling=12.0,
+    )
     (f,) = canary_findings(res)
     assert f["severity"] == "high" and "if the trade-off curve is Gaussian" in f["title"]
     assert f"{b['epsilon_lb_sjn']:.3f}, within the claim" in f["detail"]

@@ -13,20 +13,28 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fmaudit.testing import make_sentences
 from fmaudit.data import Dataset
 from fmaudit.privacy.audit_bound import bounds
 from fmaudit.privacy.canary import canary_audit, canary_findings, holdout_split
+from fmaudit.testing import make_sentences
 
-SCENARIO = {"epochs": 12, "batch_size": 8, "delta": 1e-5, "max_grad_norm": 1.0, "lr": 5e-3, "weight_decay": 0.0,
-            "accountant": "rdp", "trainable": "all", "n_layers": 2, "clipping": "ghost"}
+SCENARIO = {
+    "epochs": 12,
+    "batch_size": 8,
+    "delta": 1e-5,
+    "max_grad_norm": 1.0,
+    "lr": 5e-3,
+    "weight_decay": 0.0,
+    "accountant": "rdp",
+    "trainable": "all",
+    "n_layers": 2,
+    "clipping": "ghost",
+}
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_bert_dir, tmp_path_factory):
     import torch
-
-    from fmaudit.targets import load_target
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 32-wide model gains nothing from threads; on a busy machine they cost ~5x
@@ -43,11 +51,20 @@ def _scenario(tiny_bert_dir, tmp_path_factory):
     texts, labels = make_sentences(20)
     members = Dataset("sents", "sents", "text", [f"s{i}" for i in range(20)], labels, texts=texts)
     cache = tmp_path_factory.mktemp("canary-known-answer")
-    common = dict(base=base, members=members, train={}, num_canaries=200, kind="random_tokens", score="loss",
-                  seed=0, cache_dir=cache)
+    common = dict(
+        base=base,
+        members=members,
+        train={},
+        num_canaries=200,
+        kind="random_tokens",
+        score="loss",
+        seed=0,
+        cache_dir=cache,
+    )
     honest = canary_audit(dp={**SCENARIO, "noise_multiplier": 4.0}, **common)
-    broken = canary_audit(dp={**SCENARIO, "noise_multiplier": 1e-6}, claimed_epsilon=honest.accountant_epsilon,
-                          **common)
+    broken = canary_audit(
+        dp={**SCENARIO, "noise_multiplier": 1e-6}, claimed_epsilon=honest.accountant_epsilon, **common
+    )
     return honest, broken
 
 
@@ -73,7 +90,6 @@ def test_mis_accounted_run_triggers_the_critical_finding(runs):
     assert broken.accountant_epsilon > 1e6 and broken.epsilon_lb <= broken.accountant_epsilon
 
 
-
 def test_both_bounds_recompute_from_the_record(runs):
     """Issue 14: the report records (m, num_included, r, v, delta, confidence, guess_selection, held-out ids);
     both bounds follow from it, and the headline is the tighter one."""
@@ -91,7 +107,9 @@ def test_both_bounds_recompute_from_the_record(runs):
         assert again["epsilon_lb_fdp"] == res.epsilon_lb_fdp == rec["epsilon_lb_fdp"]
         assert res.epsilon_lb == res.epsilon_lb_sjn <= res.epsilon_lb_fdp  # headline: the assumption-free bound
         assert res.epsilon_lb <= res.epsilon_lb_ceiling
-    print(f"honest: lb {honest.epsilon_lb:.3f} (sjn {honest.epsilon_lb_sjn:.3f}, fdp {honest.epsilon_lb_fdp:.3f}), "
-          f"acct {honest.accountant_epsilon:.3f}, ceiling {honest.epsilon_lb_ceiling:.3f}, auc {honest.canary_auc:.2f}; "
-          f"broken: lb {broken.epsilon_lb:.3f} (sjn {broken.epsilon_lb_sjn:.3f}, fdp {broken.epsilon_lb_fdp:.3f}) "
-          f"r {broken.guesses} v {broken.correct} auc {broken.canary_auc:.2f}")
+    print(
+        f"honest: lb {honest.epsilon_lb:.3f} (sjn {honest.epsilon_lb_sjn:.3f}, fdp {honest.epsilon_lb_fdp:.3f}), "
+        f"acct {honest.accountant_epsilon:.3f}, ceiling {honest.epsilon_lb_ceiling:.3f}, auc {honest.canary_auc:.2f}; "
+        f"broken: lb {broken.epsilon_lb:.3f} (sjn {broken.epsilon_lb_sjn:.3f}, fdp {broken.epsilon_lb_fdp:.3f}) "
+        f"r {broken.guesses} v {broken.correct} auc {broken.canary_auc:.2f}"
+    )

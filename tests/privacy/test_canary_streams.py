@@ -14,8 +14,14 @@ N_POOL, M, SEEDS = 300, 100, 1000
 
 
 def _pool() -> Dataset:
-    return Dataset("pool", "pool", "text", [f"p{i}" for i in range(N_POOL)], np.arange(N_POOL) % 2,
-                   texts=[f"example {i}" for i in range(N_POOL)])
+    return Dataset(
+        "pool",
+        "pool",
+        "text",
+        [f"p{i}" for i in range(N_POOL)],
+        np.arange(N_POOL) % 2,
+        texts=[f"example {i}" for i in range(N_POOL)],
+    )
 
 
 def _choice_inclusion_z(draw) -> float:
@@ -71,13 +77,15 @@ def test_exposure_falls_back_to_the_empirical_rank_when_the_fit_fails():
     with pytest.raises(Exception, match="outside the range allowed by the distribution"):
         skewnorm.fit(candidates)
     canaries = np.array([1.0, 2.0, 3.0])
-    bits, estimator = estimate_exposure(canary_losses=canaries, candidate_losses=candidates,
-                                        space_bits=6 * math.log2(10))
+    bits, estimator = estimate_exposure(
+        canary_losses=canaries, candidate_losses=candidates, space_bits=6 * math.log2(10)
+    )
     assert estimator == "empirical_rank"
     # below every candidate: rank fraction 1/(n+1) -> log2(100) bits; tied or above: rank fraction 1 -> 0 bits
     assert bits == pytest.approx([math.log2(100), 0.0, 0.0])
-    assert np.array_equal(exposure(canary_losses=canaries, candidate_losses=candidates, space_bits=6 * math.log2(10)),
-                          bits)
+    assert np.array_equal(
+        exposure(canary_losses=canaries, candidate_losses=candidates, space_bits=6 * math.log2(10)), bits
+    )
     # never above log2 |R|
     bits, _ = estimate_exposure(canary_losses=np.array([0.0]), candidate_losses=np.full(2000, 1.0), space_bits=4.0)
     assert bits[0] == 4.0
@@ -87,14 +95,14 @@ def test_exposure_falls_back_when_the_fit_raises(monkeypatch):
     from scipy.stats import FitError, skewnorm
 
     def broken(*_a, **_k):
-        raise FitError("Optimization converged to parameters that are outside the range allowed by the "
-                       "distribution.")
+        raise FitError("Optimization converged to parameters that are outside the range allowed by the distribution.")
 
     monkeypatch.setattr(skewnorm, "fit", broken)
     rng = np.random.default_rng(0)
     candidates = rng.normal(3.0, 0.5, size=300)
-    bits, estimator = estimate_exposure(canary_losses=np.array([0.0, 3.0]), candidate_losses=candidates,
-                                        space_bits=20.0)
+    bits, estimator = estimate_exposure(
+        canary_losses=np.array([0.0, 3.0]), candidate_losses=candidates, space_bits=20.0
+    )
     assert estimator == "empirical_rank"
     below = (candidates <= 3.0).sum()
     assert bits == pytest.approx([math.log2(301), -math.log2((1 + below) / 301)])
@@ -103,8 +111,9 @@ def test_exposure_falls_back_when_the_fit_raises(monkeypatch):
 def test_exposure_uses_the_skew_normal_fit_when_it_converges():
     rng = np.random.default_rng(0)
     candidates = rng.normal(3.0, 0.5, size=300)
-    bits, estimator = estimate_exposure(canary_losses=np.array([0.0, 3.0]), candidate_losses=candidates,
-                                        space_bits=20.0)
+    bits, estimator = estimate_exposure(
+        canary_losses=np.array([0.0, 3.0]), candidate_losses=candidates, space_bits=20.0
+    )
     assert estimator == "skewnorm"
     assert bits[0] > math.log2(301)  # extrapolates beyond the sample (6 sd below the mean)
     assert bits[1] == pytest.approx(1.0, abs=0.3)  # the median candidate: about half rank below

@@ -83,7 +83,19 @@ def test_accountant_names_come_from_the_registry():
         kw = {"noise_multiplier": 1.0} if fn is epsilon_for else {"target_epsilon": 1.0}
         with pytest.raises(ValueError, match="did you mean 'prv'"):
             fn(sample_rate=0.1, steps=10, delta=1e-5, accountant="pvr", **kw)
-    problems = validate_settings(n=100, target_epsilon=1.0, noise_multiplier=None, delta=None, max_grad_norm=1.0,
-                                 epochs=1, batch_size=10, lr=1e-3, accountant="pvr", trainable="all",
-                                 clipping="auto", max_physical_batch_size=None, n_layers=2)
+    problems = validate_settings(
+        n=100,
+        target_epsilon=1.0,
+        noise_multiplier=None,
+        delta=None,
+        max_grad_norm=1.0,
+        epochs=1,
+        batch_size=10,
+        lr=1e-3,
+        accountant="pvr",
+        trainable="all",
+        clipping="auto",
+        max_physical_batch_size=None,
+        n_layers=2,
+    )
     assert problems == ["accountant must be one of prv, rdp, gdp, got 'pvr'"]

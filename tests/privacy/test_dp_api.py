@@ -9,13 +9,12 @@ import warnings
 
 import pytest
 import torch
-from fmaudit.testing import make_sentences
 from torch import nn
 
 from fmaudit.privacy import DPConfigError, dp_finetune
 from fmaudit.privacy.dp import DPTrainingError, dp_defaults, epsilon_for
 from fmaudit.privacy.dp.training import _fingerprints, _unmoved
-
+from fmaudit.testing import make_sentences
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -28,15 +27,28 @@ def _quiet():
 
 
 def _hooks(model: nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks)
-               + len(getattr(m, "_backward_pre_hooks", {})) for m in model.modules())
+    return sum(
+        len(m._forward_hooks)
+        + len(m._backward_hooks)
+        + len(m._forward_pre_hooks)
+        + len(getattr(m, "_backward_pre_hooks", {}))
+        for m in model.modules()
+    )
 
 
 def _opacus_leftovers(model: nn.Module) -> list[str]:
-    left = [f"{n}.{a}" for n, m in model.named_modules() for a in m.__dict__
-            if a in ("autograd_grad_sample_hooks", "ft_compute_sample_grad", "activations", "max_batch_len")]
-    left += [f"{n}.{a}" for n, p in model.named_parameters()
-             for a in ("grad_sample", "_forward_counter", "summed_grad", "_norm_sample") if hasattr(p, a)]
+    left = [
+        f"{n}.{a}"
+        for n, m in model.named_modules()
+        for a in m.__dict__
+        if a in ("autograd_grad_sample_hooks", "ft_compute_sample_grad", "activations", "max_batch_len")
+    ]
+    left += [
+        f"{n}.{a}"
+        for n, p in model.named_parameters()
+        for a in ("grad_sample", "_forward_counter", "summed_grad", "_norm_sample")
+        if hasattr(p, a)
+    ]
     return left
 
 
@@ -77,12 +89,27 @@ def test_mlp_on_tensor_dataset_at_epsilon_2(digits):
     model = _mlp()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     start_acc = _chance_accuracy(model, xv, yv)
-    res = dp_finetune(model=model, train_data=torch.utils.data.TensorDataset(xt, yt),
-                      validation_data=torch.utils.data.TensorDataset(xv, yv), target_epsilon=2.0, epochs=10,
-                      batch_size=120, lr=5e-3, accountant="rdp")
+    res = dp_finetune(
+        model=model,
+        train_data=torch.utils.data.TensorDataset(xt, yt),
+        validation_data=torch.utils.data.TensorDataset(xv, yv),
+        target_epsilon=2.0,
+        epochs=10,
+        batch_size=120,
+        lr=5e-3,
+        accountant="rdp",
+    )
     assert 1.5 < res.epsilon <= 2.0
-    assert res.epsilon == pytest.approx(epsilon_for(noise_multiplier=res.noise_multiplier, sample_rate=res.sample_rate,
-                                                    steps=res.steps, delta=res.delta, accountant="rdp"), rel=1e-12)
+    assert res.epsilon == pytest.approx(
+        epsilon_for(
+            noise_multiplier=res.noise_multiplier,
+            sample_rate=res.sample_rate,
+            steps=res.steps,
+            delta=res.delta,
+            accountant="rdp",
+        ),
+        rel=1e-12,
+    )
     assert res.steps == 10 * math.ceil(1200 / 120) and res.delta == 1e-5 and res.noise_multiplier > 1
     assert len(res.epsilon_per_epoch) == 10 and res.ledger_steps[-1] == res.steps
     _assert_plain(res.model, nn.Sequential)
@@ -99,8 +126,9 @@ def test_dataloader_batch_size_used_and_poisson_said(digits):
     xt, yt, xv, yv = digits
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xt, yt), batch_size=150, shuffle=True)
     val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xv, yv), batch_size=64)
-    res = dp_finetune(model=_mlp(), train_data=loader, validation_data=val, target_epsilon=4.0, epochs=8,
-                      lr=5e-3, accountant="rdp")
+    res = dp_finetune(
+        model=_mlp(), train_data=loader, validation_data=val, target_epsilon=4.0, epochs=8, lr=5e-3, accountant="rdp"
+    )
     assert res.batch_size == 150 and res.sample_rate == 1 / 8 and res.steps == 64
     assert res.epsilon <= 4.0
     assert any("DataLoader" in n and "Poisson sampling" in n and "replaces its sampler" in n for n in res.notes)
@@ -140,8 +168,17 @@ def test_custom_per_example_loss_on_dict_items(digits):
         logits = model(features=batch["features"])
         return nn.functional.cross_entropy(logits, batch["digit"], reduction="none", label_smoothing=0.1)
 
-    res = dp_finetune(model=_TwoInputs(), train_data=_DictDigits(xt, yt), validation_data=_DictDigits(xv, yv),
-                      loss_fn=loss_fn, target_epsilon=3.0, epochs=10, batch_size=120, lr=5e-3, accountant="rdp")
+    res = dp_finetune(
+        model=_TwoInputs(),
+        train_data=_DictDigits(xt, yt),
+        validation_data=_DictDigits(xv, yv),
+        loss_fn=loss_fn,
+        target_epsilon=3.0,
+        epochs=10,
+        batch_size=120,
+        lr=5e-3,
+        accountant="rdp",
+    )
     assert res.epsilon <= 3.0
     assert calls and all(c == ["digit", "features"] for c in calls)  # the user's keys, nothing added
     _assert_plain(res.model, _TwoInputs)
@@ -161,8 +198,15 @@ def test_a_batch_mean_loss_is_refused_with_every_other_problem(digits):
         return nn.functional.cross_entropy(model(x), y)  # a batch mean: cannot be clipped per example
 
     with pytest.raises(DPConfigError) as err:
-        dp_finetune(model=model, train_data=torch.utils.data.TensorDataset(xt, yt), loss_fn=mean_loss,
-                    target_epsilon=-1, epochs=1, batch_size=16, lr=1e-3)
+        dp_finetune(
+            model=model,
+            train_data=torch.utils.data.TensorDataset(xt, yt),
+            loss_fn=mean_loss,
+            target_epsilon=-1,
+            epochs=1,
+            batch_size=16,
+            lr=1e-3,
+        )
     msg = str(err.value)
     assert len(err.value.problems) == 3
     assert "one loss per example" in msg and "shape [2]" in msg
@@ -202,9 +246,17 @@ def test_fmaudit_target_on_torch_images_with_a_custom_tuple_loss():
         seen.append(len(batch))
         return nn.functional.cross_entropy(model(images), labels, reduction="none")
 
-    res = dp_finetune(model=target, train_data=torch.utils.data.TensorDataset(x[:1200], y[:1200]),
-                      validation_data=torch.utils.data.TensorDataset(x[1200:], y[1200:]), loss_fn=loss_fn,
-                      target_epsilon=4.0, epochs=8, batch_size=100, lr=5e-3, accountant="rdp")
+    res = dp_finetune(
+        model=target,
+        train_data=torch.utils.data.TensorDataset(x[:1200], y[:1200]),
+        validation_data=torch.utils.data.TensorDataset(x[1200:], y[1200:]),
+        loss_fn=loss_fn,
+        target_epsilon=4.0,
+        epochs=8,
+        batch_size=100,
+        lr=5e-3,
+        accountant="rdp",
+    )
     assert res.epsilon <= 4.0 and set(seen) == {2}
     _assert_plain(res.model, PixelClassifier)
     assert isinstance(res.target, ImageClassifier) and res.target.model is res.model
@@ -266,8 +318,18 @@ def test_hf_model_instance_on_tokenized_datasets(pretrained_bert, tokenized):
 
     model, _ = pretrained_bert
     train, val = tokenized
-    res = dp_finetune(model=model, train_data=train, validation_data=val, target_epsilon=8.0, epochs=2,
-                      batch_size=50, lr=5e-3, trainable="last_n_layers", n_layers=1, accountant="rdp")
+    res = dp_finetune(
+        model=model,
+        train_data=train,
+        validation_data=val,
+        target_epsilon=8.0,
+        epochs=2,
+        batch_size=50,
+        lr=5e-3,
+        trainable="last_n_layers",
+        n_layers=1,
+        accountant="rdp",
+    )
     assert res.epsilon <= 8.0 and res.steps == 20 and res.clipping == "ghost"
     _assert_plain(res.model, BertForSequenceClassification)
     assert any("not passed to the model" in n and "text" in n for n in res.notes)
@@ -275,7 +337,7 @@ def test_hf_model_instance_on_tokenized_datasets(pretrained_bert, tokenized):
     assert float(model.classifier.weight.abs().sum()) == 0.0  # the caller's model is untouched
     # a zero head scores exactly 0.5 on the balanced held-out set; the DP model far above it
     assert res.validation_utility["accuracy"] >= 0.8 and res.validation_utility["num_examples"] == 200
-    res.model.save_pretrained  # a plain PreTrainedModel: saveable
+    assert callable(res.model.save_pretrained)  # a plain PreTrainedModel: saveable
     assert res.inputs.startswith("BertForSequenceClassification (classifier) on Dataset")
 
 
@@ -288,10 +350,19 @@ def test_hf_causal_lm_instance_default_lm_loss(tiny_llama_dir):
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     model = LlamaForCausalLM.from_pretrained(tiny_llama_dir)
     texts, _ = make_sentences(160, seed=5)
-    ds = datasets.Dataset.from_dict({"text": texts}).map(lambda b: tok(b["text"], truncation=True, max_length=16),
-                                                          batched=True, remove_columns=["text"])
-    res = dp_finetune(model=model, train_data=ds.select(range(120)), validation_data=ds.select(range(120, 160)),
-                      target_epsilon=8.0, epochs=2, batch_size=20, lr=2e-2, accountant="rdp")
+    ds = datasets.Dataset.from_dict({"text": texts}).map(
+        lambda b: tok(b["text"], truncation=True, max_length=16), batched=True, remove_columns=["text"]
+    )
+    res = dp_finetune(
+        model=model,
+        train_data=ds.select(range(120)),
+        validation_data=ds.select(range(120, 160)),
+        target_epsilon=8.0,
+        epochs=2,
+        batch_size=20,
+        lr=2e-2,
+        accountant="rdp",
+    )
     assert res.epsilon <= 8.0 and res.steps == 12
     _assert_plain(res.model, LlamaForCausalLM)
     ppl = res.validation_utility["perplexity"]
@@ -331,8 +402,15 @@ class _UndoesItsUpdates(nn.Module):
 def test_a_tensor_that_did_not_move_is_an_error(digits):
     xt, yt, _, _ = digits
     with pytest.raises(DPTrainingError) as err:
-        dp_finetune(model=_UndoesItsUpdates(), train_data=torch.utils.data.TensorDataset(xt, yt), target_epsilon=8,
-                    epochs=1, batch_size=120, lr=1e-3, accountant="rdp")
+        dp_finetune(
+            model=_UndoesItsUpdates(),
+            train_data=torch.utils.data.TensorDataset(xt, yt),
+            target_epsilon=8,
+            epochs=1,
+            batch_size=120,
+            lr=1e-3,
+            accountant="rdp",
+        )
     assert sorted(err.value.tensors) == ["body.bias", "body.weight"]  # the head moved, and is not named
     assert "10 noisy steps" in str(err.value) and "opacus#820" in str(err.value)
 
@@ -353,16 +431,27 @@ def test_guard_names_a_replaced_parameter_the_optimizer_does_not_hold():
 
 
 def test_dp_defaults_are_picked_and_said(digits):
-    assert dp_defaults(1200, epochs=None, batch_size=None, lr=None, trainable="all") == \
-        (3, 120, 5e-4, {"batch_size": 120, "lr": 5e-4, "epochs": 3})
-    assert dp_defaults(100_000, epochs=2, batch_size=None, lr=None, trainable="lora")[1:] == \
-        (1024, 1e-3, {"batch_size": 1024, "lr": 1e-3})
+    assert dp_defaults(1200, epochs=None, batch_size=None, lr=None, trainable="all") == (
+        3,
+        120,
+        5e-4,
+        {"batch_size": 120, "lr": 5e-4, "epochs": 3},
+    )
+    assert dp_defaults(100_000, epochs=2, batch_size=None, lr=None, trainable="lora")[1:] == (
+        1024,
+        1e-3,
+        {"batch_size": 1024, "lr": 1e-3},
+    )
     assert dp_defaults(40, epochs=1, batch_size=8, lr=0.1, trainable="all") == (1, 8, 0.1, {})
     xt, yt, xv, yv = digits
-    res = dp_finetune(model=_mlp(), train_data=torch.utils.data.TensorDataset(xt, yt), target_epsilon=8.0,
-                      accountant="rdp")
+    res = dp_finetune(
+        model=_mlp(), train_data=torch.utils.data.TensorDataset(xt, yt), target_epsilon=8.0, accountant="rdp"
+    )
     assert (res.batch_size, res.lr, res.epochs) == (120, 5e-4, 3) and res.picked_defaults == {
-        "batch_size": 120, "lr": 5e-4, "epochs": 3}
+        "batch_size": 120,
+        "lr": 5e-4,
+        "epochs": 3,
+    }
     note = next(n for n in res.notes if n.startswith("DP training defaults picked"))
     assert "Li et al." in note and "batch_size=120" in note and "does not count" in note
     assert res.epsilon <= 8.0
@@ -376,13 +465,22 @@ def test_peft_model_instance_trains_its_adapters_and_comes_back_as_given(pretrai
     from peft import LoraConfig, PeftModel, get_peft_model
 
     base, _ = pretrained_bert
-    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
-                                                                target_modules=["query", "value"]))
+    peft_model = get_peft_model(
+        copy.deepcopy(base), LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"])
+    )
     flags = {n: p.requires_grad for n, p in peft_model.named_parameters()}
     start = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
     train, val = tokenized
-    res = dp_finetune(model=peft_model, train_data=train, validation_data=val, target_epsilon=8.0, epochs=2,
-                      batch_size=50, lr=1e-2, accountant="rdp")
+    res = dp_finetune(
+        model=peft_model,
+        train_data=train,
+        validation_data=val,
+        target_epsilon=8.0,
+        epochs=2,
+        batch_size=50,
+        lr=1e-2,
+        accountant="rdp",
+    )
     assert res.epsilon <= 8.0
     assert isinstance(res.model, PeftModel) and _hooks(res.model) == 0 and not _opacus_leftovers(res.model)
     assert {n: p.requires_grad for n, p in res.model.named_parameters()} == flags

@@ -51,8 +51,9 @@ def worst_relative_error(got: dict, ref: dict, scale: dict | None = None) -> flo
     return max(float((got[k] - ref[k]).norm()) / (scale[k] if scale else float(ref[k].norm())) for k in ref)
 
 
-def check_against_opacus(model: nn.Module, loss_fn, batch, *, dtype: torch.dtype = torch.float64,
-                         planted: bool = False) -> float:
+def check_against_opacus(
+    model: nn.Module, loss_fn, batch, *, dtype: torch.dtype = torch.float64, planted: bool = False
+) -> float:
     """Compare with C at the median per-example norm (half the examples clipped, half not). In float64 the error
     is relative to the summed gradient itself; in float32 relative to its size before the examples' gradients
     cancel (float32 summation order alone moves a strongly cancelled sum by ~1e-4 of itself)."""
@@ -83,11 +84,20 @@ def _cast(batch, dtype):
 def tiny_bert(tiny_bert_dir):
     from transformers import AutoTokenizer, BertForSequenceClassification
 
-    model = BertForSequenceClassification.from_pretrained(tiny_bert_dir, hidden_dropout_prob=0.0,
-                                                          attention_probs_dropout_prob=0.0)
+    model = BertForSequenceClassification.from_pretrained(
+        tiny_bert_dir, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
     tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
-    texts = ["a good film", "awful, slow and far too long for what it is", "fine", "the best day of my life so far",
-             "meh", "I would not watch it again", "brilliant acting", "the plot made no sense at all to me"]
+    texts = [
+        "a good film",
+        "awful, slow and far too long for what it is",
+        "fine",
+        "the best day of my life so far",
+        "meh",
+        "I would not watch it again",
+        "brilliant acting",
+        "the plot made no sense at all to me",
+    ]
     enc = tok(texts, padding=True, return_tensors="pt")  # padded: different lengths in one batch
     b, length = enc["input_ids"].shape
     batch = {**enc, "position_ids": torch.arange(length).repeat(b, 1), "labels": torch.tensor([1, 0] * 4)}
@@ -126,8 +136,9 @@ def tiny_vit(tiny_vit_dir):
     LayerNorms and head trainable."""
     from transformers import ViTForImageClassification
 
-    model = ViTForImageClassification.from_pretrained(tiny_vit_dir, hidden_dropout_prob=0.0,
-                                                      attention_probs_dropout_prob=0.0)
+    model = ViTForImageClassification.from_pretrained(
+        tiny_vit_dir, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
     model.vit.embeddings.cls_token.requires_grad_(False)
     model.vit.embeddings.position_embeddings.requires_grad_(False)
     return model
@@ -146,11 +157,14 @@ def test_full_minilm_matches_opacus(minilm_tokenizer_dir):
     """The benchmark's model itself: all of pre-trained MiniLM (22.7M parameters) trainable, a padded batch."""
     from transformers import AutoTokenizer, BertForSequenceClassification
 
-    model = BertForSequenceClassification.from_pretrained(minilm_tokenizer_dir, num_labels=2, hidden_dropout_prob=0.0,
-                                                          attention_probs_dropout_prob=0.0)
+    model = BertForSequenceClassification.from_pretrained(
+        minilm_tokenizer_dir, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
     enc = AutoTokenizer.from_pretrained(minilm_tokenizer_dir)(
         ["a good film", "awful, slow and far too long for what it is", "fine", "the best day of my life so far"],
-        padding=True, return_tensors="pt")
+        padding=True,
+        return_tensors="pt",
+    )
     b, length = enc["input_ids"].shape
     batch = {**enc, "position_ids": torch.arange(length).repeat(b, 1), "labels": torch.tensor([1, 0, 1, 1])}
     assert check_against_opacus(model, _bert_loss, batch) <= TOL
@@ -168,8 +182,9 @@ def test_tiny_vit_matches_opacus(tiny_vit):
 @pytest.mark.parametrize("which", ["cnn", "bert"])
 def test_both_norm_strategies_match_opacus(which, digits_cnn, tiny_bert, monkeypatch):
     """The hybrid picks ghost norms or instantiation per layer; force each everywhere: same result."""
-    model, loss_fn, batch = (digits_cnn, _image_loss, _digits(8)) if which == "cnn" else (tiny_bert[0], _bert_loss,
-                                                                                        tiny_bert[1])
+    model, loss_fn, batch = (
+        (digits_cnn, _image_loss, _digits(8)) if which == "cnn" else (tiny_bert[0], _bert_loss, tiny_bert[1])
+    )
     for ghost in (True, False):
         monkeypatch.setattr(bookkeeping_layers, "use_ghost", lambda *_a, _g=ghost: _g)
         assert check_against_opacus(model, loss_fn, batch) <= TOL
@@ -184,9 +199,11 @@ def test_planted_wrong_norm_is_caught(tiny_bert, monkeypatch):
         sq, per_example = rule.norms(layer, calls, grams)
         return sq - per_example["bias"].pow(2).sum(1), per_example
 
-    monkeypatch.setitem(bookkeeping_layers.LAYER_RULES, nn.LayerNorm,
-                        bookkeeping_layers.LayerRule(rule.run, rule.input_grad, wrong_norms, rule.grads,
-                                                     rule.unsupported))
+    monkeypatch.setitem(
+        bookkeeping_layers.LAYER_RULES,
+        nn.LayerNorm,
+        bookkeeping_layers.LayerRule(rule.run, rule.input_grad, wrong_norms, rule.grads, rule.unsupported),
+    )
     model, batch = tiny_bert
     assert check_against_opacus(model, _bert_loss, batch, planted=True) > 100 * TOL
 
@@ -224,9 +241,15 @@ def test_unsupported_layers_are_named_and_fall_back_to_hooks():
     assert any("shared" in u for u in unsupported_layers(tied))
 
     data = torch.utils.data.TensorDataset(torch.randn(16, 6), torch.randint(0, 2, (16,)))
-    kw = dict(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-              data_loader=torch.utils.data.DataLoader(data, batch_size=4), noise_multiplier=1.0, max_grad_norm=1.0,
-              poisson_sampling=False, grad_sample_mode="bookkeeping")
+    kw = dict(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=torch.utils.data.DataLoader(data, batch_size=4),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        poisson_sampling=False,
+        grad_sample_mode="bookkeeping",
+    )
     with pytest.warns(UserWarning, match=r"norm \(GroupNorm: no book-keeping rule.*hooks instead"):
         gsm, opt, _dl = CLIPPING_MODES["bookkeeping"].make_private(PrivacyEngine(accountant="rdp"), kw)
     assert type(gsm).__name__ == "GradSampleModule"
@@ -262,9 +285,20 @@ def test_dp_finetune_bookkeeping_same_epsilon_as_hooks_and_learns():
     train = torch.utils.data.TensorDataset(x[:1200], y[:1200])
     val = torch.utils.data.TensorDataset(x[1200:], y[1200:])
     target = load_target(model="bundled:digits-cnn", seed=0)
-    runs = {mode: dp_finetune(model=target, train_data=train, validation_data=val, target_epsilon=4.0, epochs=8,
-                              batch_size=100, lr=5e-3, accountant="rdp", clipping=mode)
-            for mode in ("bookkeeping", "hooks")}
+    runs = {
+        mode: dp_finetune(
+            model=target,
+            train_data=train,
+            validation_data=val,
+            target_epsilon=4.0,
+            epochs=8,
+            batch_size=100,
+            lr=5e-3,
+            accountant="rdp",
+            clipping=mode,
+        )
+        for mode in ("bookkeeping", "hooks")
+    }
     bk, hooks = runs["bookkeeping"], runs["hooks"]
     assert bk.clipping == "bookkeeping" and hooks.clipping == "hooks"
     assert bk.epsilon == hooks.epsilon and bk.epsilon <= 4.0
@@ -275,7 +309,6 @@ def test_dp_finetune_bookkeeping_same_epsilon_as_hooks_and_learns():
     assert not any("forward" in m.__dict__ for m in bk.model.modules())
     assert not any(hasattr(p, a) for p in bk.model.parameters() for a in ("grad_sample", "summed_grad"))
     assert np.isfinite(bk.epoch_losses).all()
-
 
 
 def test_dp_finetune_bookkeeping_bert_split_physical_batches(tiny_bert_dir):
@@ -289,12 +322,22 @@ def test_dp_finetune_bookkeeping_bert_split_physical_batches(tiny_bert_dir):
     texts, labels = make_sentences(96)
     data = Dataset("s", "synthetic", "text", [f"s{i}" for i in range(96)], np.array(labels), texts=texts)
     bert = load_target(model=str(tiny_bert_dir), task="text-classification", num_labels=2, max_length=32)
-    res = dp_finetune(model=bert, train_data=data, noise_multiplier=1.0, epochs=1, batch_size=16, lr=1e-3,
-                      accountant="rdp", clipping="bookkeeping", max_physical_batch_size=6)
+    res = dp_finetune(
+        model=bert,
+        train_data=data,
+        noise_multiplier=1.0,
+        epochs=1,
+        batch_size=16,
+        lr=1e-3,
+        accountant="rdp",
+        clipping="bookkeeping",
+        max_physical_batch_size=6,
+    )
     assert res.clipping == "bookkeeping" and res.steps == 6
     assert res.target.weights_sha256() != bert.weights_sha256()
     assert not any("forward" in m.__dict__ for m in res.model.modules())
     assert np.isfinite(res.epoch_losses).all()
+
 
 def test_optimizer_update_is_opacus_bit_for_bit():
     """The book-keeping optimizer (no copy of the clipped sum, noise added in place) gives exactly the update of
@@ -308,8 +351,13 @@ def test_optimizer_update_is_opacus_bit_for_bit():
     results = []
     for cls in (DPOptimizerFastGradientClipping, _optimizer_class()):
         params = [nn.Parameter(torch.ones_like(g)) for g in grads]
-        opt = cls(torch.optim.SGD(params, lr=0.5), noise_multiplier=1.3, max_grad_norm=0.7, expected_batch_size=4,
-                  generator=torch.Generator().manual_seed(1))
+        opt = cls(
+            torch.optim.SGD(params, lr=0.5),
+            noise_multiplier=1.3,
+            max_grad_norm=0.7,
+            expected_batch_size=4,
+            generator=torch.Generator().manual_seed(1),
+        )
         for _ in range(2):  # second round: a zero_grad() without set_to_none must not disturb the next step
             opt.zero_grad(set_to_none=False)
             for p, g in zip(params, grads):
@@ -329,7 +377,14 @@ def test_dp_finetune_says_when_bookkeeping_falls_back_to_hooks():
     data = torch.utils.data.TensorDataset(torch.randn(64, 6), torch.randint(0, 2, (64,)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DPPrivacyWarning)
-        res = dp_finetune(model=_WithGroupNorm(), train_data=data, target_epsilon=8.0, epochs=1, batch_size=16,
-                          lr=1e-2, clipping="bookkeeping")
+        res = dp_finetune(
+            model=_WithGroupNorm(),
+            train_data=data,
+            target_epsilon=8.0,
+            epochs=1,
+            batch_size=16,
+            lr=1e-2,
+            clipping="bookkeeping",
+        )
     assert res.clipping == "hooks"
     assert any("book-keeping clipping handles" in n and "norm (GroupNorm" in n for n in res.notes), res.notes

@@ -16,13 +16,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from fmaudit.testing import make_sentences
 from torch import nn
 
 from fmaudit.data import Dataset, member_split
 from fmaudit.privacy import dp_finetune
 from fmaudit.privacy.dp import account, epsilon_for, noise_for
 from fmaudit.seeds import Stream, derive
+from fmaudit.testing import make_sentences
 
 Q, STEPS, DELTA = 1 / 38, 76, 1e-5  # issue 13's GDP case
 
@@ -31,15 +31,20 @@ def _pld_epsilon(sigma, q, steps, delta):
     from dp_accounting import dp_event, pld
 
     acc = pld.PLDAccountant(value_discretization_interval=1e-3)
-    acc.compose(dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)),
-                                             steps))
+    acc.compose(dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps))
     return acc.get_epsilon(delta)
 
 
 def _digits(n, seed=0):
     rng = np.random.default_rng(seed)
-    return Dataset("digits", "synthetic", "image", [f"d{i}" for i in range(n)], rng.integers(0, 10, n),
-                   images=rng.random((n, 1, 8, 8), dtype=np.float32))
+    return Dataset(
+        "digits",
+        "synthetic",
+        "image",
+        [f"d{i}" for i in range(n)],
+        rng.integers(0, 10, n),
+        images=rng.random((n, 1, 8, 8), dtype=np.float32),
+    )
 
 
 def _linear():
@@ -75,13 +80,24 @@ def test_gdp_run_claims_the_larger_epsilon_everywhere_and_warns():
     data = _digits(76)
     split = member_split(data, member_fraction=0.5, seed=0)
     with pytest.warns(UserWarning, match="GDP accounting is experimental"):
-        res = dp_finetune(model=_linear(), train_data=split.members, noise_multiplier=0.8, epochs=2, batch_size=4,
-                          lr=1e-2, accountant="gdp")
+        res = dp_finetune(
+            model=_linear(),
+            train_data=split.members,
+            noise_multiplier=0.8,
+            epochs=2,
+            batch_size=4,
+            lr=1e-2,
+            accountant="gdp",
+        )
     by = res.epsilon_by_accountant
     assert set(by) == {"gdp", "prv"} and res.epsilon_gdp == by["gdp"] < by["prv"] == res.epsilon
     assert res.epsilon_accountant == "prv"
-    assert res.epsilon == pytest.approx(epsilon_for(noise_multiplier=0.8, sample_rate=res.sample_rate,
-                                                    steps=res.steps, delta=res.delta, accountant="prv"), abs=1e-9)
+    assert res.epsilon == pytest.approx(
+        epsilon_for(
+            noise_multiplier=0.8, sample_rate=res.sample_rate, steps=res.steps, delta=res.delta, accountant="prv"
+        ),
+        abs=1e-9,
+    )
     assert res.ledger_epsilon[-1] == res.epsilon and res.epsilon_per_epoch[-1] == res.epsilon
     assert res.params()["epsilon"] == res.epsilon and res.params()["epsilon_gdp"] == res.epsilon_gdp
     assert any(f["severity"] == "low" and "GDP" in f["title"] for f in res.findings)
@@ -90,8 +106,15 @@ def test_gdp_run_claims_the_larger_epsilon_everywhere_and_warns():
 def test_secure_rng_warning_reaches_the_caller():
     split = member_split(_digits(40), member_fraction=0.5, seed=0)
     with pytest.warns(UserWarning, match="Secure RNG turned off"):
-        dp_finetune(model=_linear(), train_data=split.members, noise_multiplier=1.0, epochs=1, batch_size=4,
-                    lr=1e-2, accountant="rdp")
+        dp_finetune(
+            model=_linear(),
+            train_data=split.members,
+            noise_multiplier=1.0,
+            epochs=1,
+            batch_size=4,
+            lr=1e-2,
+            accountant="rdp",
+        )
 
 
 def test_rdp_grid_edge_is_a_note_not_a_terminal_warning():
@@ -160,8 +183,15 @@ def test_failed_accountant_is_a_finding_of_the_run(monkeypatch):
 
     monkeypatch.setattr(PRVAccountant, "get_epsilon", lambda self, **kw: float("nan"))
     split = member_split(_digits(40), member_fraction=0.5, seed=0)
-    res = dp_finetune(model=_linear(), train_data=split.members, noise_multiplier=1.0, epochs=1, batch_size=4,
-                      lr=1e-2, accountant="prv")
+    res = dp_finetune(
+        model=_linear(),
+        train_data=split.members,
+        noise_multiplier=1.0,
+        epochs=1,
+        batch_size=4,
+        lr=1e-2,
+        accountant="prv",
+    )
     assert res.epsilon_accountant == "rdp" and math.isfinite(res.epsilon)
     assert res.epsilon == _rdp(1.0, res.sample_rate, res.steps, res.delta)
     assert all(math.isfinite(e) for e in res.ledger_epsilon + res.epsilon_per_epoch)
@@ -176,12 +206,22 @@ def test_empty_first_poisson_batch_of_dict_items():
     torch.zeros(dtype=str) from the dict item's keys and crashed). Empty batches are noise-only steps that the
     accountant counts; batches split into physical ones of 1 stay one logical step each."""
     data = _digits(20)
-    res = dp_finetune(model=_linear(), train_data=data, noise_multiplier=1.0, epochs=2, batch_size=1, lr=1e-2,
-                      accountant="rdp", seed=6, max_physical_batch_size=1)
+    res = dp_finetune(
+        model=_linear(),
+        train_data=data,
+        noise_multiplier=1.0,
+        epochs=2,
+        batch_size=1,
+        lr=1e-2,
+        accountant="rdp",
+        seed=6,
+        max_physical_batch_size=1,
+    )
     assert res.empty_batches >= 1
     assert res.steps == 2 * 20 and res.sample_rate == 1 / 20
-    assert res.epsilon == epsilon_for(noise_multiplier=1.0, sample_rate=1 / 20, steps=40, delta=res.delta,
-                                      accountant="rdp")
+    assert res.epsilon == epsilon_for(
+        noise_multiplier=1.0, sample_rate=1 / 20, steps=40, delta=res.delta, accountant="rdp"
+    )
 
 
 def test_noise_only_step_moves_the_weights():
@@ -198,10 +238,20 @@ def test_noise_only_step_moves_the_weights():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             engine = PrivacyEngine(accountant="rdp")
-            kw = dict(module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
-                      poisson_sampling=False, grad_sample_mode=mode)
-            out = engine.make_private(criterion=nn.CrossEntropyLoss(), **kw) if mode == "ghost" else \
-                engine.make_private(**kw)
+            kw = dict(
+                module=model,
+                optimizer=opt,
+                data_loader=loader,
+                noise_multiplier=1.0,
+                max_grad_norm=1.0,
+                poisson_sampling=False,
+                grad_sample_mode=mode,
+            )
+            out = (
+                engine.make_private(criterion=nn.CrossEntropyLoss(), **kw)
+                if mode == "ghost"
+                else engine.make_private(**kw)
+            )
         gsm, dp_opt = out[0], out[1]
         before = [p.detach().clone() for p in gsm.parameters()]
         noise_only_step(dp_opt, mode)
@@ -215,11 +265,19 @@ def test_steps_per_epoch_where_int_one_over_q_is_short(n, batch):
     step guard raised. The run now takes the planned 93 steps and the ledger counts them."""
     k = math.ceil(n / batch)
     assert int(1 / (1 / k)) == k - 1  # the float quirk behind the defect
-    res = dp_finetune(model=_linear(), train_data=_digits(n), noise_multiplier=1.0, epochs=1, batch_size=batch,
-                      lr=1e-2, accountant="rdp")
+    res = dp_finetune(
+        model=_linear(),
+        train_data=_digits(n),
+        noise_multiplier=1.0,
+        epochs=1,
+        batch_size=batch,
+        lr=1e-2,
+        accountant="rdp",
+    )
     assert res.steps == k and res.sample_rate == 1 / k and res.ledger_steps[-1] == k
-    assert res.epsilon == epsilon_for(noise_multiplier=1.0, sample_rate=1 / k, steps=k, delta=res.delta,
-                                      accountant="rdp")
+    assert res.epsilon == epsilon_for(
+        noise_multiplier=1.0, sample_rate=1 / k, steps=k, delta=res.delta, accountant="rdp"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -229,8 +287,15 @@ def tiny_distilbert_dir(tmp_path_factory, minilm_tokenizer_dir):
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("tiny-distilbert")
     tok = AutoTokenizer.from_pretrained(minilm_tokenizer_dir)
-    cfg = DistilBertConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
-                           max_position_embeddings=64, num_labels=2)
+    cfg = DistilBertConfig(
+        vocab_size=tok.vocab_size,
+        dim=32,
+        n_layers=2,
+        n_heads=2,
+        hidden_dim=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
     DistilBertForSequenceClassification(cfg).save_pretrained(d)
     tok.save_pretrained(d)
     return d
@@ -246,8 +311,16 @@ def test_distilbert_dp_finetune(tiny_distilbert_dir, clipping):
     texts, labels = make_sentences(48)
     ds = Dataset("s", "synthetic", "text", [f"s{i}" for i in range(48)], np.array(labels), texts=texts)
     pos_before = target.model.distilbert.embeddings.position_embeddings.weight.detach().clone()
-    res = dp_finetune(model=target, train_data=ds, noise_multiplier=1.0, epochs=1, batch_size=8, lr=1e-3,
-                      accountant="rdp", clipping=clipping)
+    res = dp_finetune(
+        model=target,
+        train_data=ds,
+        noise_multiplier=1.0,
+        epochs=1,
+        batch_size=8,
+        lr=1e-3,
+        accountant="rdp",
+        clipping=clipping,
+    )
     assert res.clipping == clipping and res.steps == 6
     pos_after = res.model.distilbert.embeddings.position_embeddings.weight
     assert not torch.equal(pos_before, pos_after)  # trained, privately
@@ -277,8 +350,8 @@ def test_repeated_position_ids_give_true_per_example_gradients(tiny_distilbert_d
     single = []
     for i in range(3):
         model.zero_grad()
-        one = {k: v[i:i + 1] for k, v in batch.items()}
-        nn.functional.cross_entropy(model(**one).logits, labels[i:i + 1], reduction="sum").backward()
+        one = {k: v[i : i + 1] for k, v in batch.items()}
+        nn.functional.cross_entropy(model(**one).logits, labels[i : i + 1], reduction="sum").backward()
         single.append(table.grad.detach().clone())
     handles = _repeat_broadcast_ids(model)
     gsm = GradSampleModule(model, loss_reduction="sum")
@@ -300,14 +373,38 @@ def test_seed_secrecy_statement_and_every_setting_recorded(tiny_llama_dir):
     lm = load_target(model=str(tiny_llama_dir), task="causal-lm", max_length=16)
     texts, _ = make_sentences(32, seed=1)
     ds = Dataset("lm", "synthetic", "text", [f"t{i}" for i in range(32)], texts=texts)
-    res = dp_finetune(model=lm, train_data=ds, noise_multiplier=1.0, epochs=1, batch_size=8, lr=5e-3,
-                      weight_decay=0.01, accountant="rdp", trainable="lora", lora_r=2, lora_alpha=4,
-                      max_physical_batch_size=5, seed=3)
+    res = dp_finetune(
+        model=lm,
+        train_data=ds,
+        noise_multiplier=1.0,
+        epochs=1,
+        batch_size=8,
+        lr=5e-3,
+        weight_decay=0.01,
+        accountant="rdp",
+        trainable="lora",
+        lora_r=2,
+        lora_alpha=4,
+        max_physical_batch_size=5,
+        seed=3,
+    )
     p = res.params()
-    wanted = {"lr": 5e-3, "weight_decay": 0.01, "n_layers": 2, "clipping": res.clipping,
-              "max_physical_batch_size": 5, "trainable": "lora", "accountant": "rdp", "delta": res.delta,
-              "noise_multiplier": 1.0, "sample_rate": 1 / 4, "steps": 4, "epochs": 1, "batch_size": 8,
-              "max_grad_norm": 1.0}
+    wanted = {
+        "lr": 5e-3,
+        "weight_decay": 0.01,
+        "n_layers": 2,
+        "clipping": res.clipping,
+        "max_physical_batch_size": 5,
+        "trainable": "lora",
+        "accountant": "rdp",
+        "delta": res.delta,
+        "noise_multiplier": 1.0,
+        "sample_rate": 1 / 4,
+        "steps": 4,
+        "epochs": 1,
+        "batch_size": 8,
+        "max_grad_norm": 1.0,
+    }
     for k, v in wanted.items():
         assert p[k] == v, k
     assert p["lora"] == {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": None}
@@ -335,8 +432,16 @@ def test_training_and_dp_seeds_come_from_named_streams(monkeypatch):
     monkeypatch.setattr(torch, "Generator", Spy)
     monkeypatch.setattr(torch, "manual_seed", lambda s: (seeds.append(int(s)), real_manual_seed(s))[1])
     split = member_split(_digits(40), member_fraction=0.5, seed=0)
-    dp_finetune(model=_linear(), train_data=split.members, noise_multiplier=1.0, epochs=1, batch_size=4, lr=1e-2,
-                accountant="rdp", seed=5)
+    dp_finetune(
+        model=_linear(),
+        train_data=split.members,
+        noise_multiplier=1.0,
+        epochs=1,
+        batch_size=4,
+        lr=1e-2,
+        accountant="rdp",
+        seed=5,
+    )
     for stream in (Stream.DP_TRAIN, Stream.DP_NOISE, Stream.DP_SAMPLER, Stream.TRAIN_SHUFFLE):
         assert derive(5, stream) in seeds, stream.name
     assert 5 not in seeds and 6 not in seeds  # neither the bare seed nor seed + 1
@@ -346,8 +451,15 @@ def test_training_and_dp_seeds_come_from_named_streams(monkeypatch):
 
     seeds.clear()
     data = _digits(16)
-    target = ImageClassifier(name="m", model=PixelClassifier(_linear()), source="python", kind="torch-module",
-                             device="cpu", label_names=data.label_names, num_classes=10)
+    target = ImageClassifier(
+        name="m",
+        model=PixelClassifier(_linear()),
+        source="python",
+        kind="torch-module",
+        device="cpu",
+        label_names=data.label_names,
+        num_classes=10,
+    )
     train(target, data, TrainConfig(epochs=1, batch_size=8, lr=1e-2, seed=7))
     assert derive(7, Stream.TRAIN_TORCH) in seeds and derive(7, Stream.TRAIN_SHUFFLE) in seeds and 7 not in seeds
 
@@ -358,8 +470,16 @@ def test_utility_sample_uses_its_stream():
     from fmaudit.targets.vision import ImageClassifier, PixelClassifier
 
     data = _digits(60)
-    target = ImageClassifier(name="m", model=PixelClassifier(_linear()), source="python", kind="torch-module",
-                             device="cpu", label_names=data.label_names, num_classes=10)
+    target = ImageClassifier(
+        name="m",
+        model=PixelClassifier(_linear()),
+        source="python",
+        kind="torch-module",
+        device="cpu",
+        label_names=data.label_names,
+        num_classes=10,
+    )
     pick = np.sort(rng(4, Stream.EXAMPLE_SAMPLE).choice(60, 25, replace=False))
-    assert utility_summary(target, data, max_examples=25, seed=4) == utility_summary(target, data.subset(pick),
-                                                                                    max_examples=25)
+    assert utility_summary(target, data, max_examples=25, seed=4) == utility_summary(
+        target, data.subset(pick), max_examples=25
+    )

@@ -31,6 +31,7 @@ def _reference_rejects(m: int, r: int, v: int, mu: float, tau: float) -> bool:
 def test_two_canaries_by_hand():
     """m = r = v = 2, tau = 1/2: h_1 = Phi(-mu) (as Phi^-1(1/2) = 0), r_1 = 1/2 + h_1,
     h_0 = max(h_1, Phi(Phi^-1(r_1) - mu)), and mu is rejected iff r_1 + h_0 > 1."""
+
     def by_hand(mu: float) -> float:
         h1 = norm.cdf(-mu)
         r1 = 0.5 + h1
@@ -100,7 +101,7 @@ def test_gdp_delta_and_epsilon_match_numerical_integration():
         for eps in (0.0, 0.5, 2.0, 5.0):
             # delta(eps) = integral of max(0, p1 - e^eps p0) for p1 = N(mu, 1), p0 = N(0, 1)
             x0 = eps / mu + mu / 2  # where p1 = e^eps p0
-            num = quad(lambda x: norm.pdf(x - mu) - math.exp(eps) * norm.pdf(x), x0, np.inf)[0]
+            num = quad(lambda x, mu=mu, eps=eps: norm.pdf(x - mu) - math.exp(eps) * norm.pdf(x), x0, np.inf)[0]
             assert F.gdp_delta(mu, eps) == pytest.approx(num, abs=1e-10)
         eps_at = F.gdp_epsilon(mu, 1e-5)
         assert F.gdp_delta(mu, eps_at) == pytest.approx(1e-5, rel=1e-6)

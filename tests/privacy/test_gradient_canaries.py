@@ -37,9 +37,18 @@ def split():
 def _run(split, *, m=M, epsilon=2.0, epochs=3, seed=0, model=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus' secure-RNG warning: covered in test_dp_finetune
-        return dp_finetune(model=model or _mlp(), train_data=split.members, validation_data=split.nonmembers,
-                           target_epsilon=epsilon, epochs=epochs, batch_size=64, lr=2e-3, accountant="prv", seed=seed,
-                           gradient_canaries=m)
+        return dp_finetune(
+            model=model or _mlp(),
+            train_data=split.members,
+            validation_data=split.nonmembers,
+            target_epsilon=epsilon,
+            epochs=epochs,
+            batch_size=64,
+            lr=2e-3,
+            accountant="prv",
+            seed=seed,
+            gradient_canaries=m,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -137,9 +146,14 @@ def test_module_reports_critical_on_broken_step(tiny_bert_dir, sentiment_csv, tm
     from fmaudit.runner import run_recipe
     from fmaudit.testing import tiny_text_recipe
 
-    audits = [{"use": "privacy.dp_finetune", "target": "bert", "produces": "bert-dp",
-               "params": {"accountant": "rdp", "lr": 1e-2, "target_epsilon": 1.0, "epochs": 3,
-                          "gradient_canaries": 200}}]
+    audits = [
+        {
+            "use": "privacy.dp_finetune",
+            "target": "bert",
+            "produces": "bert-dp",
+            "params": {"accountant": "rdp", "lr": 1e-2, "target_epsilon": 1.0, "epochs": 3, "gradient_canaries": 200},
+        }
+    ]
     recipe = tiny_text_recipe(tiny_bert_dir, sentiment_csv, tmp_path, audits=audits)
     report = run_recipe(recipe)
     dp = report.result("privacy.dp_finetune", "bert")

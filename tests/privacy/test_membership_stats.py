@@ -124,8 +124,9 @@ def test_classifier_signals_are_stable_and_consistent():
 
 def test_sequence_signals():
     lps = [np.log([0.5, 0.25, 0.125, 0.5, 0.5]), np.log([0.9, 0.9])]
-    s = sequence_signals(lps, ["abc abc abc", "xyz"], k=0.4, token_mu=[np.zeros(5), np.zeros(2)],
-                         token_sigma=[np.ones(5), np.ones(2)])
+    s = sequence_signals(
+        lps, ["abc abc abc", "xyz"], k=0.4, token_mu=[np.zeros(5), np.zeros(2)], token_sigma=[np.ones(5), np.ones(2)]
+    )
     np.testing.assert_allclose(s["loss"], [-np.mean(lps[0]), -np.log(0.9)])
     np.testing.assert_allclose(s["min_k"][0], np.mean(np.log([0.125, 0.25])))  # ceil(0.4 * 5) = 2 lowest
     np.testing.assert_allclose(s["min_k_pp"], s["min_k"])  # mu 0, sigma 1
@@ -172,8 +173,19 @@ def test_fixed_variance_lira_online_is_monotone_per_example():
     online, offline, _ = lira_scores(mu_out - 10.0, ref, in_mask)  # far below OUT: clearly non-members
     online_hi, _, _ = lira_scores(mu_in, ref, in_mask)
     assert (online_hi > online).all()
-    assert (np.sign(np.diff(np.c_[lira_scores(mu_out - 1, ref, in_mask)[0], lira_scores(mu_out, ref, in_mask)[0],
-                                  lira_scores(mu_out + 1, ref, in_mask)[0]], axis=1)) >= 0).all()
+    assert (
+        np.sign(
+            np.diff(
+                np.c_[
+                    lira_scores(mu_out - 1, ref, in_mask)[0],
+                    lira_scores(mu_out, ref, in_mask)[0],
+                    lira_scores(mu_out + 1, ref, in_mask)[0],
+                ],
+                axis=1,
+            )
+        )
+        >= 0
+    ).all()
 
 
 def test_single_reference_model_imputes_missing_side():
@@ -262,16 +274,16 @@ def test_headline_finds_a_real_leak_and_measures_it_held_out():
 
     g = np.random.default_rng(0)
     y = np.r_[np.ones(300, bool), np.zeros(300, bool)]
-    scores = {"weak": g.normal(size=600) + 0.1 * y, "strong": g.normal(size=600) + 1.5 * y,
-              "none": g.normal(size=600)}
+    scores = {"weak": g.normal(size=600) + 0.1 * y, "strong": g.normal(size=600) + 1.5 * y, "none": g.normal(size=600)}
     heads, sel = calibrated_headlines(scores, y, bootstrap=100, level=0.95, null_rounds=100, seed=0)
     h = heads["auc"]
     assert h.attack == "strong" and h.p_value < 0.02 and h.value > h.null_quantile
     assert h.value == pytest.approx(roc_auc_score(y[~sel], scores["strong"][~sel]))
     assert h.num_members == 150 and h.num_nonmembers == 150 and h.ci[0] < h.value < h.ci[1]
     # one attack: no selection, the whole set
-    heads1, sel1 = calibrated_headlines({"strong": scores["strong"]}, y, bootstrap=0, level=0.95, null_rounds=50,
-                                        seed=0)
+    heads1, sel1 = calibrated_headlines(
+        {"strong": scores["strong"]}, y, bootstrap=0, level=0.95, null_rounds=50, seed=0
+    )
     assert sel1 is None and heads1["auc"].value == pytest.approx(roc_auc_score(y, scores["strong"]))
 
 
@@ -403,5 +415,6 @@ def test_attack_scorers_read_what_they_need():
     np.testing.assert_array_equal(ATTACKS["lira_online"].score(x, s), online)
     np.testing.assert_array_equal(ATTACKS["lira_offline"].score(x, s), offline)
     assert "lira" in x.details
-    np.testing.assert_array_equal(ATTACKS["rmia_offline"].score(x, s),
-                                  rmia_scores(sig["logp_true"], ref.logp, ref.in_mask, offline=True, a=0.3))
+    np.testing.assert_array_equal(
+        ATTACKS["rmia_offline"].score(x, s), rmia_scores(sig["logp_true"], ref.logp, ref.in_mask, offline=True, a=0.3)
+    )

@@ -16,7 +16,7 @@ from fmaudit.report import load_report
 
 cli = CliRunner()
 
-MODULE = '''
+MODULE = """
 from pathlib import Path
 
 import torch
@@ -28,15 +28,19 @@ Path(__file__).with_name(__name__ + ".IMPORTED").write_text("imported")  # proof
 def make(num_labels=10):
     torch.manual_seed(0)
     return nn.Sequential(nn.Flatten(), nn.Linear(64, num_labels))
-'''
+"""
 
 
 def _recipe(folder: Path, model: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    recipe = {"version": 1, "name": "code", "output_dir": str(folder / "reports"),
-              "data": {"digits": {"source": "bundled:digits", "limit": 60}},
-              "targets": {"net": {"model": model, "task": "image-classification"}},
-              "audits": [{"use": "utility", "target": "net", "data": "digits"}]}
+    recipe = {
+        "version": 1,
+        "name": "code",
+        "output_dir": str(folder / "reports"),
+        "data": {"digits": {"source": "bundled:digits", "limit": 60}},
+        "targets": {"net": {"model": model, "task": "image-classification"}},
+        "audits": [{"use": "utility", "target": "net", "data": "digits"}],
+    }
     path = folder / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
@@ -99,7 +103,9 @@ def test_allow_code_from_flag_allows_it(tmp_path, monkeypatch):
     assert res.exit_code == 0, (res.output, res.exception)
     (run_dir,) = (tmp_path / "recipe" / "reports").iterdir()
     code = load_report(run_dir).targets["net"].code
-    assert code.file == str(mod.resolve()) and code.allowed_by == f"--allow-code-from {(tmp_path / 'elsewhere').resolve()}"
+    assert (
+        code.file == str(mod.resolve()) and code.allowed_by == f"--allow-code-from {(tmp_path / 'elsewhere').resolve()}"
+    )
     assert code.sha256 == hashlib.sha256(mod.read_bytes()).hexdigest()
 
 
@@ -121,8 +127,12 @@ def test_load_target_refuses_too(tmp_path, monkeypatch):
     with pytest.raises(TargetError, match="--allow-code-from"):
         load_target(model=f"python:{name}:make", task="image-classification", base_dir=tmp_path / "recipe")
     assert not (mod.parent / f"{name}.IMPORTED").exists()
-    t = load_target(model=f"python:{name}:make", task="image-classification", base_dir=tmp_path / "recipe",
-                    allow_code_from=[tmp_path / "elsewhere"])
+    t = load_target(
+        model=f"python:{name}:make",
+        task="image-classification",
+        base_dir=tmp_path / "recipe",
+        allow_code_from=[tmp_path / "elsewhere"],
+    )
     assert t.code_info["file"] == str(mod.resolve())
 
 

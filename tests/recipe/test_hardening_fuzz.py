@@ -33,21 +33,78 @@ BASES = {p.name: yaml.safe_load(p.read_text(encoding="utf-8")) for p in RECIPES}
 MAX_SECONDS = 2.0
 
 SCALARS = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=24),
-    st.sampled_from(["bundled:minilm", "bundled:digits", "bundled:nope", "bundled:", "auto", "cuda", "cuda:7",
-                     "cpu", "mps", "loss", "rmia", "utility", "privacy.membership", "robustness.image_attack",
-                     "<<", "~", "null", "1e309", "-1", "0x10", "True", "", " ", "\x00", "é" * 5, "../../nope",
-                     "data/missing.csv", "*", "&a", "{", "[", "%", "@", "!!python/object"]),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=24),
+    st.sampled_from(
+        [
+            "bundled:minilm",
+            "bundled:digits",
+            "bundled:nope",
+            "bundled:",
+            "auto",
+            "cuda",
+            "cuda:7",
+            "cpu",
+            "mps",
+            "loss",
+            "rmia",
+            "utility",
+            "privacy.membership",
+            "robustness.image_attack",
+            "<<",
+            "~",
+            "null",
+            "1e309",
+            "-1",
+            "0x10",
+            "True",
+            "",
+            " ",
+            "\x00",
+            "é" * 5,
+            "../../nope",
+            "data/missing.csv",
+            "*",
+            "&a",
+            "{",
+            "[",
+            "%",
+            "@",
+            "!!python/object",
+        ]
+    ),
 )
-KEYS = st.one_of(st.text(max_size=12), st.sampled_from(["use", "target", "params", "fail_if", "produces", "data",
-                                                          "finetune", "model", "source", "limit", "seed", "lt",
-                                                          "gt", "attacks", "<<", "version"]),
-                 st.integers(min_value=-5, max_value=5))
-VALUES = st.recursive(SCALARS, lambda kids: st.one_of(st.lists(kids, max_size=4),
-                                                      st.dictionaries(KEYS, kids, max_size=4)), max_leaves=10)
-TREE_OPS = ["delete", "replace", "insert_key", "wrap_list", "wrap_dict", "stringify", "deep_nest", "alias",
-            "bomb"]
+KEYS = st.one_of(
+    st.text(max_size=12),
+    st.sampled_from(
+        [
+            "use",
+            "target",
+            "params",
+            "fail_if",
+            "produces",
+            "data",
+            "finetune",
+            "model",
+            "source",
+            "limit",
+            "seed",
+            "lt",
+            "gt",
+            "attacks",
+            "<<",
+            "version",
+        ]
+    ),
+    st.integers(min_value=-5, max_value=5),
+)
+VALUES = st.recursive(
+    SCALARS, lambda kids: st.one_of(st.lists(kids, max_size=4), st.dictionaries(KEYS, kids, max_size=4)), max_leaves=10
+)
+TREE_OPS = ["delete", "replace", "insert_key", "wrap_list", "wrap_dict", "stringify", "deep_nest", "alias", "bomb"]
 TEXT_OPS = [None, None, None, "truncate", "insert", "latin1", "tag", "tab_indent"]
 
 
@@ -167,8 +224,13 @@ def test_shipped_recipes_are_valid():
         assert res.exit_code == 0, res.output
 
 
-@settings(max_examples=400, derandomize=True, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
+@settings(
+    max_examples=400,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
+)
 @given(data=st.data())
 def test_mutated_recipes_validate_exits_0_or_2_and_writes_nothing(data):
     name = data.draw(st.sampled_from(sorted(BASES)), label="recipe")
@@ -247,8 +309,14 @@ def test_validate_in_a_subprocess(case, tmp_path):
     recipe.write_bytes(raw)
     env = dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="200")
     t = time.perf_counter()
-    res = subprocess.run([sys.executable, "-c", SUBPROCESS_CLI, "validate", str(recipe)], capture_output=True,
-                         text=True, cwd=tmp_path, env=env, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-c", SUBPROCESS_CLI, "validate", str(recipe)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=60,
+    )
     elapsed = time.perf_counter() - t
     assert res.returncode == expected, (res.stdout, res.stderr)
     assert "Traceback" not in res.stderr + res.stdout

@@ -23,8 +23,9 @@ def billion_laughs(levels: int = 9) -> str:
 
 def _cli(*args: str, cwd: Path, timeout: float = 30) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "fmaudit.cli", *args], capture_output=True, text=True, cwd=cwd,
-                         timeout=timeout)
+    res = subprocess.run(
+        [sys.executable, "-m", "fmaudit.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout
+    )
     return res, time.perf_counter() - t0
 
 
@@ -54,19 +55,28 @@ def test_billion_laughs_refused_by_validate_and_run_quickly(tmp_path):
 
 def test_small_anchors_and_merge_keys_still_work(tmp_path):
     p = tmp_path / "r.yaml"
-    p.write_text("version: 1\nname: anchors\ndata: {d: {source: bundled:tweets, limit: 50}}\n"
-                 "targets:\n  a: {model: bundled:minilm, finetune: &ft {data: d, epochs: 1}}\n"
-                 "  b: {model: bundled:minilm, finetune: {<<: *ft, epochs: 2}}\n"
-                 "audits: [{use: utility, target: [a, b]}]\n")
+    p.write_text(
+        "version: 1\nname: anchors\ndata: {d: {source: bundled:tweets, limit: 50}}\n"
+        "targets:\n  a: {model: bundled:minilm, finetune: &ft {data: d, epochs: 1}}\n"
+        "  b: {model: bundled:minilm, finetune: {<<: *ft, epochs: 2}}\n"
+        "audits: [{use: utility, target: [a, b]}]\n"
+    )
     loaded = load_recipe(p)
     assert loaded.recipe.targets["b"].finetune.epochs == 2 and loaded.recipe.targets["b"].finetune.data == "d"
 
 
 def test_deep_nesting_refused(tmp_path):
     deep_flow = "version: 1\nname: deep\nx: " + "[" * 5000 + "]" * 5000 + "\n" + TAIL
-    assert "malformed YAML" in _load_problem(tmp_path, deep_flow) or "nests deeper" in _load_problem(tmp_path, deep_flow)
-    block = "version: 1\nname: deep\n" + "".join("  " * i + f"k{i}:\n" for i in range(MAX_YAML_DEPTH + 5)) + \
-        "  " * (MAX_YAML_DEPTH + 5) + "leaf: 1\n" + TAIL
+    assert "malformed YAML" in _load_problem(tmp_path, deep_flow) or "nests deeper" in _load_problem(
+        tmp_path, deep_flow
+    )
+    block = (
+        "version: 1\nname: deep\n"
+        + "".join("  " * i + f"k{i}:\n" for i in range(MAX_YAML_DEPTH + 5))
+        + "  " * (MAX_YAML_DEPTH + 5)
+        + "leaf: 1\n"
+        + TAIL
+    )
     assert f"deeper than {MAX_YAML_DEPTH} levels" in _load_problem(tmp_path, block)
     inner = "version: 1\nname: deep\nx: " + "[" * 40 + "]" * 40 + "\n" + TAIL
     assert "nests deeper" in _load_problem(tmp_path, inner)

@@ -62,8 +62,11 @@ def test_top_level_not_a_mapping(tmp_path):
 
 
 def test_every_problem_listed_with_paths_and_lines(tmp_path):
-    bad = GOOD.replace("epochs: 1", "epochz: 1").replace("limit: 100", "limit: -3") \
+    bad = (
+        GOOD.replace("epochs: 1", "epochz: 1")
+        .replace("limit: 100", "limit: -3")
         .replace("bootstrap: 10", "bootstrap: lots")
+    )
     bad += "  - use: utilty\n    target: minilm\n"
     probs, err = problems(tmp_path, bad)
     assert "targets.minilm.finetune.epochz" in probs
@@ -107,15 +110,18 @@ def test_cross_references(tmp_path):
 
 def test_missing_files_and_non_model_folder(tmp_path):
     (tmp_path / "notamodel").mkdir()
-    text = GOOD.replace("source: bundled:tweets, limit: 100", "source: missing.csv") \
-        .replace("model: bundled:minilm", f"model: {tmp_path / 'notamodel'}\n    task: {TEXT_CLASSIFICATION}")
+    text = GOOD.replace("source: bundled:tweets, limit: 100", "source: missing.csv").replace(
+        "model: bundled:minilm", f"model: {tmp_path / 'notamodel'}\n    task: {TEXT_CLASSIFICATION}"
+    )
     probs, _ = problems(tmp_path, text)
     assert "does not exist" in probs["data.tweets.source"].message
     assert "no config.json" in probs["targets.minilm.model"].message
 
 
 def test_unknown_bundled_names(tmp_path):
-    probs, _ = problems(tmp_path, GOOD.replace("bundled:minilm", "bundled:minlm").replace("bundled:tweets", "bundled:tweet"))
+    probs, _ = problems(
+        tmp_path, GOOD.replace("bundled:minilm", "bundled:minlm").replace("bundled:tweets", "bundled:tweet")
+    )
     assert "did you mean 'bundled:minilm'" in probs["targets.minilm.model"].message
     assert "did you mean 'bundled:tweets'" in probs["data.tweets.source"].message
 
@@ -149,9 +155,11 @@ def test_validate_cli_exit_code_and_no_model_loaded(tmp_path):
     """`fmaudit validate` exits 2 on a bad recipe and never imports torch (no model loads)."""
     bad = tmp_path / "bad.yaml"
     bad.write_text(GOOD.replace("epochs: 1", "epochs: 0"))
-    code = ("import sys\nfrom fmaudit.cli import app\n"
-            "try:\n    app([ 'validate', sys.argv[1]])\nexcept SystemExit as e:\n    rc = e.code\n"
-            "assert 'torch' not in sys.modules, 'validate imported torch'\nsys.exit(rc)\n")
+    code = (
+        "import sys\nfrom fmaudit.cli import app\n"
+        "try:\n    app([ 'validate', sys.argv[1]])\nexcept SystemExit as e:\n    rc = e.code\n"
+        "assert 'torch' not in sys.modules, 'validate imported torch'\nsys.exit(rc)\n"
+    )
     res = subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True)
     assert res.returncode == 2, res.stderr + res.stdout
     assert "targets.minilm.finetune.epochs" in res.stderr

@@ -4,11 +4,22 @@ errored units, missing modules."""
 from __future__ import annotations
 
 import pytest
+from report_fixtures import (
+    attribution,
+    by_area,
+    dp_finetune,
+    image_attack,
+    leaky_report,
+    membership,
+    metric,
+    report,
+    target,
+    text_attack,
+    unit,
+)
 
 from fmaudit.report import ErrorInfo, Finding, GateResult
 from fmaudit.verdict import AREAS, COLOURS, verdict_lines
-from report_fixtures import (attribution, by_area, dp_finetune, image_attack, leaky_report, membership, metric,
-                             report, target, text_attack, unit)
 
 
 def test_leaky_target_and_its_dp_twin():
@@ -40,40 +51,73 @@ def test_the_modules_chance_finding_wins_over_the_raw_numbers():
 
 
 def test_safe_run_is_ok_and_says_so():
-    rep = report([
-        membership("bert", auc=0.5, auc_null=0.56, p=0.5, tpr=0.01, tpr_ci=(0.0, 0.03)),
-        unit("privacy.canary_audit", "bert", {"epsilon_lb": metric(0.0, unit="epsilon", better=False),
-                                              "epsilon_lb_ceiling": metric(3.1, unit="epsilon", better=True)},
-             [Finding(severity="info", title="No privacy loss detected at this canary count", metric="epsilon_lb")],
-             index=1),
-    ])
+    rep = report(
+        [
+            membership("bert", auc=0.5, auc_null=0.56, p=0.5, tpr=0.01, tpr_ci=(0.0, 0.03)),
+            unit(
+                "privacy.canary_audit",
+                "bert",
+                {
+                    "epsilon_lb": metric(0.0, unit="epsilon", better=False),
+                    "epsilon_lb_ceiling": metric(3.1, unit="epsilon", better=True),
+                },
+                [Finding(severity="info", title="No privacy loss detected at this canary count", metric="epsilon_lb")],
+                index=1,
+            ),
+        ]
+    )
     v = by_area(rep)["privacy"]
     assert v.level == "ok" and v.colour == COLOURS["ok"]
     assert "canary audit found no privacy loss (ε ≥ 0, ceiling 3.1)" in v.text
 
 
 def test_canary_proving_more_than_the_accountant_is_critical():
-    rep = report([
-        dp_finetune("bert", "bert-dp", eps=1.0),
-        unit("privacy.canary_audit", "bert-dp", {"epsilon_lb": metric(2.4, unit="epsilon", better=False),
-                                                 "epsilon_lb_ceiling": metric(5.3, unit="epsilon", better=True),
-                                                 "accountant_epsilon": metric(1.0, unit="epsilon", better=False)},
-             [Finding(severity="critical", title="Empirical epsilon exceeds the accountant's epsilon",
-                      metric="epsilon_lb")], index=1),
-    ], [target("bert"), target("bert-dp", produced_by="0:privacy.dp_finetune@bert")])
+    rep = report(
+        [
+            dp_finetune("bert", "bert-dp", eps=1.0),
+            unit(
+                "privacy.canary_audit",
+                "bert-dp",
+                {
+                    "epsilon_lb": metric(2.4, unit="epsilon", better=False),
+                    "epsilon_lb_ceiling": metric(5.3, unit="epsilon", better=True),
+                    "accountant_epsilon": metric(1.0, unit="epsilon", better=False),
+                },
+                [
+                    Finding(
+                        severity="critical",
+                        title="Empirical epsilon exceeds the accountant's epsilon",
+                        metric="epsilon_lb",
+                    )
+                ],
+                index=1,
+            ),
+        ],
+        [target("bert"), target("bert-dp", produced_by="0:privacy.dp_finetune@bert")],
+    )
     v = by_area(rep)["privacy"]
     assert v.level == "critical" and v.headline == "DP guarantee broken"
     assert "canary audit proves ε ≥ 2.4 > ε 1 claimed" in v.text
 
 
 def test_canary_out_of_reach_and_memorization():
-    out_of_reach = unit("privacy.canary_audit", "a", {
-        "epsilon_lb": metric(0.3, unit="epsilon"), "epsilon_lb_ceiling": metric(2.0, unit="epsilon"),
-        "accountant_epsilon": metric(8.0, unit="epsilon")},
-        [Finding(severity="low", title="Audit cannot test epsilon = 8: its ceiling is 2.000", metric="epsilon_lb")])
-    memorizes = unit("privacy.canary_audit", "b", {
-        "epsilon_lb": metric(1.7, unit="epsilon"), "epsilon_lb_ceiling": metric(2.0, unit="epsilon")},
-        [Finding(severity="medium", title="Training memorizes individual examples", metric="epsilon_lb")], index=1)
+    out_of_reach = unit(
+        "privacy.canary_audit",
+        "a",
+        {
+            "epsilon_lb": metric(0.3, unit="epsilon"),
+            "epsilon_lb_ceiling": metric(2.0, unit="epsilon"),
+            "accountant_epsilon": metric(8.0, unit="epsilon"),
+        },
+        [Finding(severity="low", title="Audit cannot test epsilon = 8: its ceiling is 2.000", metric="epsilon_lb")],
+    )
+    memorizes = unit(
+        "privacy.canary_audit",
+        "b",
+        {"epsilon_lb": metric(1.7, unit="epsilon"), "epsilon_lb_ceiling": metric(2.0, unit="epsilon")},
+        [Finding(severity="medium", title="Training memorizes individual examples", metric="epsilon_lb")],
+        index=1,
+    )
     v = by_area(report([out_of_reach, memorizes]))["privacy"]
     assert v.level == "medium" and v.headline == "Memorizes training examples"
     assert "b: canary audit proves ε ≥ 1.7, ceiling 2" in v.text
@@ -81,18 +125,37 @@ def test_canary_out_of_reach_and_memorization():
 
 
 def test_shift_and_correlated_references_are_caveats():
-    rep = report([membership("bert", auc=0.7, auc_null=0.56, p=0.002, tpr=0.02, tpr_ci=(0.0, 0.05), extra_findings=[
-        Finding(severity="medium", title="Members and non-members differ in length", metric="blind_baseline_auc"),
-        Finding(severity="high", title="Reference models are correlated with the target's membership")])])
+    rep = report(
+        [
+            membership(
+                "bert",
+                auc=0.7,
+                auc_null=0.56,
+                p=0.002,
+                tpr=0.02,
+                tpr_ci=(0.0, 0.05),
+                extra_findings=[
+                    Finding(
+                        severity="medium", title="Members and non-members differ in length", metric="blind_baseline_auc"
+                    ),
+                    Finding(severity="high", title="Reference models are correlated with the target's membership"),
+                ],
+            )
+        ]
+    )
     v = by_area(rep)["privacy"]
     assert v.level == "high"  # medium leak, raised by the invalid references
     assert "split is shifted (length" in v.text and "LiRA / RMIA numbers not valid" in v.text
 
 
 def test_several_units_on_one_target_show_the_worst():
-    rep = report([membership("m", auc=0.70, auc_null=0.56, p=0.005, tpr=0.04, tpr_ci=(0.02, 0.12), index=0),
-                  membership("m", auc=0.80, auc_null=0.56, p=0.005, tpr=0.30, tpr_ci=(0.11, 0.43), index=1),
-                  membership("m", auc=0.52, auc_null=0.56, p=0.4, tpr=0.01, tpr_ci=(0.0, 0.03), index=2)])
+    rep = report(
+        [
+            membership("m", auc=0.70, auc_null=0.56, p=0.005, tpr=0.04, tpr_ci=(0.02, 0.12), index=0),
+            membership("m", auc=0.80, auc_null=0.56, p=0.005, tpr=0.30, tpr_ci=(0.11, 0.43), index=1),
+            membership("m", auc=0.52, auc_null=0.56, p=0.4, tpr=0.01, tpr_ci=(0.0, 0.03), index=2),
+        ]
+    )
     v = by_area(rep)["privacy"]
     assert v.level == "high" and "TPR 30% at 1% FPR [11, 43]" in v.text and "(worst of 3 units)" in v.text
     assert v.text.count("TPR") == 1
@@ -125,8 +188,9 @@ def test_image_attack_reports_the_smallest_budget_that_flips_half():
 
 
 def test_image_attack_sanity_findings_make_it_untrustworthy():
-    v = by_area(report([image_attack([Finding(severity="high", title="Zero input gradients (possible gradient "
-                                                                     "masking)")])]))["robustness"]
+    v = by_area(
+        report([image_attack([Finding(severity="high", title="Zero input gradients (possible gradient masking)")])])
+    )["robustness"]
     assert v.level == "high" and "not trustworthy: Zero input gradients" in v.text
 
 
@@ -167,8 +231,12 @@ def test_errored_units_never_read_as_ok():
     only_error = report([unit("privacy.membership", "bert", status="error", error=err)])
     v = by_area(only_error)["privacy"]
     assert v.level == "error" and "privacy.membership@bert (ValueError) errored" in v.text
-    mixed = report([membership("bert", auc=0.5, auc_null=0.56, p=0.5, tpr=0.01, tpr_ci=(0.0, 0.03)),
-                    unit("privacy.canary_audit", "bert", status="error", error=err, index=1)])
+    mixed = report(
+        [
+            membership("bert", auc=0.5, auc_null=0.56, p=0.5, tpr=0.01, tpr_ci=(0.0, 0.03)),
+            unit("privacy.canary_audit", "bert", status="error", error=err, index=1),
+        ]
+    )
     v = by_area(mixed)["privacy"]
     assert v.level == "low" and v.headline.endswith("(incomplete)")
     assert v.text.endswith("incomplete: privacy.canary_audit@bert (ValueError) errored")
@@ -179,12 +247,22 @@ def test_failed_gate_raises_the_area():
     m = membership("bert", auc=0.58, auc_null=0.60, p=0.2, tpr=0.01, tpr_ci=(0.0, 0.03))
     rep = report([m.model_copy(update={"gates": [gate]})])
     v = by_area(rep)["privacy"]
-    assert v.level == "high" and v.headline == "Gate failed" and "gate failed: privacy.membership@bert auc 0.58" in v.text
+    assert (
+        v.level == "high" and v.headline == "Gate failed" and "gate failed: privacy.membership@bert auc 0.58" in v.text
+    )
 
 
 def test_plugin_module_counts_through_its_findings():
-    rep = report([unit("privacy.my_probe", "bert", {"score": metric(0.9)},
-                       [Finding(severity="medium", title="Probe separates members")])])
+    rep = report(
+        [
+            unit(
+                "privacy.my_probe",
+                "bert",
+                {"score": metric(0.9)},
+                [Finding(severity="medium", title="Probe separates members")],
+            )
+        ]
+    )
     v = by_area(rep)["privacy"]
     assert v.level == "medium" and "privacy.my_probe: Probe separates members" in v.text
 
@@ -197,7 +275,9 @@ def test_mixed_run_has_one_line_per_area_with_colours():
     assert lines[0].startswith("HIGH     privacy        Leaks membership")
     assert lines[1].startswith("MEDIUM   robustness     Fooled by character edits: bert: 30%")
     assert lines[2].startswith("—        explainability Not assessed")
-    assert lines[3].startswith("OK       utility        Clean performance: bert: accuracy 90% [86, 93], ECE 0.03; DP twin")
+    assert lines[3].startswith(
+        "OK       utility        Clean performance: bert: accuracy 90% [86, 93], ECE 0.03; DP twin"
+    )
     wrapped = verdict_lines(rep, width=80)
     assert len(wrapped) > 4 and all(len(line) <= 80 for line in wrapped)
     assert all(line.startswith(" " * 9) for line in wrapped if not line.split(" ")[0])
@@ -237,10 +317,18 @@ def test_dp_training_alone_is_not_a_privacy_test():
 def test_zero_flips_on_a_degenerate_target_is_not_resistance():
     """robustness.text_attack flags a near-constant classifier; its 0% success must not read 'Resists'."""
     u = text_attack("bert", "deepwordbug", 0.0)
-    u = u.model_copy(update={
-        "metrics": u.metrics | {"top_predicted_class_share": metric(0.97)},
-        "findings": [Finding(severity="high", title="Degenerate target: this attack result says nothing about "
-                                                   "robustness", detail="one class takes 97% of predictions")]})
+    u = u.model_copy(
+        update={
+            "metrics": u.metrics | {"top_predicted_class_share": metric(0.97)},
+            "findings": [
+                Finding(
+                    severity="high",
+                    title="Degenerate target: this attack result says nothing about robustness",
+                    detail="one class takes 97% of predictions",
+                )
+            ],
+        }
+    )
     v = by_area(report([u]))["robustness"]
     assert v.level == "medium" and v.headline.startswith("Not assessed by deepwordbug")
     assert "97%" in v.text and "says nothing about robustness" in v.text

@@ -47,8 +47,9 @@ KEY_PREDICT_CLEAN = 102
 KEY_ATTACK_NOISE = 103
 KEY_PREDICT_ADV = 104
 
-CI_NOTE = ("95% Clopper-Pearson interval over the certified examples (n = 32 gives about +/-15 points, "
-           "n = 100 about +/-10)")
+CI_NOTE = (
+    "95% Clopper-Pearson interval over the certified examples (n = 32 gives about +/-15 points, n = 100 about +/-10)"
+)
 # Float tolerance of the L2-ball check of an adversarial point: r * REL_TOL + ABS_TOL * sqrt(d).
 REL_TOL = 1e-5
 ABS_TOL = 1e-6
@@ -57,51 +58,92 @@ ABS_TOL = 1e-6
 class CertifyAudit(AuditModule):
     name = "robustness.certify"
     category = "robustness"
-    description = ("Certified L2 robustness by randomized smoothing (Cohen et al. 2019, CERTIFY with n0 / n / alpha): "
-                   "certified accuracy vs radius with Clopper-Pearson intervals, abstentions, the smoothed "
-                   "classifier's clean accuracy, and its empirical robust accuracy under expectation-over-noise "
-                   "PGD-L2 at the same radii (upper bound vs lower bound, checked).")
+    description = (
+        "Certified L2 robustness by randomized smoothing (Cohen et al. 2019, CERTIFY with n0 / n / alpha): "
+        "certified accuracy vs radius with Clopper-Pearson intervals, abstentions, the smoothed "
+        "classifier's clean accuracy, and its empirical robust accuracy under expectation-over-noise "
+        "PGD-L2 at the same radii (upper bound vs lower bound, checked)."
+    )
     requires = frozenset({"image", "classifier", "logits"})
-    metric_names = ("certified_accuracy@*", "empirical_robust_accuracy@*", "smoothed_clean_accuracy",
-                    "base_clean_accuracy", "abstention_rate", "predict_abstention_rate", "median_certified_radius",
-                    "average_certified_radius", "num_examples", "num_invariant_violations", "certify_seconds",
-                    "attack_seconds")
+    metric_names = (
+        "certified_accuracy@*",
+        "empirical_robust_accuracy@*",
+        "smoothed_clean_accuracy",
+        "base_clean_accuracy",
+        "abstention_rate",
+        "predict_abstention_rate",
+        "median_certified_radius",
+        "average_certified_radius",
+        "num_examples",
+        "num_invariant_violations",
+        "certify_seconds",
+        "attack_seconds",
+    )
 
     class Params(AuditParams):
-        sigma: float = Field(default=0.25, gt=0, le=10, description="Standard deviation of the Gaussian noise, in "
-                                                                     "[0, 1] pixel units.")
-        n0: int = Field(default=100, ge=1, le=10_000_000, description="Noisy copies that choose the top class "
-                                                                       "(paper: 100).")
-        n: int = Field(default=10_000, ge=1, le=100_000_000,
-                       description="Noisy copies that bound its probability (paper: 100,000); the largest "
-                                   "certifiable radius is sigma * Phi^-1(alpha^(1/n)).")
-        alpha: float = Field(default=0.001, gt=0, lt=0.5, description="Failure probability of each certificate "
-                                                                       "(and of each PREDICT answer).")
-        predict_n: int = Field(default=1_000, ge=1, le=100_000_000,
-                               description="Noisy copies for PREDICT (clean accuracy of the smoothed classifier, "
-                                           "and its answer at every adversarial point).")
+        sigma: float = Field(
+            default=0.25, gt=0, le=10, description="Standard deviation of the Gaussian noise, in [0, 1] pixel units."
+        )
+        n0: int = Field(
+            default=100, ge=1, le=10_000_000, description="Noisy copies that choose the top class (paper: 100)."
+        )
+        n: int = Field(
+            default=10_000,
+            ge=1,
+            le=100_000_000,
+            description="Noisy copies that bound its probability (paper: 100,000); the largest "
+            "certifiable radius is sigma * Phi^-1(alpha^(1/n)).",
+        )
+        alpha: float = Field(
+            default=0.001,
+            gt=0,
+            lt=0.5,
+            description="Failure probability of each certificate (and of each PREDICT answer).",
+        )
+        predict_n: int = Field(
+            default=1_000,
+            ge=1,
+            le=100_000_000,
+            description="Noisy copies for PREDICT (clean accuracy of the smoothed classifier, "
+            "and its answer at every adversarial point).",
+        )
         batch_size: int = Field(default=1_000, gt=0, le=1_000_000, description="Noisy copies per forward pass.")
-        num_examples: int = Field(default=100, gt=0, le=100_000, description="Certify a seeded sample of at most "
-                                                                             "this many examples.")
+        num_examples: int = Field(
+            default=100, gt=0, le=100_000, description="Certify a seeded sample of at most this many examples."
+        )
         split: Literal["auto", "nonmembers", "members", "all"] = Field(
-            default="auto", description="auto = held-out non-members when the target was fine-tuned on this data.")
-        radii: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
-                                   description="L2 radii (pixel space) at which accuracies are reported; 0 is "
-                                               "always included.")
-        attack: bool = Field(default=True, description="Run the expectation-over-noise PGD-L2 against the smoothed "
-                                                       "classifier at every radius > 0 (the empirical upper bound).")
+            default="auto", description="auto = held-out non-members when the target was fine-tuned on this data."
+        )
+        radii: list[float] = Field(
+            default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
+            description="L2 radii (pixel space) at which accuracies are reported; 0 is always included.",
+        )
+        attack: bool = Field(
+            default=True,
+            description="Run the expectation-over-noise PGD-L2 against the smoothed "
+            "classifier at every radius > 0 (the empirical upper bound).",
+        )
         attack_steps: int = Field(default=20, ge=1, le=10_000, description="PGD steps.")
-        attack_noise_samples: int = Field(default=8, ge=1, le=10_000,
-                                          description="Noise draws k averaged per gradient step (Salman et al.).")
-        attack_step_size: float | None = Field(default=None, gt=0,
-                                               description="Step as a fraction of the radius (default 2.5 / steps).")
-        attack_restarts: int = Field(default=1, ge=1, le=100,
-                                     description="Independent runs per radius (the first from the clean image, the "
-                                                 "others from a random point of the ball); an example counts as "
-                                                 "broken when any run breaks it.")
-        invariant_quantile: float = Field(default=0.999, gt=0.5, lt=1,
-                                          description="Allowance of the invariant check: this quantile of "
-                                                      "Binomial(certified examples, 2 alpha).")
+        attack_noise_samples: int = Field(
+            default=8, ge=1, le=10_000, description="Noise draws k averaged per gradient step (Salman et al.)."
+        )
+        attack_step_size: float | None = Field(
+            default=None, gt=0, description="Step as a fraction of the radius (default 2.5 / steps)."
+        )
+        attack_restarts: int = Field(
+            default=1,
+            ge=1,
+            le=100,
+            description="Independent runs per radius (the first from the clean image, the "
+            "others from a random point of the ball); an example counts as "
+            "broken when any run breaks it.",
+        )
+        invariant_quantile: float = Field(
+            default=0.999,
+            gt=0.5,
+            lt=1,
+            description="Allowance of the invariant check: this quantile of Binomial(certified examples, 2 alpha).",
+        )
 
         @field_validator("radii")
         @classmethod
@@ -134,17 +176,24 @@ class CertifyAudit(AuditModule):
     def check(self, target, data) -> list[str]:
         problems: list[str] = []
         if "image" not in getattr(target, "capabilities", ()) or not hasattr(target, "normalized_inside"):
-            return [f"robustness.certify certifies image classifiers (randomized smoothing adds Gaussian noise to "
-                    f"pixels); target {target.name!r} is a {getattr(target, 'task', type(target).__name__)} target "
-                    "(for text, use robustness.text_attack)"]
+            return [
+                f"robustness.certify certifies image classifiers (randomized smoothing adds Gaussian noise to "
+                f"pixels); target {target.name!r} is a {getattr(target, 'task', type(target).__name__)} target "
+                "(for text, use robustness.text_attack)"
+            ]
         if target.num_labels is None:
             problems.append(f"the number of classes of target {target.name!r} is unknown; set num_labels on it")
         elif target.num_labels < 2:
             problems.append(f"target {target.name!r} has {target.num_labels} class; certification needs at least 2")
         return problems + image_data_problems(
-            target, data, split=self.params.split, purpose="certified accuracy", verb="certify",
+            target,
+            data,
+            split=self.params.split,
+            purpose="certified accuracy",
+            verb="certify",
             pixel_hint="sigma and the radii are in [0, 1] pixel units: give the images scaled to [0, 1] and declare "
-                       "the model's normalization on the target")
+            "the model's normalization on the target",
+        )
 
     # -- run -----------------------------------------------------------------------------------------
     def run(self, target, ctx: AuditContext) -> Outcome:
@@ -162,8 +211,9 @@ class CertifyAudit(AuditModule):
         with eval_mode(model):
             base_logits = batched_forward(model, x, p.batch_size, device=device, dtype=torch.float32)
             if base_logits.shape != (n, n_classes):
-                raise ValueError(f"the model must return one (N, {n_classes}) logits tensor; got shape "
-                                 f"{tuple(base_logits.shape)}")
+                raise ValueError(
+                    f"the model must return one (N, {n_classes}) logits tensor; got shape {tuple(base_logits.shape)}"
+                )
             base_correct = base_logits.argmax(1).numpy() == y
             t0 = time.perf_counter()
             cert_pred = np.full(n, sm.ABSTAIN, dtype=np.int64)
@@ -177,8 +227,9 @@ class CertifyAudit(AuditModule):
                     c1 = self._counts(model, x[i], p.n, self._gen(ctx.seed, KEY_ESTIMATE, keys[i]), n_classes, device)
                     cert_pred[i], cert_radius[i], pa_lower[i] = sm.certify_from_counts(c0, c1, p.sigma, p.alpha)
                     counts_top[i] = int(c1[int(np.argmax(c0))])
-                    cp = self._counts(model, x[i], p.predict_n, self._gen(ctx.seed, KEY_PREDICT_CLEAN, keys[i]),
-                                      n_classes, device)
+                    cp = self._counts(
+                        model, x[i], p.predict_n, self._gen(ctx.seed, KEY_PREDICT_CLEAN, keys[i]), n_classes, device
+                    )
                     clean_pred[i] = sm.predict_from_counts(cp, p.alpha)[0]
                     bar.advance()
             certify_seconds = time.perf_counter() - t0
@@ -189,8 +240,19 @@ class CertifyAudit(AuditModule):
                 t1 = time.perf_counter()
                 attack = self._attack(model, x, y, smoothed_correct, keys, radii, n_classes, device, ctx)
                 attack["seconds"] = time.perf_counter() - t1
-        self._report(images, ctx, base_correct, cert_pred, cert_radius, pa_lower, counts_top, clean_pred, attack,
-                     certify_seconds, out)
+        self._report(
+            images,
+            ctx,
+            base_correct,
+            cert_pred,
+            cert_radius,
+            pa_lower,
+            counts_top,
+            clean_pred,
+            attack,
+            certify_seconds,
+            out,
+        )
         return out
 
     # -- sampling ------------------------------------------------------------------------------------
@@ -209,8 +271,16 @@ class CertifyAudit(AuditModule):
         from `gen`, so the numbers do not depend on the device)."""
         from fmaudit.robustness.smoothing_noise import noisy_counts
 
-        return noisy_counts(model, x1, num, gen, n_classes=n_classes, sigma=self.params.sigma,
-                            batch_size=self.params.batch_size, device=device)
+        return noisy_counts(
+            model,
+            x1,
+            num,
+            gen,
+            n_classes=n_classes,
+            sigma=self.params.sigma,
+            batch_size=self.params.batch_size,
+            device=device,
+        )
 
     # -- empirical side: expectation-over-noise PGD-L2 on the smoothed classifier, judged by PREDICT --
     def _attack(self, model, x, y, smoothed_correct, keys, radii, n_classes, device, ctx) -> dict[str, Any]:
@@ -241,13 +311,25 @@ class CertifyAudit(AuditModule):
                 for restart in range(p.attack_restarts):
                     todo = idx[~broken[idx]]
                     for s in range(0, len(todo), per_batch):
-                        part = todo[s: s + per_batch]
-                        adv = self._pgd(model, x[part], torch.as_tensor(y[part]), r, [keys[i] for i in part], ri,
-                                        restart, device, ctx.seed)
+                        part = todo[s : s + per_batch]
+                        adv = self._pgd(
+                            model,
+                            x[part],
+                            torch.as_tensor(y[part]),
+                            r,
+                            [keys[i] for i in part],
+                            ri,
+                            restart,
+                            device,
+                            ctx.seed,
+                        )
                         delta = adv.double().flatten(1) - x[part].double().flatten(1)
                         dd = delta.norm(dim=1).numpy()
-                        ok = (torch.isfinite(delta).all(1).numpy() & (dd <= r + r * REL_TOL + ABS_TOL * math.sqrt(d))
-                              & ((adv >= 0) & (adv <= 1)).flatten(1).all(1).numpy())
+                        ok = (
+                            torch.isfinite(delta).all(1).numpy()
+                            & (dd <= r + r * REL_TOL + ABS_TOL * math.sqrt(d))
+                            & ((adv >= 0) & (adv <= 1)).flatten(1).all(1).numpy()
+                        )
                         for j, i in enumerate(part):
                             if not ok[j]:
                                 bad += 1
@@ -274,13 +356,35 @@ class CertifyAudit(AuditModule):
         p = self.params
         step = (p.attack_step_size if p.attack_step_size is not None else 2.5 / p.attack_steps) * radius
         gens = [self._gen(seed, KEY_ATTACK_NOISE, key, ri, restart) for key in keys]
-        return smoothed_pgd_l2(model, xb, yb, radius, gens, sigma=p.sigma, steps=p.attack_steps,
-                               noise_samples=p.attack_noise_samples, step_size=step, random_start=restart > 0,
-                               device=device)
+        return smoothed_pgd_l2(
+            model,
+            xb,
+            yb,
+            radius,
+            gens,
+            sigma=p.sigma,
+            steps=p.attack_steps,
+            noise_samples=p.attack_noise_samples,
+            step_size=step,
+            random_start=restart > 0,
+            device=device,
+        )
 
     # -- report --------------------------------------------------------------------------------------
-    def _report(self, images: ImageRun, ctx: AuditContext, base_correct, cert_pred, cert_radius, pa_lower,
-                counts_top, clean_pred, attack, certify_seconds, out: Outcome) -> None:
+    def _report(
+        self,
+        images: ImageRun,
+        ctx: AuditContext,
+        base_correct,
+        cert_pred,
+        cert_radius,
+        pa_lower,
+        counts_top,
+        clean_pred,
+        attack,
+        certify_seconds,
+        out: Outcome,
+    ) -> None:
         from fmaudit.robustness import smoothing as sm
         from fmaudit.robustness.intervals import clopper_pearson
 
@@ -290,64 +394,135 @@ class CertifyAudit(AuditModule):
         radii = p.radii
         max_r = p.max_radius
         out.tables["settings"] = {
-            "sigma": p.sigma, "n0": p.n0, "n": p.n, "alpha": p.alpha, "predict_n": p.predict_n,
-            "batch_size": p.batch_size, "radii": radii, "max_certifiable_radius": max_r,
+            "sigma": p.sigma,
+            "n0": p.n0,
+            "n": p.n,
+            "alpha": p.alpha,
+            "predict_n": p.predict_n,
+            "batch_size": p.batch_size,
+            "radii": radii,
+            "max_certifiable_radius": max_r,
             "confidence_bound": "one-sided Clopper-Pearson lower bound at level 1 - alpha (Beta(alpha; k, n-k+1))",
-            "attack": {"enabled": p.attack, "kind": "PGD-L2 on the soft smoothed classifier, expectation over noise "
-                                                   "(Salman et al. 2019), judged by PREDICT",
-                       "steps": p.attack_steps, "noise_samples": p.attack_noise_samples,
-                       "step_size": (p.attack_step_size if p.attack_step_size is not None else 2.5 / p.attack_steps),
-                       "step_size_unit": "fraction of the radius", "restarts": p.attack_restarts},
-            "seeds": {"stream": "EXAMPLE_SAMPLE", "keys": {"certify_selection": KEY_SELECT,
-                                                           "certify_estimation": KEY_ESTIMATE,
-                                                           "predict_clean": KEY_PREDICT_CLEAN,
-                                                           "attack_noise": KEY_ATTACK_NOISE,
-                                                           "predict_adversarial": KEY_PREDICT_ADV},
-                      "per_example_key": "crc32 of the example id", "seed": ctx.seed}}
+            "attack": {
+                "enabled": p.attack,
+                "kind": "PGD-L2 on the soft smoothed classifier, expectation over noise "
+                "(Salman et al. 2019), judged by PREDICT",
+                "steps": p.attack_steps,
+                "noise_samples": p.attack_noise_samples,
+                "step_size": (p.attack_step_size if p.attack_step_size is not None else 2.5 / p.attack_steps),
+                "step_size_unit": "fraction of the radius",
+                "restarts": p.attack_restarts,
+            },
+            "seeds": {
+                "stream": "EXAMPLE_SAMPLE",
+                "keys": {
+                    "certify_selection": KEY_SELECT,
+                    "certify_estimation": KEY_ESTIMATE,
+                    "predict_clean": KEY_PREDICT_CLEAN,
+                    "attack_noise": KEY_ATTACK_NOISE,
+                    "predict_adversarial": KEY_PREDICT_ADV,
+                },
+                "per_example_key": "crc32 of the example id",
+                "seed": ctx.seed,
+            },
+        }
         ci = clopper_pearson
         abstain = cert_pred == sm.ABSTAIN
         out.metric("num_examples", n, unit="examples", description="Examples certified.")
-        out.metric("base_clean_accuracy", float(base_correct.mean()), higher_is_better=True, unit="fraction",
-                   ci=ci(int(base_correct.sum()), n), ci_level=0.95,
-                   description=f"Accuracy of the base classifier (the target, no noise); {CI_NOTE}.")
+        out.metric(
+            "base_clean_accuracy",
+            float(base_correct.mean()),
+            higher_is_better=True,
+            unit="fraction",
+            ci=ci(int(base_correct.sum()), n),
+            ci_level=0.95,
+            description=f"Accuracy of the base classifier (the target, no noise); {CI_NOTE}.",
+        )
         smoothed_correct = clean_pred == y
-        out.metric("smoothed_clean_accuracy", float(smoothed_correct.mean()), higher_is_better=True, unit="fraction",
-                   ci=ci(int(smoothed_correct.sum()), n), ci_level=0.95,
-                   description=f"Accuracy of the smoothed classifier by PREDICT ({p.predict_n} noisy copies, "
-                               f"abstention = wrong) at sigma {p.sigma:g}; {CI_NOTE}.")
+        out.metric(
+            "smoothed_clean_accuracy",
+            float(smoothed_correct.mean()),
+            higher_is_better=True,
+            unit="fraction",
+            ci=ci(int(smoothed_correct.sum()), n),
+            ci_level=0.95,
+            description=f"Accuracy of the smoothed classifier by PREDICT ({p.predict_n} noisy copies, "
+            f"abstention = wrong) at sigma {p.sigma:g}; {CI_NOTE}.",
+        )
         pab = float((clean_pred == sm.ABSTAIN).mean())
-        out.metric("predict_abstention_rate", pab, higher_is_better=False, unit="fraction",
-                   ci=ci(int((clean_pred == sm.ABSTAIN).sum()), n), ci_level=0.95,
-                   description="Clean examples on which PREDICT abstains (top two classes not separable at alpha).")
-        out.metric("abstention_rate", float(abstain.mean()), higher_is_better=False, unit="fraction",
-                   ci=ci(int(abstain.sum()), n), ci_level=0.95,
-                   description="Examples CERTIFY abstains on (pA_lower <= 1/2): certified at no radius.")
+        out.metric(
+            "predict_abstention_rate",
+            pab,
+            higher_is_better=False,
+            unit="fraction",
+            ci=ci(int((clean_pred == sm.ABSTAIN).sum()), n),
+            ci_level=0.95,
+            description="Clean examples on which PREDICT abstains (top two classes not separable at alpha).",
+        )
+        out.metric(
+            "abstention_rate",
+            float(abstain.mean()),
+            higher_is_better=False,
+            unit="fraction",
+            ci=ci(int(abstain.sum()), n),
+            ci_level=0.95,
+            description="Examples CERTIFY abstains on (pA_lower <= 1/2): certified at no radius.",
+        )
         cert_rows = []
         certified = {}
         for r in radii:
             ok = sm.certified_accuracy(cert_pred, cert_radius, y, r)
             certified[r] = ok
-            out.metric(f"certified_accuracy@{r:g}", float(ok.mean()), higher_is_better=True, unit="fraction",
-                       ci=ci(int(ok.sum()), n), ci_level=0.95,
-                       description=f"Examples whose smoothed prediction is the label and certified constant within "
-                                   f"L2 radius {r:g} (each certificate holds with probability >= 1 - {p.alpha:g}); "
-                                   f"{CI_NOTE}." + (f" Above the largest certifiable radius {max_r:.3g} (n = {p.n}, "
-                                                     f"alpha = {p.alpha:g}): 0 by construction." if r > max_r else ""))
+            out.metric(
+                f"certified_accuracy@{r:g}",
+                float(ok.mean()),
+                higher_is_better=True,
+                unit="fraction",
+                ci=ci(int(ok.sum()), n),
+                ci_level=0.95,
+                description=f"Examples whose smoothed prediction is the label and certified constant within "
+                f"L2 radius {r:g} (each certificate holds with probability >= 1 - {p.alpha:g}); "
+                f"{CI_NOTE}."
+                + (
+                    f" Above the largest certifiable radius {max_r:.3g} (n = {p.n}, "
+                    f"alpha = {p.alpha:g}): 0 by construction."
+                    if r > max_r
+                    else ""
+                ),
+            )
         good = np.array([r is not None for r in cert_radius]) & (cert_pred == y)
         radii_ok = np.array([cert_radius[i] for i in np.flatnonzero(good)], dtype=np.float64)
-        out.metric("median_certified_radius", float(np.median(radii_ok)) if len(radii_ok) else None,
-                   higher_is_better=True, unit="L2",
-                   description="Median certified radius over the examples certified with the correct class.")
+        out.metric(
+            "median_certified_radius",
+            float(np.median(radii_ok)) if len(radii_ok) else None,
+            higher_is_better=True,
+            unit="L2",
+            description="Median certified radius over the examples certified with the correct class.",
+        )
         acr = float(np.where(good, [r or 0.0 for r in cert_radius], 0.0).mean()) if n else None
-        out.metric("average_certified_radius", acr, higher_is_better=True, unit="L2",
-                   description="Average certified radius (Zhai et al. 2020): the certified radius of correct "
-                               "certificates, 0 for wrong or abstained ones, averaged over all examples.")
-        out.metric("certify_seconds", certify_seconds, unit="seconds",
-                   description="Wall time of CERTIFY and PREDICT on the clean examples.")
-        out.curve("certified_accuracy", radii, [float(certified[r].mean()) for r in radii], x_label="L2 radius",
-                  y_label="accuracy",
-                  description="Certified accuracy vs L2 radius (randomized smoothing, a LOWER bound on the smoothed "
-                              "classifier's robust accuracy); plotted with empirical_robust_accuracy, an UPPER bound.")
+        out.metric(
+            "average_certified_radius",
+            acr,
+            higher_is_better=True,
+            unit="L2",
+            description="Average certified radius (Zhai et al. 2020): the certified radius of correct "
+            "certificates, 0 for wrong or abstained ones, averaged over all examples.",
+        )
+        out.metric(
+            "certify_seconds",
+            certify_seconds,
+            unit="seconds",
+            description="Wall time of CERTIFY and PREDICT on the clean examples.",
+        )
+        out.curve(
+            "certified_accuracy",
+            radii,
+            [float(certified[r].mean()) for r in radii],
+            x_label="L2 radius",
+            y_label="accuracy",
+            description="Certified accuracy vs L2 radius (randomized smoothing, a LOWER bound on the smoothed "
+            "classifier's robust accuracy); plotted with empirical_robust_accuracy, an UPPER bound.",
+        )
         # empirical side and the invariant
         violations = 0
         emp = {}
@@ -357,18 +532,33 @@ class CertifyAudit(AuditModule):
                 rb = robust[r]
                 emp[r] = rb
                 if r > 0:
-                    out.metric(f"empirical_robust_accuracy@{r:g}", float(rb.mean()), higher_is_better=True,
-                               unit="fraction", ci=ci(int(rb.sum()), n), ci_level=0.95,
-                               description=f"Accuracy of the smoothed classifier (PREDICT, abstention = wrong) on "
-                                           f"points found by expectation-over-noise PGD-L2 within radius {r:g} "
-                                           f"(an UPPER bound on its robust accuracy); {CI_NOTE}.")
-            out.curve("empirical_robust_accuracy", radii, [float(emp[r].mean()) for r in radii], x_label="L2 radius",
-                      y_label="accuracy",
-                      description="Accuracy of the smoothed classifier under expectation-over-noise PGD-L2 vs radius "
-                                  "(radius 0: its clean accuracy by PREDICT), an UPPER bound; plotted with "
-                                  "certified_accuracy, a LOWER bound.")
-            out.metric("attack_seconds", attack["seconds"], unit="seconds",
-                       description="Wall time of the PGD-L2 runs and PREDICT at the adversarial points.")
+                    out.metric(
+                        f"empirical_robust_accuracy@{r:g}",
+                        float(rb.mean()),
+                        higher_is_better=True,
+                        unit="fraction",
+                        ci=ci(int(rb.sum()), n),
+                        ci_level=0.95,
+                        description=f"Accuracy of the smoothed classifier (PREDICT, abstention = wrong) on "
+                        f"points found by expectation-over-noise PGD-L2 within radius {r:g} "
+                        f"(an UPPER bound on its robust accuracy); {CI_NOTE}.",
+                    )
+            out.curve(
+                "empirical_robust_accuracy",
+                radii,
+                [float(emp[r].mean()) for r in radii],
+                x_label="L2 radius",
+                y_label="accuracy",
+                description="Accuracy of the smoothed classifier under expectation-over-noise PGD-L2 vs radius "
+                "(radius 0: its clean accuracy by PREDICT), an UPPER bound; plotted with "
+                "certified_accuracy, a LOWER bound.",
+            )
+            out.metric(
+                "attack_seconds",
+                attack["seconds"],
+                unit="seconds",
+                description="Wall time of the PGD-L2 runs and PREDICT at the adversarial points.",
+            )
             inv_rows = []
             for r in radii:
                 cert_ok = certified[r]
@@ -383,63 +573,99 @@ class CertifyAudit(AuditModule):
                 excess = n_cert - n_emp
                 violated = excess > allowance + int(inconclusive.sum())
                 violations += int(violated)
-                inv_rows.append({"radius": r, "certified": n_cert, "empirically_robust": n_emp, "excess": excess,
-                                 "allowance": allowance, "certified_but_abstained": int(inconclusive.sum()),
-                                 "contradictions": int(contra.sum()),
-                                 "contradiction_ids": [data.ids[i] for i in np.flatnonzero(contra)][:20],
-                                 "holds": not violated})
+                inv_rows.append(
+                    {
+                        "radius": r,
+                        "certified": n_cert,
+                        "empirically_robust": n_emp,
+                        "excess": excess,
+                        "allowance": allowance,
+                        "certified_but_abstained": int(inconclusive.sum()),
+                        "contradictions": int(contra.sum()),
+                        "contradiction_ids": [data.ids[i] for i in np.flatnonzero(contra)][:20],
+                        "holds": not violated,
+                    }
+                )
                 if violated:
-                    out.finding("high", f"Certified accuracy above the empirical robust accuracy at radius {r:g}",
-                                f"{n_cert} of {n} examples are certified at L2 radius {r:g} but only {n_emp} survive "
-                                f"the PGD-L2 attack on the smoothed classifier ({int(contra.sum())} certified examples "
-                                f"were answered with another class within the radius, "
-                                f"{int(inconclusive.sum())} with an abstention). A certificate is a lower bound and "
-                                f"an attack an upper bound, so this can happen only with probability about alpha per "
-                                f"example (allowance {allowance} examples): the certificate is wrong here (noise not "
-                                "what the certificate assumes, a randomized or stateful model, a bug).",
-                                metric=f"certified_accuracy@{r:g}")
+                    out.finding(
+                        "high",
+                        f"Certified accuracy above the empirical robust accuracy at radius {r:g}",
+                        f"{n_cert} of {n} examples are certified at L2 radius {r:g} but only {n_emp} survive "
+                        f"the PGD-L2 attack on the smoothed classifier ({int(contra.sum())} certified examples "
+                        f"were answered with another class within the radius, "
+                        f"{int(inconclusive.sum())} with an abstention). A certificate is a lower bound and "
+                        f"an attack an upper bound, so this can happen only with probability about alpha per "
+                        f"example (allowance {allowance} examples): the certificate is wrong here (noise not "
+                        "what the certificate assumes, a randomized or stateful model, a bug).",
+                        metric=f"certified_accuracy@{r:g}",
+                    )
             out.tables["invariant"] = inv_rows
             inv_invalid = int(sum(attack["invalid"].values()))
             if inv_invalid:
-                out.finding("high", "The PGD attack returned points outside its L2 ball or [0, 1]",
-                            f"{inv_invalid} adversarial points failed the threat-model check and were not counted.")
-        out.metric("num_invariant_violations", violations if attack is not None else None, higher_is_better=False,
-                   unit="radii",
-                   description="Radii at which certified accuracy exceeds the empirical robust accuracy by more than "
-                               "the certificates' failure allowance (and PREDICT's abstentions); empty when the "
-                               "attack is off (nothing to compare with).")
+                out.finding(
+                    "high",
+                    "The PGD attack returned points outside its L2 ball or [0, 1]",
+                    f"{inv_invalid} adversarial points failed the threat-model check and were not counted.",
+                )
+        out.metric(
+            "num_invariant_violations",
+            violations if attack is not None else None,
+            higher_is_better=False,
+            unit="radii",
+            description="Radii at which certified accuracy exceeds the empirical robust accuracy by more than "
+            "the certificates' failure allowance (and PREDICT's abstentions); empty when the "
+            "attack is off (nothing to compare with).",
+        )
         for r in radii:
-            row = {"radius": r, "certified_accuracy": float(certified[r].mean()),
-                   "certified_accuracy_ci95": list(ci(int(certified[r].sum()), n) or ())}
+            row = {
+                "radius": r,
+                "certified_accuracy": float(certified[r].mean()),
+                "certified_accuracy_ci95": list(ci(int(certified[r].sum()), n) or ()),
+            }
             if attack is not None:
                 row["empirical_robust_accuracy"] = float(emp[r].mean())
                 row["empirical_robust_accuracy_ci95"] = list(ci(int(emp[r].sum()), n) or ())
             cert_rows.append(row)
         out.tables["curve"] = cert_rows
         for i in range(n):
-            out.evidence.append({"id": data.ids[i], "label": int(y[i]),
-                                 "certified_class": None if cert_pred[i] == sm.ABSTAIN else int(cert_pred[i]),
-                                 "radius": cert_radius[i], "pa_lower": float(pa_lower[i]),
-                                 "top_count": int(counts_top[i]),
-                                 "predict_clean": None if clean_pred[i] == sm.ABSTAIN else int(clean_pred[i]),
-                                 "base_correct": bool(base_correct[i])})
+            out.evidence.append(
+                {
+                    "id": data.ids[i],
+                    "label": int(y[i]),
+                    "certified_class": None if cert_pred[i] == sm.ABSTAIN else int(cert_pred[i]),
+                    "radius": cert_radius[i],
+                    "pa_lower": float(pa_lower[i]),
+                    "top_count": int(counts_top[i]),
+                    "predict_clean": None if clean_pred[i] == sm.ABSTAIN else int(clean_pred[i]),
+                    "base_correct": bool(base_correct[i]),
+                }
+            )
         # readings an auditor needs
         if abstain.mean() >= 0.5:
-            out.finding("medium", "CERTIFY abstains on most examples",
-                        f"{abstain.mean():.1%} of examples get no certificate at sigma {p.sigma:g}: the base classifier "
-                        "is not confident under this noise (Cohen et al. train it with Gaussian noise augmentation at "
-                        "the same sigma). Certified accuracies are low because of that, not because of an attack.",
-                        metric="abstention_rate")
+            out.finding(
+                "medium",
+                "CERTIFY abstains on most examples",
+                f"{abstain.mean():.1%} of examples get no certificate at sigma {p.sigma:g}: the base classifier "
+                "is not confident under this noise (Cohen et al. train it with Gaussian noise augmentation at "
+                "the same sigma). Certified accuracies are low because of that, not because of an attack.",
+                metric="abstention_rate",
+            )
         gap = float(base_correct.mean() - smoothed_correct.mean())
         if gap > 0.2:
-            out.finding("medium", "Smoothing costs much clean accuracy",
-                        f"the base classifier is right on {base_correct.mean():.1%}, the smoothed one (sigma {p.sigma:g}) "
-                        f"on {smoothed_correct.mean():.1%}: the model was likely not trained under Gaussian noise; "
-                        "a smaller sigma or noise-augmented training certifies more.",
-                        metric="smoothed_clean_accuracy")
+            out.finding(
+                "medium",
+                "Smoothing costs much clean accuracy",
+                f"the base classifier is right on {base_correct.mean():.1%}, the smoothed one (sigma {p.sigma:g}) "
+                f"on {smoothed_correct.mean():.1%}: the model was likely not trained under Gaussian noise; "
+                "a smaller sigma or noise-augmented training certifies more.",
+                metric="smoothed_clean_accuracy",
+            )
         beyond = [r for r in radii if r > max_r]
         if beyond:
-            out.finding("info", "Radii beyond what n can certify",
-                        f"with n = {p.n} and alpha = {p.alpha:g} no radius above {max_r:.3g} can be certified (pA_lower "
-                        f"is at most alpha^(1/n)); certified accuracy at {', '.join(f'{r:g}' for r in beyond)} is 0 by "
-                        "construction. Raise n to certify further.")
+            out.finding(
+                "info",
+                "Radii beyond what n can certify",
+                f"with n = {p.n} and alpha = {p.alpha:g} no radius above {max_r:.3g} can be certified (pA_lower "
+                f"is at most alpha^(1/n)); certified accuracy at {', '.join(f'{r:g}' for r in beyond)} is 0 by "
+                "construction. Raise n to certify further.",
+            )

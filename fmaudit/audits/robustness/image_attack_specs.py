@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -46,8 +46,9 @@ def eps_list(values: list[float], norm: str, where: str) -> list[float]:
             raise ValueError(f"{where}: every epsilon must be > 0 (got {e:g})")
         if norm == "Linf" and e > 1:
             hint = f"; did you mean {e:g}/255 = {e / 255:.4g}?" if e <= 255 else ""
-            raise ValueError(f"{where}: an Linf epsilon must be in (0, 1] because pixels are in [0, 1] "
-                             f"(got {e:g}){hint}")
+            raise ValueError(
+                f"{where}: an Linf epsilon must be in (0, 1] because pixels are in [0, 1] (got {e:g}){hint}"
+            )
     return sorted(set(float(e) for e in values))
 
 
@@ -59,11 +60,15 @@ class BaseAttackSpec(AuditParams):
     single_step: ClassVar[bool] = False  # compared with the iterative attacks at the same budget
     iterative: ClassVar[bool] = False  # iterative gradient attack with a fixed budget
 
-    label: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]+$",
-                              description="Name used in metrics and curves (default: name, plus _linf / _l2 "
-                                          "for attacks with a norm choice).")
-    epsilons: list[float] | None = Field(default=None, description="This attack's budgets (default: the module's "
-                                                                    "`epsilons` for Linf, `l2_epsilons` for L2).")
+    label: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Name used in metrics and curves (default: name, plus _linf / _l2 for attacks with a norm choice).",
+    )
+    epsilons: list[float] | None = Field(
+        default=None,
+        description="This attack's budgets (default: the module's `epsilons` for Linf, `l2_epsilons` for L2).",
+    )
 
     @field_validator("epsilons", mode="before")
     @classmethod
@@ -85,8 +90,9 @@ class BaseAttackSpec(AuditParams):
             self.epsilons = eps_list(self.epsilons, self.norm_, "epsilons")
         return self
 
-    def build(self, model: Any, *, eps: float | None, n_classes: int, seed: int, device: Any,
-              batch_size: int) -> tuple[Any, dict[str, Any]]:
+    def build(
+        self, model: Any, *, eps: float | None, n_classes: int, seed: int, device: Any, batch_size: int
+    ) -> tuple[Any, dict[str, Any]]:
         """The attack on `model` at budget `eps` (None for minimum-norm attacks) and the settings it used."""
         raise NotImplementedError
 
@@ -114,10 +120,12 @@ class PGDSpec(BaseAttackSpec):
     name: Literal["pgd"]
     norm: Literal["Linf", "L2"] = "Linf"
     steps: int = Field(default=20, ge=1, le=10_000)
-    alpha: float | None = Field(default=None, gt=0, description="Step size as a fraction of epsilon "
-                                                                "(default 2.5 / steps, as in Madry et al.).")
-    restarts: int = Field(default=1, ge=1, le=100, description="Random restarts (torchattacks.MultiAttack keeps "
-                                                               "the first success).")
+    alpha: float | None = Field(
+        default=None, gt=0, description="Step size as a fraction of epsilon (default 2.5 / steps, as in Madry et al.)."
+    )
+    restarts: int = Field(
+        default=1, ge=1, le=100, description="Random restarts (torchattacks.MultiAttack keeps the first success)."
+    )
     random_start: bool = True
 
     def build(self, model, *, eps, n_classes, seed, device, batch_size):
@@ -125,8 +133,10 @@ class PGDSpec(BaseAttackSpec):
 
         alpha = (self.alpha if self.alpha is not None else 2.5 / self.steps) * eps
         cls = torchattacks.PGD if self.norm == "Linf" else torchattacks.PGDL2
-        atks = [cls(model, eps=eps, alpha=alpha, steps=self.steps, random_start=self.random_start)
-                for _ in range(self.restarts)]
+        atks = [
+            cls(model, eps=eps, alpha=alpha, steps=self.steps, random_start=self.random_start)
+            for _ in range(self.restarts)
+        ]
         used = {"alpha": alpha, "steps": self.steps, "restarts": self.restarts, "random_start": self.random_start}
         return (atks[0] if len(atks) == 1 else torchattacks.MultiAttack(atks)), used
 
@@ -140,8 +150,12 @@ class CWSpec(BaseAttackSpec):
     name: Literal["cw"]
     c: float = Field(default=1e-3, gt=0, description="Initial c of the binary search (paper: 1e-3).")
     kappa: float = Field(default=0.0, ge=0)
-    steps: int = Field(default=1000, ge=1, le=100_000, description="Adam steps per binary-search round "
-                                                                  "(paper: 10,000, with abort-early).")
+    steps: int = Field(
+        default=1000,
+        ge=1,
+        le=100_000,
+        description="Adam steps per binary-search round (paper: 10,000, with abort-early).",
+    )
     lr: float = Field(default=0.01, gt=0)
     binary_steps: int = Field(default=9, ge=1, le=50, description="Rounds of the binary search over c (paper: 9).")
     abort_early: bool = True
@@ -149,8 +163,15 @@ class CWSpec(BaseAttackSpec):
     def build(self, model, *, eps, n_classes, seed, device, batch_size):
         from fmaudit.robustness.cw import CarliniWagnerL2
 
-        atk = CarliniWagnerL2(model, c=self.c, kappa=self.kappa, steps=self.steps, lr=self.lr,
-                              binary_steps=self.binary_steps, abort_early=self.abort_early)
+        atk = CarliniWagnerL2(
+            model,
+            c=self.c,
+            kappa=self.kappa,
+            steps=self.steps,
+            lr=self.lr,
+            binary_steps=self.binary_steps,
+            abort_early=self.abort_early,
+        )
         return atk, {"implementation": "fmaudit.robustness.cw", **atk.settings}
 
 
@@ -165,8 +186,10 @@ class DeepFoolSpec(BaseAttackSpec):
     def build(self, model, *, eps, n_classes, seed, device, batch_size):
         import torchattacks
 
-        return (torchattacks.DeepFool(model, steps=self.steps, overshoot=self.overshoot),
-                {"steps": self.steps, "overshoot": self.overshoot, "restarts": 1})
+        return (
+            torchattacks.DeepFool(model, steps=self.steps, overshoot=self.overshoot),
+            {"steps": self.steps, "overshoot": self.overshoot, "restarts": 1},
+        )
 
 
 class SquareSpec(BaseAttackSpec):
@@ -182,9 +205,18 @@ class SquareSpec(BaseAttackSpec):
     def build(self, model, *, eps, n_classes, seed, device, batch_size):
         import torchattacks
 
-        return (torchattacks.Square(model, norm=self.norm, eps=eps, n_queries=self.n_queries,
-                                    n_restarts=self.restarts, p_init=self.p_init, seed=seed),
-                {"n_queries": self.n_queries, "p_init": self.p_init, "restarts": self.restarts, "seed": seed})
+        return (
+            torchattacks.Square(
+                model,
+                norm=self.norm,
+                eps=eps,
+                n_queries=self.n_queries,
+                n_restarts=self.restarts,
+                p_init=self.p_init,
+                seed=seed,
+            ),
+            {"n_queries": self.n_queries, "p_init": self.p_init, "restarts": self.restarts, "seed": seed},
+        )
 
 
 class AutoAttackSpec(BaseAttackSpec):
@@ -209,25 +241,35 @@ class AutoAttackSpec(BaseAttackSpec):
 
         if num_labels >= MIN_CLASSES:
             return []
-        return [f"attack {self.default_label!r}: AutoAttack needs at least {MIN_CLASSES} classes (its APGD-T stage "
-                f"uses the targeted DLR loss, which sorts 4 logits and is undefined below 4 classes); target "
-                f"{target_name!r} has {num_labels}. Use pgd, square, cw or deepfool instead"]
+        return [
+            f"attack {self.default_label!r}: AutoAttack needs at least {MIN_CLASSES} classes (its APGD-T stage "
+            f"uses the targeted DLR loss, which sorts 4 logits and is undefined below 4 classes); target "
+            f"{target_name!r} has {num_labels}. Use pgd, square, cw or deepfool instead"
+        ]
 
     def build(self, model, *, eps, n_classes, seed, device, batch_size):
         from fmaudit.robustness import autoattack as aa
 
         if self.version == "standard":
-            return aa.reference(model, norm=self.norm, eps=eps, n_classes=n_classes, seed=seed,
-                                batch_size=batch_size, device=device)
+            return aa.reference(
+                model, norm=self.norm, eps=eps, n_classes=n_classes, seed=seed, batch_size=batch_size, device=device
+            )
         return aa.fast(model, norm=self.norm, eps=eps, n_classes=n_classes, seed=seed)
 
 
 # The registry: attack name -> its spec. A new attack is one spec class above plus one line here and in
 # `AttackSpec` (the discriminated union pydantic validates recipes with).
-ATTACKS: dict[str, type[BaseAttackSpec]] = {"fgsm": FGSMSpec, "pgd": PGDSpec, "cw": CWSpec, "deepfool": DeepFoolSpec,
-                                     "square": SquareSpec, "autoattack": AutoAttackSpec}
-AttackSpec = Annotated[Union[FGSMSpec, PGDSpec, CWSpec, DeepFoolSpec, SquareSpec, AutoAttackSpec],
-                       Field(discriminator="name")]
+ATTACKS: dict[str, type[BaseAttackSpec]] = {
+    "fgsm": FGSMSpec,
+    "pgd": PGDSpec,
+    "cw": CWSpec,
+    "deepfool": DeepFoolSpec,
+    "square": SquareSpec,
+    "autoattack": AutoAttackSpec,
+}
+AttackSpec = Annotated[
+    FGSMSpec | PGDSpec | CWSpec | DeepFoolSpec | SquareSpec | AutoAttackSpec, Field(discriminator="name")
+]
 
 ATTACK_NAMES = tuple(ATTACKS)
 NORMED = tuple(n for n, s in ATTACKS.items() if "norm" in s.model_fields)  # attacks with a `norm:` choice
@@ -236,8 +278,11 @@ BLACK_BOX = tuple(n for n, s in ATTACKS.items() if s.kind == "black-box")
 MIN_NORM = tuple(n for n, s in ATTACKS.items() if s.min_norm)
 SINGLE_STEP = tuple(n for n, s in ATTACKS.items() if s.single_step)
 ITERATIVE = tuple(n for n, s in ATTACKS.items() if s.iterative)
-SHORTHANDS = (tuple(ATTACK_NAMES) + tuple(f"{a}_{n}" for a in NORMED for n in ("linf", "l2"))
-              + ("autoattack_fast", "autoattack_fast_linf", "autoattack_fast_l2"))
+SHORTHANDS = (
+    tuple(ATTACK_NAMES)
+    + tuple(f"{a}_{n}" for a in NORMED for n in ("linf", "l2"))
+    + ("autoattack_fast", "autoattack_fast_linf", "autoattack_fast_l2")
+)
 
 
 def normalize_attack_item(item: Any, i: int) -> Any:
@@ -248,18 +293,24 @@ def normalize_attack_item(item: Any, i: int) -> Any:
             out: dict[str, Any] = {}
             if key.startswith("autoattack_fast"):
                 out["version"] = "fast"
-                key = "autoattack" + key[len("autoattack_fast"):]
+                key = "autoattack" + key[len("autoattack_fast") :]
             name, _, norm = key.partition("_")
             out["name"] = name
             if norm:
                 out["norm"] = "Linf" if norm == "linf" else "L2"
             return out
-        raise ValueError(f"unknown attack {item!r} (attacks[{i}])" + did_you_mean(key, SHORTHANDS)
-                         + f" (attacks: {', '.join(SHORTHANDS)})")
+        raise ValueError(
+            f"unknown attack {item!r} (attacks[{i}])"
+            + did_you_mean(key, SHORTHANDS)
+            + f" (attacks: {', '.join(SHORTHANDS)})"
+        )
     if isinstance(item, dict) and isinstance(item.get("name"), str):
         name = item["name"].strip().lower()
         if name not in ATTACKS:
-            raise ValueError(f"unknown attack {item['name']!r} (attacks[{i}].name)" + did_you_mean(name, ATTACK_NAMES)
-                             + f" (attacks: {', '.join(ATTACK_NAMES)})")
+            raise ValueError(
+                f"unknown attack {item['name']!r} (attacks[{i}].name)"
+                + did_you_mean(name, ATTACK_NAMES)
+                + f" (attacks: {', '.join(ATTACK_NAMES)})"
+            )
         return {**item, "name": name}
     return item

@@ -29,10 +29,16 @@ class ImageRun:
 
     def evaluated_on(self, ctx: AuditContext, target: Any) -> dict[str, Any]:
         """The `evaluated_on` table both modules report."""
-        return {"dataset": ctx.require_data().name, "subset": self.choice, "num_examples": len(self.x),
-                "num_classes": self.n_classes, "image_shape": list(self.x.shape[1:]),
-                "normalization_inside_model": bool(target.normalized_inside), "device": str(self.device),
-                "ids": list(self.data.ids)}
+        return {
+            "dataset": ctx.require_data().name,
+            "subset": self.choice,
+            "num_examples": len(self.x),
+            "num_classes": self.n_classes,
+            "image_shape": list(self.x.shape[1:]),
+            "normalization_inside_model": bool(target.normalized_inside),
+            "device": str(self.device),
+            "ids": list(self.data.ids),
+        }
 
 
 def prepare_images(target: Any, ctx: AuditContext, *, split: str, num_examples: int) -> ImageRun:
@@ -43,10 +49,15 @@ def prepare_images(target: Any, ctx: AuditContext, *, split: str, num_examples: 
 
     data, choice = select_examples(ctx, split, num_examples)
     model = target.model
-    return ImageRun(data=data, choice=choice, model=model, device=model_device(model, target.device),
-                    n_classes=int(target.num_labels),
-                    x=torch.as_tensor(np.ascontiguousarray(data.images), dtype=torch.float32),
-                    y=np.asarray(data.labels, dtype=np.int64))
+    return ImageRun(
+        data=data,
+        choice=choice,
+        model=model,
+        device=model_device(model, target.device),
+        n_classes=int(target.num_labels),
+        x=torch.as_tensor(np.ascontiguousarray(data.images), dtype=torch.float32),
+        y=np.asarray(data.labels, dtype=np.int64),
+    )
 
 
 @contextmanager

@@ -11,8 +11,9 @@ import hashlib
 import json
 import os
 import random
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,15 +24,14 @@ textattack = import_textattack()
 
 from textattack import Attack  # noqa: E402
 from textattack.constraints import Constraint  # noqa: E402
-from textattack.constraints.semantics.sentence_encoders import SentenceEncoder  # noqa: E402
-from textattack.shared.validators import transformation_consists_of_word_swaps  # noqa: E402
-from textattack.constraints.pre_transformation import (MaxModificationRate, RepeatModification,  # noqa: E402
-                                                       StopwordModification)
+from textattack.constraints.pre_transformation import MaxModificationRate, RepeatModification, StopwordModification  # noqa: E402
 from textattack.constraints.semantics import WordEmbeddingDistance  # noqa: E402
+from textattack.constraints.semantics.sentence_encoders import SentenceEncoder  # noqa: E402
 from textattack.goal_functions import UntargetedClassification  # noqa: E402
 from textattack.models.wrappers import ModelWrapper  # noqa: E402
 from textattack.search_methods import BeamSearch, GreedySearch, GreedyWordSwapWIR  # noqa: E402
 from textattack.shared import WordEmbedding  # noqa: E402
+from textattack.shared.validators import transformation_consists_of_word_swaps  # noqa: E402
 from textattack.transformations import WordSwapEmbedding  # noqa: E402
 
 from fmaudit.audits.robustness.text_attack_recipes import EMBEDDING_SWAP, MASKED_LM_DEFAULTS, TEXTATTACK_RECIPES  # noqa: E402
@@ -69,7 +69,7 @@ class TargetModelWrapper(ModelWrapper):
         self.model.eval()
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
-                idx = order[start:start + self.batch_size]
+                idx = order[start : start + self.batch_size]
                 batch = self.target.to_device(self.target.pad([ids[int(i)] for i in idx]))
                 logits = self.target.forward_logits(self.model, batch).float().cpu()
                 if out is None:
@@ -159,12 +159,12 @@ def _nearest_neighbours(emb: np.ndarray, k: int, chunk: int = 2048) -> tuple[np.
     sim_out = np.empty((n, k), dtype=np.float32)
     with torch.inference_mode():
         for s in range(0, n, chunk):
-            sims = x[s:s + chunk] @ x.T
+            sims = x[s : s + chunk] @ x.T
             rows = torch.arange(s, min(s + chunk, n))
             sims[rows - s, rows] = 2.0  # itself first (TextAttack skips column 0)
             top = sims.topk(k, dim=1)
-            idx_out[s:s + chunk] = top.indices.numpy()
-            sim_out[s:s + chunk] = top.values.numpy()
+            idx_out[s : s + chunk] = top.indices.numpy()
+            sim_out[s : s + chunk] = top.values.numpy()
     sim_out[:, 0] = 1.0
     return idx_out, sim_out
 
@@ -176,8 +176,10 @@ def embedding_for_target(target: Any, *, cache_dir: Path, neighbours: int = 50) 
     weight = target.embedding_layer().weight.detach().float().cpu()
     words, ids = whole_word_vocab(target.tokenizer)
     if len(words) < 2:
-        raise ValueError("the target's tokenizer has fewer than 2 whole-word vocabulary entries; the embedding "
-                         "word swap needs a word-level vocabulary")
+        raise ValueError(
+            "the target's tokenizer has fewer than 2 whole-word vocabulary entries; the embedding "
+            "word swap needs a word-level vocabulary"
+        )
     emb = weight[torch.as_tensor(ids)].numpy().astype(np.float32)
     h = hashlib.sha256()
     h.update(json.dumps({"v": NN_CACHE_VERSION, "k": neighbours, "shape": list(weight.shape)}).encode())
@@ -202,8 +204,13 @@ def embedding_for_target(target: Any, *, cache_dir: Path, neighbours: int = 50) 
     word2index = {w: i for i, w in enumerate(words)}
     index2word = dict(enumerate(words))
     embedding = WordEmbedding(emb, word2index, index2word, nn_idx)
-    info = {"vocabulary_words": len(words), "neighbours": int(nn_idx.shape[1] - 1), "cache_key": key,
-            "cache_hit": bool(hit), "cache_file": str(path)}
+    info = {
+        "vocabulary_words": len(words),
+        "neighbours": int(nn_idx.shape[1] - 1),
+        "cache_key": key,
+        "cache_hit": bool(hit),
+        "cache_file": str(path),
+    }
     return embedding, info
 
 
@@ -259,12 +266,23 @@ class MiniLMSentenceSimilarity(SentenceEncoder):
     whole perturbed text is compared with the original (cosine >= 0.8); TextFooler compares a 15-word window
     with the previous text at angular similarity 0.84."""
 
-    def __init__(self, threshold: float = 0.8, metric: str = "cosine", compare_against_original: bool = True,
-                 window_size: int | None = None, skip_text_shorter_than_window: bool = False):
+    def __init__(
+        self,
+        threshold: float = 0.8,
+        metric: str = "cosine",
+        compare_against_original: bool = True,
+        window_size: int | None = None,
+        skip_text_shorter_than_window: bool = False,
+    ):
         from fmaudit.robustness.text_similarity import MiniLMSentenceEncoder
 
-        super().__init__(threshold=threshold, metric=metric, compare_against_original=compare_against_original,
-                         window_size=window_size, skip_text_shorter_than_window=skip_text_shorter_than_window)
+        super().__init__(
+            threshold=threshold,
+            metric=metric,
+            compare_against_original=compare_against_original,
+            window_size=window_size,
+            skip_text_shorter_than_window=skip_text_shorter_than_window,
+        )
         self.encoder = MiniLMSentenceEncoder()
         self.encoder_name = self.encoder.name
         if not window_size:
@@ -297,9 +315,17 @@ SEARCH_METHODS: dict[str, Callable[[], Any]] = {
 SEARCHES = tuple(SEARCH_METHODS)
 
 
-def build_embedding_swap(wrapper: TargetModelWrapper, embedding: Any, *, max_candidates: int, min_cos_sim: float,
-                         max_modification_rate: float, polarity_filter: bool = True,
-                         sentence_similarity: float | None = 0.8, search: str = "delete") -> Any:
+def build_embedding_swap(
+    wrapper: TargetModelWrapper,
+    embedding: Any,
+    *,
+    max_candidates: int,
+    min_cos_sim: float,
+    max_modification_rate: float,
+    polarity_filter: bool = True,
+    sentence_similarity: float | None = 0.8,
+    search: str = "delete",
+) -> Any:
     if search not in SEARCHES:
         raise ValueError(f"unknown search {search!r}; one of {', '.join(SEARCHES)}")
     transformation = WordSwapEmbedding(max_candidates=max_candidates, embedding=embedding)
@@ -325,10 +351,14 @@ def _redirect_masked_lm(path: str | None) -> Iterator[None]:
         return
     import importlib
 
-    mods = [importlib.import_module(m) for m in (
-        "textattack.transformations.word_swaps.word_swap_masked_lm",
-        "textattack.transformations.word_insertions.word_insertion_masked_lm",
-        "textattack.transformations.word_merges.word_merge_masked_lm")]
+    mods = [
+        importlib.import_module(m)
+        for m in (
+            "textattack.transformations.word_swaps.word_swap_masked_lm",
+            "textattack.transformations.word_insertions.word_insertion_masked_lm",
+            "textattack.transformations.word_merges.word_merge_masked_lm",
+        )
+    ]
     saved = [(m, m.AutoModelForMaskedLM, m.AutoTokenizer) for m in mods]
 
     class _Redirect:
@@ -347,18 +377,25 @@ def _redirect_masked_lm(path: str | None) -> Iterator[None]:
             m.AutoModelForMaskedLM, m.AutoTokenizer = lm, tok  # type: ignore[attr-defined]
 
 
-def build_attack(name: str, wrapper: TargetModelWrapper, *, params: Any, target: Any, cache_dir: Path
-                 ) -> tuple[Any, dict[str, Any]]:
+def build_attack(
+    name: str, wrapper: TargetModelWrapper, *, params: Any, target: Any, cache_dir: Path
+) -> tuple[Any, dict[str, Any]]:
     """The TextAttack `Attack` for `name`, with the query budget and batch size set. Returns (attack, info)."""
     info: dict[str, Any] = {}
     if name == EMBEDDING_SWAP:
-        embedding, info["embedding"] = embedding_for_target(target, cache_dir=cache_dir,
-                                                            neighbours=max(params.max_candidates, 50))
-        attack = build_embedding_swap(wrapper, embedding, max_candidates=params.max_candidates,
-                                      min_cos_sim=params.min_cos_sim,
-                                      max_modification_rate=params.max_modification_rate,
-                                      polarity_filter=params.polarity_filter,
-                                      sentence_similarity=params.min_sentence_sim, search=params.search)
+        embedding, info["embedding"] = embedding_for_target(
+            target, cache_dir=cache_dir, neighbours=max(params.max_candidates, 50)
+        )
+        attack = build_embedding_swap(
+            wrapper,
+            embedding,
+            max_candidates=params.max_candidates,
+            min_cos_sim=params.min_cos_sim,
+            max_modification_rate=params.max_modification_rate,
+            polarity_filter=params.polarity_filter,
+            sentence_similarity=params.min_sentence_sim,
+            search=params.search,
+        )
     else:
         import textattack.attack_recipes as recipes
 

@@ -28,7 +28,8 @@ from pathlib import Path
 from types import ModuleType
 
 # NLTK's English stopword corpus (179 words), the list TextAttack's StopwordModification() loads by default.
-NLTK_ENGLISH_STOPWORDS: tuple[str, ...] = tuple("""
+NLTK_ENGLISH_STOPWORDS: tuple[str, ...] = tuple(
+    """
 i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself yourselves he him his
 himself she she's her hers herself it it's its itself they them their theirs themselves what which who whom this
 that that'll these those am is are was were be been being have has had having do does did doing a an the and but
@@ -38,7 +39,8 @@ few more most other some such no nor not only own same so than too very s t can 
 should've now d ll m o re ve y ain aren aren't couldn couldn't didn didn't doesn doesn't hadn hadn't hasn hasn't
 haven haven't isn isn't ma mightn mightn't mustn mustn't needn needn't shan shan't shouldn shouldn't wasn wasn't
 weren weren't won won't wouldn wouldn't
-""".split())
+""".split()
+)
 
 POST_INSTALL_MARKER = "post_install_check_3"  # TextAttack 0.3.11's "NLTK downloads done" marker
 # Imported before TextAttack changes the environment, so their import-time settings (cache paths) are the
@@ -80,8 +82,9 @@ def prepare_cache(cache_dir: str | Path | None = None) -> Path:
 
 
 def _logger_states() -> dict[str, bool]:
-    return {name: lg.disabled for name, lg in logging.Logger.manager.loggerDict.items()
-            if isinstance(lg, logging.Logger)}
+    return {
+        name: lg.disabled for name, lg in logging.Logger.manager.loggerDict.items() if isinstance(lg, logging.Logger)
+    }
 
 
 def import_textattack(cache_dir: str | Path | None = None) -> ModuleType:

@@ -28,13 +28,53 @@ from __future__ import annotations
 from fmaudit.privacy.canary.audit import CanaryAuditResult, canary_audit, concat, holdout_split, inclusion_vector
 from fmaudit.privacy.canary.exposure import estimate_exposure, exposure, secret_exposure
 from fmaudit.privacy.canary.findings import canary_findings
-from fmaudit.privacy.canary.kinds import (DEFAULT_KIND, KINDS, MIN_RANDOM_TOKEN_WORDS, SECRET_PREFIX, CanaryKind,
-                                          default_kind, kinds_for, make_canaries, random_token_words)
-from fmaudit.privacy.canary.rerun import (DP_DEFAULTS, DP_REQUIRED, LORA_DEFAULTS, TRAIN_DEFAULTS, CanaryRun,
-                                          check_delta, dp_rerun_settings, train_canary_run)
+from fmaudit.privacy.canary.kinds import (
+    DEFAULT_KIND,
+    KINDS,
+    MIN_RANDOM_TOKEN_WORDS,
+    SECRET_PREFIX,
+    CanaryKind,
+    default_kind,
+    kinds_for,
+    make_canaries,
+    random_token_words,
+)
+from fmaudit.privacy.canary.rerun import (
+    DP_DEFAULTS,
+    DP_REQUIRED,
+    LORA_DEFAULTS,
+    TRAIN_DEFAULTS,
+    CanaryRun,
+    check_delta,
+    dp_rerun_settings,
+    train_canary_run,
+)
 
-__all__ = ["DEFAULT_KIND", "DP_DEFAULTS", "DP_REQUIRED", "KINDS", "LORA_DEFAULTS", "MIN_RANDOM_TOKEN_WORDS",
-           "SECRET_PREFIX", "TRAIN_DEFAULTS", "CanaryAuditResult", "CanaryKind", "CanaryRun", "canary_audit",
-           "canary_findings", "check_delta", "concat", "default_kind", "dp_rerun_settings", "estimate_exposure",
-           "exposure", "holdout_split", "inclusion_vector", "kinds_for", "make_canaries", "random_token_words",
-           "secret_exposure", "train_canary_run"]
+__all__ = [
+    "DEFAULT_KIND",
+    "DP_DEFAULTS",
+    "DP_REQUIRED",
+    "KINDS",
+    "LORA_DEFAULTS",
+    "MIN_RANDOM_TOKEN_WORDS",
+    "SECRET_PREFIX",
+    "TRAIN_DEFAULTS",
+    "CanaryAuditResult",
+    "CanaryKind",
+    "CanaryRun",
+    "canary_audit",
+    "canary_findings",
+    "check_delta",
+    "concat",
+    "default_kind",
+    "dp_rerun_settings",
+    "estimate_exposure",
+    "exposure",
+    "holdout_split",
+    "inclusion_vector",
+    "kinds_for",
+    "make_canaries",
+    "random_token_words",
+    "secret_exposure",
+    "train_canary_run",
+]

@@ -3,9 +3,10 @@ canary and bound epsilon from the guesses (fmaudit.privacy.audit_bound), next to
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -13,25 +14,26 @@ from fmaudit.data import Dataset, Split
 from fmaudit.privacy.canary.exposure import secret_exposure
 from fmaudit.privacy.canary.kinds import default_kind, make_canaries
 from fmaudit.privacy.canary.rerun import check_delta, train_canary_run
-from fmaudit.seeds import Stream, derive, rng as stream_rng
+from fmaudit.seeds import Stream, derive
+from fmaudit.seeds import rng as stream_rng
 
 
 @dataclass
 class CanaryAuditResult:
-    epsilon_lb: float                     # headline: epsilon_lb_sjn (valid for any DP mechanism)
+    epsilon_lb: float  # headline: epsilon_lb_sjn (valid for any DP mechanism)
     confidence: float
     delta: float
     num_canaries: int
     num_included: int
-    guesses: int                          # r at the headline
-    correct: int                          # v at the headline
-    rows: list[dict[str, Any]]            # per r: v, epsilon_lb, epsilon_lb_corrected
+    guesses: int  # r at the headline
+    correct: int  # v at the headline
+    rows: list[dict[str, Any]]  # per r: v, epsilon_lb, epsilon_lb_corrected
     scores: np.ndarray
     included: np.ndarray
     canary_ids: list[str]
     kind: str
     score: str
-    accountant_epsilon: float | None = None   # DP runs: epsilon of THIS training run
+    accountant_epsilon: float | None = None  # DP runs: epsilon of THIS training run
     dp: dict[str, Any] | None = None
     exposure: dict[str, Any] | None = None
     train_seconds: float = 0.0
@@ -41,20 +43,20 @@ class CanaryAuditResult:
     # The largest epsilon_lb this audit could report (a perfect attack: every included canary scored above
     # every excluded one), at the same m, inclusion draw, guess grid, delta and confidence.
     epsilon_lb_ceiling: float = float("nan")
-    ceiling_guesses: int = 0              # r at which the perfect attack's bound peaks
+    ceiling_guesses: int = 0  # r at which the perfect attack's bound peaks
     claimed_epsilon: float | None = None  # compared instead of the accountant's, when given
     rerun: dict[str, Any] = field(default_factory=dict)  # what was trained: procedure, settings, defaults used
     guess_grid: list[int] = field(default_factory=list)
     # Both analyses on the same guesses (fmaudit.privacy.audit_bound.bounds), and how r was chosen.
     epsilon_lb_sjn: float = float("nan")  # Steinke-Nasr-Jagielski: any (eps, delta)-DP mechanism
     epsilon_lb_fdp: float = float("nan")  # Mahloujifar-Melis-Chaudhuri f-DP, Gaussian family (see fdp_bound)
-    mu_lb: float = float("nan")           # the GDP mu behind epsilon_lb_fdp
-    bound: str = "sjn"                    # which analysis gave the headline
-    guess_selection: str = "bonferroni"   # "holdout" or "bonferroni"
+    mu_lb: float = float("nan")  # the GDP mu behind epsilon_lb_fdp
+    bound: str = "sjn"  # which analysis gave the headline
+    guess_selection: str = "bonferroni"  # "holdout" or "bonferroni"
     # Everything needed to recompute both bounds: m, num_included, r, v, k_plus, k_minus, delta, confidence
     # (what the bound was computed at), guess_selection, guess_fraction, held_out_ids (canaries that only chose r).
     record: dict[str, Any] = field(default_factory=dict)
-    ceiling_sjn: float = float("nan")     # each analysis's perfect-attack bound under the same procedure
+    ceiling_sjn: float = float("nan")  # each analysis's perfect-attack bound under the same procedure
     ceiling_fdp: float = float("nan")
 
     @property
@@ -88,18 +90,40 @@ def concat(a: Dataset, b: Dataset, name: str) -> Dataset:
         return list(x) + list(y) if isinstance(x, list) else np.concatenate([x, y])
 
     labels = None if a.labels is None or b.labels is None else np.concatenate([a.labels, b.labels])
-    return Dataset(name, f"{a.source}+{b.source}", a.modality, list(a.ids) + list(b.ids), labels,
-                   texts=cat(a.texts, b.texts), images=cat(a.images, b.images), label_names=a.label_names)
+    return Dataset(
+        name,
+        f"{a.source}+{b.source}",
+        a.modality,
+        list(a.ids) + list(b.ids),
+        labels,
+        texts=cat(a.texts, b.texts),
+        images=cat(a.images, b.images),
+        label_names=a.label_names,
+    )
 
 
-def canary_audit(*, base: Any, members: Dataset, train: dict[str, Any], num_canaries: int = 200,
-                 kind: str | None = None, pool: Dataset | None = None, dp: dict[str, Any] | None = None,
-                 score: Literal["loss", "loss_delta"] = "loss_delta", delta: float | None = None,
-                 confidence: float = 0.95, guess_fractions: tuple[float, ...] = (0.05, 0.1, 0.2, 0.5, 1.0),
-                 guess_selection: Literal["holdout", "bonferroni"] = "holdout", holdout_fraction: float = 0.3,
-                 secret_digits: int = 6, exposure_candidates: int = 300, seed: int = 0,
-                 claimed_epsilon: float | None = None, cache_dir: str | Path | None = None,
-                 progress: Callable[[str, int], Any] | None = None) -> CanaryAuditResult:
+def canary_audit(
+    *,
+    base: Any,
+    members: Dataset,
+    train: dict[str, Any],
+    num_canaries: int = 200,
+    kind: str | None = None,
+    pool: Dataset | None = None,
+    dp: dict[str, Any] | None = None,
+    score: Literal["loss", "loss_delta"] = "loss_delta",
+    delta: float | None = None,
+    confidence: float = 0.95,
+    guess_fractions: tuple[float, ...] = (0.05, 0.1, 0.2, 0.5, 1.0),
+    guess_selection: Literal["holdout", "bonferroni"] = "holdout",
+    holdout_fraction: float = 0.3,
+    secret_digits: int = 6,
+    exposure_candidates: int = 300,
+    seed: int = 0,
+    claimed_epsilon: float | None = None,
+    cache_dir: str | Path | None = None,
+    progress: Callable[[str, int], Any] | None = None,
+) -> CanaryAuditResult:
     """Train a copy of `base` on `members` plus the included canaries with the audited training procedure,
     and bound epsilon from the canaries' scores. `base` is never changed. The canary model is cached by hash
     (kind 'canary'), apart from every other cached model.
@@ -131,8 +155,15 @@ def canary_audit(*, base: Any, members: Dataset, train: dict[str, Any], num_cana
     if problem:
         raise ValueError(problem)
     kind = kind or default_kind(base.task)
-    canaries = make_canaries(kind, m=num_canaries, seed=seed, pool=pool, target=base,
-                             num_labels=base.num_labels or members.num_labels, secret_digits=secret_digits)
+    canaries = make_canaries(
+        kind,
+        m=num_canaries,
+        seed=seed,
+        pool=pool,
+        target=base,
+        num_labels=base.num_labels or members.num_labels,
+        secret_digits=secret_digits,
+    )
     included = inclusion_vector(num_canaries, seed)
     train_set = concat(members, canaries.subset(np.flatnonzero(included)), name=f"{members.name}+canaries")
     split = Split(train_set, np.arange(len(train_set)), np.zeros(0, dtype=np.int64), seed, 1.0)
@@ -140,44 +171,103 @@ def canary_audit(*, base: Any, members: Dataset, train: dict[str, Any], num_cana
     train_seed = derive(seed, Stream.CANARY_TRAIN)
     model = base.copy(f"{base.name}+canaries")
     base_losses = base.per_example_loss(canaries) if score == "loss_delta" else None
-    run = train_canary_run(model=model, train_set=train_set, split=split, train=train, dp=dp, delta=delta,
-                           train_seed=train_seed, cache_dir=cache_dir, progress=progress)
+    run = train_canary_run(
+        model=model,
+        train_set=train_set,
+        split=split,
+        train=train,
+        dp=dp,
+        delta=delta,
+        train_seed=train_seed,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
     model, delta, notes = run.model, run.delta, run.notes
-    rerun: dict[str, Any] = {"train_seed": train_seed, "num_members": len(members),
-                             "num_canaries_included": int(included.sum()), "num_train_examples": len(train_set),
-                             **run.rerun}
+    rerun: dict[str, Any] = {
+        "train_seed": train_seed,
+        "num_members": len(members),
+        "num_canaries_included": int(included.sum()),
+        "num_train_examples": len(train_set),
+        **run.rerun,
+    }
     trained_losses = model.per_example_loss(canaries)
     scores = (base_losses - trained_losses) if base_losses is not None else -trained_losses
     m = num_canaries
-    head = audit(scores, included, delta=delta, confidence=confidence, guess_fractions=guess_fractions,
-                 selection=guess_selection, holdout=held_out)
-    top = procedure_ceiling(included, delta=delta, confidence=confidence, guess_fractions=guess_fractions,
-                            selection=guess_selection, holdout=held_out)
+    head = audit(
+        scores,
+        included,
+        delta=delta,
+        confidence=confidence,
+        guess_fractions=guess_fractions,
+        selection=guess_selection,
+        holdout=held_out,
+    )
+    top = procedure_ceiling(
+        included,
+        delta=delta,
+        confidence=confidence,
+        guess_fractions=guess_fractions,
+        selection=guess_selection,
+        holdout=held_out,
+    )
     auc = float(roc_auc_score(included, scores)) if 0 < included.sum() < m else None
     ids = list(canaries.ids)
     record = {k: head[k] for k in ("m", "num_included", "r", "v", "k_plus", "k_minus", "delta")}
-    record.update(confidence=head["test_confidence"], stated_confidence=confidence, guess_selection=guess_selection,
-                  guess_fraction=head["fraction"], guess_fractions=sorted({float(f) for f in guess_fractions}),
-                  holdout_fraction=holdout_fraction if held_out is not None else None,
-                  held_out_ids=[ids[i] for i in head["held_out"]], num_canaries_total=m,
-                  epsilon_lb_sjn=head["epsilon_lb_sjn"], epsilon_lb_fdp=head["epsilon_lb_fdp"], mu_lb=head["mu_lb"])
+    record.update(
+        confidence=head["test_confidence"],
+        stated_confidence=confidence,
+        guess_selection=guess_selection,
+        guess_fraction=head["fraction"],
+        guess_fractions=sorted({float(f) for f in guess_fractions}),
+        holdout_fraction=holdout_fraction if held_out is not None else None,
+        held_out_ids=[ids[i] for i in head["held_out"]],
+        num_canaries_total=m,
+        epsilon_lb_sjn=head["epsilon_lb_sjn"],
+        epsilon_lb_fdp=head["epsilon_lb_fdp"],
+        mu_lb=head["mu_lb"],
+    )
     result = CanaryAuditResult(
-        epsilon_lb=head["epsilon_lb"], confidence=confidence, delta=delta, num_canaries=m,
-        num_included=int(included.sum()), guesses=head["r"], correct=head["v"], rows=head["rows"], scores=scores,
-        included=included, canary_ids=ids, kind=kind, score=score, accountant_epsilon=run.accountant_epsilon,
-        dp=run.dp_params, train_seconds=run.train_seconds, cache_hit=run.cache_hit, canary_auc=auc, notes=notes,
-        epsilon_lb_ceiling=top["epsilon_lb"], ceiling_guesses=top["r"],
-        claimed_epsilon=None if claimed_epsilon is None else float(claimed_epsilon), rerun=rerun,
-        guess_grid=sorted({r["r"] for r in head["rows"]}), epsilon_lb_sjn=head["epsilon_lb_sjn"],
-        epsilon_lb_fdp=head["epsilon_lb_fdp"], mu_lb=head["mu_lb"], bound=head["bound"],
-        guess_selection=guess_selection, record=record, ceiling_sjn=top["epsilon_lb_sjn"],
-        ceiling_fdp=top["epsilon_lb_fdp"])
+        epsilon_lb=head["epsilon_lb"],
+        confidence=confidence,
+        delta=delta,
+        num_canaries=m,
+        num_included=int(included.sum()),
+        guesses=head["r"],
+        correct=head["v"],
+        rows=head["rows"],
+        scores=scores,
+        included=included,
+        canary_ids=ids,
+        kind=kind,
+        score=score,
+        accountant_epsilon=run.accountant_epsilon,
+        dp=run.dp_params,
+        train_seconds=run.train_seconds,
+        cache_hit=run.cache_hit,
+        canary_auc=auc,
+        notes=notes,
+        epsilon_lb_ceiling=top["epsilon_lb"],
+        ceiling_guesses=top["r"],
+        claimed_epsilon=None if claimed_epsilon is None else float(claimed_epsilon),
+        rerun=rerun,
+        guess_grid=sorted({r["r"] for r in head["rows"]}),
+        epsilon_lb_sjn=head["epsilon_lb_sjn"],
+        epsilon_lb_fdp=head["epsilon_lb_fdp"],
+        mu_lb=head["mu_lb"],
+        bound=head["bound"],
+        guess_selection=guess_selection,
+        record=record,
+        ceiling_sjn=top["epsilon_lb_sjn"],
+        ceiling_fdp=top["epsilon_lb_fdp"],
+    )
     if kind == "secret":
-        result.exposure = secret_exposure(model, canaries, included, seed=seed, digits=secret_digits,
-                                          n_candidates=exposure_candidates)
+        result.exposure = secret_exposure(
+            model, canaries, included, seed=seed, digits=secret_digits, n_candidates=exposure_candidates
+        )
         if result.exposure["estimator"] != "skewnorm":
-            notes.append("exposure: the skew-normal fit to the candidates' losses failed, so ranks are the empirical "
-                         f"ranks among {exposure_candidates} candidates (at most "
-                         f"{result.exposure['max_resolvable_bits']:.1f} bits can show)")
+            notes.append(
+                "exposure: the skew-normal fit to the candidates' losses failed, so ranks are the empirical "
+                f"ranks among {exposure_candidates} candidates (at most "
+                f"{result.exposure['max_resolvable_bits']:.1f} bits can show)"
+            )
     return result
-

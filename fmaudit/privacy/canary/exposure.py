@@ -10,11 +10,13 @@ import numpy as np
 
 from fmaudit.data import Dataset
 from fmaudit.privacy.canary.kinds import SECRET_PREFIX
-from fmaudit.seeds import Stream, rng as stream_rng
+from fmaudit.seeds import Stream
+from fmaudit.seeds import rng as stream_rng
 
 
-def estimate_exposure(*, canary_losses: np.ndarray, candidate_losses: np.ndarray,
-                      space_bits: float) -> tuple[np.ndarray, str]:
+def estimate_exposure(
+    *, canary_losses: np.ndarray, candidate_losses: np.ndarray, space_bits: float
+) -> tuple[np.ndarray, str]:
     """Exposure = log2 |R| - log2 rank (Carlini et al. 2019), and the estimator that produced it.
 
     "skewnorm": the rank fraction P(candidate loss <= canary loss) is extrapolated from a skew-normal fitted
@@ -51,12 +53,12 @@ def estimate_exposure(*, canary_losses: np.ndarray, candidate_losses: np.ndarray
 
 def exposure(*, canary_losses: np.ndarray, candidate_losses: np.ndarray, space_bits: float) -> np.ndarray:
     """Exposure per canary (see `estimate_exposure`, which also says which estimator was used)."""
-    return estimate_exposure(canary_losses=canary_losses, candidate_losses=candidate_losses,
-                             space_bits=space_bits)[0]
+    return estimate_exposure(canary_losses=canary_losses, candidate_losses=candidate_losses, space_bits=space_bits)[0]
 
 
-def secret_exposure(model: Any, canaries: Dataset, included: np.ndarray, *, seed: int, digits: int,
-                    n_candidates: int) -> dict[str, Any]:
+def secret_exposure(
+    model: Any, canaries: Dataset, included: np.ndarray, *, seed: int, digits: int, n_candidates: int
+) -> dict[str, Any]:
     """Exposure of each secret canary among `n_candidates` random secrets of the same form (CANARY_EXPOSURE
     stream), and its summary: mean and max over included canaries, mean over excluded ones."""
     rng = stream_rng(seed, Stream.CANARY_EXPOSURE)
@@ -72,10 +74,13 @@ def secret_exposure(model: Any, canaries: Dataset, included: np.ndarray, *, seed
     can_loss = model.per_example_loss(canaries)
     bits = digits * math.log2(10)
     exp, estimator = estimate_exposure(canary_losses=can_loss, candidate_losses=cand_loss, space_bits=bits)
-    return {"space_bits": bits, "candidates": n_candidates, "estimator": estimator,
-            "max_resolvable_bits": bits if estimator == "skewnorm" else min(bits, math.log2(n_candidates + 1)),
-            "mean_included": float(exp[included].mean()) if included.any() else None,
-            "mean_excluded": float(exp[~included].mean()) if (~included).any() else None,
-            "max_included": float(exp[included].max()) if included.any() else None,
-            "per_canary": exp.tolist()}
-
+    return {
+        "space_bits": bits,
+        "candidates": n_candidates,
+        "estimator": estimator,
+        "max_resolvable_bits": bits if estimator == "skewnorm" else min(bits, math.log2(n_candidates + 1)),
+        "mean_included": float(exp[included].mean()) if included.any() else None,
+        "mean_excluded": float(exp[~included].mean()) if (~included).any() else None,
+        "max_included": float(exp[included].max()) if included.any() else None,
+        "per_canary": exp.tolist(),
+    }

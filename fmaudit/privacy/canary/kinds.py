@@ -5,15 +5,17 @@ CANARY_MAKE stream. Each kind states the model task it fits. Ids start with 'can
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from fmaudit.data import Dataset
 from fmaudit.hints import did_you_mean
-from fmaudit.seeds import Stream, rng as stream_rng
+from fmaudit.seeds import Stream
+from fmaudit.seeds import rng as stream_rng
 from fmaudit.tasks import CAUSAL_LM, IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION
 
 CanaryKind = Literal["flipped_label", "random_tokens", "secret", "mislabel", "pattern"]
@@ -38,14 +40,24 @@ def _flip(labels: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     return (labels + rng.integers(1, k, size=len(labels))) % k
 
 
-def _relabelled(kind: str, *, m: int, rng: np.random.Generator, pool: Dataset | None, num_labels: int | None,
-                stamp: bool = False, **_: Any) -> Dataset:
+def _relabelled(
+    kind: str,
+    *,
+    m: int,
+    rng: np.random.Generator,
+    pool: Dataset | None,
+    num_labels: int | None,
+    stamp: bool = False,
+    **_: Any,
+) -> Dataset:
     """m held-out examples with a wrong label (flipped_label, mislabel); `stamp`: also a 2x2 white square in
     the image's top-left corner (pattern)."""
     if pool is None or len(pool) < m:
         have = 0 if pool is None else len(pool)
-        raise ValueError(f"{kind} canaries are built from held-out examples: need {m}, have {have}; "
-                         "lower num_canaries or use more data")
+        raise ValueError(
+            f"{kind} canaries are built from held-out examples: need {m}, have {have}; "
+            "lower num_canaries or use more data"
+        )
     if pool.labels is None or not num_labels:
         raise ValueError(f"{kind} canaries need labelled data")
     # one generator for the choice and the new labels (a Dataset.sample would start the stream afresh)
@@ -57,8 +69,16 @@ def _relabelled(kind: str, *, m: int, rng: np.random.Generator, pool: Dataset | 
         assert images is not None
         images = images.copy()
         images[:, :, :2, :2] = 1.0
-    return Dataset("canaries", f"canary:{kind}", chosen.modality, [f"canary:{i}" for i in chosen.ids], labels,
-                   texts=chosen.texts, images=images, label_names=chosen.label_names)
+    return Dataset(
+        "canaries",
+        f"canary:{kind}",
+        chosen.modality,
+        [f"canary:{i}" for i in chosen.ids],
+        labels,
+        texts=chosen.texts,
+        images=images,
+        label_names=chosen.label_names,
+    )
 
 
 def _random_tokens(*, m: int, rng: np.random.Generator, target: Any, num_labels: int | None, **_: Any) -> Dataset:
@@ -69,13 +89,12 @@ def _random_tokens(*, m: int, rng: np.random.Generator, target: Any, num_labels:
     words = np.asarray(vocab)  # once, not per canary (choice on a list converts it every call)
     texts = [" ".join(rng.choice(words, size=8)) for _ in range(m)]
     labels = rng.integers(0, num_labels, size=m)
-    return Dataset("canaries", "canary:random_tokens", "text", [f"canary:rt{i}" for i in range(m)], labels,
-                   texts=texts)
+    return Dataset("canaries", "canary:random_tokens", "text", [f"canary:rt{i}" for i in range(m)], labels, texts=texts)
 
 
 def _secret(*, m: int, rng: np.random.Generator, secret_digits: int, **_: Any) -> Dataset:
     """m distinct secrets 'my secret code is d d d ...' (secret sharer, Carlini et al. 2019), in random order."""
-    if 10 ** secret_digits < 4 * m:
+    if 10**secret_digits < 4 * m:
         raise ValueError(f"secret_digits={secret_digits} gives too few distinct secrets for {m} canaries")
     secrets: set[str] = set()
     while len(secrets) < m:
@@ -88,8 +107,8 @@ def _secret(*, m: int, rng: np.random.Generator, secret_digits: int, **_: Any) -
 
 @dataclass(frozen=True)
 class Kind:
-    task: str                          # the model task it fits (fmaudit.tasks)
-    build: Callable[..., Dataset]      # (m=, rng=, pool=, target=, num_labels=, secret_digits=) -> canaries
+    task: str  # the model task it fits (fmaudit.tasks)
+    build: Callable[..., Dataset]  # (m=, rng=, pool=, target=, num_labels=, secret_digits=) -> canaries
 
 
 KINDS: dict[str, Kind] = {
@@ -100,8 +119,11 @@ KINDS: dict[str, Kind] = {
     "pattern": Kind(IMAGE_CLASSIFICATION, partial(_relabelled, "pattern", stamp=True)),
 }
 # What `kind: auto` means for each model task.
-DEFAULT_KIND: dict[str, str] = {TEXT_CLASSIFICATION: "flipped_label", CAUSAL_LM: "secret",
-                                IMAGE_CLASSIFICATION: "mislabel"}
+DEFAULT_KIND: dict[str, str] = {
+    TEXT_CLASSIFICATION: "flipped_label",
+    CAUSAL_LM: "secret",
+    IMAGE_CLASSIFICATION: "mislabel",
+}
 
 
 def default_kind(task: str) -> str:
@@ -114,11 +136,18 @@ def kinds_for(task: str) -> set[str]:
     return {name for name, k in KINDS.items() if k.task == task}
 
 
-def make_canaries(kind: str, *, m: int, seed: int, pool: Dataset | None, target: Any, num_labels: int | None,
-                  secret_digits: int = 6) -> Dataset:
+def make_canaries(
+    kind: str, *, m: int, seed: int, pool: Dataset | None, target: Any, num_labels: int | None, secret_digits: int = 6
+) -> Dataset:
     """m canaries of `kind`, drawn from the CANARY_MAKE stream of `seed`. `pool` (examples the target never
     trained on) feeds the kinds built from real examples. Ids start with 'canary:'."""
     if kind not in KINDS:
         raise ValueError(f"unknown canary kind {kind!r}{did_you_mean(kind, KINDS)}")
-    return KINDS[kind].build(m=m, rng=stream_rng(seed, Stream.CANARY_MAKE), pool=pool, target=target,
-                             num_labels=num_labels, secret_digits=secret_digits)
+    return KINDS[kind].build(
+        m=m,
+        rng=stream_rng(seed, Stream.CANARY_MAKE),
+        pool=pool,
+        target=target,
+        num_labels=num_labels,
+        secret_digits=secret_digits,
+    )

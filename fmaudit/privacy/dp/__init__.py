@@ -24,22 +24,59 @@ validation, the resolved `DPSettings`), `trainable` and `clipping` (registries),
 
 from __future__ import annotations
 
-from fmaudit.privacy.dp.accounting import (ACCOUNTANTS, AccountantFailure, Accounting, account, epsilon_for,
-                                           ledger_points, noise_for)
+from fmaudit.privacy.dp.accounting import (
+    ACCOUNTANTS,
+    AccountantFailure,
+    Accounting,
+    account,
+    epsilon_for,
+    ledger_points,
+    noise_for,
+)
 from fmaudit.privacy.dp.clipping import CLIPPING
 from fmaudit.privacy.dp.errors import DPConfigError, DPPrivacyWarning, DPTrainingError
 from fmaudit.privacy.dp.finetune import SEED_STATEMENT, DPResult, dp_finetune, seed_statement
 from fmaudit.privacy.dp.inputs import DPInputs, adapt_inputs
 from fmaudit.privacy.dp.module_target import LossFunction, TorchData, module_target
 from fmaudit.privacy.dp.preflight import preflight
-from fmaudit.privacy.dp.settings import (DPSettings, default_delta, default_physical_batch, dp_defaults,
-                                         validate_settings)
+from fmaudit.privacy.dp.settings import (
+    DPSettings,
+    default_delta,
+    default_physical_batch,
+    dp_defaults,
+    validate_settings,
+)
 from fmaudit.privacy.dp.trainable import TRAINABLE, apply_trainable
 from fmaudit.privacy.dp.utility import utility_summary
 
-
-__all__ = ["ACCOUNTANTS", "CLIPPING", "SEED_STATEMENT", "TRAINABLE", "AccountantFailure", "Accounting", "DPConfigError",
-           "DPInputs", "DPPrivacyWarning", "DPResult", "DPSettings", "DPTrainingError", "LossFunction", "TorchData",
-           "account", "adapt_inputs", "apply_trainable", "default_delta", "default_physical_batch", "dp_defaults",
-           "dp_finetune", "epsilon_for", "ledger_points", "module_target", "noise_for", "preflight", "seed_statement",
-           "utility_summary", "validate_settings"]
+__all__ = [
+    "ACCOUNTANTS",
+    "CLIPPING",
+    "SEED_STATEMENT",
+    "TRAINABLE",
+    "AccountantFailure",
+    "Accounting",
+    "DPConfigError",
+    "DPInputs",
+    "DPPrivacyWarning",
+    "DPResult",
+    "DPSettings",
+    "DPTrainingError",
+    "LossFunction",
+    "TorchData",
+    "account",
+    "adapt_inputs",
+    "apply_trainable",
+    "default_delta",
+    "default_physical_batch",
+    "dp_defaults",
+    "dp_finetune",
+    "epsilon_for",
+    "ledger_points",
+    "module_target",
+    "noise_for",
+    "preflight",
+    "seed_statement",
+    "utility_summary",
+    "validate_settings",
+]

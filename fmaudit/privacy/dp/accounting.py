@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -30,8 +31,9 @@ def make_accountant(kind: str) -> Any:
     return create_accountant(mechanism=kind)
 
 
-def _opacus_epsilon(kind: str, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
-                    **kw: Any) -> tuple[float, list[Note]]:
+def _opacus_epsilon(
+    kind: str, noise_multiplier: float, sample_rate: float, steps: int, delta: float, **kw: Any
+) -> tuple[float, list[Note]]:
     """Opacus' accountant `kind` asked for one run of `steps` steps (GDP: Opacus warns "GDP accounting is
     experimental"; not silenced)."""
     acc = make_accountant(kind)
@@ -50,16 +52,26 @@ def _rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta:
     if eps < 0:
         # RDP's conversion can go below 0 for a large delta: (eps', delta)-DP with eps' < 0 implies
         # (0, delta)-DP, so 0 is a valid (and the tightest meaningful) answer.
-        notes.append({"severity": "info", "title": "RDP's epsilon bound was negative; 0 is reported",
-                      "detail": f"the RDP conversion gave {eps:.4g} at delta {delta:g} (possible for a large "
-                                "delta); a negative epsilon implies (0, delta)-DP, so epsilon 0 is claimed."})
+        notes.append(
+            {
+                "severity": "info",
+                "title": "RDP's epsilon bound was negative; 0 is reported",
+                "detail": f"the RDP conversion gave {eps:.4g} at delta {delta:g} (possible for a large "
+                "delta); a negative epsilon implies (0, delta)-DP, so epsilon 0 is claimed.",
+            }
+        )
         eps = 0.0
     if edge:
         # Opacus warns "Optimal order is the largest/smallest alpha": valid but loose. A note, not a warning.
-        notes.append({"severity": "low", "title": "RDP bound is loose (optimal order at the grid edge)",
-                      "detail": f"the RDP accountant's best order is the {edge} of its grid ({best:g}): the "
-                                "epsilon is a valid upper bound but larger than RDP could give with a wider "
-                                "grid (the PRV accountant is tighter)."})
+        notes.append(
+            {
+                "severity": "low",
+                "title": "RDP bound is loose (optimal order at the grid edge)",
+                "detail": f"the RDP accountant's best order is the {edge} of its grid ({best:g}): the "
+                "epsilon is a valid upper bound but larger than RDP could give with a wider "
+                "grid (the PRV accountant is tighter).",
+            }
+        )
     return eps, notes
 
 
@@ -108,8 +120,10 @@ def _kind(accountant: str) -> AccountantKind:
     try:
         return ACCOUNTANT_KINDS[accountant]
     except KeyError:
-        raise ValueError(f"unknown accountant {accountant!r} (one of {', '.join(ACCOUNTANTS)})"
-                         + did_you_mean(accountant, ACCOUNTANTS)) from None
+        raise ValueError(
+            f"unknown accountant {accountant!r} (one of {', '.join(ACCOUNTANTS)})"
+            + did_you_mean(accountant, ACCOUNTANTS)
+        ) from None
 
 
 def _claimed(accountant: str) -> list[str]:
@@ -139,8 +153,9 @@ class AccountantFailure(RuntimeError):
     """An accountant raised, or returned a non-finite or negative epsilon."""
 
 
-def _raw_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
-                 accountant: str) -> tuple[float, list[Note]]:
+def _raw_epsilon(
+    *, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str
+) -> tuple[float, list[Note]]:
     """One accountant's epsilon, exactly as Opacus computes it; raises AccountantFailure when it fails."""
     kind = _kind(accountant)
     try:
@@ -153,8 +168,7 @@ def _raw_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, del
     return eps, notes
 
 
-def account(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
-            accountant: str) -> Accounting:
+def account(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> Accounting:
     """Epsilon of `steps` Poisson-subsampled Gaussian steps, with fallbacks and the GDP pairing (see
     `Accounting`). Each number is Opacus' accountant's for (noise, rate, steps, delta)."""
     if steps <= 0:
@@ -169,14 +183,21 @@ def account(*, noise_multiplier: float, sample_rate: float, steps: int, delta: f
             notes += more
         except AccountantFailure as exc:
             if kind == "rdp":
-                raise AccountantFailure(f"the RDP accountant {exc} for noise {noise_multiplier:g}, sample rate "
-                                        f"{sample_rate:g}, {steps} steps, delta {delta:g}; no epsilon can be "
-                                        "claimed") from exc
-            notes.append({"severity": "medium", "title": f"The {kind.upper()} accountant failed; RDP was used",
-                          "detail": f"Opacus' {kind.upper()} accountant {exc} for noise {noise_multiplier:g}, sample "
-                                    f"rate {sample_rate:g}, {steps} steps, delta {delta:g} (Opacus' accountants are "
-                                    "known to fail for large epsilon or tiny delta, and to return negative epsilons). "
-                                    "The RDP accountant's epsilon was used instead: a valid upper bound, but looser."})
+                raise AccountantFailure(
+                    f"the RDP accountant {exc} for noise {noise_multiplier:g}, sample rate "
+                    f"{sample_rate:g}, {steps} steps, delta {delta:g}; no epsilon can be "
+                    "claimed"
+                ) from exc
+            notes.append(
+                {
+                    "severity": "medium",
+                    "title": f"The {kind.upper()} accountant failed; RDP was used",
+                    "detail": f"Opacus' {kind.upper()} accountant {exc} for noise {noise_multiplier:g}, sample "
+                    f"rate {sample_rate:g}, {steps} steps, delta {delta:g} (Opacus' accountants are "
+                    "known to fail for large epsilon or tiny delta, and to return negative epsilons). "
+                    "The RDP accountant's epsilon was used instead: a valid upper bound, but looser.",
+                }
+            )
             if "rdp" not in by:
                 eps, more = _raw_epsilon(accountant="rdp", **args)
                 by["rdp"] = eps
@@ -193,18 +214,22 @@ def account(*, noise_multiplier: float, sample_rate: float, steps: int, delta: f
 def _pairing_note(accountant: str, other: str, by: dict[str, float], used: str) -> Note:
     """The note beside an approximate accountant (GDP, the only one) claimed together with `other`."""
     gdp = "nothing (it failed)" if accountant not in by else f"{by[accountant]:.4g}"
-    return {"severity": "low", "title": "GDP is an approximation; the larger epsilon is reported",
-            "detail": "Gaussian DP accounting is a central-limit approximation that can understate epsilon "
-                      f"(Opacus marks it experimental). GDP says {gdp}, "
-                      f"{other.upper()} says {by[other]:.4g}; the reported epsilon is the larger, "
-                      f"{by[used]:.4g} ({used.upper()})."}
+    return {
+        "severity": "low",
+        "title": "GDP is an approximation; the larger epsilon is reported",
+        "detail": "Gaussian DP accounting is a central-limit approximation that can understate epsilon "
+        f"(Opacus marks it experimental). GDP says {gdp}, "
+        f"{other.upper()} says {by[other]:.4g}; the reported epsilon is the larger, "
+        f"{by[used]:.4g} ({used.upper()}).",
+    }
 
 
 def epsilon_for(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
     """The epsilon claimed for `steps` Poisson-subsampled Gaussian steps with `accountant` (see `account`:
     GDP is paired with PRV and the larger is returned; a failed accountant falls back to RDP)."""
-    return account(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, delta=delta,
-                   accountant=accountant).epsilon
+    return account(
+        noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, delta=delta, accountant=accountant
+    ).epsilon
 
 
 def _search_noise(*, target_epsilon: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
@@ -214,8 +239,9 @@ def _search_noise(*, target_epsilon: float, sample_rate: float, steps: int, delt
     from opacus.accountants.utils import MAX_SIGMA
 
     def eps(sigma: float) -> float:
-        return _raw_epsilon(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta,
-                            accountant=accountant)[0]
+        return _raw_epsilon(
+            noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta, accountant=accountant
+        )[0]
 
     eps_high, sigma_low, sigma_high = float("inf"), 0.0, 10.0
     while eps_high > target_epsilon:
@@ -241,21 +267,34 @@ def noise_for(*, target_epsilon: float, sample_rate: float, steps: int, delta: f
     sigma = 0.0
     for kind in _claimed(accountant):
         try:
-            sigma = max(sigma, _search_noise(target_epsilon=target_epsilon, sample_rate=sample_rate, steps=steps,
-                                             delta=delta, accountant=kind))
+            sigma = max(
+                sigma,
+                _search_noise(
+                    target_epsilon=target_epsilon, sample_rate=sample_rate, steps=steps, delta=delta, accountant=kind
+                ),
+            )
         except AccountantFailure:
             # The search failed somewhere on its way (e.g. PRV at a tiny sigma): RDP's noise is valid (its epsilon
             # bounds PRV's), and the check below uses the same fallbacks as the claimed epsilon.
-            sigma = max(sigma, _search_noise(target_epsilon=target_epsilon, sample_rate=sample_rate, steps=steps,
-                                             delta=delta, accountant="rdp"))
+            sigma = max(
+                sigma,
+                _search_noise(
+                    target_epsilon=target_epsilon, sample_rate=sample_rate, steps=steps, delta=delta, accountant="rdp"
+                ),
+            )
     # Opacus' search ends on the noisy side; make sure, and nudge up if float noise says otherwise.
     for _ in range(100):
-        if epsilon_for(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta,
-                       accountant=accountant) <= target_epsilon:
+        if (
+            epsilon_for(
+                noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta, accountant=accountant
+            )
+            <= target_epsilon
+        ):
             return sigma
         sigma *= 1.01
-    raise AccountantFailure(f"no noise multiplier up to {sigma:.4g} meets target epsilon {target_epsilon} "
-                            f"({accountant} accountant)")
+    raise AccountantFailure(
+        f"no noise multiplier up to {sigma:.4g} meets target epsilon {target_epsilon} ({accountant} accountant)"
+    )
 
 
 def ledger_points(steps: int, steps_per_epoch: int, points: int = 60) -> list[int]:
@@ -277,12 +316,21 @@ class Ledger:
     notes: list[Note]
 
 
-def epsilon_ledger(*, steps: int, steps_per_epoch: int, epochs: int, noise_multiplier: float, sample_rate: float,
-                   delta: float, accountant: str) -> Ledger:
+def epsilon_ledger(
+    *,
+    steps: int,
+    steps_per_epoch: int,
+    epochs: int,
+    noise_multiplier: float,
+    sample_rate: float,
+    delta: float,
+    accountant: str,
+) -> Ledger:
     """The ledger of a run that took `steps` steps of a plan of `epochs` x `steps_per_epoch` (an epoch past the
     steps taken counts the steps taken)."""
-    kw: dict[str, Any] = dict(noise_multiplier=noise_multiplier, sample_rate=sample_rate, delta=delta,
-                              accountant=accountant)
+    kw: dict[str, Any] = dict(
+        noise_multiplier=noise_multiplier, sample_rate=sample_rate, delta=delta, accountant=accountant
+    )
     total = account(steps=steps, **kw)
     notes = list(total.notes)
     xs = ledger_points(steps, steps_per_epoch, _kind(accountant).ledger_points)

@@ -41,17 +41,20 @@ def unsupported_layers(model: nn.Module) -> list[str]:
         why = "no book-keeping rule for this layer type" if rule is None else rule.unsupported(m)
         if why:
             out.append(f"{name or '<root>'} ({type(m).__name__}: {why})")
-    out += [f"{' = '.join(names)} (trainable tensor shared between layers)" for names in owners.values()
-            if len(names) > 1]
+    out += [
+        f"{' = '.join(names)} (trainable tensor shared between layers)" for names in owners.values() if len(names) > 1
+    ]
     return out
 
 
 def fallback_note(bad: list[str]) -> str:
     """What is said when a model falls back from book-keeping clipping to Opacus' hooks."""
-    return (f"book-keeping clipping handles Linear, Embedding, LayerNorm and Conv2d layers only; "
-            f"{len(bad)} trainable layer(s) are not among them ({'; '.join(bad[:4])}{'; ...' if len(bad) > 4 else ''}"
-            "): the whole model is trained with Opacus' per-sample gradient hooks instead (same clipping, noise "
-            "and epsilon; slower, more memory)")
+    return (
+        f"book-keeping clipping handles Linear, Embedding, LayerNorm and Conv2d layers only; "
+        f"{len(bad)} trainable layer(s) are not among them ({'; '.join(bad[:4])}{'; ...' if len(bad) > 4 else ''}"
+        "): the whole model is trained with Opacus' per-sample gradient hooks instead (same clipping, noise "
+        "and epsilon; slower, more memory)"
+    )
 
 
 class BookkeepingModule(nn.Module):
@@ -90,9 +93,12 @@ class BookkeepingModule(nn.Module):
     def _layer_forward(self, name: str, rule: LayerRule, book: list[Call]) -> Any:
         def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
             if self._batch is not None and x.shape[0] != self._batch:
-                raise RuntimeError(f"book-keeping clipping needs the batch in dim 0 of every layer input: layer {name}"
-                                   f" got shape {tuple(x.shape)} in a batch of {self._batch}")
+                raise RuntimeError(
+                    f"book-keeping clipping needs the batch in dim 0 of every layer input: layer {name}"
+                    f" got shape {tuple(x.shape)} in a batch of {self._batch}"
+                )
             return tap(rule, layer, book, x)
+
         return forward
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -111,8 +117,9 @@ class BookkeepingModule(nn.Module):
         """One backward pass of `per_example.sum()`, then each trainable tensor's `.grad` += sum_i c_i grad_i
         (c_i = min(1, C / (||grad_i|| + 1e-6)), grad_i the example's full gradient). Returns the norms."""
         if per_example.dim() != 1:
-            raise ValueError(f"book-keeping clipping needs one loss per example (shape [B]), got "
-                             f"{tuple(per_example.shape)}")
+            raise ValueError(
+                f"book-keeping clipping needs one loss per example (shape [B]), got {tuple(per_example.shape)}"
+            )
         per_example.sum().backward()
         sq = torch.zeros(per_example.shape[0], dtype=per_example.dtype, device=per_example.device)
         states = []
@@ -147,8 +154,10 @@ class BookkeepingModule(nn.Module):
         if p.grad is None:
             p.grad = grad.detach().to(p.dtype)
         elif self._forbid_accumulation and p.grad is (self._given[id(p)]() if id(p) in self._given else None):
-            raise ValueError("book-keeping clipping: a second backward before optimizer.step() / zero_grad() "
-                             "accumulates gradients across Poisson batches, which the accountant does not allow for")
+            raise ValueError(
+                "book-keeping clipping: a second backward before optimizer.step() / zero_grad() "
+                "accumulates gradients across Poisson batches, which the accountant does not allow for"
+            )
         else:
             p.grad.add_(grad.detach())
         self._given[id(p)] = weakref.ref(p.grad)
@@ -204,8 +213,9 @@ def _optimizer_class() -> type:
             std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
             for p in self.params:
                 _check_processed_flag(p.summed_grad)
-                noise = _generate_noise(std=std, reference=p.summed_grad, generator=self.generator,
-                                        secure_mode=self.secure_mode)
+                noise = _generate_noise(
+                    std=std, reference=p.summed_grad, generator=self.generator, secure_mode=self.secure_mode
+                )
                 p.grad = p.summed_grad.add_(noise).view_as(p)
                 _mark_as_processed(p.summed_grad)
 
@@ -228,10 +238,14 @@ def make_private_bookkeeping(engine: Any, kw: dict[str, Any]) -> tuple[Any, Any,
         wrapped.forbid_grad_accumulation()
     sample_rate = 1 / len(loader)
     dp_opt = _optimizer_class()(
-        optimizer, noise_multiplier=kw["noise_multiplier"], max_grad_norm=kw["max_grad_norm"],
-        expected_batch_size=int(len(loader.dataset) * sample_rate), loss_reduction=kw.get("loss_reduction", "mean"),
+        optimizer,
+        noise_multiplier=kw["noise_multiplier"],
+        max_grad_norm=kw["max_grad_norm"],
+        expected_batch_size=int(len(loader.dataset) * sample_rate),
+        loss_reduction=kw.get("loss_reduction", "mean"),
         generator=engine.secure_rng if engine.secure_mode else kw.get("noise_generator"),
-        secure_mode=engine.secure_mode)
+        secure_mode=engine.secure_mode,
+    )
     dp_opt.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
     return wrapped, dp_opt, loader
 

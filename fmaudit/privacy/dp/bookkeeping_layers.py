@@ -36,8 +36,9 @@ class _Tap(torch.autograd.Function):
     The trainable tensors are inputs so that the output requires grad; their gradient is returned as None."""
 
     @staticmethod
-    def forward(ctx: Any, rule: LayerRule, layer: nn.Module, book: list[Call], x: torch.Tensor,
-                *params: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: Any, rule: LayerRule, layer: nn.Module, book: list[Call], x: torch.Tensor, *params: torch.Tensor
+    ) -> torch.Tensor:
         out, saved = rule.run(layer, x)
         ctx.rule, ctx.layer, ctx.book, ctx.saved, ctx.n_params = rule, layer, book, saved, len(params)
         return out
@@ -180,8 +181,9 @@ def _layernorm_run(layer: nn.LayerNorm, x: torch.Tensor) -> tuple[torch.Tensor, 
 
 def _layernorm_input_grad(layer: nn.LayerNorm, saved: Any, g: torch.Tensor) -> torch.Tensor:
     x, mean, rstd = saved
-    return torch.ops.aten.native_layer_norm_backward(g, x, list(layer.normalized_shape), mean, rstd, layer.weight,
-                                                     layer.bias, [True, False, False])[0]
+    return torch.ops.aten.native_layer_norm_backward(
+        g, x, list(layer.normalized_shape), mean, rstd, layer.weight, layer.bias, [True, False, False]
+    )[0]
 
 
 def _layernorm_norms(layer: nn.LayerNorm, calls: list[Call], _grams: Any) -> tuple[torch.Tensor, Any]:
@@ -223,9 +225,19 @@ def _conv_run(layer: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
 
 def _conv_backward(layer: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, mask: list[bool]) -> tuple[Any, ...]:
     bias_sizes = [layer.out_channels] if layer.bias is not None else None
-    return torch.ops.aten.convolution_backward(g, x, layer.weight, bias_sizes, list(layer.stride),
-                                               list(_padding(layer)), list(layer.dilation), False, [0, 0],
-                                               layer.groups, mask)
+    return torch.ops.aten.convolution_backward(
+        g,
+        x,
+        layer.weight,
+        bias_sizes,
+        list(layer.stride),
+        list(_padding(layer)),
+        list(layer.dilation),
+        False,
+        [0, 0],
+        layer.groups,
+        mask,
+    )
 
 
 def _conv_input_grad(layer: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -238,8 +250,9 @@ def _conv_norms(layer: nn.Conv2d, calls: list[Call], _grams: Any) -> tuple[torch
     sq = torch.zeros(b, dtype=g.dtype, device=g.device)
     per_example = None
     if _trainable(layer, "weight"):
-        a = _cat([F.unfold(x, layer.kernel_size, layer.dilation, _padding(layer), layer.stride)
-                  for x, _ in calls], 2).transpose(1, 2)  # (B, L, C k k)
+        a = _cat(
+            [F.unfold(x, layer.kernel_size, layer.dilation, _padding(layer), layer.stride) for x, _ in calls], 2
+        ).transpose(1, 2)  # (B, L, C k k)
         if use_ghost(a.shape[1], a.shape[2], p):
             sq += _ghost(a, g)
         else:
@@ -275,8 +288,7 @@ def _no_input_grad(_layer: Any, _saved: Any, _g: torch.Tensor) -> None:
 
 LAYER_RULES: dict[type, LayerRule] = {
     nn.Linear: LayerRule(_linear_run, _linear_input_grad, _linear_norms, _linear_grads, _none),
-    nn.Embedding: LayerRule(_embedding_run, _no_input_grad, _embedding_norms, _embedding_grads,
-                            _embedding_unsupported),
+    nn.Embedding: LayerRule(_embedding_run, _no_input_grad, _embedding_norms, _embedding_grads, _embedding_unsupported),
     nn.LayerNorm: LayerRule(_layernorm_run, _layernorm_input_grad, _layernorm_norms, _layernorm_grads, _none),
     nn.Conv2d: LayerRule(_conv_run, _conv_input_grad, _conv_norms, _conv_grads, _conv_unsupported),
 }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 class DPConfigError(ValueError):
@@ -11,8 +11,10 @@ class DPConfigError(ValueError):
     def __init__(self, problems: Sequence[str]):
         self.problems = list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"DP fine-tuning cannot start ({len(self.problems)} problem"
-                         f"{'s' if len(self.problems) != 1 else ''}):\n{lines}")
+        super().__init__(
+            f"DP fine-tuning cannot start ({len(self.problems)} problem"
+            f"{'s' if len(self.problems) != 1 else ''}):\n{lines}"
+        )
 
 
 class DPPrivacyWarning(UserWarning):
@@ -32,4 +34,5 @@ class DPTrainingError(RuntimeError):
             "typically the model's parameters were replaced after the optimizer and Opacus' hooks captured them "
             "(lazy device placement; PEFT + Opacus, opacus#820: move the model to its device before "
             "get_peft_model). The trained model would be the starting model while epsilon was spent; nothing is "
-            "returned.")
+            "returned."
+        )

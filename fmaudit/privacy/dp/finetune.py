@@ -7,9 +7,10 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 from fmaudit.privacy import gradient_canaries as gc
 from fmaudit.privacy.dp.clipping import CLIPPING
@@ -17,22 +18,33 @@ from fmaudit.privacy.dp.errors import DPConfigError, DPPrivacyWarning
 from fmaudit.privacy.dp.inputs import DPInputs, adapt_inputs
 from fmaudit.privacy.dp.module_target import LossFunction
 from fmaudit.privacy.dp.preflight import preflight
-from fmaudit.privacy.dp.settings import (DPSettings, default_delta, defaults_note, dp_defaults, lora_config,
-                                         validate_settings)
+from fmaudit.privacy.dp.settings import (
+    DPSettings,
+    default_delta,
+    defaults_note,
+    dp_defaults,
+    lora_config,
+    validate_settings,
+)
 from fmaudit.privacy.dp.trainable import TRAINABLE, trainable_scope
 from fmaudit.privacy.dp.training import make_train_fn
 
-SEED_STATEMENT = ("The DP noise and Poisson sampling come from a seeded PRNG whose seed is derived from the run's "
-                  "seed (fmaudit.seeds streams DP_NOISE, DP_SAMPLER; the noise seed itself is not stored). The "
-                  "guarantee holds only if that seed stays secret: anyone who knows the recipe's seed can reproduce "
-                  "the noise and remove it. This keeps audits re-runnable; for a real release, train with a secret "
-                  "seed (or Opacus' secure_mode / CSPRNG) and do not publish it.")
+SEED_STATEMENT = (
+    "The DP noise and Poisson sampling come from a seeded PRNG whose seed is derived from the run's "
+    "seed (fmaudit.seeds streams DP_NOISE, DP_SAMPLER; the noise seed itself is not stored). The "
+    "guarantee holds only if that seed stays secret: anyone who knows the recipe's seed can reproduce "
+    "the noise and remove it. This keeps audits re-runnable; for a real release, train with a secret "
+    "seed (or Opacus' secure_mode / CSPRNG) and do not publish it."
+)
 
 
 def seed_statement(seed: int) -> dict[str, str]:
     """The finding that goes beside epsilon (severity info)."""
-    return {"severity": "info", "title": "The DP guarantee needs the run seed to stay secret",
-            "detail": f"Run seed {seed}. " + SEED_STATEMENT + " (Opacus warns: \"Secure RNG turned off\".)"}
+    return {
+        "severity": "info",
+        "title": "The DP guarantee needs the run seed to stay secret",
+        "detail": f"Run seed {seed}. " + SEED_STATEMENT + ' (Opacus warns: "Secure RNG turned off".)',
+    }
 
 
 @dataclass
@@ -92,27 +104,68 @@ class DPResult:
     def params(self) -> dict[str, Any]:
         """The DP parameters as a JSON-ready dict (for reports, and for re-running the same procedure:
         `finetune_info["dp"]` of a produced target). The noise seed is not among them: see `seed_statement`."""
-        keys = ("epsilon", "epsilon_accountant", "epsilon_gdp", "epsilon_by_accountant", "epsilon_per_epoch", "delta",
-                "target_epsilon", "noise_multiplier", "max_grad_norm", "sample_rate", "steps", "steps_per_epoch",
-                "epochs", "batch_size", "max_physical_batch_size", "accountant", "clipping", "trainable", "n_layers",
-                "lora", "lr", "weight_decay", "num_trainable_parameters", "num_train_examples", "empty_batches")
+        keys = (
+            "epsilon",
+            "epsilon_accountant",
+            "epsilon_gdp",
+            "epsilon_by_accountant",
+            "epsilon_per_epoch",
+            "delta",
+            "target_epsilon",
+            "noise_multiplier",
+            "max_grad_norm",
+            "sample_rate",
+            "steps",
+            "steps_per_epoch",
+            "epochs",
+            "batch_size",
+            "max_physical_batch_size",
+            "accountant",
+            "clipping",
+            "trainable",
+            "n_layers",
+            "lora",
+            "lr",
+            "weight_decay",
+            "num_trainable_parameters",
+            "num_train_examples",
+            "empty_batches",
+        )
         out = {k: getattr(self, k) for k in keys}
         out["lora"] = dict(self.lora) if self.lora is not None else None
         out["epsilon_by_accountant"] = dict(self.epsilon_by_accountant)
         return out
 
 
-def dp_finetune(*, model: Any, train_data: Any, epochs: int | None = None, batch_size: int | None = None,
-                lr: float | None = None, target_epsilon: float | None = None, noise_multiplier: float | None = None,
-                delta: float | None = None, max_grad_norm: float = 1.0,
-                accountant: Literal["prv", "rdp", "gdp"] = "prv",
-                trainable: Literal["all", "last_n_layers", "head", "lora"] = "all", n_layers: int = 2,
-                lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,
-                lora_target_modules: Sequence[str] | None = None,
-                clipping: Literal["auto", "ghost", "bookkeeping", "hooks"] = "auto", max_physical_batch_size: int | None = None,
-                weight_decay: float = 0.0, validation_data: Any = None, loss_fn: LossFunction | None = None,
-                seed: int = 0, cache_dir: str | Path | None = None, split: Any = None,
-                progress: Callable[[str, int], Any] | None = None, gradient_canaries: int = 0) -> DPResult:
+def dp_finetune(
+    *,
+    model: Any,
+    train_data: Any,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    target_epsilon: float | None = None,
+    noise_multiplier: float | None = None,
+    delta: float | None = None,
+    max_grad_norm: float = 1.0,
+    accountant: Literal["prv", "rdp", "gdp"] = "prv",
+    trainable: Literal["all", "last_n_layers", "head", "lora"] = "all",
+    n_layers: int = 2,
+    lora_r: int = 8,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.0,
+    lora_target_modules: Sequence[str] | None = None,
+    clipping: Literal["auto", "ghost", "bookkeeping", "hooks"] = "auto",
+    max_physical_batch_size: int | None = None,
+    weight_decay: float = 0.0,
+    validation_data: Any = None,
+    loss_fn: LossFunction | None = None,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    split: Any = None,
+    progress: Callable[[str, int], Any] | None = None,
+    gradient_canaries: int = 0,
+) -> DPResult:
     """Fine-tune a copy of `model` with DP-SGD (Opacus) and return the private model and its ledger.
 
     Args:
@@ -175,20 +228,32 @@ def dp_finetune(*, model: Any, train_data: Any, epochs: int | None = None, batch
     epochs, batch_size, lr, picked = dp_defaults(n, epochs=epochs, batch_size=batch_size, lr=lr, trainable=trainable)
     if picked:
         notes.append(defaults_note(picked, n))
-    problems += validate_settings(n=n if data is not None else None, target_epsilon=target_epsilon,
-                                  noise_multiplier=noise_multiplier, delta=delta, max_grad_norm=max_grad_norm,
-                                  epochs=epochs, batch_size=batch_size, lr=lr, accountant=accountant,
-                                  trainable=trainable, clipping=clipping,
-                                  max_physical_batch_size=max_physical_batch_size, n_layers=n_layers)
+    problems += validate_settings(
+        n=n if data is not None else None,
+        target_epsilon=target_epsilon,
+        noise_multiplier=noise_multiplier,
+        delta=delta,
+        max_grad_norm=max_grad_norm,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        accountant=accountant,
+        trainable=trainable,
+        clipping=clipping,
+        max_physical_batch_size=max_physical_batch_size,
+        n_layers=n_layers,
+    )
     if cache_dir is not None and not inputs.cacheable:
-        problems.append("cache_dir works with fmaudit Datasets (the cache is keyed by their example ids); leave it "
-                        "out for torch / datasets data")
-    lora = lora_config(trainable, r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
-                       target_modules=lora_target_modules)
+        problems.append(
+            "cache_dir works with fmaudit Datasets (the cache is keyed by their example ids); leave it "
+            "out for torch / datasets data"
+        )
+    lora = lora_config(trainable, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=lora_target_modules)
     mode = "hooks"
     if inputs.target is not None and trainable in TRAINABLE and clipping in CLIPPING:
-        more, more_notes, mode = preflight(inputs.target, trainable=trainable, n_layers=n_layers, lora=lora,
-                                           clipping=clipping)
+        more, more_notes, mode = preflight(
+            inputs.target, trainable=trainable, n_layers=n_layers, lora=lora, clipping=clipping
+        )
         problems += more
         notes += more_notes
     if gradient_canaries and not gradient_canaries >= gc.MIN_CANARIES:
@@ -199,19 +264,42 @@ def dp_finetune(*, model: Any, train_data: Any, epochs: int | None = None, batch
     if delta is None:
         delta = default_delta(n)
     elif delta >= 1.0 / n:
-        msg = (f"delta={delta:g} is not below 1/N = {1.0 / n:.3g}: a mechanism that publishes one random training "
-               f"example outright satisfies it; use delta <= {default_delta(n):.2g}")
+        msg = (
+            f"delta={delta:g} is not below 1/N = {1.0 / n:.3g}: a mechanism that publishes one random training "
+            f"example outright satisfies it; use delta <= {default_delta(n):.2g}"
+        )
         warnings.warn(msg, DPPrivacyWarning, stacklevel=2)
         notes.append(msg)
     assert epochs is not None and batch_size is not None and lr is not None  # dp_defaults filled them (n > 0)
     with _quiet_opacus():
-        settings = DPSettings.plan(n=n, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                                   target_epsilon=target_epsilon, noise_multiplier=noise_multiplier, delta=delta,
-                                   max_grad_norm=max_grad_norm, accountant=accountant, clipping=mode,
-                                   trainable=trainable, n_layers=n_layers, lora=lora,
-                                   max_physical_batch_size=max_physical_batch_size, seed=seed)
-        return _run(inputs, settings, notes=notes, picked=picked, cache_dir=cache_dir, split=split, progress=progress,
-                    gradient_canaries=int(gradient_canaries))
+        settings = DPSettings.plan(
+            n=n,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            target_epsilon=target_epsilon,
+            noise_multiplier=noise_multiplier,
+            delta=delta,
+            max_grad_norm=max_grad_norm,
+            accountant=accountant,
+            clipping=mode,
+            trainable=trainable,
+            n_layers=n_layers,
+            lora=lora,
+            max_physical_batch_size=max_physical_batch_size,
+            seed=seed,
+        )
+        return _run(
+            inputs,
+            settings,
+            notes=notes,
+            picked=picked,
+            cache_dir=cache_dir,
+            split=split,
+            progress=progress,
+            gradient_canaries=int(gradient_canaries),
+        )
 
 
 @contextlib.contextmanager
@@ -226,17 +314,31 @@ def _quiet_opacus() -> Iterator[None]:
         yield
 
 
-def _run(inputs: DPInputs, s: DPSettings, *, notes: list[str], picked: dict[str, Any],
-         cache_dir: str | Path | None, split: Any, progress: Callable[[str, int], Any] | None,
-         gradient_canaries: int = 0) -> DPResult:
+def _run(
+    inputs: DPInputs,
+    s: DPSettings,
+    *,
+    notes: list[str],
+    picked: dict[str, Any],
+    cache_dir: str | Path | None,
+    split: Any,
+    progress: Callable[[str, int], Any] | None,
+    gradient_canaries: int = 0,
+) -> DPResult:
     """Train a copy of `inputs.target` as `s` says (through the fine-tune cache when `cache_dir` is given) and
     collect the result."""
     from fmaudit.training import TrainConfig, finetune_cached
 
     train_data, validation_data = inputs.train, inputs.validation
-    config = TrainConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, weight_decay=s.weight_decay,
-                         trainable=trainable_scope(s.trainable).config_mode or s.trainable, n_layers=s.n_layers,
-                         seed=s.seed)
+    config = TrainConfig(
+        epochs=s.epochs,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        weight_decay=s.weight_decay,
+        trainable=trainable_scope(s.trainable).config_mode or s.trainable,
+        n_layers=s.n_layers,
+        seed=s.seed,
+    )
     work = inputs.target.copy()
     record: dict[str, Any] = {}
     train_fn = make_train_fn(s, record, gradient_canaries)
@@ -249,9 +351,17 @@ def _run(inputs: DPInputs, s: DPSettings, *, notes: list[str], picked: dict[str,
         key_extra: dict[str, Any] = {"dp": asdict(s), "v": "dp-2"}  # 2: own Poisson loader, noise-only empty steps
         if gradient_canaries:  # frozen canary coordinates change the weights; off: the key is unchanged
             key_extra["gradient_canaries"] = gradient_canaries
-        stats, hit, key = finetune_cached(work, split, config, cache_dir=Path(cache_dir), progress=progress,
-                                          label="DP fine-tuning", kind="dp-finetune", key_extra=key_extra,
-                                          train_fn=train_fn)
+        stats, hit, key = finetune_cached(
+            work,
+            split,
+            config,
+            cache_dir=Path(cache_dir),
+            progress=progress,
+            label="DP fine-tuning",
+            kind="dp-finetune",
+            key_extra=key_extra,
+            train_fn=train_fn,
+        )
     else:
         stats = train_fn(work, train_data, config, progress=progress)
     dp = stats.extra["dp"]
@@ -265,21 +375,45 @@ def _run(inputs: DPInputs, s: DPSettings, *, notes: list[str], picked: dict[str,
         canaries = gc.audit(stats.extra["gradient_canaries"], delta=s.delta, epsilon=float(dp["epsilon"]))
         canaries.update(findings=gc.findings(canaries), record=stats.extra["gradient_canaries"])
     return DPResult(
-        model=model_out, target=target_out, epsilon=float(dp["epsilon"]),
+        model=model_out,
+        target=target_out,
+        epsilon=float(dp["epsilon"]),
         epsilon_per_epoch=list(dp["epsilon_per_epoch"]),
-        delta=s.delta, noise_multiplier=s.noise_multiplier, sample_rate=s.sample_rate,
-        steps=int(dp["steps"]), epochs=s.epochs, accountant=s.accountant, clipping=s.clipping,
-        max_grad_norm=s.max_grad_norm, batch_size=s.batch_size, max_physical_batch_size=s.max_physical_batch_size,
-        trainable=s.trainable, num_trainable_parameters=int(dp.get("num_trainable_parameters", 0)),
-        num_train_examples=len(train_data), target_epsilon=s.target_epsilon,
-        ledger_steps=list(dp["ledger_steps"]), ledger_epsilon=list(dp["ledger_epsilon"]),
+        delta=s.delta,
+        noise_multiplier=s.noise_multiplier,
+        sample_rate=s.sample_rate,
+        steps=int(dp["steps"]),
+        epochs=s.epochs,
+        accountant=s.accountant,
+        clipping=s.clipping,
+        max_grad_norm=s.max_grad_norm,
+        batch_size=s.batch_size,
+        max_physical_batch_size=s.max_physical_batch_size,
+        trainable=s.trainable,
+        num_trainable_parameters=int(dp.get("num_trainable_parameters", 0)),
+        num_train_examples=len(train_data),
+        target_epsilon=s.target_epsilon,
+        ledger_steps=list(dp["ledger_steps"]),
+        ledger_epsilon=list(dp["ledger_epsilon"]),
         train_utility=inputs.utility(work, train_data, seed=s.seed),
         validation_utility=inputs.utility(work, validation_data, seed=s.seed) if validation_data is not None else None,
         train_seconds=float(stats.duration_s) if not hit else time.perf_counter() - t0,
-        epoch_losses=list(stats.epoch_losses), cache_hit=hit, cache_key=key,
+        epoch_losses=list(stats.epoch_losses),
+        cache_hit=hit,
+        cache_key=key,
         notes=notes + [f"{f['title']}: {f['detail']}" for f in findings],
-        lr=s.lr, weight_decay=s.weight_decay, n_layers=int(s.n_layers),
-        lora=dict(s.lora) if s.lora is not None else None, steps_per_epoch=s.steps_per_epoch, seed=s.seed,
-        epsilon_by_accountant=by, epsilon_accountant=str(dp.get("epsilon_accountant", s.accountant)),
-        epsilon_gdp=by.get("gdp") if s.accountant == "gdp" else None, empty_batches=int(dp.get("empty_batches", 0)),
-        findings=findings, picked_defaults=dict(picked), inputs=inputs.described, gradient_canaries=canaries)
+        lr=s.lr,
+        weight_decay=s.weight_decay,
+        n_layers=int(s.n_layers),
+        lora=dict(s.lora) if s.lora is not None else None,
+        steps_per_epoch=s.steps_per_epoch,
+        seed=s.seed,
+        epsilon_by_accountant=by,
+        epsilon_accountant=str(dp.get("epsilon_accountant", s.accountant)),
+        epsilon_gdp=by.get("gdp") if s.accountant == "gdp" else None,
+        empty_batches=int(dp.get("empty_batches", 0)),
+        findings=findings,
+        picked_defaults=dict(picked),
+        inputs=inputs.described,
+        gradient_canaries=canaries,
+    )

@@ -13,8 +13,9 @@ through `module_target`, which batches items the way the user's data gives them 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from fmaudit.privacy.dp.module_target import LossFunction, TorchData, module_target, output_logits
 from fmaudit.privacy.dp.utility import utility_summary
@@ -61,38 +62,51 @@ def _as_torch_data(obj: Any, role: str, problems: list[str], notes: list[str]) -
     if isinstance(obj, torch.utils.data.DataLoader):
         loader = obj
         if isinstance(loader.dataset, torch.utils.data.IterableDataset):
-            problems.append(f"{role}: the DataLoader's dataset is an IterableDataset; DP-SGD's Poisson sampling "
-                            "needs a map-style dataset (len and indexing)")
+            problems.append(
+                f"{role}: the DataLoader's dataset is an IterableDataset; DP-SGD's Poisson sampling "
+                "needs a map-style dataset (len and indexing)"
+            )
             return None, None, None
         collate: Any = loader.collate_fn
         if collate is torch.utils.data.default_collate or getattr(collate, "__name__", "") == "default_collate":
             collate = None
         if role == "train_data":
-            notes.append("train_data is a DataLoader: its dataset is used"
-                         + (f" with its batch size {loader.batch_size} as the expected (Poisson) batch size"
-                            if loader.batch_size else "") + (" and its collate_fn" if collate else "")
-                         + "; Poisson sampling (each example in each step independently with probability q) "
-                           "replaces its sampler / shuffling, as the DP accountant assumes")
+            notes.append(
+                "train_data is a DataLoader: its dataset is used"
+                + (
+                    f" with its batch size {loader.batch_size} as the expected (Poisson) batch size"
+                    if loader.batch_size
+                    else ""
+                )
+                + (" and its collate_fn" if collate else "")
+                + "; Poisson sampling (each example in each step independently with probability q) "
+                "replaces its sampler / shuffling, as the DP accountant assumes"
+            )
         data, _, _ = _as_torch_data(loader.dataset, role, problems, notes)
         return data, loader.batch_size, collate
     if _is_hf_dataset(obj):
         keep = [c for c in obj.column_names if _hf_column_is_numeric(obj, c)]
         dropped = [c for c in obj.column_names if c not in keep]
         if not keep:
-            problems.append(f"{role}: the datasets.Dataset has no numeric columns (columns: {obj.column_names}); "
-                            "tokenize it first (input_ids, attention_mask, labels)")
+            problems.append(
+                f"{role}: the datasets.Dataset has no numeric columns (columns: {obj.column_names}); "
+                "tokenize it first (input_ids, attention_mask, labels)"
+            )
             return None, None, None
         if dropped and role == "train_data":
             notes.append(f"datasets.Dataset columns not passed to the model (not numeric): {', '.join(dropped)}")
         return TorchData(obj.with_format("torch", columns=keep), f"datasets.Dataset[{len(obj)}]"), None, None
     if isinstance(obj, torch.utils.data.IterableDataset):
-        problems.append(f"{role}: an IterableDataset cannot be Poisson-sampled; give a map-style dataset "
-                        "(len and indexing)")
+        problems.append(
+            f"{role}: an IterableDataset cannot be Poisson-sampled; give a map-style dataset (len and indexing)"
+        )
         return None, None, None
     if isinstance(obj, torch.utils.data.Dataset) or (hasattr(obj, "__len__") and hasattr(obj, "__getitem__")):
         return TorchData(obj, type(obj).__name__), None, None
-    problems.append(f"{role} must be an fmaudit Dataset, a map-style torch Dataset, a DataLoader or a "
-                    f"datasets.Dataset, got {type(obj).__name__}")
+    problems.append(
+        f"{role} must be an fmaudit Dataset, a map-style torch Dataset, a DataLoader or a "
+        f"datasets.Dataset, got {type(obj).__name__}"
+    )
     return None, None, None
 
 
@@ -150,12 +164,16 @@ def _dry_run(target: Any, data: TorchData, custom_loss: bool) -> list[str]:
             target.model.train(was)
     except Exception as exc:
         what = "loss_fn" if custom_loss else "the default loss (cross-entropy on logits / labels, or the LM loss)"
-        return [f"{what} failed on two training examples: {type(exc).__name__}: {str(exc)[:300]}"
-                + ("" if custom_loss else "; give loss_fn(model, batch) -> per-example losses")]
+        return [
+            f"{what} failed on two training examples: {type(exc).__name__}: {str(exc)[:300]}"
+            + ("" if custom_loss else "; give loss_fn(model, batch) -> per-example losses")
+        ]
     if not torch.is_tensor(per) or tuple(per.shape) != (k,):
         shape = tuple(per.shape) if torch.is_tensor(per) else type(per).__name__
-        return [f"loss_fn must return one loss per example (a tensor of shape [{k}] for {k} examples), got {shape}: "
-                "DP-SGD clips each example's gradient, which a batch mean hides (use reduction='none')"]
+        return [
+            f"loss_fn must return one loss per example (a tensor of shape [{k}] for {k} examples), got {shape}: "
+            "DP-SGD clips each example's gradient, which a batch mean hides (use reduction='none')"
+        ]
     if custom_loss and target.task != CAUSAL_LM:
         # Accuracy beside a custom loss: only when the default forward gives (B, C) logits for the batch's labels.
         labels = target.labels(batch)
@@ -171,8 +189,9 @@ def _dry_run(target: Any, data: TorchData, custom_loss: bool) -> list[str]:
     return []
 
 
-def adapt_inputs(model: Any, train_data: Any, validation_data: Any = None,
-                 loss_fn: LossFunction | None = None) -> DPInputs:
+def adapt_inputs(
+    model: Any, train_data: Any, validation_data: Any = None, loss_fn: LossFunction | None = None
+) -> DPInputs:
     """Turn (model, train_data, validation_data, loss_fn) into what the DP loop trains (see the module
     docstring). Problems are collected, not raised: `dp_finetune` lists them with the others."""
     from torch import nn
@@ -180,9 +199,16 @@ def adapt_inputs(model: Any, train_data: Any, validation_data: Any = None,
     from fmaudit.targets.base import Target
 
     if not isinstance(model, (Target, nn.Module)):
-        return DPInputs(target=None, train=None, validation=None, described="?", problems=[
-            f"model must be an fmaudit Target, a torch nn.Module or a Hugging Face PreTrainedModel, got "
-            f"{type(model).__name__}"])
+        return DPInputs(
+            target=None,
+            train=None,
+            validation=None,
+            described="?",
+            problems=[
+                f"model must be an fmaudit Target, a torch nn.Module or a Hugging Face PreTrainedModel, got "
+                f"{type(model).__name__}"
+            ],
+        )
     problems = ["train_data is missing"] if train_data is None else []
     native = _is_fmaudit_dataset(train_data)
     if isinstance(model, Target) and (native or train_data is None):
@@ -192,43 +218,64 @@ def adapt_inputs(model: Any, train_data: Any, validation_data: Any = None,
     return _module_inputs(model, train_data, validation_data, loss_fn, problems)
 
 
-def _native_inputs(model: Any, train_data: Any, validation_data: Any, loss_fn: LossFunction | None,
-                   problems: list[str]) -> DPInputs:
+def _native_inputs(
+    model: Any, train_data: Any, validation_data: Any, loss_fn: LossFunction | None, problems: list[str]
+) -> DPInputs:
     """fmaudit Target + fmaudit Dataset: the target's own preprocessing (tokenizer, pixels)."""
     if loss_fn is not None:
-        problems.append("loss_fn works with torch / Hugging Face data; an fmaudit Target on an fmaudit Dataset "
-                        "trains with the target's own loss")
+        problems.append(
+            "loss_fn works with torch / Hugging Face data; an fmaudit Target on an fmaudit Dataset "
+            "trains with the target's own loss"
+        )
     if validation_data is not None and not _is_fmaudit_dataset(validation_data):
         problems.append("validation_data must be an fmaudit Dataset like train_data")
-    if train_data is not None and len(train_data) and "classifier" in model.capabilities \
-            and train_data.labels is None:
+    if train_data is not None and len(train_data) and "classifier" in model.capabilities and train_data.labels is None:
         problems.append(f"dataset {train_data.name!r} has no labels; a classifier needs them")
-    return DPInputs(target=model, train=train_data, validation=validation_data,
-                    described=f"fmaudit target {model.name!r} ({model.task})", problems=problems)
+    return DPInputs(
+        target=model,
+        train=train_data,
+        validation=validation_data,
+        described=f"fmaudit target {model.name!r} ({model.task})",
+        problems=problems,
+    )
 
 
-def _pixel_inputs(model: Any, train_data: Any, validation_data: Any, loss_fn: LossFunction | None,
-                  problems: list[str]) -> DPInputs:
+def _pixel_inputs(
+    model: Any, train_data: Any, validation_data: Any, loss_fn: LossFunction | None, problems: list[str]
+) -> DPInputs:
     """A plain nn.Module on an fmaudit image Dataset: an image classifier over [0, 1] pixels."""
     if train_data.modality != "image" or _hf_task(model) not in (CLASSIFICATION, IMAGE_CLASSIFICATION):
-        problems.append("an nn.Module on an fmaudit text Dataset needs its tokenizer: load it with "
-                        "fmaudit.load_target(...), or give tokenized data (a datasets.Dataset with input_ids, "
-                        "attention_mask, labels, or a torch Dataset)")
+        problems.append(
+            "an nn.Module on an fmaudit text Dataset needs its tokenizer: load it with "
+            "fmaudit.load_target(...), or give tokenized data (a datasets.Dataset with input_ids, "
+            "attention_mask, labels, or a torch Dataset)"
+        )
         return DPInputs(target=None, train=None, validation=None, described="?", problems=problems)
     from fmaudit.targets.vision import ImageClassifier, PixelClassifier
 
     params = list(model.parameters())
     hf = hasattr(model, "config") and _hf_task(model) == IMAGE_CLASSIFICATION
-    t = ImageClassifier(name=type(model).__name__, model=PixelClassifier(model, hf=hf), source="python",
-                        kind="torch-module", device=str(params[0].device) if params else "cpu",
-                        label_names=train_data.label_names, num_classes=train_data.num_labels)
+    t = ImageClassifier(
+        name=type(model).__name__,
+        model=PixelClassifier(model, hf=hf),
+        source="python",
+        kind="torch-module",
+        device=str(params[0].device) if params else "cpu",
+        label_names=train_data.label_names,
+        num_classes=train_data.num_labels,
+    )
     if train_data.labels is None:
         problems.append(f"dataset {train_data.name!r} has no labels; a classifier needs them")
     if loss_fn is not None:
         problems.append("loss_fn works with torch / Hugging Face data, not with an fmaudit Dataset")
-    return DPInputs(target=t, train=train_data, validation=validation_data, problems=problems,
-                    described=f"{type(model).__name__} as an image classifier ([0, 1] pixels -> logits)",
-                    release=lambda work: (work.model.inner, work))
+    return DPInputs(
+        target=t,
+        train=train_data,
+        validation=validation_data,
+        problems=problems,
+        described=f"{type(model).__name__} as an image classifier ([0, 1] pixels -> logits)",
+        release=lambda work: (work.model.inner, work),
+    )
 
 
 def _pad_id(model: Any, inner: Any) -> int:
@@ -247,28 +294,37 @@ def _pad_id(model: Any, inner: Any) -> int:
     return int(pad_id or 0)
 
 
-def _module_inputs(model: Any, train_data: Any, validation_data: Any, loss_fn: LossFunction | None,
-                   problems: list[str]) -> DPInputs:
+def _module_inputs(
+    model: Any, train_data: Any, validation_data: Any, loss_fn: LossFunction | None, problems: list[str]
+) -> DPInputs:
     """Everything else: the module as it is, on the data as it is."""
     from fmaudit.targets.base import Target
 
     notes: list[str] = []
     train, loader_batch, collate = _as_torch_data(train_data, "train_data", problems, notes)
     if _is_fmaudit_dataset(validation_data):
-        problems.append("validation_data must be the same kind of data as train_data (torch / datasets), not an "
-                        "fmaudit Dataset")
+        problems.append(
+            "validation_data must be the same kind of data as train_data (torch / datasets), not an fmaudit Dataset"
+        )
         validation = None
     else:
         validation, _, _ = _as_torch_data(validation_data, "validation_data", problems, [])
     inner = model.model if isinstance(model, Target) else model
     task = _hf_task(inner) if not isinstance(model, Target) or model.task != CAUSAL_LM else CAUSAL_LM
-    t = module_target(inner, task=task, loss_fn=loss_fn, collate=collate,
-                      name=model.name if isinstance(model, Target) else type(inner).__name__,
-                      pad_id=_pad_id(model, inner))
+    t = module_target(
+        inner,
+        task=task,
+        loss_fn=loss_fn,
+        collate=collate,
+        name=model.name if isinstance(model, Target) else type(inner).__name__,
+        pad_id=_pad_id(model, inner),
+    )
     flags = {name: p.requires_grad for name, p in inner.named_parameters()} if t.is_peft else {}
     if t.is_peft:
-        notes.append("a PEFT model: its own trainable parameters (adapters, modules_to_save) are trained with "
-                     "trainable='all'; the PEFT model comes back unmerged, with its requires_grad flags as given")
+        notes.append(
+            "a PEFT model: its own trainable parameters (adapters, modules_to_save) are trained with "
+            "trainable='all'; the PEFT model comes back unmerged, with its requires_grad flags as given"
+        )
     if train is not None and not problems:
         problems += _dry_run(t, train, loss_fn is not None)
 
@@ -283,9 +339,15 @@ def _module_inputs(model: Any, train_data: Any, validation_data: Any, loss_fn: L
             return work.model, out
         return work.model, work
 
-    return DPInputs(target=t, train=train, validation=validation, batch_size=loader_batch, problems=problems,
-                    notes=notes, cacheable=False, release=release,
-                    described=f"{type(inner).__name__} ({_DESCRIBED.get(task, 'classifier')}) on "
-                              f"{type(train_data).__name__}",
-                    utility=lambda target, data, max_examples=1000, seed=0: target.evaluate(data, max_examples,
-                                                                                              seed))
+    return DPInputs(
+        target=t,
+        train=train,
+        validation=validation,
+        batch_size=loader_batch,
+        problems=problems,
+        notes=notes,
+        cacheable=False,
+        release=release,
+        described=f"{type(inner).__name__} ({_DESCRIBED.get(task, 'classifier')}) on {type(train_data).__name__}",
+        utility=lambda target, data, max_examples=1000, seed=0: target.evaluate(data, max_examples, seed),
+    )

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +30,7 @@ class TorchData:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def subset(self, indices: Sequence[int] | np.ndarray) -> "TorchData":
+    def subset(self, indices: Sequence[int] | np.ndarray) -> TorchData:
         import torch
 
         return TorchData(torch.utils.data.Subset(self.dataset, [int(i) for i in indices]), self.name)
@@ -102,8 +103,15 @@ def output_logits(out: Any) -> Any:
     return out
 
 
-def module_target(model: Any, *, task: str, loss_fn: LossFunction | None = None, collate: Any = None,
-                  name: str | None = None, pad_id: int = 0) -> Any:
+def module_target(
+    model: Any,
+    *,
+    task: str,
+    loss_fn: LossFunction | None = None,
+    collate: Any = None,
+    name: str | None = None,
+    pad_id: int = 0,
+) -> Any:
     """Any nn.Module (plain, Hugging Face, PEFT) behind the Target interface the DP loop trains.
 
     Batches keep the user's form: `(x, y)` tuples call `model(x)` (all but the last element) with labels the
@@ -112,8 +120,9 @@ def module_target(model: Any, *, task: str, loss_fn: LossFunction | None = None,
     next-token loss (causal LMs); `loss_fn(model, batch) -> tensor[B]` replaces it, and gets the batch in the
     user's form (a tuple of tensors, or the dict). `collate` replaces the default batching (torch's
     default_collate, with tokenized sequences padded on the right)."""
-    return _module_target_class()(model, task=task, loss_fn=loss_fn, collate=collate,
-                                  name=name or type(model).__name__, pad_id=pad_id)
+    return _module_target_class()(
+        model, task=task, loss_fn=loss_fn, collate=collate, name=name or type(model).__name__, pad_id=pad_id
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -129,8 +138,9 @@ def _module_target_class() -> type:
     class ModuleTarget(Target):
         kind = "torch-module"
 
-        def __init__(self, model: nn.Module, *, task: str, loss_fn: LossFunction | None, collate: Any,
-                     name: str, pad_id: int):
+        def __init__(
+            self, model: nn.Module, *, task: str, loss_fn: LossFunction | None, collate: Any, name: str, pad_id: int
+        ):
             params = list(model.parameters())
             device = str(params[0].device) if params else "cpu"
             was_training = model.training
@@ -166,8 +176,9 @@ def _module_target_class() -> type:
             return data.dataset
 
         def collate(self, items: Sequence[Any]) -> dict[str, Any]:
-            batch = _to_internal(self.user_collate(list(items)) if self.user_collate is not None
-                                 else collate_items(items, self.pad_id))
+            batch = _to_internal(
+                self.user_collate(list(items)) if self.user_collate is not None else collate_items(items, self.pad_id)
+            )
             ids = batch.get("input_ids")
             if ids is not None and ids.dim() == 2:
                 n, length = ids.shape
@@ -206,8 +217,9 @@ def _module_target_class() -> type:
                     labels[batch["attention_mask"] == 0] = -100
             targets = labels[:, 1:]
             mask = targets != -100
-            nll = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.clamp_min(0).reshape(-1),
-                                              reduction="none").view_as(targets)
+            nll = nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), targets.clamp_min(0).reshape(-1), reduction="none"
+            ).view_as(targets)
             return nll * mask, mask
 
         def loss(self, model: nn.Module, batch: dict[str, Any], reduction: str = "mean") -> Any:
@@ -219,8 +231,9 @@ def _module_target_class() -> type:
             else:
                 labels = self.labels(batch)
                 if labels is None:
-                    raise ValueError("the batch has no labels (give (x, y) tuples, a 'labels' / 'label' column, "
-                                     "or loss_fn)")
+                    raise ValueError(
+                        "the batch has no labels (give (x, y) tuples, a 'labels' / 'label' column, or loss_fn)"
+                    )
                 logits = output_logits(self.forward(model, batch))
                 per = nn.functional.cross_entropy(logits.float(), labels.long(), reduction="none")
             if reduction == "none":
@@ -234,8 +247,9 @@ def _module_target_class() -> type:
 
         # -- evaluation -------------------------------------------------------------------------------
         @torch.no_grad()
-        def evaluate(self, data: TorchData | None, max_examples: int = 1000, seed: int = 0,
-                     batch_size: int = 64) -> dict[str, float]:
+        def evaluate(
+            self, data: TorchData | None, max_examples: int = 1000, seed: int = 0, batch_size: int = 64
+        ) -> dict[str, float]:
             """Mean per-example loss (the training loss); accuracy (classifiers whose output is (B, C) logits
             and whose batch has labels); perplexity (causal LMs, token-weighted)."""
             if data is None or len(data) == 0:
@@ -249,7 +263,7 @@ def _module_target_class() -> type:
             self.model.eval()
             total, correct, counted, tok_nll, toks = 0.0, 0, 0, 0.0, 0
             for start in range(0, len(idx), batch_size):
-                batch = self.to_device(self.collate([ds[int(i)] for i in idx[start: start + batch_size]]))
+                batch = self.to_device(self.collate([ds[int(i)] for i in idx[start : start + batch_size]]))
                 total += float(self.loss(self.model, batch, reduction="sum"))
                 if self.task == CAUSAL_LM:
                     nll, mask = self.token_nll(self.model, batch)

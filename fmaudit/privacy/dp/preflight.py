@@ -11,8 +11,14 @@ from fmaudit.privacy.dp.trainable import apply_trainable
 AUTO_CLIPPING = "ghost"  # what clipping="auto" becomes when no trainable parameter is shared between modules
 
 
-def preflight(target: Any, *, trainable: str = "all", n_layers: int = 2, lora: dict[str, Any] | None = None,
-              clipping: str = "auto") -> tuple[list[str], list[str], str]:
+def preflight(
+    target: Any,
+    *,
+    trainable: str = "all",
+    n_layers: int = 2,
+    lora: dict[str, Any] | None = None,
+    clipping: str = "auto",
+) -> tuple[list[str], list[str], str]:
     """Check that DP-SGD can train `target` as asked, without changing it.
 
     Returns (problems, notes, clipping_mode): problems block training; notes are informational;
@@ -36,16 +42,20 @@ def preflight(target: Any, *, trainable: str = "all", n_layers: int = 2, lora: d
     problems += _layer_problems(model)
 
     # BERT-style position embeddings need explicit position_ids (ENVIRONMENT.md).
-    fwd = inspect.signature(getattr(model, "forward")).parameters
+    fwd = inspect.signature(model.forward).parameters
     if "position_ids" in fwd and hasattr(work, "_pass_position_ids") and not work._pass_position_ids:
-        problems.append("the model takes position_ids but the target does not pass them; per-sample gradients of "
-                        "position embeddings need them (built with arange().repeat())")
+        problems.append(
+            "the model takes position_ids but the target does not pass them; per-sample gradients of "
+            "position embeddings need them (built with arange().repeat())"
+        )
 
     mode = AUTO_CLIPPING if clipping == "auto" else clipping
     tied = _tied_trainable(model)
     if tied:
-        msg = (f"trainable parameters shared between modules ({'; '.join(tied[:3])}): ghost clipping computes "
-               "per-module norms and would clip them wrongly")
+        msg = (
+            f"trainable parameters shared between modules ({'; '.join(tied[:3])}): ghost clipping computes "
+            "per-module norms and would clip them wrongly"
+        )
         if clipping == "ghost":
             problems.append(msg + "; use clipping='hooks' or freeze them (trainable='lora')")
         else:
@@ -85,13 +95,19 @@ def _layer_problems(model: Any) -> list[str]:
             by_kind.setdefault(type(m).__name__, []).append(name or "<root>")
     for kind, where in by_kind.items():
         if "BatchNorm" in kind:
-            fix = ("replace them with GroupNorm (opacus.validators.ModuleValidator.fix(model) does this) or "
-                   "LayerNorm, and train the non-private baseline the same way")
+            fix = (
+                "replace them with GroupNorm (opacus.validators.ModuleValidator.fix(model) does this) or "
+                "LayerNorm, and train the non-private baseline the same way"
+            )
         else:
-            fix = ("replace them with Opacus' DP layers (opacus.validators.ModuleValidator.fix(model)), or freeze "
-                   "them (trainable='last_n_layers' / 'lora')")
-        problems.append(f"unsupported layers for DP-SGD: {len(where)} {kind} "
-                        f"({', '.join(where[:6])}{', ...' if len(where) > 6 else ''}): {fix}")
+            fix = (
+                "replace them with Opacus' DP layers (opacus.validators.ModuleValidator.fix(model)), or freeze "
+                "them (trainable='last_n_layers' / 'lora')"
+            )
+        problems.append(
+            f"unsupported layers for DP-SGD: {len(where)} {kind} "
+            f"({', '.join(where[:6])}{', ...' if len(where) > 6 else ''}): {fix}"
+        )
     # Trainable layers holding buffers (GradSampleModule.validate: buffers are not private).
     reported = {n for where in by_kind.values() for n in where}
     for name, m in model.named_modules():
@@ -99,8 +115,10 @@ def _layer_problems(model: Any) -> list[str]:
             continue
         bufs = [b for b, _ in m.named_buffers(recurse=False)]
         if bufs and not isinstance(m, nn.Embedding):
-            problems.append(f"trainable layer {name} ({type(m).__name__}) holds buffers {bufs[:3]} that DP-SGD "
-                            "does not protect: freeze it (trainable='last_n_layers' / 'lora') or remove the buffers")
+            problems.append(
+                f"trainable layer {name} ({type(m).__name__}) holds buffers {bufs[:3]} that DP-SGD "
+                "does not protect: freeze it (trainable='last_n_layers' / 'lora') or remove the buffers"
+            )
     return problems
 
 

@@ -5,16 +5,36 @@ and says what becomes of the model after training (LoRA: the adapters are merged
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from fmaudit.hints import did_you_mean
 from fmaudit.privacy.dp.errors import DPConfigError
 from fmaudit.tasks import CAUSAL_LM
 
 # Attention projections adapted by LoRA when the caller names none (q_lin ...: DistilBERT).
-_LORA_PROJECTIONS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value", "c_attn", "qkv", "q",
-                               "k", "v", "out_proj", "q_lin", "k_lin", "v_lin", "out_lin"})
+_LORA_PROJECTIONS = frozenset(
+    {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "query",
+        "key",
+        "value",
+        "c_attn",
+        "qkv",
+        "q",
+        "k",
+        "v",
+        "out_proj",
+        "q_lin",
+        "k_lin",
+        "v_lin",
+        "out_lin",
+    }
+)
 
 
 def _by_target(target: Any, mode: str, n_layers: int, _lora: dict[str, Any] | None) -> None:
@@ -59,8 +79,9 @@ def trainable_scope(trainable: str) -> TrainableScope:
     try:
         return TRAINABLE_SCOPES[trainable]
     except KeyError:
-        raise DPConfigError([f"trainable must be one of {', '.join(TRAINABLE)}, got {trainable!r}"
-                             + did_you_mean(trainable, TRAINABLE)]) from None
+        raise DPConfigError(
+            [f"trainable must be one of {', '.join(TRAINABLE)}, got {trainable!r}" + did_you_mean(trainable, TRAINABLE)]
+        ) from None
 
 
 def apply_trainable(target: Any, trainable: str, n_layers: int, lora: dict[str, Any] | None) -> None:
@@ -80,10 +101,19 @@ def _lora_wrap(target: Any, lora: dict[str, Any]) -> Any:
     if not modules:
         modules = _default_lora_modules(model)
     if not modules:
-        raise DPConfigError([f"trainable='lora': found no linear layers to adapt in {type(model).__name__}; "
-                             "name them with lora_target_modules"])
-    cfg = LoraConfig(r=int(lora.get("r", 8)), lora_alpha=int(lora.get("alpha", 16)),
-                     lora_dropout=float(lora.get("dropout", 0.0)), target_modules=list(modules), bias="none")
+        raise DPConfigError(
+            [
+                f"trainable='lora': found no linear layers to adapt in {type(model).__name__}; "
+                "name them with lora_target_modules"
+            ]
+        )
+    cfg = LoraConfig(
+        r=int(lora.get("r", 8)),
+        lora_alpha=int(lora.get("alpha", 16)),
+        lora_dropout=float(lora.get("dropout", 0.0)),
+        target_modules=list(modules),
+        bias="none",
+    )
     for p in model.parameters():
         p.requires_grad_(False)
     peft_model = get_peft_model(model, cfg)
@@ -103,8 +133,11 @@ def _default_lora_modules(model: Any) -> list[str]:
     def linear(m: Any) -> bool:
         return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
 
-    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-             if linear(m) and name.rsplit(".", 1)[-1] in _LORA_PROJECTIONS}
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, m in model.named_modules()
+        if linear(m) and name.rsplit(".", 1)[-1] in _LORA_PROJECTIONS
+    }
     if not names:  # unknown naming: every linear layer inside the repeated blocks (the largest ModuleList),
         # by full name (a short leaf name like "0" would also match unrelated modules)
         blocks = max((m for m in model.modules() if isinstance(m, nn.ModuleList)), key=len, default=None)

@@ -5,8 +5,9 @@ every trainable tensor checked to have moved)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from fmaudit.privacy.dp.accounting import Note, epsilon_ledger
 from fmaudit.privacy.dp.clipping import CLIPPING_MODES, noise_only_step
@@ -15,10 +16,21 @@ from fmaudit.privacy.dp.settings import DPSettings
 from fmaudit.privacy.dp.trainable import apply_trainable, trainable_scope
 
 # Attributes Opacus may leave on modules / parameters; swept after training so the model is plain.
-_OPACUS_MODULE_ATTRS = ("autograd_grad_sample_hooks", "ft_compute_sample_grad", "activations", "max_batch_len",
-                        "_forward_counter")
-_OPACUS_PARAM_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "summed_grad", "_norm_sample",
-                       "_processed")
+_OPACUS_MODULE_ATTRS = (
+    "autograd_grad_sample_hooks",
+    "ft_compute_sample_grad",
+    "activations",
+    "max_batch_len",
+    "_forward_counter",
+)
+_OPACUS_PARAM_ATTRS = (
+    "grad_sample",
+    "_forward_counter",
+    "_current_grad_sample",
+    "summed_grad",
+    "_norm_sample",
+    "_processed",
+)
 
 Fingerprints = dict[str, tuple[float, float, float]]
 
@@ -42,8 +54,9 @@ def _poisson_loader(target: Any, data: Any, s: DPSettings, generator: Any) -> An
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
     ds = target.torch_dataset(data)
-    sampler = UniformWithReplacementSampler(num_samples=len(ds), sample_rate=s.sample_rate, generator=generator,
-                                            steps=s.steps_per_epoch)
+    sampler = UniformWithReplacementSampler(
+        num_samples=len(ds), sample_rate=s.sample_rate, generator=generator, steps=s.steps_per_epoch
+    )
     return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=_CollateOrEmpty(target.collate))
 
 
@@ -70,8 +83,15 @@ def _repeat_broadcast_ids(model: Any) -> list[Any]:
     def on_embedding(_module: Any, args: tuple) -> tuple | None:
         ids = args[0] if args else None
         b, length = state["batch"], state["length"]
-        if (torch.is_tensor(ids) and ids.dim() == 2 and ids.shape[0] == 1 and b is not None and b > 1
-                and length is not None and ids.shape[1] == length):
+        if (
+            torch.is_tensor(ids)
+            and ids.dim() == 2
+            and ids.shape[0] == 1
+            and b is not None
+            and b > 1
+            and length is not None
+            and ids.shape[1] == length
+        ):
             return (ids.repeat(b, 1), *args[1:])  # repeat, not expand: ghost clipping needs real rows
         return None
 
@@ -161,8 +181,17 @@ def make_train_fn(s: DPSettings, record: dict[str, Any], gradient_canaries: int 
         apply_trainable(t, s.trainable, s.n_layers, s.lora)
         n_trainable = int(sum(p.numel() for p in t.model.parameters() if p.requires_grad))
         before = _fingerprints(t.model)
-        canaries = (Inserter(list(t.model.named_parameters()), gradient_canaries, seed=s.seed,
-                             sample_rate=s.sample_rate, max_grad_norm=s.max_grad_norm) if gradient_canaries else None)
+        canaries = (
+            Inserter(
+                list(t.model.named_parameters()),
+                gradient_canaries,
+                seed=s.seed,
+                sample_rate=s.sample_rate,
+                max_grad_norm=s.max_grad_norm,
+            )
+            if gradient_canaries
+            else None
+        )
         n = len(data)
         cfg = type(config)(**{**asdict(config), "trainable": "keep"})
         # secure_mode=False: Opacus warns "Secure RNG turned off" here; that warning is NOT silenced (it says the
@@ -181,13 +210,25 @@ def make_train_fn(s: DPSettings, record: dict[str, Any], gradient_canaries: int 
             loader = _poisson_loader(t, data, s, sampler_gen)
             # poisson_sampling=False: the loader above already is Opacus' Poisson sampler (with the planned number
             # of steps); Opacus then takes sample rate 1 / len(loader) = the planned rate for its accountant.
-            gsm, opt, dl = clipping.make_private(engine, dict(
-                module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=s.noise_multiplier,
-                max_grad_norm=s.max_grad_norm, poisson_sampling=False, noise_generator=noise_gen,
-                grad_sample_mode=s.clipping, loss_reduction="mean"))
+            gsm, opt, dl = clipping.make_private(
+                engine,
+                dict(
+                    module=model,
+                    optimizer=optimizer,
+                    data_loader=loader,
+                    noise_multiplier=s.noise_multiplier,
+                    max_grad_norm=s.max_grad_norm,
+                    poisson_sampling=False,
+                    noise_generator=noise_gen,
+                    grad_sample_mode=s.clipping,
+                    loss_reduction="mean",
+                ),
+            )
             if len(dl) != s.steps_per_epoch or 1.0 / len(dl) != s.sample_rate:
-                raise RuntimeError(f"internal error: the DP loader has {len(dl)} batches per epoch, the plan "
-                                   f"{s.steps_per_epoch} (sample rate {s.sample_rate})")
+                raise RuntimeError(
+                    f"internal error: the DP loader has {len(dl)} batches per epoch, the plan "
+                    f"{s.steps_per_epoch} (sample rate {s.sample_rate})"
+                )
             gsm.forbid_grad_accumulation()  # as Opacus does under Poisson sampling
             opt.expected_batch_size = n / s.steps_per_epoch  # the mean's denominator: E|batch| = N q, unrounded
             held.update(gsm=gsm, opt=opt)
@@ -205,8 +246,17 @@ def make_train_fn(s: DPSettings, record: dict[str, Any], gradient_canaries: int 
             empty[0] += 1
 
         try:
-            stats = train(t, data, cfg, progress=progress, label=label, wrap=wrap, loss_fn=loss_fn,
-                          on_empty=on_empty, torch_stream=Stream.DP_TRAIN)
+            stats = train(
+                t,
+                data,
+                cfg,
+                progress=progress,
+                label=label,
+                wrap=wrap,
+                loss_fn=loss_fn,
+                on_empty=on_empty,
+                torch_stream=Stream.DP_TRAIN,
+            )
             history = [(float(h[0]), float(h[1]), int(h[2])) for h in engine.accountant.history]
             stuck = _unmoved(t.model, before, held.get("opt"))
             if stuck:
@@ -232,27 +282,51 @@ def make_train_fn(s: DPSettings, record: dict[str, Any], gradient_canaries: int 
     return train_fn
 
 
-def _dp_record(s: DPSettings, history: list[tuple[float, float, int]], physical_steps: int, empty_batches: int,
-               n_trainable: int) -> dict[str, Any]:
+def _dp_record(
+    s: DPSettings, history: list[tuple[float, float, int]], physical_steps: int, empty_batches: int, n_trainable: int
+) -> dict[str, Any]:
     """What a DP run records (`stats.extra["dp"]`, cached with the weights): the steps actually taken, as the
     training engine's accountant counted them (one per logical batch, empty ones included; every one must have
     the planned noise and sample rate), and their ledger."""
     odd = [h for h in history if (h[0], h[1]) != (s.noise_multiplier, s.sample_rate)]
     if odd:
-        raise RuntimeError(f"accounting mismatch: steps with (noise, rate) {odd[:3]} instead of "
-                           f"({s.noise_multiplier}, {s.sample_rate})")
+        raise RuntimeError(
+            f"accounting mismatch: steps with (noise, rate) {odd[:3]} instead of "
+            f"({s.noise_multiplier}, {s.sample_rate})"
+        )
     steps = int(sum(h[2] for h in history))
     notes: list[Note] = []
     if steps != s.steps:
-        notes.append({"severity": "medium", "title": "DP training took a different number of steps than planned",
-                      "detail": f"{steps} logical steps taken, {s.steps} planned; epsilon counts the {steps} taken."})
-    ledger = epsilon_ledger(steps=steps, steps_per_epoch=s.steps_per_epoch, epochs=s.epochs,
-                            noise_multiplier=s.noise_multiplier, sample_rate=s.sample_rate, delta=s.delta,
-                            accountant=s.accountant)
+        notes.append(
+            {
+                "severity": "medium",
+                "title": "DP training took a different number of steps than planned",
+                "detail": f"{steps} logical steps taken, {s.steps} planned; epsilon counts the {steps} taken.",
+            }
+        )
+    ledger = epsilon_ledger(
+        steps=steps,
+        steps_per_epoch=s.steps_per_epoch,
+        epochs=s.epochs,
+        noise_multiplier=s.noise_multiplier,
+        sample_rate=s.sample_rate,
+        delta=s.delta,
+        accountant=s.accountant,
+    )
     notes += ledger.notes
     total = ledger.total
-    return {"epsilon": total.epsilon, "epsilon_by_accountant": total.by_accountant,
-            "epsilon_accountant": total.used, "steps": steps, "accountant_history": history,
-            "ledger_steps": ledger.steps, "ledger_epsilon": ledger.epsilon, "epsilon_per_epoch": ledger.per_epoch,
-            "empty_batches": empty_batches, "physical_steps": physical_steps, "settings": asdict(s),
-            "num_trainable_parameters": n_trainable, "accounting_notes": _dedupe(notes)}
+    return {
+        "epsilon": total.epsilon,
+        "epsilon_by_accountant": total.by_accountant,
+        "epsilon_accountant": total.used,
+        "steps": steps,
+        "accountant_history": history,
+        "ledger_steps": ledger.steps,
+        "ledger_epsilon": ledger.epsilon,
+        "epsilon_per_epoch": ledger.per_epoch,
+        "empty_batches": empty_batches,
+        "physical_steps": physical_steps,
+        "settings": asdict(s),
+        "num_trainable_parameters": n_trainable,
+        "accounting_notes": _dedupe(notes),
+    }

@@ -15,8 +15,9 @@ LiRA: its IN / OUT statistics).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -25,8 +26,20 @@ from fmaudit.privacy.membership.reference_attacks import lira_scores, rmia_score
 from fmaudit.privacy.membership.reference_models import ReferenceSignals
 
 # The attack names params accept (the keys of ATTACKS, in the order the docs list them).
-AttackName = Literal["loss", "confidence", "entropy", "zlib", "min_k", "min_k_pp", "calibrated_loss",
-                     "lira_online", "lira_offline", "rmia", "rmia_offline", "quantile"]
+AttackName = Literal[
+    "loss",
+    "confidence",
+    "entropy",
+    "zlib",
+    "min_k",
+    "min_k_pp",
+    "calibrated_loss",
+    "lira_online",
+    "lira_offline",
+    "rmia",
+    "rmia_offline",
+    "quantile",
+]
 
 # Which targets an attack applies to, by capability (fmaudit.tasks.CAPABILITIES).
 CLASSIFIERS = frozenset({"classifier"})
@@ -74,8 +87,9 @@ def _quantile(x: AttackInputs, s: AttackSettings) -> np.ndarray:
     """The target's logit-scaled confidence standardized by the non-member mean and spread predicted from
     base-model features; the known non-members are the regression's public data (scored out of fold)."""
     assert x.base_features is not None
-    score, info = quantile_regression_scores(x.target["phi"], x.base_features, ~x.is_member, folds=s.quantile_folds,
-                                             seed=x.seed)
+    score, info = quantile_regression_scores(
+        x.target["phi"], x.base_features, ~x.is_member, folds=s.quantile_folds, seed=x.seed
+    )
     x.details["quantile"] = info
     return score
 
@@ -83,8 +97,13 @@ def _quantile(x: AttackInputs, s: AttackSettings) -> np.ndarray:
 def _lira(online: bool) -> Scorer:
     def score(x: AttackInputs, s: AttackSettings) -> np.ndarray:
         assert x.reference is not None
-        on, off, info = lira_scores(x.target["phi"], x.reference.phi, x.reference.in_mask,
-                                    fixed_variance=s.fixed_variance, shrink=s.lira_shrinkage)
+        on, off, info = lira_scores(
+            x.target["phi"],
+            x.reference.phi,
+            x.reference.in_mask,
+            fixed_variance=s.fixed_variance,
+            shrink=s.lira_shrinkage,
+        )
         x.details["lira"] = info
         return on if online else off
 
@@ -94,8 +113,14 @@ def _lira(online: bool) -> Scorer:
 def _rmia(offline: bool) -> Scorer:
     def score(x: AttackInputs, s: AttackSettings) -> np.ndarray:
         assert x.reference is not None
-        return rmia_scores(x.target["logp_true"], x.reference.logp, x.reference.in_mask, offline=offline,
-                           a=s.rmia_offline_a, gamma=s.rmia_gamma)
+        return rmia_scores(
+            x.target["logp_true"],
+            x.reference.logp,
+            x.reference.in_mask,
+            offline=offline,
+            a=s.rmia_offline_a,
+            gamma=s.rmia_gamma,
+        )
 
     return score
 
@@ -109,32 +134,58 @@ REFERENCE = frozenset({"reference_models"})
 
 ATTACKS: dict[str, Attack] = {
     "loss": Attack("loss threshold (Yeom et al. 2018): lower loss = member", lambda x, s: -x.target["loss"]),
-    "confidence": Attack("highest softmax probability (label-free)", lambda x, s: x.target["confidence"],
-                         models=CLASSIFIERS),
-    "entropy": Attack("prediction entropy (label-free): lower = member", lambda x, s: -x.target["entropy"],
-                      models=CLASSIFIERS),
-    "zlib": Attack("sequence loss divided by zlib-compressed length (Carlini et al. 2021)",
-                   lambda x, s: -x.target["zlib"], models=CAUSAL_LMS),
-    "min_k": Attack("mean of the lowest k% token log-probs (Min-K% Prob, Shi et al. 2023)",
-                    lambda x, s: x.target["min_k"], models=CAUSAL_LMS),
-    "min_k_pp": Attack("Min-K%++ (Zhang et al. 2024): lowest k% of token log-probs standardized by the "
-                       "model's own next-token distribution", lambda x, s: x.target["min_k_pp"],
-                       models=CAUSAL_LMS, needs=frozenset({"token_distribution"})),
-    "calibrated_loss": Attack("target loss minus a calibration model's loss (the base weights by default; "
-                              "difficulty calibration / reference-model attack)", _calibrated_loss,
-                              needs=frozenset({"calibration_model"})),
-    "lira_online": Attack("LiRA online (Carlini et al. 2022): Gaussian likelihood ratio, IN vs OUT reference models",
-                          _lira(online=True), needs=REFERENCE),
-    "lira_offline": Attack("LiRA offline: one-sided test against OUT reference models only", _lira(online=False),
-                           needs=REFERENCE),
-    "rmia": Attack("RMIA (Zarifzadeh et al. 2024), Pr(x) from all reference models", _rmia(offline=False),
-                   needs=REFERENCE),
-    "rmia_offline": Attack("RMIA offline: Pr(x) from OUT reference models with the linear approximation a",
-                           _rmia(offline=True), needs=REFERENCE),
-    "quantile": Attack("quantile regression (Bertran et al. 2023, Gaussian form): the target's logit-scaled "
-                       "confidence, standardized by the non-member mean and spread predicted from the base model's "
-                       "features (one regression instead of reference models)", _quantile,
-                       needs=frozenset({"base_features"})),
+    "confidence": Attack(
+        "highest softmax probability (label-free)", lambda x, s: x.target["confidence"], models=CLASSIFIERS
+    ),
+    "entropy": Attack(
+        "prediction entropy (label-free): lower = member", lambda x, s: -x.target["entropy"], models=CLASSIFIERS
+    ),
+    "zlib": Attack(
+        "sequence loss divided by zlib-compressed length (Carlini et al. 2021)",
+        lambda x, s: -x.target["zlib"],
+        models=CAUSAL_LMS,
+    ),
+    "min_k": Attack(
+        "mean of the lowest k% token log-probs (Min-K% Prob, Shi et al. 2023)",
+        lambda x, s: x.target["min_k"],
+        models=CAUSAL_LMS,
+    ),
+    "min_k_pp": Attack(
+        "Min-K%++ (Zhang et al. 2024): lowest k% of token log-probs standardized by the "
+        "model's own next-token distribution",
+        lambda x, s: x.target["min_k_pp"],
+        models=CAUSAL_LMS,
+        needs=frozenset({"token_distribution"}),
+    ),
+    "calibrated_loss": Attack(
+        "target loss minus a calibration model's loss (the base weights by default; "
+        "difficulty calibration / reference-model attack)",
+        _calibrated_loss,
+        needs=frozenset({"calibration_model"}),
+    ),
+    "lira_online": Attack(
+        "LiRA online (Carlini et al. 2022): Gaussian likelihood ratio, IN vs OUT reference models",
+        _lira(online=True),
+        needs=REFERENCE,
+    ),
+    "lira_offline": Attack(
+        "LiRA offline: one-sided test against OUT reference models only", _lira(online=False), needs=REFERENCE
+    ),
+    "rmia": Attack(
+        "RMIA (Zarifzadeh et al. 2024), Pr(x) from all reference models", _rmia(offline=False), needs=REFERENCE
+    ),
+    "rmia_offline": Attack(
+        "RMIA offline: Pr(x) from OUT reference models with the linear approximation a",
+        _rmia(offline=True),
+        needs=REFERENCE,
+    ),
+    "quantile": Attack(
+        "quantile regression (Bertran et al. 2023, Gaussian form): the target's logit-scaled "
+        "confidence, standardized by the non-member mean and spread predicted from the base model's "
+        "features (one regression instead of reference models)",
+        _quantile,
+        needs=frozenset({"base_features"}),
+    ),
 }
 
 ATTACK_DESCRIPTIONS: dict[str, str] = {name: a.description for name, a in ATTACKS.items()}

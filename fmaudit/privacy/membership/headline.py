@@ -9,17 +9,33 @@ import numpy as np
 
 from fmaudit.privacy.membership.stats import FPR_LEVELS, AttackMetrics, attack_metrics, check_scores, roc, tpr_at_fpr
 
-
-HEADLINE_METRICS: tuple[str, ...] = ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "tpr_at_0pct_fpr",
-                                     "balanced_accuracy", "advantage", "ppv_at_1pct_fpr")
-NULL_METRICS: tuple[str, ...] = ("auc", "advantage", "balanced_accuracy", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr",
-                                 "tpr_at_0pct_fpr")
+HEADLINE_METRICS: tuple[str, ...] = (
+    "auc",
+    "tpr_at_1pct_fpr",
+    "tpr_at_0.1pct_fpr",
+    "tpr_at_0pct_fpr",
+    "balanced_accuracy",
+    "advantage",
+    "ppv_at_1pct_fpr",
+)
+NULL_METRICS: tuple[str, ...] = (
+    "auc",
+    "advantage",
+    "balanced_accuracy",
+    "tpr_at_1pct_fpr",
+    "tpr_at_0.1pct_fpr",
+    "tpr_at_0pct_fpr",
+)
 
 
 def metric_values(m: AttackMetrics) -> dict[str, float]:
     """The headline metrics of one attack as a flat dict."""
-    out = {"auc": m.auc, "balanced_accuracy": m.balanced_accuracy, "advantage": m.advantage,
-           "ppv_at_1pct_fpr": m.ppv_at_1pct_fpr}
+    out = {
+        "auc": m.auc,
+        "balanced_accuracy": m.balanced_accuracy,
+        "advantage": m.advantage,
+        "ppv_at_1pct_fpr": m.ppv_at_1pct_fpr,
+    }
     out.update({f"tpr_at_{suffix}_fpr": v for suffix, v in m.tpr.items()})
     return out
 
@@ -37,8 +53,7 @@ def selection_half(is_member: np.ndarray, seed: int) -> np.ndarray:
     return sel
 
 
-def permutation_null(scores: np.ndarray, is_member: np.ndarray, *, rounds: int, seed: int
-                     ) -> dict[str, np.ndarray]:
+def permutation_null(scores: np.ndarray, is_member: np.ndarray, *, rounds: int, seed: int) -> dict[str, np.ndarray]:
     """What each metric looks like when membership carries no information: the same scores with the
     member / non-member labels randomly permuted (set sizes kept), `rounds` times."""
     from fmaudit.seeds import Stream, rng
@@ -64,15 +79,16 @@ class Headline:
     attack: str
     value: float
     ci: tuple[float, float] | None
-    null_quantile: float | None     # the null's `level` quantile: a value at or below it is chance
-    p_value: float | None           # permutation p-value of the value (one-sided, higher = more leakage)
-    selected_on: str                # "selection half" | "only attack"
-    num_members: int                # members / non-members the value is measured on
+    null_quantile: float | None  # the null's `level` quantile: a value at or below it is chance
+    p_value: float | None  # permutation p-value of the value (one-sided, higher = more leakage)
+    selected_on: str  # "selection half" | "only attack"
+    num_members: int  # members / non-members the value is measured on
     num_nonmembers: int
 
 
-def calibrated_headlines(scores: dict[str, np.ndarray], is_member: np.ndarray, *, bootstrap: int, level: float,
-                         null_rounds: int, seed: int) -> tuple[dict[str, Headline], np.ndarray | None]:
+def calibrated_headlines(
+    scores: dict[str, np.ndarray], is_member: np.ndarray, *, bootstrap: int, level: float, null_rounds: int, seed: int
+) -> tuple[dict[str, Headline], np.ndarray | None]:
     """One honest headline per metric.
 
     Taking the maximum over attacks of each metric on the same examples it is reported on is biased
@@ -108,9 +124,11 @@ def calibrated_headlines(scores: dict[str, np.ndarray], is_member: np.ndarray, *
     out: dict[str, Headline] = {}
     for name in HEADLINE_METRICS:
         if on_sel is not None:
-            def key(a: str) -> float:
+
+            def key(a: str, name: str = name) -> float:
                 v = on_sel[a][name]
                 return -np.inf if v is None or not np.isfinite(v) else v
+
             best = max(attacks, key=key)  # first attack wins ties (the order given)
         else:
             best = attacks[0]
@@ -124,6 +142,15 @@ def calibrated_headlines(scores: dict[str, np.ndarray], is_member: np.ndarray, *
         if null is not None and name in null:
             nq = float(np.quantile(null[name], level))
             pv = float((1 + np.sum(null[name] >= value - 1e-12)) / (len(null[name]) + 1))
-        out[name] = Headline(metric=name, attack=best, value=float(value), ci=ci, null_quantile=nq, p_value=pv,
-                             selected_on=chosen_on, num_members=int(y[ev].sum()), num_nonmembers=int((~y[ev]).sum()))
+        out[name] = Headline(
+            metric=name,
+            attack=best,
+            value=float(value),
+            ci=ci,
+            null_quantile=nq,
+            p_value=pv,
+            selected_on=chosen_on,
+            num_members=int(y[ev].sum()),
+            num_nonmembers=int((~y[ev]).sum()),
+        )
     return out, sel

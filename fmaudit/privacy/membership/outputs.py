@@ -11,8 +11,9 @@ import numpy as np
 from fmaudit.privacy.membership.signals import classifier_signals, sequence_signals
 
 
-def model_signals(target: Any, data: Any, *, is_clf: bool, token_distribution: bool, batch_size: int,
-                  min_k: float) -> dict[str, np.ndarray]:
+def model_signals(
+    target: Any, data: Any, *, is_clf: bool, token_distribution: bool, batch_size: int, min_k: float
+) -> dict[str, np.ndarray]:
     """`target`'s per-example signals on `data` (`classifier_signals` or `sequence_signals`); causal LMs run
     at a quarter of `batch_size`, and `token_distribution` adds Min-K%++'s statistics."""
     if is_clf:
@@ -21,8 +22,9 @@ def model_signals(target: Any, data: Any, *, is_clf: bool, token_distribution: b
     return sequence_signals(lp, data.texts, k=min_k, token_mu=mu, token_sigma=sd)
 
 
-def lm_token_stats(target: Any, data: Any, *, batch_size: int, need_dist: bool
-                   ) -> tuple[list[Any], list[Any] | None, list[Any] | None]:
+def lm_token_stats(
+    target: Any, data: Any, *, batch_size: int, need_dist: bool
+) -> tuple[list[Any], list[Any] | None, list[Any] | None]:
     """Next-token log-probs per sequence and, for Min-K%++, the mean and standard deviation of log p
     under the model's own next-token distribution at each position."""
     import torch
@@ -69,8 +71,9 @@ def penultimate_features(target: Any, data: Any, *, batch_size: int) -> np.ndarr
                 out = model(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True)
                 h = out.hidden_states[-1].float()
                 w = batch.get("attention_mask", torch.ones(h.shape[:2], device=h.device)).to(h.dtype)
-                pooled.append(((h * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)).double().cpu()
-                              .numpy())
+                pooled.append(
+                    ((h * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)).double().cpu().numpy()
+                )
         return np.concatenate(pooled)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     if not linears:
@@ -98,16 +101,18 @@ def penultimate_features(target: Any, data: Any, *, batch_size: int) -> np.ndarr
     return np.concatenate(rows) if rows else np.zeros((len(data), 0))
 
 
-
-def base_features(base: Any, audit: Any, *, is_clf: bool, num_labels: int | None, batch_size: int
-                  ) -> tuple[np.ndarray, str]:
+def base_features(
+    base: Any, audit: Any, *, is_clf: bool, num_labels: int | None, batch_size: int
+) -> tuple[np.ndarray, str]:
     """Features of every audit example that do not depend on membership, for the quantile-regression attack,
     and a sentence saying what they are: the base model's representation (`penultimate_features`); for
     classifiers also the label (per-class difficulty matters), the base model's logits and its logit-scaled
     confidence in the true label."""
     feats = penultimate_features(base, audit, batch_size=batch_size if is_clf else max(1, batch_size // 4))
-    source = ("the base model's representation (text: last hidden layer, mean over tokens; else the input of its "
-              "last linear layer)")
+    source = (
+        "the base model's representation (text: last hidden layer, mean over tokens; else the input of its "
+        "last linear layer)"
+    )
     if not is_clf:
         return feats, source
     k = int(max(audit.labels.max() + 1, num_labels or 0))

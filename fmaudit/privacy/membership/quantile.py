@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 
-def quantile_regression_scores(target_signal: np.ndarray, features: np.ndarray, is_public: np.ndarray, *,
-                               folds: int = 5, seed: int = 0) -> tuple[np.ndarray, dict[str, float]]:
+def quantile_regression_scores(
+    target_signal: np.ndarray, features: np.ndarray, is_public: np.ndarray, *, folds: int = 5, seed: int = 0
+) -> tuple[np.ndarray, dict[str, float]]:
     """Membership scores from a regression that predicts, for each example, the distribution of the
     target's signal on NON-members from features that do not depend on membership (the base model's
     representation of the example).
@@ -30,8 +33,9 @@ def quantile_regression_scores(target_signal: np.ndarray, features: np.ndarray, 
     x = np.asarray(features, dtype=np.float64)
     pub = np.nonzero(np.asarray(is_public, dtype=bool))[0]
     if len(pub) < 2 * folds:
-        raise ValueError(f"the quantile-regression attack needs at least {2 * folds} known non-members to learn "
-                         f"from, got {len(pub)}")
+        raise ValueError(
+            f"the quantile-regression attack needs at least {2 * folds} known non-members to learn from, got {len(pub)}"
+        )
     from sklearn.decomposition import PCA
 
     alphas = np.logspace(-2, 5, 15)
@@ -61,7 +65,7 @@ def quantile_regression_scores(target_signal: np.ndarray, features: np.ndarray, 
         m_sd = model().fit(x[np.r_[b, a]], log_res)
         lo, hi = np.quantile(log_res, [0.05, 0.95])  # a spread outside what was seen is extrapolation
 
-        def spread(rows: np.ndarray) -> np.ndarray:
+        def spread(rows: np.ndarray, m_sd: Any = m_sd, lo: float = lo, hi: float = hi) -> np.ndarray:
             return np.clip(m_sd.predict(x[rows]), lo, hi)
 
         mu[held] = m_mu.predict(x[held])
@@ -74,6 +78,11 @@ def quantile_regression_scores(target_signal: np.ndarray, features: np.ndarray, 
     score = (s - mu) / np.maximum(sd, 1e-12)
     pub_res = (s[pub] - mu[pub]) / sd[pub]
     r2 = 1.0 - float(np.var(s[pub] - mu[pub]) / max(np.var(s[pub]), 1e-12))
-    return score, {"public_nonmembers": int(len(pub)), "folds": folds, "features": int(x.shape[1]),
-                   "principal_components": n_comp,
-                   "mean_r2_out_of_fold": r2, "public_z_sd": float(np.std(pub_res))}
+    return score, {
+        "public_nonmembers": int(len(pub)),
+        "folds": folds,
+        "features": int(x.shape[1]),
+        "principal_components": n_comp,
+        "mean_r2_out_of_fold": r2,
+        "public_z_sd": float(np.std(pub_res)),
+    }

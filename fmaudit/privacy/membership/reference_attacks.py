@@ -42,8 +42,9 @@ def in_out_means(ref: np.ndarray, in_mask: np.ndarray) -> tuple[np.ndarray, np.n
     return mu_in, mu_out, info
 
 
-def shrink_in_out_gap(ref: np.ndarray, in_mask: np.ndarray, mu_in: np.ndarray, mu_out: np.ndarray
-                      ) -> tuple[np.ndarray, dict[str, float]]:
+def shrink_in_out_gap(
+    ref: np.ndarray, in_mask: np.ndarray, mu_in: np.ndarray, mu_out: np.ndarray
+) -> tuple[np.ndarray, dict[str, float]]:
     """Per-example IN - OUT gap shrunk toward the global gap, never below 0 (empirical Bayes).
 
     With few reference models the per-example gap mu_in - mu_out is mostly noise, and a gap whose sign
@@ -70,13 +71,18 @@ def shrink_in_out_gap(ref: np.ndarray, in_mask: np.ndarray, mu_in: np.ndarray, m
     else:
         s_w2, tau2, w = float("nan"), 0.0, np.zeros(len(raw))
     gap = np.maximum(w * np.where(both, raw, global_gap) + (1 - w) * global_gap, 0.0)
-    return gap, {"global_in_out_gap": global_gap, "gap_between_example_var": tau2, "within_example_var": s_w2,
-                 "gap_shrinkage_weight_median": float(np.median(w)),
-                 "raw_gaps_negative": int((raw[both] < 0).sum())}
+    return gap, {
+        "global_in_out_gap": global_gap,
+        "gap_between_example_var": tau2,
+        "within_example_var": s_w2,
+        "gap_shrinkage_weight_median": float(np.median(w)),
+        "raw_gaps_negative": int((raw[both] < 0).sum()),
+    }
 
 
-def lira_scores(target: np.ndarray, ref: np.ndarray, in_mask: np.ndarray, *, fixed_variance: bool = True,
-                shrink: bool = True) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+def lira_scores(
+    target: np.ndarray, ref: np.ndarray, in_mask: np.ndarray, *, fixed_variance: bool = True, shrink: bool = True
+) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """LiRA (online, offline) scores from logit-scaled confidences.
 
     online: log N(target; mu_in, sd_in) - log N(target; mu_out, sd_out)
@@ -97,6 +103,7 @@ def lira_scores(target: np.ndarray, ref: np.ndarray, in_mask: np.ndarray, *, fix
         sd_in = np.full(len(t), np.std(ref[in_mask]) + _TINY)
         sd_out = sd_in
     else:
+
         def sd(mask: np.ndarray, mu: np.ndarray, fallback: float) -> np.ndarray:
             cnt = mask.sum(0)
             var = np.where(mask, (ref - mu) ** 2, 0.0).sum(0)
@@ -115,8 +122,16 @@ def lira_scores(target: np.ndarray, ref: np.ndarray, in_mask: np.ndarray, *, fix
     return online, offline, info
 
 
-def rmia_scores(target_logp: np.ndarray, ref_logp: np.ndarray, in_mask: np.ndarray, *, offline: bool = False,
-                a: float = 0.3, gamma: float = 1.0, population: np.ndarray | None = None) -> np.ndarray:
+def rmia_scores(
+    target_logp: np.ndarray,
+    ref_logp: np.ndarray,
+    in_mask: np.ndarray,
+    *,
+    offline: bool = False,
+    a: float = 0.3,
+    gamma: float = 1.0,
+    population: np.ndarray | None = None,
+) -> np.ndarray:
     """RMIA scores: the fraction of population samples z with LR(x, z) > gamma, where
     LR(x, z) = [Pr(x|target) / Pr(x)] / [Pr(z|target) / Pr(z)] and Pr(x) averages the reference models.
 

@@ -6,9 +6,10 @@ scoring one reference model (a picklable callable, so remote executors can run i
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -66,9 +67,22 @@ class TrainReference:
     the audit examples. A plain picklable callable, so a remote executor can run it on another machine
     that shares the cache folder. Returns an error value instead of raising (the caller reports them all)."""
 
-    def __init__(self, *, base: Any, population: Any, audit: Any, masks: np.ndarray, seeds: Sequence[int],
-                 configs: Sequence[Any], is_clf: bool, cache_dir: Path,
-                 progress: Callable[..., Any] | None, batch_size: int, min_k: float, label: str):
+    def __init__(
+        self,
+        *,
+        base: Any,
+        population: Any,
+        audit: Any,
+        masks: np.ndarray,
+        seeds: Sequence[int],
+        configs: Sequence[Any],
+        is_clf: bool,
+        cache_dir: Path,
+        progress: Callable[..., Any] | None,
+        batch_size: int,
+        min_k: float,
+        label: str,
+    ):
         self.base, self.population, self.audit = base, population, audit
         self.masks, self.seeds, self.configs = masks, seeds, configs
         self.is_clf, self.cache_dir, self.progress = is_clf, cache_dir, progress
@@ -85,17 +99,39 @@ class TrainReference:
             split = Split(self.population, member_idx, np.nonzero(~mask)[0], self.seeds[r], 0.5)
             t = time.perf_counter()
             label = f"reference model {r + 1}/{len(self.masks)}"
-            stats, hit, key = finetune_cached(ref, split, self.configs[r], cache_dir=self.cache_dir,
-                                              progress=self.progress, label=label, kind="reference")
+            stats, hit, key = finetune_cached(
+                ref,
+                split,
+                self.configs[r],
+                cache_dir=self.cache_dir,
+                progress=self.progress,
+                label=label,
+                kind="reference",
+            )
             load_s = time.perf_counter() - t
             t = time.perf_counter()
-            s = model_signals(ref, self.audit, is_clf=self.is_clf, token_distribution=False, batch_size=self.batch_size,
-                              min_k=self.min_k)
+            s = model_signals(
+                ref,
+                self.audit,
+                is_clf=self.is_clf,
+                token_distribution=False,
+                batch_size=self.batch_size,
+                min_k=self.min_k,
+            )
             infer_s = time.perf_counter() - t
             del ref
-            return {"index": r, "phi": s["phi"], "logp": s["logp_true"], "seed": self.seeds[r], "cache_key": key,
-                    "cache_hit": hit, "train_seconds": stats.duration_s, "steps": stats.steps,
-                    "members": int(len(member_idx)), "wall_seconds": load_s, "score_seconds": infer_s}
+            return {
+                "index": r,
+                "phi": s["phi"],
+                "logp": s["logp_true"],
+                "seed": self.seeds[r],
+                "cache_key": key,
+                "cache_hit": hit,
+                "train_seconds": stats.duration_s,
+                "steps": stats.steps,
+                "members": int(len(member_idx)),
+                "wall_seconds": load_s,
+                "score_seconds": infer_s,
+            }
         except Exception as exc:  # isolated per the executor contract; raised by the caller with context
             return {"index": r, "error": f"{type(exc).__name__}: {exc}"}
-

@@ -14,12 +14,12 @@ from fmaudit.seeds import Stream, rng
 
 @dataclass(frozen=True)
 class AuditSets:
-    population: Dataset        # every example the indices point into (the target's whole fine-tune data)
-    audit_idx: np.ndarray      # the attacked examples: members first, then non-members
-    is_member: np.ndarray      # per attacked example
-    source: dict[str, Any]     # where membership came from (the report's `sets` table)
-    audit: Dataset             # population[audit_idx]
-    shared_texts: int          # texts found among both members and non-members (under different ids)
+    population: Dataset  # every example the indices point into (the target's whole fine-tune data)
+    audit_idx: np.ndarray  # the attacked examples: members first, then non-members
+    is_member: np.ndarray  # per attacked example
+    source: dict[str, Any]  # where membership came from (the report's `sets` table)
+    audit: Dataset  # population[audit_idx]
+    shared_texts: int  # texts found among both members and non-members (under different ids)
 
 
 def validate_ids(members: list[str], nonmembers: list[str] | None, known: list[str]) -> None:
@@ -38,12 +38,21 @@ def validate_ids(members: list[str], nonmembers: list[str] | None, known: list[s
     if nonmembers is not None:
         both = sorted(set(members) & set(nonmembers))
         if both:
-            raise ValueError(f"members and non-members overlap in {len(both)} example(s), e.g. {both[:3]}; "
-                             "an example cannot be both")
+            raise ValueError(
+                f"members and non-members overlap in {len(both)} example(s), e.g. {both[:3]}; an example cannot be both"
+            )
 
 
-def audit_sets(*, members: list[str] | None, nonmembers: list[str] | None, data: Dataset | None,
-               split: Split | None, target_name: str, max_examples: int | None, seed: int) -> AuditSets:
+def audit_sets(
+    *,
+    members: list[str] | None,
+    nonmembers: list[str] | None,
+    data: Dataset | None,
+    split: Split | None,
+    target_name: str,
+    max_examples: int | None,
+    seed: int,
+) -> AuditSets:
     """Members and non-members: the ids given (non-members default to every other example of `data`), else
     `split` (which must be over `data` when data is given); then a seeded sample of at most `max_examples`
     of each (the MEMBERSHIP_SAMPLE stream, members drawn first)."""
@@ -65,19 +74,24 @@ def audit_sets(*, members: list[str] | None, nonmembers: list[str] | None, data:
         source: dict[str, Any] = {"source": "params"}
     else:
         if split is None:
-            raise ValueError(f"target {target_name!r} has no member / non-member split; fine-tune it in the recipe "
-                             "or give params members / nonmembers")
+            raise ValueError(
+                f"target {target_name!r} has no member / non-member split; fine-tune it in the recipe "
+                "or give params members / nonmembers"
+            )
         if data is not None and data.fingerprint != split.dataset.fingerprint:
-            raise ValueError(f"the audit's data {data.name!r} is not the data target {target_name!r} was "
-                             f"fine-tuned on ({split.dataset.name!r}), so membership is unknown; drop `data:` "
-                             "or give params members / nonmembers")
+            raise ValueError(
+                f"the audit's data {data.name!r} is not the data target {target_name!r} was "
+                f"fine-tuned on ({split.dataset.name!r}), so membership is unknown; drop `data:` "
+                "or give params members / nonmembers"
+            )
         population = split.dataset
         mem, non = np.asarray(split.member_idx), np.asarray(split.nonmember_idx)
         validate_ids([population.ids[i] for i in mem], [population.ids[i] for i in non], population.ids)
         source = {"source": "split", "split_seed": split.seed, "member_fraction": split.member_fraction}
     if len(mem) == 0 or len(non) == 0:
-        raise ValueError(f"membership inference needs members and non-members; got {len(mem)} member(s) and "
-                         f"{len(non)} non-member(s)")
+        raise ValueError(
+            f"membership inference needs members and non-members; got {len(mem)} member(s) and {len(non)} non-member(s)"
+        )
     if max_examples is not None:
         g = rng(seed, Stream.MEMBERSHIP_SAMPLE)  # one generator for both draws: members, then non-members
         if len(mem) > max_examples:
@@ -89,5 +103,11 @@ def audit_sets(*, members: list[str] | None, nonmembers: list[str] | None, data:
     shared = 0
     if population.texts is not None:
         shared = len(set(population.texts[i] for i in mem) & set(population.texts[i] for i in non))
-    return AuditSets(population=population, audit_idx=audit_idx, is_member=is_member, source=source,
-                     audit=population.subset(audit_idx, name=f"{population.name}[audit]"), shared_texts=shared)
+    return AuditSets(
+        population=population,
+        audit_idx=audit_idx,
+        is_member=is_member,
+        source=source,
+        audit=population.subset(audit_idx, name=f"{population.name}[audit]"),
+        shared_texts=shared,
+    )

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import zlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -35,8 +35,13 @@ def classifier_signals(logits: np.ndarray, labels: np.ndarray) -> dict[str, np.n
     # log(p / (1 - p)) computed from logits: stable even when p rounds to 1.0
     phi = z[np.arange(n), y] - logsumexp(others)
     p = np.exp(logp)
-    return {"loss": -logp_true, "logp_true": logp_true, "phi": phi, "confidence": p.max(axis=1),
-            "entropy": -(p * logp).sum(axis=1)}
+    return {
+        "loss": -logp_true,
+        "logp_true": logp_true,
+        "phi": phi,
+        "confidence": p.max(axis=1),
+        "entropy": -(p * logp).sum(axis=1),
+    }
 
 
 def logit_scale(logp: np.ndarray) -> np.ndarray:
@@ -45,9 +50,14 @@ def logit_scale(logp: np.ndarray) -> np.ndarray:
     return logp - np.log(-np.expm1(logp))
 
 
-def sequence_signals(token_logprobs: Sequence[np.ndarray], texts: Sequence[str] | None, *, k: float = 0.2,
-                     token_mu: Sequence[np.ndarray] | None = None,
-                     token_sigma: Sequence[np.ndarray] | None = None) -> dict[str, np.ndarray]:
+def sequence_signals(
+    token_logprobs: Sequence[np.ndarray],
+    texts: Sequence[str] | None,
+    *,
+    k: float = 0.2,
+    token_mu: Sequence[np.ndarray] | None = None,
+    token_sigma: Sequence[np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
     """Per-sequence scores of a causal LM from next-token log-probs (first token excluded).
 
     loss = mean token NLL; zlib = loss / zlib-compressed length in bytes; min_k = mean of the lowest k

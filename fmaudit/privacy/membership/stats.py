@@ -8,8 +8,8 @@ member". The ROC here is the same as scikit-learn's `roc_curve(..., drop_interme
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -76,8 +76,9 @@ class AttackMetrics:
     tpr_curve: np.ndarray
 
 
-def attack_metrics(scores: np.ndarray, is_member: np.ndarray, *, bootstrap: int = 1000, level: float = 0.95,
-                   seed: int = 0) -> AttackMetrics:
+def attack_metrics(
+    scores: np.ndarray, is_member: np.ndarray, *, bootstrap: int = 1000, level: float = 0.95, seed: int = 0
+) -> AttackMetrics:
     s, y = check_scores(scores, is_member)
     fpr, tpr, thr = roc(s, y)
     p, n = int(y.sum()), int((~y).sum())
@@ -92,13 +93,22 @@ def attack_metrics(scores: np.ndarray, is_member: np.ndarray, *, bootstrap: int 
     j = int(np.argmax(gap))
     adv = float(gap[j])
     ci = bootstrap_attack_ci(s, y, rounds=bootstrap, level=level, seed=seed) if bootstrap else {}
-    return AttackMetrics(auc=auc_score(s, y), tpr=tprs, ppv_at_1pct_fpr=ppv, advantage=adv,
-                         balanced_accuracy=(1.0 + adv) / 2.0, best_threshold=float(thr[j]), ci=ci, fpr=fpr,
-                         tpr_curve=tpr)
+    return AttackMetrics(
+        auc=auc_score(s, y),
+        tpr=tprs,
+        ppv_at_1pct_fpr=ppv,
+        advantage=adv,
+        balanced_accuracy=(1.0 + adv) / 2.0,
+        best_threshold=float(thr[j]),
+        ci=ci,
+        fpr=fpr,
+        tpr_curve=tpr,
+    )
 
 
-def bootstrap_attack_ci(scores: np.ndarray, is_member: np.ndarray, *, rounds: int = 1000, level: float = 0.95,
-                        seed: int = 0) -> dict[str, tuple[float, float]]:
+def bootstrap_attack_ci(
+    scores: np.ndarray, is_member: np.ndarray, *, rounds: int = 1000, level: float = 0.95, seed: int = 0
+) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap, resampling members and non-members separately (the set sizes stay fixed).
 
     Intervals for auc, advantage and the TPR at each FPR level."""
@@ -127,8 +137,11 @@ def curve_points(fpr: np.ndarray, tpr: np.ndarray, max_points: int = 400) -> tup
     """The ROC's corner points, thinned to at most ~max_points with the low-FPR end kept dense
     (for log-log plots)."""
     # corners: drop points that lie on a straight horizontal / vertical run
-    keep = np.r_[True, np.logical_or(np.diff(fpr, 2) != 0, np.diff(tpr, 2) != 0), True] if len(fpr) > 2 \
+    keep = (
+        np.r_[True, np.logical_or(np.diff(fpr, 2) != 0, np.diff(tpr, 2) != 0), True]
+        if len(fpr) > 2
         else np.ones(len(fpr), bool)
+    )
     f, t = fpr[keep], tpr[keep]
     if len(f) <= max_points:
         return f, t
@@ -145,5 +158,6 @@ def min_nonmembers_for(level: float) -> int:
 
 def summarize_levels(levels: Sequence[tuple[str, float]], n_nonmembers: int) -> list[tuple[str, float, int]]:
     """FPR levels that cannot be resolved with this many non-members: (suffix, level, needed)."""
-    return [(s, lvl, min_nonmembers_for(lvl)) for s, lvl in levels
-            if lvl > 0 and n_nonmembers < min_nonmembers_for(lvl)]
+    return [
+        (s, lvl, min_nonmembers_for(lvl)) for s, lvl in levels if lvl > 0 and n_nonmembers < min_nonmembers_for(lvl)
+    ]

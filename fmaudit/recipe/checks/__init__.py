@@ -25,9 +25,14 @@ SECTIONS: dict[str, Callable[[CheckContext], None]] = {
 }
 
 
-def check_recipe(recipe: Recipe, *, lines: Lines | None = None, base_dir: Path | None = None,
-                 allow_code_from: Sequence[str | Path] = (), code: dict[str, CodeRef] | None = None
-                 ) -> list[Problem]:
+def check_recipe(
+    recipe: Recipe,
+    *,
+    lines: Lines | None = None,
+    base_dir: Path | None = None,
+    allow_code_from: Sequence[str | Path] = (),
+    code: dict[str, CodeRef] | None = None,
+) -> list[Problem]:
     """Pass 2: module params, names, cross-references, files and capabilities. The code of `python:` targets
     is located (not imported) and refused outside the allowed places; `code` receives what would run."""
     ctx = CheckContext(recipe, lines or {}, base_dir or Path.cwd(), allow_code_from, code)

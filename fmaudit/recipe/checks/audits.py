@@ -20,6 +20,7 @@ from fmaudit.tasks import CAPABILITIES
 if TYPE_CHECKING:  # pragma: no cover
     from fmaudit.audits.base import AuditModule
 
+
 def check_gates(i: int, use: str, cls: type[AuditModule], fail_if: dict[Any, Any], lines: Lines) -> list[Problem]:
     """Each `fail_if` metric must be one the module reports (its `metric_names` patterns; none: any)."""
     if not cls.metric_names:
@@ -28,9 +29,15 @@ def check_gates(i: int, use: str, cls: type[AuditModule], fail_if: dict[Any, Any
     for metric in fail_if:
         if not any(fnmatch.fnmatchcase(str(metric), pat) for pat in cls.metric_names):
             plain = [m for m in cls.metric_names if "*" not in m]
-            problems.append(problem_at(("audits", i, "fail_if", metric),
-                                       f"module {use!r} reports no metric {metric!r}" + did_you_mean(str(metric), plain)
-                                       + f" (metrics: {', '.join(cls.metric_names)})", lines))
+            problems.append(
+                problem_at(
+                    ("audits", i, "fail_if", metric),
+                    f"module {use!r} reports no metric {metric!r}"
+                    + did_you_mean(str(metric), plain)
+                    + f" (metrics: {', '.join(cls.metric_names)})",
+                    lines,
+                )
+            )
     return problems
 
 
@@ -77,29 +84,44 @@ def _check_targets(ctx: CheckContext, i: int, audit: AuditSpec, cls: type[AuditM
         if t not in known:
             later = [k for k, a in enumerate(ctx.recipe.audits) if a.produces == t and k >= i]
             if later:
-                ctx.add(loc, f"target {t!r} is produced by audits[{later[0]}], which runs after this one; "
-                             "move this audit below it")
+                ctx.add(
+                    loc,
+                    f"target {t!r} is produced by audits[{later[0]}], which runs after this one; "
+                    "move this audit below it",
+                )
             else:
-                ctx.add(loc, f"unknown target {t!r}" + did_you_mean(t, known)
-                        + f" (targets: {', '.join(known) or 'none'})")
+                ctx.add(
+                    loc, f"unknown target {t!r}" + did_you_mean(t, known) + f" (targets: {', '.join(known) or 'none'})"
+                )
             continue
         model_task = known[t]
         if cls is not None and model_task is not None:
             missing = set(cls.requires) - CAPABILITIES[model_task]
             if missing:
-                ctx.add(loc, f"module {audit.use!r} needs {', '.join(sorted(missing))}, which a {model_task} target "
-                             f"({t!r}) does not have")
+                ctx.add(
+                    loc,
+                    f"module {audit.use!r} needs {', '.join(sorted(missing))}, which a {model_task} target "
+                    f"({t!r}) does not have",
+                )
             elif cls.tasks and model_task not in cls.tasks:
                 ctx.add(loc, f"module {audit.use!r} works on {', '.join(cls.tasks)} targets, not {model_task} ({t!r})")
-        if audit.data is None and model_task is not None and t in ctx.recipe.targets and \
-                ctx.recipe.targets[t].finetune is None and cls is not None and cls.needs_data:
+        if (
+            audit.data is None
+            and model_task is not None
+            and t in ctx.recipe.targets
+            and ctx.recipe.targets[t].finetune is None
+            and cls is not None
+            and cls.needs_data
+        ):
             ctx.add(("audits", i, "data"), f"target {t!r} has no fine-tune data; name a dataset with `data:`")
 
 
 def _check_data(ctx: CheckContext, i: int, audit: AuditSpec, cls: type[AuditModule] | None) -> None:
     if audit.data is not None and audit.data not in ctx.recipe.data:
-        ctx.add(("audits", i, "data"), f"no dataset named {audit.data!r} in `data`"
-                + did_you_mean(audit.data, ctx.recipe.data))
+        ctx.add(
+            ("audits", i, "data"),
+            f"no dataset named {audit.data!r} in `data`" + did_you_mean(audit.data, ctx.recipe.data),
+        )
 
 
 def _check_produces(ctx: CheckContext, i: int, audit: AuditSpec, cls: type[AuditModule] | None) -> None:

@@ -17,8 +17,12 @@ BUNDLED_DIGITS = "bundled:digits"  # the one bundled image dataset (8x8 grayscal
 
 def _check_bundled(ctx: CheckContext, name: str, spec: DataSpec) -> None:
     if spec.source not in BUNDLED_DATA:
-        ctx.add(("data", name, "source"), f"unknown bundled dataset {spec.source!r}"
-                + did_you_mean(spec.source, BUNDLED_DATA) + f" (bundled: {', '.join(BUNDLED_DATA)})")
+        ctx.add(
+            ("data", name, "source"),
+            f"unknown bundled dataset {spec.source!r}"
+            + did_you_mean(spec.source, BUNDLED_DATA)
+            + f" (bundled: {', '.join(BUNDLED_DATA)})",
+        )
 
 
 def _check_folder(ctx: CheckContext, name: str, spec: DataSpec) -> None:
@@ -31,8 +35,11 @@ def _check_table_file(ctx: CheckContext, name: str, spec: DataSpec) -> None:
     loc = ("data", name, "source")
     p = ctx.resolve(spec.source)
     if p.suffix.lower() not in TABLE_READERS:
-        ctx.add(loc, "unknown data source; use bundled:tweets, bundled:digits, a .csv/.jsonl file, "
-                     "imagefolder:DIR or hf_disk:DIR")
+        ctx.add(
+            loc,
+            "unknown data source; use bundled:tweets, bundled:digits, a .csv/.jsonl file, "
+            "imagefolder:DIR or hf_disk:DIR",
+        )
     elif not p.exists():
         ctx.add(loc, f"data file {p} does not exist")
     elif not p.is_file():

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from pydantic import ValidationError
 from explain_fixtures import FAST, ctx, digit_data, hooks, sentence_data, trained_bert_target, trained_cnn_target
+from pydantic import ValidationError
 
 from fmaudit.audits.explain.attribution import AttributionAudit
 from fmaudit.data import Dataset

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fmaudit.testing import tiny_text_recipe
 from fmaudit.privacy.audit_bound import audit_curve, epsilon_lower_bound, guess, p_value
+from fmaudit.testing import tiny_text_recipe
 
 
 @pytest.mark.parametrize("r,v,expected", [(100, 100, 3.47), (100, 90, 1.63), (1000, 1000, 5.78), (1000, 700, 0.73)])
@@ -61,10 +61,15 @@ def _recipe(tiny_bert_dir, sentiment_csv, tmp_path, audits, **ft):
 def test_memorizing_model_gives_positive_bound_and_canaries_do_not_leak(tiny_bert_dir, sentiment_csv, tmp_path):
     from fmaudit.runner import run_recipe
 
-    audits = [{"use": "utility", "target": "bert"},
-              {"use": "privacy.canary_audit", "target": "bert",
-               "params": {"num_canaries": 40, "kind": "random_tokens", "score": "loss"}},
-              {"use": "utility", "target": "bert"}]
+    audits = [
+        {"use": "utility", "target": "bert"},
+        {
+            "use": "privacy.canary_audit",
+            "target": "bert",
+            "params": {"num_canaries": 40, "kind": "random_tokens", "score": "loss"},
+        },
+        {"use": "utility", "target": "bert"},
+    ]
     report = run_recipe(_recipe(tiny_bert_dir, sentiment_csv, tmp_path, audits))
     before, canary, after = report.audits
     assert canary.status == "ok", canary.error
@@ -94,11 +99,23 @@ def test_memorizing_model_gives_positive_bound_and_canaries_do_not_leak(tiny_ber
 def test_dp_target_bound_stays_below_accountant(tiny_bert_dir, sentiment_csv, tmp_path):
     from fmaudit.runner import run_recipe
 
-    audits = [{"use": "privacy.dp_finetune", "target": "bert", "produces": "bert-dp",
-               "params": {"target_epsilon": 1.0, "epochs": 2, "batch_size": 8, "lr": 1e-3, "weight_decay": 0.01,
-                          "trainable": "last_n_layers", "n_layers": 1}},
-              {"use": "privacy.canary_audit", "target": "bert-dp",
-               "params": {"num_canaries": 40, "kind": "random_tokens"}}]
+    audits = [
+        {
+            "use": "privacy.dp_finetune",
+            "target": "bert",
+            "produces": "bert-dp",
+            "params": {
+                "target_epsilon": 1.0,
+                "epochs": 2,
+                "batch_size": 8,
+                "lr": 1e-3,
+                "weight_decay": 0.01,
+                "trainable": "last_n_layers",
+                "n_layers": 1,
+            },
+        },
+        {"use": "privacy.canary_audit", "target": "bert-dp", "params": {"num_canaries": 40, "kind": "random_tokens"}},
+    ]
     report = run_recipe(_recipe(tiny_bert_dir, sentiment_csv, tmp_path, audits, epochs=1))
     dp, canary = report.audits
     assert dp.status == "ok", dp.error
@@ -110,8 +127,20 @@ def test_dp_target_bound_stays_below_accountant(tiny_bert_dir, sentiment_csv, tm
     # The canary run re-ran exactly the recorded DP procedure (issue 13, item 5), and says so.
     recorded, rerun = dp.tables["dp_parameters"], canary.tables["rerun"]
     assert rerun["defaulted"] == []
-    for key in ("epochs", "batch_size", "noise_multiplier", "delta", "max_grad_norm", "accountant", "clipping",
-                "trainable", "n_layers", "lr", "weight_decay", "max_physical_batch_size"):
+    for key in (
+        "epochs",
+        "batch_size",
+        "noise_multiplier",
+        "delta",
+        "max_grad_norm",
+        "accountant",
+        "clipping",
+        "trainable",
+        "n_layers",
+        "lr",
+        "weight_decay",
+        "max_physical_batch_size",
+    ):
         assert rerun["settings"][key] == recorded[key], key
     assert (rerun["settings"]["n_layers"], rerun["settings"]["weight_decay"]) == (1, 0.01)
     # The ceiling sits next to the bound, and the finding is phrased from it (issue 13, item 4).
@@ -127,12 +156,27 @@ def test_dp_target_bound_stays_below_accountant(tiny_bert_dir, sentiment_csv, tm
 def test_secret_exposure_on_causal_lm(tiny_llama_dir, sentiment_csv, tmp_path):
     from fmaudit.runner import run_recipe
 
-    recipe = {"version": 1, "name": "lm", "output_dir": str(tmp_path / "r"),
-              "data": {"s": {"source": str(sentiment_csv), "limit": 40, "label_column": None}},
-              "targets": {"lm": {"model": str(tiny_llama_dir), "task": "causal-lm", "max_length": 24,
-                                 "finetune": {"data": "s", "epochs": 10, "lr": 5e-3, "batch_size": 8}}},
-              "audits": [{"use": "privacy.canary_audit", "target": "lm",
-                          "params": {"num_canaries": 20, "secret_digits": 4, "exposure_candidates": 100}}]}
+    recipe = {
+        "version": 1,
+        "name": "lm",
+        "output_dir": str(tmp_path / "r"),
+        "data": {"s": {"source": str(sentiment_csv), "limit": 40, "label_column": None}},
+        "targets": {
+            "lm": {
+                "model": str(tiny_llama_dir),
+                "task": "causal-lm",
+                "max_length": 24,
+                "finetune": {"data": "s", "epochs": 10, "lr": 5e-3, "batch_size": 8},
+            }
+        },
+        "audits": [
+            {
+                "use": "privacy.canary_audit",
+                "target": "lm",
+                "params": {"num_canaries": 20, "secret_digits": 4, "exposure_candidates": 100},
+            }
+        ],
+    }
     report = run_recipe(recipe)
     res = report.audits[0]
     assert res.status == "ok", res.error
@@ -146,8 +190,12 @@ def test_bad_params_and_kinds(tiny_bert_dir, sentiment_csv, tmp_path):
     from fmaudit.recipe import RecipeError, load_recipe
     from fmaudit.runner import run_recipe
 
-    recipe = _recipe(tiny_bert_dir, sentiment_csv, tmp_path,
-                     [{"use": "privacy.canary_audit", "target": "bert", "params": {"num_canaries": 5}}])
+    recipe = _recipe(
+        tiny_bert_dir,
+        sentiment_csv,
+        tmp_path,
+        [{"use": "privacy.canary_audit", "target": "bert", "params": {"num_canaries": 5}}],
+    )
     with pytest.raises(RecipeError, match="num_canaries"):
         load_recipe(recipe)
     recipe["audits"][0]["params"] = {"kind": "secret"}

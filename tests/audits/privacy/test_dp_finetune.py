@@ -6,12 +6,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from fmaudit.testing import make_sentences
 from torch import nn
 
 from fmaudit.data import Dataset, member_split
 from fmaudit.privacy import DPConfigError, DPPrivacyWarning, dp_finetune
 from fmaudit.privacy.dp import epsilon_for
+from fmaudit.testing import make_sentences
 
 
 @pytest.fixture(scope="module")
@@ -29,22 +29,44 @@ def bert(tiny_bert_dir):
 
 
 def _hooks(model: nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks)
-               + len(getattr(m, "_backward_pre_hooks", {})) for m in model.modules())
+    return sum(
+        len(m._forward_hooks)
+        + len(m._backward_hooks)
+        + len(m._forward_pre_hooks)
+        + len(getattr(m, "_backward_pre_hooks", {}))
+        for m in model.modules()
+    )
 
 
 def _opacus_leftovers(model: nn.Module) -> list[str]:
-    left = [f"{n}.{a}" for n, m in model.named_modules() for a in m.__dict__
-            if a in ("autograd_grad_sample_hooks", "ft_compute_sample_grad", "activations")]
-    left += [f"{n}.{a}" for n, p in model.named_parameters()
-             for a in ("grad_sample", "_forward_counter", "summed_grad") if hasattr(p, a)]
+    left = [
+        f"{n}.{a}"
+        for n, m in model.named_modules()
+        for a in m.__dict__
+        if a in ("autograd_grad_sample_hooks", "ft_compute_sample_grad", "activations")
+    ]
+    left += [
+        f"{n}.{a}"
+        for n, p in model.named_parameters()
+        for a in ("grad_sample", "_forward_counter", "summed_grad")
+        if hasattr(p, a)
+    ]
     return left
 
 
 def test_bert_ghost_ledger_plain_model(bert, sents, tmp_path):
     before_sha = bert.weights_sha256()
-    res = dp_finetune(model=bert, train_data=sents.members, validation_data=sents.nonmembers, target_epsilon=4.0,
-                      epochs=2, batch_size=16, lr=1e-3, accountant="rdp", max_physical_batch_size=8)
+    res = dp_finetune(
+        model=bert,
+        train_data=sents.members,
+        validation_data=sents.nonmembers,
+        target_epsilon=4.0,
+        epochs=2,
+        batch_size=16,
+        lr=1e-3,
+        accountant="rdp",
+        max_physical_batch_size=8,
+    )
     n = len(sents.members)
     # Poisson sampling rate and step count as the accountant assumes
     assert res.sample_rate == pytest.approx(1 / math.ceil(n / 16))
@@ -52,8 +74,16 @@ def test_bert_ghost_ledger_plain_model(bert, sents, tmp_path):
     assert res.clipping == "ghost" and res.accountant == "rdp"
     assert res.delta < 1 / n
     # the reported epsilon is Opacus' accountant's for (noise, rate, steps), and within the target
-    assert res.epsilon == pytest.approx(epsilon_for(noise_multiplier=res.noise_multiplier, sample_rate=res.sample_rate,
-                                                    steps=res.steps, delta=res.delta, accountant="rdp"), rel=1e-12)
+    assert res.epsilon == pytest.approx(
+        epsilon_for(
+            noise_multiplier=res.noise_multiplier,
+            sample_rate=res.sample_rate,
+            steps=res.steps,
+            delta=res.delta,
+            accountant="rdp",
+        ),
+        rel=1e-12,
+    )
     assert 0.5 * 4.0 < res.epsilon <= 4.0
     assert len(res.epsilon_per_epoch) == 2 and res.epsilon_per_epoch[-1] == res.epsilon
     assert res.epsilon_per_epoch[0] < res.epsilon_per_epoch[1]
@@ -77,11 +107,22 @@ def test_bert_ghost_ledger_plain_model(bert, sents, tmp_path):
 
 
 def test_hooks_mode_matches_accounting_and_is_plain(bert, sents):
-    res = dp_finetune(model=bert, train_data=sents.members, noise_multiplier=1.0, epochs=1, batch_size=16, lr=1e-3,
-                      accountant="rdp", clipping="hooks", trainable="last_n_layers", n_layers=1)
+    res = dp_finetune(
+        model=bert,
+        train_data=sents.members,
+        noise_multiplier=1.0,
+        epochs=1,
+        batch_size=16,
+        lr=1e-3,
+        accountant="rdp",
+        clipping="hooks",
+        trainable="last_n_layers",
+        n_layers=1,
+    )
     assert res.clipping == "hooks" and res.target_epsilon is None
-    assert res.epsilon == epsilon_for(noise_multiplier=1.0, sample_rate=res.sample_rate, steps=res.steps,
-                                      delta=res.delta, accountant="rdp")
+    assert res.epsilon == epsilon_for(
+        noise_multiplier=1.0, sample_rate=res.sample_rate, steps=res.steps, delta=res.delta, accountant="rdp"
+    )
     full = sum(p.numel() for p in bert.model.parameters())
     assert 0 < res.num_trainable_parameters < full
     assert _hooks(res.model) == 0 and not _opacus_leftovers(res.model)
@@ -89,8 +130,9 @@ def test_hooks_mode_matches_accounting_and_is_plain(bert, sents):
 
 def test_noise_actually_applied(bert, sents):
     """Same seed: same weights; tiny vs huge noise: different weights (the noise reaches the update)."""
-    kw = dict(model=bert, train_data=sents.members, epochs=1, batch_size=16, lr=1e-3, accountant="rdp",
-              trainable="head")
+    kw = dict(
+        model=bert, train_data=sents.members, epochs=1, batch_size=16, lr=1e-3, accountant="rdp", trainable="head"
+    )
     a = dp_finetune(noise_multiplier=1e-3, **kw).model.classifier.weight
     b = dp_finetune(noise_multiplier=50.0, **kw).model.classifier.weight
     c = dp_finetune(noise_multiplier=1e-3, **kw).model.classifier.weight
@@ -103,16 +145,19 @@ def test_noise_actually_applied(bert, sents):
     assert cos < 0.9
 
 
-@pytest.mark.parametrize("kw,needle", [
-    ({"target_epsilon": 0.0}, "target_epsilon must be a positive"),
-    ({"target_epsilon": -1.0}, "target_epsilon must be a positive"),
-    ({"target_epsilon": 8.0, "delta": 1.0}, "delta must be in (0, 1)"),
-    ({"target_epsilon": 8.0, "delta": 1.5}, "delta >= 1 gives no guarantee"),
-    ({}, "give target_epsilon"),
-    ({"target_epsilon": 8.0, "noise_multiplier": 1.0}, "not both"),
-    ({"target_epsilon": 8.0, "batch_size": 500}, "fewer than batch_size 500"),
-    ({"target_epsilon": 8.0, "accountant": "moments"}, "accountant must be one of"),
-])
+@pytest.mark.parametrize(
+    "kw,needle",
+    [
+        ({"target_epsilon": 0.0}, "target_epsilon must be a positive"),
+        ({"target_epsilon": -1.0}, "target_epsilon must be a positive"),
+        ({"target_epsilon": 8.0, "delta": 1.0}, "delta must be in (0, 1)"),
+        ({"target_epsilon": 8.0, "delta": 1.5}, "delta >= 1 gives no guarantee"),
+        ({}, "give target_epsilon"),
+        ({"target_epsilon": 8.0, "noise_multiplier": 1.0}, "not both"),
+        ({"target_epsilon": 8.0, "batch_size": 500}, "fewer than batch_size 500"),
+        ({"target_epsilon": 8.0, "accountant": "moments"}, "accountant must be one of"),
+    ],
+)
 def test_clear_errors(bert, sents, kw, needle):
     args = dict(model=bert, train_data=sents.members, epochs=1, batch_size=16, lr=1e-3)
     args.update(kw)
@@ -123,8 +168,9 @@ def test_clear_errors(bert, sents, kw, needle):
 
 def test_all_problems_listed_at_once(bert, sents):
     with pytest.raises(DPConfigError) as err:
-        dp_finetune(model=bert, train_data=sents.members, target_epsilon=-1, delta=2.0, epochs=1, batch_size=500,
-                    lr=1e-3)
+        dp_finetune(
+            model=bert, train_data=sents.members, target_epsilon=-1, delta=2.0, epochs=1, batch_size=500, lr=1e-3
+        )
     assert len(err.value.problems) == 3
 
 
@@ -136,8 +182,9 @@ def _digits(n=120):
 
 
 def test_batchnorm_is_named_with_a_fix():
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(4 * 64, 10))
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 10)
+    )
     with pytest.raises(DPConfigError) as err:
         dp_finetune(model=model, train_data=_digits(), target_epsilon=8, epochs=1, batch_size=16, lr=1e-2)
     msg = str(err.value)
@@ -150,8 +197,16 @@ def test_plain_torch_cnn_and_delta_warning():
     data = _digits()
     split = member_split(data, member_fraction=0.5, seed=0)
     with pytest.warns(DPPrivacyWarning, match="not below 1/N"):
-        res = dp_finetune(model=digits_cnn(), train_data=split.members, target_epsilon=8, delta=0.05, epochs=1,
-                          batch_size=12, lr=1e-2, accountant="rdp")
+        res = dp_finetune(
+            model=digits_cnn(),
+            train_data=split.members,
+            target_epsilon=8,
+            delta=0.05,
+            epochs=1,
+            batch_size=12,
+            lr=1e-2,
+            accountant="rdp",
+        )
     assert res.delta == 0.05 and any("1/N" in n for n in res.notes)
     assert res.epsilon <= 8 and res.steps == 5
     assert _hooks(res.model) == 0 and not _opacus_leftovers(res.model)
@@ -164,8 +219,18 @@ def test_vit_last_layers(tiny_vit_dir):
     split = member_split(_digits(), member_fraction=0.5, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = dp_finetune(model=vit, train_data=split.members, validation_data=split.nonmembers, target_epsilon=8,
-                          epochs=1, batch_size=12, lr=1e-3, accountant="rdp", trainable="last_n_layers", n_layers=1)
+        res = dp_finetune(
+            model=vit,
+            train_data=split.members,
+            validation_data=split.nonmembers,
+            target_epsilon=8,
+            epochs=1,
+            batch_size=12,
+            lr=1e-3,
+            accountant="rdp",
+            trainable="last_n_layers",
+            n_layers=1,
+        )
     assert res.epsilon <= 8 and "accuracy" in res.validation_utility
     assert _hooks(res.model) == 0 and not _opacus_leftovers(res.model)
 
@@ -178,8 +243,18 @@ def test_causal_lm_lora_merged_back(tiny_llama_dir):
     ds = Dataset("lm", "synthetic", "text", [f"t{i}" for i in range(80)], texts=texts)
     split = member_split(ds, member_fraction=0.5, seed=0)
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    res = dp_finetune(model=lm, train_data=split.members, validation_data=split.nonmembers, target_epsilon=8,
-                      epochs=1, batch_size=8, lr=5e-3, accountant="rdp", trainable="lora", lora_r=4)
+    res = dp_finetune(
+        model=lm,
+        train_data=split.members,
+        validation_data=split.nonmembers,
+        target_epsilon=8,
+        epochs=1,
+        batch_size=8,
+        lr=5e-3,
+        accountant="rdp",
+        trainable="lora",
+        lora_r=4,
+    )
     model = res.model
     assert type(model).__name__ == "LlamaForCausalLM"  # adapters merged: no PEFT wrapper left
     assert not any("lora" in n for n, _ in model.named_parameters())

@@ -1,24 +1,35 @@
 """privacy.dp_finetune as a recipe step: produces a target that later audits use; cached like fine-tunes."""
 
 import pytest
-from fmaudit.testing import tiny_text_recipe
 
 from fmaudit.registry import registry
 from fmaudit.runner import run_recipe
+from fmaudit.testing import tiny_text_recipe
 
 
 def _recipe(tiny_bert_dir, sentiment_csv, tmp_path, **params):
     audits = [
-        {"use": "privacy.dp_finetune", "target": "bert", "produces": "bert-dp",
-         "params": {"accountant": "rdp", "trainable": "head", "lr": 1e-2, **params}},
+        {
+            "use": "privacy.dp_finetune",
+            "target": "bert",
+            "produces": "bert-dp",
+            "params": {"accountant": "rdp", "trainable": "head", "lr": 1e-2, **params},
+        },
         {"use": "utility", "target": ["bert", "bert-dp"]},
     ]
     return tiny_text_recipe(tiny_bert_dir, sentiment_csv, tmp_path, audits=audits)
 
 
 def test_recipe_produces_private_target_used_by_utility(tiny_bert_dir, sentiment_csv, tmp_path):
-    recipe = _recipe(tiny_bert_dir, sentiment_csv, tmp_path, target_epsilon=None, noise_multiplier=0.8,
-                     epsilon_budget=1.0, min_accuracy=0.99)
+    recipe = _recipe(
+        tiny_bert_dir,
+        sentiment_csv,
+        tmp_path,
+        target_epsilon=None,
+        noise_multiplier=0.8,
+        epsilon_budget=1.0,
+        min_accuracy=0.99,
+    )
     report = run_recipe(recipe)
     dp = report.result("privacy.dp_finetune", "bert")
     assert dp.status == "ok", dp.error
@@ -68,13 +79,26 @@ def test_recipe_preflight_rejects_bad_settings(tiny_bert_dir, sentiment_csv, tmp
         cls.Params(target_epsilon=None)  # neither budget nor noise
 
 
-DP_RERUN_KEYS = ("lr", "weight_decay", "n_layers", "lora", "clipping", "max_physical_batch_size", "trainable",
-                 "accountant", "delta", "noise_multiplier", "sample_rate", "steps", "epochs", "batch_size",
-                 "max_grad_norm")
+DP_RERUN_KEYS = (
+    "lr",
+    "weight_decay",
+    "n_layers",
+    "lora",
+    "clipping",
+    "max_physical_batch_size",
+    "trainable",
+    "accountant",
+    "delta",
+    "noise_multiplier",
+    "sample_rate",
+    "steps",
+    "epochs",
+    "batch_size",
+    "max_grad_norm",
+)
 
 
-def test_recipe_gdp_fallback_seed_statement_and_recorded_settings(tiny_bert_dir, sentiment_csv, tmp_path,
-                                                                   monkeypatch):
+def test_recipe_gdp_fallback_seed_statement_and_recorded_settings(tiny_bert_dir, sentiment_csv, tmp_path, monkeypatch):
     """The module reports what dp_finetune found: GDP paired with another accountant (the larger epsilon
     claimed, GDP's beside it), a failed PRV accountant (simulated: NaN, as in Opacus issues) as a medium finding
     with RDP used, the run seed's secrecy beside epsilon, and every setting the canary re-run needs."""
@@ -85,15 +109,27 @@ def test_recipe_gdp_fallback_seed_statement_and_recorded_settings(tiny_bert_dir,
     from fmaudit.privacy.dp import epsilon_for
 
     monkeypatch.setattr(PRVAccountant, "get_epsilon", lambda self, **kw: float("nan"))
-    recipe = _recipe(tiny_bert_dir, sentiment_csv, tmp_path, accountant="gdp", target_epsilon=None,
-                     noise_multiplier=0.9, weight_decay=0.01)
+    recipe = _recipe(
+        tiny_bert_dir,
+        sentiment_csv,
+        tmp_path,
+        accountant="gdp",
+        target_epsilon=None,
+        noise_multiplier=0.9,
+        weight_decay=0.01,
+    )
     report = run_recipe(recipe)
     dp = report.result("privacy.dp_finetune", "bert")
     assert dp.status == "ok", dp.error
     eps, gdp = dp.metrics["epsilon"].value, dp.metrics["epsilon_gdp"].value
     params = dp.tables["dp_parameters"]
-    rdp = epsilon_for(noise_multiplier=0.9, sample_rate=params["sample_rate"], steps=params["steps"],
-                      delta=params["delta"], accountant="rdp")
+    rdp = epsilon_for(
+        noise_multiplier=0.9,
+        sample_rate=params["sample_rate"],
+        steps=params["steps"],
+        delta=params["delta"],
+        accountant="rdp",
+    )
     assert eps == max(gdp, rdp) == rdp and gdp < eps and math.isfinite(eps)
     assert params["epsilon_accountant"] == "rdp" and params["epsilon_by_accountant"] == {"gdp": gdp, "rdp": rdp}
     assert dp.curves["epsilon_ledger"].y[-1] == pytest.approx(eps)

@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fmaudit.testing import make_sentences, tiny_text_recipe
 from fmaudit.audits.base import AuditContext
 from fmaudit.audits.privacy.membership import MembershipAudit
 from fmaudit.data import Dataset, Split, load_digits, member_split
 from fmaudit.provenance import Provenance
-from fmaudit.testing import audit_context
+from fmaudit.testing import audit_context, make_sentences, tiny_text_recipe
 from fmaudit.training import TrainConfig
 
 
@@ -41,8 +40,14 @@ def _noisy_digits(n: int, noise: float, seed: int = 0) -> Dataset:
 
 
 def _ctx(tmp_path: Path, data, split, base=None, **kw) -> AuditContext:
-    return audit_context(tmp_path, data=data, split=split, base=base, unit_id="0:privacy.membership@t",
-                         store_examples=kw.pop("store_examples", False))
+    return audit_context(
+        tmp_path,
+        data=data,
+        split=split,
+        base=base,
+        unit_id="0:privacy.membership@t",
+        store_examples=kw.pop("store_examples", False),
+    )
 
 
 def _finetuned(base, split: Split, epochs: int, lr: float, batch_size: int = 16):
@@ -56,8 +61,17 @@ def _finetuned(base, split: Split, epochs: int, lr: float, batch_size: int = 16)
     return target
 
 
-ALL_CLASSIFIER = ["loss", "confidence", "entropy", "calibrated_loss", "quantile", "lira_online", "lira_offline",
-                  "rmia", "rmia_offline"]
+ALL_CLASSIFIER = [
+    "loss",
+    "confidence",
+    "entropy",
+    "calibrated_loss",
+    "quantile",
+    "lira_online",
+    "lira_offline",
+    "rmia",
+    "rmia_offline",
+]
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +81,9 @@ def overfit(tmp_path_factory):
     base = _mlp_target()
     target = _finetuned(base, split, epochs=40, lr=1e-2)
     tmp = tmp_path_factory.mktemp("mia-overfit")
-    mod = MembershipAudit({"attacks": ALL_CLASSIFIER, "reference_models": 4, "reference_trainable": "all",
-                           "bootstrap": 300})
+    mod = MembershipAudit(
+        {"attacks": ALL_CLASSIFIER, "reference_models": 4, "reference_trainable": "all", "bootstrap": 300}
+    )
     assert mod.check(target, data) == []
     out = mod.run(target, _ctx(tmp, data, split, base))
     return out, target, data, split, base, tmp
@@ -130,8 +145,7 @@ def test_report_contents(overfit):
     assert any("Too few non-members to measure TPR at 0.1% FPR" in t for t in titles)
     # 100 non-members resolve 1% FPR, but the headline is measured on the 50 that did not choose the attack
     assert any("at 1.0% FPR" in t for t in titles)
-    assert all(abs(r["member_overlap"] - 0.5) < 0.2 and abs(r["nonmember_overlap"] - 0.5) < 0.2
-               for r in refs["models"])
+    assert all(abs(r["member_overlap"] - 0.5) < 0.2 and abs(r["nonmember_overlap"] - 0.5) < 0.2 for r in refs["models"])
     assert not any("differ in" in t for t in titles)  # random split: no distribution shift
 
 
@@ -153,10 +167,20 @@ def test_reference_training_ships_to_another_process(overfit):
     from fmaudit.training import TrainConfig
 
     out, target, data, split, base, tmp = overfit
-    fn = TrainReference(base=base, population=data, audit=data, masks=paired_halves(len(data), 2, 0),
-                        seeds=[1, 2], configs=[TrainConfig(epochs=1, batch_size=16, lr=1e-2, seed=1)] * 2,
-                        is_clf=True, cache_dir=tmp / "cache-pickle", progress=None, batch_size=64, min_k=0.2,
-                        label="mlp")
+    fn = TrainReference(
+        base=base,
+        population=data,
+        audit=data,
+        masks=paired_halves(len(data), 2, 0),
+        seeds=[1, 2],
+        configs=[TrainConfig(epochs=1, batch_size=16, lr=1e-2, seed=1)] * 2,
+        is_clf=True,
+        cache_dir=tmp / "cache-pickle",
+        progress=None,
+        batch_size=64,
+        min_k=0.2,
+        label="mlp",
+    )
     here = fn(0)
     there = pickle.loads(pickle.dumps(fn))(0)
     assert "error" not in here and there["cache_hit"] and there["cache_key"] == here["cache_key"]
@@ -169,8 +193,9 @@ def test_untrained_model_shows_no_membership_signal(tmp_path):
     base = _mlp_target(seed=1)
     target = base.copy("untrained")
     target.split = split
-    target.provenance = Provenance(train=TrainConfig(epochs=3, batch_size=32, lr=3e-3, trainable="all"),
-                                   base_weights_sha256=base.weights_sha256())
+    target.provenance = Provenance(
+        train=TrainConfig(epochs=3, batch_size=32, lr=3e-3, trainable="all"), base_weights_sha256=base.weights_sha256()
+    )
     attacks = ["loss", "confidence", "entropy", "lira_online", "rmia"]
     mod = MembershipAudit({"attacks": attacks, "reference_models": 2, "reference_trainable": "all", "bootstrap": 300})
     out = mod.run(target, _ctx(tmp_path, data, split, base))
@@ -187,11 +212,13 @@ def test_overlapping_or_empty_sets_are_clear_errors(tmp_path):
     data = _noisy_digits(60, noise=0.0)
     target = _mlp_target()
     ids = data.ids
-    cases = [({"members": ids[:10], "nonmembers": ids[5:20]}, "overlap in 5 example"),
-             ({"members": [], "nonmembers": ids[:5]}, "member set is empty"),
-             ({"members": ids[:5], "nonmembers": []}, "non-member set is empty"),
-             ({"members": ids[:5] + ["nope"]}, "not in the data"),
-             ({"members": list(ids)}, "0 non-member")]
+    cases = [
+        ({"members": ids[:10], "nonmembers": ids[5:20]}, "overlap in 5 example"),
+        ({"members": [], "nonmembers": ids[:5]}, "member set is empty"),
+        ({"members": ids[:5], "nonmembers": []}, "non-member set is empty"),
+        ({"members": ids[:5] + ["nope"]}, "not in the data"),
+        ({"members": list(ids)}, "0 non-member"),
+    ]
     for params, msg in cases:
         mod = MembershipAudit({"attacks": ["loss"], "bootstrap": 0, **params})
         assert mod.check(target, data) == []
@@ -254,9 +281,12 @@ def test_bad_params_and_wrong_attacks():
 def test_recipe_run_with_reference_models_and_gates(tiny_bert_dir, sentiment_csv, tmp_path):
     from fmaudit.runner import run_recipe
 
-    audit = {"use": "privacy.membership", "target": "bert",
-             "params": {"attacks": ["loss", "rmia", "lira_offline"], "reference_models": 2, "bootstrap": 100},
-             "fail_if": {"auc": {"gt": 0.99}, "rmia.tpr_at_0pct_fpr": {"lt": 0.0}}}
+    audit = {
+        "use": "privacy.membership",
+        "target": "bert",
+        "params": {"attacks": ["loss", "rmia", "lira_offline"], "reference_models": 2, "bootstrap": 100},
+        "fail_if": {"auc": {"gt": 0.99}, "rmia.tpr_at_0pct_fpr": {"lt": 0.0}},
+    }
     recipe = tiny_text_recipe(tiny_bert_dir, sentiment_csv, tmp_path, audits=[audit])
     report = run_recipe(recipe)
     res = report.result("privacy.membership", "bert")
@@ -287,10 +317,19 @@ def test_recipe_dp_and_non_private_side_by_side_share_reference_models(tiny_bert
 
     if "privacy.dp_finetune" not in registry:
         pytest.skip("privacy.dp_finetune is not registered")
-    audits = [{"use": "privacy.dp_finetune", "target": "bert", "produces": "bert-dp",
-               "params": {"target_epsilon": 8, "trainable": "last_n_layers", "lr": 1e-3, "eval_examples": 50}},
-              {"use": "privacy.membership", "target": ["bert", "bert-dp"],
-               "params": {"attacks": ["loss", "rmia"], "reference_models": 2, "bootstrap": 50}}]
+    audits = [
+        {
+            "use": "privacy.dp_finetune",
+            "target": "bert",
+            "produces": "bert-dp",
+            "params": {"target_epsilon": 8, "trainable": "last_n_layers", "lr": 1e-3, "eval_examples": 50},
+        },
+        {
+            "use": "privacy.membership",
+            "target": ["bert", "bert-dp"],
+            "params": {"attacks": ["loss", "rmia"], "reference_models": 2, "bootstrap": 50},
+        },
+    ]
     report = run_recipe(tiny_text_recipe(tiny_bert_dir, sentiment_csv, tmp_path, audits=audits))
     plain = report.result("privacy.membership", "bert")
     dp = report.result("privacy.membership", "bert-dp")
@@ -329,8 +368,16 @@ def test_causal_lm_attacks_on_an_overfitted_lm(tiny_llama_dir, tmp_path):
     target.split = split
     target.provenance = Provenance(train=cfg, train_seconds=stats.duration_s, base_weights_sha256=base.weights_sha256())
     attacks = ["loss", "zlib", "min_k", "min_k_pp", "calibrated_loss", "quantile", "rmia"]
-    mod = MembershipAudit({"attacks": attacks, "reference_models": 2, "reference_trainable": "all",
-                           "reference_epochs": 6, "bootstrap": 200, "evidence": 3})
+    mod = MembershipAudit(
+        {
+            "attacks": attacks,
+            "reference_models": 2,
+            "reference_trainable": "all",
+            "reference_epochs": 6,
+            "bootstrap": 200,
+            "evidence": 3,
+        }
+    )
     assert mod.check(target, data) == []
     assert any("confidence" in p for p in MembershipAudit({"attacks": ["confidence"]}).check(target, data))
     out = mod.run(target, _ctx(tmp_path, data, split, base, store_examples=True))

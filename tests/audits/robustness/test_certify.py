@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from fmaudit.audits.base import AuditContext
 from fmaudit.audits.robustness.certify import CertifyAudit
@@ -18,8 +19,15 @@ SMALL = {"n0": 32, "n": 256, "predict_n": 128, "alpha": 0.001, "attack_steps": 1
 
 
 def _ctx(tmp_path, data, *, seed=0) -> AuditContext:
-    return AuditContext(unit_id="0:robustness.certify@t", seed=seed, device="cpu", run_dir=tmp_path,
-                        cache_dir=tmp_path, store_examples=False, data=data)
+    return AuditContext(
+        unit_id="0:robustness.certify@t",
+        seed=seed,
+        device="cpu",
+        run_dir=tmp_path,
+        cache_dir=tmp_path,
+        store_examples=False,
+        data=data,
+    )
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -55,8 +63,10 @@ def _wrap(inner, name="m", num_classes=10):
 # The certificate math
 
 
-@pytest.mark.parametrize("k,n,alpha", [(1, 10, 0.05), (90, 100, 0.001), (256, 256, 0.001), (9_990, 10_000, 0.001),
-                                        (500, 1000, 0.01), (7, 32, 0.2)])
+@pytest.mark.parametrize(
+    "k,n,alpha",
+    [(1, 10, 0.05), (90, 100, 0.001), (256, 256, 0.001), (9_990, 10_000, 0.001), (500, 1000, 0.01), (7, 32, 0.2)],
+)
 def test_pa_lower_is_the_one_sided_clopper_pearson_bound(k, n, alpha):
     from scipy.stats import beta, binomtest
 
@@ -134,7 +144,7 @@ def test_params():
     p = CertifyAudit.Params(radii=[0.5, 0.25, 0.5])
     assert p.radii == [0.0, 0.25, 0.5]  # sorted, unique, 0 always there
     for bad in [{"radii": [-0.1]}, {"radii": []}, {"sigma": 0}, {"alpha": 0.5}, {"n0": 0}, {"nope": 1}]:
-        with pytest.raises(Exception):
+        with pytest.raises(ValidationError):
             CertifyAudit.Params.model_validate(bad)
     from scipy.stats import norm
 
@@ -236,8 +246,20 @@ def test_linear_model_radius_never_exceeds_the_flip_distance(tmp_path):
     target, data = _linear_problem(distances)
     sigma = 0.25
     radii = [0, 0.1, 0.25, 0.5, 1.0]
-    m = CertifyAudit({"n0": 64, "n": 4000, "predict_n": 1000, "alpha": 0.001, "sigma": sigma, "radii": radii,
-                      "attack_steps": 10, "attack_noise_samples": 16, "num_examples": 100, "batch_size": 4000})
+    m = CertifyAudit(
+        {
+            "n0": 64,
+            "n": 4000,
+            "predict_n": 1000,
+            "alpha": 0.001,
+            "sigma": sigma,
+            "radii": radii,
+            "attack_steps": 10,
+            "attack_noise_samples": 16,
+            "num_examples": 100,
+            "batch_size": 4000,
+        }
+    )
     out = m.run(target, _ctx(tmp_path, data))
     max_r = m.params.max_radius
     by_id = {ev["id"]: ev for ev in out.evidence}
@@ -260,8 +282,11 @@ def test_linear_model_radius_never_exceeds_the_flip_distance(tmp_path):
     # the certified curve sits under the empirical one, which sits under the true curve (fraction with d >= r)
     for r in radii:
         cert = out.metrics[f"certified_accuracy@{r:g}"].value
-        emp = (out.metrics[f"empirical_robust_accuracy@{r:g}"].value if r > 0
-               else out.metrics["smoothed_clean_accuracy"].value)
+        emp = (
+            out.metrics[f"empirical_robust_accuracy@{r:g}"].value
+            if r > 0
+            else out.metrics["smoothed_clean_accuracy"].value
+        )
         assert cert <= emp + 1 / len(distances)
         assert cert <= float(np.mean([d >= r for d in distances]))
 
@@ -281,8 +306,11 @@ def test_invariant_on_digits_cnn(cnn, eval_set, tmp_path):
     rows = {row["radius"]: row for row in out.tables["invariant"]}
     for r in radii:
         cert = out.metrics[f"certified_accuracy@{r:g}"]
-        emp_value = (out.metrics[f"empirical_robust_accuracy@{r:g}"].value if r > 0
-                     else out.metrics["smoothed_clean_accuracy"].value)
+        emp_value = (
+            out.metrics[f"empirical_robust_accuracy@{r:g}"].value
+            if r > 0
+            else out.metrics["smoothed_clean_accuracy"].value
+        )
         assert cert.value <= emp_value + rows[r]["allowance"] / n, (r, cert.value, emp_value)
         assert cert.ci_low <= cert.value <= cert.ci_high
     # the smoothed classifier is useful at sigma 0.25, and the attack works: accuracy falls with the radius
@@ -306,8 +334,9 @@ def test_invariant_on_digits_cnn(cnn, eval_set, tmp_path):
 def test_invariant_check_fires_on_an_inflated_certificate(cnn, eval_set, tmp_path, monkeypatch):
     """A wrong certificate (radii inflated 5x) claims robustness the attack disproves: the module says so."""
     real = sm.certified_radius
-    monkeypatch.setattr(sm, "certified_radius", lambda pa, sigma: None if real(pa, sigma) is None
-                        else 5 * real(pa, sigma))
+    monkeypatch.setattr(
+        sm, "certified_radius", lambda pa, sigma: None if real(pa, sigma) is None else 5 * real(pa, sigma)
+    )
     out = CertifyAudit({**SMALL, "radii": [0, 0.5, 1.0], "attack_steps": 5}).run(cnn, _ctx(tmp_path, eval_set))
     assert out.metrics["num_invariant_violations"].value >= 1
     titles = [f.title for f in out.findings if f.severity == "high"]
@@ -332,8 +361,9 @@ def test_recipe_certify_digits(tmp_path):
     recipe["targets"]["vit"]["finetune"]["epochs"] = 4
     audit = recipe["audits"][0]
     assert audit["use"] == "robustness.certify"
-    audit["params"].update({"n0": 32, "n": 256, "predict_n": 128, "num_examples": 16, "attack_steps": 5,
-                            "radii": [0, 0.1, 0.25, 0.5]})
+    audit["params"].update(
+        {"n0": 32, "n": 256, "predict_n": 128, "num_examples": 16, "attack_steps": 5, "radii": [0, 0.1, 0.25, 0.5]}
+    )
     audit.pop("fail_if", None)
     report = run_recipe(recipe, output_dir=tmp_path / "runs", base_dir=path.parent)
     assert report.status == "complete"
@@ -352,19 +382,29 @@ def test_recipe_certify_digits(tmp_path):
 
 def test_dashboard_overlays_certified_and_attacked_accuracy(tmp_path):
     """The dashboard's robustness view draws the two bounds of one result on one plot, with its caption."""
+    from dashboard.renderers.robustness import render_certify
     from dashboard.runs import RunEntry
     from dashboard.sinks import HtmlSink
-    from dashboard.renderers.robustness import render_certify
     from fmaudit.report import AuditResult, Curve, Metric
 
     r = AuditResult.model_construct(
-        unit_id="0:robustness.certify@cnn", module="robustness.certify", target="cnn", status="ok",
+        unit_id="0:robustness.certify@cnn",
+        module="robustness.certify",
+        target="cnn",
+        status="ok",
         metrics={"smoothed_clean_accuracy": Metric(value=0.86), "num_invariant_violations": Metric(value=0.0)},
-        curves={"certified_accuracy": Curve(x=[0, 0.25, 0.5], y=[0.86, 0.73, 0.34], x_label="L2 radius",
-                                            y_label="accuracy"),
-                "empirical_robust_accuracy": Curve(x=[0, 0.25, 0.5], y=[0.86, 0.78, 0.56], x_label="L2 radius",
-                                                   y_label="accuracy")},
-        findings=[], tables={}, evidence=[])
+        curves={
+            "certified_accuracy": Curve(
+                x=[0, 0.25, 0.5], y=[0.86, 0.73, 0.34], x_label="L2 radius", y_label="accuracy"
+            ),
+            "empirical_robust_accuracy": Curve(
+                x=[0, 0.25, 0.5], y=[0.86, 0.78, 0.56], x_label="L2 radius", y_label="accuracy"
+            ),
+        },
+        findings=[],
+        tables={},
+        evidence=[],
+    )
     entry = RunEntry(name="run", path=tmp_path, state="ok", report=None, run_id="run")
     sink = HtmlSink()
     render_certify(sink, entry, [r])

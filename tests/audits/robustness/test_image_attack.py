@@ -16,8 +16,15 @@ from fmaudit.data import Dataset, load_digits
 
 
 def _ctx(tmp_path, data, *, store=True, seed=0) -> AuditContext:
-    return AuditContext(unit_id="0:robustness.image_attack@t", seed=seed, device="cpu", run_dir=tmp_path,
-                        cache_dir=tmp_path, store_examples=store, data=data)
+    return AuditContext(
+        unit_id="0:robustness.image_attack@t",
+        seed=seed,
+        device="cpu",
+        run_dir=tmp_path,
+        cache_dir=tmp_path,
+        store_examples=store,
+        data=data,
+    )
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # AutoAttack: 10 s with one thread, 450 s with two under load
@@ -79,10 +86,10 @@ def _read_png(path):
     w, h = struct.unpack(">II", data[16:24])
     pos, idat = 8, b""
     while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        tag = data[pos + 4:pos + 8]
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        tag = data[pos + 4 : pos + 8]
         if tag == b"IDAT":
-            idat += data[pos + 8:pos + 8 + length]
+            idat += data[pos + 8 : pos + 8 + length]
         pos += 12 + length
     return w, h, zlib.decompress(idat)
 
@@ -93,11 +100,19 @@ def _read_png(path):
 
 def test_every_adversarial_example_in_ball_and_box(cnn, eval_set, tmp_path, monkeypatch):
     spy = _Spy(monkeypatch)
-    params = {"attacks": ["fgsm", {"name": "pgd", "steps": 10}, {"name": "pgd", "norm": "L2", "steps": 10},
-                          {"name": "cw", "steps": 30, "c": 5, "lr": 0.05, "binary_steps": 3},
-                          {"name": "deepfool", "steps": 10},
-                          {"name": "square", "n_queries": 60}],
-              "epsilons": [0.05, 0.1, 0.2], "l2_epsilons": [0.5, 1.0, 2.0], "num_images": 2}
+    params = {
+        "attacks": [
+            "fgsm",
+            {"name": "pgd", "steps": 10},
+            {"name": "pgd", "norm": "L2", "steps": 10},
+            {"name": "cw", "steps": 30, "c": 5, "lr": 0.05, "binary_steps": 3},
+            {"name": "deepfool", "steps": 10},
+            {"name": "square", "n_queries": 60},
+        ],
+        "epsilons": [0.05, 0.1, 0.2],
+        "l2_epsilons": [0.5, 1.0, 2.0],
+        "num_images": 2,
+    }
     module = ImageAttackAudit(params)
     assert module.check(cnn, eval_set) == []
     out = module.run(cnn, _ctx(tmp_path, eval_set))
@@ -120,8 +135,12 @@ def test_every_adversarial_example_in_ball_and_box(cnn, eval_set, tmp_path, monk
     for name, curve in out.curves.items():
         assert curve.x[0] == 0.0 and curve.y[0] == pytest.approx(clean)
         assert all(v <= clean + 1e-12 for v in curve.y), name  # robust <= clean, always
-    for name in ("robust_accuracy.pgd_linf", "robust_accuracy.pgd_l2", "robust_accuracy.cw",
-                 "robust_accuracy.deepfool"):
+    for name in (
+        "robust_accuracy.pgd_linf",
+        "robust_accuracy.pgd_l2",
+        "robust_accuracy.cw",
+        "robust_accuracy.deepfool",
+    ):
         y = out.curves[name].y
         assert all(b <= a + 1e-12 for a, b in zip(y, y[1:])), (name, y)  # non-increasing in epsilon
     # PGD is at least as strong as FGSM on an undefended CNN, and actually breaks it at 0.2
@@ -130,8 +149,9 @@ def test_every_adversarial_example_in_ball_and_box(cnn, eval_set, tmp_path, monk
     # the per-example worst case is below every single attack
     for eps in (0.05, 0.1, 0.2):
         worst = out.metrics[f"worst_robust_accuracy.linf@{eps:g}"].value
-        assert worst <= min(out.metrics[f"robust_accuracy.{a}@{eps:g}"].value for a in ("fgsm", "pgd_linf",
-                                                                                        "square_linf"))
+        assert worst <= min(
+            out.metrics[f"robust_accuracy.{a}@{eps:g}"].value for a in ("fgsm", "pgd_linf", "square_linf")
+        )
     table = {row["label"]: row for row in out.tables["attacks"]}
     assert table["pgd_linf"]["settings"]["steps"] == 10 and table["pgd_linf"]["settings"]["restarts"] == 1
     assert table["pgd_linf"]["settings"]["alpha"] == pytest.approx(0.25 * 0.2)  # 2.5 * eps / steps at the last eps
@@ -140,14 +160,18 @@ def test_every_adversarial_example_in_ball_and_box(cnn, eval_set, tmp_path, monk
     assert not [f for f in out.findings if "probabilit" in f.title]
     # an undefended CNN: the gradient attacks work, so none of the checklist flags fires
     assert not [f.title for f in out.findings if f.severity == "high"], [f.title for f in out.findings]
-    assert out.metrics["robust_accuracy.large_budget_pgd_linf@0.5"].value <= out.tables["sanity"]["large_budget"]["chance"]
+    assert (
+        out.metrics["robust_accuracy.large_budget_pgd_linf@0.5"].value <= out.tables["sanity"]["large_budget"]["chance"]
+    )
     # every accuracy carries its 95% Clopper-Pearson interval, which contains it
     for name, m in out.metrics.items():
         if "accuracy" in name:
             assert m.ci_level == 0.95 and m.ci_low <= m.value <= m.ci_high, name
             assert "Clopper-Pearson" in m.description and "n = 32 gives about +/-15 points" in m.description
-    assert table_ci(out, "pgd_linf") == [[out.metrics[f"robust_accuracy.pgd_linf@{e:g}"].ci_low,
-                                          out.metrics[f"robust_accuracy.pgd_linf@{e:g}"].ci_high] for e in (0.05, 0.1, 0.2)]
+    assert table_ci(out, "pgd_linf") == [
+        [out.metrics[f"robust_accuracy.pgd_linf@{e:g}"].ci_low, out.metrics[f"robust_accuracy.pgd_linf@{e:g}"].ci_high]
+        for e in (0.05, 0.1, 0.2)
+    ]
 
     # example images: clean | adversarial | amplified perturbation, referenced from the result
     assert out.artifacts and all(a.endswith(".png") for a in out.artifacts)
@@ -167,7 +191,8 @@ def table_ci(out, label):
 
 def test_no_raw_images_without_store_examples(cnn, eval_set, tmp_path):
     out = ImageAttackAudit({"attacks": ["fgsm"], "epsilons": [0.2], "num_images": 2}).run(
-        cnn, _ctx(tmp_path, eval_set, store=False))
+        cnn, _ctx(tmp_path, eval_set, store=False)
+    )
     assert out.artifacts == [] and not list(tmp_path.rglob("*.png"))
     assert out.evidence and all("image" not in ev and ev["id"] in eval_set.ids for ev in out.evidence)
 
@@ -178,14 +203,13 @@ def test_adversarials_outside_the_threat_model_are_not_errors(cnn, eval_set, tmp
 
     def broken(module, spec, model, x, y, eps, n_classes, device, seed):
         adv = x.clone()
-        adv[0::3] = 1.0 - x[0::3]                      # far outside the Linf ball
-        adv[1::3] = x[1::3] + 2 * eps                   # outside [0, 1] where x > 1 - 2 eps, and outside the ball
-        adv[2::3] = float("nan")                        # non-finite
+        adv[0::3] = 1.0 - x[0::3]  # far outside the Linf ball
+        adv[1::3] = x[1::3] + 2 * eps  # outside [0, 1] where x > 1 - 2 eps, and outside the ball
+        adv[2::3] = float("nan")  # non-finite
         return adv, 0.01, {}
 
     monkeypatch.setattr(ImageAttackAudit, "_attack_once", broken)
-    out = ImageAttackAudit({"attacks": ["fgsm"], "epsilons": [0.1], "num_images": 0}).run(
-        cnn, _ctx(tmp_path, eval_set))
+    out = ImageAttackAudit({"attacks": ["fgsm"], "epsilons": [0.1], "num_images": 0}).run(cnn, _ctx(tmp_path, eval_set))
     clean = out.metrics["clean_accuracy"].value
     assert out.metrics["robust_accuracy.fgsm@0.1"].value == pytest.approx(clean)
     assert out.metrics["num_invalid_adversarials"].value > 0
@@ -214,9 +238,18 @@ def test_robust_accuracy_equals_torchattacks_direct(which, request, eval_set, tm
 
     target = request.getfixturevalue(which)
     seed = 1234
-    params = {"attacks": [{"name": "pgd", "steps": 7}, {"name": "pgd", "norm": "L2", "steps": 5},
-                          {"name": "square", "n_queries": 40}, {"name": "cw", "steps": 3}],
-              "epsilons": [0.1], "l2_epsilons": [0.75], "num_images": 0, "check_gradients": False}
+    params = {
+        "attacks": [
+            {"name": "pgd", "steps": 7},
+            {"name": "pgd", "norm": "L2", "steps": 5},
+            {"name": "square", "n_queries": 40},
+            {"name": "cw", "steps": 3},
+        ],
+        "epsilons": [0.1],
+        "l2_epsilons": [0.75],
+        "num_images": 0,
+        "check_gradients": False,
+    }
     model = target.model
     for p in model.parameters():
         p.grad = None
@@ -251,9 +284,15 @@ def test_autoattack_is_the_reference_and_equals_direct(cnn, eval_set, tmp_path, 
     data = eval_set.subset(np.arange(16))
     seed = 7
     spy = _Spy(monkeypatch)
-    out = ImageAttackAudit({"attacks": [{"name": "pgd", "steps": 5}, "autoattack", "autoattack_fast"],
-                            "epsilons": [0.25], "num_images": 0, "check_gradients": False, "large_budget": None}
-                           ).run(cnn, _ctx(tmp_path, data, seed=seed))
+    out = ImageAttackAudit(
+        {
+            "attacks": [{"name": "pgd", "steps": 5}, "autoattack", "autoattack_fast"],
+            "epsilons": [0.25],
+            "num_images": 0,
+            "check_gradients": False,
+            "large_budget": None,
+        }
+    ).run(cnn, _ctx(tmp_path, data, seed=seed))
     x, y = torch.as_tensor(data.images), torch.as_tensor(data.labels)
     table = {r["label"]: r for r in out.tables["attacks"]}
     ref = table["autoattack_linf"]["settings"]
@@ -267,12 +306,14 @@ def test_autoattack_is_the_reference_and_equals_direct(cnn, eval_set, tmp_path, 
 
     autoattack = _import_autoattack()
     torch.manual_seed(seed)
-    aa = autoattack.AutoAttack(cnn.model, norm="Linf", eps=0.25, version="standard", seed=seed, verbose=False,
-                               device="cpu")
+    aa = autoattack.AutoAttack(
+        cnn.model, norm="Linf", eps=0.25, version="standard", seed=seed, verbose=False, device="cpu"
+    )
     direct = _direct(cnn.model, lambda a, b: aa.run_standard_evaluation(a, b, bs=len(a)), x, y)
     torch.manual_seed(seed)
-    direct_fast = _direct(cnn.model, torchattacks.AutoAttack(cnn.model, norm="Linf", eps=0.25, n_classes=10,
-                                                             seed=seed), x, y)
+    direct_fast = _direct(
+        cnn.model, torchattacks.AutoAttack(cnn.model, norm="Linf", eps=0.25, n_classes=10, seed=seed), x, y
+    )
     got = out.metrics["robust_accuracy.autoattack_linf@0.25"].value
     assert got == pytest.approx(direct, abs=1e-12)
     assert out.metrics["robust_accuracy.autoattack_fast_linf@0.25"].value == pytest.approx(direct_fast, abs=1e-12)
@@ -300,7 +341,8 @@ def test_softmax_outputs_are_flagged(cnn, eval_set, tmp_path):
     inner = nn.Sequential(copy.deepcopy(cnn.model.inner), nn.Softmax(dim=-1))
     soft = ImageClassifier(name="soft", model=PixelClassifier(inner), source="test", num_classes=10)
     out = ImageAttackAudit({"attacks": ["fgsm"], "epsilons": [0.1], "num_images": 0}).run(
-        soft, _ctx(tmp_path, eval_set))
+        soft, _ctx(tmp_path, eval_set)
+    )
     assert out.tables["sanity"]["outputs_look_like_probabilities"] is True
     assert any(f.severity == "high" and "probabilities" in f.title for f in out.findings)
 
@@ -321,9 +363,17 @@ def test_zero_gradients_and_black_box_win_are_flagged(cnn, eval_set, tmp_path):
 
     inner = nn.Sequential(Quantize(), copy.deepcopy(cnn.model.inner))
     masked = ImageClassifier(name="masked", model=PixelClassifier(inner), source="test", num_classes=10)
-    out = ImageAttackAudit({"attacks": ["fgsm", {"name": "pgd", "steps": 5, "random_start": False},
-                                        {"name": "square", "n_queries": 200}],
-                            "epsilons": [0.15, 0.3], "num_images": 0}).run(masked, _ctx(tmp_path, eval_set))
+    out = ImageAttackAudit(
+        {
+            "attacks": [
+                "fgsm",
+                {"name": "pgd", "steps": 5, "random_start": False},
+                {"name": "square", "n_queries": 200},
+            ],
+            "epsilons": [0.15, 0.3],
+            "num_images": 0,
+        }
+    ).run(masked, _ctx(tmp_path, eval_set))
     assert out.metrics["zero_gradient_fraction"].value == 1.0
     titles = [f.title for f in out.findings]
     assert any("Zero input gradients" in t for t in titles)
@@ -364,16 +414,22 @@ def test_params_errors():
     with pytest.raises(ValidationError, match="greater than or equal to 0.5"):
         P.model_validate({"large_budget": 0.3})  # below 0.5 the mid-gray image is out of reach: no chance bound
     assert P.model_validate({"large_budget": None}).large_budget is None
-    fast = P.model_validate({"attacks": ["autoattack_fast", "autoattack_fast_l2", {"name": "autoattack",
-                                                                                     "version": "fast", "label": "f"}]})
+    fast = P.model_validate(
+        {"attacks": ["autoattack_fast", "autoattack_fast_l2", {"name": "autoattack", "version": "fast", "label": "f"}]}
+    )
     assert [(a.version, a.norm, a.default_label) for a in fast.attacks] == [
-        ("fast", "Linf", "autoattack_fast_linf"), ("fast", "L2", "autoattack_fast_l2"), ("fast", "Linf", "f")]
+        ("fast", "Linf", "autoattack_fast_linf"),
+        ("fast", "L2", "autoattack_fast_l2"),
+        ("fast", "Linf", "f"),
+    ]
     with pytest.raises(ValidationError, match="both labelled 'pgd_linf'"):
         P.model_validate({"attacks": ["pgd", {"name": "pgd", "steps": 5}]})
     p = P.model_validate({"epsilons": ["8/255", 0.1], "attacks": ["pgd_l2", "autoattack"]})
     assert p.epsilons == pytest.approx([8 / 255, 0.1])
     assert [a.default_label for a in p.attacks] == ["pgd_l2", "autoattack_linf"]
-    assert P.model_validate({"attacks": [{"name": "pgd", "norm": "L2", "epsilons": [2.0]}]}).attacks[0].epsilons == [2.0]
+    assert P.model_validate({"attacks": [{"name": "pgd", "norm": "L2", "epsilons": [2.0]}]}).attacks[0].epsilons == [
+        2.0
+    ]
 
 
 def test_check_rejects_non_image_target_and_unscaled_images(cnn, eval_set):
@@ -391,11 +447,20 @@ def test_check_rejects_non_image_target_and_unscaled_images(cnn, eval_set):
 
 
 def _recipe(tmp_path, **audit):
-    return {"version": 1, "name": "img", "seed": 0, "output_dir": str(tmp_path / "reports"),
-            "data": {"digits": {"source": "bundled:digits", "limit": 600}},
-            "targets": {"cnn": {"model": "bundled:digits-cnn",
-                                "finetune": {"data": "digits", "epochs": 8, "batch_size": 32, "lr": 3.0e-3}}},
-            "audits": [{"use": "robustness.image_attack", "target": "cnn", **audit}]}
+    return {
+        "version": 1,
+        "name": "img",
+        "seed": 0,
+        "output_dir": str(tmp_path / "reports"),
+        "data": {"digits": {"source": "bundled:digits", "limit": 600}},
+        "targets": {
+            "cnn": {
+                "model": "bundled:digits-cnn",
+                "finetune": {"data": "digits", "epochs": 8, "batch_size": 32, "lr": 3.0e-3},
+            }
+        },
+        "audits": [{"use": "robustness.image_attack", "target": "cnn", **audit}],
+    }
 
 
 def test_recipe_validation_errors(tmp_path, write_recipe):
@@ -433,9 +498,16 @@ def test_recipe_end_to_end(tmp_path):
     from fmaudit.report import load_report
     from fmaudit.runner import run_recipe
 
-    recipe = _recipe(tmp_path, params={"attacks": ["fgsm", {"name": "pgd", "steps": 10}],
-                                       "epsilons": [0.05, 0.15], "num_examples": 24, "num_images": 1},
-                     fail_if={"robust_accuracy.pgd_linf@0.15": {"gt": 0.99}})
+    recipe = _recipe(
+        tmp_path,
+        params={
+            "attacks": ["fgsm", {"name": "pgd", "steps": 10}],
+            "epsilons": [0.05, 0.15],
+            "num_examples": 24,
+            "num_images": 1,
+        },
+        fail_if={"robust_accuracy.pgd_linf@0.15": {"gt": 0.99}},
+    )
     recipe["store_examples"] = True
     report = run_recipe(recipe)
     res = report.result("robustness.image_attack", "cnn")

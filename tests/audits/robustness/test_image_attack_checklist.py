@@ -15,8 +15,15 @@ from fmaudit.data import Dataset, load_digits
 
 
 def _ctx(tmp_path, data, *, seed=0) -> AuditContext:
-    return AuditContext(unit_id="0:robustness.image_attack@t", seed=seed, device="cpu", run_dir=tmp_path,
-                        cache_dir=tmp_path, store_examples=False, data=data)
+    return AuditContext(
+        unit_id="0:robustness.image_attack@t",
+        seed=seed,
+        device="cpu",
+        run_dir=tmp_path,
+        cache_dir=tmp_path,
+        store_examples=False,
+        data=data,
+    )
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # AutoAttack: 10 s with one thread, 450 s with two under load
@@ -117,8 +124,9 @@ def test_masked_gradients_off_the_data_fire_three_flags(cnn, eval_set, tmp_path)
 
     Gate = _radius_gate()
     target = _wrap(nn.Sequential(Gate(eval_set.images, 0.1), copy.deepcopy(cnn.model.inner)))
-    out = ImageAttackAudit({"attacks": ["fgsm", {"name": "pgd", "steps": 10}], "epsilons": [0.05, 0.1, 0.2],
-                            "num_images": 0}).run(target, _ctx(tmp_path, eval_set))
+    out = ImageAttackAudit(
+        {"attacks": ["fgsm", {"name": "pgd", "steps": 10}], "epsilons": [0.05, 0.1, 0.2], "num_images": 0}
+    ).run(target, _ctx(tmp_path, eval_set))
     m = {k: v.value for k, v in out.metrics.items()}
     titles = [f.title for f in out.findings if f.severity == "high"]
     assert m["zero_gradient_fraction"] == 0.0  # the clean-point check cannot see this masking
@@ -128,18 +136,31 @@ def test_masked_gradients_off_the_data_fire_three_flags(cnn, eval_set, tmp_path)
     assert "Single-step fgsm beats iterative pgd_linf (Linf, epsilon 0.2)" in titles
     assert "Accuracy does not reach chance at Linf epsilon 0.5" in titles
     assert out.tables["sanity"]["single_step_beats_iterative"][-1] == {
-        "norm": "Linf", "epsilon": 0.2, "single_step": "fgsm", "iterative": "pgd_linf"}
+        "norm": "Linf",
+        "epsilon": 0.2,
+        "single_step": "fgsm",
+        "iterative": "pgd_linf",
+    }
 
 
 def test_same_flags_stay_quiet_on_the_plain_cnn(cnn, eval_set, tmp_path):
-    out = ImageAttackAudit({"attacks": ["fgsm", {"name": "pgd", "steps": 10},
-                                        {"name": "cw", "steps": 100, "lr": 0.05, "binary_steps": 4, "c": 0.1}],
-                            "epsilons": [0.05, 0.1, 0.2], "num_images": 0}).run(cnn, _ctx(tmp_path, eval_set))
+    out = ImageAttackAudit(
+        {
+            "attacks": [
+                "fgsm",
+                {"name": "pgd", "steps": 10},
+                {"name": "cw", "steps": 100, "lr": 0.05, "binary_steps": 4, "c": 0.1},
+            ],
+            "epsilons": [0.05, 0.1, 0.2],
+            "num_images": 0,
+        }
+    ).run(cnn, _ctx(tmp_path, eval_set))
     assert next(r for r in out.tables["attacks"] if r["label"] == "cw")["success_rate_unbounded"] == 1.0
     assert not [f.title for f in out.findings if f.severity in ("high", "medium")]
     large = out.tables["sanity"]["large_budget"]
     assert large["robust_accuracy"] <= large["chance"] and large["chance"] == pytest.approx(
-        np.bincount(eval_set.labels).max() / len(eval_set))
+        np.bincount(eval_set.labels).max() / len(eval_set)
+    )
 
 
 def test_quantized_input_does_not_reach_chance(cnn, eval_set, tmp_path):
@@ -152,8 +173,13 @@ def test_quantized_input_does_not_reach_chance(cnn, eval_set, tmp_path):
             return torch.round(x * 4) / 4
 
     target = _wrap(nn.Sequential(Quantize(), copy.deepcopy(cnn.model.inner)))
-    out = ImageAttackAudit({"attacks": ["fgsm", {"name": "cw", "steps": 50, "binary_steps": 2, "c": 1.0}],
-                            "epsilons": [0.1], "num_images": 0}).run(target, _ctx(tmp_path, eval_set))
+    out = ImageAttackAudit(
+        {
+            "attacks": ["fgsm", {"name": "cw", "steps": 50, "binary_steps": 2, "c": 1.0}],
+            "epsilons": [0.1],
+            "num_images": 0,
+        }
+    ).run(target, _ctx(tmp_path, eval_set))
     large = out.tables["sanity"]["large_budget"]
     assert large["robust_accuracy"] == pytest.approx(out.metrics["clean_accuracy"].value)
     assert large["ci95"][0] > large["chance"]
@@ -163,7 +189,8 @@ def test_quantized_input_does_not_reach_chance(cnn, eval_set, tmp_path):
     assert next(r for r in out.tables["attacks"] if r["label"] == "cw")["success_rate_unbounded"] < 0.5
     assert "Unbounded cw does not break every example" in titles
     quiet = ImageAttackAudit({"attacks": ["fgsm"], "epsilons": [0.1], "num_images": 0, "large_budget": None}).run(
-        target, _ctx(tmp_path, eval_set))
+        target, _ctx(tmp_path, eval_set)
+    )
     assert "large_budget" not in quiet.tables["sanity"] and not any("chance" in f.title for f in quiet.findings)
 
 
@@ -177,8 +204,15 @@ def test_autoattack_weaker_than_fgsm_is_flagged(cnn, eval_set, tmp_path):
     LossGate, HardLabel = _against_autoattack()
     data = eval_set.subset(np.arange(16))
     target = _wrap(nn.Sequential(Gate(data.images, 0.05), copy.deepcopy(cnn.model.inner), LossGate(), HardLabel()))
-    out = ImageAttackAudit({"attacks": ["fgsm", "autoattack"], "epsilons": [0.2], "num_images": 0,
-                            "large_budget": None, "check_gradients": False}).run(target, _ctx(tmp_path, data))
+    out = ImageAttackAudit(
+        {
+            "attacks": ["fgsm", "autoattack"],
+            "epsilons": [0.2],
+            "num_images": 0,
+            "large_budget": None,
+            "check_gradients": False,
+        }
+    ).run(target, _ctx(tmp_path, data))
     fgsm = out.metrics["robust_accuracy.fgsm@0.2"].value
     aa = out.metrics["robust_accuracy.autoattack_linf@0.2"].value
     assert aa > fgsm + 0.1, (aa, fgsm)
@@ -207,11 +241,12 @@ def test_attacks_are_built_on_the_models_device_not_a_stale_target_device(cnn, e
 
     def spy(real):
         def build(spec, model, *, eps, n_classes, seed, device, batch_size):
-            atk, used = real(spec, model, eps=eps, n_classes=n_classes, seed=seed, device=device,
-                             batch_size=batch_size)
-            built.append((spec.name, device, getattr(atk, "device", None),
-                          getattr(getattr(atk, "aa", None), "device", None)))
+            atk, used = real(spec, model, eps=eps, n_classes=n_classes, seed=seed, device=device, batch_size=batch_size)
+            built.append(
+                (spec.name, device, getattr(atk, "device", None), getattr(getattr(atk, "aa", None), "device", None))
+            )
             return atk, used
+
         return build
 
     for cls in ATTACKS.values():  # each spec builds its own attack
@@ -219,8 +254,9 @@ def test_attacks_are_built_on_the_models_device_not_a_stale_target_device(cnn, e
     stale = copy.copy(cnn)
     stale.device = "cuda:0"  # a CPU-only torch cannot even create a tensor there
     data = eval_set.subset(np.arange(8))
-    out = ImageAttackAudit({"attacks": ["fgsm", "autoattack"], "epsilons": [0.3], "num_images": 0,
-                            "large_budget": None}).run(stale, _ctx(tmp_path, data))
+    out = ImageAttackAudit(
+        {"attacks": ["fgsm", "autoattack"], "epsilons": [0.3], "num_images": 0, "large_budget": None}
+    ).run(stale, _ctx(tmp_path, data))
     assert out.tables["evaluated_on"]["device"] == "cpu"
     assert [b[0] for b in built] == ["fgsm", "autoattack"]
     assert all(b[1] == torch.device("cpu") for b in built)
@@ -246,20 +282,21 @@ def test_autoattack_always_gets_the_runs_seed(cnn, eval_set, tmp_path):
     first = atk(x, y)
     assert atk.aa.apgd.seed == atk.aa.apgd_targeted.seed == atk.aa.fab.seed == atk.aa.square.seed == 11
     assert torch.equal(first, ra.reference(cnn.model, norm="Linf", eps=0.3, n_classes=10, seed=11)[0](x, y))
-    out = ImageAttackAudit({"attacks": ["autoattack_fast"], "epsilons": [0.3], "num_images": 0,
-                            "large_budget": None}).run(cnn, _ctx(tmp_path, data, seed=5))
+    out = ImageAttackAudit(
+        {"attacks": ["autoattack_fast"], "epsilons": [0.3], "num_images": 0, "large_budget": None}
+    ).run(cnn, _ctx(tmp_path, data, seed=5))
     assert out.tables["attacks"][0]["settings"]["seed"] == 5
 
 
 def test_autoattack_needs_four_classes(cnn, eval_set):
     """APGD-T's targeted DLR loss sorts 4 logits: below 4 classes the library indexes past them. check()
     says so instead of crashing; other attacks are fine with 3 classes."""
+    import importlib
+
     import torch
     from torch import nn
 
     from fmaudit.robustness import autoattack as ra
-
-    import importlib
 
     ra._import_autoattack()
     apgdt = importlib.import_module("autoattack.autopgd_pt").APGDAttack_targeted(nn.Linear(2, 3), device="cpu")
@@ -274,8 +311,7 @@ def test_autoattack_needs_four_classes(cnn, eval_set):
     with pytest.raises(ValueError, match="at least 4 classes"):
         ra.reference(target.model, norm="Linf", eps=0.1, n_classes=3, seed=0)
     # 5 classes: the reference's 9 targets would index past the logits; 4 are used, and the report says so
-    _, settings = ra.reference(nn.Sequential(nn.Flatten(), nn.Linear(64, 5)), norm="Linf", eps=0.1, n_classes=5,
-                               seed=0)
+    _, settings = ra.reference(nn.Sequential(nn.Flatten(), nn.Linear(64, 5)), norm="Linf", eps=0.1, n_classes=5, seed=0)
     assert settings["apgd_t_n_target_classes"] == settings["fab_n_target_classes"] == 4
     assert "5 classes" in settings["target_classes_note"]
     del cnn

@@ -12,7 +12,6 @@ from fmaudit.audits.base import AuditContext
 from fmaudit.audits.robustness.image_attack import ImageAttackAudit
 from fmaudit.data import load_digits
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -67,7 +66,7 @@ def test_masked_margin_succeeds_where_torchattacks_cw_stalls():
     exact = torch.stack([(zz[:, 0] - zz[:, k]) / (w[0] - w[k]).norm() for k in (1, 2, 3)], 1).min(1).values
     dist = (adv.double() - x.double()).flatten(1).norm(dim=1)
     assert bool((dist >= exact * (1 - 1e-4)).all())
-    assert bool((dist <= exact * 1.01).all()), (dist / exact)  # measured: within 0.3%
+    assert bool((dist <= exact * 1.01).all()), dist / exact  # measured: within 0.3%
     assert ours.last_c is not None and bool((ours.last_c > 1e-2).all())  # the search raised c from its start
 
 
@@ -106,10 +105,23 @@ def test_cw_through_the_module_on_the_digits_cnn(tmp_path):
     target = load_target(model="bundled:digits-cnn", name="cnn")
     train(target, digits.subset(np.arange(600)), TrainConfig(epochs=4, batch_size=32, lr=3e-3, seed=0))
     data = digits.subset(np.arange(1000, 1024))
-    ctx = AuditContext(unit_id="0:robustness.image_attack@t", seed=0, device="cpu", run_dir=tmp_path,
-                       cache_dir=tmp_path, store_examples=False, data=data)
-    out = ImageAttackAudit({"attacks": [{"name": "cw", "steps": 100, "lr": 0.05, "binary_steps": 6, "c": 0.1}],
-                            "l2_epsilons": [0.5, 1.0, 2.0], "num_images": 0, "large_budget": None}).run(target, ctx)
+    ctx = AuditContext(
+        unit_id="0:robustness.image_attack@t",
+        seed=0,
+        device="cpu",
+        run_dir=tmp_path,
+        cache_dir=tmp_path,
+        store_examples=False,
+        data=data,
+    )
+    out = ImageAttackAudit(
+        {
+            "attacks": [{"name": "cw", "steps": 100, "lr": 0.05, "binary_steps": 6, "c": 0.1}],
+            "l2_epsilons": [0.5, 1.0, 2.0],
+            "num_images": 0,
+            "large_budget": None,
+        }
+    ).run(target, ctx)
     row = out.tables["attacks"][0]
     assert row["success_rate_unbounded"] == 1.0
     assert row["settings"]["binary_steps"] == 6 and row["settings"]["implementation"] == "fmaudit.robustness.cw"

@@ -23,8 +23,7 @@ def trained_bert(tiny_bert_dir, sentiment_csv):
     from fmaudit.training import TrainConfig, train
 
     data = load_table(sentiment_csv, text_column="text", label_column="label", id_column="id", name="sents")
-    target = load_target(model=str(tiny_bert_dir), task="text-classification", num_labels=2, max_length=32,
-                         name="bert")
+    target = load_target(model=str(tiny_bert_dir), task="text-classification", num_labels=2, max_length=32, name="bert")
     train(target, data.subset(np.arange(0, 160)), TrainConfig(epochs=4, batch_size=16, lr=2e-3, seed=0))
     held_out = data.subset(np.arange(160, 200), name="sents-heldout")
     acc = float((target.predict(held_out) == held_out.labels).mean())
@@ -33,8 +32,15 @@ def trained_bert(tiny_bert_dir, sentiment_csv):
 
 
 def _ctx(tmp_path, data, *, store=True, seed=123):
-    return AuditContext(unit_id="0:robustness.text_attack@bert", seed=seed, device="cpu", run_dir=tmp_path,
-                        cache_dir=tmp_path / "cache", store_examples=store, data=data)
+    return AuditContext(
+        unit_id="0:robustness.text_attack@bert",
+        seed=seed,
+        device="cpu",
+        run_dir=tmp_path,
+        cache_dir=tmp_path / "cache",
+        store_examples=store,
+        data=data,
+    )
 
 
 def _unmark(text: str) -> str:
@@ -108,8 +114,9 @@ def test_metrics_match_textattack_reference(trained_bert, tmp_path):
 
     target, data = trained_bert
     params = TextAttackAudit.Params(attack="pruthi", query_budget=500)
-    attack, _ = engine.build_attack("pruthi", engine.TargetModelWrapper(target), params=params, target=target,
-                                    cache_dir=tmp_path / "cache")
+    attack, _ = engine.build_attack(
+        "pruthi", engine.TargetModelWrapper(target), params=params, target=target, cache_dir=tmp_path / "cache"
+    )
     sub = data.subset(np.arange(8))
     results = []
     for i, (t, y) in enumerate(zip(sub.texts, sub.labels)):
@@ -125,8 +132,9 @@ def test_metrics_match_textattack_reference(trained_bert, tmp_path):
         assert 100 * s["num_successes"] / s["num_attacked"] == pytest.approx(ref["attack_success_rate"], abs=0.01)
         assert s["avg_queries"] == pytest.approx(AttackQueries().calculate(results)["avg_num_queries"], abs=0.01)
     if s["num_successes"]:
-        assert s["avg_perturbed_word_pct"] == pytest.approx(WordsPerturbed().calculate(results)["avg_word_perturbed_perc"],
-                                                            abs=0.01)
+        assert s["avg_perturbed_word_pct"] == pytest.approx(
+            WordsPerturbed().calculate(results)["avg_word_perturbed_perc"], abs=0.01
+        )
 
 
 def test_embedding_swap_uses_cached_model_neighbours(trained_bert, tmp_path):
@@ -198,12 +206,13 @@ def test_unknown_attack_suggests():
 def test_cli_validate_exits_2(write_recipe, tiny_bert_dir, sentiment_csv, tmp_path):
     from typer.testing import CliRunner
 
-    from fmaudit.testing import tiny_text_recipe
     from fmaudit.cli import app
+    from fmaudit.testing import tiny_text_recipe
 
     recipe = tiny_text_recipe(tiny_bert_dir, sentiment_csv, tmp_path)
-    recipe["audits"] = [{"use": "robustness.text_attack", "target": "bert",
-                         "params": {"attack": "textfoolr", "query_budget": 0}}]
+    recipe["audits"] = [
+        {"use": "robustness.text_attack", "target": "bert", "params": {"attack": "textfoolr", "query_budget": 0}}
+    ]
     res = CliRunner().invoke(app, ["validate", str(write_recipe(recipe))])
     assert res.exit_code == 2
     text = " ".join(res.output.split())
@@ -232,21 +241,30 @@ def test_check_rejects_wrong_target_empty_data_and_missing_resources(trained_ber
 def test_recipe_with_causal_lm_target_is_invalid(write_recipe, tiny_llama_dir, sentiment_csv, tmp_path):
     from fmaudit.recipe import RecipeError, load_recipe
 
-    recipe = {"version": 1, "name": "t", "data": {"s": {"source": str(sentiment_csv), "id_column": "id"}},
-              "targets": {"lm": {"model": str(tiny_llama_dir), "task": "causal-lm"}},
-              "audits": [{"use": "robustness.text_attack", "target": "lm", "data": "s"}]}
+    recipe = {
+        "version": 1,
+        "name": "t",
+        "data": {"s": {"source": str(sentiment_csv), "id_column": "id"}},
+        "targets": {"lm": {"model": str(tiny_llama_dir), "task": "causal-lm"}},
+        "audits": [{"use": "robustness.text_attack", "target": "lm", "data": "s"}],
+    }
     with pytest.raises(RecipeError, match="classifier"):
         load_recipe(write_recipe(recipe))
 
 
 def test_end_to_end_recipe_with_gate(tiny_bert_dir, sentiment_csv, tmp_path):
-    from fmaudit.testing import tiny_text_recipe
     from fmaudit.runner import run_recipe
+    from fmaudit.testing import tiny_text_recipe
 
     recipe = tiny_text_recipe(tiny_bert_dir, sentiment_csv, tmp_path)
-    recipe["audits"] = [{"use": "robustness.text_attack", "target": "bert",
-                         "params": {"attack": "deepwordbug", "num_examples": 3},
-                         "fail_if": {"attack_success_rate": {"gt": 1.0}}}]
+    recipe["audits"] = [
+        {
+            "use": "robustness.text_attack",
+            "target": "bert",
+            "params": {"attack": "deepwordbug", "num_examples": 3},
+            "fail_if": {"attack_success_rate": {"gt": 1.0}},
+        }
+    ]
     report = run_recipe(recipe)
     res = report.result("robustness.text_attack", "bert")
     assert res.status == "ok", res.error

@@ -69,7 +69,7 @@ def keyword_sentences(n: int, seed: int = 0) -> tuple[list[str], list[int]]:
     for i in range(n):
         y = i % 2
         words = list(rng.choice(FILLER, size=int(rng.integers(4, 8))))
-        for w in (["good", "dull"] if y else ["bad", "fine"]):
+        for w in ["good", "dull"] if y else ["bad", "fine"]:
             words.insert(int(rng.integers(0, len(words) + 1)), w)
         texts.append(" ".join(words))
         labels.append(y)
@@ -84,11 +84,24 @@ def keyword_target(minilm_tokenizer_dir):
     from fmaudit.targets.text import TextClassifier
 
     tok = AutoTokenizer.from_pretrained(minilm_tokenizer_dir)
-    target = TextClassifier(name="keyword", model=KeywordClassifier(tok), tokenizer=tok, source="test:keyword",
-                            max_length=32, label_names=["negative", "positive"])
+    target = TextClassifier(
+        name="keyword",
+        model=KeywordClassifier(tok),
+        tokenizer=tok,
+        source="test:keyword",
+        max_length=32,
+        label_names=["negative", "positive"],
+    )
     texts, labels = keyword_sentences(20)
-    data = Dataset("kw", "test", "text", [f"k{i}" for i in range(20)], np.array(labels), texts=texts,
-                   label_names=["negative", "positive"])
+    data = Dataset(
+        "kw",
+        "test",
+        "text",
+        [f"k{i}" for i in range(20)],
+        np.array(labels),
+        texts=texts,
+        label_names=["negative", "positive"],
+    )
     assert (target.predict(data) == data.labels).all(), "the keyword classifier must classify its data perfectly"
     # removing the keyword flips the prediction, in both classes
     stripped = [" ".join(w for w in t.split() if w not in ("good", "bad")) for t in texts]
@@ -97,8 +110,15 @@ def keyword_target(minilm_tokenizer_dir):
 
 
 def _ctx(tmp_path, data, *, store=True, seed=7):
-    return AuditContext(unit_id="0:robustness.text_attack@t", seed=seed, device="cpu", run_dir=tmp_path,
-                        cache_dir=tmp_path / "cache", store_examples=store, data=data)
+    return AuditContext(
+        unit_id="0:robustness.text_attack@t",
+        seed=seed,
+        device="cpu",
+        run_dir=tmp_path,
+        cache_dir=tmp_path / "cache",
+        store_examples=store,
+        data=data,
+    )
 
 
 def _unmark(text: str) -> str:
@@ -125,7 +145,8 @@ def _assert_all_successes_reverified(out, target, data):
 def test_positive_control_deepwordbug_flips_keyword_classifier(keyword_target, tmp_path):
     target, data = keyword_target
     out = TextAttackAudit({"attack": "deepwordbug", "num_examples": 20, "max_evidence": 20}).run(
-        target, _ctx(tmp_path, data))
+        target, _ctx(tmp_path, data)
+    )
     m, successes = _assert_all_successes_reverified(out, target, data)
     assert m["num_attacked"] == 20 and m["clean_accuracy"] == 1.0
     assert m["attack_success_rate"] >= 0.9, m
@@ -143,8 +164,9 @@ def test_positive_control_word_swap_flips_keyword_classifier(keyword_target, tmp
     (delete) and the gradient word-importance ranking. The sentence-similarity constraint is off here: the
     control's sentences are random filler words, so their MiniLM similarity says nothing (it is tested below)."""
     target, data = keyword_target
-    out = TextAttackAudit({"attack": "embedding-swap", "num_examples": 20, "max_evidence": 20, "search": search,
-                           "min_sentence_sim": None}).run(target, _ctx(tmp_path, data))
+    out = TextAttackAudit(
+        {"attack": "embedding-swap", "num_examples": 20, "max_evidence": 20, "search": search, "min_sentence_sim": None}
+    ).run(target, _ctx(tmp_path, data))
     m, successes = _assert_all_successes_reverified(out, target, data)
     assert m["num_attacked"] == 20
     assert m["attack_success_rate"] >= 0.9, m
@@ -169,14 +191,21 @@ def test_without_polarity_filter_the_swap_picks_the_antonym(keyword_target, tmp_
     """The failure the filter prevents: good -> bad is the nearest neighbour and the strongest flip, so without
     the filter the attack "succeeds" by changing the true label."""
     target, data = keyword_target
-    out = TextAttackAudit({"attack": "embedding-swap", "num_examples": 6, "max_evidence": 6,
-                           "polarity_filter": False, "min_sentence_sim": None}).run(target, _ctx(tmp_path, data))
+    out = TextAttackAudit(
+        {
+            "attack": "embedding-swap",
+            "num_examples": 6,
+            "max_evidence": 6,
+            "polarity_filter": False,
+            "min_sentence_sim": None,
+        }
+    ).run(target, _ctx(tmp_path, data))
     m, successes = _assert_all_successes_reverified(out, target, data)
     antonym_swaps = 0
     for e in successes:
         orig = re.findall(r"\[\[(.*?)\]\]", e["original_text"])
         adv = re.findall(r"\[\[(.*?)\]\]", e["adversarial_text"])
-        antonym_swaps += ("good" in orig and "bad" in adv)
+        antonym_swaps += "good" in orig and "bad" in adv
     assert antonym_swaps >= 1
     assert out.tables["attack"]["swaps_refused_by_polarity_filter"] is None
 
@@ -189,13 +218,20 @@ def test_constant_classifier_raises_degenerate_finding(tiny_bert_dir, keyword_ta
     from fmaudit.targets import load_target
 
     _, data = keyword_target
-    target = load_target(model=str(tiny_bert_dir), task="text-classification", num_labels=2, max_length=32,
-                         name="constant", label_names=["negative", "positive"])
+    target = load_target(
+        model=str(tiny_bert_dir),
+        task="text-classification",
+        num_labels=2,
+        max_length=32,
+        name="constant",
+        label_names=["negative", "positive"],
+    )
     with torch.no_grad():
         target.model.classifier.bias.copy_(torch.tensor([50.0, -50.0]))
     assert (target.predict(data) == 0).all()
     out = TextAttackAudit({"attack": "deepwordbug", "num_examples": 8, "query_budget": 300}).run(
-        target, _ctx(tmp_path, data))
+        target, _ctx(tmp_path, data)
+    )
     m = {k: v.value for k, v in out.metrics.items()}
     table = out.tables["predictions"]
     sample = data.select_ids([row["id"] for row in out.tables["per_example"]])
@@ -247,22 +283,31 @@ def test_swap_conflict_refuses_antonyms_opposite_polarity_and_negation(tmp_path)
     assert swap_conflict("amazing", "boring") == "opposite polarity"  # not a listed pair, opposite lexicon entries
     assert swap_conflict("awesome", "disappointing") == "opposite polarity"
     assert swap_conflict("is", "not") == "negation" and swap_conflict("never", "often") == "negation"
-    for a, b in [("good", "excellent"), ("good", "great"), ("bad", "terrible"), ("movie", "film"),
-                 ("phone", "device"), ("good", "good")]:
+    for a, b in [
+        ("good", "excellent"),
+        ("good", "great"),
+        ("bad", "terrible"),
+        ("movie", "film"),
+        ("phone", "device"),
+        ("good", "good"),
+    ]:
         assert swap_conflict(a, b) is None, (a, b)
     lex, source = polarity_lexicon()
     assert lex["good"] == 1 and lex["bad"] == -1 and "curated" in source
     # VADER's lexicon format (used when the vaderSentiment package is installed)
     f = tmp_path / "vader_lexicon.txt"
-    f.write_text("splendiferous\t2.5\t0.5\t[2, 3]\nmeh\t-0.3\t0.4\t[0, -1]\nyucky\t-1.8\t0.6\t[-2]\n:)\t2.0\t0\t[2]\n"
-                 "broken line\n")
+    f.write_text(
+        "splendiferous\t2.5\t0.5\t[2, 3]\nmeh\t-0.3\t0.4\t[0, -1]\nyucky\t-1.8\t0.6\t[-2]\n:)\t2.0\t0\t[2]\n"
+        "broken line\n"
+    )
     assert read_vader_lexicon(f) == {"splendiferous": 1, "yucky": -1}
 
 
 def test_modification_rate_rounds_down():
-    from fmaudit.audits.robustness import text_attack_engine as engine
     from textattack.constraints.pre_transformation import MaxModificationRate
     from textattack.shared import AttackedText
+
+    from fmaudit.audits.robustness import text_attack_engine as engine
 
     text = AttackedText(" ".join(f"w{i}" for i in range(17)))
     for k, (ours_open, ta_open) in {3: (False, True), 2: (True, True)}.items():
@@ -277,9 +322,10 @@ def test_modification_rate_rounds_down():
 
 
 def test_polarity_filter_constraint_on_attacked_texts():
-    from fmaudit.audits.robustness import text_attack_engine as engine
     from textattack.shared import AttackedText
     from textattack.transformations import WordDeletion, WordSwapEmbedding
+
+    from fmaudit.audits.robustness import text_attack_engine as engine
 
     c = engine.SentimentPolarityFilter()
     orig = AttackedText("the movie was good and the cast was fine")
@@ -302,15 +348,19 @@ def _tiny_embedding():
 
 
 def test_minilm_sentence_similarity_constraint_matches_sentence_transformers():
-    from fmaudit.audits.robustness import text_attack_engine as engine
-    from fmaudit.robustness.text_similarity import MiniLMSentenceEncoder
     from textattack.shared import AttackedText
     from textattack.transformations import WordSwapEmbedding
 
+    from fmaudit.audits.robustness import text_attack_engine as engine
+    from fmaudit.robustness.text_similarity import MiniLMSentenceEncoder
+
     c = engine.MiniLMSentenceSimilarity(threshold=0.8)
     orig = AttackedText("@united my flight was delayed three hours and nobody helped!! #fail")
-    cands = [orig.replace_word_at_index(4, "late"), orig.replace_word_at_index(8, "banana"),
-             orig.replace_words_at_indices([3, 4, 9], ["sandwich", "purple", "danced"])]
+    cands = [
+        orig.replace_word_at_index(4, "late"),
+        orig.replace_word_at_index(8, "banana"),
+        orig.replace_words_at_indices([3, 4, 9], ["sandwich", "purple", "danced"]),
+    ]
     assert orig.words[4] == "delayed"
     t = WordSwapEmbedding(embedding=_tiny_embedding())
     for x in cands:
@@ -330,8 +380,9 @@ def test_minilm_sentence_similarity_constraint_matches_sentence_transformers():
         return
     from fmaudit.targets import minilm_path
 
-    ref = SentenceTransformer(str(minilm_path()), device="cpu").encode([orig.text] + [x.text for x in cands],
-                                                                       normalize_embeddings=True)
+    ref = SentenceTransformer(str(minilm_path()), device="cpu").encode(
+        [orig.text] + [x.text for x in cands], normalize_embeddings=True
+    )
     np.testing.assert_allclose(ref[1:] @ ref[0], sims, atol=1e-5)
 
 
@@ -376,14 +427,21 @@ def test_get_grad_is_the_input_embedding_gradient(keyword_target, tiny_bert_dir)
 
 
 def test_search_choices_build_textattack_search_methods(keyword_target):
-    from fmaudit.audits.robustness import text_attack_engine as engine
     from textattack.search_methods import BeamSearch, GreedySearch, GreedyWordSwapWIR
+
+    from fmaudit.audits.robustness import text_attack_engine as engine
 
     target, _ = keyword_target
     w = engine.TargetModelWrapper(target)
     build = lambda search: engine.build_embedding_swap(  # noqa: E731
-        w, _tiny_embedding(), max_candidates=2, min_cos_sim=0.5, max_modification_rate=0.2, sentence_similarity=None,
-        search=search)
+        w,
+        _tiny_embedding(),
+        max_candidates=2,
+        min_cos_sim=0.5,
+        max_modification_rate=0.2,
+        sentence_similarity=None,
+        search=search,
+    )
     assert type(build("greedy").search_method) is GreedySearch
     beam = build("beam").search_method
     assert type(beam) is BeamSearch and beam.beam_width == engine.BEAM_WIDTH

@@ -54,14 +54,21 @@ def test_import_is_offline_and_leaves_environment_untouched(tmp_path, tiny_bert_
     home.mkdir()
     cache = tmp_path / "fmcache"
     env = {k: v for k, v in os.environ.items() if k not in ("TA_CACHE_DIR", "NLTK_DATA")}
-    env.update(HOME=str(home), FMAUDIT_CACHE_DIR=str(cache), HF_HOME=str(tmp_path / "hf"),
-               XDG_CACHE_HOME=str(tmp_path / "xdg"), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    env.update(
+        HOME=str(home),
+        FMAUDIT_CACHE_DIR=str(cache),
+        HF_HOME=str(tmp_path / "hf"),
+        XDG_CACHE_HOME=str(tmp_path / "xdg"),
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+    )
     env.pop("PYTORCH_TRANSFORMERS_CACHE", None)  # unset stays unset
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_bert_dir)], capture_output=True, text=True,
-                          env=env, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tiny_bert_dir)], capture_output=True, text=True, env=env, timeout=240
+    )
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")), None)
     assert proc.returncode == 0 and line, proc.stderr[-3000:]
-    res = json.loads(line[len("RESULT"):])
+    res = json.loads(line[len("RESULT") :])
     assert res["changed"] == [], f"import_textattack changed environment variables: {res['changed']}"
     assert res["changed_after_attack"] == []
     assert res["attempts"] == [], f"network or download attempts: {res['attempts']}"
@@ -74,9 +81,11 @@ def test_import_is_offline_and_leaves_environment_untouched(tmp_path, tiny_bert_
 
 def test_module_import_is_light():
     """Importing the module (what `fmaudit list/validate` does) pulls in neither torch nor TextAttack."""
-    code = ("import sys; import fmaudit.audits.robustness.text_attack as m; "
-            "m.TextAttackAudit.Params(attack='pruthi'); "
-            "print([x for x in ('torch', 'textattack', 'transformers', 'nltk') if x in sys.modules])")
+    code = (
+        "import sys; import fmaudit.audits.robustness.text_attack as m; "
+        "m.TextAttackAudit.Params(attack='pruthi'); "
+        "print([x for x in ('torch', 'textattack', 'transformers', 'nltk') if x in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
