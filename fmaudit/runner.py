@@ -3,11 +3,9 @@ isolation, apply gates, stream events.jsonl and write report.json atomically."""
 
 from __future__ import annotations
 
-import os
 import platform
 import shutil
 import signal
-import socket
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -16,42 +14,19 @@ from typing import Any
 
 from fmaudit import __version__
 from fmaudit.data import DataError, Dataset
-from fmaudit.environment import library_versions
 from fmaudit.executor import Executor, NotSendable, local_only
 from fmaudit.executor_factory import make_executor
 from fmaudit.interrupts import GuardedEventLog, Interrupts
 from fmaudit.quiet import library_output_to_log
 from fmaudit.recipe import LoadedRecipe, Problem, RecipeError, load_recipe
 from fmaudit.registry import registry
-from fmaudit.report import (
-    AuditResult,
-    ErrorInfo,
-    EventLog,
-    HostInfo,
-    RunReport,
-    load_report,
-    write_json_atomic,
-    write_report,
-)
+from fmaudit.report import AuditResult, ErrorInfo, EventLog, RunReport, load_report, write_json_atomic, write_report
 from fmaudit.run_errors import PreparationError, TargetUnavailable, run_error_info
+from fmaudit.run_report import EXIT_MODULE_ERROR, assemble_report, host_info
 from fmaudit.session import ProgressFactory, Session
 from fmaudit.unit_job import Unit, UnitJob, log_path, now_iso, unit_data
 
-EXIT_OK, EXIT_GATE_FAILED, EXIT_INVALID, EXIT_MODULE_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-
-
 SKIPPED_UPSTREAM = "skipped: the audit that produces this target failed"
-
-
-def _describe(target: Any) -> Any:
-    """The target's TargetInfo, with the code a `python:` target imported (file, sha256) when it ran any."""
-    from fmaudit.report import CodeInfo
-
-    info = target.describe()
-    code = getattr(target, "code_info", None)
-    if code:
-        info.code = CodeInfo(**code)
-    return info
 
 
 class Runner:
@@ -223,7 +198,19 @@ class Runner:
                 # that did not finish, and in earlier ones) are kept.
                 for uid, res in [*self._recorded.items(), *done.items()]:
                     results.setdefault(uid, res)
-            report = self._assemble(run_id, created, device, units, results, session, failure, interrupted, prep_s, t0)
+            report = assemble_report(
+                self.loaded,
+                run_id=run_id,
+                created=created,
+                device=device,
+                units=units,
+                results=results,
+                session=session,
+                failure=failure,
+                interrupted=interrupted,
+                prep_s=prep_s,
+                t0=t0,
+            )
             write_report(report, run_dir / "report.json")
             events.emit(
                 "run_finished",
@@ -240,65 +227,6 @@ class Runner:
                 f"{signal.Signals(interrupts.pending).name} received after the run finished; the report is complete"
             )
             interrupts.pending = None
-        return report
-
-    def _assemble(
-        self,
-        run_id: str,
-        created: str,
-        device: str,
-        units: list[Unit],
-        results: dict[str, AuditResult],
-        session: Session,
-        failure: BaseException | None,
-        interrupted: bool,
-        prep_s: float,
-        t0: float,
-    ) -> RunReport:
-        import torch
-
-        report = RunReport(
-            run_id=run_id,
-            name=self.recipe.name,
-            fmaudit_version=__version__,
-            created_at=created,
-            seed=self.recipe.seed,
-            recipe=self.loaded.raw,
-            recipe_sha256=self.recipe.sha256,
-            recipe_path=str(self.loaded.path) if self.loaded.path else None,
-            host=HostInfo(
-                hostname=socket.gethostname(),
-                platform=platform.platform(),
-                python=platform.python_version(),
-                cpu_count=os.cpu_count(),
-                torch_threads=torch.get_num_threads(),
-                device=device,
-            ),
-            versions=library_versions(),
-            status="interrupted",
-        )
-        report.audits = [results[u.unit_id] for u in units if u.unit_id in results]
-        try:
-            report.datasets = {n: d.info() for n, d in session.datasets.items()}
-            report.targets = {n: _describe(t) for n, t in session.targets.items()}
-        except Exception as exc:
-            failure = failure or exc
-        report.gates_passed = all(g.passed for r in report.audits for g in r.gates)
-        report.timings = {"prepare_s": round(prep_s, 3), "total_s": round(time.perf_counter() - t0, 3)}
-        report.finished_at = now_iso()
-        if interrupted:
-            report.status, report.exit_code = "interrupted", EXIT_INTERRUPTED
-        elif failure is not None:
-            report.status, report.exit_code = "failed", EXIT_MODULE_ERROR
-            report.error = run_error_info(failure)
-        else:
-            report.status = "complete"
-            if any(r.status == "error" for r in report.audits):
-                report.exit_code = EXIT_MODULE_ERROR
-            elif not report.gates_passed:
-                report.exit_code = EXIT_GATE_FAILED
-            else:
-                report.exit_code = EXIT_OK
         return report
 
     def write_failure_report(self, exc: BaseException) -> Path | None:
@@ -333,13 +261,7 @@ class Runner:
                 recipe=self.loaded.raw,
                 recipe_sha256=self.recipe.sha256,
                 recipe_path=str(self.loaded.path) if self.loaded.path else None,
-                host=HostInfo(
-                    hostname=socket.gethostname(),
-                    platform=platform.platform(),
-                    python=platform.python_version(),
-                    cpu_count=os.cpu_count(),
-                    device=self.recipe.device,
-                ),
+                host=host_info(self.recipe.device),
                 versions={"python": platform.python_version(), "fmaudit": __version__},
                 gates_passed=True,
                 error=run_error_info(exc),

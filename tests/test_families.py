@@ -41,9 +41,10 @@ def _wordpiece(minilm_dir: Path):
 
 def _byte_level_bpe():
     """A small byte-level BPE tokenizer (GPT-2's kind) trained on the synthetic sentences; eos only, no pad."""
-    from fmaudit.testing import make_sentences
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2TokenizerFast
+
+    from fmaudit.testing import make_sentences
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(make_sentences(400)[0], vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"],

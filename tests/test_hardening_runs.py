@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from fmaudit.cli import app
 from fmaudit.recipe import load_recipe
 from fmaudit.report import load_report
-from fmaudit.runner import EXIT_MODULE_ERROR, SKIPPED_UPSTREAM, Runner
+from fmaudit.run_report import EXIT_MODULE_ERROR
+from fmaudit.runner import SKIPPED_UPSTREAM, Runner
 from fmaudit.testing import tiny_text_recipe
 
 cli = CliRunner()

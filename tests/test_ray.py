@@ -170,7 +170,8 @@ def test_cli_executor_flag_runs_on_ray(ray_cluster, write_recipe, tmp_path):
 
 
 def test_wave_units_run_as_tasks_and_a_dying_unit_is_its_own_error(ray_cluster, crash_module, tmp_path, one_thread):
-    from fmaudit.runner import EXIT_MODULE_ERROR, run_recipe
+    from fmaudit.run_report import EXIT_MODULE_ERROR
+    from fmaudit.runner import run_recipe
 
     audits = [
         {"use": "test.produce_copy", "target": "cnn", "produces": "cnn2"},

@@ -9,7 +9,9 @@ import pytest
 
 from fmaudit.recipe import RecipeError
 from fmaudit.report import load_report
-from fmaudit.runner import EXIT_GATE_FAILED, EXIT_MODULE_ERROR, EXIT_OK, PreparationError, run_recipe
+from fmaudit.run_errors import PreparationError
+from fmaudit.run_report import EXIT_GATE_FAILED, EXIT_MODULE_ERROR, EXIT_OK
+from fmaudit.runner import run_recipe
 from fmaudit.testing import tiny_text_recipe
 
 

@@ -92,7 +92,8 @@ def execute_run(
     print_code(loaded, err)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from fmaudit.runner import PreparationError, Runner, latest_run
+    from fmaudit.run_errors import PreparationError
+    from fmaudit.runner import Runner, latest_run
 
     out_dir = output_dir or (Path(loaded.recipe.output_dir) if loaded.recipe.output_dir else Path("reports"))
     resume_dir = resume_from

@@ -390,7 +390,7 @@ def test_attack_registry_matches_params_and_needs():
     """Every attack params accept has a scorer, and every need is one the module knows how to gather."""
     from typing import get_args
 
-    from fmaudit.audits.privacy.membership import STAGES
+    from fmaudit.audits.privacy.membership_stages import STAGES
     from fmaudit.privacy.membership.attacks import ATTACKS, AttackName
 
     assert list(get_args(AttackName)) == list(ATTACKS)

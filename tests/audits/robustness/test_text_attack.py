@@ -109,7 +109,7 @@ def test_metrics_match_textattack_reference(trained_bert, tmp_path):
     from textattack.metrics import AttackQueries, AttackSuccessRate, WordsPerturbed
 
     from fmaudit.audits.robustness import text_attack_engine as engine
-    from fmaudit.audits.robustness.text_attack import summarize
+    from fmaudit.audits.robustness.text_attack_results import summarize
     from fmaudit.stats import softmax
 
     target, data = trained_bert

@@ -250,7 +250,7 @@ def test_constant_classifier_raises_degenerate_finding(tiny_bert_dir, keyword_ta
 
 
 def test_degeneracy_rules():
-    from fmaudit.audits.robustness.text_attack import degeneracy
+    from fmaudit.audits.robustness.text_attack_results import degeneracy
 
     def rows(preds):
         return [{"orig_pred": p} for p in preds]
