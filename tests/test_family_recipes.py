@@ -22,24 +22,53 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TINY: dict[str, dict[str, Any]] = {
     "utility": {"bootstrap": 0, "max_examples": 16},
     "privacy.dp_finetune": {"epochs": 1, "batch_size": 16, "accountant": "rdp", "eval_examples": 16},
-    "privacy.membership": {"reference_models": 2, "bootstrap": 0, "null_permutations": 0, "evidence": 2,
-                           "max_examples": 16},
+    "privacy.membership": {
+        "reference_models": 2,
+        "bootstrap": 0,
+        "null_permutations": 0,
+        "evidence": 2,
+        "max_examples": 16,
+    },
     "privacy.canary_audit": {"num_canaries": 16, "max_members": 24},
     "robustness.text_attack": {"num_examples": 2, "max_evidence": 1},
-    "robustness.image_attack": {"attacks": ["fgsm", {"name": "pgd", "steps": 3},
-                                            {"name": "autoattack", "version": "fast", "epsilons": [0.2]}],
-                                "epsilons": [0.1, 0.2], "num_examples": 4, "large_budget": None},
-    "robustness.certify": {"n0": 10, "n": 50, "predict_n": 20, "batch_size": 50, "num_examples": 2,
-                           "attack_steps": 2, "attack_noise_samples": 2},
-    "explain.attribution": {"num_examples": 1, "quality": ["deletion", "randomization"], "bootstrap": 0,
-                            "curve_steps": 3, "random_orderings": 1, "sensitivity_examples": 0, "n_steps": 4,
-                            "internal_batch_size": 8, "randomization_examples": 1},
+    "robustness.image_attack": {
+        "attacks": ["fgsm", {"name": "pgd", "steps": 3}, {"name": "autoattack", "version": "fast", "epsilons": [0.2]}],
+        "epsilons": [0.1, 0.2],
+        "num_examples": 4,
+        "large_budget": None,
+    },
+    "robustness.certify": {
+        "n0": 10,
+        "n": 50,
+        "predict_n": 20,
+        "batch_size": 50,
+        "num_examples": 2,
+        "attack_steps": 2,
+        "attack_noise_samples": 2,
+    },
+    "explain.attribution": {
+        "num_examples": 1,
+        "quality": ["deletion", "randomization"],
+        "bootstrap": 0,
+        "curve_steps": 3,
+        "random_orderings": 1,
+        "sensitivity_examples": 0,
+        "n_steps": 4,
+        "internal_batch_size": 8,
+        "randomization_examples": 1,
+    },
 }
 CANARY_LM = {"secret_digits": 4, "exposure_candidates": 50}
 
 
-def tiny_recipe(name: str, model_dir: Path, task: str, data: dict[str, dict[str, Any]], out: Path,
-                prompt_words: dict[str, str] | None = None) -> tuple[dict[str, Any], set[tuple[str, str]]]:
+def tiny_recipe(
+    name: str,
+    model_dir: Path,
+    task: str,
+    data: dict[str, dict[str, Any]],
+    out: Path,
+    prompt_words: dict[str, str] | None = None,
+) -> tuple[dict[str, Any], set[tuple[str, str]]]:
     """recipes/<name>.yaml with its models replaced by `model_dir`, its datasets by `data`, tiny fine-tunes and
     tiny module sizes; and the (module, target) units the full recipe runs."""
     full = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
@@ -58,16 +87,20 @@ def tiny_recipe(name: str, model_dir: Path, task: str, data: dict[str, dict[str,
         if audit["use"] == "privacy.canary_audit" and task == "causal-lm":
             audit["params"].update(CANARY_LM)
         audit.pop("fail_if", None)
-    units = {(a["use"], t) for a in full["audits"] for t in ([a["target"]] if isinstance(a["target"], str)
-                                                               else a["target"])}
+    units = {
+        (a["use"], t) for a in full["audits"] for t in ([a["target"]] if isinstance(a["target"], str) else a["target"])
+    }
     return recipe, units
 
 
 def assert_every_unit_ok(report: Any, units: set[tuple[str, str]]) -> None:
     assert report.error is None, f"{report.error.type}: {report.error.message}"
     assert {(r.module, r.target) for r in report.audits} == units
-    bad = [f"{r.module} on {r.target}: {r.status}: {r.error.type}: {r.error.message}\n{r.error.traceback or ''}"
-           for r in report.audits if r.status != "ok"]
+    bad = [
+        f"{r.module} on {r.target}: {r.status}: {r.error.type}: {r.error.message}\n{r.error.traceback or ''}"
+        for r in report.audits
+        if r.status != "ok"
+    ]
     assert not bad, "\n\n".join(bad)
 
 
@@ -77,8 +110,9 @@ def test_llm_recipe_on_a_tiny_gpt2(tmp_path, minilm_tokenizer_dir, sentiment_csv
     under utility and DeepWordBug; attribution of the LM's continuation."""
     model_dir = build_checkpoint("gpt2", tmp_path / "models", minilm_tokenizer_dir)
     data = {"tweets": {"source": str(sentiment_csv), "id_column": "id", "limit": 64}}
-    recipe, units = tiny_recipe("llm", model_dir, "causal-lm", data, tmp_path / "reports",
-                                prompt_words={"0": " bad", "1": " good"})
+    recipe, units = tiny_recipe(
+        "llm", model_dir, "causal-lm", data, tmp_path / "reports", prompt_words={"0": " bad", "1": " good"}
+    )
     report = _run_in_subprocess(recipe, tmp_path)
     assert_every_unit_ok(report, units)
     prompted = next(n for n, s in recipe["targets"].items() if "prompt" in s)

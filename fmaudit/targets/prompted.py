@@ -33,17 +33,21 @@ def split_template(template: str) -> tuple[str, str, str]:
     """(prefix, leading whitespace of the text, suffix) of a template holding `{text}` exactly once. Whitespace
     just before `{text}` travels with the text: byte-level BPE tokenizers attach a leading space to the word."""
     if template.count(TEXT_FIELD) != 1:
-        raise TargetError(f"the prompt template must contain {TEXT_FIELD} exactly once (found "
-                          f"{template.count(TEXT_FIELD)}): {template!r}")
+        raise TargetError(
+            f"the prompt template must contain {TEXT_FIELD} exactly once (found "
+            f"{template.count(TEXT_FIELD)}): {template!r}"
+        )
     other = [f for f in re.findall(r"\{[^{}]*\}", template) if f != TEXT_FIELD]
     if other:
         raise TargetError(f"the prompt template may hold only {TEXT_FIELD}; found {', '.join(other)}")
     prefix, suffix = template.split(TEXT_FIELD)
     if not suffix:
-        raise TargetError(f"the prompt template needs text after {TEXT_FIELD} (e.g. '\\nSentiment:'): the label "
-                          "words are scored as the next token after it")
+        raise TargetError(
+            f"the prompt template needs text after {TEXT_FIELD} (e.g. '\\nSentiment:'): the label "
+            "words are scored as the next token after it"
+        )
     stripped = prefix.rstrip(" ")
-    return stripped, prefix[len(stripped):], suffix
+    return stripped, prefix[len(stripped) :], suffix
 
 
 def normalize_label_words(label_words: Mapping[str, str | Sequence[str]]) -> dict[str, list[str]]:
@@ -71,8 +75,10 @@ def label_first_tokens(tokenizer: Any, label_words: Mapping[str, Sequence[str]])
             first = int(toks[0])
             if owner.get(first, label) != label:
                 piece = tokenizer.convert_ids_to_tokens([first])[0]
-                raise TargetError(f"label words of {owner[first]!r} and {label!r} start with the same token "
-                                  f"{piece!r}; only first tokens are scored, so pick words that differ there")
+                raise TargetError(
+                    f"label words of {owner[first]!r} and {label!r} start with the same token "
+                    f"{piece!r}; only first tokens are scored, so pick words that differ there"
+                )
             owner[first] = label
             if first not in ids:
                 ids.append(first)
@@ -95,11 +101,14 @@ def prompt_ids(tokenizer: Any, prefix: str, suffix: str) -> tuple[list[int], lis
         pre.pop()
     suf = list(tokenizer(suffix, add_special_tokens=False)["input_ids"]) if suffix else []
     if not pre:
-        raise TargetError("the prompt has no token before {text} and the tokenizer has no BOS / EOS token to "
-                          "start with")
+        raise TargetError(
+            "the prompt has no token before {text} and the tokenizer has no BOS / EOS token to start with"
+        )
     if not suf:
-        raise TargetError(f"the template needs text after {TEXT_FIELD} (e.g. '\\nSentiment:'): the label words are "
-                          "read right after it")
+        raise TargetError(
+            f"the template needs text after {TEXT_FIELD} (e.g. '\\nSentiment:'): the label words are "
+            "read right after it"
+        )
     return pre, suf
 
 
@@ -110,8 +119,13 @@ class PromptedLM(nn.Module):
     counted over real tokens only, so every row ends at the suffix's last token, where the label words are read.
     """
 
-    def __init__(self, lm: nn.Module, prefix_ids: Sequence[int], suffix_ids: Sequence[int],
-                 label_token_ids: Sequence[Sequence[int]]):
+    def __init__(
+        self,
+        lm: nn.Module,
+        prefix_ids: Sequence[int],
+        suffix_ids: Sequence[int],
+        label_token_ids: Sequence[Sequence[int]],
+    ):
         super().__init__()
         self.lm = lm
         self.register_buffer("prefix_ids", torch.tensor(list(prefix_ids), dtype=torch.long))
@@ -121,13 +135,20 @@ class PromptedLM(nn.Module):
     def get_input_embeddings(self) -> nn.Module:
         return self.lm.get_input_embeddings()
 
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         emb = self.get_input_embeddings()
         text = emb(input_ids) if inputs_embeds is None else inputs_embeds
         b, length = text.shape[:2]
-        mask = attention_mask if attention_mask is not None else torch.ones(b, length, dtype=torch.long,
-                                                                            device=text.device)
+        mask = (
+            attention_mask
+            if attention_mask is not None
+            else torch.ones(b, length, dtype=torch.long, device=text.device)
+        )
         if mask.shape[0] == 1 and b != 1:
             mask = mask.expand(b, -1)
         # The template's tokens are looked up in the embedding matrix directly: a hook on the embedding
@@ -149,8 +170,18 @@ class PromptedClassifier(TextClassifier):
 
     kind = PROMPTED_KIND
 
-    def __init__(self, *, name: str, lm: nn.Module, tokenizer: Any, source: str, template: str,
-                 label_words: Mapping[str, str | Sequence[str]], device: str = "cpu", max_length: int = 128):
+    def __init__(
+        self,
+        *,
+        name: str,
+        lm: nn.Module,
+        tokenizer: Any,
+        source: str,
+        template: str,
+        label_words: Mapping[str, str | Sequence[str]],
+        device: str = "cpu",
+        max_length: int = 128,
+    ):
         prefix, self.text_lead, suffix = split_template(template)
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -159,8 +190,15 @@ class PromptedClassifier(TextClassifier):
         first = label_first_tokens(tokenizer, self.label_words)
         pre, suf = prompt_ids(tokenizer, prefix, suffix)
         wrapped = PromptedLM(lm, pre, suf, [first[k] for k in self.label_words])
-        super().__init__(name=name, model=wrapped, tokenizer=tokenizer, source=source, device=device,
-                         max_length=max_length, label_names=list(self.label_words))
+        super().__init__(
+            name=name,
+            model=wrapped,
+            tokenizer=tokenizer,
+            source=source,
+            device=device,
+            max_length=max_length,
+            label_names=list(self.label_words),
+        )
         self.label_tokens = {k: tokenizer.convert_ids_to_tokens(v) for k, v in first.items()}
 
     @property
@@ -170,19 +208,33 @@ class PromptedClassifier(TextClassifier):
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """The text's own tokens (no special tokens), truncated to max_length; the template is added inside
         the module."""
-        enc = self.tokenizer([self.text_lead + t for t in texts], truncation=True, max_length=self.max_length,
-                             add_special_tokens=False)
+        enc = self.tokenizer(
+            [self.text_lead + t for t in texts], truncation=True, max_length=self.max_length, add_special_tokens=False
+        )
         return [list(x) for x in enc["input_ids"]]
 
 
-def prompted_from_causal_lm(lm_target: Any, *, template: str, label_words: Mapping[str, str | Sequence[str]],
-                            label_names: Sequence[str] | None = None) -> PromptedClassifier:
+def prompted_from_causal_lm(
+    lm_target: Any,
+    *,
+    template: str,
+    label_words: Mapping[str, str | Sequence[str]],
+    label_names: Sequence[str] | None = None,
+) -> PromptedClassifier:
     """Wrap a loaded `CausalLM` target as a PromptedClassifier. `label_names` (the data's classes, when known)
     must be the verbalizer's labels in the same order: class i of the data is label word set i."""
     words = normalize_label_words(label_words)
     if label_names is not None and list(label_names) != list(words):
-        raise TargetError(f"the verbalizer's labels {list(words)} must be the data's labels {list(label_names)}, "
-                          "in that order")
-    return PromptedClassifier(name=lm_target.name, lm=lm_target.model, tokenizer=lm_target.tokenizer,
-                              source=f"{lm_target.source} (prompted)", template=template, label_words=words,
-                              device=str(lm_target.device), max_length=lm_target.max_length)
+        raise TargetError(
+            f"the verbalizer's labels {list(words)} must be the data's labels {list(label_names)}, in that order"
+        )
+    return PromptedClassifier(
+        name=lm_target.name,
+        lm=lm_target.model,
+        tokenizer=lm_target.tokenizer,
+        source=f"{lm_target.source} (prompted)",
+        template=template,
+        label_words=words,
+        device=str(lm_target.device),
+        max_length=lm_target.max_length,
+    )
