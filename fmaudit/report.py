@@ -158,7 +158,7 @@ class CodeInfo(_Strict):
 
 class TargetInfo(_Strict):
     name: str
-    kind: str = Field(description="text-classification | causal-lm | image-classification | torch-module")
+    kind: str = Field(description="text-classification | causal-lm | image-classification | prompted-lm | torch-module")
     source: str = Field(description="Where the weights came from (bundled name, path, producing audit).")
     architecture: str
     num_parameters: int

@@ -71,6 +71,7 @@ class Session:
                 base_dir=self.loaded.base_dir,
                 seed=self.recipe.seed,
                 allow_code_from=getattr(self.loaded, "allow_code_from", ()),
+                prompt=spec.prompt,
             )
         except TargetError as exc:
             raise PreparationError(f"targets.{name}: {exc}") from exc

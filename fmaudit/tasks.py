@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 TEXT_CLASSIFICATION = "text-classification"
 CAUSAL_LM = "causal-lm"
 IMAGE_CLASSIFICATION = "image-classification"
 
 TASKS: tuple[str, ...] = (TEXT_CLASSIFICATION, CAUSAL_LM, IMAGE_CLASSIFICATION)
+# The same names as a type, for schemas (tests/test_tasks.py keeps the two in step).
+ModelTask = Literal["text-classification", "causal-lm", "image-classification"]
 
 # What a target of each task can do. Audit modules state what they need in `requires`.
 CAPABILITIES: dict[str, frozenset[str]] = {

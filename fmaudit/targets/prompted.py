@@ -133,7 +133,8 @@ class PromptedLM(nn.Module):
         self.label_token_ids = [list(ids) for ids in label_token_ids]
 
     def get_input_embeddings(self) -> nn.Module:
-        return self.lm.get_input_embeddings()
+        layer: nn.Module = self.lm.get_input_embeddings()  # type: ignore[operator]  # an HF PreTrainedModel
+        return layer
 
     def forward(
         self,
@@ -153,8 +154,11 @@ class PromptedLM(nn.Module):
             mask = mask.expand(b, -1)
         # The template's tokens are looked up in the embedding matrix directly: a hook on the embedding
         # module (Captum's layer methods) sees only the text.
-        pre = nn.functional.embedding(self.prefix_ids, emb.weight).unsqueeze(0).expand(b, -1, -1)
-        suf = nn.functional.embedding(self.suffix_ids, emb.weight).unsqueeze(0).expand(b, -1, -1)
+        prefix_ids, suffix_ids, weight = self.prefix_ids, self.suffix_ids, emb.weight
+        assert isinstance(prefix_ids, torch.Tensor) and isinstance(suffix_ids, torch.Tensor)
+        assert isinstance(weight, torch.Tensor)
+        pre = nn.functional.embedding(prefix_ids, weight).unsqueeze(0).expand(b, -1, -1)
+        suf = nn.functional.embedding(suffix_ids, weight).unsqueeze(0).expand(b, -1, -1)
         full = torch.cat([pre.to(text.dtype), text, suf.to(text.dtype)], dim=1)
         ones = mask.new_ones
         full_mask = torch.cat([ones(b, pre.shape[1]), mask.to(torch.long), ones(b, suf.shape[1])], dim=1)

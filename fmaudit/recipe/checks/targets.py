@@ -22,15 +22,22 @@ RANDOM_INIT_MODELS = ("bundled:digits-cnn", "bundled:digits-vit")
 def _check_bundled_model(ctx: CheckContext, name: str, spec: TargetSpec) -> str | None:
     m, task = spec.model, spec.task
     if m not in BUNDLED_MODELS:
-        ctx.add(("targets", name, "model"), f"unknown bundled model {m!r}" + did_you_mean(m, BUNDLED_MODELS)
-                + f" (bundled: {', '.join(BUNDLED_MODELS)})")
+        ctx.add(
+            ("targets", name, "model"),
+            f"unknown bundled model {m!r}"
+            + did_you_mean(m, BUNDLED_MODELS)
+            + f" (bundled: {', '.join(BUNDLED_MODELS)})",
+        )
         return task
     if task is not None and task != BUNDLED_MODELS[m]:
         ctx.add(("targets", name, "task"), f"{m} is a {BUNDLED_MODELS[m]} model, not {task}")
     if m in RANDOM_INIT_MODELS and spec.finetune is None:
-        ctx.add(("targets", name), f"{m} starts from random weights: add a `finetune:` entry (e.g. "
-                                   "finetune: {data: digits, epochs: 10, lr: 3.0e-3} with a bundled:digits "
-                                   "dataset) so it is trained before it is audited")
+        ctx.add(
+            ("targets", name),
+            f"{m} starts from random weights: add a `finetune:` entry (e.g. "
+            "finetune: {data: digits, epochs: 10, lr: 3.0e-3} with a bundled:digits "
+            "dataset) so it is trained before it is audited",
+        )
     return BUNDLED_MODELS[m]
 
 
@@ -67,22 +74,32 @@ def _check_channels(ctx: CheckContext, name: str, spec: TargetSpec, folder: Path
     data = ctx.recipe.data.get(spec.finetune.data)
     have = source_kind(data).channels(data) if data is not None else None
     if have is not None and have != channels:
-        fix = ("set `grayscale: true` on that dataset" if channels == 1 and have == 3 else
-               "use a dataset with matching channels (imagefolder without grayscale loads RGB)")
-        ctx.add(("targets", name, "finetune", "data"),
-                f"the model takes {channels}-channel images (num_channels in {folder / 'config.json'}) but "
-                f"dataset {spec.finetune.data!r} has {have} channel(s); {fix}")
+        fix = (
+            "set `grayscale: true` on that dataset"
+            if channels == 1 and have == 3
+            else "use a dataset with matching channels (imagefolder without grayscale loads RGB)"
+        )
+        ctx.add(
+            ("targets", name, "finetune", "data"),
+            f"the model takes {channels}-channel images (num_channels in {folder / 'config.json'}) but "
+            f"dataset {spec.finetune.data!r} has {have} channel(s); {fix}",
+        )
 
 
 def _check_model_folder(ctx: CheckContext, name: str, spec: TargetSpec) -> str | None:
     """A local Hugging Face checkpoint folder: config, weights, tokenizer, channels, GGUF file."""
     p = ctx.resolve(spec.model)
     if not p.exists():
-        ctx.add(("targets", name, "model"), f"model folder {p} does not exist (give a local Hugging Face "
-                                            f"checkpoint folder or one of {', '.join(BUNDLED_MODELS)})")
+        ctx.add(
+            ("targets", name, "model"),
+            f"model folder {p} does not exist (give a local Hugging Face "
+            f"checkpoint folder or one of {', '.join(BUNDLED_MODELS)})",
+        )
     elif not p.is_dir() or not (p / "config.json").exists():
-        ctx.add(("targets", name, "model"), f"{p} is not a Hugging Face model folder (no config.json); "
-                                            "save models with `save_pretrained`")
+        ctx.add(
+            ("targets", name, "model"),
+            f"{p} is not a Hugging Face model folder (no config.json); save models with `save_pretrained`",
+        )
     else:
         for msg in check_checkpoint_folder(p, spec.task, spec.gguf_file):
             ctx.add(("targets", name, "model"), msg)
@@ -98,10 +115,7 @@ ModelCheck = Callable[[CheckContext, str, TargetSpec], str | None]
 
 # model prefix before ":" -> its check, which returns the target's model task (None: unknown). A model
 # without a registered prefix is a local checkpoint folder.
-MODEL_KINDS: dict[str, ModelCheck] = {
-    "bundled": _check_bundled_model,
-    "python": _check_python_model,
-}
+MODEL_KINDS: dict[str, ModelCheck] = {"bundled": _check_bundled_model, "python": _check_python_model}
 
 
 def _model_check(model: str) -> ModelCheck:
@@ -121,9 +135,11 @@ def _check_finetune(ctx: CheckContext, name: str, ft: FinetuneSpec, task: str | 
         if n < 2:
             ctx.add(loc, f"dataset {ft.data!r} has {n} row(s); a member / non-member split needs at least 2")
         elif k < ft.batch_size:
-            ctx.add(("targets", name, "finetune", "batch_size"),
-                    f"{k} training examples (member_fraction {ft.member_fraction:g} of {n} rows in "
-                    f"{ft.data!r}) is fewer than batch_size {ft.batch_size}; use more data or a smaller batch")
+            ctx.add(
+                ("targets", name, "finetune", "batch_size"),
+                f"{k} training examples (member_fraction {ft.member_fraction:g} of {n} rows in "
+                f"{ft.data!r}) is fewer than batch_size {ft.batch_size}; use more data or a smaller batch",
+            )
     if task is not None:
         data = ctx.recipe.data[ft.data]
         want, have = MODALITY[task], source_kind(data).modality(data)
@@ -172,19 +188,23 @@ def _check_prompt(ctx: CheckContext, name: str, spec: TargetSpec, task: str | No
     if task is not None and task != CAUSAL_LM:
         ctx.add(loc, f"a prompt turns a causal LM into a classifier; this is a {task} model")
         return task
+    prompt = spec.prompt
+    assert prompt is not None  # called for targets with a prompt
     try:
-        split_template(spec.prompt.template)
+        split_template(prompt.template)
     except TargetError as exc:
         ctx.add(loc + ("template",), str(exc))
     try:
-        words = normalize_label_words(spec.prompt.label_words)
+        words = normalize_label_words(prompt.label_words)
     except TargetError as exc:
         ctx.add(loc + ("label_words",), str(exc))
         return TEXT_CLASSIFICATION
     for d, labels in _prompt_label_sets(ctx, name, spec).items():
         if list(words) != labels:
-            ctx.add(loc + ("label_words",), f"the labels {list(words)} must be those of dataset {d!r}, in its order: "
-                                            f"{labels}")
+            ctx.add(
+                loc + ("label_words",),
+                f"the labels {list(words)} must be those of dataset {d!r}, in its order: {labels}",
+            )
     tok = _prompt_tokenizer(ctx, spec)
     if tok is not None:
         try:
@@ -205,5 +225,7 @@ def check_targets(ctx: CheckContext) -> None:
         if spec.finetune is not None:
             _check_finetune(ctx, name, spec.finetune, task)
         if (spec.normalize_mean is None) != (spec.normalize_std is None):
-            ctx.add(("targets", name, "normalize_std" if spec.normalize_std is None else "normalize_mean"),
-                    "give both normalize_mean and normalize_std, or neither")
+            ctx.add(
+                ("targets", name, "normalize_std" if spec.normalize_std is None else "normalize_mean"),
+                "give both normalize_mean and normalize_std, or neither",
+            )

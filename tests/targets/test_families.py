@@ -27,8 +27,12 @@ MAX_LENGTH = 24
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 
 FAMILIES: dict[str, str] = {
-    "distilbert": TEXT_CLS, "roberta": TEXT_CLS, "bert": TEXT_CLS,
-    "gpt2": CAUSAL_LM, "llama": CAUSAL_LM, "vit": IMAGE_CLS,
+    "distilbert": TEXT_CLS,
+    "roberta": TEXT_CLS,
+    "bert": TEXT_CLS,
+    "gpt2": CAUSAL_LM,
+    "llama": CAUSAL_LM,
+    "vit": IMAGE_CLS,
     "gpt2-cls": TEXT_CLS,  # GPT-2 as a sequence classifier: last-token pooling, no token type embeddings
 }
 
@@ -47,8 +51,9 @@ def _byte_level_bpe():
     from fmaudit.testing import make_sentences
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(make_sentences(400)[0], vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"],
-                            show_progress=False)
+    bpe.train_from_iterator(
+        make_sentences(400)[0], vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"], show_progress=False
+    )
     eos = "<|endoftext|>"
     return GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=eos, eos_token=eos, unk_token=eos)
 
@@ -69,8 +74,17 @@ def build_checkpoint(family: str, root: Path, minilm_dir: Path) -> Path:
         # GPT-2 as it ships: a byte-level BPE tokenizer with no pad token, and no pad_token_id in its config
         # (the target pads with the eos token; last-token pooling needs the config to know it)
         tok = _byte_level_bpe()
-        cfg = tf.GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2, n_inner=64,
-                            bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, num_labels=2)
+        cfg = tf.GPT2Config(
+            vocab_size=len(tok),
+            n_positions=64,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_inner=64,
+            bos_token_id=tok.eos_token_id,
+            eos_token_id=tok.eos_token_id,
+            num_labels=2,
+        )
         assert tok.pad_token_id is None and cfg.pad_token_id is None
         # GPT2LMHeadModel ties its input / output embeddings; GPT2ForSequenceClassification pools the last token
         model = tf.GPT2LMHeadModel(cfg) if family == "gpt2" else tf.GPT2ForSequenceClassification(cfg)
@@ -81,21 +95,37 @@ def build_checkpoint(family: str, root: Path, minilm_dir: Path) -> Path:
     tok = _wordpiece(minilm_dir)
     vocab, pad = tok.vocab_size, tok.pad_token_id
     if family == "distilbert":
-        cfg = tf.DistilBertConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
-                                  max_position_embeddings=64, pad_token_id=pad, num_labels=2)
+        cfg = tf.DistilBertConfig(
+            vocab_size=vocab,
+            dim=32,
+            n_layers=2,
+            n_heads=2,
+            hidden_dim=64,
+            max_position_embeddings=64,
+            pad_token_id=pad,
+            num_labels=2,
+        )
         model = tf.DistilBertForSequenceClassification(cfg)
     elif family == "roberta":
         # position ids start at padding_idx + 1: the table must hold max_length + padding_idx + 1 rows
-        cfg = tf.RobertaConfig(vocab_size=vocab, max_position_embeddings=MAX_LENGTH + pad + 2, pad_token_id=pad,
-                               bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id, type_vocab_size=1,
-                               num_labels=2, **SMALL)
+        cfg = tf.RobertaConfig(
+            vocab_size=vocab,
+            max_position_embeddings=MAX_LENGTH + pad + 2,
+            pad_token_id=pad,
+            bos_token_id=tok.cls_token_id,
+            eos_token_id=tok.sep_token_id,
+            type_vocab_size=1,
+            num_labels=2,
+            **SMALL,
+        )
         model = tf.RobertaForSequenceClassification(cfg)
     elif family == "bert":
         cfg = tf.BertConfig(vocab_size=vocab, max_position_embeddings=64, pad_token_id=pad, num_labels=2, **SMALL)
         model = tf.BertForSequenceClassification(cfg)
     elif family == "llama":
-        cfg = tf.LlamaConfig(vocab_size=vocab, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=pad,
-                             **SMALL)
+        cfg = tf.LlamaConfig(
+            vocab_size=vocab, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=pad, **SMALL
+        )
         model = tf.LlamaForCausalLM(cfg)
     else:  # pragma: no cover
         raise ValueError(family)
@@ -121,47 +151,118 @@ def family_recipe(family: str, model_dir: Path, csv_path: Path, out: Path) -> di
     audits: list[dict[str, Any]] = [
         {"use": "utility", "target": family, "params": {"bootstrap": 0}},
         # trainable: all (the default): every parameter gets per-example gradients, embeddings included
-        {"use": "privacy.dp_finetune", "target": family, "produces": dp,
-         "params": {"target_epsilon": 8.0, "epochs": 1, "accountant": "rdp", "lr": 1e-2, "eval_examples": 40}},
+        {
+            "use": "privacy.dp_finetune",
+            "target": family,
+            "produces": dp,
+            "params": {"target_epsilon": 8.0, "epochs": 1, "accountant": "rdp", "lr": 1e-2, "eval_examples": 40},
+        },
         # LoRA adapters on the attention projections, found by their names in each family
-        {"use": "privacy.dp_finetune", "target": family, "produces": f"{family}-dp-lora",
-         "params": {"target_epsilon": 8.0, "epochs": 1, "accountant": "rdp", "lr": 1e-2, "eval_examples": 20,
-                    "trainable": "lora", "lora_r": 2}},
-        {"use": "privacy.membership", "target": [family, dp],
-         "params": {"attacks": ["loss", "rmia"], "reference_models": 2,  # default: last block + head train
-                    "bootstrap": 0, "null_permutations": 0, "evidence": 2}},
+        {
+            "use": "privacy.dp_finetune",
+            "target": family,
+            "produces": f"{family}-dp-lora",
+            "params": {
+                "target_epsilon": 8.0,
+                "epochs": 1,
+                "accountant": "rdp",
+                "lr": 1e-2,
+                "eval_examples": 20,
+                "trainable": "lora",
+                "lora_r": 2,
+            },
+        },
+        {
+            "use": "privacy.membership",
+            "target": [family, dp],
+            "params": {
+                "attacks": ["loss", "rmia"],
+                "reference_models": 2,  # default: last block + head train
+                "bootstrap": 0,
+                "null_permutations": 0,
+                "evidence": 2,
+            },
+        },
     ]
     canary: dict[str, Any] = {"num_canaries": 20, "max_members": 40}
     if task == CAUSAL_LM:
         canary.update(secret_digits=4, exposure_candidates=50)
     audits.append({"use": "privacy.canary_audit", "target": family, "params": canary})
-    explain = {"num_examples": 2, "quality": ["deletion", "randomization"], "bootstrap": 0, "curve_steps": 3,
-               "random_orderings": 1, "sensitivity_examples": 0, "n_steps": 4, "internal_batch_size": 8}
+    explain = {
+        "num_examples": 2,
+        "quality": ["deletion", "randomization"],
+        "bootstrap": 0,
+        "curve_steps": 3,
+        "random_orderings": 1,
+        "sensitivity_examples": 0,
+        "n_steps": 4,
+        "internal_batch_size": 8,
+    }
     if task == TEXT_CLS:
-        audits.append({"use": "robustness.text_attack", "target": family,
-                       "params": {"attack": "deepwordbug", "num_examples": 2, "max_evidence": 2}})
+        audits.append(
+            {
+                "use": "robustness.text_attack",
+                "target": family,
+                "params": {"attack": "deepwordbug", "num_examples": 2, "max_evidence": 2},
+            }
+        )
         explain["methods"] = ["integrated_gradients", "gradient_x_input"]
     elif task == CAUSAL_LM:
         explain["methods"] = ["feature_ablation", "integrated_gradients"]
     else:
-        audits.append({"use": "robustness.image_attack", "target": family,
-                       "params": {"attacks": ["fgsm", {"name": "pgd", "steps": 5}], "epsilons": [0.1],
-                                  "num_examples": 4, "num_images": 0}})
-        audits.append({"use": "robustness.certify", "target": family,
-                       "params": {"n0": 10, "n": 50, "predict_n": 20, "batch_size": 50, "num_examples": 2,
-                                  "radii": [0.25], "attack_steps": 2, "attack_noise_samples": 2}})
+        audits.append(
+            {
+                "use": "robustness.image_attack",
+                "target": family,
+                "params": {
+                    "attacks": ["fgsm", {"name": "pgd", "steps": 5}],
+                    "epsilons": [0.1],
+                    "num_examples": 4,
+                    "num_images": 0,
+                },
+            }
+        )
+        audits.append(
+            {
+                "use": "robustness.certify",
+                "target": family,
+                "params": {
+                    "n0": 10,
+                    "n": 50,
+                    "predict_n": 20,
+                    "batch_size": 50,
+                    "num_examples": 2,
+                    "radii": [0.25],
+                    "attack_steps": 2,
+                    "attack_noise_samples": 2,
+                },
+            }
+        )
         explain["methods"] = ["integrated_gradients", "saliency"]
         explain["heatmaps"] = False
     audits.append({"use": "explain.attribution", "target": family, "params": explain})
-    return {"version": 1, "name": f"family-{family}", "seed": 0, "output_dir": str(out),
-            "data": {"d": data}, "targets": {family: target}, "audits": audits}
+    return {
+        "version": 1,
+        "name": f"family-{family}",
+        "seed": 0,
+        "output_dir": str(out),
+        "data": {"d": data},
+        "targets": {family: target},
+        "audits": audits,
+    }
 
 
 EXPECTED_UNITS: dict[str, set[tuple[str, str]]] = {}
 for _f, _task in FAMILIES.items():
-    _units = {("utility", _f), ("privacy.dp_finetune", _f), ("privacy.dp_finetune#lora", _f),
-              ("privacy.membership", _f), ("privacy.membership", f"{_f}-dp"), ("privacy.canary_audit", _f),
-              ("explain.attribution", _f)}
+    _units = {
+        ("utility", _f),
+        ("privacy.dp_finetune", _f),
+        ("privacy.dp_finetune#lora", _f),
+        ("privacy.membership", _f),
+        ("privacy.membership", f"{_f}-dp"),
+        ("privacy.canary_audit", _f),
+        ("explain.attribution", _f),
+    }
     if _task == TEXT_CLS:
         _units.add(("robustness.text_attack", _f))
     if _task == IMAGE_CLS:
@@ -212,8 +313,10 @@ def assert_default_inputs(family: str, model_dir: Path) -> bool:
     else:
         import numpy as np
 
-        diff = max(abs(target.logits_texts(TEXTS) - np.stack(ref_rows)).max(),
-                   abs(np.stack(got_rows) - np.stack(ref_rows)).max())
+        diff = max(
+            abs(target.logits_texts(TEXTS) - np.stack(ref_rows)).max(),
+            abs(np.stack(got_rows) - np.stack(ref_rows)).max(),
+        )
     assert diff < 1e-5, f"{family}: the target's inputs change the model's output by {diff:.2e}"
     out_emb = model.get_output_embeddings()
     return out_emb is not None and out_emb.weight is model.get_input_embeddings().weight  # tied weights
@@ -232,11 +335,13 @@ def _run_in_subprocess(recipe: dict, tmp_path: Path):
 
     spec = tmp_path / "recipe.json"
     spec.write_text(json.dumps(recipe))
-    code = ("import json, sys, torch\n"
-            "torch.set_num_threads(1)\n"
-            "from fmaudit.runner import run_recipe\n"
-            "report = run_recipe(json.load(open(sys.argv[1])))\n"
-            "print(report.run_id)\n")
+    code = (
+        "import json, sys, torch\n"
+        "torch.set_num_threads(1)\n"
+        "from fmaudit.runner import run_recipe\n"
+        "report = run_recipe(json.load(open(sys.argv[1])))\n"
+        "print(report.run_id)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code, str(spec)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (run_dir,) = [p for p in Path(recipe["output_dir"]).iterdir() if (p / "report.json").exists()]
@@ -251,8 +356,10 @@ def test_family_through_every_module(family, tmp_path, minilm_tokenizer_dir, sen
     report = _run_in_subprocess(family_recipe(family, model_dir, sentiment_csv, tmp_path / "reports"), tmp_path)
 
     assert report.error is None, f"{report.error.type}: {report.error.message}\n{report.error.traceback}"
-    units = {(r.module + ("#lora" if r.produces and r.produces.endswith("-lora") else ""), r.target): r
-             for r in report.audits}
+    units = {
+        (r.module + ("#lora" if r.produces and r.produces.endswith("-lora") else ""), r.target): r
+        for r in report.audits
+    }
     assert set(units) == EXPECTED_UNITS[family]
     problems = []
     for key, res in sorted(units.items()):  # every module accepts every family here: each unit must be ok
@@ -277,7 +384,6 @@ def test_family_through_every_module(family, tmp_path, minilm_tokenizer_dir, sen
     assert params["clipping"] == ("hooks" if tied else "ghost")
     lora = units[("privacy.dp_finetune#lora", family)].tables["dp_parameters"]
     assert lora["trainable"] == "lora" and 0 < lora["num_trainable_parameters"] < src.num_parameters / 2
-
 
 
 def _no_dropout(model) -> None:
@@ -330,8 +436,10 @@ def test_per_example_gradient_norms(family, clipping, tmp_path, minilm_tokenizer
         items = [{"pixels": x[i], "label": i} for i in range(3)]
     else:
         texts = ["good day", "awful awful movie today 2", "so happy with the show 3"]  # three lengths: padding
-        items = [{"input_ids": ids, **({"label": i % 2} if task == TEXT_CLS else {})}
-                 for i, ids in enumerate(target.tokenize(texts))]
+        items = [
+            {"input_ids": ids, **({"label": i % 2} if task == TEXT_CLS else {})}
+            for i, ids in enumerate(target.tokenize(texts))
+        ]
     single = []
     for item in items:  # each example alone (no padding)
         model.zero_grad()
@@ -346,16 +454,22 @@ def test_per_example_gradient_norms(family, clipping, tmp_path, minilm_tokenizer
             target.loss(gsm, batch, reduction="sum").backward()
             norms = torch.sqrt(sum((p.grad_sample.double().reshape(len(items), -1) ** 2).sum(1) for p in params))
         else:
-            gsm = GradSampleModuleFastGradientClipping(model, loss_reduction="sum", use_ghost_clipping=True,
-                                                       max_grad_norm=1.0)
+            gsm = GradSampleModuleFastGradientClipping(
+                model, loss_reduction="sum", use_ghost_clipping=True, max_grad_norm=1.0
+            )
             target.loss(gsm, batch, reduction="sum").backward()
             norms = gsm.get_norm_sample().double()
         gsm._close()
     finally:
         for h in handles:
             h.remove()
-    torch.testing.assert_close(norms, torch.stack(single), rtol=1e-3, atol=1e-6,
-                               msg=lambda m: f"{family} / {clipping}: per-example gradient norms differ: {m}")
+    torch.testing.assert_close(
+        norms,
+        torch.stack(single),
+        rtol=1e-3,
+        atol=1e-6,
+        msg=lambda m: f"{family} / {clipping}: per-example gradient norms differ: {m}",
+    )
 
 
 def test_random_token_canaries_from_byte_level_bpe(tmp_path, minilm_tokenizer_dir):
@@ -374,8 +488,13 @@ def test_random_token_canaries_from_byte_level_bpe(tmp_path, minilm_tokenizer_di
     rng = np.random.default_rng(0)
     words = sorted({"".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=5)) for _ in range(300)})
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([" " + " ".join(words)] * 3, vocab_size=2000, min_frequency=1,
-                            special_tokens=["<|endoftext|>"], show_progress=False)
+    bpe.train_from_iterator(
+        [" " + " ".join(words)] * 3,
+        vocab_size=2000,
+        min_frequency=1,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
     eos = "<|endoftext|>"
     tok = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=eos, eos_token=eos, unk_token=eos)
     assert f"\u0120{words[0]}" in tok.get_vocab()
@@ -390,12 +509,14 @@ def test_random_token_canaries_from_byte_level_bpe(tmp_path, minilm_tokenizer_di
     assert len(canaries) == 10 and all(len(t.split()) == 8 and set(t.split()) <= set(found) for t in canaries.texts)
 
     # pre-flight: the tiny GPT-2 classifier's vocabulary (a few dozen words) is refused before any training
-    small = load_target(model=str(build_checkpoint("gpt2-cls", tmp_path, minilm_tokenizer_dir)),
-                        task=TEXT_CLS, max_length=MAX_LENGTH)
+    small = load_target(
+        model=str(build_checkpoint("gpt2-cls", tmp_path, minilm_tokenizer_dir)), task=TEXT_CLS, max_length=MAX_LENGTH
+    )
     small.split = Split.__new__(Split)  # stands for a recipe fine-tune (the check only asks whether there is one)
     problems = CanaryAudit({"kind": "random_tokens"}).check(small, None)
     assert len(problems) == 1 and "fewer than 100" in problems[0], problems
-    bert = load_target(model=str(build_checkpoint("bert", tmp_path, minilm_tokenizer_dir)), task=TEXT_CLS,
-                       max_length=MAX_LENGTH)
+    bert = load_target(
+        model=str(build_checkpoint("bert", tmp_path, minilm_tokenizer_dir)), task=TEXT_CLS, max_length=MAX_LENGTH
+    )
     bert.split = small.split
     assert CanaryAudit({"kind": "random_tokens"}).check(bert, None) == []

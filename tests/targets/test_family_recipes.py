@@ -16,7 +16,7 @@ from test_families import _run_in_subprocess, build_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 # Tiny sizes per module (merged over the recipe's own params).
 TINY: dict[str, dict[str, Any]] = {
