@@ -53,6 +53,28 @@ def audit_context(
     )
 
 
+# -- checks ------------------------------------------------------------------------------------------------
+
+
+def opacus_leftovers(model: Any) -> list[str]:
+    """What Opacus attaches to a model and a DP run must not leave behind, found on `model`: per-sample
+    state on modules ("name.attr") and parameters. Kept apart from the package's own cleanup lists, so a test
+    with it checks the cleanup rather than restating it."""
+    left = [
+        f"{n}.{a}"
+        for n, m in model.named_modules()
+        for a in m.__dict__
+        if a in ("autograd_grad_sample_hooks", "ft_compute_sample_grad", "activations", "max_batch_len")
+    ]
+    left += [
+        f"{n}.{a}"
+        for n, p in model.named_parameters()
+        for a in ("grad_sample", "_forward_counter", "summed_grad", "_norm_sample")
+        if hasattr(p, a)
+    ]
+    return left
+
+
 # -- tiny data and models ----------------------------------------------------------------------------------
 
 POS_WORDS = ["good", "great", "happy", "love", "wonderful", "nice", "best", "fun", "excellent", "amazing"]

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from fmaudit.audits.base import AuditContext
-from fmaudit.audits.explain.attribution import hook_count
 from fmaudit.data import Dataset, load_digits
+from fmaudit.targets.base import hook_count
 from fmaudit.tasks import TEXT_CLASSIFICATION
 from fmaudit.testing import audit_context, make_sentences
 

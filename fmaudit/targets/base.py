@@ -23,6 +23,17 @@ class TargetError(ValueError):
     """A model that cannot be loaded or used as asked."""
 
 
+def hook_count(model: nn.Module) -> int:
+    """Forward / backward hooks on the model's modules (Captum and Opacus calls must leave none behind)."""
+    return sum(
+        len(m._forward_hooks)
+        + len(m._forward_pre_hooks)
+        + len(m._backward_hooks)
+        + len(getattr(m, "_backward_pre_hooks", {}))
+        for m in model.modules()
+    )
+
+
 def state_dict_sha256(module: nn.Module) -> str:
     """sha256 over parameter/buffer names, dtypes, shapes and bytes, in sorted name order."""
     h = hashlib.sha256()

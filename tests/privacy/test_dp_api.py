@@ -14,7 +14,8 @@ from torch import nn
 from fmaudit.privacy import DPConfigError, dp_finetune
 from fmaudit.privacy.dp import DPTrainingError, dp_defaults, epsilon_for
 from fmaudit.privacy.dp.training import _fingerprints, _unmoved
-from fmaudit.testing import make_sentences
+from fmaudit.targets.base import hook_count
+from fmaudit.testing import make_sentences, opacus_leftovers
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -26,35 +27,9 @@ def _quiet():
         yield
 
 
-def _hooks(model: nn.Module) -> int:
-    return sum(
-        len(m._forward_hooks)
-        + len(m._backward_hooks)
-        + len(m._forward_pre_hooks)
-        + len(getattr(m, "_backward_pre_hooks", {}))
-        for m in model.modules()
-    )
-
-
-def _opacus_leftovers(model: nn.Module) -> list[str]:
-    left = [
-        f"{n}.{a}"
-        for n, m in model.named_modules()
-        for a in m.__dict__
-        if a in ("autograd_grad_sample_hooks", "ft_compute_sample_grad", "activations", "max_batch_len")
-    ]
-    left += [
-        f"{n}.{a}"
-        for n, p in model.named_parameters()
-        for a in ("grad_sample", "_forward_counter", "summed_grad", "_norm_sample")
-        if hasattr(p, a)
-    ]
-    return left
-
-
 def _assert_plain(model: nn.Module, cls: type) -> None:
     assert type(model) is cls  # the caller's class: no GradSampleModule, no wrapper
-    assert _hooks(model) == 0 and not _opacus_leftovers(model)
+    assert hook_count(model) == 0 and not opacus_leftovers(model)
     assert not model.training
 
 
@@ -482,7 +457,7 @@ def test_peft_model_instance_trains_its_adapters_and_comes_back_as_given(pretrai
         accountant="rdp",
     )
     assert res.epsilon <= 8.0
-    assert isinstance(res.model, PeftModel) and _hooks(res.model) == 0 and not _opacus_leftovers(res.model)
+    assert isinstance(res.model, PeftModel) and hook_count(res.model) == 0 and not opacus_leftovers(res.model)
     assert {n: p.requires_grad for n, p in res.model.named_parameters()} == flags
     trained = dict(res.model.named_parameters())
     assert any("lora_A" in n for n in start) and any("classifier" in n for n in start)

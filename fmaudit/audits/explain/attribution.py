@@ -59,7 +59,7 @@ from fmaudit.tasks import CAUSAL_LM, IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION
 if TYPE_CHECKING:
     from fmaudit.data import Dataset
 
-__all__ = ["AttributionAudit", "SPACES", "hook_count"]
+__all__ = ["AttributionAudit", "SPACES"]
 
 Method = Literal[
     "integrated_gradients", "gradient_x_input", "feature_ablation", "occlusion", "saliency", "gradient_shap"
@@ -73,15 +73,6 @@ SPACES: dict[str, type[FeatureSpace]] = {
     CAUSAL_LM: LMSpace,
 }
 _OPTIONS = SpaceOptions()  # the defaults of the options the params share with the feature spaces
-
-
-def hook_count(model: Any) -> int:
-    """Forward / backward hooks on the model's modules (a Captum call must leave none behind)."""
-    n = 0
-    for m in model.modules():
-        n += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-        n += len(getattr(m, "_backward_pre_hooks", {}))
-    return n
 
 
 class AttributionAudit(AuditModule):
@@ -268,6 +259,8 @@ class AttributionAudit(AuditModule):
 
     # -- run -----------------------------------------------------------------------------------------
     def run(self, target: Any, ctx: AuditContext) -> Outcome:
+        from fmaudit.targets.base import hook_count
+
         p = self.params
         space = SPACES[target.task](target, SpaceOptions.from_params(p), target.device)
         methods = self.methods_for(target.task)

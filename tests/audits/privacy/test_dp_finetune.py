@@ -11,7 +11,8 @@ from torch import nn
 from fmaudit.data import Dataset, member_split
 from fmaudit.privacy import DPConfigError, DPPrivacyWarning, dp_finetune
 from fmaudit.privacy.dp import epsilon_for
-from fmaudit.testing import make_sentences
+from fmaudit.targets.base import hook_count
+from fmaudit.testing import make_sentences, opacus_leftovers
 
 
 @pytest.fixture(scope="module")
@@ -26,32 +27,6 @@ def bert(tiny_bert_dir):
     from fmaudit.targets import load_target
 
     return load_target(model=str(tiny_bert_dir), task="text-classification", num_labels=2, max_length=32)
-
-
-def _hooks(model: nn.Module) -> int:
-    return sum(
-        len(m._forward_hooks)
-        + len(m._backward_hooks)
-        + len(m._forward_pre_hooks)
-        + len(getattr(m, "_backward_pre_hooks", {}))
-        for m in model.modules()
-    )
-
-
-def _opacus_leftovers(model: nn.Module) -> list[str]:
-    left = [
-        f"{n}.{a}"
-        for n, m in model.named_modules()
-        for a in m.__dict__
-        if a in ("autograd_grad_sample_hooks", "ft_compute_sample_grad", "activations")
-    ]
-    left += [
-        f"{n}.{a}"
-        for n, p in model.named_parameters()
-        for a in ("grad_sample", "_forward_counter", "summed_grad")
-        if hasattr(p, a)
-    ]
-    return left
 
 
 def test_bert_ghost_ledger_plain_model(bert, sents, tmp_path):
@@ -95,7 +70,7 @@ def test_bert_ghost_ledger_plain_model(bert, sents, tmp_path):
     assert res.target.weights_sha256() != before_sha
     model = res.model
     assert type(model).__name__ == "BertForSequenceClassification"
-    assert _hooks(model) == 0 and not _opacus_leftovers(model)
+    assert hook_count(model) == 0 and not opacus_leftovers(model)
     assert all(p.requires_grad for p in model.parameters()) and not model.training
     model.save_pretrained(tmp_path / "dp")
     from transformers import AutoModelForSequenceClassification
@@ -125,7 +100,7 @@ def test_hooks_mode_matches_accounting_and_is_plain(bert, sents):
     )
     full = sum(p.numel() for p in bert.model.parameters())
     assert 0 < res.num_trainable_parameters < full
-    assert _hooks(res.model) == 0 and not _opacus_leftovers(res.model)
+    assert hook_count(res.model) == 0 and not opacus_leftovers(res.model)
 
 
 def test_noise_actually_applied(bert, sents):
@@ -209,7 +184,7 @@ def test_plain_torch_cnn_and_delta_warning():
         )
     assert res.delta == 0.05 and any("1/N" in n for n in res.notes)
     assert res.epsilon <= 8 and res.steps == 5
-    assert _hooks(res.model) == 0 and not _opacus_leftovers(res.model)
+    assert hook_count(res.model) == 0 and not opacus_leftovers(res.model)
 
 
 def test_vit_last_layers(tiny_vit_dir):
@@ -232,7 +207,7 @@ def test_vit_last_layers(tiny_vit_dir):
             n_layers=1,
         )
     assert res.epsilon <= 8 and "accuracy" in res.validation_utility
-    assert _hooks(res.model) == 0 and not _opacus_leftovers(res.model)
+    assert hook_count(res.model) == 0 and not opacus_leftovers(res.model)
 
 
 def test_causal_lm_lora_merged_back(tiny_llama_dir):
@@ -263,4 +238,4 @@ def test_causal_lm_lora_merged_back(tiny_llama_dir):
     assert changed and all(any(p in k for p in ("q_proj", "k_proj", "v_proj", "o_proj")) for k in changed)
     assert 0 < res.num_trainable_parameters < sum(v.numel() for v in before.values()) / 10
     assert "perplexity" in res.validation_utility and res.epsilon <= 8
-    assert _hooks(model) == 0 and not _opacus_leftovers(model)
+    assert hook_count(model) == 0 and not opacus_leftovers(model)
