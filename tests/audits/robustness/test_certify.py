@@ -14,43 +14,21 @@ from fmaudit.audits.base import AuditContext
 from fmaudit.audits.robustness.certify import CertifyAudit
 from fmaudit.data import Dataset, load_digits
 from fmaudit.robustness import smoothing as sm
+from fmaudit.testing import audit_context
 
 SMALL = {"n0": 32, "n": 256, "predict_n": 128, "alpha": 0.001, "attack_steps": 10, "attack_noise_samples": 8}
 
 
 def _ctx(tmp_path, data, *, seed=0) -> AuditContext:
-    return AuditContext(
-        unit_id="0:robustness.certify@t",
-        seed=seed,
-        device="cpu",
-        run_dir=tmp_path,
-        cache_dir=tmp_path,
-        store_examples=False,
-        data=data,
-    )
+    return audit_context(tmp_path, data=data, seed=seed, unit_id="0:robustness.certify@t")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def digits() -> Dataset:
-    return load_digits()
-
-
-@pytest.fixture(scope="module")
 def eval_set(digits) -> Dataset:
     return digits.subset(np.arange(1000, 1032))
-
-
-@pytest.fixture(scope="module")
-def cnn(digits):
-    from fmaudit.targets import load_target
-    from fmaudit.training import TrainConfig, train
-
-    target = load_target(model="bundled:digits-cnn", name="cnn")
-    train(target, digits.subset(np.arange(600)), TrainConfig(epochs=4, batch_size=32, lr=3e-3, seed=0))
-    return target
 
 
 def _wrap(inner, name="m", num_classes=10):

@@ -8,9 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fmaudit.audits.base import AuditContext
 from fmaudit.audits.robustness.image_attack import ImageAttackAudit
-from fmaudit.data import load_digits
+from fmaudit.testing import audit_context
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -92,28 +91,15 @@ def test_masks_are_built_on_the_logits_device_not_the_default_device():
     assert cw.f(logits, labels).tolist() == pytest.approx([3.0, 0.0, 0.0])
 
 
-def test_cw_through_the_module_on_the_digits_cnn(tmp_path):
+def test_cw_through_the_module_on_the_digits_cnn(tmp_path, digits, cnn):
     """Unbounded CW breaks every correctly classified digit (Carlini et al. 2019: unbounded attacks must reach
     100%), every example verified, never larger than torchattacks' CW on the examples both break."""
     import torch
     import torchattacks
 
-    from fmaudit.targets import load_target
-    from fmaudit.training import TrainConfig, train
-
-    digits = load_digits()
-    target = load_target(model="bundled:digits-cnn", name="cnn")
-    train(target, digits.subset(np.arange(600)), TrainConfig(epochs=4, batch_size=32, lr=3e-3, seed=0))
+    target = cnn
     data = digits.subset(np.arange(1000, 1024))
-    ctx = AuditContext(
-        unit_id="0:robustness.image_attack@t",
-        seed=0,
-        device="cpu",
-        run_dir=tmp_path,
-        cache_dir=tmp_path,
-        store_examples=False,
-        data=data,
-    )
+    ctx = audit_context(tmp_path, data=data, unit_id="0:robustness.image_attack@t")
     out = ImageAttackAudit(
         {
             "attacks": [{"name": "cw", "steps": 100, "lr": 0.05, "binary_steps": 6, "c": 0.1}],
