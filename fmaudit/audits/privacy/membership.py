@@ -45,6 +45,9 @@ def _default_attacks() -> list[AttackName]:
     return ["loss", "rmia"]
 
 
+DEFAULT_MAX_NONMEMBERS = 5000  # forward passes only; enough to resolve 0.1% FPR on either headline half
+
+
 class MembershipAudit(AuditModule):
     name = "privacy.membership"
     category = "privacy"
@@ -128,7 +131,18 @@ class MembershipAudit(AuditModule):
         max_examples: int | None = Field(
             default=None,
             ge=2,
-            description="Score a seeded sample of at most this many members and as many non-members.",
+            description="Shorthand: at most this many members and as many non-members (a seeded sample); "
+            "max_members / max_nonmembers, when given, override it.",
+        )
+        max_members: int | None = Field(
+            default=None, ge=1, description="Score a seeded sample of at most this many members (default: all)."
+        )
+        max_nonmembers: int | None = Field(
+            default=None,
+            ge=1,
+            description="Score a seeded sample of at most this many non-members (default: max_examples when "
+            "given, else every non-member up to 5000). Non-members cost only forward passes, and 1 / their number is the lowest FPR the audit "
+            "resolves: keep at least 1,000 to measure TPR at 0.1% FPR.",
         )
         batch_size: int = Field(default=32, ge=1)
         bootstrap: int = Field(default=1000, ge=0, le=100_000, description="Bootstrap rounds (0: no intervals).")
@@ -139,6 +153,14 @@ class MembershipAudit(AuditModule):
             ge=0,
             description="Most exposed members listed as evidence (ids; text only when the recipe sets store_examples).",
         )
+
+        def member_cap(self) -> int | None:
+            return self.max_members if self.max_members is not None else self.max_examples
+
+        def nonmember_cap(self) -> int:
+            if self.max_nonmembers is not None:
+                return self.max_nonmembers
+            return self.max_examples if self.max_examples is not None else DEFAULT_MAX_NONMEMBERS
 
     params: Params
 
@@ -185,7 +207,8 @@ class MembershipAudit(AuditModule):
             data=ctx.data,
             split=ctx.split if ctx.split is not None else getattr(target, "split", None),
             target_name=target.name,
-            max_examples=p.max_examples,
+            max_members=p.member_cap(),
+            max_nonmembers=p.nonmember_cap(),
             seed=ctx.seed,
         )
         if sets.shared_texts:

@@ -50,12 +50,13 @@ def audit_sets(
     data: Dataset | None,
     split: Split | None,
     target_name: str,
-    max_examples: int | None,
+    max_members: int | None,
+    max_nonmembers: int | None,
     seed: int,
 ) -> AuditSets:
     """Members and non-members: the ids given (non-members default to every other example of `data`), else
-    `split` (which must be over `data` when data is given); then a seeded sample of at most `max_examples`
-    of each (the MEMBERSHIP_SAMPLE stream, members drawn first)."""
+    `split` (which must be over `data` when data is given); then seeded samples of at most `max_members`
+    members and `max_nonmembers` non-members (None: all; one MEMBERSHIP_SAMPLE generator, members drawn first)."""
     if members is not None:
         if data is None:
             raise ValueError("members were given but the audit has no data to find them in")
@@ -92,12 +93,11 @@ def audit_sets(
         raise ValueError(
             f"membership inference needs members and non-members; got {len(mem)} member(s) and {len(non)} non-member(s)"
         )
-    if max_examples is not None:
-        g = rng(seed, Stream.MEMBERSHIP_SAMPLE)  # one generator for both draws: members, then non-members
-        if len(mem) > max_examples:
-            mem = np.sort(g.choice(mem, max_examples, replace=False))
-        if len(non) > max_examples:
-            non = np.sort(g.choice(non, max_examples, replace=False))
+    g = rng(seed, Stream.MEMBERSHIP_SAMPLE)  # one generator for both draws: members, then non-members
+    if max_members is not None and len(mem) > max_members:
+        mem = np.sort(g.choice(mem, max_members, replace=False))
+    if max_nonmembers is not None and len(non) > max_nonmembers:
+        non = np.sort(g.choice(non, max_nonmembers, replace=False))
     audit_idx = np.r_[mem, non].astype(np.int64)
     is_member = np.r_[np.ones(len(mem), bool), np.zeros(len(non), bool)]
     shared = 0
