@@ -81,6 +81,17 @@ def prepare_cache(cache_dir: str | Path | None = None) -> Path:
     return root
 
 
+def _forget_missing_stopwords(nltk: ModuleType) -> None:
+    """NLTK's lazy `stopwords` corpus binds to the folder it first loaded from. When that folder is gone (an
+    earlier run's cache dir, deleted since), every later `StopwordModification()` fails; unload it so the next
+    use finds the corpus again on `nltk.data.path`."""
+    corpus = nltk.corpus.stopwords
+    root = getattr(corpus, "_root", None)  # only a loaded corpus has a root
+    path = getattr(root, "path", None)
+    if path is not None and not os.path.exists(path) and hasattr(corpus, "_unload"):
+        corpus._unload()
+
+
 def _logger_states() -> dict[str, bool]:
     return {
         name: lg.disabled for name, lg in logging.Logger.manager.loggerDict.items() if isinstance(lg, logging.Logger)
@@ -107,6 +118,7 @@ def import_textattack(cache_dir: str | Path | None = None) -> ModuleType:
         data_dir = str(nltk_data_dir(cache_dir))
         if data_dir not in nltk.data.path:
             nltk.data.path.insert(0, data_dir)
+        _forget_missing_stopwords(nltk)
         if "textattack" in sys.modules and _state.get("imported"):
             return sys.modules["textattack"]
         if "textattack" in sys.modules:  # imported by someone else (outside fmaudit): use it as it is

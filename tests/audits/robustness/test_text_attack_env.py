@@ -97,3 +97,33 @@ def test_offline_attacks_need_no_resources(name, tmp_path):
 
     rc = ResourceContext(ta_cache=tmp_path, nltk_dir=tmp_path / "nltk", masked_lm=None)
     assert missing_resources(name, rc) == []
+
+
+STALE = textwrap.dedent(r"""
+    import shutil, sys
+    import nltk
+    from fmaudit.audits.robustness.textattack_env import import_textattack
+    first, second = sys.argv[1], sys.argv[2]
+    import_textattack(first)
+    assert len(nltk.corpus.stopwords.words("english")) == 179  # loaded from the first cache dir
+    shutil.rmtree(first)  # e.g. a temporary cache, deleted after its run
+    import_textattack(second)
+    from textattack.constraints.pre_transformation import StopwordModification
+    print("RESULT", len(StopwordModification().stopwords))
+""")
+
+
+def test_a_deleted_earlier_cache_does_not_break_later_attacks(tmp_path):
+    """Two audits in one process with different cache dirs, the first deleted in between (as pytest's
+    tmp_path folders are): TextAttack's default stopword constraint still finds the corpus."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TA_CACHE_DIR", "NLTK_DATA")}
+    env["HOME"] = str(tmp_path)
+    res = subprocess.run(
+        [sys.executable, "-c", STALE, str(tmp_path / "first"), str(tmp_path / "second")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "RESULT 179" in res.stdout
