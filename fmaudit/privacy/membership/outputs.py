@@ -63,29 +63,30 @@ def penultimate_features(target: Any, data: Any, *, batch_size: int) -> np.ndarr
     import torch
 
     model = target.model
+    # target.batches may reorder the examples (text targets group similar lengths): every batch's rows go back
+    # to the places its indices name, so row i is always example i
     if getattr(target, "tokenizer", None) is not None and hasattr(model, "config"):
-        pooled: list[np.ndarray] = []
+        pooled: list[tuple[np.ndarray, np.ndarray]] = []
         model.eval()
         with torch.no_grad():
-            for _idx, batch in target.batches(data, batch_size):
+            for idx, batch in target.batches(data, batch_size):
                 out = model(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True)
                 h = out.hidden_states[-1].float()
                 w = batch.get("attention_mask", torch.ones(h.shape[:2], device=h.device)).to(h.dtype)
-                pooled.append(
-                    ((h * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)).double().cpu().numpy()
-                )
-        return np.concatenate(pooled)
+                feats = (h * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
+                pooled.append((np.asarray(idx), feats.double().cpu().numpy()))
+        return _in_order(pooled, len(data))
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     if not linears:
         raise ValueError(f"target {target.name!r} has no linear layer to read features from")
     captured: dict[str, Any] = {}
     hook = linears[-1].register_forward_pre_hook(lambda _m, args: captured.__setitem__("x", args[0].detach()))
-    rows: list[np.ndarray] = []
+    rows: list[tuple[np.ndarray, np.ndarray]] = []
     is_lm = "causal_lm" in target.capabilities
     try:
         model.eval()
         with torch.no_grad():
-            for _idx, batch in target.batches(data, batch_size):
+            for idx, batch in target.batches(data, batch_size):
                 if is_lm:
                     model(**{k: v for k, v in batch.items() if k != "labels"})
                 else:
@@ -95,10 +96,24 @@ def penultimate_features(target: Any, data: Any, *, batch_size: int) -> np.ndarr
                     mask = batch.get("attention_mask")
                     w = (mask if mask is not None else torch.ones(x.shape[:2], device=x.device)).to(x.dtype)
                     x = (x * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
-                rows.append(x.reshape(len(x), -1).double().cpu().numpy())
+                rows.append((np.asarray(idx), x.reshape(len(x), -1).double().cpu().numpy()))
     finally:
         hook.remove()
-    return np.concatenate(rows) if rows else np.zeros((len(data), 0))
+    return _in_order(rows, len(data))
+
+
+def _in_order(parts: list[tuple[np.ndarray, np.ndarray]], n: int) -> np.ndarray:
+    """Rows of (indices, values) batches placed at their indices: (n, d), every row filled exactly once."""
+    if not parts:
+        return np.zeros((n, 0))
+    out = np.full((n, parts[0][1].shape[1]), np.nan)
+    seen = np.zeros(n, dtype=np.int64)
+    for idx, values in parts:
+        out[idx] = values
+        np.add.at(seen, idx, 1)
+    if not (seen == 1).all():
+        raise RuntimeError(f"features: {int((seen != 1).sum())} of {n} examples were not computed exactly once")
+    return out
 
 
 def base_features(
