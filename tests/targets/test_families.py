@@ -37,6 +37,17 @@ FAMILIES: dict[str, str] = {
 }
 
 
+AUTO_CLIPPING = {
+    "distilbert": "bookkeeping",
+    "roberta": "bookkeeping",
+    "bert": "bookkeeping",
+    "gpt2": "hooks",
+    "llama": "ghost",  # RMSNorm: no book-keeping rule
+    "vit": "ghost",  # bare class-token and position parameters
+    "gpt2-cls": "ghost",  # Conv1D
+}
+
+
 def _wordpiece(minilm_dir: Path):
     from transformers import AutoTokenizer
 
@@ -379,9 +390,10 @@ def test_family_through_every_module(family, tmp_path, minilm_tokenizer_dir, sen
     # position embeddings are bare parameters, GPT-2's Conv1D weights are transposed, tied weights count once) ...
     params = dp_unit.tables["dp_parameters"]
     assert params["num_trainable_parameters"] == src.num_parameters
-    # ... and weights shared between modules (GPT-2's tied input / output embeddings) switch clipping from
-    # ghost clipping (per-module norms: wrong for a shared parameter) to per-sample gradient hooks.
-    assert params["clipping"] == ("hooks" if tied else "ghost")
+    # ... clipping "auto" is book-keeping where it covers every trainable layer, ghost clipping where it does not
+    # (ViT's bare class token and position embeddings), and weights shared between modules (GPT-2's tied input /
+    # output embeddings) switch to per-sample gradient hooks (ghost clipping's per-module norms would be wrong).
+    assert params["clipping"] == AUTO_CLIPPING[family]
     lora = units[("privacy.dp_finetune#lora", family)].tables["dp_parameters"]
     assert lora["trainable"] == "lora" and 0 < lora["num_trainable_parameters"] < src.num_parameters / 2
 
@@ -401,14 +413,15 @@ def _no_dropout(model) -> None:
                 setattr(m, key, 0.0)
 
 
-@pytest.mark.parametrize("clipping", ["hooks", "ghost"])
+@pytest.mark.parametrize("clipping", ["hooks", "ghost", "bookkeeping"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_per_example_gradient_norms(family, clipping, tmp_path, minilm_tokenizer_dir):
     """What DP-SGD clips: the per-example gradient norm Opacus computes on a padded batch (per-sample gradients
-    with hooks, or ghost clipping's norms), with the inputs the DP loop feeds (the target's collate and the
+    with hooks, ghost clipping's norms, or book-keeping's), with the inputs the DP loop feeds (the target's collate and the
     broadcast-id hooks), equals the norm of each example's gradient computed alone, for every family: tied
     weights sum both uses, GPT-2's Conv1D, ViT's bare class-token / position parameters and RoBERTa's shifted
-    positions included. Tied weights under ghost clipping are refused by the DP pre-flight instead."""
+    positions included. Tied weights under ghost clipping are refused by the DP pre-flight instead, and layers
+    book-keeping does not cover send it to hooks with a note."""
     import torch
     from opacus import GradSampleModule
     from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleModuleFastGradientClipping
@@ -428,6 +441,9 @@ def test_per_example_gradient_norms(family, clipping, tmp_path, minilm_tokenizer
     tied = family == "gpt2"
     if clipping == "ghost" and tied:
         assert any("shared between modules" in p for p in problems), problems
+        return
+    if clipping == "bookkeeping" and AUTO_CLIPPING[family] != "bookkeeping":
+        assert not problems and mode == "hooks" and any("book-keeping" in n for n in _notes), (problems, _notes)
         return
     assert not problems and mode == clipping
 
@@ -453,6 +469,12 @@ def test_per_example_gradient_norms(family, clipping, tmp_path, minilm_tokenizer
             gsm = GradSampleModule(model, loss_reduction="sum")
             target.loss(gsm, batch, reduction="sum").backward()
             norms = torch.sqrt(sum((p.grad_sample.double().reshape(len(items), -1) ** 2).sum(1) for p in params))
+        elif clipping == "bookkeeping":
+            from fmaudit.privacy.dp.bookkeeping import BookkeepingModule
+
+            gsm = BookkeepingModule(model)
+            norms = gsm.clipped_backward(target.loss(gsm, batch, reduction="none"), 1e9).double()
+            gsm._close = gsm.cleanup
         else:
             gsm = GradSampleModuleFastGradientClipping(
                 model, loss_reduction="sum", use_ghost_clipping=True, max_grad_norm=1.0

@@ -82,8 +82,9 @@ class DPFinetuneAudit(AuditModule):
         lora_target_modules: list[str] | None = None
         clipping: Literal["auto", "ghost", "bookkeeping", "hooks"] = Field(
             default="auto",
-            description="auto (ghost), ghost (two backward passes), bookkeeping (one backward "
-            "pass; Linear / Embedding / LayerNorm / Conv2d, else hooks) or hooks.",
+            description="auto (bookkeeping when it covers every trainable layer, else ghost), ghost (two "
+            "backward passes), bookkeeping (one backward pass; Linear / Embedding / LayerNorm / Conv2d, else hooks) "
+            "or hooks.",
         )
         member_fraction: float = Field(
             default=0.5,

@@ -2,7 +2,8 @@
 per-sample gradients stored), "hooks" (per-sample gradients from Opacus' hooks) and "bookkeeping" (book-keeping
 clipping, `bookkeeping`: one backward pass, norms and the clipped sum from the layers' stored activations and
 output gradients; a model with layers it does not handle falls back to hooks, with a warning). "auto" is
-resolved by `preflight`: ghost clipping unless trainable parameters are shared between modules."""
+resolved by `preflight`: book-keeping when it covers every trainable layer, else ghost, else (trainable tensors
+shared between modules) hooks."""
 
 from __future__ import annotations
 

@@ -189,9 +189,10 @@ def dp_finetune(
             and the larger epsilon is claimed; `epsilon_gdp` keeps GDP's). A failing accountant falls back to RDP.
         trainable: "all", "last_n_layers" (+ head; `n_layers`), "head", or "lora" (peft adapters on attention
             projections, merged back at the end; mainly for causal LMs).
-        clipping: "auto" (ghost clipping unless trainable parameters are tied), "ghost", "bookkeeping" (book-keeping
-            clipping, Bu et al. 2023: one backward pass; models with layers it does not cover use "hooks", and
-            `notes` says so) or "hooks".
+        clipping: "auto" (book-keeping clipping when it covers every trainable layer, else ghost clipping, else
+            hooks for tied trainable weights; `notes` says which), "ghost", "bookkeeping" (book-keeping clipping,
+            Bu et al. 2023: one backward pass; models with layers it does not cover use "hooks", and `notes` says
+            so) or "hooks".
         max_physical_batch_size: BatchMemoryManager's limit per forward/backward (default: batch_size +
             3 sqrt(batch_size), so a Poisson batch is rarely split).
         validation_data: held-out data for utility, of the same kind as `train_data`.

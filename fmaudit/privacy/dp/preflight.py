@@ -1,5 +1,7 @@
 """Pre-flight check of a model for DP-SGD (Opacus' ModuleValidator plus our own), run on a copy before
-training so that every problem is listed at once, and the resolution of clipping="auto"."""
+training so that every problem is listed at once, and the resolution of clipping="auto": book-keeping clipping
+(one backward pass) when it handles every trainable layer, else ghost clipping (two), else (trainable tensors
+shared between modules) per-sample gradient hooks."""
 
 from __future__ import annotations
 
@@ -7,8 +9,6 @@ from typing import Any
 
 from fmaudit.privacy.dp.errors import DPConfigError
 from fmaudit.privacy.dp.trainable import apply_trainable
-
-AUTO_CLIPPING = "ghost"  # what clipping="auto" becomes when no trainable parameter is shared between modules
 
 
 def preflight(
@@ -22,8 +22,9 @@ def preflight(
     """Check that DP-SGD can train `target` as asked, without changing it.
 
     Returns (problems, notes, clipping_mode): problems block training; notes are informational;
-    clipping_mode is "ghost", "bookkeeping" or "hooks" (what will run: `clipping="auto"` resolves to ghost, and
-    book-keeping falls back to hooks for layers it does not cover).
+    clipping_mode is "ghost", "bookkeeping" or "hooks" (what will run: `clipping="auto"` resolves to
+    book-keeping, or ghost for layers book-keeping does not cover, and an explicit "bookkeeping" falls back to
+    hooks for them).
     """
     import inspect
 
@@ -49,7 +50,12 @@ def preflight(
             "position embeddings need them (built with arange().repeat())"
         )
 
-    mode = AUTO_CLIPPING if clipping == "auto" else clipping
+    from fmaudit.privacy.dp.bookkeeping import fallback_note, unsupported_layers
+
+    bad = unsupported_layers(model)
+    mode = clipping
+    if clipping == "auto":
+        mode = "ghost" if bad else "bookkeeping"
     tied = _tied_trainable(model)
     if tied:
         msg = (
@@ -58,18 +64,19 @@ def preflight(
         )
         if clipping == "ghost":
             problems.append(msg + "; use clipping='hooks' or freeze them (trainable='lora')")
-        else:
+        elif mode == "ghost":
             notes.append(msg + "; using per-sample gradient hooks")
             mode = "hooks"
-    if mode == "bookkeeping":
-        from fmaudit.privacy.dp.bookkeeping import fallback_note, unsupported_layers
-
-        bad = unsupported_layers(model)
-        if bad:
-            notes.append(fallback_note(bad))
-            mode = "hooks"
-    if clipping == "auto" and mode == "ghost":
-        notes.append("ghost clipping (two backward passes, no per-sample gradients stored)")
+    if clipping == "bookkeeping" and bad:
+        notes.append(fallback_note(bad))
+        mode = "hooks"
+    if clipping == "auto" and mode == "bookkeeping":
+        notes.append("book-keeping clipping (one backward pass; per-example norms from the layers' stored tensors)")
+    elif clipping == "auto" and mode == "ghost":
+        notes.append(
+            f"ghost clipping (two backward passes): book-keeping does not cover {len(bad)} trainable layer(s) "
+            f"({'; '.join(bad[:3])}{'; ...' if len(bad) > 3 else ''})"
+        )
     return problems, notes, mode
 
 

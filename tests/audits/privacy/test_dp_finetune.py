@@ -32,6 +32,7 @@ def bert(tiny_bert_dir):
 def test_bert_ghost_ledger_plain_model(bert, sents, tmp_path):
     before_sha = bert.weights_sha256()
     res = dp_finetune(
+        clipping="ghost",
         model=bert,
         train_data=sents.members,
         validation_data=sents.nonmembers,
