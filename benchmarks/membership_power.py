@@ -1,17 +1,22 @@
-"""Attack power per cost for privacy.membership: RMIA and LiRA with 1, 2, 4 (and LiRA-online 8) reference
-models on one fine-tuned target, and what each reference model costs relative to fine-tuning the target.
+"""Membership-inference power per CPU-second: every attack x reference-model budget on one fine-tuned MiniLM
+and on its DP twin, with AUC, TPR at 1% and 0.1% FPR (intervals) and what each attack cost.
 
-    .venv/bin/python benchmarks/membership_power.py                 # bundled MiniLM on 400 tweets
-    .venv/bin/python benchmarks/membership_power.py --limit 600 --epochs 4 --threads 2
+    .venv/bin/python benchmarks/membership_power.py                      # the quickstart's MiniLM, 1,050 non-members
+    .venv/bin/python benchmarks/membership_power.py --limit 2000 --budgets 1,2,4,8
+    .venv/bin/python benchmarks/membership_power.py --step-ratio-only    # interleaved per-step cost only
 
-Everything runs in one process, side by side, on the same target. Reference models train in complementary
-pairs on random halves of the population from the target's base weights; the budgets share models (the
-2-model run uses the first pair of the 8), so 8 reference models are trained once and cached. Costs are
-training wall times measured in this run (median over reference models / the target's fine-tune), so
-they are comparable even on a loaded machine. A fresh cache folder is used unless --cache-dir is given.
+The target is the quickstart's: bundled MiniLM fine-tuned (all layers, 3 epochs) on a quarter of a balanced
+sample of tweets, so most of the sample is non-members (the default 1,400 tweets give 350 members and 1,050
+non-members: TPR at 0.1% FPR is measured, not extrapolated). Its DP twin is the quickstart's too (epsilon 8).
+Everything runs in one recipe, side by side: the budgets share reference models (the 2-model run uses the
+first pair of the 4), which are trained once and cached. Cost per attack = scoring the target plus what the
+attack needs (reference models' recorded training and scoring time, or the quantile attack's base features
+and regressions), in CPU-seconds of this run and in fine-tunes of the target (the module's own `attacks`
+table). Intervals are simultaneous over each audit's attacks.
 
-Goal (issue 4): RMIA with 2 cheap reference models reaches >= 95% of the AUC of LiRA-online with 8, and each
-reference model costs <= 1/3 of the target's fine-tune.
+Goal (issue 14): the best attack costing at most one target fine-tune reaches >= 3x the loss attack's TPR at
+1% FPR, and >= 5% absolute, on the non-private MiniLM; on the DP twin every attack's TPR@1%FPR interval
+covers 1%. The last line says whether both hold, or by how much they miss.
 """
 
 from __future__ import annotations
@@ -75,188 +80,200 @@ def step_cost_ratio(
     return ref / full, ref, full
 
 
+ATTACKS_BY_BUDGET = ("rmia", "rmia_offline", "lira_offline")
+GOAL_RATIO, GOAL_ABS, NOMINAL_FPR = 3.0, 0.05, 0.01
+
+
+def _recipe(args, cache: str, out_dir: str) -> dict:
+    budgets = sorted({int(b) for b in args.budgets.split(",")}, reverse=True)
+    ref = {"reference_trainable": args.reference_trainable, "reference_n_layers": args.reference_n_layers}
+    audits = []
+    for r in budgets:  # largest first: it trains every model, the smaller budgets reuse the cache
+        attacks = list(ATTACKS_BY_BUDGET) + (["lira_online"] if r >= 2 else [])
+        if r == budgets[0]:
+            attacks = ["loss", "quantile"] + attacks
+        audits.append(
+            {
+                "use": "privacy.membership",
+                "target": "minilm",
+                "params": {"attacks": attacks, "reference_models": r, "bootstrap": args.bootstrap, **ref},
+            }
+        )
+    audits.append(
+        {
+            "use": "privacy.dp_finetune",
+            "target": "minilm",
+            "produces": "minilm-dp",
+            "params": {"target_epsilon": 8, "trainable": "last_n_layers", "n_layers": 1, "epochs": 2,
+                       "batch_size": 32, "lr": 1.0e-3},
+        }
+    )  # fmt: skip
+    audits.append(
+        {
+            "use": "privacy.membership",
+            "target": "minilm-dp",
+            "params": {
+                "attacks": ["loss", "quantile", *ATTACKS_BY_BUDGET, "lira_online"],
+                "reference_models": args.dp_budget,
+                "bootstrap": args.bootstrap,
+                **ref,
+            },
+        }
+    )
+    return {
+        "version": 1,
+        "name": "membership-power",
+        "seed": args.seed,
+        "cache_dir": cache,
+        "output_dir": out_dir,
+        "data": {"tweets": {"source": "bundled:tweets", "limit": args.limit, "balance": True}},
+        "targets": {
+            "minilm": {
+                "model": "bundled:minilm",
+                "max_length": args.max_length,
+                "finetune": {
+                    "data": "tweets",
+                    "member_fraction": args.member_fraction,
+                    "epochs": args.epochs,
+                    "batch_size": 16,
+                    "lr": args.lr,
+                },
+            }
+        },
+        "audits": audits,
+    }
+
+
+def _fmt(m) -> str:
+    lo = "-" if m.ci_low is None else f"{m.ci_low:.3f}"
+    hi = "-" if m.ci_high is None else f"{m.ci_high:.3f}"
+    return f"{m.value:.3f} [{lo}, {hi}]"
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--limit", type=int, default=400, help="tweets (half of them members)")
-    ap.add_argument("--epochs", type=int, default=4, help="target fine-tune epochs (reference models: the same)")
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--max-length", type=int, default=32)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--limit", type=int, default=1400, help="balanced tweets (member_fraction of them members)")
+    ap.add_argument("--member-fraction", type=float, default=0.25)
+    ap.add_argument("--epochs", type=int, default=3, help="target fine-tune epochs (reference models: the same)")
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--reference-trainable", default="last_n_layers", choices=["head", "last_n_layers", "all"])
     ap.add_argument("--reference-n-layers", type=int, default=1)
-    ap.add_argument("--reference-epochs", type=int, default=None)
-    ap.add_argument("--budgets", default="1,2,4,8")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on busy shared cores)")
-    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--budgets", default="1,2,4", help="reference-model budgets for the non-private target")
+    ap.add_argument("--dp-budget", type=int, default=2, help="reference models for the DP twin's attacks")
+    ap.add_argument("--bootstrap", type=int, default=500)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--cache-dir", default=None, help="default: a fresh folder (so costs are measured)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--step-ratio-only", action="store_true", help="only the interleaved per-step cost comparison")
     args = ap.parse_args(argv)
 
     import torch
 
-    torch.set_num_threads(args.threads)
-    ratio, ref_s, full_s = step_cost_ratio(
-        max_length=args.max_length, trainable=args.reference_trainable, n_layers=args.reference_n_layers
-    )
-    print(
-        f"interleaved per-step cost (MiniLM, batch 16, {args.reference_trainable} n_layers="
-        f"{args.reference_n_layers} vs all layers; median of 7 rounds): reference {ref_s:.3f} s, full "
-        f"{full_s:.3f} s, ratio {ratio:.3f}"
-    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.step_ratio_only:
+        ratio, ref_s, full_s = step_cost_ratio(
+            max_length=args.max_length, trainable=args.reference_trainable, n_layers=args.reference_n_layers
+        )
+        print(
+            f"interleaved per-step cost (MiniLM, batch 16, {args.reference_trainable} n_layers="
+            f"{args.reference_n_layers} vs all layers; median of 7 rounds): reference {ref_s:.3f} s, full "
+            f"{full_s:.3f} s, ratio {ratio:.3f}"
+        )
         return 0
     from fmaudit.runner import run_recipe
 
-    budgets = sorted({int(b) for b in args.budgets.split(",")}, reverse=True)
     cache = args.cache_dir or tempfile.mkdtemp(prefix="fmaudit-mia-bench-")
     out_dir = tempfile.mkdtemp(prefix="fmaudit-mia-bench-runs-")
-    ref = {"reference_trainable": args.reference_trainable, "reference_n_layers": args.reference_n_layers}
-    if args.reference_epochs:
-        ref["reference_epochs"] = args.reference_epochs
-    audits = []
-    for r in budgets:  # largest first: it trains every model, the smaller budgets reuse the cache
-        attacks = ["rmia", "rmia_offline", "lira_offline"] + (["lira_online"] if r >= 2 else [])
-        if r == budgets[0]:
-            attacks = ["loss"] + attacks
-        audits.append(
-            {
-                "use": "privacy.membership",
-                "target": "minilm",
-                "params": {"attacks": attacks, "reference_models": r, "bootstrap": 500, **ref},
-            }
-        )
-        if r >= 2:  # LiRA-online without the IN-OUT gap shrinkage, side by side (same models, from the cache)
-            audits.append(
-                {
-                    "use": "privacy.membership",
-                    "target": "minilm",
-                    "params": {
-                        "attacks": ["lira_online"],
-                        "reference_models": r,
-                        "bootstrap": 500,
-                        "lira_shrinkage": False,
-                        **ref,
-                    },
-                }
-            )
-    recipe = {
-        "version": 1,
-        "name": "membership-power",
-        "seed": args.seed,
-        "cache_dir": cache,
-        "output_dir": out_dir,
-        "data": {"tweets": {"source": "bundled:tweets", "limit": args.limit}},
-        "targets": {
-            "minilm": {
-                "model": "bundled:minilm",
-                "max_length": args.max_length,
-                "finetune": {"data": "tweets", "epochs": args.epochs, "batch_size": 16, "lr": args.lr},
-            }
-        },
-        "audits": audits,
-    }
     t0 = time.perf_counter()
-    report = run_recipe(recipe)
+    report = run_recipe(_recipe(args, cache, out_dir))
     wall = time.perf_counter() - t0
     tgt = report.targets["minilm"]
     print(
-        f"target: bundled MiniLM fine-tuned on {tgt.split.num_members} tweets ({args.epochs} epochs, lr {args.lr}, "
-        f"all layers), {tgt.split.num_nonmembers} non-members; train {tgt.finetune['train_seconds']:.1f} s; "
-        f"torch threads {args.threads}; host cpus {os.cpu_count()}; load average {os.getloadavg()[0]:.1f}"
+        f"target: bundled MiniLM fine-tuned on {tgt.split.num_members} balanced tweets ({args.epochs} epochs, lr "
+        f"{args.lr}, all layers), {tgt.split.num_nonmembers} non-members; fine-tune "
+        f"{tgt.finetune['train_seconds']:.1f} s{' (from the cache)' if tgt.cache_hit else ''}; "
+        f"host cpus {os.cpu_count()}; load average {os.getloadavg()[0]:.1f}"
     )
-    rows: dict[tuple[str, int], tuple[float, float, float, float]] = {}
-    headlines: list[tuple] = []
-    ratios: list[float] = []
+    rows: dict[str, list[tuple]] = {"minilm": [], "minilm-dp": []}
+    n_non = 0
     for res in report.audits:
         if res.status != "ok":
             print(f"audit {res.unit_id} failed: {res.error.message if res.error else '?'}", file=sys.stderr)
             return 3
-        r = res.params["reference_models"]
-        raw = res.params.get("lira_shrinkage") is False
-        for name in res.params["attacks"]:
-            m = res.metrics[f"{name}.auc"]
-            label = name + ("_raw" if raw else "")
-            rows[(label, r if name != "loss" else 0)] = (
-                m.value,
-                m.ci_low,
-                m.ci_high,
-                res.metrics[f"{name}.tpr_at_1pct_fpr"].value,
-            )
-        if raw:
+        if res.module != "privacy.membership":
+            if res.module == "privacy.dp_finetune":
+                acc = res.metrics["accuracy"].value
+                eps = res.metrics["epsilon"].value
+                print(f"DP twin: epsilon {eps:.2f}, held-out accuracy {acc:.3f}")
             continue
-        h = res.tables["headline"]["metrics"]["auc"]
-        headlines.append(
-            (
-                r,
-                h["attack"],
-                h["value"],
-                h["null_quantile"],
-                h["p_value"],
-                res.metrics["reference_overlap_max_deviation"].value,
+        r = res.params["reference_models"]
+        table = res.tables["attacks"]
+        for name in res.params["attacks"]:
+            budget = r if "reference_models" in _needs(name) else 0
+            rows[res.target].append(
+                (
+                    name,
+                    budget,
+                    res.metrics[f"{name}.auc"],
+                    res.metrics[f"{name}.tpr_at_1pct_fpr"],
+                    res.metrics[f"{name}.tpr_at_0.1pct_fpr"],
+                    table[name].get("cost_seconds"),
+                    table[name].get("cost_target_finetunes"),
+                )
             )
+        if res.target == "minilm":
+            n_non = int(res.metrics["num_nonmembers"].value)
+    print(f"non-members scored: {n_non} (lowest resolvable FPR {1 / n_non:.4f})")
+    for name in rows:
+        print()
+        print(f"{name}:")
+        print(
+            f"{'attack':14s} {'refs':>4s}  {'AUC':>22s}  {'TPR@1%FPR':>22s}  {'TPR@0.1%FPR':>22s}  "
+            f"{'cost s':>8s}  {'x fine-tune':>11s}"
         )
-        if r == budgets[0]:
-            refs = res.tables["reference_models"]
-            ratios = [row["cost_ratio"] for row in refs["models"]]
-            cfg = refs["config"]
-            train_s = [row["train_seconds"] for row in refs["models"]]
-    import statistics
+        for a, r, auc, t1, t01, cs, cf in rows[name]:
+            cfs = "-" if cf is None else f"{cf:.3f}"
+            css = "-" if cs is None else f"{cs:.1f}"
+            print(f"{a:14s} {r:4d}  {_fmt(auc):>22s}  {_fmt(t1):>22s}  {_fmt(t01):>22s}  {css:>8s}  {cfs:>11s}")
+    print()
+    print(f"wall time {wall:.0f} s (fine-tunes, reference models, DP twin, scoring, bootstrap)")
 
-    print(
-        f"reference models: trainable={cfg['trainable']} (n_layers={cfg['n_layers']}), epochs {cfg['epochs']}, "
-        f"each on {report.audits[0].tables['reference_models']['models'][0]['members']} examples; "
-        f"median train {statistics.median(train_s):.1f} s = {statistics.median(ratios):.3f} x the target's fine-tune "
-        f"(min {min(ratios):.3f}, max {max(ratios):.3f})"
+    loss = next(t1.value for a, r, auc, t1, *_ in rows["minilm"] if a == "loss")
+    cheap = [(t1.value, a, r, cf) for a, r, auc, t1, t01, cs, cf in rows["minilm"] if a != "loss" and cf is not None
+             and cf <= 1.0]  # fmt: skip
+    dp_cover = [(a, r, t1) for a, r, auc, t1, *_ in rows["minilm-dp"]]
+    uncovered = [
+        f"{a}-{r} [{t1.ci_low:.3f}, {t1.ci_high:.3f}]"
+        for a, r, t1 in dp_cover
+        if t1.ci_low is not None and not (t1.ci_low <= NOMINAL_FPR <= t1.ci_high)
+    ]
+    if cheap:
+        best, a, r, cf = max(cheap)
+        ratio = best / loss if loss > 0 else float("inf")
+        met = ratio >= GOAL_RATIO and best >= GOAL_ABS
+        power = (
+            f"best attack at <= 1 fine-tune: {a} ({r} refs, {cf:.2f} fine-tunes) TPR@1%FPR {best:.3f} = "
+            f"{ratio:.2f}x loss's {loss:.3f} (goal >= {GOAL_RATIO:.0f}x and >= {GOAL_ABS:.2f}): "
+            + ("MET" if met else f"MISSED by {max(GOAL_RATIO - ratio, 0):.2f}x / {max(GOAL_ABS - best, 0):.3f}")
+        )
+    else:
+        met = False
+        power = "no attack cost <= 1 fine-tune here: power goal NOT MET"
+    dp_line = (
+        "DP twin: every attack's TPR@1%FPR interval covers 1%: MET"
+        if not uncovered
+        else f"DP twin: interval misses 1% for {', '.join(uncovered)}: NOT MET"
     )
-    print()
-    print(f"{'attack':14s} {'refs':>4s} {'AUC':>7s} {'95% CI':>17s} {'TPR@1%FPR':>10s}")
-    order = ["loss", "rmia", "rmia_offline", "lira_online", "lira_online_raw", "lira_offline"]
-    for name in order:
-        for r in sorted({k[1] for k in rows if k[0] == name}):
-            auc, lo, hi, tpr = rows[(name, r)]
-            print(f"{name:14s} {r:4d} {auc:7.3f}  [{lo:.3f}, {hi:.3f}] {tpr:10.3f}")
-    print("(intervals simultaneous over each audit's attacks; lira_online_raw = without the IN-OUT gap shrinkage)")
-    print()
-    print(
-        "calibrated headline (attack chosen on one half, AUC on the other) vs its permutation null; reference "
-        "halves' largest |overlap - 0.5| with the target's split:"
-    )
-    for r, a, v, nq, pv, dev in sorted(headlines):
-        print(f"  {r} refs: {a:14s} AUC {v:.3f}  null q95 {nq:.3f}  p {pv:.3f}  overlap deviation {dev:.3f}")
-    for r in sorted({k[1] for k in rows if k[0] == "lira_online_raw"}):
-        if ("lira_online", r) in rows:
-            print(
-                f"LiRA-online {r} refs: AUC {rows[('lira_online_raw', r)][0]:.3f} without shrinkage -> "
-                f"{rows[('lira_online', r)][0]:.3f} with"
-            )
-    print()
-    if ("rmia", 2) in rows and ("lira_online", 8) in rows:
-        frac = rows[("rmia", 2)][0] / rows[("lira_online", 8)][0]
-        cost = statistics.median(ratios)
-        lo8, hi8 = rows[("lira_online", 8)][1:3]
-        vacuous = lo8 is not None and lo8 <= 0.5
-        print(
-            f"goal: RMIA-2 AUC / LiRA-online-8 AUC = {frac:.3f} (target >= 0.95): "
-            f"{'MET' if frac >= 0.95 else 'NOT MET'}"
-            + (" -- but only vacuously: LiRA-online-8's AUC interval includes 0.5 here" if vacuous else "")
-        )
-        best8 = max((v[0], k[0]) for k, v in rows.items() if k[1] == budgets[0] and k[0] != "rmia")
-        print(
-            f"      RMIA-2 AUC / the best {budgets[0]}-model attack ({best8[1]}, {best8[0]:.3f}) = "
-            f"{rows[('rmia', 2)][0] / best8[0]:.3f}; RMIA-2 / loss = {rows[('rmia', 2)][0] / rows[('loss', 0)][0]:.3f}"
-        )
-        print(
-            f"goal: reference model cost = {cost:.3f} x target fine-tune (target <= 0.333): "
-            f"{'MET' if cost <= 1 / 3 else 'NOT MET'}"
-        )
-        print(
-            f"      (attacker-side cost: RMIA-2 needs {2 * cost:.2f} target fine-tunes, LiRA-online-8 {8 * cost:.2f})"
-        )
-    hits = sum(bool(row.get("cache_hit")) for row in report.audits[0].tables["reference_models"]["models"])
-    print(
-        f"wall time {wall:.0f} s (target fine-tune{' (cached)' if tgt.cache_hit else ''}, {budgets[0]} reference "
-        f"models ({hits} from the cache), scoring, bootstrap)"
-    )
-    return 0
+    print(f"goal: {power}; {dp_line}")
+    return 0 if met and not uncovered else 1
+
+
+def _needs(attack: str) -> frozenset:
+    from fmaudit.privacy.membership.attacks import ATTACKS
+
+    return ATTACKS[attack].needs
 
 
 if __name__ == "__main__":
