@@ -11,6 +11,15 @@ from pydantic import Field
 
 from fmaudit.audits.base import AuditContext, AuditModule, AuditParams, Outcome, base_target
 
+DEFAULT_CANARIES = 1000  # enough for a bound that can say something (ceiling about 5 at delta 1e-5)
+
+
+def default_canaries(num_members: int, num_nonmembers: int) -> int:
+    """The default m: DEFAULT_CANARIES, at most the members of the canary run (about m / 2 canaries join them,
+    so canaries stay at most a third of its training set) and the non-members canaries may be drawn from;
+    never below the 10 the params allow."""
+    return max(10, min(DEFAULT_CANARIES, num_members, num_nonmembers))
+
 
 class CanaryAudit(AuditModule):
     name = "privacy.canary_audit"
@@ -37,8 +46,13 @@ class CanaryAudit(AuditModule):
     )
 
     class Params(AuditParams):
-        num_canaries: int = Field(
-            default=200, ge=10, le=100_000, description="m: canaries, each included in training with probability 1/2."
+        num_canaries: int | None = Field(
+            default=None,
+            ge=10,
+            le=100_000,
+            description="m: canaries, each included in training with probability 1/2. Default: 1,000, capped at "
+            "the members of the canary run (and the non-members flipped-label / mislabel canaries are drawn "
+            "from), so the canaries stay a minority of what it trains on.",
         )
         kind: Literal["auto", "flipped_label", "random_tokens", "secret", "mislabel", "pattern"] = Field(
             default="auto",
@@ -128,12 +142,13 @@ class CanaryAudit(AuditModule):
         split = target.split
         members = split.members
         members = members.sample(p.max_members, ctx.seed, Stream.CANARY_MEMBERS)
+        m = p.num_canaries if p.num_canaries is not None else default_canaries(len(members), len(split.nonmembers))
         base = base_target(target, ctx)
         res = canary_audit(
             base=base,
             members=members,
             train=train,
-            num_canaries=p.num_canaries,
+            num_canaries=m,
             kind=None if p.kind == "auto" else p.kind,
             pool=split.nonmembers,
             dp=dp,
@@ -200,7 +215,15 @@ class CanaryAudit(AuditModule):
                 unit="epsilon",
                 description="Upper bound from the accountant for the canary training run itself.",
             )
-        out.metric("num_canaries", res.num_canaries, unit="canaries", description="m canaries; each included w.p. 1/2.")
+        how_m = (
+            ""
+            if p.num_canaries is not None
+            else f" (the default: {DEFAULT_CANARIES:,}, capped at the canary run's {len(members)} members and the "
+            f"{len(split.nonmembers)} non-members)"
+        )
+        out.metric(
+            "num_canaries", res.num_canaries, unit="canaries", description=f"m canaries{how_m}; each included w.p. 1/2."
+        )
         out.metric("guesses", res.guesses, unit="guesses", description="r: guesses behind the headline bound.")
         out.metric("correct_guesses", res.correct, unit="guesses", description="v: correct guesses among r.")
         if res.canary_auc is not None:

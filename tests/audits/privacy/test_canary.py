@@ -201,3 +201,19 @@ def test_bad_params_and_kinds(tiny_bert_dir, sentiment_csv, tmp_path):
     recipe["audits"][0]["params"] = {"kind": "secret"}
     with pytest.raises(RecipeError, match="does not fit"):
         run_recipe(recipe)
+
+
+def test_default_canary_count_is_1000_capped_so_canaries_stay_a_minority(tiny_bert_dir, sentiment_csv, tmp_path):
+    from fmaudit.audits.privacy.canary import DEFAULT_CANARIES, default_canaries
+    from fmaudit.runner import run_recipe
+
+    assert DEFAULT_CANARIES == 1000
+    assert default_canaries(2000, 2000) == 1000  # privacy_deep's size: the full default
+    assert default_canaries(350, 1050) == 350  # at most the members: about m / 2 join them
+    assert default_canaries(5000, 300) == 300  # flipped-label canaries come from the non-members
+    assert default_canaries(4, 4) == 10  # never below what the params allow
+    audits = [{"use": "privacy.canary_audit", "target": "bert", "params": {"kind": "random_tokens"}}]
+    (canary,) = run_recipe(_recipe(tiny_bert_dir, sentiment_csv, tmp_path, audits)).audits
+    assert canary.status == "ok", canary.error
+    assert canary.metrics["num_canaries"].value == 50  # 50 members in the canary run
+    assert "default" in canary.metrics["num_canaries"].description
