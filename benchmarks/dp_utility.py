@@ -49,6 +49,10 @@ def main() -> None:
     ap.add_argument("--scopes", nargs="+", default=list(SCOPES), choices=SCOPES)
     ap.add_argument("--epochs", type=int, default=2, help="non-private fine-tune epochs")
     ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--n-layers", type=int, default=1, help="DP last_n_layers: how many blocks train")
+    ap.add_argument("--dp-epochs", type=int, default=None, help="DP epochs (default: dp_finetune's DP defaults)")
+    ap.add_argument("--dp-batch-size", type=int, default=None, help="DP logical batch (default: DP defaults)")
+    ap.add_argument("--dp-lr", type=float, default=None, help="DP learning rate (default: DP defaults)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -90,10 +94,18 @@ def main() -> None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DPPrivacyWarning)  # the seed statement: a benchmark, not a release
                 res = dp_finetune(
-                    model=base, train_data=members, target_epsilon=eps, trainable=scope, n_layers=1, seed=args.seed
+                    model=base,
+                    train_data=members,
+                    target_epsilon=eps,
+                    trainable=scope,
+                    n_layers=args.n_layers,
+                    epochs=args.dp_epochs,
+                    batch_size=args.dp_batch_size,
+                    lr=args.dp_lr,
+                    seed=args.seed,
                 )
             acc = _accuracy(res.target, held_out)
-            picked = ", ".join(f"{k} {v}" for k, v in res.picked_defaults.items())
+            picked = ", ".join(f"{k} {v}" for k, v in res.picked_defaults.items()) or "none"
             _row(
                 f"DP {scope}",
                 f"{eps:g}",

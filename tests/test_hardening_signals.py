@@ -124,8 +124,17 @@ def _has_event(reports: Path, kind: str, n: int = 1):
     return check
 
 
-def _temp_report(run_dir: Path, stale: Path | None = None):
-    return lambda: next((p for p in run_dir.glob(".report.json.*.tmp") if p != stale), None)
+def _temp_report(run_dir: Path, stale: Path | None = None, *, written: bool = False):
+    """The report's temporary file once it exists (with `written`: once its first half is on disk; the file is
+    created before that, and a kill in between would find it empty)."""
+
+    def ready(p: Path) -> bool:
+        try:
+            return p != stale and (not written or p.stat().st_size > 0)
+        except FileNotFoundError:  # renamed into place meanwhile
+            return False
+
+    return lambda: next((p for p in run_dir.glob(".report.json.*.tmp") if ready(p)), None)
 
 
 def _metrics(report) -> dict[str, dict[str, float | None]]:
@@ -174,7 +183,7 @@ def test_runs_stopped_by_signals_at_every_point_resume_to_the_uninterrupted_metr
     # 3. --resume, then SIGKILL while report.json is being written (its temporary file is half full):
     #    report.json is still the previous, complete file (the write is atomic); the results are in events.
     run = Run(path, cache, "--resume", slow_dump=30)
-    tmp = run.wait_for(_temp_report(run_dir))
+    tmp = run.wait_for(_temp_report(run_dir, written=True))
     run.signal(signal.SIGKILL)
     run.finish()
     assert tmp.exists() and tmp.stat().st_size > 0
