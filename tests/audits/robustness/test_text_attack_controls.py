@@ -20,6 +20,16 @@ from fmaudit.audits.robustness.text_attack import TextAttackAudit
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _textattack_imported_offline():
+    """Several tests import TextAttack's classes directly: TextAttack must first be imported the fmaudit way
+    (offline, NLTK's stopwords from fmaudit's cache), or a test that runs first in a worker process fails."""
+    from fmaudit.audits.robustness.textattack_env import import_textattack
+
+    import_textattack()
+
+
 FILLER = ["the", "movie", "was", "really", "today", "so", "this", "my", "weekend", "food", "show", "it"]
 # keyword -> (class scores): "good" decides positive, "bad" negative; "dull" / "fine" are weak opposite cues,
 # so that removing the keyword flips the prediction in both classes.
