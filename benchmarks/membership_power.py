@@ -26,6 +26,8 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -80,6 +82,7 @@ def step_cost_ratio(
     return ref / full, ref, full
 
 
+ROOT = Path(__file__).resolve().parent.parent
 ATTACKS_BY_BUDGET = ("rmia", "rmia_offline", "lira_offline")
 GOAL_RATIO, GOAL_ABS, NOMINAL_FPR = 3.0, 0.05, 0.01
 
@@ -100,14 +103,8 @@ def _recipe(args, cache: str, out_dir: str) -> dict:
             }
         )
     audits.append(
-        {
-            "use": "privacy.dp_finetune",
-            "target": "minilm",
-            "produces": "minilm-dp",
-            "params": {"target_epsilon": 8, "trainable": "last_n_layers", "n_layers": 1, "epochs": 2,
-                       "batch_size": 32, "lr": 1.0e-3},
-        }
-    )  # fmt: skip
+        {"use": "privacy.dp_finetune", "target": "minilm", "produces": "minilm-dp", "params": _quickstart_dp_params()}
+    )
     audits.append(
         {
             "use": "privacy.membership",
@@ -142,6 +139,25 @@ def _recipe(args, cache: str, out_dir: str) -> dict:
         },
         "audits": audits,
     }
+
+
+def _quickstart_dp_params() -> dict:
+    """The DP twin's settings, read from recipes/quickstart.yaml (so the benchmark's twin is the quickstart's)."""
+    from fmaudit.recipe import load_recipe
+
+    raw = load_recipe(ROOT / "recipes" / "quickstart.yaml").raw
+    (dp,) = [a for a in raw["audits"] if a["use"] == "privacy.dp_finetune"]
+    return dict(dp["params"])
+
+
+class Row(NamedTuple):
+    attack: str
+    refs: int
+    auc: Any
+    tpr_1: Any  # metrics: value, ci_low, ci_high
+    tpr_01: Any
+    cost_s: float | None
+    cost_finetunes: float | None
 
 
 def _fmt(m) -> str:
@@ -196,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{tgt.finetune['train_seconds']:.1f} s{' (from the cache)' if tgt.cache_hit else ''}; "
         f"host cpus {os.cpu_count()}; load average {os.getloadavg()[0]:.1f}"
     )
-    rows: dict[str, list[tuple]] = {"minilm": [], "minilm-dp": []}
+    rows: dict[str, list[Row]] = {"minilm": [], "minilm-dp": []}
     n_non = 0
     for res in report.audits:
         if res.status != "ok":
@@ -213,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in res.params["attacks"]:
             budget = r if "reference_models" in _needs(name) else 0
             rows[res.target].append(
-                (
+                Row(
                     name,
                     budget,
                     res.metrics[f"{name}.auc"],
@@ -233,24 +249,30 @@ def main(argv: list[str] | None = None) -> int:
             f"{'attack':14s} {'refs':>4s}  {'AUC':>22s}  {'TPR@1%FPR':>22s}  {'TPR@0.1%FPR':>22s}  "
             f"{'cost s':>8s}  {'x fine-tune':>11s}"
         )
-        for a, r, auc, t1, t01, cs, cf in rows[name]:
-            cfs = "-" if cf is None else f"{cf:.3f}"
-            css = "-" if cs is None else f"{cs:.1f}"
-            print(f"{a:14s} {r:4d}  {_fmt(auc):>22s}  {_fmt(t1):>22s}  {_fmt(t01):>22s}  {css:>8s}  {cfs:>11s}")
+        for row in rows[name]:
+            cfs = "-" if row.cost_finetunes is None else f"{row.cost_finetunes:.3f}"
+            css = "-" if row.cost_s is None else f"{row.cost_s:.1f}"
+            print(
+                f"{row.attack:14s} {row.refs:4d}  {_fmt(row.auc):>22s}  {_fmt(row.tpr_1):>22s}  "
+                f"{_fmt(row.tpr_01):>22s}  {css:>8s}  {cfs:>11s}"
+            )
     print()
     print(f"wall time {wall:.0f} s (fine-tunes, reference models, DP twin, scoring, bootstrap)")
 
-    loss = next(t1.value for a, r, auc, t1, *_ in rows["minilm"] if a == "loss")
-    cheap = [(t1.value, a, r, cf) for a, r, auc, t1, t01, cs, cf in rows["minilm"] if a != "loss" and cf is not None
-             and cf <= 1.0]  # fmt: skip
-    dp_cover = [(a, r, t1) for a, r, auc, t1, *_ in rows["minilm-dp"]]
+    loss = next(row.tpr_1.value for row in rows["minilm"] if row.attack == "loss")
+    cheap = [
+        row
+        for row in rows["minilm"]
+        if row.attack != "loss" and row.cost_finetunes is not None and row.cost_finetunes <= 1.0
+    ]
     uncovered = [
-        f"{a}-{r} [{t1.ci_low:.3f}, {t1.ci_high:.3f}]"
-        for a, r, t1 in dp_cover
-        if t1.ci_low is not None and not (t1.ci_low <= NOMINAL_FPR <= t1.ci_high)
+        f"{row.attack}-{row.refs} [{row.tpr_1.ci_low:.3f}, {row.tpr_1.ci_high:.3f}]"
+        for row in rows["minilm-dp"]
+        if row.tpr_1.ci_low is not None and not (row.tpr_1.ci_low <= NOMINAL_FPR <= row.tpr_1.ci_high)
     ]
     if cheap:
-        best, a, r, cf = max(cheap)
+        top = max(cheap, key=lambda row: row.tpr_1.value)
+        best, a, r, cf = top.tpr_1.value, top.attack, top.refs, top.cost_finetunes
         ratio = best / loss if loss > 0 else float("inf")
         met = ratio >= GOAL_RATIO and best >= GOAL_ABS
         power = (

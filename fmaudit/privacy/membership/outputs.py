@@ -71,9 +71,7 @@ def penultimate_features(target: Any, data: Any, *, batch_size: int) -> np.ndarr
         with torch.no_grad():
             for idx, batch in target.batches(data, batch_size):
                 out = model(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True)
-                h = out.hidden_states[-1].float()
-                w = batch.get("attention_mask", torch.ones(h.shape[:2], device=h.device)).to(h.dtype)
-                feats = (h * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
+                feats = _masked_mean(out.hidden_states[-1].float(), batch.get("attention_mask"))
                 pooled.append((np.asarray(idx), feats.double().cpu().numpy()))
         return _in_order(pooled, len(data))
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -93,13 +91,19 @@ def penultimate_features(target: Any, data: Any, *, batch_size: int) -> np.ndarr
                     target.forward_logits(model, batch)
                 x = captured.pop("x").float()
                 if x.dim() == 3:
-                    mask = batch.get("attention_mask")
-                    w = (mask if mask is not None else torch.ones(x.shape[:2], device=x.device)).to(x.dtype)
-                    x = (x * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
+                    x = _masked_mean(x, batch.get("attention_mask"))
                 rows.append((np.asarray(idx), x.reshape(len(x), -1).double().cpu().numpy()))
     finally:
         hook.remove()
     return _in_order(rows, len(data))
+
+
+def _masked_mean(x: Any, mask: Any) -> Any:
+    """(B, T, D) -> (B, D): the mean over the positions `mask` (B, T) marks (None: all of them)."""
+    import torch
+
+    w = (mask if mask is not None else torch.ones(x.shape[:2], device=x.device)).to(x.dtype)
+    return (x * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
 
 
 def _in_order(parts: list[tuple[np.ndarray, np.ndarray]], n: int) -> np.ndarray:
