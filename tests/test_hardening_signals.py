@@ -25,9 +25,24 @@ REPO = Path(__file__).resolve().parent.parent
 
 # `fmaudit` as the console script runs it; with SLOW_DUMP set, report.json's JSON is written in two halves
 # with a pause between them, so a signal can be sent while the write is in progress (the temporary file
-# `.report.json.*.tmp` exists). Everything else is the real code.
+# `.report.json.*.tmp` exists). With SLOW_AFTER ("kind,kind:seconds") the run pauses after writing an event
+# of those kinds (outside the write's critical section), so a signal sent on seeing that event lands before
+# the run can finish, however loaded the machine (without it a tiny run could complete first: a race that
+# failed CI once). Everything else is the real code.
 CLI = r"""
 import os, sys, time
+if os.environ.get("SLOW_AFTER"):
+    from fmaudit.interrupts import GuardedEventLog
+
+    kinds, pause = os.environ["SLOW_AFTER"].split(":")
+    emit = GuardedEventLog.emit
+
+    def slow_emit(self, entry_type, **payload):
+        emit(self, entry_type, **payload)
+        if entry_type in kinds.split(","):
+            time.sleep(float(pause))
+
+    GuardedEventLog.emit = slow_emit
 if os.environ.get("SLOW_DUMP"):
     import json, types
     import fmaudit.report as rep
@@ -66,7 +81,9 @@ def _recipe(tiny_bert_dir, sentiment_csv, tmp_path):
 class Run:
     """One `fmaudit run` subprocess."""
 
-    def __init__(self, recipe: Path, cache: Path, *extra: str, slow_dump: float | None = None):
+    def __init__(
+        self, recipe: Path, cache: Path, *extra: str, slow_dump: float | None = None, slow_after: str | None = None
+    ):
         env = dict(
             os.environ,
             OMP_NUM_THREADS="1",
@@ -77,8 +94,11 @@ class Run:
             COLUMNS="200",
         )
         env.pop("SLOW_DUMP", None)
+        env.pop("SLOW_AFTER", None)
         if slow_dump is not None:
             env["SLOW_DUMP"] = str(slow_dump)
+        if slow_after is not None:
+            env["SLOW_AFTER"] = slow_after
         self.proc = subprocess.Popen(
             [sys.executable, "-c", CLI, "run", str(recipe), "-q", *extra],
             env=env,
@@ -153,7 +173,7 @@ def test_runs_stopped_by_signals_at_every_point_resume_to_the_uninterrupted_metr
 
     # 1. SIGINT while the target is fine-tuning: exit 130, the run folder stays with a valid report
     #    (status interrupted, nothing finished) and events.jsonl.
-    run = Run(path, cache)
+    run = Run(path, cache, slow_after="finetune_started:30")
     run_dir = run.wait_for(_has_event(reports, "finetune_started"))
     run.signal(signal.SIGINT)
     rc, out = run.finish()
@@ -168,7 +188,7 @@ def test_runs_stopped_by_signals_at_every_point_resume_to_the_uninterrupted_metr
 
     # 2. --resume, then SIGTERM once the first unit's result is recorded (the second unit is running):
     #    handled like SIGINT. The report keeps the finished unit.
-    run = Run(path, cache, "--resume")
+    run = Run(path, cache, "--resume", slow_after="audit_result:30")
     run.wait_for(_has_event(reports, "audit_result"))
     run.signal(signal.SIGTERM)
     rc, out = run.finish()
