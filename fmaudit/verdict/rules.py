@@ -16,7 +16,9 @@ The rules, per area (the worst part decides the area's level):
   - ``privacy.canary_audit``: the level is the worst of the module's own findings on ``epsilon_lb`` (critical
     = the audit proves more privacy loss than the accountant / the claim allows, medium = a non-private
     model memorizes, low = the audit cannot reach the claimed epsilon, info = ok); the numbers come from
-    ``epsilon_lb``, ``epsilon_lb_ceiling`` and ``accountant_epsilon``.
+    ``epsilon_lb``, ``epsilon_lb_ceiling`` and ``accountant_epsilon``. Secret canaries (causal LMs) add
+    exposure: at least **medium** when the module's "Planted secrets are exposed" finding is there (included
+    secrets rank significantly higher than excluded ones), else the numbers say they are not.
   - ``privacy.dp_finetune``: ``epsilon`` and ``accuracy`` vs ``baseline_accuracy``; its non-info findings
     (budget exceeded, delta too large, accuracy below threshold) set the level.
 - **robustness**
@@ -42,6 +44,7 @@ The rules, per area (the worst part decides the area's level):
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from fmaudit.report import AuditResult, Metric, RunReport
@@ -154,6 +157,28 @@ def membership_part(report: RunReport, r: AuditResult) -> Part:
 
 
 def canary_part(report: RunReport, r: AuditResult) -> Part:
+    """The epsilon bound's part, and for secret canaries whether the secrets trained on are exposed."""
+    part = _canary_bound_part(report, r)
+    inc, exc, pv = (
+        metric_value(r, "exposure_mean_included"),
+        metric_value(r, "exposure_mean_excluded"),
+        metric_value(r, "exposure_p_value"),
+    )
+    if inc is None or exc is None or pv is None:
+        return part
+    numbers = f"mean exposure {fmt_num(inc)} vs {fmt_num(exc)} bits for the secrets left out, p={fmt_num(pv)}"
+    if worst_finding(r.findings, metric="exposure_p_value") is not None:
+        level = worse(part.level, "medium")
+        return replace(
+            part,
+            level=level,
+            text=f"{part.text}; planted secrets exposed ({numbers})",
+            headline=part.headline if level == part.level and part.headline else "Exposes planted secrets",
+        )
+    return replace(part, text=f"{part.text}; planted secrets not exposed beyond chance ({numbers})")
+
+
+def _canary_bound_part(report: RunReport, r: AuditResult) -> Part:
     who = target_name(report, r.target)
     lb, top, acc = (
         metric_value(r, "epsilon_lb"),

@@ -5,7 +5,7 @@ Mahloujifar, Melis & Chaudhuri 2025 on the same guesses)."""
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -43,6 +43,9 @@ class CanaryAudit(AuditModule):
         "num_canaries",
         "exposure_mean_included",
         "exposure_max_included",
+        "exposure_mean_excluded",
+        "exposure_auc",
+        "exposure_p_value",
     )
 
     class Params(AuditParams):
@@ -295,7 +298,30 @@ class CanaryAudit(AuditModule):
                 unit="bits",
                 description="Largest exposure among inserted secrets.",
             )
+            out.metric(
+                "exposure_mean_excluded",
+                ex["mean_excluded"],
+                higher_is_better=False,
+                unit="bits",
+                description="Mean exposure of the secrets left out of training: the chance level to compare with.",
+            )
+            out.metric(
+                "exposure_auc",
+                ex["auc_included_vs_excluded"],
+                higher_is_better=False,
+                unit="AUC",
+                description="AUC of exposure, included vs excluded secrets (0.5 = the model does not rank the "
+                "secrets it saw higher).",
+            )
+            out.metric(
+                "exposure_p_value",
+                ex["p_value_included_vs_excluded"],
+                higher_is_better=True,
+                unit="probability",
+                description="One-sided Mann-Whitney p-value for 'included secrets have higher exposure'.",
+            )
             out.tables["exposure"] = {k: v for k, v in ex.items() if k != "per_canary"}
+            _exposure_finding(out, ex, level=p.confidence)
         held = set(res.record.get("held_out_ids", []))
         for i, cid in enumerate(res.canary_ids):
             ev = {"id": cid, "included": bool(res.included[i]), "score": float(res.scores[i]), "held_out": cid in held}
@@ -304,3 +330,20 @@ class CanaryAudit(AuditModule):
             out.evidence.append(ev)
         out.findings_from(canary_findings(res))
         return out
+
+
+def _exposure_finding(out: Outcome, ex: dict[str, Any], *, level: float) -> None:
+    """Medium when the inserted secrets rank significantly higher than the excluded ones (one-sided test at
+    1 - `level`): the model gives up secrets it saw, whatever the epsilon bound says at this canary count."""
+    pv, auc = ex["p_value_included_vs_excluded"], ex["auc_included_vs_excluded"]
+    if pv is None or pv >= 1 - level:
+        return
+    out.finding(
+        "medium",
+        "Planted secrets are exposed",
+        f"The secrets trained on rank higher among random secrets of the same form than the ones left out: mean "
+        f"exposure {ex['mean_included']:.2f} bits vs {ex['mean_excluded']:.2f} (max {ex['max_included']:.2f} of "
+        f"{ex['space_bits']:.1f}); exposure AUC {auc:.3f}, one-sided Mann-Whitney p = {pv:.3g}. A secret in the "
+        "training data is easier to extract from this model than one that was not",
+        metric="exposure_p_value",
+    )

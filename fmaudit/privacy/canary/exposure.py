@@ -56,11 +56,28 @@ def exposure(*, canary_losses: np.ndarray, candidate_losses: np.ndarray, space_b
     return estimate_exposure(canary_losses=canary_losses, candidate_losses=candidate_losses, space_bits=space_bits)[0]
 
 
+def exposure_comparison(exposures: np.ndarray, included: np.ndarray) -> dict[str, float | None]:
+    """Do the inserted secrets rank higher than the excluded ones? The AUC of exposure for included vs excluded
+    canaries (0.5: no difference; ties count half) and the one-sided Mann-Whitney p-value for "included
+    exposures are larger" (scipy's exact test for small samples without ties, else the normal approximation).
+    Inclusion is a fair coin per canary, so under "the model learned nothing about the secrets" the two groups
+    are exchangeable and the test is valid. None for both when either group is empty."""
+    from scipy.stats import mannwhitneyu
+
+    exp = np.asarray(exposures, dtype=np.float64)
+    inc = np.asarray(included, dtype=bool)
+    if not inc.any() or inc.all():
+        return {"auc": None, "p_value": None}
+    res = mannwhitneyu(exp[inc], exp[~inc], alternative="greater")
+    return {"auc": float(res.statistic) / (inc.sum() * (~inc).sum()), "p_value": float(res.pvalue)}
+
+
 def secret_exposure(
     model: Any, canaries: Dataset, included: np.ndarray, *, seed: int, digits: int, n_candidates: int
 ) -> dict[str, Any]:
     """Exposure of each secret canary among `n_candidates` random secrets of the same form (CANARY_EXPOSURE
-    stream), and its summary: mean and max over included canaries, mean over excluded ones."""
+    stream), and its summary: mean and max over included canaries, mean over excluded ones, and whether the
+    included ones rank higher (`exposure_comparison`)."""
     rng = stream_rng(seed, Stream.CANARY_EXPOSURE)
     taken = set(canaries.texts or [])
     cands: list[str] = []
@@ -82,5 +99,6 @@ def secret_exposure(
         "mean_included": float(exp[included].mean()) if included.any() else None,
         "mean_excluded": float(exp[~included].mean()) if (~included).any() else None,
         "max_included": float(exp[included].max()) if included.any() else None,
+        **{f"{k}_included_vs_excluded": v for k, v in exposure_comparison(exp, included).items()},
         "per_canary": exp.tolist(),
     }

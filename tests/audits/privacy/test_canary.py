@@ -153,10 +153,8 @@ def test_dp_target_bound_stays_below_accountant(tiny_bert_dir, sentiment_csv, tm
         assert finding.title == "Audit consistent with the DP guarantee"
 
 
-def test_secret_exposure_on_causal_lm(tiny_llama_dir, sentiment_csv, tmp_path):
-    from fmaudit.runner import run_recipe
-
-    recipe = {
+def _secret_recipe(tiny_llama_dir, sentiment_csv, tmp_path, lr):
+    return {
         "version": 1,
         "name": "lm",
         "output_dir": str(tmp_path / "r"),
@@ -166,7 +164,7 @@ def test_secret_exposure_on_causal_lm(tiny_llama_dir, sentiment_csv, tmp_path):
                 "model": str(tiny_llama_dir),
                 "task": "causal-lm",
                 "max_length": 24,
-                "finetune": {"data": "s", "epochs": 10, "lr": 5e-3, "batch_size": 8},
+                "finetune": {"data": "s", "epochs": 10, "lr": lr, "batch_size": 8},
             }
         },
         "audits": [
@@ -177,13 +175,41 @@ def test_secret_exposure_on_causal_lm(tiny_llama_dir, sentiment_csv, tmp_path):
             }
         ],
     }
-    report = run_recipe(recipe)
+
+
+def test_secret_exposure_on_causal_lm(tiny_llama_dir, sentiment_csv, tmp_path):
+    """Planted: an LM trained hard on its data (with the secrets) ranks the secrets it saw above the ones left
+    out: the finding, the metrics and the verdict say so."""
+    from fmaudit.runner import run_recipe
+    from fmaudit.verdict import verdicts
+
+    report = run_recipe(_secret_recipe(tiny_llama_dir, sentiment_csv, tmp_path, 5e-3))
     res = report.audits[0]
     assert res.status == "ok", res.error
     ex = res.tables["exposure"]
     assert ex["space_bits"] == pytest.approx(4 * np.log2(10))
     assert ex["mean_included"] > ex["mean_excluded"]
     assert 0 <= res.metrics["exposure_max_included"].value <= ex["space_bits"]
+    assert res.metrics["exposure_mean_excluded"].value == pytest.approx(ex["mean_excluded"])
+    assert res.metrics["exposure_auc"].value > 0.7 and res.metrics["exposure_p_value"].value < 0.05
+    assert any(f.title == "Planted secrets are exposed" for f in res.findings)
+    privacy = next(v for v in verdicts(report) if v.area == "privacy")
+    assert privacy.level in ("medium", "high", "critical") and "planted secrets exposed" in privacy.text
+
+
+def test_secret_exposure_null_when_training_barely_moves(tiny_llama_dir, sentiment_csv, tmp_path):
+    """Null: a learning rate of 1e-9 leaves the LM as it was, so inclusion cannot show in the exposures."""
+    from fmaudit.runner import run_recipe
+    from fmaudit.verdict import verdicts
+
+    report = run_recipe(_secret_recipe(tiny_llama_dir, sentiment_csv, tmp_path, 1e-9))
+    res = report.audits[0]
+    assert res.status == "ok", res.error
+    assert 0.2 < res.metrics["exposure_auc"].value < 0.8
+    assert res.metrics["exposure_p_value"].value >= 0.05
+    assert not any(f.title == "Planted secrets are exposed" for f in res.findings)
+    privacy = next(v for v in verdicts(report) if v.area == "privacy")
+    assert "planted secrets not exposed beyond chance" in privacy.text
 
 
 def test_bad_params_and_kinds(tiny_bert_dir, sentiment_csv, tmp_path):
