@@ -402,6 +402,40 @@ def bar_figure(rows: list[dict[str, Any]], title: str | None, y_label: str, grou
     return _layout(fig, title, "", y_label, False, False, height=340)
 
 
+EXPOSURE_CAPTION = (
+    "Each point is one planted secret: its exposure (bits; higher = the model ranks it nearer the top of all "
+    "possible secrets). Secrets left out of training show the chance level; a leak is the trained-on ones "
+    "sitting higher."
+)
+
+
+def exposure_figure(series: list[tuple[str, list[float], list[float]]], title: str | None) -> go.Figure:
+    """Secret exposure per target, `series` of (target label, included secrets' bits, excluded secrets' bits):
+    every secret as a point over a box, trained-on and left-out side by side."""
+    fig = go.Figure()
+    colours = series_colours(["trained on", "left out"], distinct=True)
+    for name, idx, colour in (("trained on", 1, colours[0]), ("left out", 2, colours[1])):
+        xs: list[str] = []
+        ys: list[float] = []
+        for row in series:
+            xs += [row[0]] * len(row[idx])
+            ys += list(row[idx])
+        fig.add_trace(
+            go.Box(
+                x=xs,
+                y=ys,
+                name=name,
+                marker_color=colour,
+                boxpoints="all",
+                jitter=0.4,
+                pointpos=0,
+                hovertemplate="%{x}<br>%{y:.2f} bits<extra>" + html.escape(name) + "</extra>",
+            )
+        )
+    fig.update_layout(boxmode="group")
+    return _layout(fig, title, "", "exposure (bits)", False, False, height=340, caption=EXPOSURE_CAPTION)
+
+
 def matrix_figure(
     matrix: Sequence[Sequence[float]],
     x_labels: Sequence[str],

@@ -237,3 +237,32 @@ def render_canary(sink: Sink, entry: RunEntry, results: list[AuditResult]) -> No
             sink.notice(kind, f"{label}: " + "; ".join(parts))
     if rows:
         sink.figure(F.bar_figure(rows, "Epsilon: audit lower bound vs accountant", "epsilon"), key="canary-eps")
+    _render_exposure(sink, entry, results)
+
+
+def _render_exposure(sink: Sink, entry: RunEntry, results: list[AuditResult]) -> None:
+    """Secret canaries (causal LMs): each secret's exposure, trained-on vs left-out, and the rank test."""
+    series = []
+    for r in results:
+        rows = [e for e in r.evidence if isinstance(e.get("exposure_bits"), (int, float))]
+        if not rows:
+            continue
+        label = target_label(entry, r.target)
+        series.append(
+            (
+                label,
+                [float(e["exposure_bits"]) for e in rows if e.get("included")],
+                [float(e["exposure_bits"]) for e in rows if not e.get("included")],
+            )
+        )
+        pv, auc = r.metrics.get("exposure_p_value"), r.metrics.get("exposure_auc")
+        if pv is not None and pv.value is not None and auc is not None and auc.value is not None:
+            exposed = any(f.metric == "exposure_p_value" for f in r.findings)
+            sink.notice(
+                "warning" if exposed else "info",
+                f"{label}: secrets trained on "
+                + ("rank higher than" if exposed else "are not told apart from")
+                + f" the ones left out (exposure AUC {F.fmt(auc.value)}, one-sided Mann-Whitney p = {F.fmt(pv.value)})",
+            )
+    if series:
+        sink.figure(F.exposure_figure(series, "Secret exposure: trained on vs left out"), key="canary-exposure")

@@ -149,3 +149,53 @@ def test_target_of_matches_whole_names_only():
     assert C.target_of("bert-dp (private, DP)", ["bert", "bert-dp"]) == "bert-dp"
     assert C.target_of("bert · rmia", ["bert", "bert-dp"]) == "bert"
     assert C.target_of("bertha", ["bert"]) is None
+
+
+def _secret_canary_unit(target_name: str, included: list[float], excluded: list[float], p: float, exposed: bool):
+    from report_fixtures import metric, unit
+
+    from fmaudit.report import Finding
+
+    ev = [{"id": f"canary:s{i}", "included": True, "exposure_bits": b} for i, b in enumerate(included)]
+    ev += [{"id": f"canary:x{i}", "included": False, "exposure_bits": b} for i, b in enumerate(excluded)]
+    findings = [Finding(severity="medium", title="Planted secrets are exposed", metric="exposure_p_value")]
+    r = unit(
+        "privacy.canary_audit",
+        target_name,
+        {
+            "epsilon_lb": metric(0.0, unit="epsilon"),
+            "exposure_auc": metric(0.9 if exposed else 0.5, unit="AUC"),
+            "exposure_p_value": metric(p, unit="probability"),
+        },
+        findings if exposed else [],
+    )
+    r.evidence = ev
+    return r
+
+
+def test_secret_exposure_view_plots_every_secret_and_says_what_the_test_found(tmp_path):
+    """The canary view's exposure plot: one point per secret, trained-on and left-out per target, and a
+    warning only where the rank test found the trained-on secrets higher."""
+    from report_fixtures import report
+
+    from dashboard.renderers.privacy import render_canary
+    from dashboard.runs import RunEntry
+    from dashboard.sinks import HtmlSink
+
+    leak = _secret_canary_unit("lm", [5.0, 6.5, 7.0], [1.0, 0.5], 0.01, exposed=True)
+    null = _secret_canary_unit("lm-dp", [1.2, 0.7], [1.1, 0.9, 1.4], 0.6, exposed=False)
+    rep = report([leak, null])
+    entry = RunEntry(name="r", path=tmp_path, state="complete", report=rep)
+    sink = HtmlSink()
+    render_canary(sink, entry, [leak, null])
+    doc = sink.render()
+    assert "lm: secrets trained on rank higher than the ones left out" in doc
+    assert "lm-dp: secrets trained on are not told apart from the ones left out" in doc
+    fig = F.exposure_figure([("lm", [5.0, 6.5, 7.0], [1.0, 0.5]), ("lm-dp", [1.2, 0.7], [1.1, 0.9, 1.4])], "t")
+    trained, left = fig.data
+    assert (trained.name, left.name) == ("trained on", "left out")
+    assert list(trained.x) == ["lm"] * 3 + ["lm-dp"] * 2 and list(trained.y) == [5.0, 6.5, 7.0, 1.2, 0.7]
+    assert list(left.x) == ["lm"] * 2 + ["lm-dp"] * 3 and list(left.y) == [1.0, 0.5, 1.1, 0.9, 1.4]
+    assert trained.boxpoints == "all" and fig.layout.yaxis.title.text == "exposure (bits)"
+    assert_legend_below(fig)
+    assert fig.layout.meta["caption"] == F.EXPOSURE_CAPTION
