@@ -21,7 +21,7 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 # Tiny sizes per module (merged over the recipe's own params).
 TINY: dict[str, dict[str, Any]] = {
     "utility": {"bootstrap": 0, "max_examples": 16},
-    "privacy.dp_finetune": {"epochs": 1, "batch_size": 16, "accountant": "rdp", "eval_examples": 16},
+    "privacy.dp_finetune": {"epochs": 1, "batch_size": 8, "accountant": "rdp", "eval_examples": 16},
     "privacy.membership": {
         "reference_models": 2,
         "bootstrap": 0,
@@ -109,7 +109,8 @@ def test_llm_recipe_on_a_tiny_gpt2(tmp_path, minilm_tokenizer_dir, sentiment_csv
     canary audit with secrets, and the prompted classifier (same template; the tiny BPE's words as its verbalizer)
     under utility and DeepWordBug; attribution of the LM's continuation."""
     model_dir = build_checkpoint("gpt2", tmp_path / "models", minilm_tokenizer_dir)
-    data = {"tweets": {"source": str(sentiment_csv), "id_column": "id", "limit": 64}}
+    # all 200 rows: the recipe trains on a sixth of its data (member_fraction 0.1667), here 33 members
+    data = {"tweets": {"source": str(sentiment_csv), "id_column": "id"}}
     recipe, units = tiny_recipe(
         "llm", model_dir, "causal-lm", data, tmp_path / "reports", prompt_words={"0": " bad", "1": " good"}
     )
