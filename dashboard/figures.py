@@ -414,12 +414,13 @@ def exposure_figure(series: list[tuple[str, list[float], list[float]]], title: s
     every secret as a point over a box, trained-on and left-out side by side."""
     fig = go.Figure()
     colours = series_colours(["trained on", "left out"], distinct=True)
-    for name, idx, colour in (("trained on", 1, colours[0]), ("left out", 2, colours[1])):
+    for name, included, colour in (("trained on", True, colours[0]), ("left out", False, colours[1])):
         xs: list[str] = []
         ys: list[float] = []
-        for row in series:
-            xs += [row[0]] * len(row[idx])
-            ys += list(row[idx])
+        for label, inc, exc in series:
+            bits = inc if included else exc
+            xs += [label] * len(bits)
+            ys += list(bits)
         fig.add_trace(
             go.Box(
                 x=xs,
